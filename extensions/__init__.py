@@ -1,0 +1,1 @@
+"""ltm_extensions: Triton GPU kernels with PyTorch references."""

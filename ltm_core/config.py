@@ -1,0 +1,168 @@
+"""The one config schema.
+
+`TitanConfig` describes the model; the other dataclasses describe a training run. Hydra composes YAML files from
+`conf/` on top of these dataclasses (registered in its ConfigStore by `ltm_core.configuration`), so a wrong
+type or an unknown key is caught by OmegaConf, and `validate()` checks the values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from ltm_core.errors import ConfigError
+
+MEMORY_READS = ("cross", "context")
+KERNELS = ("auto", "triton", "torch")
+
+
+@dataclass
+class TitanConfig:
+    """Model hyper-parameters. Derived sizes are properties, so overriding
+    `hidden_size` alone keeps them consistent."""
+
+    vocab_size: int = 259  # 256 bytes + BOS/EOS/PAD
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_hidden_layers: int = 2
+    intermediate_size: Optional[int] = None  # SwiGLU width; None -> 8/3 * hidden rounded up to a multiple of 64
+    # long-term memory
+    use_memory: bool = True
+    memory_slots: int = 32  # M: slots per memory layer
+    memory_dim: int = 64  # D: width of a slot
+    memory_heads: Optional[int] = None  # heads of the memory read; None -> num_attention_heads
+    memory_read: str = "cross"  # cross: separate cross-attention; context: slots prepended to the keys/values
+    update_gate_bias: float = -2.0  # initial b_u: sigmoid(-2) ~ 0.12, a memory that starts by mostly keeping
+    # segment recurrence
+    segment_length: int = 64  # attention is causal inside a segment of this many tokens
+    bptt_segments: int = 2  # segments per backprop window; memory is detached between windows
+    # backbone details
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    init_std: float = 0.02
+    # execution switches
+    activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each block
+    kernels: str = "auto"  # attention/fused-op backend: auto (Triton on CUDA when available), triton, torch
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+
+    @property
+    def num_memory_heads(self) -> int:
+        return self.memory_heads or self.num_attention_heads
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "segment_length",
+                    "bptt_segments", "memory_dim")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{name}", f"must be a positive integer, got {value!r}")
+        if self.memory_slots < 0:
+            raise ConfigError("model.memory_slots", f"must be >= 0, got {self.memory_slots}")
+        if self.use_memory and self.memory_slots == 0:
+            raise ConfigError("model.memory_slots", "must be > 0 when model.use_memory=true")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("model.hidden_size", f"{self.hidden_size} is not divisible by "
+                              f"model.num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ConfigError("model.hidden_size", f"head dim {self.head_dim} must be even for rotary embeddings")
+        heads = self.memory_heads or self.num_attention_heads
+        if heads <= 0 or self.hidden_size % heads:
+            raise ConfigError("model.memory_heads", f"{heads} must divide model.hidden_size={self.hidden_size}")
+        if self.memory_read == "context" and heads != self.num_attention_heads:
+            raise ConfigError("model.memory_heads", "must equal model.num_attention_heads with memory_read=context")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            raise ConfigError("model.intermediate_size", f"must be positive, got {self.intermediate_size}")
+        if self.memory_read not in MEMORY_READS:
+            raise ConfigError("model.memory_read", f"must be one of {', '.join(MEMORY_READS)}, got {self.memory_read!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError("model.kernels", f"must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.vocab_size < 259:
+            raise ConfigError("model.vocab_size", f"must be >= 259 for the byte tokenizer, got {self.vocab_size}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TitanConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]}", "is not a model config key")
+        return cls(**values)
+
+
+@dataclass
+class DataConfig:
+    name: str = "kjv"  # kjv | textfile (tasks register more)
+    path: Optional[str] = None  # textfile: a .txt/.jsonl file or a folder of them
+    seq_len: int = 256  # tokens per training sample (a multiple of model.segment_length)
+    batch_size: int = 8
+    val_fraction: float = 0.05  # textfile: share of the tokens held out for validation
+    val_books: int = 2  # kjv: the last N books are the validation split
+    val_samples: int = 64  # validation sequences evaluated per validation run
+    num_workers: int = 0
+    cache_dir: Optional[str] = None  # where token caches go; None -> ~/.cache/ltm
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"  # Lightning precision string: 32-true | bf16-mixed | 16-mixed | bf16-true
+    lightning: str = "32-true"
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    strategy: str = "auto"  # Lightning strategy: auto | ddp
+    devices: int = 1  # processes per node
+    num_nodes: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    accumulate_grad_batches: int = 1
+    val_check_interval: int = 100  # validate every N optimizer steps (and at the end)
+    log_every_n_steps: int = 10
+    accelerator: str = "auto"  # auto | cpu | gpu
+    progress: bool = True  # rich progress bar
+    tensorboard: bool = False
+    deterministic: bool = False
+
+
+@dataclass
+class TrainRunConfig:
+    model: TitanConfig = field(default_factory=TitanConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output_dir: Optional[str] = None  # None -> outputs/<timestamp>
+    resume: Optional[str] = None  # auto: continue from OUTPUT_DIR/checkpoints/last.ckpt; or a checkpoint path
+    overwrite: bool = False  # allow reusing an output folder that holds another run
+    seed: int = 42

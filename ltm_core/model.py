@@ -1,0 +1,225 @@
+"""TitanModel: a segment-recurrent transformer with a long-term memory bank.
+
+The input is read in segments of `segment_length` tokens. Inside a segment, attention is causal; across
+segments, information flows only through each layer's memory bank (see `ltm_core.memory`). Block:
+
+    x += SelfAttention(norm(x))           causal inside the segment (+ memory slots as prefix: memory_read=context)
+    x += MemoryAttention(norm(x), mem)    memory_read=cross
+    x += FeedForward(norm(x))             SwiGLU
+
+`use_memory=False` is the same code without the memory: a segment-local transformer, and a full-causal one when
+`segment_length >= sequence length`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ltm_core.attention import attention
+from ltm_core.config import TitanConfig
+from ltm_core.memory import LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [T] -> cos, sin: [T, head_dim // 2] (fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float().unsqueeze(1) * inv_freq  # [T, hd/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; rotates pairs (x[..., :hd/2], x[..., hd/2:])."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TitanConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState,
+                prefix: Optional[tuple[torch.Tensor, torch.Tensor]], backend: str):
+        """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd])."""
+        B, T, C = h.shape
+        q, k, v = self.qkv_proj(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B,H,T,hd]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past.keys is not None:  # tokens already seen in this segment
+            k, v = torch.cat([past.keys, k], dim=2), torch.cat([past.values, v], dim=2)
+        keys, values, prefix_len = k, v, 0
+        if prefix is not None:  # memory as context: slots are a non-causal prefix
+            keys, values = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+            prefix_len = prefix[0].shape[2]
+        y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend)  # [B, H, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C)), k, v
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: W2 (silu(W1 x) * W3 x)."""
+
+    def __init__(self, cfg: TitanConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TitanConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        if cfg.use_memory:
+            self.memory = LongTermMemory(cfg)
+            self.memory_read = MemoryRead(cfg)
+            if cfg.memory_read == "cross":
+                self.memory_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def reset_parameters(self) -> None:
+        std, residual_std = self.cfg.init_std, self.cfg.init_std / (2 * self.cfg.num_hidden_layers) ** 0.5
+        for norm in (self.attn_norm, self.ffn_norm, getattr(self, "memory_norm", None)):
+            if norm is not None:
+                norm.reset_parameters()
+        nn.init.normal_(self.attn.qkv_proj.weight, std=std)
+        nn.init.normal_(self.attn.o_proj.weight, std=residual_std)
+        nn.init.normal_(self.ffn.gate_up_proj.weight, std=std)
+        nn.init.normal_(self.ffn.down_proj.weight, std=residual_std)
+        if self.cfg.use_memory:
+            self.memory.reset_parameters()
+            self.memory_read.reset_parameters()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState):
+        """x: [B, T, C] -> (x, keys, values [B, H, t + T, hd], gated content [B, T, D] or None)."""
+        backend = self.cfg.kernels
+        mem = past.memory
+        prefix = self.memory_read.kv(mem) if mem is not None and self.cfg.memory_read == "context" else None
+        a, k, v = self.attn(self.attn_norm(x), cos, sin, past, prefix, backend)
+        x = x + a
+        if mem is not None and self.cfg.memory_read == "cross":
+            x = x + self.memory_read(self.memory_norm(x), mem, backend)
+        x = x + self.ffn(self.ffn_norm(x))
+        gated = self.memory.gate(x) if mem is not None else None
+        return x, k, v, gated
+
+
+@dataclass
+class TitanOutput:
+    logits: torch.Tensor  # [B, L, vocab]
+    memory: MemoryState  # state after the last token, to continue from
+    loss: Optional[torch.Tensor] = None  # mean cross-entropy over labels != -100, when labels are given
+
+
+class TitanModel(nn.Module):
+    def __init__(self, cfg: TitanConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.compile:
+            for block in self.blocks:
+                block.compile()
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    # ----------------------------------------------------------------------------------------- construction
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; call after `to_empty()` when the model was built on the meta device."""
+        self.tie_weights()
+        nn.init.normal_(self.embed_tokens.weight, std=self.config.init_std)
+        if not self.config.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
+        self.norm.reset_parameters()
+        for block in self.blocks:
+            block.reset_parameters()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        if exclude_embeddings and not self.config.tie_word_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), the nanoGPT/torchtitan way:
+        6N (dense parameters, embedding lookup excluded) + 12 L d T (attention over T = min(segment, seq_len)
+        keys) + 12 L d M (memory read over M slots) + 12 L M D (memory write attention, per token)."""
+        cfg = self.config
+        n = self.num_parameters() - (self.embed_tokens.weight.numel() if not cfg.tie_word_embeddings else 0)
+        T = min(cfg.segment_length, seq_len)
+        flops = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
+        if cfg.use_memory:
+            flops += 12 * cfg.num_hidden_layers * cfg.hidden_size * cfg.memory_slots
+            flops += 12 * cfg.num_hidden_layers * cfg.memory_slots * cfg.memory_dim
+        return float(flops)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def initial_state(self, batch_size: int) -> MemoryState:
+        layers = [LayerState(block.memory.initial_state(batch_size) if self.config.use_memory else None)
+                  for block in self.blocks]
+        return MemoryState(layers, batch_size=batch_size)
+
+    def forward(self, input_ids: torch.Tensor, memory: Optional[MemoryState] = None,
+                labels: Optional[torch.Tensor] = None) -> TitanOutput:
+        """input_ids: [B, L] -> logits [B, L, vocab]; continues from `memory` (the previous call's state)."""
+        B, L = input_ids.shape
+        state = memory if memory is not None else self.initial_state(B)
+        x = self.embed_tokens(input_ids)  # [B, L, C]
+        chunks, pos = [], 0
+        while pos < L:
+            t = min(self.config.segment_length - state.offset, L - pos)
+            h, state = self._step(x[:, pos:pos + t], state)
+            chunks.append(h)
+            pos += t
+        h = self.norm(torch.cat(chunks, dim=1)) if chunks else x
+        logits = self.lm_head(h)  # [B, L, vocab]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return TitanOutput(logits=logits, memory=state, loss=loss)
+
+    def _step(self, x: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
+        """Read t tokens that all fall in the current segment. x: [B, t, C]."""
+        cfg = self.config
+        t = x.shape[1]
+        positions = torch.arange(state.offset, state.offset + t, device=x.device)  # positions inside the segment
+        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+        complete = state.offset + t == cfg.segment_length
+        layers = []
+        for block, past in zip(self.blocks, state.layers):
+            if cfg.activation_checkpointing and self.training:
+                x, k, v, gated = checkpoint(block, x, cos, sin, past, use_reentrant=False)
+            else:
+                x, k, v, gated = block(x, cos, sin, past)
+            if gated is not None and past.gated is not None:
+                gated = torch.cat([past.gated, gated], dim=1)  # [B, offset + t, D]
+            if not complete:
+                layers.append(LayerState(past.memory, k, v, gated))
+            elif past.memory is not None:
+                layers.append(LayerState(block.memory.write(past.memory, gated)))  # the segment is written
+            else:
+                layers.append(LayerState(None))
+        segments = state.segments + complete
+        new = MemoryState(layers, 0 if complete else state.offset + t, segments, state.batch_size)
+        if complete and segments % cfg.bptt_segments == 0:
+            new = new.detach()  # truncated BPTT: gradients stop at window boundaries
+        return x, new
