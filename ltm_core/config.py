@@ -125,6 +125,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_steps: int = 20
+    schedule_steps: Optional[int] = None  # cosine length; None -> trainer.max_steps
     grad_clip: float = 1.0  # 0 disables clipping
 
 

@@ -1,0 +1,1 @@
+"""The `ltm` command line: a thin Typer layer over ltm_core."""

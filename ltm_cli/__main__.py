@@ -1,0 +1,3 @@
+from ltm_cli.app import main
+
+main()

@@ -1,0 +1,191 @@
+"""`ltm`: train, generate and evaluate Long-Term-Memory Transformers.
+
+Each command is a thin layer over a library function (ltm_core.train.train, InferenceEngine,
+ltm_core.evaluate.evaluate). Errors caused by input print one line and exit with code 2; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from ltm_core.errors import LtmError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Long-Term-Memory Transformers: train, generate, evaluate.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the composed Hydra config.")
+app.add_typer(config_app, name="config")
+console = Console()
+err_console = Console(stderr=True)
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+_debug = False
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
+    global _debug
+    _debug = debug
+
+
+def user_errors(fn):
+    """Run a command; an LtmError (or ValueError from bad arguments) becomes one line on stderr and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (LtmError, ValueError) as err:
+            if _debug:
+                raise
+            err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _keys(overrides: list[str]) -> set[str]:
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+# ---------------------------------------------------------------------------------------------------- train
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def train(ctx: typer.Context,
+          multirun: bool = typer.Option(False, "-m", "--multirun", help="Hydra sweep: one job per combination.")):
+    """Train a model. Arguments are Hydra overrides: `ltm train model=small trainer.max_steps=100 output_dir=runs/a`.
+
+    With no arguments: a tiny memory model on the King James Bible (a few minutes on a CPU).
+    """
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from ltm_core.configuration import validate_overrides
+    from ltm_core.train import default_output_dir, train as train_run
+
+    overrides = list(ctx.args)
+    validate_overrides(overrides, multirun)  # every job's config is checked before anything starts
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    if multirun:
+        sweep_dir = given.get("output_dir") or default_output_dir().replace("outputs/", "multirun/", 1)
+        overrides.append(f"hydra.sweep.dir={sweep_dir}")
+    elif "output_dir" not in _keys(overrides):
+        overrides.append(f"output_dir={default_output_dir()}")
+
+    @hydra.main(version_base="1.3", config_path="pkg://ltm_conf", config_name="train")
+    def task(cfg) -> None:
+        cfg.output_dir = HydraConfig.get().runtime.output_dir  # a sweep job's own folder
+        try:
+            train_run(cfg)
+        except LtmError as err:  # Hydra catches Exceptions but lets SystemExit through
+            if _debug:
+                raise
+            err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    argv = sys.argv
+    sys.argv = [argv[0]] + (["-m"] if multirun else []) + overrides
+    try:
+        task()
+    finally:
+        sys.argv = argv
+
+
+# ------------------------------------------------------------------------------------------------- generate
+@app.command()
+@user_errors
+def generate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1, help="Tokens (bytes) to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed for reproducible output."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+):
+    """Stream text from a checkpoint. Memory per token stays flat however long the output."""
+    import torch
+
+    from ltm_core.checkpoint import load_model
+    from ltm_core.inference import InferenceConfig, InferenceEngine
+    from ltm_core.tokenizer import ByteTokenizer
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model = load_model(checkpoint, device=dev)
+    tokenizer = ByteTokenizer()
+    engine = InferenceEngine(model, InferenceConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+    input_ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=dev)
+    decode = tokenizer.stream_decoder()
+    sys.stdout.write(prompt)
+    for token in engine.stream(input_ids, max_new_tokens):
+        sys.stdout.write(decode(int(token[0])))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+@app.command("eval", context_settings=OVERRIDES)
+@user_errors
+def evaluate_cmd(
+    ctx: typer.Context,
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+):
+    """Validation loss, perplexity and bits-per-byte. Overrides: `data=...` (default: the checkpoint's data)."""
+    import torch
+
+    from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
+    from ltm_core.config import DataConfig
+    from ltm_core.configuration import compose, to_dict
+    from ltm_core.evaluate import evaluate
+
+    overrides = list(ctx.args)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    ckpt = read_checkpoint(checkpoint)
+    stored = checkpoint_config(ckpt)
+    model = load_model(checkpoint, overrides, device=dev, ckpt=ckpt)
+    if any(k == "data" or k.startswith("data.") for k in _keys(overrides)):
+        model_args = [f"model.{k}={v}" for k, v in stored["model"].items() if v is not None]
+        data = DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + model_args).data))
+    else:
+        data = DataConfig(**stored["data"])
+    results = evaluate(model, data)
+    table = Table(title=f"ltm eval {checkpoint}")
+    for column in ("data", "tokens", "loss", "perplexity", "bits/byte"):
+        table.add_column(column, justify="right")
+    table.add_row(data.name if data.name != "textfile" else str(data.path), f"{results['tokens']:,.0f}",
+                  f"{results['loss']:.4f}", f"{results['perplexity']:.3f}", f"{results['bpb']:.4f}")
+    console.print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps({"checkpoint": str(checkpoint), "data": data.name, **results}, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------- config
+@config_app.command("show", context_settings=OVERRIDES)
+@user_errors
+def config_show(ctx: typer.Context):
+    """Print the config that `ltm train [overrides]` would use."""
+    from omegaconf import OmegaConf
+
+    from ltm_core.configuration import compose
+
+    cfg = compose(list(ctx.args))
+    console.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", background_color="default"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

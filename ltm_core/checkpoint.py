@@ -1,0 +1,65 @@
+"""Loading checkpoints for inference and evaluation, with one-line errors.
+
+The checkpoint format is Lightning's `.ckpt` (written by `ltm train`): the resolved run config is kept under
+`hyper_parameters["config"]`, the weights under `state_dict` with the prefix `model.`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ltm_core.config import TitanConfig
+from ltm_core.configuration import config_error
+from ltm_core.errors import CheckpointError
+from ltm_core.model import TitanModel
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint error: {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure to unpickle means the file is not a usable checkpoint
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint error: {path} is not a readable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
+        raise CheckpointError(f"checkpoint error: {path} is not an ltm checkpoint (no state_dict/config)")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    return ckpt["hyper_parameters"]["config"]
+
+
+def apply_model_overrides(model_cfg: dict[str, Any], overrides: Iterable[str]) -> TitanConfig:
+    """The checkpoint's model config with `model.key=value` overrides applied (e.g. model.kernels=torch)."""
+    dotlist = [o[len("model."):] for o in overrides if o.startswith("model.")]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TitanConfig), model_cfg, OmegaConf.from_dotlist(dotlist))
+    except OmegaConfBaseException as exc:
+        raise config_error(exc) from None
+    return TitanConfig.from_dict(OmegaConf.to_container(merged))
+
+
+def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | torch.device = "cpu",
+               ckpt: Optional[dict[str, Any]] = None) -> TitanModel:
+    """Build the model a checkpoint was trained with (plus `model.*` overrides) and load its weights."""
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
+    cfg = apply_model_overrides(checkpoint_config(ckpt)["model"], overrides)
+    with torch.device("meta"):
+        model = TitanModel(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"checkpoint error: {path} does not fit the model config ({detail})") from None
+    return model.eval()

