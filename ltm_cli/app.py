@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,38 +17,22 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from ltm_cli.bench import bench_app
+from ltm_cli.errors import report, settings, user_errors
 from ltm_core.errors import LtmError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Long-Term-Memory Transformers: train, generate, evaluate.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the composed Hydra config.")
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
 console = Console()
-err_console = Console(stderr=True)
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
-_debug = False
 
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")):
-    global _debug
-    _debug = debug
-
-
-def user_errors(fn):
-    """Run a command; an LtmError (or ValueError from bad arguments) becomes one line on stderr and exit code 2."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (LtmError, ValueError) as err:
-            if _debug:
-                raise
-            err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
+    settings["debug"] = debug
 
 
 def _keys(overrides: list[str]) -> set[str]:
@@ -86,9 +69,12 @@ def train(ctx: typer.Context,
         try:
             train_run(cfg)
         except LtmError as err:  # Hydra catches Exceptions but lets SystemExit through
-            if _debug:
+            out = Path(cfg.output_dir)
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # the folder Hydra made for a run that could not start
+            if settings["debug"]:
                 raise
-            err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+            report(err)
             sys.exit(2)
 
     argv = sys.argv
@@ -139,21 +125,33 @@ def evaluate_cmd(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Task evaluation: also draw the results to this "
+                                             "image (needs the `plot` extra)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ):
-    """Validation loss, perplexity and bits-per-byte. Overrides: `data=...` (default: the checkpoint's data)."""
+    """Validation loss, perplexity and bits-per-byte. Overrides: `data=...` (default: the checkpoint's data).
+
+    Long-context tasks: `task=passkey|mqar|babi_facts` with `task.lengths=[...]`, `task.samples=N`, ... (a
+    checkpoint trained on a task is evaluated on it by default); lengths default to 1x, 4x, 16x, 64x the
+    training length."""
     import torch
 
     from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
     from ltm_core.config import DataConfig
     from ltm_core.configuration import compose, to_dict
     from ltm_core.evaluate import evaluate
+    from ltm_core.tasks import is_task
 
     overrides = list(ctx.args)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     ckpt = read_checkpoint(checkpoint)
     stored = checkpoint_config(ckpt)
     model = load_model(checkpoint, overrides, device=dev, ckpt=ckpt)
+    if any(k.split(".")[0] == "task" for k in _keys(overrides)) or is_task(stored["data"]["name"]):
+        _evaluate_task(checkpoint, model, stored, overrides, json_path, plot_path)
+        return
+    if plot_path is not None:
+        raise typer.BadParameter("--plot draws task results; add task=passkey|mqar|babi_facts")
     if any(k == "data" or k.startswith("data.") for k in _keys(overrides)):
         model_args = [f"model.{k}={v}" for k, v in stored["model"].items() if v is not None]
         data = DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + model_args).data))
@@ -168,6 +166,28 @@ def evaluate_cmd(
     console.print(table)
     if json_path is not None:
         json_path.write_text(json.dumps({"checkpoint": str(checkpoint), "data": data.name, **results}, indent=2))
+
+
+def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], json_path: Optional[Path],
+                   plot_path: Optional[Path]) -> None:
+    """`ltm eval task=...`: the task grid, streamed segment by segment (ltm_core.tasks.evaluate)."""
+    from ltm_core.tasks.evaluate import eval_task_config, evaluate_task
+    from ltm_core.tasks.report import plot_results, results_table
+
+    task_cfg = eval_task_config(stored, overrides)
+    train_length = int(stored["data"]["seq_len"])
+    with console.status(f"task {task_cfg.name}") as status:
+        def progress(row: dict) -> None:
+            where = "".join(f", {k} {row[k]}" for k in ("depth", "pairs", "placement") if row.get(k) is not None)
+            status.update(f"task {task_cfg.name}: length {row['length']:,}{where} done")
+
+        results = evaluate_task(model, task_cfg, train_length, progress=progress)
+    results = {"checkpoint": str(checkpoint), **results}
+    console.print(results_table(results, title=f"ltm eval task={task_cfg.name} {checkpoint}"))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+    if plot_path is not None:
+        plot_results(results, plot_path)
 
 
 # --------------------------------------------------------------------------------------------------- config

@@ -17,32 +17,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ltm_core.ops import use_kernels
+from ltm_extensions.reference import attention_mask  # the one statement of the mask rule
+
+__all__ = ["attention", "attention_mask"]
+
 BACKENDS = ("auto", "triton", "torch")
-
-
-def attention_mask(lq: int, lk: int, *, causal: bool, prefix_len: int = 0, window: Optional[int] = None,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean mask [lq, lk], True where a query may attend to a key (the layout described above)."""
-    seg_len = lk - prefix_len
-    query_pos = torch.arange(lq, device=device).unsqueeze(1) + (seg_len - lq)  # (lq, 1) segment positions
-    key_pos = torch.arange(lk, device=device).unsqueeze(0) - prefix_len  # (1, lk); < 0 for the prefix
-    visible = torch.ones(lq, lk, dtype=torch.bool, device=device)
-    if causal:
-        visible &= key_pos <= query_pos
-    if window is not None:
-        visible &= key_pos > query_pos - window
-    visible |= key_pos < 0  # the prefix is visible to every query
-    return visible
-
-
-def _triton_available(q: torch.Tensor) -> bool:
-    if not q.is_cuda:
-        return False
-    try:
-        import ltm_extensions  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, prefix_len: int = 0,
@@ -53,7 +33,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     lq, lk = q.shape[-2], k.shape[-2]
     if causal and lq > lk - prefix_len:
         raise ValueError(f"{lq} queries need at least as many segment keys, got {lk - prefix_len}")
-    if backend == "triton" or (backend == "auto" and _triton_available(q)):
+    if use_kernels(backend, q):
         from ltm_extensions import flash_attention
 
         return flash_attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window, scale=scale,

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from ltm_core.errors import ConfigError
 
 MEMORY_READS = ("cross", "context")
+MEMORY_WRITES = ("gated", "importance")
 KERNELS = ("auto", "triton", "torch")
 
 
@@ -34,6 +35,8 @@ class TitanConfig:
     memory_heads: Optional[int] = None  # heads of the memory read; None -> num_attention_heads
     memory_read: str = "cross"  # cross: separate cross-attention; context: slots prepended to the keys/values
     update_gate_bias: float = -2.0  # initial b_u: sigmoid(-2) ~ 0.12, a memory that starts by mostly keeping
+    memory_write: str = "gated"  # gated: slots read the segment, update gate; importance: slots read the tokens
+    # in proportion to their importance and write only as much as that importance (filler leaves memory intact)
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
     bptt_segments: int = 2  # segments per backprop window; memory is detached between windows
@@ -87,6 +90,9 @@ class TitanConfig:
             raise ConfigError("model.memory_heads", "must equal model.num_attention_heads with memory_read=context")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError("model.intermediate_size", f"must be positive, got {self.intermediate_size}")
+        if self.memory_write not in MEMORY_WRITES:
+            raise ConfigError("model.memory_write",
+                              f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")
         if self.memory_read not in MEMORY_READS:
             raise ConfigError("model.memory_read", f"must be one of {', '.join(MEMORY_READS)}, got {self.memory_read!r}")
         if self.kernels not in KERNELS:
@@ -105,7 +111,7 @@ class TitanConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "kjv"  # kjv | textfile (tasks register more)
+    name: str = "kjv"  # kjv | textfile | a task: passkey | mqar | babi_facts (generated, see cfg.task)
     path: Optional[str] = None  # textfile: a .txt/.jsonl file or a folder of them
     seq_len: int = 256  # tokens per training sample (a multiple of model.segment_length)
     batch_size: int = 8
@@ -137,15 +143,26 @@ class PrecisionConfig:
 
 @dataclass
 class ParallelConfig:
+    """Process layout. dp × tp × pp = world size = devices × num_nodes (see docs/distributed.md).
+
+    `strategy`: auto | ddp run Lightning (single process / DistributedDataParallel); native runs the
+    torch.distributed loop of `ltm_core.parallel` (FSDP2 over dp, tensor and pipeline parallelism), and is used
+    whenever tp > 1 or pp > 1."""
+
     name: str = "single"
-    strategy: str = "auto"  # Lightning strategy: auto | ddp
-    devices: int = 1  # processes per node
+    strategy: str = "auto"  # auto | ddp (Lightning) | native (ltm_core.parallel: FSDP2 / TP / PP)
+    devices: Optional[int] = 1  # processes per node; None -> from the layout (dp × tp × pp / num_nodes)
     num_nodes: int = 1
+    dp: int = -1  # data-parallel degree (FSDP2 fully_shard with strategy=native); -1 -> the rest of the world
+    tp: int = 1  # tensor-parallel degree (heads, SwiGLU and memory projections split over tp ranks)
+    pp: int = 1  # pipeline stages (blocks split over pp ranks)
+    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved (2 stages per pp rank)
+    microbatches: int = 1  # pipeline microbatches per batch (data.batch_size must be divisible by it)
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = 600
     accumulate_grad_batches: int = 1
     val_check_interval: int = 100  # validate every N optimizer steps (and at the end)
     log_every_n_steps: int = 10
@@ -153,6 +170,58 @@ class TrainerConfig:
     progress: bool = True  # rich progress bar
     tensorboard: bool = False
     deterministic: bool = False
+
+
+TASK_NAMES = ("passkey", "mqar", "babi_facts")
+TASK_FILLERS = ("ruler", "kjv", "mixed")
+
+
+@dataclass
+class TaskConfig:
+    """A long-context task (`ltm_core.tasks`): the training data of `data=<task>` and the grid of `ltm eval
+    task=<task>`. One flat schema for all tasks; each task reads the keys it needs."""
+
+    name: Optional[str] = None  # passkey | mqar | babi_facts; None: no task
+    # evaluation grid
+    lengths: Optional[list[int]] = None  # context lengths in tokens; None -> 1x, 4x, 16x, 64x data.seq_len
+    samples: int = 100  # samples per cell of the grid
+    batch_size: int = 50  # samples read together
+    seed: int = 0  # evaluation samples are a pure function of (seed, cell, index)
+    # passkey
+    digits: int = 5  # digits of the pass key
+    filler: str = "mixed"  # haystack: ruler (RULER's repeated sentences) | kjv | mixed (either, per sample)
+    depth_bins: int = 10  # needle depth bins over 0-100 % of the haystack
+    placement_checks: bool = True  # also cells with the needle in the first segment / straddling a boundary
+    # mqar
+    pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])  # key-value pairs per cell
+    train_pairs: int = 32  # training samples hold 1..train_pairs pairs
+    gap_segments: int = 1  # whole segments of noise between the segment of the last pair and the queries
+    # babi_facts
+    facts: int = 6  # location facts per sample
+    names: int = 4  # people the facts are about (at most 6)
+    # training on the task
+    lm_loss: bool = False  # also a next-byte loss on the filler; default: loss on the scored tokens only
+
+    def validate(self) -> None:
+        if self.name not in TASK_NAMES:
+            raise ConfigError("task.name", f"must be one of {', '.join(TASK_NAMES)}, got {self.name!r}")
+        positive = ("samples", "batch_size", "digits", "depth_bins", "train_pairs", "gap_segments", "facts", "names")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"task.{key}", f"must be a positive integer, got {value!r}")
+        if self.lengths is not None and (not self.lengths or any(n <= 0 for n in self.lengths)):
+            raise ConfigError("task.lengths", f"must be a non-empty list of positive lengths, got {self.lengths}")
+        if not self.pairs or any(p <= 0 or p > 676 for p in self.pairs):
+            raise ConfigError("task.pairs", f"must be a non-empty list of pair counts in [1, 676], got {self.pairs}")
+        if self.train_pairs > 676:
+            raise ConfigError("task.train_pairs", f"must be at most 676 (two-letter keys), got {self.train_pairs}")
+        if self.filler not in TASK_FILLERS:
+            raise ConfigError("task.filler", f"must be one of {', '.join(TASK_FILLERS)}, got {self.filler!r}")
+        if self.digits > 20:
+            raise ConfigError("task.digits", f"must be at most 20, got {self.digits}")
+        if self.names > 6:
+            raise ConfigError("task.names", f"must be at most 6, got {self.names}")
 
 
 @dataclass
@@ -163,6 +232,7 @@ class TrainRunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # long-context task: data=<task> / ltm eval task=<task>
     output_dir: Optional[str] = None  # None -> outputs/<timestamp>
     resume: Optional[str] = None  # auto: continue from OUTPUT_DIR/checkpoints/last.ckpt; or a checkpoint path
     overwrite: bool = False  # allow reusing an output folder that holds another run

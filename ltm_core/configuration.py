@@ -19,7 +19,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ltm_core.config import DataConfig, OptimConfig, TitanConfig, TrainRunConfig
+from ltm_core.config import TASK_NAMES, DataConfig, OptimConfig, TitanConfig, TrainRunConfig
 from ltm_core.errors import ConfigError
 
 ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
@@ -114,6 +114,11 @@ def validate(cfg: DictConfig) -> None:
     if data.seq_len % model.segment_length:
         raise ConfigError("data.seq_len", f"{data.seq_len} must be a multiple of model.segment_length="
                           f"{model.segment_length}")
+    # --- long-context tasks (ltm_core.tasks): task keys in range, data=<task> trains on task=<task>
+    if cfg.task.name is not None or data.name in TASK_NAMES:
+        from ltm_core.tasks import validate_task
+
+        validate_task(cfg, model, data)
     for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps"):
         if cfg.trainer[key] <= 0:
             raise ConfigError(f"trainer.{key}", f"must be positive, got {cfg.trainer[key]}")
@@ -121,8 +126,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
     if cfg.resume not in (None, "auto") and not str(cfg.resume).endswith(".ckpt"):
         raise ConfigError("resume", f"must be auto or a path to a .ckpt file, got {cfg.resume!r}")
-    if cfg.parallel.devices <= 0 or cfg.parallel.num_nodes <= 0:
-        raise ConfigError("parallel.devices", "parallel.devices and parallel.num_nodes must be positive")
+    # --- parallel layout (ltm_core.parallel): dp × tp × pp vs world size, heads vs tp, layers vs stages
+    from ltm_core.parallel.layout import validate_parallel
+
+    validate_parallel(cfg, model, data)
 
 
 def model_config(cfg: DictConfig | dict[str, Any]) -> TitanConfig:

@@ -112,9 +112,11 @@ def _read_documents(files: list[Path]) -> Iterator[str]:
                 continue
             try:
                 record = json.loads(line)
-                text = record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f'data error: {file}:{lineno} is not a JSON object with a "text" field') from None
+            except json.JSONDecodeError:
+                raise DataError(f"data error: {file}:{lineno} is not a JSON object") from None
+            if not isinstance(record, dict) or "text" not in record:
+                raise DataError(f'data error: {file}:{lineno} has no "text" field')
+            text = record["text"]
             if not isinstance(text, str):
                 raise DataError(f'data error: {file}:{lineno}: "text" must be a string')
             yield text

@@ -9,6 +9,18 @@ Per memory layer, with hidden states h [B, T, C] of one segment and the memory m
     u   = sigmoid(W_u [mem; new] + b_u)           update gate       [B, M, D]
     mem = (1 - u) * mem + u * new                 gated write       [B, M, D]
 
+With `memory_write=importance` the importance decides how much is written, not only what:
+
+    g   = c                                                    content (the write reads s itself)    [B, T, D]
+    a   = softmax(Q(mem) K(c)^T / sqrt(D) + log s)             slots read tokens in proportion to s  [B, M, T]
+    r   = sum_t softmax(Q(mem) K(c)^T / sqrt(D))_t s_t         write strength: importance read       [B, M, 1]
+    new = a V(c)
+    u   = r * sigmoid(W_u [mem; new] + b_u)                     [B, M, D]
+    mem = (1 - u) * mem + u * new
+
+A segment whose tokens all have s ~ 0 (filler) leaves the memory as it was, however many such segments follow,
+which is what lets a memory trained on a few segments keep a needle over hundreds.
+
 The write happens once a segment is complete, so a token only ever reads memory written by earlier segments.
 """
 
@@ -21,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
 
@@ -67,16 +80,16 @@ class MemoryState:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.empty(dim))
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, self.backend)
 
 
 class LongTermMemory(nn.Module):
@@ -87,8 +100,10 @@ class LongTermMemory(nn.Module):
         C, M, D = cfg.hidden_size, cfg.memory_slots, cfg.memory_dim
         self.init_std = cfg.init_std
         self.gate_bias = cfg.update_gate_bias
+        self.mode = cfg.memory_write
         self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
-        self.norm = RMSNorm(C, cfg.norm_eps)
+        self.backend = cfg.kernels
+        self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
         self.compress = nn.Linear(C, D, bias=False)  # W_c
         self.importance = nn.Linear(D, 1)  # w_s
         self.query = nn.Linear(D, D, bias=False)  # Q(mem)
@@ -108,19 +123,34 @@ class LongTermMemory(nn.Module):
         return self.initial.unsqueeze(0).expand(batch_size, -1, -1)  # [B, M, D]
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [B, T, C] -> gated content g: [B, T, D]."""
+        """h: [B, T, C] -> what the segment end writes from: gated content c * s (gated) or content c
+        (importance, whose write computes s from c itself): [B, T, D]."""
         c = self.compress(self.norm(h))  # [B, T, D]
-        s = torch.sigmoid(self.importance(c))  # [B, T, 1]
-        return c * s
+        if self.mode == "importance":
+            return c
+        return ops.compress_gate(c, self.importance(c), self.backend)  # c * sigmoid(w_s . c)
 
     def write(self, mem: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """mem: [B, M, D], g: [B, S, D] (one whole segment) -> updated memory [B, M, D]."""
+        if self.mode == "importance":
+            return self._importance_write(mem, g)
         q = self.query(mem).unsqueeze(1)  # [B, 1, M, D]: one head
         k = self.key(g).unsqueeze(1)  # [B, 1, S, D]
         v = self.value(g).unsqueeze(1)  # [B, 1, S, D]
         new = attention(q, k, v, causal=False, backend="torch").squeeze(1)  # [B, M, D]
-        u = torch.sigmoid(self.update(torch.cat([mem, new], dim=-1)))  # [B, M, D]
-        return (1 - u) * mem + u * new
+        update_logits = self.update(torch.cat([mem, new], dim=-1))  # [B, M, D]
+        return ops.memory_update(mem, new, update_logits, self.backend)  # (1 - u) mem + u new
+
+    def _importance_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The importance-weighted write (module docstring). Written out rather than through `attention()`
+        because it needs the log-sum-exp of the scores with and without the importance bias."""
+        scores = self.query(mem) @ self.key(c).transpose(1, 2) / c.shape[-1] ** 0.5  # [B, M, S]
+        log_s = F.logsigmoid(self.importance(c).float()).transpose(1, 2)  # [B, 1, S]
+        biased = scores.float() + log_s
+        strength = (biased.logsumexp(-1, keepdim=True) - scores.float().logsumexp(-1, keepdim=True)).exp()
+        new = torch.softmax(biased, dim=-1).type_as(c) @ self.value(c)  # [B, M, D]
+        u = strength.type_as(mem) * torch.sigmoid(self.update(torch.cat([mem, new], dim=-1)))  # [B, M, D]
+        return mem + u * (new - mem)
 
 
 class MemoryRead(nn.Module):

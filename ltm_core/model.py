@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
 from ltm_core.memory import LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm
@@ -59,7 +60,7 @@ class SelfAttention(nn.Module):
             keys, values = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
             prefix_len = prefix[0].shape[2]
         y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend)  # [B, H, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C)), k, v
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # -1: local heads under TP
 
 
 class FeedForward(nn.Module):
@@ -67,26 +68,27 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: TitanConfig):
         super().__init__()
+        self.backend = cfg.kernels
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.swiglu(gate, up, self.backend))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: TitanConfig):
         super().__init__()
         self.cfg = cfg
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.attn = SelfAttention(cfg)
         if cfg.use_memory:
             self.memory = LongTermMemory(cfg)
             self.memory_read = MemoryRead(cfg)
             if cfg.memory_read == "cross":
-                self.memory_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+                self.memory_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.ffn = FeedForward(cfg)
 
     def reset_parameters(self) -> None:
@@ -129,7 +131,7 @@ class TitanModel(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.compile:
             for block in self.blocks:

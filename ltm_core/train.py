@@ -9,11 +9,13 @@ Output folder layout:
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import socket
 import sys
 import uuid
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -21,15 +23,41 @@ from typing import Optional
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from rich.console import Console
 
 from ltm_core.config import DataConfig
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, TextDataModule, load_corpus, unigram_bpb
 from ltm_core.errors import CheckpointError, ConfigError, LtmError
+from ltm_core.tasks import is_task
+from ltm_core.tasks.datamodule import TaskDataModule, task_config
 from ltm_core.training import TitanLightning
 
 console = Console()
+# Lightning notes that do not apply: checkpoints are taken after the optimizer step on purpose (manual
+# optimization with one backward per BPTT window), and a torch pytree deprecation inside Lightning itself.
+warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to OUTPUT_DIR/metrics.csv instead of deleting it."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):  # keep the earlier rows and their columns
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
 
 
 def default_output_dir() -> str:
@@ -46,7 +74,10 @@ def launched_externally() -> bool:
 
 
 def world_size(cfg: DictConfig) -> int:
-    return int(cfg.parallel.devices) * int(cfg.parallel.num_nodes)
+    # --- parallel (ltm_core.parallel): devices × num_nodes, or dp × tp × pp when parallel.devices is null
+    from ltm_core.parallel.layout import planned_world_size
+
+    return planned_world_size(cfg)
 
 
 def _is_rank_zero() -> bool:
@@ -97,7 +128,8 @@ def train(cfg: DictConfig) -> Path:
     cfg = cfg.copy()
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir()
-    corpus = load_corpus(DataConfig(**to_dict(cfg.data)))  # bad data fails before anything is written
+    # bad data fails before anything is written (task data is generated: nothing to load)
+    corpus = None if is_task(cfg.data.name) else load_corpus(DataConfig(**to_dict(cfg.data)))
     world = world_size(cfg)
     if world > 1 and not launched_externally():
         if cfg.parallel.num_nodes > 1:
@@ -133,12 +165,24 @@ def _launch_local(config_path: Path, nproc: int) -> None:
 
 def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     """Run Lightning training in this process (one rank of a distributed run, or the only one)."""
+    # --- parallel (ltm_core.parallel): FSDP2 / tensor / pipeline parallel presets run the native loop
+    from ltm_core.parallel.layout import devices_per_node, uses_native
+
+    if uses_native(cfg):
+        from ltm_core.parallel import fit_parallel
+
+        return fit_parallel(cfg, corpus)
+    # --- end parallel
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data_cfg = DataConfig(**to_dict(cfg.data))
-    corpus = corpus if corpus is not None else load_corpus(data_cfg)
-    datamodule = TextDataModule(data_cfg, corpus)
+    task_cfg = task_config(cfg)  # data=<task> (ltm_core.tasks): generated samples instead of a corpus
+    if task_cfg is not None:
+        corpus, datamodule = None, TaskDataModule(data_cfg, task_cfg, int(cfg.model.segment_length))
+    else:
+        corpus = corpus if corpus is not None else load_corpus(data_cfg)
+        datamodule = TextDataModule(data_cfg, corpus)
     module = TitanLightning(to_dict(cfg))
     ckpt_path = resume_path(cfg, out)
     if cfg.precision.lightning == "16-mixed" and not torch.cuda.is_available():
@@ -148,7 +192,10 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     rank_zero = _is_rank_zero()
     if rank_zero:
         console.print(f"[bold]ltm train[/] -> {out}")
-        console.print(f"data: {corpus.description}; train {len(corpus.train):,} tokens, val {len(corpus.val):,}")
+        if corpus is None:  # task data
+            console.print(f"data: {datamodule.describe()}")
+        else:
+            console.print(f"data: {corpus.description}; train {len(corpus.train):,} tokens, val {len(corpus.val):,}")
         console.print(f"model: {model.num_parameters():,} parameters, "
                       f"{model.flops_per_token(data_cfg.seq_len) / 1e6:.2f} MFLOP/token (6N + attention + memory), "
                       f"memory={'on' if model.config.use_memory else 'off'}, segment={model.config.segment_length}, "
@@ -157,7 +204,6 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
             console.print(f"resuming from {ckpt_path}")
 
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-    from lightning.pytorch.loggers import CSVLogger
 
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     interval = int(cfg.trainer.val_check_interval)
@@ -169,14 +215,19 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     ]
     if cfg.trainer.progress:
         callbacks.append(RichProgressBar(leave=True))
-    loggers = [CSVLogger(save_dir=str(out), name="", version="")]
+    loggers = [ResumableCSVLogger(save_dir=str(out), name="", version="")]
     if cfg.trainer.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
+    strategy = cfg.parallel.strategy
+    if strategy == "ddp" and model.config.use_memory:
+        # each window has its own backward: windows after the first do not use the learned initial memory, and
+        # with bptt_segments=1 no window uses the memory-write weights (every write is detached)
+        strategy = "ddp_find_unused_parameters_true"
     trainer = L.Trainer(
         max_steps=int(cfg.trainer.max_steps), max_epochs=-1, accelerator=cfg.trainer.accelerator,
-        devices=int(cfg.parallel.devices), num_nodes=int(cfg.parallel.num_nodes), strategy=cfg.parallel.strategy,
+        devices=devices_per_node(cfg), num_nodes=int(cfg.parallel.num_nodes), strategy=strategy,
         precision=cfg.precision.lightning, val_check_interval=interval * accumulate, check_val_every_n_epoch=None,
         log_every_n_steps=int(cfg.trainer.log_every_n_steps), callbacks=callbacks, logger=loggers,
         enable_progress_bar=bool(cfg.trainer.progress), enable_model_summary=False, num_sanity_val_steps=0,
@@ -189,12 +240,15 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
         trainer.save_checkpoint(last)
     if rank_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        baseline = unigram_bpb(corpus)
-        if "val/bpb" in metrics:
+        if corpus is None and "val/loss" in metrics:  # task data: the loss is on the answer tokens
+            console.print(f"validation: answer loss {metrics['val/loss']:.4f}; "
+                          f"score it with: ltm eval --checkpoint {last} task={cfg.data.name}", soft_wrap=True)
+        elif "val/bpb" in metrics:
+            baseline = unigram_bpb(corpus)
             console.print(f"validation: loss {metrics['val/loss']:.4f}, {metrics['val/bpb']:.3f} bits/byte "
                           f"(byte-unigram baseline {baseline:.3f} bits/byte)")
         console.print(f"checkpoint: {last}")
-        console.print(f'generate:   ltm generate --checkpoint {last} --prompt "In the beginning"')
+        console.print(f'generate:   ltm generate --checkpoint {last} --prompt "In the beginning"', soft_wrap=True)
     return last
 
 

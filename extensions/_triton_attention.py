@@ -1,0 +1,431 @@
+"""FlashAttention-2 style forward and backward in Triton, with the memory-prefix / causal / window mask.
+
+Key layout (see `ltm_core.attention`): keys [0, prefix_len) are the memory prefix, visible to every query; keys
+[prefix_len, Lk) are the segment, whose last Lq positions are the queries. A query i has segment position
+qpos = i + (seg_len - Lq); segment key kpos is visible iff (not causal or kpos <= qpos) and
+(no window or kpos > qpos - window).
+
+Forward: one program per (query block, batch*head); one online softmax, first over the prefix blocks (never
+masked but for the tail), then over the segment blocks that can be visible to the query block (blocks entirely
+above the diagonal or left of the window are never visited). The logsumexp (base 2) is saved.
+Backward: delta = rowsum(dO * O); one kernel for dK/dV (one program per key block, looping over the query blocks
+that can see it) and one for dQ (one program per query block, looping like the forward). No atomics.
+
+This module imports triton at top level: it is only imported lazily, from the triton path of the dispatcher.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreting, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+def _configs(kind: str) -> list:
+    """Autotune candidates. Under the interpreter / without CUDA: one small config (fast tests). On CUDA: a small
+    set plus a conservative default that fits every dtype and head dim (`LTM_TRITON_AUTOTUNE=0`: the default only).
+    """
+    if interpreting() or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    default = {"fwd": (64, 64, 4, 2), "kv": (32, 64, 4, 2), "q": (64, 32, 4, 2)}[kind]
+    tuned = {
+        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+        "kv": [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
+        "q": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    }[kind]
+    chosen = [default] if os.environ.get("LTM_TRITON_AUTOTUNE", "1") == "0" else tuned + [default]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in chosen]
+
+
+def _prune(configs, nargs, **kwargs):
+    """fp32 tiles are twice as large: drop the configs whose shared memory cannot fit (the default always stays)."""
+    q = nargs.get("Q", kwargs.get("Q"))
+    block_d = kwargs.get("BLOCK_D", nargs.get("BLOCK_D", 64))
+    if q is None or q.element_size() < 4 or block_d < 64:
+        return configs
+    max_tile = 4096 if block_d >= 128 else 8192
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
+            and (block_d < 128 or c.num_stages <= 2)]
+    return keep or configs[-1:]
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+
+_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "DOT_PREC"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, kv_mask_d, key_valid, qpos, qk_scale, window,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key block of the online softmax. offs_n: key index (prefix) or segment position (segment)."""
+    kmask = key_valid[:, None] & kv_mask_d
+    k = tl.load(k_ptrs, mask=kmask, other=0.0)
+    v = tl.load(v_ptrs, mask=kmask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], base-2 logits
+    visible = key_valid[None, :]
+    if SEGMENT:
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > qpos[:, None] - window)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+              H, Lq, Lk, prefix_len, window, qk_scale, LQ_KEY, LK_KEY,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * sqb + off_h * sqh
+    K += off_b * skb + off_h * skh
+    V += off_b * svb + off_h * svh
+    O += off_b * sob + off_h * soh
+    LSE += pid_bh.to(tl.int64) * Lq
+
+    seg_len = Lk - prefix_len
+    seg_off = seg_len - Lq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < Lq
+    d_valid = offs_d < HEAD_DIM
+    q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_valid[:, None] & d_valid[None, :],
+                other=0.0)
+    qpos = offs_m + seg_off
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    kv_mask_d = d_valid[None, :]
+
+    # memory prefix: visible to every query
+    for start_n in range(0, prefix_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q,
+            K + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            V + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            offs_n, kv_mask_d, offs_n < prefix_len, qpos, qk_scale, window,
+            CAUSAL, HAS_WINDOW, False, DOT_PREC)
+
+    # segment: only the key positions some query of this block can see
+    qpos_lo = m0 + seg_off
+    qpos_hi = tl.minimum(m0 + BLOCK_M, Lq) - 1 + seg_off
+    lo = 0
+    hi = seg_len
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(seg_len, qpos_hi + 1), 0)
+    if HAS_WINDOW:
+        lo = tl.minimum(tl.maximum(qpos_lo - window + 1, 0), hi)
+    Ks = K + prefix_len * skn
+    Vs = V + prefix_len * svn
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q,
+            Ks + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            Vs + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            offs_n, kv_mask_d, offs_n < hi, qpos, qk_scale, window,
+            CAUSAL, HAS_WINDOW, True, DOT_PREC)
+
+    empty = l_i == 0.0  # fully masked row: output 0, lse +inf (so the backward's p is 0)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(LSE + offs_m, lse, mask=row_valid)
+    tl.store(O + offs_m[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=row_valid[:, None] & d_valid[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mask,
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, kpos, key_valid, Lq, seg_off,
+                  qk_scale, window, sqm, sqd, sdm, sdd,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr, DOT_PREC: tl.constexpr):
+    row_valid = offs_m < Lq
+    qmask = row_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qmask, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_valid, other=float("inf"))
+    delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
+    visible = key_valid[:, None] & row_valid[None, :]
+    if SEGMENT:
+        qpos = offs_m + seg_off
+        if CAUSAL:
+            visible = visible & (kpos[:, None] <= qpos[None, :])
+        if HAS_WINDOW:
+            visible = visible & (kpos[:, None] > qpos[None, :] - window)
+    pt = tl.where(visible, tl.math.exp2(st - lse[None, :]), 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM]
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs("kv"), key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+                 H, Lq, Lk, prefix_len, window, qk_scale, sm_scale, LQ_KEY, LK_KEY,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # key blocks never straddle the prefix/segment boundary: first cdiv(prefix_len, BN) prefix blocks, then
+    # the segment blocks
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * sqb + off_h * sqh
+    K += off_b * skb + off_h * skh
+    V += off_b * svb + off_h * svh
+    DO += off_b * sdb + off_h * sdh
+    DK += pid_bh.to(tl.int64) * Lk * HEAD_DIM
+    DV += pid_bh.to(tl.int64) * Lk * HEAD_DIM
+    LSE += pid_bh.to(tl.int64) * Lq
+    DELTA += pid_bh.to(tl.int64) * Lq
+
+    seg_len = Lk - prefix_len
+    seg_off = seg_len - Lq
+    n_prefix_blocks = tl.cdiv(prefix_len, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    if pid_n < n_prefix_blocks:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < prefix_len
+        kmask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
+        for start_m in range(0, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            dk, dv = _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, offs_n, key_valid,
+                                   Lq, seg_off, qk_scale, window, sqm, sqd, sdm, sdd,
+                                   CAUSAL, HAS_WINDOW, False, DOT_PREC)
+    else:
+        kpos = (pid_n - n_prefix_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # segment positions
+        offs_n = prefix_len + kpos
+        key_valid = kpos < seg_len
+        kmask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
+        kpos_lo = (pid_n - n_prefix_blocks) * BLOCK_N
+        kpos_hi = tl.minimum(kpos_lo + BLOCK_N, seg_len) - 1
+        m_lo = 0
+        m_hi = Lq
+        if CAUSAL:  # query i sees kpos iff i + seg_off >= kpos
+            m_lo = tl.minimum(tl.maximum(kpos_lo - seg_off, 0), Lq)
+        if HAS_WINDOW:  # ... and i + seg_off < kpos + window
+            m_hi = tl.maximum(tl.minimum(kpos_hi + window - seg_off, Lq), m_lo)
+        for start_m in range(m_lo, m_hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            dk, dv = _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, kpos, key_valid,
+                                   m_hi, seg_off, qk_scale, window, sqm, sqd, sdm, sdd,
+                                   CAUSAL, HAS_WINDOW, True, DOT_PREC)
+
+    out_mask = key_valid[:, None] & d_valid[None, :]
+    dk = dk * sm_scale
+    tl.store(DK + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_q_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, kv_mask_d, key_valid, qpos, qk_scale, window,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr, DOT_PREC: tl.constexpr):
+    kmask = key_valid[:, None] & kv_mask_d
+    k = tl.load(k_ptrs, mask=kmask, other=0.0)
+    v = tl.load(v_ptrs, mask=kmask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    visible = key_valid[None, :]
+    if SEGMENT:
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > qpos[:, None] - window)
+    p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=_configs("q"), key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_q(Q, K, V, DO, LSE, DELTA, DQ,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+                H, Lq, Lk, prefix_len, window, qk_scale, sm_scale, LQ_KEY, LK_KEY,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    Q += off_b * sqb + off_h * sqh
+    K += off_b * skb + off_h * skh
+    V += off_b * svb + off_h * svh
+    DO += off_b * sdb + off_h * sdh
+    DQ += pid_bh.to(tl.int64) * Lq * HEAD_DIM
+    LSE += pid_bh.to(tl.int64) * Lq
+    DELTA += pid_bh.to(tl.int64) * Lq
+
+    seg_len = Lk - prefix_len
+    seg_off = seg_len - Lq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < Lq
+    d_valid = offs_d < HEAD_DIM
+    qmask = row_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qmask, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_valid, other=float("inf"))
+    delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
+    qpos = offs_m + seg_off
+    kv_mask_d = d_valid[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, prefix_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        dq = _bwd_q_block(dq, q, do, lse, delta,
+                          K + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                          V + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                          offs_n, kv_mask_d, offs_n < prefix_len, qpos, qk_scale, window,
+                          CAUSAL, HAS_WINDOW, False, DOT_PREC)
+
+    qpos_lo = m0 + seg_off
+    qpos_hi = tl.minimum(m0 + BLOCK_M, Lq) - 1 + seg_off
+    lo = 0
+    hi = seg_len
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(seg_len, qpos_hi + 1), 0)
+    if HAS_WINDOW:
+        lo = tl.minimum(tl.maximum(qpos_lo - window + 1, 0), hi)
+    Ks = K + prefix_len * skn
+    Vs = V + prefix_len * svn
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        dq = _bwd_q_block(dq, q, do, lse, delta,
+                          Ks + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                          Vs + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                          offs_n, kv_mask_d, offs_n < hi, qpos, qk_scale, window,
+                          CAUSAL, HAS_WINDOW, True, DOT_PREC)
+
+    dq = dq * sm_scale
+    tl.store(DQ + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host side
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"  # fp32 inputs: exact fp32 products unless the user allowed TF32
+    return "tf32"  # ignored for fp16/bf16 inputs
+
+
+def _common(q, k, window):
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    block_d = max(16, next_pow2(d))
+    return B, H, Lq, Lk, d, block_d, dict(
+        LQ_KEY=next_pow2(Lq), LK_KEY=next_pow2(Lk), HEAD_DIM=d, BLOCK_D=block_d,
+        HAS_WINDOW=window is not None, DOT_PREC=_dot_precision(q.dtype))
+
+
+def attn_forward(q, k, v, causal: bool, prefix_len: int, window, scale: float):
+    B, H, Lq, Lk, d, block_d, meta = _common(q, k, window)
+    o = torch.empty((B, H, Lq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                    H, Lq, Lk, prefix_len, 0 if window is None else int(window), scale * LOG2E,
+                    CAUSAL=bool(causal), **meta)
+    return o, lse
+
+
+def attn_backward(do, q, k, v, o, lse, causal: bool, prefix_len: int, window, scale: float):
+    B, H, Lq, Lk, d, block_d, meta = _common(q, k, window)
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    bm = 32 if interpreting() else 64
+    _bwd_delta[(triton.cdiv(Lq, bm), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Lq,
+                                             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm)
+    dq = torch.empty((B, H, Lq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, Lk, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, Lk, d), dtype=v.dtype, device=v.device)
+    seg_len = Lk - prefix_len
+    args = (H, Lq, Lk, prefix_len, 0 if window is None else int(window), scale * LOG2E, scale)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    grid_kv = lambda META: (triton.cdiv(prefix_len, META["BLOCK_N"]) + triton.cdiv(seg_len, META["BLOCK_N"]),  # noqa
+                            B * H)
+    _attn_bwd_kv[grid_kv](q, k, v, do, lse, delta, dk, dv, *strides, *args, CAUSAL=bool(causal), **meta)
+    grid_q = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_bwd_q[grid_q](q, k, v, do, lse, delta, dq, *strides, *args, CAUSAL=bool(causal), **meta)
+    return dq, dk, dv
+
+
+class FlashAttentionTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, prefix_len: int, window, scale: float):
+        o, lse = attn_forward(q, k, v, causal, prefix_len, window, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (causal, prefix_len, window, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attn_backward(do, q, k, v, o, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attention_triton(q, k, v, causal: bool, prefix_len: int, window, scale: float):
+    return FlashAttentionTriton.apply(q, k, v, causal, prefix_len, window, scale)
+

@@ -1,0 +1,134 @@
+"""`ltm bench kernels|model|parallel`: performance tables (rich), the same as JSON (`--json`), and plots (`--plot`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ltm_cli.errors import user_errors
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels, model throughput/memory, parallel layouts.")
+console = Console()
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def _write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2))
+        console.print(f"wrote {path}")
+
+
+def _plot_model(path: Path, result: dict[str, Any]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'ltm[plot]'") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in sorted({r["model"] for r in result["rows"]}):
+        rows = sorted((r for r in result["rows"] if r["model"] == variant and "tokens_per_s" in r),
+                      key=lambda r: r["context"])
+        ctx = [r["context"] for r in rows]
+        ax1.plot(ctx, [r["tokens_per_s"] for r in rows], marker="o", label=variant)
+        ax2.plot(ctx, [r["peak_mem_bytes"] / 2**20 for r in rows], marker="o", label=variant)
+    for ax, label in ((ax1, "training tokens/s"), (ax2, "peak memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"ltm bench model — {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    console.print(f"wrote {path}")
+
+
+@bench_app.command("model")
+@user_errors
+def bench_model_cmd(
+    model: str = typer.Option("tiny", "--model", help="Backbone preset from conf/model (tiny | small | base | large)."),
+    contexts: List[int] = typer.Option([1024, 2048, 4096, 8192], "--context", help="Context lengths (repeatable)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed steps per row (median reported)."),
+    gen: List[int] = typer.Option([], "--gen", help="Generation lengths to measure (repeatable)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
+    overrides: List[str] = typer.Argument(None, help="model.* overrides, e.g. model.segment_length=256."),
+):
+    """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal."""
+    from ltm_core.bench import bench_model, ratios
+    from ltm_core.configuration import compose, model_config
+
+    cfg = model_config(compose([f"model={model}", *(overrides or [])]))
+    result = bench_model(cfg, contexts, batch_size=batch_size, device=device, dtype=dtype, repeats=repeats,
+                         gen_lengths=gen)
+    table = Table(title=f"ltm bench model — {result['device']}, {dtype}, batch {batch_size}, model={model}")
+    for col in ("model", "context", "tokens/s", "peak memory", "MFU", "params"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        if "error" in r:
+            table.add_row(r["model"], str(r["context"]), "error", r["error"][-60:], "", "")
+            continue
+        table.add_row(r["model"], f"{r['context']:,}", f"{r['tokens_per_s']:,.0f}", _gib(r["peak_mem_bytes"]),
+                      f"{100 * r['mfu']:.2f} %", f"{r['params']:,}")
+    console.print(table)
+    summary = Table(title="memory model / full-causal baseline (same run)")
+    for col in ("context", "tokens/s ratio", "peak memory ratio"):
+        summary.add_column(col, justify="right")
+    for r in ratios(result):
+        summary.add_row(f"{r['context']:,}", f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.3f}x")
+    console.print(summary)
+    if result["generation"]:
+        gen_table = Table(title="generation (greedy, batch 1)")
+        for col in ("model", "generated", "ms/token", "state"):
+            gen_table.add_column(col, justify="right")
+        for g in result["generation"]:
+            gen_table.add_row(g["model"], f"{g['generated']:,}", f"{g['ms_per_token']:.2f}",
+                              f"{g['state_bytes'] / 2**10:,.1f} KiB")
+        console.print(gen_table)
+    _write_json(json_path, result)
+    if plot is not None:
+        _plot_model(plot, result)
+
+
+@bench_app.command("kernels")
+@user_errors
+def bench_kernels_cmd(
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | float16 | bfloat16 (CPU: float32)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+):
+    """Each kernel against its PyTorch reference; attention also against SDPA and FlexAttention."""
+    import torch
+
+    from ltm_extensions.bench import bench_kernels, measure_peaks
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype) if dev.type == "cuda" else torch.float32
+    peaks = measure_peaks(dev)
+    rows = bench_kernels(dev, dt, peaks=peaks)
+    table = Table(title=f"ltm bench kernels — {dev}, {dt}; measured peak {peaks}")
+    for col in ("kernel", "case", "impl", "fwd ms", "bwd ms", "fwd TFLOP/s | GB/s", "% peak", "note"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        rate = r.get("tflops_fwd") if r.get("tflops_fwd") is not None else r.get("gbps_fwd")
+        fmt = (lambda v: "" if v is None else f"{v:.3f}")
+        table.add_row(r["kernel"], r["case"], r["impl"], fmt(r.get("fwd_ms")), fmt(r.get("bwd_ms")), fmt(rate),
+                      "" if r.get("pct_peak") is None else f"{r['pct_peak']:.1f}", (r.get("error") or "")[:40])
+    console.print(table)
+    _write_json(json_path, {"device": str(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu",
+                            "dtype": str(dt), "peaks": peaks, "rows": rows})

@@ -1,0 +1,196 @@
+"""`ltm bench model`: training-step throughput, peak memory and MFU of the memory model against its baselines.
+
+Four variants share one backbone: `memory` (segments + memory read by cross-attention, windowed backward),
+`memory_context` (the same, memory slots as an attention prefix: `memory_read=context`), `segment_local` (same
+segments, no memory) and `full_causal` (no memory, one segment spanning the context). Each
+(variant, context) row is measured in a fresh process on CPU, so that its peak resident memory is its own; on CUDA
+the allocator's peak is used. Timings: warm-up, then the median of repeats (synchronised on CUDA).
+
+MFU = flops_per_token(context) * tokens/s / measured peak FLOP/s (a large matmul in the same dtype, same run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Iterable, Optional
+
+import torch
+
+from ltm_core.config import OptimConfig, TitanConfig
+from ltm_core.model import TitanModel
+from ltm_core.training import build_optimizer, windowed_backward
+
+VARIANTS = ("memory", "memory_context", "segment_local", "full_causal")
+
+
+def variant_config(base: TitanConfig, variant: str, context: int) -> TitanConfig:
+    if variant == "memory":
+        return dataclasses.replace(base, use_memory=True, memory_read="cross")
+    if variant == "memory_context":
+        return dataclasses.replace(base, use_memory=True, memory_read="context")
+    if variant == "segment_local":
+        return dataclasses.replace(base, use_memory=False)
+    if variant == "full_causal":
+        return dataclasses.replace(base, use_memory=False, segment_length=context, bptt_segments=1)
+    raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matmul in `dtype` on `device` (the ceiling MFU is reported against)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int, device: str, dtype: str,
+                   warmup: int, repeats: int) -> dict[str, Any]:
+    """Time one (variant, context) training step in this process; peak memory is this process's."""
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    torch.manual_seed(0)
+    model = TitanModel(variant_config(cfg, variant, context)).to(dev, dt).train()
+    optimizer = build_optimizer(model, OptimConfig())
+    ids = torch.randint(0, 256, (batch_size, context + 1), device=dev)
+
+    def step():
+        windowed_backward(model, ids[:, :-1], ids[:, 1:])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_mem = torch.cuda.memory_allocated(dev)
+    else:
+        _reset_peak_rss()
+        base_mem = _rss_bytes()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - start)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base_mem
+    else:
+        peak = _peak_rss_bytes() - base_mem  # resident memory the training steps added at their peak
+    tokens_per_s = batch_size * context / statistics.median(times)
+    return {"model": variant, "context": context, "tokens_per_s": tokens_per_s, "peak_mem_bytes": int(peak),
+            "step_s": statistics.median(times), "params": model.num_parameters(),
+            "flops_per_token": model.flops_per_token(context)}
+
+
+def _row_in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
+    code = "import json,sys; from ltm_core.bench import _child; _child(json.loads(sys.argv[1]))"
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"model": args["variant"], "context": args["context"], "error": result.stderr.strip()[-300:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _child(args: dict[str, Any]) -> None:
+    torch.set_num_threads(args.pop("threads"))
+    cfg = TitanConfig(**args.pop("cfg"))
+    print(json.dumps(train_step_row(cfg, **args)))
+
+
+def generation_row(cfg: TitanConfig, variant: str, length: int, device: str) -> dict[str, Any]:
+    """Per-token latency and state size after generating `length` tokens (greedy, batch 1)."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = TitanModel(variant_config(cfg, variant, length + 2)).to(dev).eval()  # full_causal: one segment
+    prompt = torch.randint(0, 256, (1, 1), device=dev)
+    stamps = []
+    with torch.inference_mode():
+        out = model(prompt)
+        for _ in range(length):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(dev)
+            stamps.append(time.perf_counter())
+            out = model(token, memory=out.memory)
+    _sync(dev)
+    stamps.append(time.perf_counter())
+    per_token = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    tail = per_token[-64:]  # the last (up to) 64 tokens: steady state at this length
+    state_bytes = sum(t.numel() * t.element_size() for ls in out.memory.layers
+                      for t in (ls.memory, ls.keys, ls.values, ls.gated) if t is not None)
+    return {"model": variant, "generated": length, "ms_per_token": 1e3 * statistics.median(tail),
+            "state_bytes": state_bytes}
+
+
+def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[str] = VARIANTS, batch_size: int = 1,
+                device: Optional[str] = None, dtype: str = "float32", warmup: int = 1, repeats: int = 3,
+                gen_lengths: Iterable[int] = (), threads: Optional[int] = None) -> dict[str, Any]:
+    """All rows of `ltm bench model`, measured side by side in this run."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    peak_flops = measure_peak_flops(dev, dt, n=4096 if dev.type == "cuda" else 1024)
+    rows = []
+    for context in contexts:
+        for variant in variants:
+            args = dict(cfg=dataclasses.asdict(cfg), variant=variant, context=context, batch_size=batch_size,
+                        device=device, dtype=dtype, warmup=warmup, repeats=repeats)
+            if dev.type == "cpu":
+                row = _row_in_subprocess({**args, "threads": threads or torch.get_num_threads()})
+            else:
+                row = train_step_row(cfg, **{k: v for k, v in args.items() if k != "cfg"})
+            if "tokens_per_s" in row:
+                row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / peak_flops
+            rows.append(row)
+    generation = [generation_row(cfg, v, n, device) for n in gen_lengths for v in ("memory", "full_causal")]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"device": name, "dtype": dtype, "peak_flops": peak_flops, "config": dataclasses.asdict(cfg),
+            "batch_size": batch_size, "rows": rows, "generation": generation}
+
+
+def ratios(result: dict[str, Any], baseline: str = "full_causal") -> list[dict[str, Any]]:
+    """memory / baseline ratios of tokens/s and peak memory, per context."""
+    by_key = {(r["model"], r["context"]): r for r in result["rows"] if "tokens_per_s" in r}
+    out = []
+    for (variant, context), row in sorted(by_key.items(), key=lambda kv: kv[0][1]):
+        base = by_key.get((baseline, context))
+        if variant == "memory" and base:
+            out.append({"context": context, "speedup": row["tokens_per_s"] / base["tokens_per_s"],
+                        "memory_ratio": row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1)})
+    return out

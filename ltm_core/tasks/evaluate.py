@@ -1,0 +1,156 @@
+"""The evaluation runner: `evaluate_task(model, task_cfg, train_length)` is what `ltm eval task=...` runs.
+
+Every sample is read segment by segment, `model(chunk, memory=state)`, so the state carried is the bounded
+`MemoryState` (memory banks plus at most one segment of keys/values) and only one segment of logits exists at a
+time: the memory used does not grow with the context length. Answers are decoded greedily, one token at a time
+from that state (as `InferenceEngine` does); mqar is scored teacher forced at its query positions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ltm_core.config import TaskConfig
+from ltm_core.memory import MemoryState
+from ltm_core.model import TitanModel
+from ltm_core.tasks.common import TaskSample
+
+DEFAULT_MULTIPLES = (1, 4, 16, 64)  # evaluation lengths, as multiples of the training length
+
+
+@torch.inference_mode()
+def prefill(model: TitanModel, tokens: torch.Tensor,
+            state: Optional[MemoryState] = None) -> tuple[torch.Tensor, MemoryState]:
+    """Read tokens [B, L] one segment at a time -> (logits of the last position [B, V], state after it)."""
+    seg = model.config.segment_length
+    logits = None
+    for start in range(0, tokens.shape[1], seg):
+        out = model(tokens[:, start:start + seg], memory=state)
+        logits, state = out.logits[:, -1], out.memory
+    return logits, state
+
+
+@torch.inference_mode()
+def greedy_decode(model: TitanModel, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """prompt [B, L] -> the next `max_new_tokens` greedy tokens [B, n], from the streamed state."""
+    logits, state = prefill(model, prompt)
+    tokens = []
+    for i in range(max_new_tokens):
+        token = logits.argmax(dim=-1)  # [B]
+        tokens.append(token)
+        if i + 1 < max_new_tokens:
+            out = model(token.unsqueeze(1), memory=state)
+            logits, state = out.logits[:, -1], out.memory
+    return torch.stack(tokens, dim=1)
+
+
+@torch.inference_mode()
+def teacher_forced_argmax(model: TitanModel, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """The model's argmax prediction of tokens[:, p] from tokens[:, :p], for each p in `positions` -> [B, P].
+    Streams the sequence segment by segment and keeps only the logits it needs."""
+    seg = model.config.segment_length
+    wanted = np.asarray(positions) - 1  # logits at p - 1 predict token p
+    predictions = torch.empty(tokens.shape[0], len(wanted), dtype=torch.long, device=tokens.device)
+    state = None
+    for start in range(0, int(wanted.max()) + 1, seg):
+        out = model(tokens[:, start:start + seg], memory=state)
+        state = out.memory
+        inside = np.nonzero((wanted >= start) & (wanted < start + seg))[0]
+        if len(inside):
+            predictions[:, inside] = out.logits[:, wanted[inside] - start].argmax(dim=-1)
+    return predictions
+
+
+def stack(samples: Sequence[TaskSample], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.stack([s.tokens for s in samples])).to(device)
+
+
+def decode_answers(model: TitanModel, samples: Sequence[TaskSample], max_new_tokens: int) -> list[str]:
+    """Greedy continuation text of each sample's prompt (tokens before its answer); samples whose prompts have
+    the same length are decoded as one batch."""
+    from ltm_core.tokenizer import ByteTokenizer
+
+    device = next(model.parameters()).device
+    texts = [""] * len(samples)
+    groups: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.answer_start, []).append(i)
+    for start, members in groups.items():
+        prompts = stack([samples[i] for i in members], device)[:, :start]
+        generated = greedy_decode(model, prompts, max_new_tokens)
+        for i, ids in zip(members, generated.tolist()):
+            texts[i] = ByteTokenizer().decode(ids)
+    return texts
+
+
+def default_lengths(train_length: int) -> list[int]:
+    return [m * train_length for m in DEFAULT_MULTIPLES]
+
+
+def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
+                  progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Evaluate `model` on the task grid of `cfg` (lengths x depth bins, or lengths x pairs, ...).
+
+    Returns {"task", "train_length", "segment_length", "seed", "filler", "lengths", "rows": [...]}, one row per
+    cell: {"length", "depth", "pairs", "placement", "samples", "exact_match", ...task metrics}. `progress` is
+    called with each row as it is finished.
+    """
+    from ltm_core.tasks import get_task
+
+    cfg.validate()
+    task = get_task(cfg.name)
+    device = next(model.parameters()).device
+    seg = model.config.segment_length
+    lengths = list(cfg.lengths) if cfg.lengths else default_lengths(train_length)
+    model.eval()
+    rows = []
+    for cell in task.cells(cfg, lengths, seg):
+        if cell.skip:
+            row = {**cell.row(), "samples": 0, "exact_match": None, "skipped": cell.skip}
+        else:
+            tick = time.perf_counter()
+            scores: dict[str, list[float]] = {}
+            for first in range(0, cfg.samples, cfg.batch_size):
+                index = range(first, min(first + cfg.batch_size, cfg.samples))
+                samples = [task.make(cell.rng(cfg.seed, i), cell, cfg, seg) for i in index]
+                for key, values in task.score(model, samples).items():
+                    scores.setdefault(key, []).extend(values)
+            row = {**cell.row(), "samples": cfg.samples, **{k: float(np.mean(v)) for k, v in scores.items()},
+                   "seconds": round(time.perf_counter() - tick, 2)}
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return {"task": cfg.name, "train_length": train_length, "segment_length": seg, "seed": cfg.seed,
+            "filler": task.filler(cfg), "lengths": lengths, "memory": bool(model.config.use_memory), "rows": rows}
+
+
+SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "facts", "names")  # how samples are made
+
+
+def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:
+    """The task config of `ltm eval --checkpoint CKPT [task=NAME] [task.key=value ...]`.
+
+    The task is `task=NAME`, else the task the checkpoint was trained on. When the checkpoint was trained on that
+    task, its sample settings (digits, facts, ...) are the starting point; `task.*` overrides come last.
+    """
+    from ltm_core.configuration import compose, to_dict
+    from ltm_core.errors import ConfigError
+    from ltm_core.tasks import is_task
+
+    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "task"]
+    names = [o.split("=", 1)[1] for o in given if o.split("=", 1)[0].lstrip("+~") == "task"]
+    trained_on = stored.get("data", {}).get("name")
+    name = names[-1] if names else (trained_on if is_task(trained_on) else None)
+    if name is None:
+        raise ConfigError("task", "name the task to evaluate: task=passkey | task=mqar | task=babi_facts")
+    args = [f"task={name}"]
+    stored_task = stored.get("task") or {}
+    if stored_task.get("name") == name:
+        args += [f"task.{k}={stored_task[k]}" for k in SAMPLE_KEYS if stored_task.get(k) is not None]
+    args += [o for o in given if o.split("=", 1)[0].lstrip("+~") != "task"]
+    model_args = [f"model.{k}={v}" for k, v in stored["model"].items() if v is not None]
+    return TaskConfig(**to_dict(compose(args + model_args).task))

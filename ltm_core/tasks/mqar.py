@@ -1,0 +1,94 @@
+"""mqar: multi-query associative recall (Zoology, Arora et al. 2023), spread over segments.
+
+    <BOS> "abK cdQ efZ ... "  noise (lower-case KJV, >= gap_segments full segments)  "\\n" "cdQ abK efZ ..."
+          key-value pairs                                                               queries
+
+A key is two lower-case letters, its value one upper-case letter, so noise (lower-cased) never looks like a
+value. The pairs end in the first segment(s); at least `gap_segments` whole segments of noise separate the
+segment holding the last pair from the queries, so a model can only answer from its memory. Every key is
+queried once, in random order; the scored positions are the values in the query part (teacher forced, as in
+Zoology). Metric: accuracy at those positions (chance 1/26).
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Sequence
+
+import numpy as np
+
+from ltm_core.config import TaskConfig
+from ltm_core.model import TitanModel
+from ltm_core.tasks.common import Cell, TaskSample, filler, with_bos
+
+KEYS = [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]  # 676 keys
+VALUES = string.ascii_uppercase
+PAIR = 4  # characters per pair: key (2), value, space
+
+
+def min_length(pairs: int, segment_length: int, gap_segments: int = 1) -> int:
+    """Shortest sample: the pairs, noise to the end of their segment plus `gap_segments` segments, the queries."""
+    pairs_end = 1 + PAIR * pairs  # BOS + pairs
+    queries_start = (-(-pairs_end // segment_length) + gap_segments) * segment_length
+    return queries_start + 1 + PAIR * pairs
+
+
+def make_mqar(rng: np.random.Generator, length: int, pairs: int, segment_length: int, gap_segments: int = 1,
+              split: str = "train") -> TaskSample:
+    """A sample of exactly `length` tokens with `pairs` key-value pairs, every key queried once."""
+    if not 1 <= pairs <= len(KEYS):
+        raise ValueError(f"pairs must be in [1, {len(KEYS)}], got {pairs}")
+    need = min_length(pairs, segment_length, gap_segments)
+    if length < need:
+        raise ValueError(f"an mqar sample with {pairs} pairs and segment length {segment_length} needs at least "
+                         f"{need} tokens, got {length}")
+    keys = [KEYS[i] for i in rng.choice(len(KEYS), size=pairs, replace=False)]
+    values = [VALUES[i] for i in rng.integers(0, len(VALUES), size=pairs)]
+    order = rng.permutation(pairs)
+    context = "".join(f"{k}{v} " for k, v in zip(keys, values))
+    queries = "\n" + "".join(f"{keys[i]}{values[i]} " for i in order)
+    noise = filler(rng, "kjv", length - 1 - len(context) - len(queries), split, lowercase=True)
+    tokens = with_bos(context + noise + queries)
+    assert len(tokens) == length
+    queries_start = length - len(queries) + 1  # position of the first query key
+    targets = [(queries_start + PAIR * j + 2, queries_start + PAIR * j + 3) for j in range(pairs)]
+    info = {"pairs": pairs, "pairs_end": 1 + len(context), "queries_start": queries_start}
+    return TaskSample(tokens, targets, "", info)
+
+
+class MqarTask:
+    """The mqar task for training (`data=mqar`) and evaluation (`ltm eval task=mqar`)."""
+
+    name = "mqar"
+
+    def filler(self, cfg: TaskConfig) -> str:
+        return "kjv (lower-cased)"
+
+    def min_length(self, cfg: TaskConfig, segment_length: int) -> int:
+        return min_length(cfg.train_pairs, segment_length, cfg.gap_segments)
+
+    def train_sample(self, rng: np.random.Generator, length: int, cfg: TaskConfig, segment_length: int,
+                     split: str = "train") -> TaskSample:
+        pairs = int(rng.integers(1, cfg.train_pairs + 1))
+        return make_mqar(rng, length, pairs, segment_length, cfg.gap_segments, split)
+
+    def cells(self, cfg: TaskConfig, lengths: Sequence[int], segment_length: int) -> list[Cell]:
+        cells = []
+        for length in lengths:
+            for pairs in cfg.pairs:
+                need = min_length(pairs, segment_length, cfg.gap_segments)
+                cells.append(Cell(length, pairs, pairs=pairs,
+                                  skip=None if length >= need else f"{pairs} pairs need {need} tokens"))
+        return cells
+
+    def make(self, rng: np.random.Generator, cell: Cell, cfg: TaskConfig, segment_length: int) -> TaskSample:
+        return make_mqar(rng, cell.length, cell.pairs, segment_length, cfg.gap_segments, "eval")
+
+    def score(self, model: TitanModel, samples: Sequence[TaskSample]) -> dict[str, list[float]]:
+        from ltm_core.tasks.evaluate import stack, teacher_forced_argmax
+
+        tokens = stack(samples, next(model.parameters()).device)
+        positions = [start for start, _ in samples[0].targets]
+        predicted = teacher_forced_argmax(model, tokens, positions)  # [B, pairs]
+        right = (predicted == tokens[:, positions]).float()
+        return {"accuracy": right.mean(dim=1).tolist(), "exact_match": right.min(dim=1).values.tolist()}

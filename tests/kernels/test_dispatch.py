@@ -1,0 +1,73 @@
+"""Backend selection, and `import ltm_extensions` without triton."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ltm_extensions
+from ltm_extensions._backend import use_triton
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_backend_resolution_on_cpu():
+    x = torch.zeros(2)
+    assert use_triton("torch", x) is False
+    assert use_triton("auto", x) is False  # auto = Triton only on CUDA
+    with pytest.raises(ValueError, match="backend"):
+        use_triton("flash", x)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton("triton", x) is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        use_triton("triton", x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_uses_triton_on_cuda():
+    x = torch.zeros(2, device="cuda")
+    assert use_triton("auto", x) is True
+
+
+def test_import_and_torch_backend_without_triton():
+    code = f"""
+import importlib.util, sys
+sys.modules["triton"] = None  # `import triton` now raises ImportError
+sys.path.insert(0, {str(ROOT)!r})
+spec = importlib.util.spec_from_file_location("ltm_extensions", {str(ROOT / "extensions" / "__init__.py")!r},
+                                              submodule_search_locations=[{str(ROOT / "extensions")!r}])
+m = importlib.util.module_from_spec(spec); sys.modules["ltm_extensions"] = m; spec.loader.exec_module(m)
+import torch
+import ltm_extensions.bench
+assert not m.triton_importable()
+q = torch.randn(1, 2, 8, 16)
+o = m.flash_attention(q, q, q)  # auto -> reference
+assert o.shape == q.shape
+m.rms_norm(q, torch.ones(16), 1e-5); m.swiglu(q, q); m.memory_update(q, q, q); m.compress_gate(q, q[..., :1])
+try:
+    m.flash_attention(q, q, q, backend="triton")
+except RuntimeError as e:
+    assert "triton" in str(e)
+else:
+    raise SystemExit("forced triton without triton should fail")
+assert "triton" not in [n for n in sys.modules if sys.modules[n] is not None]
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("ok")
+
+
+def test_public_api():
+    for name in ("flash_attention", "rms_norm", "swiglu", "memory_update", "compress_gate"):
+        assert callable(getattr(ltm_extensions, name))

@@ -1,0 +1,168 @@
+"""Triton flash attention vs. the PyTorch reference vs. SDPA with the explicit `ltm_core` mask (values and grads)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltm_core.attention import attention, attention_mask
+from ltm_extensions import flash_attention
+from ltm_extensions import reference as ref
+
+CUDA = torch.cuda.is_available()
+BF16_SKIP = "bf16 needs CUDA: the Triton interpreter's bf16 tl.dot is wrong (numpy has no bf16)"
+
+
+def _inputs(B, H, lq, lk, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+               for n in (lq, lk, lk))
+    do = torch.randn(B, H, lq, d, generator=g).to(device=device, dtype=dtype)
+    return q, k, v, do
+
+
+def _run(fn, q, k, v, do):
+    o = fn(q, k, v)
+    grads = torch.autograd.grad(o, (q, k, v), do.to(o.dtype))
+    return [o.float(), *(t.float() for t in grads)]
+
+
+def _sdpa_truth(q, k, v, do, causal, prefix_len, window, scale=None):
+    """fp32 (fp64 on CPU) ground truth: SDPA with the boolean mask from ltm_core."""
+    mask = attention_mask(q.shape[-2], k.shape[-2], causal=causal, prefix_len=prefix_len, window=window,
+                          device=q.device)
+    hi = torch.float64 if q.device.type == "cpu" else torch.float32
+    q2, k2, v2 = (t.detach().to(hi).requires_grad_() for t in (q, k, v))
+    return _run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask, scale=scale), q2, k2, v2,
+                do.to(hi))
+
+
+def _assert_close(got, want, tol, what):
+    names = ("out", "dq", "dk", "dv")
+    for name, a, b in zip(names, got, want):
+        b = b.to(a.dtype)
+        err = (a - b).abs().max().item()
+        bound = tol * (1.0 + b.abs().max().item())
+        assert err <= bound, f"{what}: {name} max err {err:.3g} > {bound:.3g}"
+
+
+# (B, H, Lq, Lk, d, causal, prefix_len, window)
+CASES = [
+    (1, 2, 37, 37, 32, True, 0, None),  # plain causal, not a multiple of the block
+    (2, 2, 70, 100, 64, True, 0, None),  # KV cache: Lq < Lk
+    (2, 2, 1, 77, 64, True, 5, None),  # one decode step with a memory prefix
+    (2, 2, 45, 61, 64, True, 16, None),  # memory-as-context prefix
+    (1, 2, 50, 120, 64, True, 40, 17),  # prefix + sliding window, Lq < Lk
+    (1, 2, 33, 33, 32, True, 0, 1),  # window of one: the diagonal only
+    (1, 2, 50, 90, 64, False, 5, None),  # non-causal with prefix
+    (1, 2, 90, 40, 32, False, 0, None),  # non-causal, Lq > Lk (memory read)
+    (1, 1, 16, 23, 64, False, 0, None),  # memory write: slots attend to a segment
+    (1, 2, 50, 90, 64, False, 5, 9),  # non-causal window
+    (1, 2, 65, 68, 96, True, 3, None),  # head dim 96: padded to 128
+    (1, 2, 100, 140, 128, True, 7, 30),  # head dim 128, prefix + window
+    (1, 2, 150, 150, 128, True, 0, None),
+    (1, 2, 130, 130, 64, True, 0, 40),  # several skipped blocks left of the window
+]
+
+
+def _case_id(c):
+    B, H, lq, lk, d, causal, p, w = c
+    return f"B{B}H{H}-q{lq}-k{lk}-d{d}-{'causal' if causal else 'full'}-p{p}-w{w}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_flash_attention_fp32(case, device):
+    B, H, lq, lk, d, causal, prefix_len, window = case
+    q, k, v, do = _inputs(B, H, lq, lk, d, torch.float32, device)
+    kw = dict(causal=causal, prefix_len=prefix_len, window=window)
+    tri = _run(lambda a, b, c: flash_attention(a, b, c, backend="triton", **kw), q, k, v, do)
+    refr = _run(lambda a, b, c: flash_attention(a, b, c, backend="torch", **kw), q, k, v, do)
+    truth = _sdpa_truth(q, k, v, do, causal, prefix_len, window)
+    tol = 1e-4 if (device == "cpu" or torch.get_float32_matmul_precision() == "highest") else 2e-2
+    _assert_close(tri, truth, tol, "triton vs sdpa")
+    _assert_close(refr, truth, 1e-4, "reference vs sdpa")
+    _assert_close(tri, refr, tol, "triton vs reference")
+
+
+FP16_CASES = [
+    (1, 2, 64, 96, 64, True, 0, None),
+    (2, 2, 45, 61, 32, True, 16, None),
+    (1, 2, 50, 120, 128, True, 40, 17),
+    (1, 2, 90, 40, 64, False, 0, None),
+    (1, 2, 70, 75, 96, True, 5, 20),
+]
+
+
+@pytest.mark.parametrize("case", FP16_CASES, ids=_case_id)
+def test_flash_attention_fp16(case, device):
+    B, H, lq, lk, d, causal, prefix_len, window = case
+    q, k, v, do = _inputs(B, H, lq, lk, d, torch.float16, device, seed=1)
+    kw = dict(causal=causal, prefix_len=prefix_len, window=window)
+    tri = _run(lambda a, b, c: flash_attention(a, b, c, backend="triton", **kw), q, k, v, do)
+    refr = _run(lambda a, b, c: flash_attention(a, b, c, backend="torch", **kw), q, k, v, do)
+    truth = _sdpa_truth(q, k, v, do, causal, prefix_len, window)
+    _assert_close(tri, truth, 1e-2, "triton fp16 vs sdpa")
+    _assert_close(refr, truth, 1e-2, "reference fp16 vs sdpa")
+
+
+@pytest.mark.skipif(not CUDA, reason=BF16_SKIP)
+@pytest.mark.parametrize("case", FP16_CASES, ids=_case_id)
+def test_flash_attention_bf16(case, device):
+    B, H, lq, lk, d, causal, prefix_len, window = case
+    q, k, v, do = _inputs(B, H, lq, lk, d, torch.bfloat16, device, seed=2)
+    kw = dict(causal=causal, prefix_len=prefix_len, window=window)
+    tri = _run(lambda a, b, c: flash_attention(a, b, c, backend="triton", **kw), q, k, v, do)
+    truth = _sdpa_truth(q, k, v, do, causal, prefix_len, window)
+    _assert_close(tri, truth, 5e-2, "triton bf16 vs sdpa")
+
+
+def test_flash_attention_strided_inputs_and_scale(device):
+    """Non-contiguous q/k/v (the model's [B, L, H, d] -> [B, H, L, d] transpose) and an explicit scale."""
+    B, L, H, d, prefix_len = 2, 53, 2, 64, 7
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, L - prefix_len, H, d, generator=g).to(device).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, L, H, d, generator=g).to(device).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, L, H, d, generator=g).to(device).transpose(1, 2).requires_grad_()
+    do = torch.randn(B, H, L - prefix_len, d, generator=g).to(device).transpose(2, 3).contiguous().transpose(2, 3)
+    assert not q.is_contiguous() and not do.is_contiguous()
+    scale = 0.3
+    tri = _run(lambda a, b, c: flash_attention(a, b, c, prefix_len=prefix_len, scale=scale, backend="triton"),
+               q, k, v, do)
+    truth = _sdpa_truth(q, k, v, do, True, prefix_len, None, scale=scale)
+    tol = 1e-4 if (device == "cpu" or torch.get_float32_matmul_precision() == "highest") else 2e-2
+    _assert_close(tri, truth, tol, "strided")
+
+
+def test_ltm_core_dispatch_uses_kernel(device):
+    """`ltm_core.attention.attention(backend="triton")` routes to the kernel and matches its torch path."""
+    q, k, v, do = _inputs(1, 2, 40, 56, 32, torch.float32, device, seed=4)
+    kw = dict(causal=True, prefix_len=8, window=25)
+    tri = _run(lambda a, b, c: attention(a, b, c, backend="triton", **kw), q, k, v, do)
+    base = _run(lambda a, b, c: attention(a, b, c, backend="torch", **kw), q, k, v, do)
+    _assert_close(tri, base, 1e-4, "ltm_core dispatch")
+
+
+def test_reference_mask_matches_ltm_core():
+    for lq, lk, causal, p, w in [(5, 9, True, 2, None), (7, 7, True, 0, 3), (9, 4, False, 1, 2), (1, 6, True, 3, 1)]:
+        a = ref.attention_mask(lq, lk, causal=causal, prefix_len=p, window=w)
+        b = attention_mask(lq, lk, causal=causal, prefix_len=p, window=w)
+        assert torch.equal(a, b)
+
+
+def test_flash_attention_argument_errors():
+    q = torch.randn(1, 1, 10, 32)
+    k = torch.randn(1, 1, 12, 32)
+    with pytest.raises(ValueError, match="segment keys"):
+        flash_attention(q, k, k, causal=True, prefix_len=4, backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        flash_attention(q, k, k, backend="cuda")
+    with pytest.raises(ValueError, match="window"):
+        flash_attention(q, k, k, window=0, backend="torch")
+
+
+def test_default_scale_is_inverse_sqrt_d(device):
+    q, k, v, _ = _inputs(1, 1, 20, 20, 32, torch.float32, device, seed=5)
+    a = flash_attention(q, k, v, backend="triton")
+    b = flash_attention(q, k, v, scale=1 / math.sqrt(32), backend="triton")
+    assert torch.equal(a, b)

@@ -1,0 +1,84 @@
+"""The task config group, data=<task> composition, the task data module, and eval's task config."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ltm_core.config import DataConfig, TaskConfig
+from ltm_core.configuration import compose
+from ltm_core.errors import ConfigError
+from ltm_core.tasks.datamodule import TaskDataModule, TaskSamples, ValidationSamples, task_config
+from ltm_core.tasks.evaluate import default_lengths, eval_task_config
+
+
+@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
+def test_data_task_selects_the_task(name):
+    cfg = compose([f"data={name}"])
+    assert cfg.data.name == name and cfg.task.name == name
+    assert task_config(cfg) == TaskConfig(**{**dict(cfg.task)})
+    assert compose([]).task.name is None and task_config(compose([])) is None
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data=passkey", "task=mqar"], "task"),
+    (["data=mqar", "data.seq_len=256"], "data.seq_len"),
+    (["data=passkey", "data.seq_len=64", "model.segment_length=32"], "data.seq_len"),
+    (["task=passkey", "task.filler=news"], "task.filler"),
+    (["task=passkey", "task.digits=0"], "task.digits"),
+    (["task=mqar", "task.pairs=[]"], "task.pairs"),
+    (["task=passkey", "task.lengths=[0]"], "task.lengths"),
+    (["task=babi_facts", "task.names=7"], "task.names"),
+    (["task=nope"], "task"),
+])
+def test_task_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
+@pytest.mark.parametrize("baseline", ["", "_baseline"])
+def test_experiments_compose(name, baseline):
+    cfg = compose([f"experiment={name}{baseline}"])
+    assert cfg.data.name == name and cfg.task.name == name
+    assert cfg.model.use_memory is (baseline == "")
+
+
+def test_task_samples_resume_exactly_and_split_over_ranks():
+    cfg = TaskConfig(name="passkey")
+    full = list(itertools.islice(TaskSamples(cfg, 128, 32, seed=5), 6))
+    resumed = list(itertools.islice(TaskSamples(cfg, 128, 32, seed=5, start=4), 2))
+    for (x, y), (x2, y2) in zip(full[4:], resumed):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    ranks = [list(itertools.islice(TaskSamples(cfg, 128, 32, seed=5, rank=r, world=2), 3)) for r in (0, 1)]
+    interleaved = [ranks[i % 2][i // 2] for i in range(6)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, interleaved))
+    x, y = full[0]
+    assert x.shape == y.shape == (128,) and (y != -100).sum() == cfg.digits
+    val = ValidationSamples(TaskSamples(cfg, 128, 32, seed=5), 3)
+    assert len(val) == 3 and torch.equal(val[1][0], val[1][0]) and not torch.equal(val[0][0], full[0][0])
+
+
+def test_task_datamodule_batches():
+    module = TaskDataModule(DataConfig(name="mqar", seq_len=512, batch_size=4, val_samples=6),
+                            TaskConfig(name="mqar", train_pairs=8), segment_length=64)
+    x, y = next(iter(module.train_dataloader()))
+    assert x.shape == (4, 512) and y.shape == (4, 512)
+    assert sum(len(b[0]) for b in module.val_dataloader()) == 6
+
+
+def test_eval_task_config_defaults_to_the_trained_task():
+    stored = compose(["data=babi_facts", "task.facts=3", "data.seq_len=256"])
+    stored = {k: dict(v) if hasattr(v, "items") else v for k, v in stored.items()}
+    cfg = eval_task_config(stored, [])
+    assert cfg.name == "babi_facts" and cfg.facts == 3  # the checkpoint's sample settings
+    assert eval_task_config(stored, ["task.facts=5", "task.samples=7"]).facts == 5
+    other = eval_task_config(stored, ["task=passkey", "task.lengths=[100,200]"])
+    assert other.name == "passkey" and other.lengths == [100, 200]
+    kjv = {**stored, "data": {**stored["data"], "name": "kjv"}, "task": {"name": None}}
+    with pytest.raises(ConfigError, match="task=passkey"):
+        eval_task_config(kjv, [])
+    assert default_lengths(256) == [256, 1024, 4096, 16384]

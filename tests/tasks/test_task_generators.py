@@ -1,0 +1,136 @@
+"""Task generators: deterministic given a seed, exact lengths, and things placed where the sample says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ltm_core.config import TaskConfig
+from ltm_core.tasks import get_task
+from ltm_core.tasks.babi_facts import NAMES, ROOMS, make_babi_facts
+from ltm_core.tasks.common import RULER_FILLER, insert, sample_rng
+from ltm_core.tasks.mqar import PAIR, make_mqar
+from ltm_core.tasks.passkey import NEEDLE_PREFIX, NEEDLE_SUFFIX, QUESTION, make_passkey
+from ltm_core.tokenizer import BOS, ByteTokenizer
+
+text = ByteTokenizer().decode
+
+
+def rng(i: int = 0) -> np.random.Generator:
+    return sample_rng(7, 0, i)
+
+
+@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
+def test_samples_are_a_pure_function_of_seed_and_index(name):
+    task, cfg = get_task(name), TaskConfig(name=name, train_pairs=8)
+    a = task.train_sample(sample_rng(3, 0, 11), 513, cfg, 64)
+    b = task.train_sample(sample_rng(3, 0, 11), 513, cfg, 64)
+    c = task.train_sample(sample_rng(3, 0, 12), 513, cfg, 64)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.targets == b.targets and a.answer == b.answer
+    assert not np.array_equal(a.tokens, c.tokens)
+    assert len(a.tokens) == 513 and a.tokens[0] == BOS and a.tokens.dtype == np.int64
+
+
+@pytest.mark.parametrize("filler", ["ruler", "kjv"])
+@pytest.mark.parametrize("length", [120, 1000, 5000])
+def test_passkey_needle_at_its_depth(filler, length):
+    for i, depth in enumerate([(0.0, 0.0), (0.3, 0.4), (1.0, 1.0)]):
+        s = make_passkey(rng(i), length, digits=5, filler_name=filler, depth=depth)
+        assert len(s.tokens) == length
+        key = s.answer
+        assert len(key) == 5 and key.isdigit()
+        info = s.info
+        assert text(s.tokens[info["needle_start"]:info["needle_end"]]) == f"{NEEDLE_PREFIX}{key}{NEEDLE_SUFFIX}"
+        assert text(s.tokens[info["key_start"]:info["key_end"]]) == key
+        assert depth[0] - 1e-9 <= info["depth"] <= depth[1] + 1e-9
+        assert text(s.tokens[s.answer_start:]) == key and s.targets == [(length - 5, length)]
+        assert text(s.tokens[:s.answer_start]).endswith(QUESTION)
+        assert text(s.tokens).count("pass key is") == 2  # the needle and the question, nothing else
+    first = make_passkey(rng(), length, filler_name=filler, depth=(0.0, 0.0))
+    assert first.info["needle_start"] == 1  # right after BOS
+    last = make_passkey(rng(), length, filler_name=filler, depth=(1.0, 1.0))
+    assert last.info["needle_end"] == length - 5 - len(QUESTION)  # right before the question
+    if filler == "ruler" and length > 200:
+        assert text(last.tokens[1:40]) == RULER_FILLER[:39]
+
+
+def test_passkey_exact_needle_position_and_evaluation_placements():
+    s = make_passkey(rng(), 300, needle_start=100)
+    assert s.info["needle_start"] == 100 and text(s.tokens[100:100 + len(NEEDLE_PREFIX)]) == NEEDLE_PREFIX
+    with pytest.raises(ValueError, match="needle_start"):
+        make_passkey(rng(), 300, needle_start=300)
+    with pytest.raises(ValueError, match="at least"):
+        make_passkey(rng(), 60)
+    task, cfg, seg = get_task("passkey"), TaskConfig(name="passkey", depth_bins=10), 64
+    cells = task.cells(cfg, [256, 4096], seg)
+    assert len(cells) == 2 * 12 and len({(c.length, c.code) for c in cells}) == len(cells)
+    for cell in cells:
+        for i in range(5):
+            s = task.make(cell.rng(0, i), cell, cfg, seg)
+            key_first, key_last = s.info["key_start"], s.info["key_end"] - 1
+            if cell.placement == "first_segment":
+                assert s.info["needle_start"] == 1 and s.info["needle_end"] <= seg  # the needle is in segment 0
+            elif cell.placement == "straddle":
+                assert key_first // seg < key_last // seg  # a segment boundary splits the digits
+                assert abs(key_first - cell.length / 2) <= seg
+            else:
+                lo, hi = cell.depth
+                assert lo - 1e-9 <= s.info["depth"] <= hi + 1e-9
+            np.testing.assert_array_equal(s.tokens, task.make(cell.rng(0, i), cell, cfg, seg).tokens)
+
+
+def test_kjv_filler_of_evaluation_comes_from_held_out_books():
+    train = make_passkey(rng(), 2000, filler_name="kjv", split="train", depth=(0, 0))
+    held_out = make_passkey(rng(), 2000, filler_name="kjv", split="eval", depth=(0, 0))
+    from ltm_core.tasks.common import _kjv
+
+    tail = text(held_out.tokens[-200:-100])
+    assert tail in _kjv("eval")[0] and tail not in _kjv("train")[0]
+    assert text(train.tokens[-200:-100]) in _kjv("train")[0]
+
+
+@pytest.mark.parametrize("pairs", [1, 8, 32])
+def test_mqar_layout(pairs):
+    seg = 64
+    s = make_mqar(rng(pairs), 1024, pairs, seg, gap_segments=1)
+    assert len(s.tokens) == 1024 and len(s.targets) == pairs
+    body = text(s.tokens[1:s.info["pairs_end"]])
+    context = dict((p[:2], p[2]) for p in body.split())
+    assert len(context) == pairs and all(k.islower() and v.isupper() for k, v in context.items())
+    queries = text(s.tokens[s.info["queries_start"]:]).split()
+    assert sorted(q[:2] for q in queries) == sorted(context)
+    for (start, end), query in zip(s.targets, queries):
+        assert end == start + 1
+        assert text(s.tokens[start - 2:start]) == query[:2]  # the key just before the scored value
+        assert text(s.tokens[start:end]) == context[query[:2]]
+    noise = text(s.tokens[s.info["pairs_end"]:s.info["queries_start"]])
+    assert not any(c.isupper() for c in noise)  # values are the only upper-case letters
+    # at least one whole segment between the segment of the last pair and the first query
+    assert (s.info["queries_start"] // seg) - ((s.info["pairs_end"] - 1) // seg) >= 2
+    assert s.info["queries_start"] - PAIR * 0 > 0
+    with pytest.raises(ValueError, match="needs at least"):
+        make_mqar(rng(), 200, 32, seg)
+
+
+def test_babi_facts_answer_is_the_last_fact_about_the_person():
+    for i in range(20):
+        s = make_babi_facts(rng(i), 1500, facts=6, names=4)
+        assert len(s.tokens) == 1500 and s.answer in ROOMS
+        facts = [text(s.tokens[p:p + 40]).split("\n")[1] for p in s.info["fact_starts"]]
+        assert len(facts) == 6 and all(f.split()[0] in NAMES[:4] for f in facts)
+        name = s.info["name"]
+        last = [f for f in facts if f.startswith(name + " ")][-1]
+        assert last.endswith(f"the {s.answer}.")
+        assert text(s.tokens[s.info["supporting_fact"]:s.info["supporting_fact"] + 40]).split("\n")[1] == last
+        assert text(s.tokens[:s.answer_start]).endswith(f"Where is {name}? {name} is in the ")
+
+
+def test_insert_and_training_labels():
+    assert insert("abcdef", [(0, "X"), (3, "Y"), (3, "Z"), (6, "W")]) == ("XabcYZdefW", [0, 4, 5, 9])
+    s = make_passkey(rng(), 200)
+    x, y = s.training_pair()
+    assert x.shape == y.shape == (199,)
+    assert (y != -100).sum() == 5 and text(y[y != -100].tolist()) == s.answer
+    _, y_all = s.training_pair(lm_loss=True)
+    assert (y_all != -100).all()

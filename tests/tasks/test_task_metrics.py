@@ -1,0 +1,97 @@
+"""Metric functions on hand-made cases, and the streaming runner against one full forward pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from support import tiny_model
+from ltm_core.config import TaskConfig
+from ltm_core.inference import InferenceConfig, InferenceEngine
+from ltm_core.tasks import get_task
+from ltm_core.tasks.common import Cell
+from ltm_core.tasks.evaluate import evaluate_task, greedy_decode, prefill, teacher_forced_argmax
+from ltm_core.tasks.metrics import digit_accuracy, exact_match, first_word, label_match, position_accuracy
+
+
+def test_exact_match_and_digit_accuracy():
+    assert exact_match("48213", "48213") == 1.0
+    assert exact_match("48212", "48213") == 0.0
+    assert exact_match("4821", "48213") == 0.0
+    assert digit_accuracy("48213", "48213") == 1.0
+    assert digit_accuracy("48299", "48213") == pytest.approx(3 / 5)
+    assert digit_accuracy("4", "48213") == pytest.approx(1 / 5)  # missing digits count as wrong
+    assert digit_accuracy("84213", "48213") == pytest.approx(3 / 5)
+    assert digit_accuracy("", "12") == 0.0
+    with pytest.raises(ValueError):
+        digit_accuracy("1", "")
+
+
+def test_label_match_reads_the_first_word():
+    assert first_word("kitchen.\nMary") == "kitchen"
+    assert label_match("kitchen.\n", "kitchen") == 1.0
+    assert label_match("kitchens", "kitchen") == 0.0  # a longer word is another label
+    assert label_match("kitch", "kitchen") == 0.0
+    assert label_match(" kitchen", "kitchen") == 0.0  # the answer follows "is in the " directly
+    assert label_match("garden", "kitchen") == 0.0
+
+
+def test_position_accuracy():
+    predicted = torch.tensor([[1, 2, 3, 4], [1, 0, 0, 4]])
+    target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    torch.testing.assert_close(position_accuracy(predicted, target), torch.tensor([1.0, 0.5]))
+
+
+@pytest.mark.parametrize("use_memory", [True, False])
+def test_streaming_runner_matches_one_forward_pass(tiny_cfg, use_memory):
+    model = tiny_model(dataclasses.replace(tiny_cfg, use_memory=use_memory)).eval()
+    ids = torch.randint(0, 256, (3, 5 * tiny_cfg.segment_length + 7), generator=torch.Generator().manual_seed(0))
+    full = model(ids).logits
+    last, state = prefill(model, ids)
+    torch.testing.assert_close(last, full[:, -1], rtol=0, atol=1e-5)
+    assert state.offset == 7 and state.segments == 5  # a bounded state: one partial segment is pending
+    positions = [1, 15, 16, 17, 40, ids.shape[1] - 1]
+    expected = full[:, [p - 1 for p in positions]].argmax(-1)
+    torch.testing.assert_close(teacher_forced_argmax(model, ids, positions), expected)
+    engine = InferenceEngine(model, InferenceConfig(temperature=0, stop_at_eos=False))
+    reference = engine.generate(ids, 6)[:, ids.shape[1]:]
+    torch.testing.assert_close(greedy_decode(model, ids, 6), reference)
+
+
+@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
+def test_evaluate_task_rows_and_schema(tiny_cfg, name):
+    model = tiny_model(tiny_cfg)
+    cfg = TaskConfig(name=name, samples=3, batch_size=2, lengths=[256, 512], depth_bins=2, pairs=[2, 40])
+    results = evaluate_task(model, cfg, train_length=128)
+    assert results["task"] == name and results["train_length"] == 128 and results["lengths"] == [256, 512]
+    rows = results["rows"]
+    expected_cells = {"passkey": 2 * 4, "mqar": 2 * 2, "babi_facts": 2}[name]
+    assert len(rows) == expected_cells
+    for row in rows:
+        assert {"length", "depth", "pairs", "samples", "exact_match"} <= set(row)
+        if row.get("skipped"):
+            assert row["samples"] == 0 and row["exact_match"] is None
+        else:
+            assert row["samples"] == 3 and 0.0 <= row["exact_match"] <= 1.0
+    if name == "mqar":
+        assert [r.get("skipped") is not None for r in rows] == [False, True, False, False]  # 40 pairs need > 256
+    # an untrained model is at chance: passkey digits ~ 1/10, no exact matches
+    if name == "passkey":
+        assert all(r["exact_match"] == 0.0 for r in rows)
+
+
+def test_scores_with_a_perfect_answerer(monkeypatch):
+    """The scorers count a correct answer as right: feed them a 'model' that replays the sample's tokens."""
+    task, cfg = get_task("passkey"), TaskConfig(name="passkey")
+    cell = Cell(300, 0, depth=(0.2, 0.3), placement="depth")
+    samples = [task.make(cell.rng(0, i), cell, cfg, 64) for i in range(3)]
+    answers = [s.answer for s in samples]
+    import ltm_core.tasks.evaluate as runner
+
+    monkeypatch.setattr(runner, "decode_answers", lambda model, ss, n: [s.answer for s in ss])
+    scores = task.score(None, samples)
+    assert scores == {"exact_match": [1.0] * 3, "digit_accuracy": [1.0] * 3}
+    monkeypatch.setattr(runner, "decode_answers", lambda model, ss, n: [a[:-1] + "x" for a in answers])
+    assert task.score(None, samples)["digit_accuracy"] == [pytest.approx(0.8)] * 3

