@@ -20,8 +20,26 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB"
 
 
+def run_meta() -> dict[str, str]:
+    """What a reader needs to reproduce a measurement: command, machine, date and commit."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"command": "ltm " + " ".join(sys.argv[1:]), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}", "commit": commit}
+
+
 def _write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
     if path is not None:
+        payload = {**payload, "meta": run_meta()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2))
         console.print(f"wrote {path}")

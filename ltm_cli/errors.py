@@ -6,6 +6,7 @@ from functools import wraps
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ltm_core.errors import LtmError
 
@@ -14,7 +15,7 @@ settings = {"debug": False}  # set by `ltm --debug`
 
 
 def report(err: Exception) -> None:
-    err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
 
 
 def user_errors(fn):

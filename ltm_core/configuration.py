@@ -6,6 +6,7 @@ wrong type, unknown group option, invalid value) becomes a `ConfigError` naming 
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from importlib import resources
 from typing import Any, Iterable
@@ -81,8 +82,15 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train") -> DictCo
         raise config_error(exc) from None
     finally:
         GlobalHydra.instance().clear()
+    fill_derived(cfg)
     validate(cfg)
     return cfg
+
+
+def fill_derived(cfg: DictConfig) -> None:
+    """Values that default to a function of others: data.seq_len (null -> 4 segments of the model)."""
+    if cfg.data.seq_len is None and isinstance(cfg.model.segment_length, int):
+        cfg.data.seq_len = 4 * cfg.model.segment_length
 
 
 def validate_overrides(overrides: list[str], multirun: bool) -> int:
@@ -103,6 +111,7 @@ def validate(cfg: DictConfig) -> None:
     except OmegaConfBaseException as exc:
         raise config_error(exc) from None
     model = model_config(cfg)
+    fill_derived(cfg)
     data = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
     OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
     if data.name == "textfile" and not data.path:
@@ -122,6 +131,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps"):
         if cfg.trainer[key] <= 0:
             raise ConfigError(f"trainer.{key}", f"must be positive, got {cfg.trainer[key]}")
+    if cfg.trainer.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError("trainer.tensorboard", "needs TensorBoard: pip install 'ltm[tensorboard]'")
     if cfg.optim.lr <= 0:
         raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
     if cfg.resume not in (None, "auto") and not str(cfg.resume).endswith(".ckpt"):

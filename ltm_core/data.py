@@ -9,6 +9,7 @@ a second run starts instantly. Samples are random windows of `seq_len + 1` token
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Callable, Iterator, Optional
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ltm_core.config import DataConfig
 from ltm_core.errors import ConfigError, DataError
@@ -165,20 +166,24 @@ class RandomWindows(IterableDataset):
     """Endless random windows of a token array; sample i is a pure function of (seed, i).
 
     `start` is the first sample index (for exact resume); ranks of a distributed run take disjoint
-    samples i = start + rank, start + rank + world, ...
+    samples i = start + rank, start + rank + world, ... With DataLoader workers, each worker makes whole batches
+    of `batch_size` samples in turn, so the loader yields exactly the stream that one process would.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, start: int = 0, rank: int = 0, world: int = 1,
+                 batch_size: int = 1):
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
-        self.start, self.rank, self.world = start, rank, world
+        self.start, self.rank, self.world, self.batch_size = start, rank, world, batch_size
 
     def __iter__(self):
         high = len(self.tokens) - self.seq_len - 1
-        i = self.start + self.rank
-        while True:
-            offset = int(np.random.default_rng([self.seed, i]).integers(0, high + 1))
-            yield window(self.tokens, offset, self.seq_len)
-            i += self.world
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for batch in itertools.count(worker, workers):  # the batches this worker makes
+            for n in range(batch * self.batch_size, (batch + 1) * self.batch_size):  # n-th sample of this rank
+                i = self.start + self.rank + self.world * n
+                offset = int(np.random.default_rng([self.seed, i]).integers(0, high + 1))
+                yield window(self.tokens, offset, self.seq_len)
 
 
 class EvenWindows(Dataset):
@@ -217,7 +222,8 @@ class TextDataModule(L.LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         start = int(getattr(module, "samples_seen", 0))
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        data = RandomWindows(self.corpus.train, self.cfg.seq_len, self.cfg.seed, start * world, rank, world)
+        data = RandomWindows(self.corpus.train, self.cfg.seq_len, self.cfg.seed, start * world, rank, world,
+                             batch_size=self.cfg.batch_size)
         return DataLoader(data, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
 
     def val_dataloader(self) -> DataLoader:

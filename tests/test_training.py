@@ -86,6 +86,16 @@ def test_random_windows_are_a_function_of_seed_and_index():
     assert torch.equal(rank0[1], a[2][1][0]) and torch.equal(rank1[0], a[1][1][0])  # disjoint interleaving
 
 
+def test_dataloader_workers_yield_the_single_process_stream():
+    from torch.utils.data import DataLoader
+
+    tokens = np.arange(5000, dtype=np.uint16)
+    batches = [DataLoader(RandomWindows(tokens, 16, 3, start=4, batch_size=3), batch_size=3, num_workers=w)
+               for w in (0, 2)]
+    for (x0, _), (x2, _), _ in zip(*batches, range(5)):
+        assert torch.equal(x0, x2)
+
+
 def test_textfile_txt_and_jsonl_with_cache(tmp_path, monkeypatch):
     folder = tmp_path / "corpus"
     folder.mkdir()

@@ -67,13 +67,14 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
     span = T * mc.bptt_segments
     W = math.ceil(S / span)
     precision = str(cfg.precision.lightning)
-    pbytes = PRECISIONS[precision][0].itemsize if precision != "32-true" else 4
+    pbytes = PRECISIONS[precision].itemsize
     abytes = pbytes  # activations travel in the compute dtype
+    gbytes = 2 if precision == "bf16-true" else 4  # gradients: fp32 unless the weights themselves are bf16
     out = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
     P = _numel(model)
     if not uses_native(cfg):  # Lightning DDP: one all-reduce of all gradients per window backward
         used_map = len(list(model.parameters())) * 4 if mc.use_memory else 0  # find_unused_parameters bitmap
-        out["dp"] = dp * W * (P * 4 + used_map) if dp > 1 else 0.0
+        out["dp"] = dp * W * (P * gbytes + used_map) if dp > 1 else 0.0
         return out
 
     cross = mc.use_memory and mc.memory_read == "cross"
@@ -113,14 +114,14 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
             if layers.stop == L:
                 local += _numel(model.norm) + (0 if mc.tie_word_embeddings else model.lm_head.weight.numel())
             gathers = W * local * pbytes  # once per window (kept through the window's backward)
-            scatters = (W if pp > 1 else 1) * local * 4  # fp32 gradients, once per step (per window with PP)
+            scatters = (W if pp > 1 else 1) * local * gbytes  # once per step (per window with PP)
             total += gathers + scatters
         out["dp"] = total * tp * dp  # every (dp, tp) coordinate holds each stage once
     # ---- pipeline
     if pp > 1:
         out["pp"] = dp * tp * 2 * (layout.num_stages - 1) * B * S * C * abytes
         if mc.tie_word_embeddings:
-            out["pp"] += 2 * dp * tp * model.embed_tokens.weight.numel() * 4 / (dp if fsdp else 1)
+            out["pp"] += 2 * dp * tp * model.embed_tokens.weight.numel() * gbytes / (dp if fsdp else 1)
     return out
 
 

@@ -24,11 +24,11 @@ from ltm_core.parallel.layout import Layout
 from ltm_core.parallel.pipeline import StageModel, build_schedule, pipeline_loss, split_layers, stage_ids
 from ltm_core.parallel.tensor_parallel import apply_tensor_parallel
 
-PRECISIONS = {  # Lightning precision string -> (parameter dtype for compute, kept fp32 master weights?)
-    "32-true": (torch.float32, True),
-    "bf16-mixed": (torch.bfloat16, True),
-    "16-mixed": (torch.float16, True),
-    "bf16-true": (torch.bfloat16, False),
+PRECISIONS = {  # Lightning precision string -> compute dtype (mixed: fp32 weights, FSDP2 MixedPrecisionPolicy)
+    "32-true": torch.float32,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "bf16-true": torch.bfloat16,  # the weights themselves in bf16
 }
 
 
@@ -116,7 +116,7 @@ def apply_fsdp(part: nn.Module, dp_mesh: DeviceMesh, precision: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
 
-    dtype, _ = PRECISIONS[precision]
+    dtype = PRECISIONS[precision]
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if precision.endswith("mixed") \
         else MixedPrecisionPolicy()
     n = dp_mesh.size()
@@ -175,7 +175,7 @@ def _build_pipeline(pm: ParallelModel, model_cfg: TitanConfig, batch_size: int) 
     from torch.distributed.pipelining import PipelineStage
 
     layout, device = pm.layout, pm.device
-    dtype = PRECISIONS[pm.precision][0]
+    dtype = PRECISIONS[pm.precision]
     mb = batch_size // layout.microbatches
     span = model_cfg.segment_length * model_cfg.bptt_segments
     # activations carry gradients (static metadata: no shape inference run through the stateful stages)

@@ -123,3 +123,16 @@ def consolidate(path: Path, target: Path, config: dict[str, Any], extra: Optiona
     torch.save(ckpt, tmp)
     os.replace(tmp, target)
     return target
+
+
+def consolidate_run(output_dir: str | Path, target: Optional[str | Path] = None) -> Path:
+    """Offline: write OUTPUT_DIR/checkpoints/last.ckpt (or `target`) from the run's newest DCP checkpoint and its
+    config.yaml, in one process without a process group (e.g. after a crash between save and consolidation)."""
+    from omegaconf import OmegaConf
+
+    out = Path(output_dir)
+    path = latest_dcp(out)
+    if path is None:
+        raise CheckpointError(f"checkpoint error: {out} holds no distributed checkpoint (checkpoints/dcp/latest)")
+    config = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"), resolve=True)
+    return consolidate(path, Path(target) if target else out / "checkpoints" / "last.ckpt", config)

@@ -31,10 +31,11 @@ class DistEnv:
 def launcher_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the environment; (0, 1, 0) when nothing launched us."""
     env = os.environ
-    for rank_key, world_key, local_key in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-                                           ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-                                           ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-                                           ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")):
+    launchers = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun / torch elastic
+                 ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun
+                 ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+                 ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"))  # MPICH / Intel MPI
+    for rank_key, world_key, local_key in launchers:
         if rank_key in env and world_key in env:
             return int(env[rank_key]), int(env[world_key]), int(env.get(local_key, 0))
     return 0, 1, 0

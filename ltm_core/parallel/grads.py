@@ -39,10 +39,12 @@ def grad_norm(pm: ParallelModel) -> torch.Tensor:
             continue
         g = p.grad
         if isinstance(g, DTensor):
-            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard() or type(pl).__name__ == "_StridedShard")
-            names = g.device_mesh.mesh_dim_names or tuple(f"dim{i}/{g.device_mesh.ndim}" for i in range(g.device_mesh.ndim))
+            mesh = g.device_mesh
+            dims = tuple(i for i, pl in enumerate(g.placements)
+                         if pl.is_shard() or type(pl).__name__ == "_StridedShard")
+            names = mesh.mesh_dim_names or tuple(f"dim{i}/{mesh.ndim}" for i in range(mesh.ndim))
             key = tuple(names[i] for i in dims)  # the same on every rank: all-reduces are issued in one order
-            groups[key] = [g.device_mesh.get_group(i) for i in dims]
+            groups[key] = [mesh.get_group(i) for i in dims]
             g = g.to_local()
         else:
             key = ()
@@ -80,8 +82,10 @@ class LossScaler:
     overflow check uses the global gradient norm)."""
 
     def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
-        self.enabled, self.scale, self.growth_interval, self._good = enabled, init_scale if enabled else 1.0, \
-            growth_interval, 0
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self._good = 0
 
     def unscale(self, pm: ParallelModel, norm: torch.Tensor) -> tuple[bool, torch.Tensor]:
         """Returns (step?, unscaled norm); on overflow halves the scale and the step must be skipped."""

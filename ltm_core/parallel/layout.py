@@ -133,8 +133,8 @@ def validate_parallel(cfg: Any, model: Any, data: Any) -> None:
             raise ConfigError("parallel.tp", f"tp × pp = {tp} × {pp} does not divide the world size {world} "
                               f"(parallel.devices={devices} × parallel.num_nodes={nodes})")
         if dp > 0 and dp * tp * pp != world:
-            raise ConfigError("parallel.dp", f"dp × tp × pp = {dp} × {tp} × {pp} = {dp * tp * pp} must equal the world "
-                              f"size {world} (parallel.devices={devices} × parallel.num_nodes={nodes}); "
+            raise ConfigError("parallel.dp", f"dp × tp × pp = {dp} × {tp} × {pp} = {dp * tp * pp} must equal the "
+                              f"world size {world} (parallel.devices={devices} × parallel.num_nodes={nodes}); "
                               "set parallel.dp=-1 to use the rest")
     elif dp > 0 and (dp * tp * pp) % nodes:
         raise ConfigError("parallel.num_nodes", f"dp × tp × pp = {dp * tp * pp} processes do not split evenly over "

@@ -19,6 +19,7 @@ import csv
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -204,7 +205,9 @@ def fit_parallel(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
 def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv) -> Path:
     layout = resolve_layout(cfg, env.world)
     rank0 = env.rank == 0
-    out = Path(cfg.output_dir)
+    shared = [str(cfg.output_dir)]  # every rank writes its shards where rank 0 prepared the run folder
+    dist.broadcast_object_list(shared, src=0)
+    out = Path(shared[0])
     ckpt_dir = out / "checkpoints"
     model_cfg = model_config(cfg)
     data_cfg = DataConfig(**to_dict(cfg.data))
@@ -232,21 +235,30 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv) -> Path:
 
     dist.barrier()  # rank 0 has prepared the output folder
     step, samples_seen, best = 0, 0, math.inf
-    resumed_from = None
-    if cfg.resume == "auto" and pckpt.latest_dcp(out) is not None:
-        resumed_from = pckpt.latest_dcp(out)
+    source = [None, None]  # rank 0 decides what to resume from, so that every rank does the same
+    if rank0:
+        if cfg.resume == "auto" and pckpt.latest_dcp(out) is not None:
+            source = ["dcp", str(pckpt.latest_dcp(out))]
+        elif cfg.resume == "auto" and (ckpt_dir / "last.ckpt").is_file():
+            source = ["weights", str(ckpt_dir / "last.ckpt")]
+        elif cfg.resume not in (None, "auto"):
+            source = ["weights", str(cfg.resume)]
+    dist.broadcast_object_list(source, src=0)
+    resumed_from = Path(source[1]) if source[1] else None
+    if source[0] == "dcp":  # exact: weights, optimizer, schedule, data position
         state = pckpt.load(resumed_from, pm.parts, optimizers)
         step, samples_seen, best = int(state["step"]), int(state["samples_seen"]), float(state.get("best", math.inf))
         for s, sd in zip(schedulers, state["schedulers"]):
             s.load_state_dict(sd)
         scaler.load_state_dict(state.get("scaler", {}))
-    elif cfg.resume is not None and (cfg.resume != "auto" or (ckpt_dir / "last.ckpt").is_file()):
-        resumed_from = Path(ckpt_dir / "last.ckpt" if cfg.resume == "auto" else cfg.resume)
+    elif source[0] == "weights":  # a single-device checkpoint: its weights, a fresh optimizer
         state = _warm_start(pm, resumed_from)
         step, samples_seen = state["step"], state["samples_seen"]
-        for s in schedulers:
-            for _ in range(step):
-                s.step()
+        with warnings.catch_warnings():  # fast-forward the LR schedule (no optimizer step has run yet)
+            warnings.simplefilter("ignore")
+            for s in schedulers:
+                for _ in range(step):
+                    s.step()
 
     if rank0:
         n_params = sum(p.numel() for p in _single_model_params(model_cfg))

@@ -1,0 +1,70 @@
+"""Process-group runners for the parallel tests (importable by forkserver children)."""
+
+from __future__ import annotations
+
+import csv
+import gc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+# Tiny model and data: every preset under test can split it (4 heads -> tp2, 2 layers -> pp2).
+BASE = ["data=textfile", "data.seq_len=128", "data.batch_size=4", "data.val_samples=8",
+        "model.hidden_size=32", "model.num_attention_heads=4", "model.num_hidden_layers=2", "model.memory_slots=8",
+        "model.memory_dim=16", "model.segment_length=32", "model.bptt_segments=2", "model.kernels=torch",
+        "trainer=debug", "trainer.accelerator=cpu", "trainer.progress=false", "optim.schedule_steps=5",
+        "optim.warmup_steps=2", "overwrite=true"]
+
+
+def read_losses(out: Path) -> list[float]:
+    rows = list(csv.DictReader(open(out / "metrics.csv", newline="")))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def read_weights(out: Path) -> dict:
+    import torch
+
+    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_jobs(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
+    """One rank: join a gloo group, then run each resolved config through `fit_parallel` in turn."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from ltm_core.parallel.trainer import fit_parallel
+        from ltm_core.train import prepare_output_dir
+
+        for job in jobs:
+            cfg = OmegaConf.create(job)
+            if rank == 0:
+                prepare_output_dir(cfg)
+            dist.barrier()
+            fit_parallel(cfg)
+    finally:
+        gc.collect()  # gloo teardown is flaky with live tensors and without a barrier
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def spawn_jobs(world: int, jobs: list[dict[str, Any]]) -> None:
+    """Run `jobs` on `world` processes forked from a forkserver that has imported the training stack once."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(["torch", "lightning", "ltm_core.parallel.trainer", __name__])
+    mp.start_processes(run_jobs, args=(world, free_port(), jobs), nprocs=world, start_method="forkserver")

@@ -1,0 +1,64 @@
+"""Config composition and validation: every bad value is one line naming its key."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from ltm_core.configuration import compose, model_config
+from ltm_core.errors import ConfigError
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["model.hiden_size=64"], "model.hiden_size", "unknown key"),
+    (["foo=1"], "foo", "unknown key"),
+    (["model.hidden_size=abc"], "model.hidden_size", "Integer"),
+    (["trainer.max_steps=1.5"], "trainer.max_steps", "Integer"),
+    (["model.use_memory=maybe"], "model.use_memory", "valid bool"),
+    (["model=huge"], "model", "choose one of base, large, small, tiny"),
+    (["precision=fp8"], "precision", "bf16-mixed"),
+    (["model.hidden_size=100", "model.num_attention_heads=3"], "model.hidden_size", "not divisible"),
+    (["model.segment_length=0"], "model.segment_length", "positive"),
+    (["model.memory_slots=-1"], "model.memory_slots", ">= 0"),
+    (["model.memory_slots=0"], "model.memory_slots", "use_memory"),
+    (["model.bptt_segments=0"], "model.bptt_segments", "positive"),
+    (["model.memory_read=both"], "model.memory_read", "cross, context"),
+    (["model.kernels=cuda"], "model.kernels", "auto, triton, torch"),
+    (["data.seq_len=100"], "data.seq_len", "multiple of model.segment_length"),
+    (["data=textfile"], "data.path", "required"),
+    (["data.batch_size=0"], "data.batch_size", "positive"),
+    (["trainer.max_steps=0"], "trainer.max_steps", "positive"),
+    (["optim.lr=-1"], "optim.lr", "positive"),
+    (["resume=latest"], "resume", "auto or a path"),
+    (["model.hidden_size=="], "model.hidden_size", "key=value"),
+])
+def test_bad_values_name_their_key(overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    message = str(info.value)
+    assert message.startswith(f"config error: {key}: "), message
+    assert words in message and "\n" not in message
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_needs_its_extra():
+    with pytest.raises(ConfigError, match="trainer.tensorboard.*ltm\\[tensorboard\\]"):
+        compose(["trainer.tensorboard=true"])
+
+
+def test_presets_and_overrides_compose():
+    base = model_config(compose(["model=base"]))
+    assert (base.hidden_size, base.num_attention_heads, base.num_hidden_layers, base.memory_slots,
+            base.memory_dim) == (768, 12, 12, 512, 64)
+    cfg = compose(["model=small", "model.memory_slots=256", "model.use_memory=false", "trainer.max_steps=100",
+                   "precision=bf16-mixed", "output_dir=runs/a"])
+    small = model_config(cfg)
+    assert small.memory_slots == 256 and not small.use_memory and small.hidden_size == 384
+    assert cfg.trainer.max_steps == 100 and cfg.precision.lightning == "bf16-mixed" and cfg.output_dir == "runs/a"
+    assert small.ffn_dim == 1024  # derived from hidden_size: 8/3 * 384 rounded up to a multiple of 64
+    for name in ("tiny", "small", "base", "large"):
+        cfg = compose([f"model={name}"])  # every preset is valid with the default data
+        assert cfg.data.seq_len == 4 * cfg.model.segment_length
+    for name in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true"):
+        compose([f"precision={name}"])
