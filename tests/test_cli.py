@@ -63,11 +63,11 @@ def _one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-def test_bad_overrides_exit_2_with_one_line():
+def test_bad_overrides_exit_2_with_one_line(tmp_path):
     """The CLI's side of config errors (their messages are covered in test_config.py)."""
-    _one_error_line(run_ltm("train", "model.hiden_size=64"), "model.hiden_size", "unknown key")
-    _one_error_line(run_ltm("train", "-m", "model.segment_length=16,0"), "model.segment_length")
-    assert not Path("multirun").exists()  # the sweep was checked before any job started
+    _one_error_line(run_ltm("train", "model.hiden_size=64", cwd=tmp_path), "model.hiden_size", "unknown key")
+    _one_error_line(run_ltm("train", "-m", "model.segment_length=16,0", cwd=tmp_path), "model.segment_length")
+    assert list(tmp_path.iterdir()) == []  # the sweep was checked before any job started: nothing written
 
 
 def test_bad_checkpoints_exit_2(trained, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -20,14 +21,17 @@ def passkey_ckpt(tmp_path_factory):
     return out / "checkpoints" / "last.ckpt"
 
 
-def test_eval_task_json_schema(passkey_ckpt, tmp_path):
-    out = tmp_path / "passkey.json"
-    result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task=passkey", "task.samples=2",
-                     "task.lengths=[96,400]", "task.depth_bins=2", "--json", str(out))
+def test_eval_task_json_schema_and_plot(passkey_ckpt, tmp_path):
+    """No `task=`: a checkpoint trained on passkey is evaluated on passkey."""
+    out, image = tmp_path / "passkey.json", tmp_path / "passkey.png"
+    plot = ["--plot", str(image)] if importlib.util.find_spec("matplotlib") else []
+    result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task.samples=2", "task.lengths=[96,400]",
+                     "task.depth_bins=2", "--json", str(out), *plot)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "exact match" in result.stdout and "400" in result.stdout
+    assert "ltm eval task=passkey" in result.stdout and "exact match" in result.stdout and "400" in result.stdout
     results = json.loads(out.read_text())
     assert results["task"] == "passkey" and results["train_length"] == 96 and results["lengths"] == [96, 400]
+    assert results["checkpoint"] == str(passkey_ckpt) and results["memory"] is True
     rows = results["rows"]
     assert len(rows) == 2 * (2 + 2)  # per length: 2 depth bins, first segment, straddle
     for row in rows:
@@ -35,33 +39,11 @@ def test_eval_task_json_schema(passkey_ckpt, tmp_path):
         assert row["pairs"] is None and row["samples"] == 2 and 0 <= row["exact_match"] <= 1
         assert 0 <= row["depth"] <= 1
     assert [r["placement"] for r in rows[:4]] == ["depth", "depth", "first_segment", "straddle"]
-
-
-def test_eval_defaults_to_the_trained_task_and_other_tasks_work(passkey_ckpt, tmp_path):
-    out = tmp_path / "mqar.json"
-    result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task=mqar", "task.samples=2", "task.pairs=[2,30]",
-                     "task.lengths=[128]", "--json", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["pairs"], r["depth"]) for r in rows] == [(2, None), (30, None)]
-    assert rows[1]["exact_match"] is None and "need" in rows[1]["skipped"]  # 30 pairs do not fit 128 tokens
-    result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task.samples=1", "task.lengths=[96]",
-                     "task.depth_bins=1", "task.placement_checks=false")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "task=passkey" in result.stdout
+    assert [r["length"] for r in rows] == [96] * 4 + [400] * 4
+    if plot:
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_task_errors_are_one_line(passkey_ckpt):
-    result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task=nope")
-    assert result.returncode == 2 and "task" in result.stderr and "Traceback" not in result.stderr
     result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task=passkey", "task.filler=news")
-    assert result.returncode == 2 and "task.filler" in result.stderr
-
-
-def test_eval_plot(passkey_ckpt, tmp_path):
-    pytest.importorskip("matplotlib")
-    image = tmp_path / "passkey.png"
-    result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task.samples=1", "task.lengths=[96,200]",
-                     "task.depth_bins=2", "--plot", str(image))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.returncode == 2 and "task.filler" in result.stderr and "Traceback" not in result.stderr
