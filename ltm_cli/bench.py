@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ltm_cli.bench_parallel import bench_parallel_cmd
 from ltm_cli.errors import user_errors
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels, model throughput/memory, parallel layouts.")
+bench_app.command("parallel")(bench_parallel_cmd)
 console = Console()
 
 

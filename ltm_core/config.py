@@ -14,7 +14,7 @@ from typing import Any, Optional
 from ltm_core.errors import ConfigError
 
 MEMORY_READS = ("cross", "context")
-MEMORY_WRITES = ("gated", "importance")
+MEMORY_WRITES = ("gated", "importance", "select")
 KERNELS = ("auto", "triton", "torch")
 
 
@@ -36,7 +36,8 @@ class TitanConfig:
     memory_read: str = "cross"  # cross: separate cross-attention; context: slots prepended to the keys/values
     update_gate_bias: float = -2.0  # initial b_u: sigmoid(-2) ~ 0.12, a memory that starts by mostly keeping
     memory_write: str = "gated"  # gated: slots read the segment, update gate; importance: slots read the tokens
-    # in proportion to their importance and write only as much as that importance (filler leaves memory intact)
+    # in proportion to their importance and write only as much as that importance (filler leaves memory intact);
+    # select: the memory keeps the memory_slots most important compressed tokens (no query/key/value/update)
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
     bptt_segments: int = 2  # segments per backprop window; memory is detached between windows

@@ -21,6 +21,13 @@ With `memory_write=importance` the importance decides how much is written, not o
 A segment whose tokens all have s ~ 0 (filler) leaves the memory as it was, however many such segments follow,
 which is what lets a memory trained on a few segments keep a needle over hundreds.
 
+With `memory_write=select` the memory is a cache of the M most important compressed tokens seen so far:
+
+    cand = [mem; c]                                            the memory's entries and the segment's tokens
+    mem  = the M entries of cand with the highest w_s . cand   (in arrival order)
+
+An entry leaves only when M more important tokens have arrived, so retention does not depend on the distance.
+
 The write happens once a segment is complete, so a token only ever reads memory written by earlier segments.
 """
 
@@ -106,18 +113,21 @@ class LongTermMemory(nn.Module):
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
         self.compress = nn.Linear(C, D, bias=False)  # W_c
         self.importance = nn.Linear(D, 1)  # w_s
-        self.query = nn.Linear(D, D, bias=False)  # Q(mem)
-        self.key = nn.Linear(D, D, bias=False)  # K(g)
-        self.value = nn.Linear(D, D, bias=False)  # V(g)
-        self.update = nn.Linear(2 * D, D)  # W_u, b_u
+        if self.mode != "select":  # the select write keeps entries as they are: no write attention, no gate
+            self.query = nn.Linear(D, D, bias=False)  # Q(mem)
+            self.key = nn.Linear(D, D, bias=False)  # K(g)
+            self.value = nn.Linear(D, D, bias=False)  # V(g)
+            self.update = nn.Linear(2 * D, D)  # W_u, b_u
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.initial, std=1.0)
         self.norm.reset_parameters()
-        for lin in (self.compress, self.importance, self.query, self.key, self.value, self.update):
-            nn.init.normal_(lin.weight, std=self.init_std)
+        for name in ("compress", "importance", "query", "key", "value", "update"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name).weight, std=self.init_std)
         nn.init.zeros_(self.importance.bias)
-        nn.init.constant_(self.update.bias, self.gate_bias)
+        if hasattr(self, "update"):
+            nn.init.constant_(self.update.bias, self.gate_bias)
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
         return self.initial.unsqueeze(0).expand(batch_size, -1, -1)  # [B, M, D]
@@ -126,14 +136,17 @@ class LongTermMemory(nn.Module):
         """h: [B, T, C] -> what the segment end writes from: gated content c * s (gated) or content c
         (importance, whose write computes s from c itself): [B, T, D]."""
         c = self.compress(self.norm(h))  # [B, T, D]
-        if self.mode == "importance":
+        if self.mode in ("importance", "select"):
             return c
         return ops.compress_gate(c, self.importance(c), self.backend)  # c * sigmoid(w_s . c)
 
-    def write(self, mem: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """mem: [B, M, D], g: [B, S, D] (one whole segment) -> updated memory [B, M, D]."""
+    def write(self, mem: torch.Tensor, g: torch.Tensor, first: bool = False) -> torch.Tensor:
+        """mem: [B, M, D], g: [B, S, D] (one whole segment) -> updated memory [B, M, D]. `first`: mem is the
+        learned initial memory (the select write then prefers any token to it)."""
         if self.mode == "importance":
             return self._importance_write(mem, g)
+        if self.mode == "select":
+            return self._select_write(mem, g, first)
         q = self.query(mem).unsqueeze(1)  # [B, 1, M, D]: one head
         k = self.key(g).unsqueeze(1)  # [B, 1, S, D]
         v = self.value(g).unsqueeze(1)  # [B, 1, S, D]
@@ -151,6 +164,23 @@ class LongTermMemory(nn.Module):
         new = torch.softmax(biased, dim=-1).type_as(c) @ self.value(c)  # [B, M, D]
         u = strength.type_as(mem) * torch.sigmoid(self.update(torch.cat([mem, new], dim=-1)))  # [B, M, D]
         return mem + u * (new - mem)
+
+    def _select_write(self, mem: torch.Tensor, c: torch.Tensor, first: bool) -> torch.Tensor:
+        """Keep the M entries of highest importance among the memory's M and the segment's S tokens, in arrival
+        order. Scores are recomputed from the entries (importance(c)), so the state stays [B, M, D]. The kept
+        entries are multiplied by 1 + s - s.detach() (= 1): the value is unchanged and importance learns from
+        how useful each kept entry was to the losses that read it. The initial memory only fills the slots that the
+        first segment's tokens leave free."""
+        M, D = mem.shape[1], mem.shape[2]
+        candidates = torch.cat([mem, c.to(mem.dtype)], dim=1)  # [B, M + S, D]
+        logits = self.importance(candidates).squeeze(-1)  # [B, M + S]
+        rank = logits.detach().float()
+        if first:
+            rank = torch.cat([rank[:, :M] - 1e4, rank[:, M:]], dim=1)
+        keep = rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
+        kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
+        s = torch.sigmoid(logits.gather(1, keep).float()).unsqueeze(-1)  # [B, M, 1]
+        return kept * (1 + s - s.detach()).to(kept.dtype)
 
 
 class MemoryRead(nn.Module):

@@ -217,7 +217,8 @@ class TitanModel(nn.Module):
             if not complete:
                 layers.append(LayerState(past.memory, k, v, gated))
             elif past.memory is not None:
-                layers.append(LayerState(block.memory.write(past.memory, gated)))  # the segment is written
+                # the segment is written; on the first write the memory is still the learned initial one
+                layers.append(LayerState(block.memory.write(past.memory, gated, first=state.segments == 0)))
             else:
                 layers.append(LayerState(None))
         segments = state.segments + complete

@@ -104,7 +104,7 @@ class TitanLightning(L.LightningModule):
         now = time.perf_counter()
         tokens_per_s = input_ids.numel() * self.trainer.world_size / max(now - self._tick, 1e-9)
         self._tick = now
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over data-parallel ranks
         self.log("train/tokens_per_s", tokens_per_s, prog_bar=True)
         self.log("train/lr", scheduler.get_last_lr()[0])
         return loss
