@@ -32,6 +32,8 @@ def model_section(name: str, data: dict) -> str:
     if meta:
         lines += [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; date: {meta['date']}; "
                   f"commit: {meta['commit']}", ""]
+        if meta.get("note"):
+            lines += [f"**Note:** {meta['note']}", ""]
     lines += ["| model | context | tokens/s | peak memory (MiB) | MFU | params |", "|---|---:|---:|---:|---:|---:|"]
     for r in data["rows"]:
         if "error" in r:

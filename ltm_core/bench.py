@@ -6,7 +6,8 @@ segments, no memory) and `full_causal` (no memory, one segment spanning the cont
 (variant, context) row is measured in a fresh process on CPU, so that its peak resident memory is its own; on CUDA
 the allocator's peak is used. Timings: warm-up, then the median of repeats (synchronised on CUDA).
 
-MFU = flops_per_token(context) * tokens/s / measured peak FLOP/s (a large matmul in the same dtype, same run).
+MFU = flops_per_token(context) * tokens/s / peak FLOP/s, the peak measured by a large matmul in the same dtype right
+after the row's steps, in the same process (so a shared machine's load affects both alike).
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int
     else:
         peak = _peak_rss_bytes() - base_mem  # resident memory the training steps added at their peak
     tokens_per_s = batch_size * context / statistics.median(times)
+    peak_flops = measure_peak_flops(dev, dt, n=4096 if dev.type == "cuda" else 1024)  # same conditions as the row
     return {"model": variant, "context": context, "tokens_per_s": tokens_per_s, "peak_mem_bytes": int(peak),
             "step_s": statistics.median(times), "params": model.num_parameters(),
-            "flops_per_token": model.flops_per_token(context)}
+            "flops_per_token": model.flops_per_token(context), "peak_flops": peak_flops}
 
 
 def _row_in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +167,6 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
     """All rows of `ltm bench model`, measured side by side in this run."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev, dt = torch.device(device), getattr(torch, dtype)
-    peak_flops = measure_peak_flops(dev, dt, n=4096 if dev.type == "cuda" else 1024)
     rows = []
     for context in contexts:
         for variant in variants:
@@ -176,11 +177,11 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
             else:
                 row = train_step_row(cfg, **{k: v for k, v in args.items() if k != "cfg"})
             if "tokens_per_s" in row:
-                row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / peak_flops
+                row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / row["peak_flops"]
             rows.append(row)
     generation = [generation_row(cfg, v, n, device) for n in gen_lengths for v in ("memory", "full_causal")]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": name, "dtype": dtype, "peak_flops": peak_flops, "config": dataclasses.asdict(cfg),
+    return {"device": name, "dtype": dtype, "config": dataclasses.asdict(cfg),
             "batch_size": batch_size, "rows": rows, "generation": generation}
 
 

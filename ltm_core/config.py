@@ -38,6 +38,8 @@ class TitanConfig:
     memory_write: str = "gated"  # gated: slots read the segment, update gate; importance: slots read the tokens
     # in proportion to their importance and write only as much as that importance (filler leaves memory intact);
     # select: the memory keeps the memory_slots most important compressed tokens (no query/key/value/update)
+    memory_conv: int = 0  # kernel of a causal depthwise convolution over a segment's compressed tokens before the
+    # write (Titans' short convolution): each written token also carries its predecessors; 0: none
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
     bptt_segments: int = 2  # segments per backprop window; memory is detached between windows
@@ -91,6 +93,8 @@ class TitanConfig:
             raise ConfigError("model.memory_heads", "must equal model.num_attention_heads with memory_read=context")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError("model.intermediate_size", f"must be positive, got {self.intermediate_size}")
+        if not isinstance(self.memory_conv, int) or isinstance(self.memory_conv, bool) or self.memory_conv < 0:
+            raise ConfigError("model.memory_conv", f"must be an integer >= 0, got {self.memory_conv!r}")
         if self.memory_write not in MEMORY_WRITES:
             raise ConfigError("model.memory_write",
                               f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")

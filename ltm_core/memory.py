@@ -28,6 +28,9 @@ With `memory_write=select` the memory is a cache of the M most important compres
 
 An entry leaves only when M more important tokens have arrived, so retention does not depend on the distance.
 
+`memory_conv=K` first mixes each compressed token with its K - 1 predecessors in the segment (a causal
+depthwise convolution, as Titans does after its projections), so an entry can be found by what preceded it.
+
 The write happens once a segment is complete, so a token only ever reads memory written by earlier segments.
 """
 
@@ -113,6 +116,8 @@ class LongTermMemory(nn.Module):
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
         self.compress = nn.Linear(C, D, bias=False)  # W_c
         self.importance = nn.Linear(D, 1)  # w_s
+        if cfg.memory_conv:  # depthwise causal convolution over the segment's compressed tokens, [D, 1, K]
+            self.conv = nn.Parameter(torch.empty(D, 1, cfg.memory_conv))
         if self.mode != "select":  # the select write keeps entries as they are: no write attention, no gate
             self.query = nn.Linear(D, D, bias=False)  # Q(mem)
             self.key = nn.Linear(D, D, bias=False)  # K(g)
@@ -126,6 +131,10 @@ class LongTermMemory(nn.Module):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name).weight, std=self.init_std)
         nn.init.zeros_(self.importance.bias)
+        if hasattr(self, "conv"):  # the token itself plus random mixes of its predecessors
+            nn.init.normal_(self.conv, std=0.5)
+            with torch.no_grad():
+                self.conv[:, :, -1] = 1.0
         if hasattr(self, "update"):
             nn.init.constant_(self.update.bias, self.gate_bias)
 
@@ -143,6 +152,10 @@ class LongTermMemory(nn.Module):
     def write(self, mem: torch.Tensor, g: torch.Tensor, first: bool = False) -> torch.Tensor:
         """mem: [B, M, D], g: [B, S, D] (one whole segment) -> updated memory [B, M, D]. `first`: mem is the
         learned initial memory (the select write then prefers any token to it)."""
+        if hasattr(self, "conv"):  # each token also carries its predecessors in the segment (zeros before it)
+            kernel = self.conv.shape[-1]
+            g = F.conv1d(F.pad(g.transpose(1, 2), (kernel - 1, 0)), self.conv.to(g.dtype), groups=g.shape[-1])
+            g = g.transpose(1, 2)  # [B, S, D]
         if self.mode == "importance":
             return self._importance_write(mem, g)
         if self.mode == "select":
