@@ -1,0 +1,90 @@
+"""The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv):
+causal, streaming == one call, and the select write's retention property."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ltm_core import TitanConfig
+from ltm_core.errors import ConfigError
+from support import tiny_model
+
+VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
+            dict(memory_write="select", memory_conv=3, memory_read="context"),
+            dict(memory_write="gated", memory_conv=2)]
+
+
+def _ids(L: int, B: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal_and_streaming_equals_one_call(tiny_cfg, variant):
+    model = tiny_model(dataclasses.replace(tiny_cfg, **variant)).eval()
+    S = tiny_cfg.segment_length
+    ids = _ids(5 * S + 3)
+    full = model(ids)
+    for t in (0, S - 1, S, 2 * S + 5):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 7) % 256
+        logits = model(changed).logits
+        torch.testing.assert_close(logits[:, :t], full.logits[:, :t], rtol=0, atol=0)
+    assert (model(changed).logits[:, 3 * S:] - full.logits[:, 3 * S:]).abs().amax() > 0  # memory carries it
+    state, pieces, pos = None, [], 0
+    for size in (5, 11, 1, 30, 17, 40):
+        out = model(ids[:, pos:pos + size], memory=state)
+        pieces.append(out.logits)
+        state, pos = out.memory, pos + size
+    torch.testing.assert_close(torch.cat(pieces, 1), full.logits[:, :pos], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_reach_the_write(tiny_cfg, variant):
+    model = tiny_model(dataclasses.replace(tiny_cfg, **variant))
+    ids = _ids(3 * tiny_cfg.segment_length)
+    model(ids, labels=ids).loss.backward()
+    memory = model.blocks[0].memory
+    assert memory.compress.weight.grad.abs().sum() > 0
+    assert memory.importance.weight.grad.abs().sum() > 0
+    if variant.get("memory_conv"):
+        assert memory.conv.grad.abs().sum() > 0
+
+
+def test_select_keeps_the_most_important_entries_whatever_follows(tiny_cfg):
+    """Entries more important than everything that arrives later stay in memory, bit for bit."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select")
+    memory = tiny_model(cfg).blocks[0].memory
+    M, D, S = cfg.memory_slots, cfg.memory_dim, cfg.segment_length
+    with torch.no_grad():
+        memory.importance.weight.zero_()
+        memory.importance.weight[0, 0] = 1.0  # importance = first channel
+        memory.importance.bias.zero_()
+    needle = torch.randn(1, S, D)
+    needle[..., 0] = torch.linspace(-1, 1, S)
+    needle[0, :3, 0] = 10.0  # three important tokens
+    mem = memory.write(memory.initial_state(1), needle, first=True)
+    assert not torch.isin(memory.initial_state(1)[0, :1], mem).any()  # the first write replaces the initial memory
+    kept = mem[0, torch.isin(mem[0, :, 0], needle[0, :3, 0])]
+    torch.testing.assert_close(kept, needle[0, :3], rtol=0, atol=0)
+    for i in range(50):  # many segments of filler, all less important
+        filler = torch.randn(1, S, D, generator=torch.Generator().manual_seed(i)).clamp(-3, 3)
+        mem = memory.write(mem, filler)
+    assert mem.shape == (1, M, D)
+    for row in needle[0, :3]:
+        assert (mem[0] == row).all(-1).any()
+
+
+def test_select_has_no_write_attention_parameters(tiny_cfg):
+    names = {n for n, _ in tiny_model(dataclasses.replace(tiny_cfg, memory_write="select")).named_parameters()}
+    assert "blocks.0.memory.importance.weight" in names and "blocks.0.memory.compress.weight" in names
+    assert not any(n.split(".")[3] in ("query", "key", "value", "update") for n in names if ".memory." in n)
+
+
+@pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1)])
+def test_new_knobs_are_validated(key, value):
+    with pytest.raises(ConfigError) as err:
+        TitanConfig(**{key: value})
+    assert err.value.key == f"model.{key}"
