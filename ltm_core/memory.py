@@ -36,7 +36,6 @@ The write happens once a segment is complete, so a token only ever reads memory 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -186,8 +185,6 @@ class LongTermMemory(nn.Module):
         how useful each kept entry was to the losses that read it. The initial memory only fills the slots that the
         first segment's tokens leave free."""
         M, D = mem.shape[1], mem.shape[2]
-        if os.environ.get("LTM_SELECT_NORM"):
-            c = F.rms_norm(c, (D,))
         candidates = torch.cat([mem, c.to(mem.dtype)], dim=1)  # [B, M + S, D]
         logits = self.importance(candidates).squeeze(-1)  # [B, M + S]
         rank = logits.detach().float()
