@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ltm_core.config import DataConfig, TaskConfig
-from ltm_core.configuration import compose
+from ltm_core.configuration import compose, model_config
+from ltm_core.model import TitanModel
 from ltm_core.errors import ConfigError
 from ltm_core.tasks.datamodule import TaskDataModule, TaskSamples, ValidationSamples, task_config
 from ltm_core.tasks.evaluate import default_lengths, eval_task_config
@@ -45,6 +46,13 @@ def test_experiments_compose(name, baseline):
     cfg = compose([f"experiment={name}{baseline}"])
     assert cfg.data.name == name and cfg.task.name == name
     assert cfg.model.use_memory is (baseline == "")
+
+
+@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
+def test_experiment_baselines_match_the_parameter_count(name):
+    memory, baseline = (TitanModel(model_config(compose([f"experiment={name}{suffix}"]))).num_parameters()
+                        for suffix in ("", "_baseline"))
+    assert abs(baseline - memory) / memory < 0.02, (memory, baseline)
 
 
 def test_task_samples_resume_exactly_and_split_over_ranks():
