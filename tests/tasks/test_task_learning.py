@@ -37,20 +37,19 @@ def train_passkey(cfg: TitanConfig, task: TaskConfig, seq_len: int, steps: int, 
 
 def test_memory_beats_the_baseline_on_a_tiny_passkey():
     """One-digit pass key, 3 segments of 32 tokens: the question and answer fill the last segment, so the needle
-    is always in an earlier one. Without memory the digit is a guess (1/10). The importance write learns it in
-    ~1,000-1,500 steps (a sudden transition; 600 and 1,000 steps were not enough, measured 2026-11-23): ~80 s for
-    the memory model and ~50 s for the baseline on one core. At 4x the training length the same seeds gave 1.00
-    (1,500 steps) and 0.20 (2,000 steps) against the baseline's ~0.1: generalisation in length is not yet stable
-    at this size, so the test asks only that the memory still beats the baseline there."""
+    is always in an earlier one. Without memory the digit is a guess (1/10). With `memory_write=select` the model
+    learns it in ~1,000-1,500 steps (measured 2026-11-23 with these seeds: 1.00 at 96 tokens and 0.81 at 384 after
+    1,500 steps; 4,000 steps reach 0.99-1.00 up to 64x): ~65 s for the memory model and ~50 s for the baseline on
+    one core."""
     task = TaskConfig(name="passkey", digits=1, filler="ruler", samples=40, batch_size=40, depth_bins=2,
                       placement_checks=False, lengths=[96, 384])
     scores = {}
     for use_memory in (True, False):
-        cfg = TitanConfig(**TINY_PASSKEY, use_memory=use_memory, memory_write="importance")
+        cfg = TitanConfig(**TINY_PASSKEY, use_memory=use_memory, memory_write="select")
         model = train_passkey(cfg, task, seq_len=96, steps=STEPS)
         rows = evaluate_task(model, task, train_length=96)["rows"]
         scores[use_memory] = {length: sum(r["exact_match"] for r in rows if r["length"] == length) / 2
                               for length in (96, 384)}
     assert scores[False][96] < 0.35 and scores[False][384] < 0.35, scores
     assert scores[True][96] > 0.7, scores  # clearly learned at the training length
-    assert scores[True][384] > scores[False][384], scores  # 4x the training length
+    assert scores[True][384] > scores[False][384] + 0.3, scores  # 4x the training length
