@@ -92,7 +92,10 @@ def bench_model_cmd(
     """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal."""
     from ltm_core.bench import bench_model, ratios
     from ltm_core.configuration import compose, model_config
+    from ltm_core.errors import ConfigError
 
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
     cfg = model_config(compose([f"model={model}", *(overrides or [])]))
     result = bench_model(cfg, contexts, batch_size=batch_size, device=device, dtype=dtype, repeats=repeats,
                          gen_lengths=gen)

@@ -166,7 +166,7 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
                 gen_lengths: Iterable[int] = (), threads: Optional[int] = None) -> dict[str, Any]:
     """All rows of `ltm bench model`, measured side by side in this run."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev, dt = torch.device(device), getattr(torch, dtype)
+    dev = torch.device(device)
     rows = []
     for context in contexts:
         for variant in variants:

@@ -62,3 +62,9 @@ def test_bench_kernels_cli_json(tmp_path):
     assert {"torch_ref", "sdpa", "flex"} <= impls
     assert all(r["fwd_ms"] > 0 for r in data["rows"] if r["impl"] in ("torch_ref", "sdpa"))
     assert data["peaks"]["matmul_tflops_bf16"] > 0
+
+
+def test_bench_model_cli_rejects_a_bad_dtype(tmp_path):
+    result = run_ltm("bench", "model", "--dtype", "float8", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 2 and "--dtype" in result.stderr and "float8" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
