@@ -87,4 +87,4 @@ class BabiFactsTask:
         from ltm_core.tasks.evaluate import decode_answers
 
         answers = decode_answers(model, samples, max(map(len, ROOMS)) + 1)
-        return {"exact_match": [label_match(a, s.answer) for a, s in zip(answers, samples)]}
+        return {"exact_match": [label_match(a, s.answer, ROOMS) for a, s in zip(answers, samples)]}

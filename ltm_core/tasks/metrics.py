@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import torch
@@ -20,15 +19,15 @@ def digit_accuracy(prediction: str, target: str) -> float:
     return sum(p == t for p, t in zip(prediction, target)) / len(target)
 
 
-def first_word(text: str) -> str:
-    """The leading run of letters: what a generated answer says before punctuation, space or EOS."""
-    match = re.match(r"[A-Za-z]+", text)
-    return match.group(0) if match else ""
-
-
-def label_match(prediction: str, target: str) -> float:
-    """Single-label exact match: the first word of the generated text is the target label."""
-    return float(first_word(prediction) == target)
+def label_match(prediction: str, target: str, labels: Sequence[str]) -> float:
+    """Single-label exact match over a closed, prefix-free label set: the label the generated text begins with is
+    the target. The text may run on after the label (task samples end at the answer, so a model is never taught to
+    stop there): "kitchens" names "kitchen"; "kitch" and " kitchen" name no label."""
+    for a in labels:
+        if any(a != b and b.startswith(a) for b in labels):
+            raise ValueError(f"labels must be prefix-free: {a!r} begins another label")
+    named = next((label for label in labels if prediction.startswith(label)), None)
+    return float(named == target)
 
 
 def position_accuracy(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

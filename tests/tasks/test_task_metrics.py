@@ -13,7 +13,7 @@ from ltm_core.inference import InferenceConfig, InferenceEngine
 from ltm_core.tasks import get_task
 from ltm_core.tasks.common import Cell
 from ltm_core.tasks.evaluate import evaluate_task, greedy_decode, prefill, teacher_forced_argmax
-from ltm_core.tasks.metrics import digit_accuracy, exact_match, first_word, label_match, position_accuracy
+from ltm_core.tasks.metrics import digit_accuracy, exact_match, label_match, position_accuracy
 
 
 def test_exact_match_and_digit_accuracy():
@@ -29,13 +29,16 @@ def test_exact_match_and_digit_accuracy():
         digit_accuracy("1", "")
 
 
-def test_label_match_reads_the_first_word():
-    assert first_word("kitchen.\nMary") == "kitchen"
-    assert label_match("kitchen.\n", "kitchen") == 1.0
-    assert label_match("kitchens", "kitchen") == 0.0  # a longer word is another label
-    assert label_match("kitch", "kitchen") == 0.0
-    assert label_match(" kitchen", "kitchen") == 0.0  # the answer follows "is in the " directly
-    assert label_match("garden", "kitchen") == 0.0
+def test_label_match_names_the_label_the_text_begins_with():
+    rooms = ["kitchen", "garden", "bathroom", "bedroom"]
+    assert label_match("kitchen.\n", "kitchen", rooms) == 1.0
+    assert label_match("kitchens", "kitchen", rooms) == 1.0  # ran on after naming the label: samples end there
+    assert label_match("bathroomr", "bedroom", rooms) == 0.0
+    assert label_match("kitch", "kitchen", rooms) == 0.0  # names no label
+    assert label_match(" kitchen", "kitchen", rooms) == 0.0  # the answer follows "is in the " directly
+    assert label_match("garden", "kitchen", rooms) == 0.0
+    with pytest.raises(ValueError, match="prefix-free"):
+        label_match("bed", "bed", ["bed", "bedroom"])
 
 
 def test_position_accuracy():
