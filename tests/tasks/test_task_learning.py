@@ -3,7 +3,11 @@ the memory model must beat the no-memory baseline clearly. Full recipe runs are 
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
+from support import run_ltm
 
 from ltm_core import TitanConfig, TitanModel
 from ltm_core.config import OptimConfig, TaskConfig
@@ -53,3 +57,27 @@ def test_memory_beats_the_baseline_on_a_tiny_passkey():
     assert scores[False][96] < 0.35 and scores[False][384] < 0.35, scores
     assert scores[True][96] > 0.7, scores  # clearly learned at the training length
     assert scores[True][384] > scores[False][384] + 0.3, scores  # 4x the training length
+
+
+@pytest.mark.slow
+def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_path):
+    """The full recipe through the CLI (`pytest -m slow`; ~15 min on the 2-core machine): `ltm train
+    experiment=passkey` and `experiment=passkey_baseline` (192-token samples), then `ltm eval` at 1x and 16x the
+    training length. Measured 2026-11-23 (README, 50 samples per cell): memory 87 % / 68 %, baseline 13 % / 11 %;
+    this test itself passed in 10 min 31 s on the idle 2-core machine."""
+    task = "passkey"
+    scores = {}
+    for suffix in ("", "_baseline"):
+        out = tmp_path / f"run{suffix}"
+        train = run_ltm("train", f"experiment={task}{suffix}", f"output_dir={out}", "trainer.progress=false",
+                        timeout=3600)
+        assert train.returncode == 0, train.stderr[-2000:]
+        report = tmp_path / f"eval{suffix}.json"
+        evaluation = run_ltm("eval", "--checkpoint", str(out / "checkpoints" / "last.ckpt"), f"task={task}",
+                             "task.lengths=[192,3072]", "task.samples=20", "--json", str(report), timeout=3600)
+        assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+        rows = json.loads(report.read_text())["rows"]
+        scores[suffix] = {length: sum(r["exact_match"] for r in rows if r["length"] == length
+                                      and r["placement"] == "depth") / 10 for length in (192, 3072)}
+    assert scores["_baseline"][3072] < 0.3, scores
+    assert scores[""][192] > 0.6 and scores[""][3072] > scores["_baseline"][3072] + 0.3, scores
