@@ -143,7 +143,7 @@ class LongTermMemory(nn.Module):
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, C] -> what the segment end writes from: gated content c * s (gated) or content c
-        (importance, whose write computes s from c itself): [B, T, D]."""
+        (importance and select, whose writes compute s from c themselves): [B, T, D]."""
         c = self.compress(self.norm(h))  # [B, T, D]
         if self.mode in ("importance", "select"):
             return c
