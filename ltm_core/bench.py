@@ -2,9 +2,15 @@
 
 Four variants share one backbone: `memory` (segments + memory read by cross-attention, windowed backward),
 `memory_context` (the same, memory slots as an attention prefix: `memory_read=context`), `segment_local` (same
-segments, no memory) and `full_causal` (no memory, one segment spanning the context). Each
-(variant, context) row is measured in a fresh process on CPU, so that its peak resident memory is its own; on CUDA
-the allocator's peak is used. Timings: warm-up, then the median of repeats (synchronised on CUDA).
+segments, no memory) and `full_causal` (no memory, one segment spanning the context). Each (variant, context) row
+is measured in a fresh process on CPU. Timings: warm-up, then the median of repeats (synchronised on CUDA).
+
+Peak memory (`peak_mem_bytes`) is tensor memory, the same quantity on both devices: the most that one training step
+after warm-up (forward, backward, optimizer step) holds allocated beyond what was allocated when it began
+(parameters and optimizer state), i.e. activations, gradients and temporaries. On CUDA it comes from the caching
+allocator's peak counter; on CPU from the profiler's allocation record of that step (`profile_memory=True`). CPU
+rows also report `peak_rss_bytes`, the growth of the process's resident set from before warm-up to its high-water
+mark, which includes the allocator's cached pages and, with `model.compile=true`, the compiler's workspace.
 
 MFU = flops_per_token(context) * tokens/s / peak FLOP/s, the peak measured by a large matmul in the same dtype right
 after the row's steps, in the same process (so a shared machine's load affects both alike).
@@ -19,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Iterable, Optional
 
@@ -67,6 +74,23 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_peak_tensor_bytes(fn) -> int:
+    """Run fn() under the profiler's memory recording -> the most CPU tensor memory it held allocated at once
+    beyond what was allocated when it began (the allocator's running total, reset to 0 when recording starts)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0]
+    return max([0, *totals])
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of an n x n matmul in `dtype` on `device` (the ceiling MFU is reported against)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -97,12 +121,9 @@ def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int
         optimizer.zero_grad(set_to_none=True)
 
     _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        base_mem = torch.cuda.memory_allocated(dev)
-    else:
+    if dev.type == "cpu":
         _reset_peak_rss()
-        base_mem = _rss_bytes()
+        base_rss = _rss_bytes()
     for _ in range(warmup):
         step()
     times = []
@@ -112,14 +133,19 @@ def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int
         step()
         _sync(dev)
         times.append(time.perf_counter() - start)
-    if dev.type == "cuda":
+    extra = {}
+    if dev.type == "cuda":  # one more step, its tensor peak above what it started with
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_mem = torch.cuda.memory_allocated(dev)
+        step()
         peak = torch.cuda.max_memory_allocated(dev) - base_mem
     else:
-        peak = _peak_rss_bytes() - base_mem  # resident memory the training steps added at their peak
+        extra["peak_rss_bytes"] = _peak_rss_bytes() - base_rss  # resident-set growth, warm-up included
+        peak = cpu_peak_tensor_bytes(step)
     tokens_per_s = batch_size * context / statistics.median(times)
     peak_flops = measure_peak_flops(dev, dt, n=4096 if dev.type == "cuda" else 1024)  # same conditions as the row
     return {"model": variant, "context": context, "tokens_per_s": tokens_per_s, "peak_mem_bytes": int(peak),
-            "step_s": statistics.median(times), "params": model.num_parameters(),
+            **extra, "step_s": statistics.median(times), "params": model.num_parameters(),
             "flops_per_token": model.flops_per_token(context), "peak_flops": peak_flops}
 
 

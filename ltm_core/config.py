@@ -38,6 +38,9 @@ class TitanConfig:
     memory_write: str = "gated"  # gated: slots read the segment, update gate; importance: slots read the tokens
     # in proportion to their importance and write only as much as that importance (filler leaves memory intact);
     # select: the memory keeps the memory_slots most important compressed tokens (no query/key/value/update)
+    select_noise: float = 0.5  # select, in training only: Gumbel noise on the importance before the top-k, scaled
+    # by this times the spread (std) of the candidates' importance: sampling without replacement, so tokens that
+    # the ranking would drop are sometimes kept, and a larger importance cannot switch the sampling off; 0: exact
     memory_conv: int = 0  # kernel of a causal depthwise convolution over a segment's compressed tokens before the
     # write (Titans' short convolution): each written token also carries its predecessors; 0: none
     # segment recurrence
@@ -95,6 +98,8 @@ class TitanConfig:
             raise ConfigError("model.intermediate_size", f"must be positive, got {self.intermediate_size}")
         if not isinstance(self.memory_conv, int) or isinstance(self.memory_conv, bool) or self.memory_conv < 0:
             raise ConfigError("model.memory_conv", f"must be an integer >= 0, got {self.memory_conv!r}")
+        if not isinstance(self.select_noise, (int, float)) or self.select_noise < 0:
+            raise ConfigError("model.select_noise", f"must be a number >= 0, got {self.select_noise!r}")
         if self.memory_write not in MEMORY_WRITES:
             raise ConfigError("model.memory_write",
                               f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")

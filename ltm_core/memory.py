@@ -27,6 +27,11 @@ With `memory_write=select` the memory is a cache of the M most important compres
     mem  = the M entries of cand with the highest w_s . cand   (in arrival order)
 
 An entry leaves only when M more important tokens have arrived, so retention does not depend on the distance.
+In training the ranking is w_s . cand + select_noise * std(w_s . cand) * Gumbel noise (Gumbel-top-k: M entries
+sampled without replacement from softmax(w_s . cand / (select_noise * std))): tokens the ranking would drop are
+sometimes kept, and importance learns from them; the memory the read sees in training then mixes needles with
+strong filler, as it does after thousands of segments. The spread scaling keeps the sampling on however large the
+importance grows. Evaluation and generation rank without noise.
 
 `memory_conv=K` first mixes each compressed token with its K - 1 predecessors in the segment (a causal
 depthwise convolution, as Titans does after its projections), so an entry can be found by what preceded it.
@@ -111,6 +116,7 @@ class LongTermMemory(nn.Module):
         self.init_std = cfg.init_std
         self.gate_bias = cfg.update_gate_bias
         self.mode = cfg.memory_write
+        self.select_noise = cfg.select_noise
         self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
         self.backend = cfg.kernels
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
@@ -183,11 +189,14 @@ class LongTermMemory(nn.Module):
         order. Scores are recomputed from the entries (importance(c)), so the state stays [B, M, D]. The kept
         entries are multiplied by 1 + s - s.detach() (= 1): the value is unchanged and importance learns from
         how useful each kept entry was to the losses that read it. The initial memory only fills the slots that the
-        first segment's tokens leave free."""
+        first segment's tokens leave free. In training the ranking carries Gumbel noise (module docstring)."""
         M, D = mem.shape[1], mem.shape[2]
         candidates = torch.cat([mem, c.to(mem.dtype)], dim=1)  # [B, M + S, D]
         logits = self.importance(candidates).squeeze(-1)  # [B, M + S]
         rank = logits.detach().float()
+        if self.training and self.select_noise > 0:  # Gumbel-top-k: sample M entries without replacement
+            scale = self.select_noise * rank.std(dim=1, keepdim=True)  # [B, 1]: relative to the logits' spread
+            rank = rank - scale * torch.empty_like(rank).exponential_().log()  # + scale * Gumbel(0, 1)
         if first:
             rank = torch.cat([rank[:, :M] - 1e4, rank[:, M:]], dim=1)
         keep = rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]

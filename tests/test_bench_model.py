@@ -7,7 +7,9 @@ import json
 import pytest
 
 from support import run_ltm
-from ltm_core.bench import ratios, variant_config
+import torch
+
+from ltm_core.bench import cpu_peak_tensor_bytes, ratios, train_step_row, variant_config
 from ltm_core.config import TitanConfig
 
 SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidden_layers=1",
@@ -32,6 +34,30 @@ def test_ratios_pair_memory_with_full_causal():
         {"model": "full_causal", "context": 8, "tokens_per_s": 10.0, "peak_mem_bytes": 40},
         {"model": "segment_local", "context": 8, "tokens_per_s": 50.0, "peak_mem_bytes": 5}]}
     assert ratios(result) == [{"context": 8, "speedup": 3.0, "memory_ratio": 0.25}]
+
+
+def test_cpu_peak_tensor_bytes_is_the_most_held_at_once():
+    x = torch.randn(1000, 1000)  # allocated before: not counted
+
+    def step():
+        a = x @ x  # 4 MB
+        b = torch.randn(2000, 1000)  # 8 MB: 12 held
+        del a
+        c = b * 2  # 8 MB: 16 held, the peak
+        del b, c
+
+    assert 16_000_000 <= cpu_peak_tensor_bytes(step) <= 16_000_000 + 4096
+
+
+def test_windowed_memory_step_holds_less_than_full_causal():
+    """The peak that `ltm bench model` reports: a 1,024-token step of the memory model keeps one 64-token window
+    of activations, the full-causal one all 1,024 tokens'."""
+    cfg = TitanConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, memory_slots=8, memory_dim=16,
+                      segment_length=32)
+    rows = {v: train_step_row(cfg, v, 1024, batch_size=1, device="cpu", dtype="float32", warmup=1, repeats=1)
+            for v in ("memory", "full_causal")}
+    assert all(r["peak_mem_bytes"] > 0 and r["peak_rss_bytes"] >= 0 for r in rows.values())
+    assert rows["memory"]["peak_mem_bytes"] < 0.5 * rows["full_causal"]["peak_mem_bytes"], rows
 
 
 def test_bench_model_cli_json_and_plot(tmp_path):

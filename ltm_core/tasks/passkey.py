@@ -77,7 +77,8 @@ class PasskeyTask:
 
     def cells(self, cfg: TaskConfig, lengths: Sequence[int], segment_length: int) -> list[Cell]:
         """Per length: `depth_bins` bins over 0-100 % depth, then (placement_checks) the needle at the very start
-        of the first segment and the pass key's digits split by a segment boundary."""
+        of the first segment and the needle split by a segment boundary: between two of the key's digits, or for a
+        one-digit key right before it (the needle's "The pass key is" in one segment, the digit in the next)."""
         bins = cfg.depth_bins
         cells = []
         for length in lengths:
@@ -87,8 +88,7 @@ class PasskeyTask:
             if cfg.placement_checks:
                 cells.append(Cell(length, bins, placement="first_segment", skip=skip))
                 boundary = _middle_boundary(length, segment_length, cfg.digits)
-                straddle_skip = skip or (None if cfg.digits > 1 and boundary is not None
-                                         else "no segment boundary for the digits to straddle")
+                straddle_skip = skip or (None if boundary is not None else "no segment boundary for the key to straddle")
                 cells.append(Cell(length, bins + 1, depth=(0.5, 0.5), placement="straddle", skip=straddle_skip))
         return cells
 
@@ -97,7 +97,7 @@ class PasskeyTask:
             return make_passkey(rng, cell.length, cfg.digits, cfg.filler, "eval", needle_start=1)
         if cell.placement == "straddle":
             boundary = _middle_boundary(cell.length, segment_length, cfg.digits)
-            before = int(rng.integers(1, cfg.digits))  # digits left of the boundary: 1 .. digits - 1
+            before = int(rng.integers(*_digits_before(cfg.digits)))  # digits left of the boundary
             start = boundary - before - len(NEEDLE_PREFIX)
             return make_passkey(rng, cell.length, cfg.digits, cfg.filler, "eval", needle_start=start)
         return make_passkey(rng, cell.length, cfg.digits, cfg.filler, "eval", depth=cell.depth)
@@ -110,14 +110,21 @@ class PasskeyTask:
                 "digit_accuracy": [digit_accuracy(a, s.answer) for a, s in zip(answers, samples)]}
 
 
+def _digits_before(digits: int) -> tuple[int, int]:
+    """[lo, hi) of how many key digits a straddling needle has before the boundary: 1 .. digits - 1, or 0 for a
+    one-digit key."""
+    return (1, digits) if digits > 1 else (0, 1)
+
+
 def _middle_boundary(length: int, segment_length: int, digits: int) -> Optional[int]:
-    """The segment boundary nearest the middle of the sample that the digits can straddle (any split 1 ..
-    digits - 1 of them before it) with the whole needle inside the haystack; None when there is none."""
+    """The segment boundary nearest the middle of the sample that the key can straddle (any split of
+    `_digits_before` digits before it) with the whole needle inside the haystack; None when there is none."""
     slack = length - min_length(digits)
+    lo, hi = _digits_before(digits)
 
     def fits(boundary: int) -> bool:
-        first = boundary - (digits - 1) - len(NEEDLE_PREFIX)  # needle_start with the most digits before
-        last = boundary - 1 - len(NEEDLE_PREFIX)  # needle_start with one digit before
+        first = boundary - (hi - 1) - len(NEEDLE_PREFIX)  # needle_start with the most digits before
+        last = boundary - lo - len(NEEDLE_PREFIX)  # needle_start with the fewest digits before
         return first >= 1 and last <= slack + 1
 
     candidates = [b for b in range(segment_length, length, segment_length) if fits(b)]

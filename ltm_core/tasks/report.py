@@ -36,7 +36,7 @@ def _grid(rows: list[dict], column) -> tuple[list[int], list[str], dict]:
 
 
 def _column(table: Table, header: str, **kwargs) -> None:
-    table.add_column(header, no_wrap=True, min_width=len(header), **kwargs)
+    table.add_column(header, no_wrap=True, min_width=max(len(header), 3), **kwargs)  # "100" fits
 
 
 def results_table(results: dict, title: Optional[str] = None) -> Table:
@@ -47,8 +47,8 @@ def results_table(results: dict, title: Optional[str] = None) -> Table:
     caption = (f"{memory}; trained at {results['train_length']} tokens, segment {results['segment_length']}; "
                f"seed {results['seed']}; filler {results['filler']}")
     what = {"passkey": "exact match % by context length and needle depth % (first: needle in the first segment; "
-                       "strad: digits split by a segment boundary; mean: of the depth bins; digit: per-digit "
-                       "accuracy %)",
+                       "strad: the key split by a segment boundary, or right after one for a 1-digit key; mean: of the "
+                       "depth bins; digit: per-digit accuracy %)",
             "mqar": "accuracy % at the query positions by context length and pairs (chance 4 %)",
             "babi_facts": "exact match % by context length (chance 17 %: 6 rooms)"}[task]
     table = Table(title=f"{title or f'ltm eval task={task}'}\n{what}", caption=caption, box=box.SIMPLE_HEAD,

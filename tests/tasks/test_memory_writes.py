@@ -54,9 +54,10 @@ def test_gradients_reach_the_write(tiny_cfg, variant):
 
 
 def test_select_keeps_the_most_important_entries_whatever_follows(tiny_cfg):
-    """Entries more important than everything that arrives later stay in memory, bit for bit."""
+    """Entries more important than everything that arrives later stay in memory, bit for bit (evaluation: the
+    ranking has no noise)."""
     cfg = dataclasses.replace(tiny_cfg, memory_write="select")
-    memory = tiny_model(cfg).blocks[0].memory
+    memory = tiny_model(cfg).blocks[0].memory.eval()
     M, D, S = cfg.memory_slots, cfg.memory_dim, cfg.segment_length
     with torch.no_grad():
         memory.importance.weight.zero_()
@@ -77,13 +78,49 @@ def test_select_keeps_the_most_important_entries_whatever_follows(tiny_cfg):
         assert (mem[0] == row).all(-1).any()
 
 
+def _ranked_memory(tiny_cfg, noise: float):
+    """A select memory whose importance is a token's first channel; candidates 0..M+S-1 of rising importance."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_noise=noise)
+    memory = tiny_model(cfg).blocks[0].memory
+    M, S, D = cfg.memory_slots, cfg.segment_length, cfg.memory_dim
+    with torch.no_grad():
+        memory.importance.weight.zero_()
+        memory.importance.weight[0, 0] = 1.0
+        memory.importance.bias.zero_()
+    tokens = torch.zeros(1, M + S, D)
+    tokens[0, :, 0] = torch.linspace(0, 3, M + S)  # importance rises with the index, 3 apart end to end
+    tokens[0, :, 1] = torch.arange(M + S).float()  # the index, to read back which were kept
+    return memory, tokens[:, :M], tokens[:, M:]
+
+
+def test_select_noise_samples_in_training_and_ranks_exactly_in_evaluation(tiny_cfg):
+    """Training ranks importance + select_noise * Gumbel (Gumbel-top-k sampling): less important entries are
+    sometimes kept, the more important ones more often; evaluation, and select_noise=0, keep the exact top M."""
+    memory, mem, segment = _ranked_memory(tiny_cfg, noise=1.0)
+    M, n = mem.shape[1], mem.shape[1] + segment.shape[1]
+    top = list(range(n - M, n))
+    memory.eval()
+    assert memory.write(mem, segment)[0, :, 1].round().long().tolist() == top
+    memory.train()
+    torch.manual_seed(0)
+    counts = torch.zeros(n)
+    for _ in range(300):
+        kept = memory.write(mem, segment)[0, :, 1].round().long()
+        assert kept.tolist() == sorted(kept.tolist()) and len(set(kept.tolist())) == M  # arrival order, no repeats
+        counts[kept] += 1
+    assert counts[:n - M].sum() > 0 and counts[n - M:].sum() < 300 * M  # sampled, not the exact top M
+    assert counts[n - M:].sum() > counts[:M].sum() * 3  # the most important M kept far more often than the least
+    exact, mem0, segment0 = _ranked_memory(tiny_cfg, noise=0.0)
+    assert exact.train().write(mem0, segment0)[0, :, 1].round().long().tolist() == top
+
+
 def test_select_has_no_write_attention_parameters(tiny_cfg):
     names = {n for n, _ in tiny_model(dataclasses.replace(tiny_cfg, memory_write="select")).named_parameters()}
     assert "blocks.0.memory.importance.weight" in names and "blocks.0.memory.compress.weight" in names
     assert not any(n.split(".")[3] in ("query", "key", "value", "update") for n in names if ".memory." in n)
 
 
-@pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1)])
+@pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5)])
 def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})

@@ -80,6 +80,20 @@ def test_passkey_exact_needle_position_and_evaluation_placements():
             np.testing.assert_array_equal(s.tokens, task.make(cell.rng(0, i), cell, cfg, seg).tokens)
 
 
+def test_one_digit_straddle_puts_the_boundary_right_before_the_key():
+    """A one-digit key cannot be split, so its straddle cell splits the needle line: "The pass key is" ends one
+    segment and the digit opens the next."""
+    task, cfg, seg = get_task("passkey"), TaskConfig(name="passkey", digits=1, depth_bins=2), 32
+    cells = [c for c in task.cells(cfg, [96, 400], seg) if c.placement == "straddle"]
+    assert len(cells) == 2 and all(c.skip is None for c in cells)
+    for cell in cells:
+        for i in range(3):
+            s = task.make(cell.rng(0, i), cell, cfg, seg)
+            assert s.info["key_start"] % seg == 0 and s.info["needle_start"] // seg < s.info["key_start"] // seg
+            assert text(s.tokens[s.info["key_start"] - len(NEEDLE_PREFIX):s.info["key_start"]]) == NEEDLE_PREFIX
+    assert task.cells(cfg, [60], seg)[-1].skip is not None  # too short for any placement
+
+
 def test_kjv_filler_of_evaluation_comes_from_held_out_books():
     train = make_passkey(rng(), 2000, filler_name="kjv", split="train", depth=(0, 0))
     held_out = make_passkey(rng(), 2000, filler_name="kjv", split="eval", depth=(0, 0))
