@@ -15,6 +15,7 @@ from ltm_core.errors import ConfigError
 
 MEMORY_READS = ("cross", "context")
 MEMORY_WRITES = ("gated", "importance", "select")
+WRITE_FROM = ("block", "attention")
 KERNELS = ("auto", "triton", "torch")
 
 
@@ -41,6 +42,8 @@ class TitanConfig:
     select_noise: float = 0.5  # select, in training only: Gumbel noise on the importance before the top-k, scaled
     # by this times the spread (std) of the candidates' importance: sampling without replacement, so tokens that
     # the ranking would drop are sometimes kept, and a larger importance cannot switch the sampling off; 0: exact
+    write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
+    # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     memory_conv: int = 0  # kernel of a causal depthwise convolution over a segment's compressed tokens before the
     # write (Titans' short convolution): each written token also carries its predecessors; 0: none
     # segment recurrence
@@ -103,6 +106,8 @@ class TitanConfig:
         if self.memory_write not in MEMORY_WRITES:
             raise ConfigError("model.memory_write",
                               f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")
+        if self.write_from not in WRITE_FROM:
+            raise ConfigError("model.write_from", f"must be one of {', '.join(WRITE_FROM)}, got {self.write_from!r}")
         if self.memory_read not in MEMORY_READS:
             raise ConfigError("model.memory_read", f"must be one of {', '.join(MEMORY_READS)}, got {self.memory_read!r}")
         if self.kernels not in KERNELS:

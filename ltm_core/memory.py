@@ -1,6 +1,7 @@
 """The long-term memory: its state, the compression gate, the gated write and the read.
 
-Per memory layer, with hidden states h [B, T, C] of one segment and the memory mem [B, M, D]:
+Per memory layer, with hidden states h [B, T, C] of one segment (the block's output, or with
+`write_from=attention` the state after self-attention, before the memory read) and the memory mem [B, M, D]:
 
     c   = W_c h                                   compression       [B, T, D]
     s   = sigmoid(w_s . c)                        importance        [B, T, 1]

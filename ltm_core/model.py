@@ -6,6 +6,7 @@ segments, information flows only through each layer's memory bank (see `ltm_core
     x += SelfAttention(norm(x))           causal inside the segment (+ memory slots as prefix: memory_read=context)
     x += MemoryAttention(norm(x), mem)    memory_read=cross
     x += FeedForward(norm(x))             SwiGLU
+    memory write of the segment from x     (write_from=attention: from x before the memory read)
 
 `use_memory=False` is the same code without the memory: a segment-local transformer, and a full-causal one when
 `segment_length >= sequence length`.
@@ -111,10 +112,12 @@ class Block(nn.Module):
         prefix = self.memory_read.kv(mem) if mem is not None and self.cfg.memory_read == "context" else None
         a, k, v = self.attn(self.attn_norm(x), cos, sin, past, prefix, backend)
         x = x + a
+        gated = self.memory.gate(x) if mem is not None and self.cfg.write_from == "attention" else None
         if mem is not None and self.cfg.memory_read == "cross":
             x = x + self.memory_read(self.memory_norm(x), mem, backend)
         x = x + self.ffn(self.ffn_norm(x))
-        gated = self.memory.gate(x) if mem is not None else None
+        if mem is not None and self.cfg.write_from == "block":
+            gated = self.memory.gate(x)
         return x, k, v, gated
 
 

@@ -32,3 +32,15 @@ def test_cpu_target_verdicts():
     assert "2.50× (met)" in fast and "0.100× (met)" in fast and "3.00×" in fast
     assert "1.27× (NOT met)" in slow and "0.300× (NOT met)" in slow
     assert "| memory | 8,192 | 2,500 |" in render.model_section("fast", result(2.5, 0.1))
+
+
+def test_cpu_rows_show_resident_set_growth_beside_the_tensor_peak():
+    render = load_render()
+    data = result(2.5, 0.1)
+    for row in data["rows"]:
+        row["peak_mem_bytes"] = 3 * 2**20
+        row["peak_rss_bytes"] = 5 * 2**20
+    section = render.model_section("cpu", data)
+    assert "| peak memory (MiB) | RSS growth (MiB) | MFU |" in section
+    assert "| memory | 8,192 | 2,500 | 3.0 | 5.0 | 10.00 % | 1 |" in section
+    assert "RSS growth" not in render.model_section("gpu", result(2.5, 0.1))

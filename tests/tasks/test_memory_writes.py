@@ -1,5 +1,5 @@
-"""The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv):
-causal, streaming == one call, and the select write's retention property."""
+"""The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv,
+model.write_from): causal, streaming == one call, and the select write's retention property."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from support import tiny_model
 
 VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", memory_conv=3, memory_read="context"),
-            dict(memory_write="gated", memory_conv=2)]
+            dict(memory_write="gated", memory_conv=2), dict(memory_write="select", write_from="attention")]
 
 
 def _ids(L: int, B: int = 2, seed: int = 1) -> torch.Tensor:
@@ -120,8 +120,29 @@ def test_select_has_no_write_attention_parameters(tiny_cfg):
     assert not any(n.split(".")[3] in ("query", "key", "value", "update") for n in names if ".memory." in n)
 
 
-@pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5)])
+@pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5),
+                                        ("write_from", "ffn")])
 def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
     assert err.value.key == f"model.{key}"
+
+
+@pytest.mark.parametrize("write_from", ["block", "attention"])
+def test_write_from_attention_makes_the_first_layers_writes_independent_of_the_memory(tiny_cfg, write_from):
+    """write_from=attention compresses the state before the memory read: the first layer writes the same content
+    whatever its memory holds (write_from=block: the read's output is part of what is written)."""
+    from ltm_core.memory import LayerState
+    from ltm_core.model import rotary_tables
+
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", write_from=write_from)
+    block = tiny_model(cfg).blocks[0].eval()
+    S, M, D = cfg.segment_length, cfg.memory_slots, cfg.memory_dim
+    x = torch.randn(1, S, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = rotary_tables(torch.arange(S), cfg.head_dim, cfg.rope_theta)
+    written = [block(x, cos, sin, LayerState(torch.randn(1, M, D, generator=torch.Generator().manual_seed(s))))[3]
+               for s in (1, 2)]
+    if write_from == "attention":
+        torch.testing.assert_close(written[0], written[1], rtol=0, atol=0)
+    else:
+        assert (written[0] - written[1]).abs().amax() > 1e-4
