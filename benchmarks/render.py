@@ -80,7 +80,11 @@ def main() -> None:
              "memory: the most one training step after warm-up holds allocated beyond what it started with "
              "(activations, gradients, temporaries; the CUDA allocator's peak, or on CPU the profiler's allocation "
              "record of that step). CPU rows also give the resident-set growth from before warm-up (allocator "
-             "caching and, compiled, the compiler's workspace included).", "",
+             "caching and, compiled, the compiler's workspace included). MFU counts FLOPs the nanoGPT/torchtitan way "
+             "(6N plus attention over every key of the segment, no causal discount) against the FLOP/s of a "
+             "1024 x 1024 matmul measured in the same process: a causal kernel does about half the attention work "
+             "counted, and on CPU long-context attention runs faster than that small matmul, so full-causal rows "
+             "at long context exceed 100 %. Compare MFU between rows, not with GPU figures.", "",
              "## GPU", "", GPU_TARGETS]
     results = {path.stem: json.loads(path.read_text()) for path in sorted(RESULTS.glob("*model*.json"))}
     parts += ["## CPU targets", "", cpu_targets(results), "", "## CPU: `ltm bench model`", "",

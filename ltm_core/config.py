@@ -44,6 +44,8 @@ class TitanConfig:
     # the ranking would drop are sometimes kept, and a larger importance cannot switch the sampling off; 0: exact
     write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
+    slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
+    # the select write keeps entries in arrival order (slot M-1 newest), so the read can prefer the latest entry
     memory_conv: int = 0  # kernel of a causal depthwise convolution over a segment's compressed tokens before the
     # write (Titans' short convolution): each written token also carries its predecessors; 0: none
     # segment recurrence
@@ -214,6 +216,8 @@ class TaskConfig:
     # babi_facts
     facts: int = 6  # location facts per sample
     names: int = 4  # people the facts are about (at most 6)
+    train_facts: Optional[int] = None  # training samples hold 1..train_facts facts (easy samples among hard ones);
+    # None: exactly `facts`, as evaluated
     # training on the task
     lm_loss: bool = False  # also a next-byte loss on the filler; default: loss on the scored tokens only
 
@@ -235,6 +239,8 @@ class TaskConfig:
             raise ConfigError("task.filler", f"must be one of {', '.join(TASK_FILLERS)}, got {self.filler!r}")
         if self.digits > 20:
             raise ConfigError("task.digits", f"must be at most 20, got {self.digits}")
+        if self.train_facts is not None and (not isinstance(self.train_facts, int) or self.train_facts <= 0):
+            raise ConfigError("task.train_facts", f"must be a positive integer or null, got {self.train_facts!r}")
         if self.names > 6:
             raise ConfigError("task.names", f"must be at most 6, got {self.names}")
 

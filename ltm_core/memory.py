@@ -221,6 +221,9 @@ class MemoryRead(nn.Module):
         self.residual_std = cfg.init_std / (2 * cfg.num_hidden_layers) ** 0.5
         inner = self.heads * self.head_dim
         self.kv_proj = nn.Linear(cfg.memory_dim, 2 * inner, bias=False)
+        # slot_positions: which slot an entry sits in (with select: its arrival order), zero at init
+        self.slot_embedding = (nn.Parameter(torch.zeros(cfg.memory_slots, cfg.memory_dim))
+                               if cfg.slot_positions else None)
         self.cross = cfg.memory_read == "cross"
         if self.cross:
             self.q_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
@@ -228,6 +231,8 @@ class MemoryRead(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.kv_proj.weight, std=self.init_std)
+        if self.slot_embedding is not None:
+            nn.init.zeros_(self.slot_embedding)
         if self.cross:
             nn.init.normal_(self.q_proj.weight, std=self.init_std)
             nn.init.normal_(self.o_proj.weight, std=self.residual_std)
@@ -235,6 +240,8 @@ class MemoryRead(nn.Module):
     def kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """mem: [B, M, D] -> keys, values [B, H, M, hd]."""
         B, M, _ = mem.shape
+        if self.slot_embedding is not None:
+            mem = mem + self.slot_embedding.to(mem.dtype)  # [B, M, D]
         k, v = self.kv_proj(mem).view(B, M, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 

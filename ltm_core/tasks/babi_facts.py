@@ -70,11 +70,12 @@ class BabiFactsTask:
         return "kjv"
 
     def min_length(self, cfg: TaskConfig, segment_length: int) -> int:
-        return min_length(cfg.facts)
+        return min_length(max(cfg.facts, cfg.train_facts or 0))
 
     def train_sample(self, rng: np.random.Generator, length: int, cfg: TaskConfig, segment_length: int,
                      split: str = "train") -> TaskSample:
-        return make_babi_facts(rng, length, cfg.facts, cfg.names, split)
+        facts = cfg.facts if cfg.train_facts is None else int(rng.integers(1, cfg.train_facts + 1))
+        return make_babi_facts(rng, length, facts, cfg.names, split)
 
     def cells(self, cfg: TaskConfig, lengths: Sequence[int], segment_length: int) -> list[Cell]:
         need = min_length(cfg.facts)

@@ -1,5 +1,5 @@
 """The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv,
-model.write_from): causal, streaming == one call, and the select write's retention property."""
+model.write_from, model.slot_positions): causal, streaming == one call, and the select write's retention property."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from support import tiny_model
 
 VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", memory_conv=3, memory_read="context"),
-            dict(memory_write="gated", memory_conv=2), dict(memory_write="select", write_from="attention")]
+            dict(memory_write="gated", memory_conv=2), dict(memory_write="select", write_from="attention"),
+            dict(memory_write="select", slot_positions=True)]
 
 
 def _ids(L: int, B: int = 2, seed: int = 1) -> torch.Tensor:
@@ -146,3 +147,31 @@ def test_write_from_attention_makes_the_first_layers_writes_independent_of_the_m
         torch.testing.assert_close(written[0], written[1], rtol=0, atol=0)
     else:
         assert (written[0] - written[1]).abs().amax() > 1e-4
+
+
+@pytest.mark.parametrize("read", ["cross", "context"])
+def test_slot_positions_tell_the_read_where_an_entry_sits(tiny_cfg, read):
+    """Without slot_positions the read is blind to slot order (a permutation of the slots changes nothing); with a
+    trained slot embedding the same entries in another order read differently. At init the embedding is zero:
+    the model computes exactly what it computes without it."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", memory_read=read)
+    plain, positioned = tiny_model(cfg).eval(), tiny_model(dataclasses.replace(cfg, slot_positions=True)).eval()
+    missing, unexpected = positioned.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == [f"blocks.{i}.memory_read.slot_embedding" for i in range(cfg.num_hidden_layers)]
+    assert not unexpected
+    ids = _ids(3 * cfg.segment_length + 5)
+    torch.testing.assert_close(positioned(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    mem = torch.randn(2, cfg.memory_slots, cfg.memory_dim, generator=torch.Generator().manual_seed(3))
+    flipped = mem.flip(1)
+
+    def read_out(model, m):  # the keys and values the read sees, as a set: sorted over the slots
+        return torch.cat(model.blocks[0].memory_read.kv(m), dim=-1).sort(dim=2).values
+    torch.testing.assert_close(read_out(plain, mem), read_out(plain, flipped), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for block in positioned.blocks:
+            block.memory_read.slot_embedding.normal_(generator=torch.Generator().manual_seed(5))
+    seen = read_out(positioned, mem)
+    assert (seen - read_out(positioned, flipped)).abs().amax() > 0.1 * seen.abs().amax()
+    ids_grad = _ids(3 * cfg.segment_length)
+    positioned.train()(ids_grad, labels=ids_grad).loss.backward()
+    assert positioned.blocks[0].memory_read.slot_embedding.grad.abs().sum() > 0

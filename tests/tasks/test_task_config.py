@@ -32,6 +32,7 @@ def test_data_task_selects_the_task(name):
     (["task=mqar", "task.pairs=[]"], "task.pairs"),
     (["task=passkey", "task.lengths=[0]"], "task.lengths"),
     (["task=babi_facts", "task.names=7"], "task.names"),
+    (["task=babi_facts", "task.train_facts=0"], "task.train_facts"),
     (["task=nope"], "task"),
 ])
 def test_task_config_errors_name_the_key(overrides, key):

@@ -140,6 +140,20 @@ def test_babi_facts_answer_is_the_last_fact_about_the_person():
         assert text(s.tokens[:s.answer_start]).endswith(f"Where is {name}? {name} is in the ")
 
 
+def test_babi_facts_curriculum_draws_one_to_train_facts_facts_for_training_only():
+    """task.train_facts: training samples hold 1..train_facts facts (each count appears), evaluation samples
+    exactly `facts`; None keeps training at `facts`."""
+    task = get_task("babi_facts")
+    cfg = TaskConfig(name="babi_facts", facts=6, train_facts=3)
+    counts = [len(task.train_sample(sample_rng(3, 0, i), 256, cfg, 32).info["fact_starts"]) for i in range(60)]
+    assert set(counts) == {1, 2, 3}
+    cell = task.cells(cfg, [256], 32)[0]
+    assert len(task.make(sample_rng(3, 0, 0), cell, cfg, 32).info["fact_starts"]) == 6
+    fixed = TaskConfig(name="babi_facts", facts=6)
+    assert {len(task.train_sample(sample_rng(3, 0, i), 256, fixed, 32).info["fact_starts"]) for i in range(5)} == {6}
+    assert task.min_length(TaskConfig(name="babi_facts", facts=2, train_facts=6), 32) == task.min_length(fixed, 32)
+
+
 def test_insert_and_training_labels():
     assert insert("abcdef", [(0, "X"), (3, "Y"), (3, "Z"), (6, "W")]) == ("XabcYZdefW", [0, 4, 5, 9])
     s = make_passkey(rng(), 200)
