@@ -8,6 +8,7 @@ from that state (as `InferenceEngine` does); mqar is scored teacher forced at it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Optional, Sequence
 
@@ -95,6 +96,10 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
                   progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Evaluate `model` on the task grid of `cfg` (lengths x depth bins, or lengths x pairs, ...).
 
+    A cell of length L is scored on samples of L + 1 tokens: the model reads the L tokens before the answer's
+    last token, exactly as a training sample of data.seq_len + 1 tokens gives data.seq_len inputs. At 1x the
+    question then sits where it sat in training relative to the segment boundaries (a model may depend on it).
+
     Returns {"task", "train_length", "segment_length", "seed", "filler", "lengths", "rows": [...]}, one row per
     cell: {"length", "depth", "pairs", "placement", "samples", "exact_match", ...task metrics}. `progress` is
     called with each row as it is finished.
@@ -113,10 +118,11 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
             row = {**cell.row(), "samples": 0, "exact_match": None, "skipped": cell.skip}
         else:
             tick = time.perf_counter()
+            sized = dataclasses.replace(cell, length=cell.length + 1)  # L inputs, as in training (docstring)
             scores: dict[str, list[float]] = {}
             for first in range(0, cfg.samples, cfg.batch_size):
                 index = range(first, min(first + cfg.batch_size, cfg.samples))
-                samples = [task.make(cell.rng(cfg.seed, i), cell, cfg, seg) for i in index]
+                samples = [task.make(cell.rng(cfg.seed, i), sized, cfg, seg) for i in index]
                 for key, values in task.score(model, samples).items():
                     scores.setdefault(key, []).extend(values)
             row = {**cell.row(), "samples": cfg.samples, **{k: float(np.mean(v)) for k, v in scores.items()},

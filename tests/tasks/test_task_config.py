@@ -91,3 +91,26 @@ def test_eval_task_config_defaults_to_the_trained_task():
     with pytest.raises(ConfigError, match="task=passkey"):
         eval_task_config(kjv, [])
     assert default_lengths(256) == [256, 1024, 4096, 16384]
+
+
+@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
+def test_evaluation_at_the_training_length_reads_what_training_reads(name, monkeypatch):
+    """A cell of length L is scored on samples of L + 1 tokens, so at 1x the model reads data.seq_len tokens and
+    the sample ends where a training sample ends (a model trained with the answer at a fixed place relative to
+    the segment boundaries is evaluated there too)."""
+    from ltm_core import TitanConfig
+    from ltm_core.tasks import get_task
+    from ltm_core.tasks.evaluate import evaluate_task
+
+    task, seen = get_task(name), []
+    monkeypatch.setattr(type(task), "score", lambda self, model, samples: (
+        seen.extend(samples), {"exact_match": [0.0] * len(samples)})[1])
+    cfg = TaskConfig(name=name, lengths=[256], samples=2, batch_size=2, pairs=[4], depth_bins=2, train_pairs=4)
+    model = TitanModel(TitanConfig(hidden_size=32, num_attention_heads=2, memory_slots=4, memory_dim=16,
+                                   segment_length=32))
+    evaluate_task(model, cfg, train_length=256)
+    x, y = TaskSamples(cfg, 256, 32, seed=0).sample(0)
+    assert seen and all(len(s.tokens) == len(x) + 1 == 257 for s in seen)
+    from ltm_core.tasks.common import sample_rng
+    trained = task.train_sample(sample_rng(0, 0, 0), 257, cfg, 32)  # what TaskSamples makes for seq_len 256
+    assert all(s.targets[-1][1] == trained.targets[-1][1] for s in seen)  # the scored span ends where it ends
