@@ -1,7 +1,7 @@
 """babi_facts: where is each person? (bAbI qa1 "single supporting fact", spread through KJV text as in BABILong).
 
     <BOS> kjv ... "\\nMary moved to the kitchen.\\n" ... kjv ... "\\nMary went to the garden.\\n" ... kjv
-          "\\nWhere is Mary? Mary is in the " garden
+          "\\nWhere is Mary? Mary is in the " garden ".  "   (the answer padded: ANSWER_SPAN)
 
 `facts` location facts about `names` people are scattered at uniform positions; a later fact about a person
 overrides an earlier one. The question asks about a person with at least one fact; the answer is the room of
@@ -23,6 +23,7 @@ NAMES = ("Mary", "John", "Sandra", "Daniel", "Fred", "Julie")
 ROOMS = ("bathroom", "hallway", "garden", "office", "bedroom", "kitchen")
 VERBS = ("moved to", "went to", "journeyed to", "travelled to")
 QUESTION = "\nWhere is {name}? {name} is in the "
+ANSWER_SPAN = max(map(len, ROOMS)) + 1  # the answer, a full stop, spaces: the prompt's end does not tell its length
 
 
 def fact_text(name: str, verb: str, room: str) -> str:
@@ -33,12 +34,14 @@ def min_length(facts: int) -> int:
     """A conservative lower bound: the longest facts, question and answer without filler."""
     longest_fact = max(len(fact_text(n, v, r)) for n in NAMES for v in VERBS for r in ROOMS)
     longest_question = max(len(QUESTION.format(name=n)) for n in NAMES)
-    return 1 + facts * longest_fact + longest_question + max(len(r) for r in ROOMS)
+    return 1 + facts * longest_fact + longest_question + ANSWER_SPAN
 
 
 def make_babi_facts(rng: np.random.Generator, length: int, facts: int = 6, names: int = 4,
                     split: str = "train") -> TaskSample:
-    """A sample of exactly `length` tokens: `facts` facts about the first `names` NAMES, then the question."""
+    """A sample of exactly `length` tokens: `facts` facts about the first `names` NAMES, the question, then the
+    answer padded to ANSWER_SPAN ("office. ", "bathroom."): every sample of a length has its answer at the same
+    position, so where the prompt ends (in its segment) says nothing about which room it is."""
     if not 1 <= names <= len(NAMES):
         raise ValueError(f"names must be in [1, {len(NAMES)}], got {names}")
     if length < min_length(facts):
@@ -51,14 +54,15 @@ def make_babi_facts(rng: np.random.Generator, length: int, facts: int = 6, names
     name = who[int(rng.integers(0, facts))]
     answer = where[max(i for i in range(facts) if who[i] == name)]  # the last fact about `name` counts
     question = QUESTION.format(name=name)
-    slack = length - 1 - sum(map(len, texts)) - len(question) - len(answer)
+    slack = length - 1 - sum(map(len, texts)) - len(question) - ANSWER_SPAN
     offsets = sorted_offsets(rng, slack, facts)
     haystack, starts = insert(filler(rng, "kjv", slack, split), list(zip(offsets, texts)))
-    tokens = with_bos(haystack + question + answer)
+    tokens = with_bos(haystack + question + (answer + ".").ljust(ANSWER_SPAN))
     assert len(tokens) == length
     info = {"fact_starts": [1 + s for s in starts], "name": name, "supporting_fact": 1 + starts[
         max(i for i in range(facts) if who[i] == name)]}
-    return TaskSample(tokens, [(length - len(answer), length)], answer, info)
+    start = length - ANSWER_SPAN
+    return TaskSample(tokens, [(start, start + len(answer))], answer, info)
 
 
 class BabiFactsTask:

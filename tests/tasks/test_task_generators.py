@@ -7,7 +7,7 @@ import pytest
 
 from ltm_core.config import TaskConfig
 from ltm_core.tasks import get_task
-from ltm_core.tasks.babi_facts import NAMES, ROOMS, make_babi_facts
+from ltm_core.tasks.babi_facts import ANSWER_SPAN, NAMES, ROOMS, make_babi_facts
 from ltm_core.tasks.common import RULER_FILLER, insert, sample_rng
 from ltm_core.tasks.mqar import PAIR, make_mqar
 from ltm_core.tasks.passkey import NEEDLE_PREFIX, NEEDLE_SUFFIX, QUESTION, make_passkey
@@ -138,6 +138,18 @@ def test_babi_facts_answer_is_the_last_fact_about_the_person():
         assert last.endswith(f"the {s.answer}.")
         assert text(s.tokens[s.info["supporting_fact"]:s.info["supporting_fact"] + 40]).split("\n")[1] == last
         assert text(s.tokens[:s.answer_start]).endswith(f"Where is {name}? {name} is in the ")
+
+
+def test_babi_facts_prompt_end_does_not_reveal_the_answer_length():
+    """Rooms have 6-8 letters. Were the answer the last tokens of the sample, where the prompt ends inside its
+    segment would tell a model the room's length (a no-memory model scored ~50 % that way, chance 17 %): the
+    answer is padded to ANSWER_SPAN, so every sample of a length has the same answer_start."""
+    samples = [make_babi_facts(rng(i), 300, facts=6, names=4) for i in range(40)]
+    assert len({s.answer for s in samples}) == len(ROOMS)
+    assert {s.answer_start for s in samples} == {300 - ANSWER_SPAN}
+    for s in samples:
+        assert text(s.tokens[s.answer_start:]) == (s.answer + ".").ljust(ANSWER_SPAN)
+        assert s.targets == [(s.answer_start, s.answer_start + len(s.answer))]
 
 
 def test_babi_facts_curriculum_draws_one_to_train_facts_facts_for_training_only():
