@@ -112,12 +112,11 @@ class Block(nn.Module):
         prefix = self.memory_read.kv(mem) if mem is not None and self.cfg.memory_read == "context" else None
         a, k, v = self.attn(self.attn_norm(x), cos, sin, past, prefix, backend)
         x = x + a
-        gated = self.memory.gate(x) if mem is not None and self.cfg.write_from == "attention" else None
+        attended = x  # [B, T, C]: what write_from=attention compresses (before the memory read)
         if mem is not None and self.cfg.memory_read == "cross":
             x = x + self.memory_read(self.memory_norm(x), mem, backend)
         x = x + self.ffn(self.ffn_norm(x))
-        if mem is not None and self.cfg.write_from == "block":
-            gated = self.memory.gate(x)
+        gated = None if mem is None else self.memory.gate(attended if self.cfg.write_from == "attention" else x)
         return x, k, v, gated
 
 
