@@ -46,6 +46,8 @@ class TitanConfig:
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
     # the select write keeps entries in arrival order (slot M-1 newest), so the read can prefer the latest entry
+    read_importance: bool = False  # select: the memory read adds log sigmoid(importance) of each entry to its
+    # attention scores, so the read prefers what the write ranks high and importance learns from every read
     memory_conv: int = 0  # kernel of a causal depthwise convolution over a segment's compressed tokens before the
     # write (Titans' short convolution): each written token also carries its predecessors; 0: none
     # segment recurrence
@@ -108,6 +110,8 @@ class TitanConfig:
         if self.memory_write not in MEMORY_WRITES:
             raise ConfigError("model.memory_write",
                               f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")
+        if self.read_importance and self.memory_write != "select":
+            raise ConfigError("model.read_importance", f"needs model.memory_write=select, got {self.memory_write!r}")
         if self.write_from not in WRITE_FROM:
             raise ConfigError("model.write_from", f"must be one of {', '.join(WRITE_FROM)}, got {self.write_from!r}")
         if self.memory_read not in MEMORY_READS:

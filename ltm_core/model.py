@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.memory import LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm
+from ltm_core.memory import LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm, with_key_bias
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState,
-                prefix: Optional[tuple[torch.Tensor, torch.Tensor]], backend: str):
+                prefix: Optional[tuple[torch.Tensor, ...]], backend: str):
         """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd])."""
         B, T, C = h.shape
         q, k, v = self.qkv_proj(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B,H,T,hd]
@@ -60,7 +60,11 @@ class SelfAttention(nn.Module):
         if prefix is not None:  # memory as context: slots are a non-causal prefix
             keys, values = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
             prefix_len = prefix[0].shape[2]
-        y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend)  # [B, H, T, hd]
+        if prefix is not None and len(prefix) == 3:  # read_importance: a score bias on the slots [B, M]
+            y = attention(*with_key_bias(q, keys, values, prefix[2]), causal=True, prefix_len=prefix_len,
+                          scale=self.head_dim ** -0.5, backend=backend)[..., :self.head_dim]  # [B, H, T, hd]
+        else:
+            y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # -1: local heads under TP
 
 
@@ -109,12 +113,17 @@ class Block(nn.Module):
         """x: [B, T, C] -> (x, keys, values [B, H, t + T, hd], gated content [B, T, D] or None)."""
         backend = self.cfg.kernels
         mem = past.memory
-        prefix = self.memory_read.kv(mem) if mem is not None and self.cfg.memory_read == "context" else None
+        bias = None  # read_importance: log sigmoid(importance) of each slot, added to its read scores [B, M]
+        if mem is not None and self.cfg.read_importance:
+            bias = F.logsigmoid(self.memory.importance(mem).squeeze(-1).float())
+        prefix = None
+        if mem is not None and self.cfg.memory_read == "context":
+            prefix = self.memory_read.kv(mem) + ((bias,) if bias is not None else ())
         a, k, v = self.attn(self.attn_norm(x), cos, sin, past, prefix, backend)
         x = x + a
         attended = x  # [B, T, C]: what write_from=attention compresses (before the memory read)
         if mem is not None and self.cfg.memory_read == "cross":
-            x = x + self.memory_read(self.memory_norm(x), mem, backend)
+            x = x + self.memory_read(self.memory_norm(x), mem, backend, bias)
         x = x + self.ffn(self.ffn_norm(x))
         gated = None if mem is None else self.memory.gate(attended if self.cfg.write_from == "attention" else x)
         return x, k, v, gated

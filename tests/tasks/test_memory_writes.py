@@ -1,5 +1,5 @@
 """The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv,
-model.write_from, model.slot_positions): causal, streaming == one call, and the select write's retention property."""
+model.write_from, model.slot_positions, model.read_importance): causal, streaming == one call, and the select write's retention property."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from support import tiny_model
 VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", memory_conv=3, memory_read="context"),
             dict(memory_write="gated", memory_conv=2), dict(memory_write="select", write_from="attention"),
-            dict(memory_write="select", slot_positions=True)]
+            dict(memory_write="select", slot_positions=True), dict(memory_write="select", read_importance=True),
+            dict(memory_write="select", read_importance=True, memory_read="context", slot_positions=True)]
 
 
 def _ids(L: int, B: int = 2, seed: int = 1) -> torch.Tensor:
@@ -122,7 +123,7 @@ def test_select_has_no_write_attention_parameters(tiny_cfg):
 
 
 @pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5),
-                                        ("write_from", "ffn")])
+                                        ("write_from", "ffn"), ("read_importance", True)])
 def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
@@ -175,3 +176,53 @@ def test_slot_positions_tell_the_read_where_an_entry_sits(tiny_cfg, read):
     ids_grad = _ids(3 * cfg.segment_length)
     positioned.train()(ids_grad, labels=ids_grad).loss.backward()
     assert positioned.blocks[0].memory_read.slot_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("causal, prefix", [(False, 6), (True, 4)])
+def test_key_bias_folded_into_the_head_dim_equals_an_additive_mask(causal, prefix):
+    """with_key_bias: softmax(q.k / sqrt(hd) + bias) through the one attention dispatch, for the memory read
+    (cross: every key biased) and memory-as-context (causal segment after a biased prefix)."""
+    import torch.nn.functional as F
+
+    from ltm_core.attention import attention, attention_mask
+    from ltm_core.memory import with_key_bias
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Lq, hd = 2, 3, 5, 8
+    Lk = prefix + (Lq + 2 if causal else 0)
+    q, k, v = (torch.randn(B, H, n, hd, generator=g) for n in (Lq, Lk, Lk))
+    bias = 3 * torch.randn(B, prefix, generator=g)
+    out = attention(*with_key_bias(q, k, v, bias), causal=causal, prefix_len=prefix if causal else 0,
+                    scale=hd ** -0.5, backend="torch")
+    assert out.shape == (B, H, Lq, hd + 1) and out[..., hd].abs().amax() == 0
+    mask = torch.zeros(B, 1, Lq, Lk)
+    if causal:
+        mask = mask.masked_fill(~attention_mask(Lq, Lk, causal=True, prefix_len=prefix), float("-inf"))
+    mask[..., :prefix] += bias[:, None, None, :]
+    torch.testing.assert_close(out[..., :hd], F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("read", ["cross", "context"])
+def test_read_importance_discounts_each_slot_by_its_importance(tiny_cfg, read):
+    """read_importance adds log sigmoid(importance) to a slot's read scores: with every entry's importance
+    saturated (log sigmoid = 0) the model computes what it computes without the option; at init it differs, and
+    the read passes gradient to the importance of the entries it reads."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", memory_read=read)
+    plain, biased = tiny_model(cfg).eval(), tiny_model(dataclasses.replace(cfg, read_importance=True)).eval()
+    biased.load_state_dict(plain.state_dict())
+    init = {k: v.clone() for k, v in plain.state_dict().items()}
+    ids = _ids(3 * cfg.segment_length + 5)
+    assert (biased(ids).logits - plain(ids).logits).abs().amax() > 1e-4
+    with torch.no_grad():  # a constant shift keeps the select ranking; sigmoid(60 + ...) = 1
+        for model in (plain, biased):
+            for block in model.blocks:
+                block.memory.importance.bias.fill_(60.0)
+    torch.testing.assert_close(biased(ids).logits, plain(ids).logits, rtol=0, atol=1e-6)
+    grads = []
+    for flag in (False, True):  # same weights, exact ranking: the read's gradient is added to the write's
+        model = tiny_model(dataclasses.replace(cfg, read_importance=flag, select_noise=0.0))
+        model.load_state_dict(init)
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.blocks[0].memory.importance.weight.grad)
+    assert grads[0].abs().amax() > 0 and (grads[1] - grads[0]).abs().amax() > 0.01 * grads[0].abs().amax()
