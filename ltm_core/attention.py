@@ -7,7 +7,9 @@ The default backend is PyTorch's `scaled_dot_product_attention`; the Triton flas
 Key layout: the first `prefix_len` keys (memory slots) are visible to every query; the remaining
 `Lk - prefix_len` keys are the segment, whose last `Lq` positions the queries are (bottom-right alignment,
 so a KV cache with Lq < Lk works). `causal` applies to the segment part; `window=w` lets a query at segment
-position p see segment keys in (p - w, p].
+position p see segment keys in (p - w, p]. `key_bias` [B, Lb] adds a score to each of the first Lb keys (the
+memory slots), for every query and head; it is folded into one extra head dimension (`with_key_bias`), so every
+backend computes it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,34 @@ import torch.nn.functional as F
 from ltm_core.ops import use_kernels
 from ltm_extensions.reference import attention_mask  # the one statement of the mask rule
 
-__all__ = ["attention", "attention_mask"]
+__all__ = ["attention", "attention_mask", "with_key_bias"]
 
 BACKENDS = ("auto", "triton", "torch")
 
 
+def with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold a per-key score bias into one extra head dimension, so the one attention dispatch (and its kernels)
+    computes softmax(q.k * scale + bias) with scale = hd ** -0.5 of the original head dim.
+
+    q: [B, H, Lq, hd]; k, v: [B, H, Lk, hd]; bias: [B, Lb] for the first Lb <= Lk keys (the memory slots; the
+    keys after them get none) -> q, k, v with head dim hd + 1: q gets a 1, k gets bias / scale, v a 0 (the output's
+    last dimension is 0; drop it)."""
+    B, H, Lk, hd = k.shape
+    extra = bias.to(k.dtype) * hd ** 0.5  # [B, Lb]
+    extra = F.pad(extra, (0, Lk - extra.shape[1]))[:, None, :, None].expand(B, H, Lk, 1)  # [B, H, Lk, 1]
+    return (F.pad(q, (0, 1), value=1.0), torch.cat([k, extra], dim=-1), F.pad(v, (0, 1)))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, prefix_len: int = 0,
-              window: Optional[int] = None, scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
-    """Softmax attention. q: [B, H, Lq, d]; k, v: [B, H, Lk, d] -> [B, H, Lq, d]."""
+              window: Optional[int] = None, scale: Optional[float] = None, backend: str = "auto",
+              key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention. q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; key_bias: [B, Lb] or None -> [B, H, Lq, d]."""
+    if key_bias is not None:
+        hd = q.shape[-1]
+        y = attention(*with_key_bias(q, k, v, key_bias), causal=causal, prefix_len=prefix_len, window=window,
+                      scale=hd ** -0.5 if scale is None else scale, backend=backend)
+        return y[..., :hd]  # [B, H, Lq, d]
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     lq, lk = q.shape[-2], k.shape[-2]

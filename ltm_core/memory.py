@@ -33,7 +33,7 @@ sampled without replacement from softmax(w_s . cand / (select_noise * std))): to
 sometimes kept, and importance learns from them; the memory the read sees in training then mixes needles with
 strong filler, as it does after thousands of segments. The spread scaling keeps the sampling on however large the
 importance grows. Evaluation and generation rank without noise. With `read_importance` the read adds
-log sigmoid(w_s . entry) to each entry's attention scores (MemoryRead, `with_key_bias`), so the importance that
+log sigmoid(w_s . entry) to each entry's attention scores (the `key_bias` of `attention()`), so the importance that
 decides what is kept is also what the read weighs, and it learns from every read.
 
 `memory_conv=K` first mixes each compressed token with its K - 1 predecessors in the segment (a causal
@@ -254,23 +254,6 @@ class MemoryRead(nn.Module):
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k, v = self.kv(mem)
-        if bias is None:
-            y = attention(q, k, v, causal=False, backend=backend)  # [B, H, T, hd]
-        else:
-            y = attention(*with_key_bias(q, k, v, bias), causal=False, scale=self.head_dim ** -0.5,
-                          backend=backend)[..., :self.head_dim]  # [B, H, T, hd]
+        y = attention(q, k, v, causal=False, backend=backend, key_bias=bias)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-
-def with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fold a per-key score bias into one extra head dimension, so the one attention dispatch (and its kernels)
-    computes softmax(q.k * scale + bias) with scale = hd ** -0.5 of the original head dim.
-
-    q: [B, H, Lq, hd]; k, v: [B, H, Lk, hd]; bias: [B, Lb] for the first Lb <= Lk keys (the memory slots; the
-    keys after them get none) -> q, k, v with head dim hd + 1: q gets a 1, k gets bias / scale, v a 0 (the output's
-    last dimension is 0; drop it)."""
-    B, H, Lk, hd = k.shape
-    extra = bias.to(k.dtype) * hd ** 0.5  # [B, Lb]
-    extra = F.pad(extra, (0, Lk - extra.shape[1]))[:, None, :, None].expand(B, H, Lk, 1)  # [B, H, Lk, 1]
-    return (F.pad(q, (0, 1), value=1.0), torch.cat([k, extra], dim=-1), F.pad(v, (0, 1)))

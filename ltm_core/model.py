@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.memory import LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm, with_key_bias
+from ltm_core.memory import LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,22 +49,19 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState,
-                prefix: Optional[tuple[torch.Tensor, ...]], backend: str):
+                prefix: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]], backend: str):
         """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd])."""
         B, T, C = h.shape
         q, k, v = self.qkv_proj(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B,H,T,hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past.keys is not None:  # tokens already seen in this segment
             k, v = torch.cat([past.keys, k], dim=2), torch.cat([past.values, v], dim=2)
-        keys, values, prefix_len = k, v, 0
-        if prefix is not None:  # memory as context: slots are a non-causal prefix
+        keys, values, prefix_len, bias = k, v, 0, None
+        if prefix is not None:  # memory as context: slots are a non-causal prefix (with read_importance's bias)
             keys, values = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-            prefix_len = prefix[0].shape[2]
-        if prefix is not None and len(prefix) == 3:  # read_importance: a score bias on the slots [B, M]
-            y = attention(*with_key_bias(q, keys, values, prefix[2]), causal=True, prefix_len=prefix_len,
-                          scale=self.head_dim ** -0.5, backend=backend)[..., :self.head_dim]  # [B, H, T, hd]
-        else:
-            y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend)  # [B, H, T, hd]
+            prefix_len, bias = prefix[0].shape[2], prefix[2]
+        y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend,
+                      key_bias=bias)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # -1: local heads under TP
 
 
@@ -118,7 +115,7 @@ class Block(nn.Module):
             bias = F.logsigmoid(self.memory.importance(mem).squeeze(-1).float())
         prefix = None
         if mem is not None and self.cfg.memory_read == "context":
-            prefix = self.memory_read.kv(mem) + ((bias,) if bias is not None else ())
+            prefix = (*self.memory_read.kv(mem), bias)  # slot keys, values [B, H, M, hd], bias [B, M] or None
         a, k, v = self.attn(self.attn_norm(x), cos, sin, past, prefix, backend)
         x = x + a
         attended = x  # [B, T, C]: what write_from=attention compresses (before the memory read)

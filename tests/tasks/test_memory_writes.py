@@ -184,8 +184,7 @@ def test_key_bias_folded_into_the_head_dim_equals_an_additive_mask(causal, prefi
     (cross: every key biased) and memory-as-context (causal segment after a biased prefix)."""
     import torch.nn.functional as F
 
-    from ltm_core.attention import attention, attention_mask
-    from ltm_core.memory import with_key_bias
+    from ltm_core.attention import attention, attention_mask, with_key_bias
 
     g = torch.Generator().manual_seed(0)
     B, H, Lq, hd = 2, 3, 5, 8
