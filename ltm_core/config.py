@@ -14,7 +14,7 @@ from typing import Any, Optional
 from ltm_core.errors import ConfigError
 
 MEMORY_READS = ("cross", "context")
-MEMORY_WRITES = ("gated", "importance", "select")
+MEMORY_WRITES = ("gated", "importance", "select", "delta")
 WRITE_FROM = ("block", "attention")
 KERNELS = ("auto", "triton", "torch")
 
@@ -38,7 +38,9 @@ class TitanConfig:
     update_gate_bias: float = -2.0  # initial b_u: sigmoid(-2) ~ 0.12, a memory that starts by mostly keeping
     memory_write: str = "gated"  # gated: slots read the segment, update gate; importance: slots read the tokens
     # in proportion to their importance and write only as much as that importance (filler leaves memory intact);
-    # select: the memory keeps the memory_slots most important compressed tokens (no query/key/value/update)
+    # select: the memory keeps the memory_slots most important compressed tokens (no query/key/value/update);
+    # delta: an associative memory, a linear map from keys (memory_dim) to values (memory_slots) written by the
+    # delta rule (Titans' linear memory, DeltaNet) and read as mem @ q
     select_noise: float = 0.5  # select, in training only: Gumbel noise on the importance before the top-k, scaled
     # by this times the spread (std) of the candidates' importance: sampling without replacement, so tokens that
     # the ranking would drop are sometimes kept, and a larger importance cannot switch the sampling off; 0: exact
@@ -110,6 +112,12 @@ class TitanConfig:
         if self.memory_write not in MEMORY_WRITES:
             raise ConfigError("model.memory_write",
                               f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")
+        if self.memory_write == "delta" and self.memory_read != "cross":
+            raise ConfigError("model.memory_read", f"memory_write=delta is read as mem @ q: needs cross, got "
+                                                   f"{self.memory_read!r}")
+        if self.memory_write == "delta" and self.slot_positions:
+            raise ConfigError("model.slot_positions", "does not apply to memory_write=delta (a linear map has no "
+                                                      "slots in arrival order)")
         if self.read_importance and self.memory_write != "select":
             raise ConfigError("model.read_importance", f"needs model.memory_write=select, got {self.memory_write!r}")
         if self.write_from not in WRITE_FROM:

@@ -36,6 +36,18 @@ importance grows. Evaluation and generation rank without noise. With `read_impor
 log sigmoid(w_s . entry) to each entry's attention scores (the `key_bias` of `attention()`), so the importance that
 decides what is kept is also what the read weighs, and it learns from every read.
 
+With `memory_write=delta` the memory is associative: mem [B, M, D] is a linear map from keys (D wide) to values
+(M wide), written token by token with the delta rule (Titans' linear memory with one gradient step per token on
+||mem k - v||^2; DeltaNet) and read by mapping the query:
+
+    k_t = normalize(K c_t),  v_t = V c_t,  b_t = sigmoid(w_s . c_t)      key [D], value [M], write strength
+    mem = mem + b_t (v_t - mem k_t) k_t^T        for t = 1..T            replaces what k_t held by v_t
+    read: y = mem normalize(Q h)                                          [B, T, M] -> O -> [B, T, C]
+
+A key written again overwrites its value instead of piling up (so "later facts overwrite earlier ones" is the
+write's own behaviour), and filler written with b ~ 0 leaves the map as it was. The T sequential updates are
+computed at once: with A = strict_lower(diag(b) K K^T), U = (I + A)^-1 diag(b) (V - K mem^T), mem += U^T K.
+
 `memory_conv=K` first mixes each compressed token with its K - 1 predecessors in the segment (a causal
 depthwise convolution, as Titans does after its projections), so an entry can be found by what preceded it.
 
@@ -127,7 +139,10 @@ class LongTermMemory(nn.Module):
         self.importance = nn.Linear(D, 1)  # w_s
         if cfg.memory_conv:  # depthwise causal convolution over the segment's compressed tokens, [D, 1, K]
             self.conv = nn.Parameter(torch.empty(D, 1, cfg.memory_conv))
-        if self.mode != "select":  # the select write keeps entries as they are: no write attention, no gate
+        if self.mode == "delta":  # keys and values of the associative map
+            self.key = nn.Linear(D, D, bias=False)  # K(c)
+            self.value = nn.Linear(D, M, bias=False)  # V(c)
+        elif self.mode != "select":  # the select write keeps entries as they are: no write attention, no gate
             self.query = nn.Linear(D, D, bias=False)  # Q(mem)
             self.key = nn.Linear(D, D, bias=False)  # K(g)
             self.value = nn.Linear(D, D, bias=False)  # V(g)
@@ -135,6 +150,8 @@ class LongTermMemory(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.initial, std=1.0)
+        if self.mode == "delta":  # the map starts empty (learned from there)
+            nn.init.zeros_(self.initial)
         self.norm.reset_parameters()
         for name in ("compress", "importance", "query", "key", "value", "update"):
             if hasattr(self, name):
@@ -154,7 +171,7 @@ class LongTermMemory(nn.Module):
         """h: [B, T, C] -> what the segment end writes from: gated content c * s (gated) or content c
         (importance and select, whose writes compute s from c themselves): [B, T, D]."""
         c = self.compress(self.norm(h))  # [B, T, D]
-        if self.mode in ("importance", "select"):
+        if self.mode in ("importance", "select", "delta"):
             return c
         return ops.compress_gate(c, self.importance(c), self.backend)  # c * sigmoid(w_s . c)
 
@@ -169,6 +186,8 @@ class LongTermMemory(nn.Module):
             return self._importance_write(mem, g)
         if self.mode == "select":
             return self._select_write(mem, g, first)
+        if self.mode == "delta":
+            return self._delta_write(mem, g)
         q = self.query(mem).unsqueeze(1)  # [B, 1, M, D]: one head
         k = self.key(g).unsqueeze(1)  # [B, 1, S, D]
         v = self.value(g).unsqueeze(1)  # [B, 1, S, D]
@@ -206,6 +225,41 @@ class LongTermMemory(nn.Module):
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
         s = torch.sigmoid(logits.gather(1, keep).float()).unsqueeze(-1)  # [B, M, 1]
         return kept * (1 + s - s.detach()).to(kept.dtype)
+
+
+    def _delta_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The delta rule over the segment's T tokens in one triangular solve (module docstring), in fp32."""
+        T = c.shape[1]
+        k = F.normalize(self.key(c).float(), dim=-1)  # [B, T, D]
+        v = self.value(c).float()  # [B, T, M]
+        b = torch.sigmoid(self.importance(c).float())  # [B, T, 1]
+        w = mem.float()  # [B, M, D]
+        a = torch.tril(b * (k @ k.transpose(1, 2)), diagonal=-1)  # [B, T, T]: b_t k_t . k_i for i < t
+        eye = torch.eye(T, dtype=a.dtype, device=a.device)
+        u = torch.linalg.solve_triangular(eye + a, b * (v - k @ w.transpose(1, 2)), upper=False)  # [B, T, M]
+        return (w + u.transpose(1, 2) @ k).to(mem.dtype)  # [B, M, D]
+
+
+class DeltaRead(nn.Module):
+    """The read of the delta memory: y = mem normalize(Q h), projected back to the hidden size."""
+
+    def __init__(self, cfg: TitanConfig):
+        super().__init__()
+        self.init_std = cfg.init_std
+        self.residual_std = cfg.init_std / (2 * cfg.num_hidden_layers) ** 0.5
+        self.query = nn.Linear(cfg.hidden_size, cfg.memory_dim, bias=False)  # Q
+        self.out = nn.Linear(cfg.memory_slots, cfg.hidden_size, bias=False)  # O
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.query.weight, std=self.init_std)
+        nn.init.normal_(self.out.weight, std=self.residual_std)
+
+    def forward(self, h: torch.Tensor, mem: torch.Tensor, backend: str = "auto",
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h: [B, T, C] (normed), mem: [B, M, D] -> [B, T, C]."""
+        q = F.normalize(self.query(h).float(), dim=-1)  # [B, T, D]
+        y = q @ mem.float().transpose(1, 2)  # [B, T, M]
+        return self.out(y.to(h.dtype))
 
 
 class MemoryRead(nn.Module):

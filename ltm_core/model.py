@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.memory import LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm
+from ltm_core.memory import DeltaRead, LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +87,7 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg)
         if cfg.use_memory:
             self.memory = LongTermMemory(cfg)
-            self.memory_read = MemoryRead(cfg)
+            self.memory_read = DeltaRead(cfg) if cfg.memory_write == "delta" else MemoryRead(cfg)
             if cfg.memory_read == "cross":
                 self.memory_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)

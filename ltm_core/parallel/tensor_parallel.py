@@ -108,7 +108,7 @@ def apply_tensor_parallel(blocks, tp_mesh: DeviceMesh) -> None:
     for block in blocks:
         parallelize_module(block, tp_mesh, block_plan(block))
         block.attn.heads = block.attn.heads // tp
-        if hasattr(block, "memory_read"):
+        if hasattr(getattr(block, "memory_read", None), "heads"):  # the delta read has none: it stays replicated
             block.memory_read.heads = block.memory_read.heads // tp
 
 

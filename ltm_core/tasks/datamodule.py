@@ -30,10 +30,12 @@ class TaskSamples(IterableDataset):
         self.start, self.rank, self.world = start, rank, world
 
     def sample(self, index: int, stream: int = TRAIN_STREAM):
+        """Training pairs carry the filler's next-byte loss when task.lm_loss; validation pairs never do: the
+        validation loss is the answer loss whatever the training loss."""
         rng = sample_rng(self.seed, stream, index)
         split = "train" if stream == TRAIN_STREAM else "eval"
         sample = self.task.train_sample(rng, self.seq_len + 1, self.cfg, self.segment_length, split)
-        return sample.training_pair(self.cfg.lm_loss)
+        return sample.training_pair(self.cfg.lm_loss and stream == TRAIN_STREAM)
 
     def __iter__(self):
         i = self.start + self.rank

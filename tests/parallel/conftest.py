@@ -44,11 +44,14 @@ def runs(tmp_path_factory, base) -> dict[str, Path]:
     from ltm_core.train import train
 
     root = tmp_path_factory.mktemp("parallel-runs")
-    out = {name: root / name for name in ("single", "fsdp", "tp2", "tp2_pp2", "resume")}
+    out = {name: root / name for name in ("single", "fsdp", "tp2", "tp2_pp2", "resume", "single_delta", "tp2_delta")}
+    delta = ["model.memory_write=delta", "model.slot_positions=false"]  # the associative memory: its read is replicated
     train(compose(base + ["parallel=single", f"output_dir={out['single']}"]))
-    # two processes: fsdp (2 samples per dp rank = the same global batch) and tp2
+    train(compose(base + delta + ["parallel=single", f"output_dir={out['single_delta']}"]))
+    # two processes: fsdp (2 samples per dp rank = the same global batch), tp2, tp2 with the delta memory
     spawn_jobs(2, [compose_dict(base + ["parallel=fsdp", "data.batch_size=2", f"output_dir={out['fsdp']}"]),
-                   compose_dict(base + ["parallel=tp2", f"output_dir={out['tp2']}"])])
+                   compose_dict(base + ["parallel=tp2", f"output_dir={out['tp2']}"]),
+                   compose_dict(base + delta + ["parallel=tp2", f"output_dir={out['tp2_delta']}"])])
     # four processes: tp2_pp2 for 5 steps; and 3 steps, then resume=auto up to 5
     pp = ["parallel=tp2_pp2", "parallel.microbatches=2"]
     spawn_jobs(4, [compose_dict(base + pp + [f"output_dir={out['tp2_pp2']}"]),

@@ -30,9 +30,10 @@ def assert_same_run(reference: Path, run: Path, steps: int = STEPS) -> None:
             f"{name}: max diff {(par_w[name].float() - w.float()).abs().max():.2e}"
 
 
-@pytest.mark.parametrize("preset", ["fsdp", "tp2", "tp2_pp2"])
-def test_matches_single_process(runs, preset):
-    assert_same_run(runs["single"], runs[preset])
+@pytest.mark.parametrize("preset, reference", [("fsdp", "single"), ("tp2", "single"), ("tp2_pp2", "single"),
+                                               ("tp2_delta", "single_delta")])
+def test_matches_single_process(runs, preset, reference):
+    assert_same_run(runs[reference], runs[preset])
 
 
 def test_output_layout(runs):

@@ -1,5 +1,6 @@
 """The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv,
-model.write_from, model.slot_positions, model.read_importance): causal, streaming == one call, and the select write's retention property."""
+model.write_from, model.slot_positions, model.read_importance): causal, streaming == one call, the select write's
+retention property and the delta write's rule."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", memory_conv=3, memory_read="context"),
             dict(memory_write="gated", memory_conv=2), dict(memory_write="select", write_from="attention"),
             dict(memory_write="select", slot_positions=True), dict(memory_write="select", read_importance=True),
-            dict(memory_write="select", read_importance=True, memory_read="context", slot_positions=True)]
+            dict(memory_write="select", read_importance=True, memory_read="context", slot_positions=True),
+            dict(memory_write="delta"), dict(memory_write="delta", write_from="attention", memory_conv=2)]
 
 
 def _ids(L: int, B: int = 2, seed: int = 1) -> torch.Tensor:
@@ -128,6 +130,53 @@ def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
     assert err.value.key == f"model.{key}"
+
+
+@pytest.mark.parametrize("key, value", [("memory_read", "context"), ("slot_positions", True),
+                                        ("read_importance", True)])
+def test_delta_rejects_the_slot_options(key, value):
+    with pytest.raises(ConfigError) as err:
+        TitanConfig(memory_write="delta", **{key: value})
+    assert err.value.key == f"model.{key}"
+
+
+def test_delta_write_is_the_token_by_token_delta_rule(tiny_cfg):
+    """The one triangular solve equals T sequential updates mem += b_t (v_t - mem k_t) k_t^T, and the read maps a
+    normalised query through the memory."""
+    torch.manual_seed(0)
+    memory = tiny_model(dataclasses.replace(tiny_cfg, memory_write="delta")).blocks[0].memory
+    B, T, M, D = 3, 11, tiny_cfg.memory_slots, tiny_cfg.memory_dim
+    c, mem = torch.randn(B, T, D), torch.randn(B, M, D)
+    with torch.no_grad():
+        memory.importance.bias.fill_(0.5)
+        k = torch.nn.functional.normalize(memory.key(c), dim=-1)  # [B, T, D]
+        v, b = memory.value(c), torch.sigmoid(memory.importance(c))  # [B, T, M], [B, T, 1]
+        expect = mem.clone()
+        for t in range(T):
+            err = v[:, t] - (expect @ k[:, t].unsqueeze(-1)).squeeze(-1)  # [B, M]
+            expect = expect + b[:, t, :, None] * err.unsqueeze(-1) * k[:, t].unsqueeze(1)
+        torch.testing.assert_close(memory.write(mem, c), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_delta_overwrites_a_key_written_again(tiny_cfg):
+    """Two tokens with the same key and different values, written at full strength: reading the key returns the
+    later value exactly (overwrite, not a sum), and a key orthogonal to it reads what the memory held before."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="delta")
+    memory = tiny_model(cfg).blocks[0].memory
+    D, half = cfg.memory_dim, cfg.memory_dim // 2
+    with torch.no_grad():  # keys from the first half of c, values from the second
+        memory.key.weight.zero_()
+        memory.key.weight[:half, :half] = torch.eye(half)
+        memory.value.weight[:, :half] = 0
+        memory.importance.weight.zero_()
+        memory.importance.bias.fill_(30.0)  # b = 1
+        a, other = torch.zeros(D), torch.zeros(D)
+        a[0], other[1] = 1.0, 1.0
+        c = torch.stack([a + torch.cat([torch.zeros(half), torch.randn(half)]) for _ in range(2)])[None]  # [1, 2, D]
+        mem = torch.randn(1, cfg.memory_slots, D)
+        new = memory.write(mem, c)
+        torch.testing.assert_close(new @ a, memory.value(c)[0, 1][None], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(new @ other, mem @ other, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("write_from", ["block", "attention"])

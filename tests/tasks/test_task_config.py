@@ -71,6 +71,17 @@ def test_task_samples_resume_exactly_and_split_over_ranks():
     assert len(val) == 3 and torch.equal(val[1][0], val[1][0]) and not torch.equal(val[0][0], full[0][0])
 
 
+def test_lm_loss_trains_on_the_filler_and_validates_on_the_answer():
+    """task.lm_loss=true adds the next-byte loss on every token to training; validation stays the answer loss, so
+    validation losses of runs with and without it compare."""
+    cfg = TaskConfig(name="passkey", lm_loss=True)
+    x, y = TaskSamples(cfg, 128, 32, seed=5).sample(0)
+    assert (y != -100).all()
+    _, y_val = ValidationSamples(TaskSamples(cfg, 128, 32, seed=5), 2)[0]
+    _, y_plain = ValidationSamples(TaskSamples(TaskConfig(name="passkey"), 128, 32, seed=5), 2)[0]
+    assert torch.equal(y_val, y_plain) and (y_val != -100).sum() == cfg.digits
+
+
 def test_task_datamodule_batches():
     module = TaskDataModule(DataConfig(name="mqar", seq_len=512, batch_size=4, val_samples=6),
                             TaskConfig(name="mqar", train_pairs=8), segment_length=64)
