@@ -49,7 +49,8 @@ def results_table(results: dict, title: Optional[str] = None) -> Table:
     what = {"passkey": "exact match % by context length and needle depth % (first: needle in the first segment; "
                        "strad: the key split by a segment boundary, or right after one for a 1-digit key; mean: of the "
                        "depth bins; digit: per-digit accuracy %)",
-            "mqar": "accuracy % at the query positions by context length and pairs (chance 4 %)",
+            "mqar": "accuracy % at the query positions / of the first query alone, by context length and pairs "
+                    "(chance 4 %; recalling the stored values without their keys: ~100/pairs % on the first query)",
             "babi_facts": "exact match % by context length (chance 17 %: 6 rooms)"}[task]
     table = Table(title=f"{title or f'ltm eval task={task}'}\n{what}", caption=caption, box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
@@ -72,7 +73,9 @@ def results_table(results: dict, title: Optional[str] = None) -> Table:
         for label in columns:
             _column(table, label, justify="right")
         for length in lengths:
-            table.add_row(f"{length:,}", *[_pct(cells[length, c].get("accuracy")) for c in columns])
+            table.add_row(f"{length:,}", *[_pct(cells[length, c].get("accuracy")) + (
+                f" / {_pct(cells[length, c]['first_query_accuracy'])}"
+                if cells[length, c].get("first_query_accuracy") is not None else "") for c in columns])
     else:
         _column(table, "exact match %", justify="right")
         _column(table, "samples", justify="right")

@@ -98,3 +98,38 @@ def test_scores_with_a_perfect_answerer(monkeypatch):
     assert scores == {"exact_match": [1.0] * 3, "digit_accuracy": [1.0] * 3}
     monkeypatch.setattr(runner, "decode_answers", lambda model, ss, n: [a[:-1] + "x" for a in answers])
     assert task.score(None, samples)["digit_accuracy"] == [pytest.approx(0.8)] * 3
+
+
+def test_mqar_scores_every_query_and_the_first_alone(monkeypatch):
+    """A 'model' that gets every query right but the first one, then one that gets only the first right."""
+    task, cfg = get_task("mqar"), TaskConfig(name="mqar")
+    cell = Cell(129, 4, pairs=4)
+    samples = [task.make(cell.rng(0, i), cell, cfg, 32) for i in range(2)]
+    import ltm_core.tasks.evaluate as runner
+
+    for wrong, accuracy, first in ((0, 0.75, 0.0), (slice(1, None), 0.25, 1.0)):
+        def replay(model, tokens, positions, wrong=wrong):
+            answers = tokens[:, positions].clone()  # [B, pairs]
+            answers[:, wrong] = (answers[:, wrong] + 1) % 256
+            return answers
+
+        monkeypatch.setattr(runner, "teacher_forced_argmax", replay)
+        scores = task.score(torch.nn.Linear(1, 1), samples)  # the scorer only asks the model for its device
+        assert scores == {"accuracy": [accuracy] * 2, "exact_match": [0.0] * 2, "first_query_accuracy": [first] * 2}
+
+
+def test_mqar_table_shows_the_accuracy_and_the_first_query():
+    from rich.console import Console
+
+    from ltm_core.tasks.report import results_table
+
+    rows = [{"length": 192, "depth": None, "pairs": 4, "placement": None, "samples": 100, "exact_match": 0.1,
+             "accuracy": 0.28, "first_query_accuracy": 0.12},
+            {"length": 192, "depth": None, "pairs": 8, "placement": None, "samples": 100, "exact_match": 0.0,
+             "accuracy": 0.2}]  # a file written before first_query_accuracy existed
+    results = {"task": "mqar", "train_length": 192, "segment_length": 32, "seed": 0, "filler": "kjv",
+               "memory": True, "rows": rows}
+    console = Console(record=True, width=200)
+    console.print(results_table(results))
+    line = next(line for line in console.export_text().splitlines() if line.strip().startswith("192"))
+    assert "28 / 12" in line and line.rstrip().endswith("20"), line
