@@ -88,13 +88,18 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
             per_layer += (3 if cross else 2) * tok  # backward: column-parallel input gradients
             if mc.use_memory:
                 mem_grad = s > 0 or w == 0  # the memory of the window's first segment is detached (or learned)
-                if mem_grad:
+                if mem_grad and mc.memory_write != "delta":  # the delta read is replicated: no collective
                     per_layer += B * M * D * abytes  # memory_read.kv_proj input gradient
-                per_layer += (2 * B * M * D + 2 * B * T * D) * abytes  # write: gathered query/update/key/value
-                if s < mc.bptt_segments - 1:  # the write feeds the next segment of the same window
-                    per_layer += (2 * B * T * D + 2 * B * M * D) * abytes  # key/value/update inputs
-                    if mem_grad:
-                        per_layer += B * M * D * abytes  # query input
+                if mc.memory_write in ("gated", "importance"):  # write attention: query/update/key/value sharded
+                    per_layer += (2 * B * M * D + 2 * B * T * D) * abytes  # forward: gathered outputs
+                    if s < mc.bptt_segments - 1:  # the write feeds the next segment of the same window
+                        per_layer += (2 * B * T * D + 2 * B * M * D) * abytes  # key/value/update inputs
+                        if mem_grad:
+                            per_layer += B * M * D * abytes  # query input
+                elif mc.memory_write == "delta":  # key [T, D] and value [T, M] sharded
+                    per_layer += (B * T * D + B * T * M) * abytes  # forward: gathered outputs
+                    if s < mc.bptt_segments - 1:
+                        per_layer += 2 * B * T * D * abytes  # backward: key/value input gradients
         out["tp"] = per_layer * L * tp * dp
     # ---- data parallel (FSDP2, one unit per model part), per rank
     fsdp = dp > 1 or precision.endswith("mixed")
@@ -106,8 +111,10 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
                 blk = model.blocks[i]
                 sharded = _numel(blk.attn) + _numel(blk.ffn)
                 if mc.use_memory:
-                    sharded += _numel(blk.memory_read)
-                    sharded += sum(_numel(getattr(blk.memory, n)) for n in ("query", "key", "value", "update"))
+                    if mc.memory_write != "delta":  # the delta read stays replicated under TP
+                        sharded += _numel(blk.memory_read)
+                    sharded += sum(_numel(getattr(blk.memory, n)) for n in ("query", "key", "value", "update")
+                                   if hasattr(blk.memory, n))  # the write projections this write has
                 local += sharded / tp + (_numel(blk) - sharded)
             if layers.start == 0:
                 local += model.embed_tokens.weight.numel()
