@@ -149,9 +149,10 @@ class LongTermMemory(nn.Module):
             self.update = nn.Linear(2 * D, D)  # W_u, b_u
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.initial, std=1.0)
         if self.mode == "delta":  # the map starts empty (learned from there)
             nn.init.zeros_(self.initial)
+        else:
+            nn.init.normal_(self.initial, std=1.0)
         self.norm.reset_parameters()
         for name in ("compress", "importance", "query", "key", "value", "update"):
             if hasattr(self, name):
@@ -225,7 +226,6 @@ class LongTermMemory(nn.Module):
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
         s = torch.sigmoid(logits.gather(1, keep).float()).unsqueeze(-1)  # [B, M, 1]
         return kept * (1 + s - s.detach()).to(kept.dtype)
-
 
     def _delta_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The delta rule over the segment's T tokens in one triangular solve (module docstring), in fp32."""
