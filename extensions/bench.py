@@ -5,9 +5,10 @@
   - "torch_ref": the plain-PyTorch reference;
   - "sdpa" (attention): `F.scaled_dot_product_attention`, `is_causal=True` in the plain causal case, an explicit
     boolean mask otherwise;
-  - "flex" (attention): `torch.nn.attention.flex_attention` with a block mask from the same rule (compiled on
-    CUDA, eager elsewhere); a failure is reported in the row's "error" instead of times.
-Times are medians over repeats after warm-up, in ms. Attention rows report TFLOP/s (4·B·H·d·visible pairs
+  - "flex" (attention, cases with a memory prefix): `torch.nn.attention.flex_attention` with a block mask from the
+    same rule (compiled on CUDA, eager elsewhere); a failure is reported in the row's "error" instead of times.
+The reference is skipped on CUDA where its fp32 scores would exceed `REF_MAX_SCORES` elements.
+Times are medians in ms (`median_ms`: on CUDA `triton.testing.do_bench`, L2 flushed between calls). Attention rows report TFLOP/s (4·B·H·d·visible pairs
 forward, 2.5x that backward); the other kernels report GB/s (bytes read + written). `pct_peak` relates the forward
 throughput to the measured peak (`measure_peaks`: bf16 matmul TFLOP/s and device copy GB/s).
 """
@@ -28,18 +29,27 @@ from .reference import attention_mask
 ROW_KEYS = ("kernel", "case", "impl", "dtype", "device", "fwd_ms", "bwd_ms", "tflops_fwd", "tflops_bwd",
             "gbps_fwd", "gbps_bwd", "pct_peak", "error")
 
+# plain causal at 4K-16K with 16K tokens per batch (the FlashAttention papers' setting), prefix + causal at the
+# head dims of a large and of the base model (prefix = memory slots), a window case and the memory cross-read
 DEFAULT_SHAPES_CUDA: dict[str, list[dict[str, Any]]] = {
     "flash_attention": [
-        dict(B=1, H=16, Lq=4096, Lk=4096, d=128, causal=True, prefix_len=0, window=None),
-        dict(B=2, H=16, Lq=2048, Lk=2048 + 64, d=64, causal=True, prefix_len=64, window=None),
-        dict(B=1, H=16, Lq=4096, Lk=4096 + 64, d=128, causal=True, prefix_len=64, window=512),
-        dict(B=8, H=16, Lq=1024, Lk=64, d=64, causal=False, prefix_len=0, window=None),
+        dict(B=4, H=16, Lq=4096, Lk=4096, d=128, causal=True, prefix_len=0, window=None),
+        dict(B=2, H=16, Lq=8192, Lk=8192, d=128, causal=True, prefix_len=0, window=None),
+        dict(B=1, H=16, Lq=16384, Lk=16384, d=128, causal=True, prefix_len=0, window=None),
+        dict(B=4, H=16, Lq=4096, Lk=4096 + 512, d=128, causal=True, prefix_len=512, window=None),
+        dict(B=16, H=12, Lq=512, Lk=512 + 512, d=64, causal=True, prefix_len=512, window=None),
+        dict(B=2, H=16, Lq=8192, Lk=8192, d=128, causal=True, prefix_len=0, window=1024),
+        dict(B=16, H=12, Lq=512, Lk=64, d=64, causal=False, prefix_len=0, window=None),
     ],
-    "rms_norm": [dict(rows=8192, N=4096, residual=False), dict(rows=8192, N=4096, residual=True)],
-    "swiglu": [dict(rows=8192, N=11008)],
-    "memory_update": [dict(B=64, M=256, D=1024)],
-    "compress_gate": [dict(B=16, T=4096, D=1024)],
+    "rms_norm": [dict(rows=16384, N=8192, residual=False), dict(rows=16384, N=8192, residual=True)],
+    "swiglu": [dict(rows=16384, N=8192)],
+    "memory_update": [dict(B=256, M=512, D=1024)],
+    "compress_gate": [dict(B=64, T=4096, D=1024)],
 }
+
+# the plain-PyTorch attention reference materialises fp32 scores [B, H, Lq, Lk] (several copies in backward):
+# it is skipped above this many score elements (4 GiB per copy)
+REF_MAX_SCORES = 1 << 30
 
 DEFAULT_SHAPES_CPU: dict[str, list[dict[str, Any]]] = {
     "flash_attention": [
@@ -58,7 +68,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeats: int = 3) -> float:
+    """Median wall time of fn() in ms. CUDA: `triton.testing.do_bench` (CUDA events, L2 flushed between calls,
+    warm-up and repeats chosen by time: 25 ms and 100 ms); elsewhere: `warmup` calls, then `repeats` timed ones."""
+    if device.type == "cuda" and triton_importable():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -78,12 +94,12 @@ def measure_peaks(device: torch.device | str, *, size: Optional[int] = None, war
     n = size or (8192 if device.type == "cuda" else 512)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = _median_ms(lambda: torch.matmul(a, b), device, warmup, repeats)
+    ms = median_ms(lambda: torch.matmul(a, b), device, warmup, repeats)
     tflops = 2 * n ** 3 / (ms * 1e-3) / 1e12
     numel = (256 << 20) if device.type == "cuda" else (8 << 20)  # elements of fp32
     src = torch.empty(numel, device=device, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, warmup, repeats)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup, repeats)
     gbps = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
     return {"matmul_tflops_bf16": tflops, "copy_gbps": gbps}
 
@@ -103,14 +119,14 @@ def _time_fwd_bwd(fwd: Callable[..., Any], inputs: list[torch.Tensor], device: t
     """
     detached = [t.detach() for t in inputs]
     with torch.no_grad():
-        fwd_ms = _median_ms(lambda: fwd(*detached), device, warmup, repeats)
+        fwd_ms = median_ms(lambda: fwd(*detached), device, warmup, repeats)
     try:
         with torch.enable_grad():
             out = fwd(*inputs)
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
             grads = [torch.randn_like(o) for o in outs]
             bwd = lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True)  # noqa: E731
-            bwd_ms = _median_ms(bwd, device, warmup, repeats)
+            bwd_ms = median_ms(bwd, device, warmup, repeats)
     except Exception as e:
         return fwd_ms, None, "backward: " + _err(e)
     return fwd_ms, bwd_ms, None
@@ -164,8 +180,7 @@ def _bench_attention(s: dict[str, Any], device, dtype, impls, peaks, warmup, rep
     from . import flash_attention
 
     B, H, lq, lk, d = s["B"], s["H"], s["Lq"], s["Lk"], s["d"]
-    causal, prefix_len, window = s.get("causal", True), s.get("prefix_len", 0), s.get("window")
-    s = dict(s, causal=causal, prefix_len=prefix_len, window=window)
+    causal, prefix_len, window = s["causal"], s["prefix_len"], s["window"]  # defaults filled by bench_kernels
     case = f"{'causal' if causal else 'full'} Lq={lq} Lk={lk} d={d} B={B} H={H}"
     if prefix_len:
         case += f" prefix={prefix_len}"
@@ -179,9 +194,16 @@ def _bench_attention(s: dict[str, Any], device, dtype, impls, peaks, warmup, rep
     k = torch.randn(B, H, lk, d, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(B, H, lk, d, device=device, dtype=dtype, requires_grad=True)
     plain = prefix_len == 0 and window is None and (lq == lk or not causal)
+    scores = B * H * lq * lk
 
     rows = []
-    for impl in list(impls) + ["sdpa", "flex"]:
+    # FlexAttention (compiled per shape on CUDA) is the comparison for the memory prefix, where SDPA needs a mask
+    others = ["sdpa", "flex"] if prefix_len else ["sdpa"]
+    for impl in list(impls) + others:
+        if impl == "torch_ref" and device.type == "cuda" and scores > REF_MAX_SCORES:
+            rows.append(_row("flash_attention", case, impl, dtype, device,
+                             error=f"skipped: fp32 scores of {scores * 4 / 2**30:.0f} GiB"))
+            continue
         try:
             if impl in ("triton", "torch_ref"):
                 backend = "triton" if impl == "triton" else "torch"
@@ -296,14 +318,17 @@ _ELEMENTWISE = {
 def bench_kernels(device: torch.device | str, dtype: torch.dtype,
                   shapes: Optional[dict[str, list[dict[str, Any]]]] = None, *,
                   peaks: Optional[dict[str, float]] = None, warmup: Optional[int] = None,
-                  repeats: Optional[int] = None, compile_flex: Optional[bool] = None) -> list[dict[str, Any]]:
-    """Benchmark every kernel; one row (dict with `ROW_KEYS`) per (kernel, case, implementation).
+                  repeats: Optional[int] = None, compile_flex: Optional[bool] = None,
+                  rows: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+    """Benchmark every kernel; one row (dict with `ROW_KEYS` and `shape`, the case's shape dict) per (kernel, case,
+    implementation).
 
     shapes: {kernel: [shape dict, ...]} for any subset of "flash_attention" (B, H, Lq, Lk, d, causal, prefix_len,
     window), "rms_norm" (rows, N, residual), "swiglu" (rows, N), "memory_update" (B, M, D), "compress_gate"
     (B, T, D); kernels left out are not run. Defaults: `DEFAULT_SHAPES_CUDA` / `DEFAULT_SHAPES_CPU`.
     peaks: from `measure_peaks` (measured here when None). compile_flex: torch.compile flex_attention (default:
-    on CUDA only).
+    on CUDA only). rows: a list the rows are appended to as they are measured (what a caller keeps if the run
+    is interrupted); returned.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -319,10 +344,12 @@ def bench_kernels(device: torch.device | str, dtype: torch.dtype,
     if peaks is None:
         peaks = measure_peaks(device)
     impls = _impls_for(device)
-    rows: list[dict[str, Any]] = []
+    rows = [] if rows is None else rows
     for s in shapes.get("flash_attention", []):
-        rows += _bench_attention(s, device, dtype, impls, peaks, warmup, repeats, compile_flex)
+        s = {"causal": True, "prefix_len": 0, "window": None, **s}
+        rows += [dict(r, shape=s) for r in _bench_attention(s, device, dtype, impls, peaks, warmup, repeats,
+                                                             compile_flex)]
     for name, fn in _ELEMENTWISE.items():
         for s in shapes.get(name, []):
-            rows += fn(s, device, dtype, impls, peaks, warmup, repeats)
+            rows += [dict(r, shape=dict(s)) for r in fn(s, device, dtype, impls, peaks, warmup, repeats)]
     return rows

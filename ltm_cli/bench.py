@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, List, Optional
@@ -32,9 +33,10 @@ def run_meta() -> dict[str, str]:
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        commit = ""
+    commit = commit or os.environ.get("LTM_COMMIT", "unknown")  # a copy without .git (e.g. a GPU machine)
     return {"command": "ltm " + " ".join(sys.argv[1:]), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}", "commit": commit}
 
@@ -97,8 +99,18 @@ def bench_model_cmd(
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
     cfg = model_config(compose([f"model={model}", *(overrides or [])]))
-    result = bench_model(cfg, contexts, batch_size=batch_size, device=device, dtype=dtype, repeats=repeats,
-                         gen_lengths=gen)
+    rows: list[dict[str, Any]] = []
+    try:
+        result = bench_model(cfg, contexts, batch_size=batch_size, device=device, dtype=dtype, repeats=repeats,
+                             gen_lengths=gen, rows=rows)
+    except KeyboardInterrupt:  # e.g. a time limit: keep what was measured, marked incomplete
+        import torch
+
+        on_gpu = device != "cpu" and torch.cuda.is_available()
+        name = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
+        _write_json(json_path, {"device": name, "dtype": dtype, "config": dataclasses.asdict(cfg),
+                                "batch_size": batch_size, "rows": rows, "generation": [], "interrupted": True})
+        raise typer.Exit(130)
     table = Table(title=f"ltm bench model — {result['device']}, {dtype}, batch {batch_size}, model={model}")
     for col in ("model", "context", "tokens/s", "peak memory", "MFU", "params"):
         table.add_column(col, justify="right")
@@ -143,7 +155,14 @@ def bench_kernels_cmd(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype) if dev.type == "cuda" else torch.float32
     peaks = measure_peaks(dev)
-    rows = bench_kernels(dev, dt, peaks=peaks)
+    device_name = str(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"
+    rows: list[dict[str, Any]] = []
+    try:
+        bench_kernels(dev, dt, peaks=peaks, rows=rows)
+    except KeyboardInterrupt:  # e.g. a time limit: keep what was measured, marked incomplete
+        _write_json(json_path, {"device": device_name, "dtype": str(dt), "peaks": peaks, "rows": rows,
+                                "interrupted": True})
+        raise typer.Exit(130)
     table = Table(title=f"ltm bench kernels — {dev}, {dt}; measured peak {peaks}")
     for col in ("kernel", "case", "impl", "fwd ms", "bwd ms", "fwd TFLOP/s | GB/s", "% peak", "note"):
         table.add_column(col, justify="right")
@@ -153,5 +172,4 @@ def bench_kernels_cmd(
         table.add_row(r["kernel"], r["case"], r["impl"], fmt(r.get("fwd_ms")), fmt(r.get("bwd_ms")), fmt(rate),
                       "" if r.get("pct_peak") is None else f"{r['pct_peak']:.1f}", (r.get("error") or "")[:40])
     console.print(table)
-    _write_json(json_path, {"device": str(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu",
-                            "dtype": str(dt), "peaks": peaks, "rows": rows})
+    _write_json(json_path, {"device": device_name, "dtype": str(dt), "peaks": peaks, "rows": rows})

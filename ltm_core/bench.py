@@ -95,6 +95,10 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     """FLOP/s of an n x n matmul in `dtype` on `device` (the ceiling MFU is reported against)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    if device.type == "cuda":
+        from ltm_extensions.bench import median_ms
+
+        return 2 * n ** 3 / (median_ms(lambda: a @ b, device) * 1e-3)
     a @ b
     _sync(device)
     times = []
@@ -143,7 +147,7 @@ def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int
         extra["peak_rss_bytes"] = _peak_rss_bytes() - base_rss  # resident-set growth, warm-up included
         peak = cpu_peak_tensor_bytes(step)
     tokens_per_s = batch_size * context / statistics.median(times)
-    peak_flops = measure_peak_flops(dev, dt, n=4096 if dev.type == "cuda" else 1024)  # same conditions as the row
+    peak_flops = measure_peak_flops(dev, dt, n=8192 if dev.type == "cuda" else 1024)  # same conditions as the row
     return {"model": variant, "context": context, "tokens_per_s": tokens_per_s, "peak_mem_bytes": int(peak),
             **extra, "step_s": statistics.median(times), "params": model.num_parameters(),
             "flops_per_token": model.flops_per_token(context), "peak_flops": peak_flops}
@@ -163,11 +167,13 @@ def _child(args: dict[str, Any]) -> None:
     print(json.dumps(train_step_row(cfg, **args)))
 
 
-def generation_row(cfg: TitanConfig, variant: str, length: int, device: str) -> dict[str, Any]:
+def generation_row(cfg: TitanConfig, variant: str, length: int, device: str,
+                   dtype: str = "float32") -> dict[str, Any]:
     """Per-token latency and state size after generating `length` tokens (greedy, batch 1)."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = TitanModel(variant_config(cfg, variant, length + 2)).to(dev).eval()  # full_causal: one segment
+    model = TitanModel(variant_config(cfg, variant, length + 2))  # full_causal: one segment holds it all
+    model = model.to(dev, getattr(torch, dtype)).eval()
     prompt = torch.randint(0, 256, (1, 1), device=dev)
     stamps = []
     with torch.inference_mode():
@@ -189,11 +195,13 @@ def generation_row(cfg: TitanConfig, variant: str, length: int, device: str) -> 
 
 def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[str] = VARIANTS, batch_size: int = 1,
                 device: Optional[str] = None, dtype: str = "float32", warmup: int = 1, repeats: int = 3,
-                gen_lengths: Iterable[int] = (), threads: Optional[int] = None) -> dict[str, Any]:
-    """All rows of `ltm bench model`, measured side by side in this run."""
+                gen_lengths: Iterable[int] = (), threads: Optional[int] = None,
+                rows: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    """All rows of `ltm bench model`, measured side by side in this run. rows: a list the training-step rows are
+    appended to as they are measured (what a caller keeps if the run is interrupted)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    rows = []
+    rows = [] if rows is None else rows
     for context in contexts:
         for variant in variants:
             args = dict(cfg=dataclasses.asdict(cfg), variant=variant, context=context, batch_size=batch_size,
@@ -201,11 +209,15 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
             if dev.type == "cpu":
                 row = _row_in_subprocess({**args, "threads": threads or torch.get_num_threads()})
             else:
-                row = train_step_row(cfg, **{k: v for k, v in args.items() if k != "cfg"})
+                try:
+                    row = train_step_row(cfg, **{k: v for k, v in args.items() if k != "cfg"})
+                except Exception as e:  # e.g. out of memory: report it in the row, measure the others
+                    row = {"model": variant, "context": context, "error": f"{type(e).__name__}: {e}"[:300]}
+                torch.cuda.empty_cache()
             if "tokens_per_s" in row:
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / row["peak_flops"]
             rows.append(row)
-    generation = [generation_row(cfg, v, n, device) for n in gen_lengths for v in ("memory", "full_causal")]
+    generation = [generation_row(cfg, v, n, device, dtype) for n in gen_lengths for v in ("memory", "full_causal")]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return {"device": name, "dtype": dtype, "config": dataclasses.asdict(cfg),
             "batch_size": batch_size, "rows": rows, "generation": generation}

@@ -1,21 +1,44 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: kernel tests in bf16 on the real GPU, then the kernel and model benchmarks, raw JSON
-# under $OUT (default ./gpu_out). Run from the repository root:
-#   bash scripts/gpu_check.sh
+# One call on a GPU machine: the kernel tests on the real GPU (fp32, fp16 and bf16), then the kernel and model
+# benchmarks in bf16. Raw JSON and logs go under $OUT (default ./gpu_out); each stage has its own time limit, so
+# a stage that hangs costs only its own share. Run from the repository root:
+#   LTM_COMMIT=<commit> bash scripts/gpu_check.sh
 # On the project's lent GPU machines, first install the wheels it lacks (see ../shared/device/README.md):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+# Stage limits (seconds) can be changed with T_TESTS, T_KERNELS, T_MODEL, T_BATCH.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-# the package maps extensions/ to ltm_extensions; without an install, expose it under that name
+export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-160}
+# the package maps extensions/ to ltm_extensions and conf/ to ltm_conf; without an install, expose those names
 if ! python3 -c "import ltm_extensions" 2>/dev/null; then
     mkdir -p /tmp/ltm_pkgs && ln -sfn "$PWD/extensions" /tmp/ltm_pkgs/ltm_extensions && ln -sfn "$PWD/conf" /tmp/ltm_pkgs/ltm_conf
     export PYTHONPATH="/tmp/ltm_pkgs:${PYTHONPATH:-}:$PWD"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
-python3 -m pytest tests/kernels -q -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -n 5
-python3 -m ltm_cli bench kernels --dtype bfloat16 --json "$OUT/kernels_bf16.json" 2>&1 | tail -n 40
-python3 -m ltm_cli bench model --model base --dtype bfloat16 --context 2048 --context 4096 --context 8192 \
-    --context 16384 --context 32768 --gen 1024 --gen 8192 --json "$OUT/model_base_bf16.json" 2>&1 | tail -n 40
+log="$OUT/log.txt"
+stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log its output, print its status
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s)" | tee -a "$log"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log" | tail -n 30
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
+}
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    echo "commit ${LTM_COMMIT:-unknown}; date $(date -u +%FT%TZ)"
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+# kernel tests: values and gradients against the references, every dtype, one launch config per kernel
+stage tests "${T_TESTS:-120}" python3 -m pytest tests/kernels -q -p no:cacheprovider -n 8 -rs --junitxml="$OUT/kernel_tests.xml"
+# kernels against their references, SDPA and FlexAttention (autotuned configs)
+stage kernels "${T_KERNELS:-200}" python3 -m ltm_cli bench kernels --dtype bfloat16 --json "$OUT/gpu_kernels_bf16.json"
+# model=base: memory model against the segment-local and full-causal baselines, 2K-32K, batch 1, + generation
+stage model "${T_MODEL:-150}" python3 -m ltm_cli bench model --model base --dtype bfloat16 --context 2048 \
+    --context 4096 --context 8192 --context 16384 --context 32768 --gen 1024 --gen 4096 \
+    --json "$OUT/gpu_model_base_bf16.json"
+# the same at batch 4 (utilisation: MFU), 4K and 32K
+stage batch "${T_BATCH:-90}" python3 -m ltm_cli bench model --model base --dtype bfloat16 --batch-size 4 \
+    --context 4096 --context 32768 --json "$OUT/gpu_model_base_bf16_b4.json"
+ls -la "$OUT"

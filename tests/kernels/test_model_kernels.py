@@ -1,4 +1,4 @@
-"""The model with `model.kernels=triton` (Triton interpreter on CPU) equals `model.kernels=torch`."""
+"""The model with `model.kernels=triton` (the GPU, or the Triton interpreter on CPU) equals `model.kernels=torch`."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from ltm_core import TitanConfig, TitanModel
 
 
 @pytest.mark.parametrize("read", ["cross", "context"])
-def test_model_with_triton_kernels_matches_torch(read):
+def test_model_with_triton_kernels_matches_torch(read, device):
     cfg = TitanConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, memory_slots=8, memory_dim=32,
                       segment_length=16, bptt_segments=2, memory_read=read, kernels="torch")
     torch.manual_seed(0)
-    ref = TitanModel(cfg)
-    fused = TitanModel(dataclasses.replace(cfg, kernels="triton"))
+    ref = TitanModel(cfg).to(device)
+    fused = TitanModel(dataclasses.replace(cfg, kernels="triton")).to(device)
     fused.load_state_dict(ref.state_dict())
     ids = torch.randint(0, 256, (1, 2 * cfg.segment_length + 1), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
     outs = []
     for model in (ref, fused):
         out = model(ids[:, :-1], labels=ids[:, 1:])
