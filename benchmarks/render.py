@@ -87,7 +87,8 @@ def gpu_target_status(kernels: dict | None, models: dict[str, dict]) -> dict[str
             continue
         batch = data["batch_size"]
         at32 += [(batch, r) for r in ratios(data) if r["context"] == 32768]
-        mfu += [(batch, r) for r in data["rows"] if r["context"] == 4096 and "mfu" in r]
+        mfu += [(batch, r) for r in data["rows"] if r["context"] == 4096 and "mfu" in r
+                and r["model"] in ("memory", "full_causal")]
     if at32:
         ok = any(r["speedup"] >= 1.5 and r["memory_ratio"] <= 0.25 for _, r in at32)
         status["model32k"] = _verdict(ok) + ": " + ", ".join(
@@ -113,6 +114,8 @@ def kernels_section(name: str, data: dict) -> str:
     if meta:
         lines += [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; date: {meta['date']}; "
                   f"commit: {meta['commit']}  ", ""]
+        if meta.get("note"):
+            lines += [f"**Note:** {meta['note']}", ""]
     lines += [f"Measured peaks in the same run: bf16 matmul {peaks['matmul_tflops_bf16']:,.0f} TFLOP/s, "
               f"copy {peaks['copy_gbps']:,.0f} GB/s (read + write).", "",
               "| kernel | case | impl | fwd ms | bwd ms | fwd TFLOP/s or GB/s | bwd TFLOP/s or GB/s | fwd % of peak |",

@@ -31,14 +31,16 @@ def run_meta() -> dict[str, str]:
     import sys
     from datetime import datetime, timezone
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    commit = commit or os.environ.get("LTM_COMMIT", "unknown")  # a copy without .git (e.g. a GPU machine)
+    commit = os.environ.get("LTM_COMMIT", "")  # set by the caller where the tree has no (or a stale) .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
     return {"command": "ltm " + " ".join(sys.argv[1:]), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}", "commit": commit}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "commit": commit or "unknown"}
 
 
 def _write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
@@ -82,6 +84,8 @@ def _plot_model(path: Path, result: dict[str, Any]) -> None:
 def bench_model_cmd(
     model: str = typer.Option("tiny", "--model", help="Backbone preset from conf/model (tiny | small | base | large)."),
     contexts: List[int] = typer.Option([1024, 2048, 4096, 8192], "--context", help="Context lengths (repeatable)."),
+    variants: List[str] = typer.Option([], "--variant", help="memory | memory_context | segment_local | full_causal "
+                                       "(repeatable; default: all four)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed steps per row (median reported)."),
@@ -92,17 +96,20 @@ def bench_model_cmd(
     overrides: List[str] = typer.Argument(None, help="model.* overrides, e.g. model.segment_length=256."),
 ):
     """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal."""
-    from ltm_core.bench import bench_model, ratios
+    from ltm_core.bench import VARIANTS, bench_model, ratios
     from ltm_core.configuration import compose, model_config
     from ltm_core.errors import ConfigError
 
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError("--variant", f"must be one of {', '.join(VARIANTS)}, got {unknown[0]!r}")
     cfg = model_config(compose([f"model={model}", *(overrides or [])]))
     rows: list[dict[str, Any]] = []
     try:
-        result = bench_model(cfg, contexts, batch_size=batch_size, device=device, dtype=dtype, repeats=repeats,
-                             gen_lengths=gen, rows=rows)
+        result = bench_model(cfg, contexts, variants=variants or VARIANTS, batch_size=batch_size, device=device,
+                             dtype=dtype, repeats=repeats, gen_lengths=gen, rows=rows)
     except KeyboardInterrupt:  # e.g. a time limit: keep what was measured, marked incomplete
         import torch
 

@@ -16,6 +16,7 @@ from ltm_core.errors import ConfigError
 MEMORY_READS = ("cross", "context")
 MEMORY_WRITES = ("gated", "importance", "select", "delta")
 WRITE_FROM = ("block", "attention")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 KERNELS = ("auto", "triton", "torch")
 
 
@@ -63,6 +64,7 @@ class TitanConfig:
     # execution switches
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each block
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
     kernels: str = "auto"  # attention/fused-op backend: auto (Triton on CUDA when available), triton, torch
 
     def __post_init__(self) -> None:
@@ -124,6 +126,9 @@ class TitanConfig:
             raise ConfigError("model.write_from", f"must be one of {', '.join(WRITE_FROM)}, got {self.write_from!r}")
         if self.memory_read not in MEMORY_READS:
             raise ConfigError("model.memory_read", f"must be one of {', '.join(MEMORY_READS)}, got {self.memory_read!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError("model.compile_mode",
+                              f"must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.kernels not in KERNELS:
             raise ConfigError("model.kernels", f"must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.vocab_size < 259:

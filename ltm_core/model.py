@@ -143,7 +143,7 @@ class TitanModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.compile:
             for block in self.blocks:
-                block.compile()
+                block.compile(mode=cfg.compile_mode)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 

@@ -5,8 +5,13 @@
 #   LTM_COMMIT=<commit> bash scripts/gpu_check.sh
 # On the project's lent GPU machines, first install the wheels it lacks (see ../shared/device/README.md):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# Stage limits (seconds) can be changed with T_TESTS, T_KERNELS, T_MODEL, T_BATCH.
+# STAGES picks the stages (default: all, in this order); their limits (seconds) are T_<STAGE>. Times seen on an H200
+# on 2026-11-30 (commit 45bdb8b): tests 120 s (one fp32 test unfinished: the fp32 attention tests compile for
+# 13-50 s each), kernels 142 s, model 2K-16K 150 s (the memory variants run at ~6K tokens/s: 32K rows take ~30 s each).
+# With 15 minutes of device time a session, about 9 minutes of stages fit in one call: choose, e.g.
+#   STAGES="model overhead" LTM_COMMIT=<commit> bash scripts/gpu_check.sh
 set -uo pipefail
+STAGES=${STAGES:-tests kernels model batch overhead}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-160}
@@ -24,21 +29,35 @@ stage() {  # stage NAME LIMIT COMMAND...: run with a time limit, log its output,
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
 }
-{
+{  # the device, at the top of the log ($OUT holds at most 8 files that come back)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    echo "commit ${LTM_COMMIT:-unknown}; date $(date -u +%FT%TZ)"
-} > "$OUT/device.txt" 2>&1
-cat "$OUT/device.txt"
+    echo "commit ${LTM_COMMIT:-unknown}; stages: $STAGES; date $(date -u +%FT%TZ)"
+} 2>&1 | tee "$log"
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 # kernel tests: values and gradients against the references, every dtype, one launch config per kernel
-stage tests "${T_TESTS:-120}" python3 -m pytest tests/kernels -q -p no:cacheprovider -n 8 -rs --junitxml="$OUT/kernel_tests.xml"
+want tests && stage tests "${T_TESTS:-180}" python3 -m pytest tests/kernels -q -p no:cacheprovider -n 16 -rs \
+    --junitxml="$OUT/kernel_tests.xml"
 # kernels against their references, SDPA and FlexAttention (autotuned configs)
-stage kernels "${T_KERNELS:-200}" python3 -m ltm_cli bench kernels --dtype bfloat16 --json "$OUT/gpu_kernels_bf16.json"
-# model=base: memory model against the segment-local and full-causal baselines, 2K-32K, batch 1, + generation
-stage model "${T_MODEL:-150}" python3 -m ltm_cli bench model --model base --dtype bfloat16 --context 2048 \
-    --context 4096 --context 8192 --context 16384 --context 32768 --gen 1024 --gen 4096 \
-    --json "$OUT/gpu_model_base_bf16.json"
-# the same at batch 4 (utilisation: MFU), 4K and 32K
-stage batch "${T_BATCH:-90}" python3 -m ltm_cli bench model --model base --dtype bfloat16 --batch-size 4 \
-    --context 4096 --context 32768 --json "$OUT/gpu_model_base_bf16_b4.json"
+want kernels && stage kernels "${T_KERNELS:-200}" python3 -m ltm_cli bench kernels --dtype bfloat16 \
+    --json "$OUT/gpu_kernels_bf16.json"
+# model=base: memory model against the segment-local and full-causal baselines, batch 1, + generation
+want model && stage model "${T_MODEL:-200}" python3 -m ltm_cli bench model --model base --dtype bfloat16 \
+    --context 4096 --context 16384 --context 32768 --gen 1024 --gen 4096 --json "$OUT/gpu_model_base_bf16.json"
+# the same at batch 4 (utilisation: MFU), memory model and full causal, 4K and 32K
+want batch && stage batch "${T_BATCH:-120}" python3 -m ltm_cli bench model --model base --dtype bfloat16 \
+    --batch-size 4 --variant memory --variant full_causal --context 4096 --context 32768 \
+    --json "$OUT/gpu_model_base_bf16_b4.json"
+# where the memory model's time goes (it is launch-bound on GPU): the plain-PyTorch ops instead of the Triton
+# kernels, and each block compiled (default mode: fused kernels; reduce-overhead: CUDA graphs as well)
+if want overhead; then
+    for variant in "kernels_torch model.kernels=torch" "compiled model.compile=true" \
+                   "graphs model.compile=true model.compile_mode=reduce-overhead"; do
+        set -- $variant
+        name=$1; shift
+        stage "overhead_$name" "${T_OVERHEAD:-110}" python3 -m ltm_cli bench model --model base --dtype bfloat16 \
+            --variant memory --variant full_causal --context 4096 --context 32768 "$@" \
+            --json "$OUT/gpu_model_base_bf16_$name.json"
+    done
+fi
 ls -la "$OUT"

@@ -94,3 +94,14 @@ def test_bench_model_cli_rejects_a_bad_dtype(tmp_path):
     result = run_ltm("bench", "model", "--dtype", "float8", "--json", str(tmp_path / "r.json"))
     assert result.returncode == 2 and "--dtype" in result.stderr and "float8" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
+def test_bench_model_cli_runs_only_the_chosen_variants(tmp_path):
+    out = tmp_path / "r.json"
+    result = run_ltm("bench", "model", "--model", "tiny", "--context", "64", "--variant", "memory", "--variant",
+                     "full_causal", "--repeats", "1", "--device", "cpu", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["model"] for r in json.loads(out.read_text())["rows"]] == ["memory", "full_causal"]
+    bad = run_ltm("bench", "model", "--variant", "flash", "--json", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "--variant" in bad.stderr and "flash" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad.json").exists()

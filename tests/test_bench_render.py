@@ -44,3 +44,60 @@ def test_cpu_rows_show_resident_set_growth_beside_the_tensor_peak():
     assert "| peak memory (MiB) | RSS growth (MiB) | MFU |" in section
     assert "| memory | 8,192 | 2,500 | 3.0 | 5.0 | 10.00 % | 1 |" in section
     assert "RSS growth" not in render.model_section("gpu", result(2.5, 0.1))
+
+
+def kernel_rows(causal_ratio: float, prefix_ratio: float, flex_ratio: float, bandwidth: float) -> dict:
+    """A GPU kernel bench result: SDPA / FlexAttention times are the Triton times times the given ratios."""
+    rows = []
+
+    def attention(shape, impl, ms):
+        case = f"{shape['Lq']}+{shape['prefix_len']}"
+        rows.append({"kernel": "flash_attention", "case": case, "impl": impl, "fwd_ms": ms, "bwd_ms": 2 * ms,
+                     "shape": shape})
+
+    for lq in (4096, 16384):
+        shape = dict(B=1, H=16, Lq=lq, Lk=lq, d=128, causal=True, prefix_len=0, window=None)
+        attention(shape, "triton", 1.0)
+        attention(shape, "sdpa", causal_ratio)
+    shape = dict(B=4, H=16, Lq=4096, Lk=4608, d=128, causal=True, prefix_len=512, window=None)
+    attention(shape, "triton", 1.0)
+    attention(shape, "sdpa", prefix_ratio)
+    attention(shape, "flex", flex_ratio)
+    for kernel in ("rms_norm", "swiglu", "memory_update"):
+        rows.append({"kernel": kernel, "case": "c", "impl": "triton", "fwd_ms": 1.0, "bwd_ms": 1.0,
+                     "gbps_fwd": bandwidth, "gbps_bwd": bandwidth, "shape": {}})
+    return {"device": "NVIDIA H200", "dtype": "torch.bfloat16", "peaks": {"copy_gbps": 1000.0,
+                                                                          "matmul_tflops_bf16": 700.0},
+            "rows": rows}
+
+
+def base_model(speedup: float, memory_ratio: float, mfu: float) -> dict:
+    rows = []
+    for context, speed, mem in ((4096, 1.0, 1.0), (32768, speedup, memory_ratio)):
+        rows += [{"model": "memory", "context": context, "tokens_per_s": 1000.0 * speed, "peak_mem_bytes": 100 * mem,
+                  "mfu": mfu, "params": 1},
+                 {"model": "full_causal", "context": context, "tokens_per_s": 1000.0, "peak_mem_bytes": 100,
+                  "mfu": 0.5, "params": 1}]
+    return {"device": "NVIDIA H200", "dtype": "bfloat16", "batch_size": 1, "rows": rows,
+            "config": {"hidden_size": 768, "num_hidden_layers": 12}}
+
+
+def test_gpu_target_verdicts_follow_the_measured_ratios():
+    render = load_render()
+    unmeasured = render.gpu_target_status(None, {})
+    assert set(unmeasured.values()) == {render.NOT_MEASURED}
+    good = render.gpu_target_status(kernel_rows(0.95, 1.4, 1.1, 850.0), {"b": base_model(1.6, 0.2, 0.45)})
+    assert all(v.startswith("met") for v in good.values()), good
+    assert "4K d=128 fwd 0.95× bwd 0.95×" in good["causal"] and "fwd 85 % bwd 85 %" in good["fused"]
+    bad = render.gpu_target_status(kernel_rows(0.85, 1.2, 0.9, 700.0), {"b": base_model(1.4, 0.3, 0.3)})
+    assert all(v.startswith("NOT met") for v in bad.values()), bad
+    # each target fails on its own number: flex alone too slow
+    flex_only = render.gpu_target_status(kernel_rows(0.95, 1.4, 0.9, 850.0), {})
+    assert flex_only["prefix"].startswith("NOT met") and flex_only["causal"].startswith("met")
+    assert flex_only["model32k"] == render.NOT_MEASURED
+    # a model that is not model=base does not count for the model=base target
+    small = base_model(1.6, 0.2, 0.45)
+    small["config"] = {"hidden_size": 256, "num_hidden_layers": 4}
+    assert render.gpu_target_status(None, {"s": small})["model32k"] == render.NOT_MEASURED
+    table = render.gpu_targets(None, {})
+    assert table.count(render.NOT_MEASURED) == len(render.GPU_TARGETS)

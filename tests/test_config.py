@@ -25,6 +25,7 @@ from ltm_core.errors import ConfigError
     (["model.bptt_segments=0"], "model.bptt_segments", "positive"),
     (["model.memory_read=both"], "model.memory_read", "cross, context"),
     (["model.kernels=cuda"], "model.kernels", "auto, triton, torch"),
+    (["model.compile_mode=fast"], "model.compile_mode", "default, reduce-overhead"),
     (["data.seq_len=100"], "data.seq_len", "multiple of model.segment_length"),
     (["data=textfile"], "data.path", "required"),
     (["data.batch_size=0"], "data.batch_size", "positive"),

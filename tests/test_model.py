@@ -261,6 +261,16 @@ def test_compile_switch_matches_eager(tiny_cfg):
     torch.testing.assert_close(compiled(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_compile_mode_reaches_torch_compile(tiny_cfg, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    tiny_model(dataclasses.replace(tiny_cfg, compile=True, compile_mode="reduce-overhead"))
+    assert modes == ["reduce-overhead"] * tiny_cfg.num_hidden_layers
+    modes.clear()
+    tiny_model(dataclasses.replace(tiny_cfg, compile_mode="reduce-overhead"))  # compile=false: mode unused
+    assert modes == []
+
+
 def test_parameter_count_and_flops_formula(tiny_cfg):
     model = tiny_model(tiny_cfg)
     C, M, D, Lyr, S = (tiny_cfg.hidden_size, tiny_cfg.memory_slots, tiny_cfg.memory_dim,
