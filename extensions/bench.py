@@ -220,11 +220,17 @@ def _bench_attention(s: dict[str, Any], device, dtype, impls, peaks, warmup, rep
         except Exception as e:  # report, keep benchmarking the others
             rows.append(_row("flash_attention", case, impl, dtype, device, error=_err(e)))
             continue
+        extra = {}
+        if impl == "triton" and device.type == "cuda":  # the launch configs the autotuner chose for this shape
+            from . import _triton_attention as ta
+
+            extra["config"] = {name: str(getattr(kernel, "best_config", None)) for name, kernel in
+                               (("fwd", ta._attn_fwd), ("kv", ta._attn_bwd_kv), ("q", ta._attn_bwd_q))}
         tf_fwd = flops_fwd / (fwd_ms * 1e-3) / 1e12
         tf_bwd = None if bwd_ms is None else flops_bwd / (bwd_ms * 1e-3) / 1e12
         pct = 100.0 * tf_fwd / peaks["matmul_tflops_bf16"] if peaks.get("matmul_tflops_bf16") else None
         rows.append(_row("flash_attention", case, impl, dtype, device, fwd_ms=fwd_ms, bwd_ms=bwd_ms,
-                         tflops_fwd=tf_fwd, tflops_bwd=tf_bwd, pct_peak=pct, error=error))
+                         tflops_fwd=tf_fwd, tflops_bwd=tf_bwd, pct_peak=pct, error=error, **extra))
     return rows
 
 

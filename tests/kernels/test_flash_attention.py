@@ -63,6 +63,10 @@ CASES = [
     (1, 2, 100, 140, 128, True, 7, 30),  # head dim 128, prefix + window
     (1, 2, 150, 150, 128, True, 0, None),
     (1, 2, 130, 130, 64, True, 0, 40),  # several skipped blocks left of the window
+    # blocks that every query of a block sees whole run without masks: cases that have some
+    (1, 2, 200, 270, 64, True, 70, 100),  # full and partial prefix blocks, mask-free blocks inside a window
+    (1, 2, 160, 160, 32, False, 0, 96),  # non-causal window with mask-free blocks
+    (1, 2, 128, 192, 64, True, 64, None),  # every length a multiple of the block
 ]
 
 
@@ -85,12 +89,31 @@ def test_flash_attention_fp32(case, device):
     _assert_close(tri, refr, tol, "triton vs reference")
 
 
+def test_flash_attention_block_boundaries(device):
+    """The kernels run the key (query) blocks that every query (key) of a block sees whole without masks; an
+    off-by-one in those ranges shows only where a range end meets a block boundary. Sweep the segment offset
+    (Lk - prefix - Lq), the window and the prefix around multiples of the block size (32 under the interpreter)."""
+    cases = [(True, seg_off, window) for seg_off in (0, 30, 33) for window in (None, 31, 33, 64, 95)]
+    cases += [(False, seg_off, window) for seg_off in (0, 30) for window in (31, 64)]
+    lq = 100
+    for i, (causal, seg_off, window) in enumerate(cases):
+        prefix = (0, 32, 45)[i % 3]
+        q, k, v, do = _inputs(1, 1, lq, prefix + lq + seg_off, 16, torch.float32, device, seed=i)
+        kw = dict(causal=causal, prefix_len=prefix, window=window)
+        tri = _run(lambda a, b, c: flash_attention(a, b, c, backend="triton", **kw), q, k, v, do)
+        refr = _run(lambda a, b, c: flash_attention(a, b, c, backend="torch", **kw), q, k, v, do)
+        tol = 1e-4 if (device == "cpu" or torch.get_float32_matmul_precision() == "highest") else 2e-2
+        _assert_close(tri, refr, tol, f"prefix={prefix} seg_off={seg_off} causal={causal} window={window}")
+
+
 FP16_CASES = [
     (1, 2, 64, 96, 64, True, 0, None),
     (2, 2, 45, 61, 32, True, 16, None),
     (1, 2, 50, 120, 128, True, 40, 17),
     (1, 2, 90, 40, 64, False, 0, None),
     (1, 2, 70, 75, 96, True, 5, 20),
+    (1, 2, 300, 364, 64, True, 64, 160),  # mask-free blocks at the GPU's block sizes too
+    (1, 2, 256, 256, 128, True, 0, None),
 ]
 
 
