@@ -97,11 +97,15 @@ def test_bench_model_cli_rejects_a_bad_dtype(tmp_path):
 
 
 def test_bench_model_cli_runs_only_the_chosen_variants(tmp_path):
+    from typer.testing import CliRunner
+
+    from ltm_cli.app import app
+
     out = tmp_path / "r.json"
-    result = run_ltm("bench", "model", "--model", "tiny", "--context", "64", "--variant", "memory", "--variant",
-                     "full_causal", "--repeats", "1", "--device", "cpu", "--json", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["model"] for r in json.loads(out.read_text())["rows"]] == ["memory", "full_causal"]
-    bad = run_ltm("bench", "model", "--variant", "flash", "--json", str(tmp_path / "bad.json"))
-    assert bad.returncode == 2 and "--variant" in bad.stderr and "flash" in bad.stderr, bad.stderr
+    result = CliRunner().invoke(app, ["bench", "model", "--model", "tiny", "--context", "64", "--variant",
+                                      "full_causal", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output[-3000:]
+    assert [r["model"] for r in json.loads(out.read_text())["rows"]] == ["full_causal"]
+    bad = CliRunner().invoke(app, ["bench", "model", "--variant", "flash", "--json", str(tmp_path / "bad.json")])
+    assert bad.exit_code == 2 and "--variant" in bad.output and "flash" in bad.output, bad.output
     assert not (tmp_path / "bad.json").exists()

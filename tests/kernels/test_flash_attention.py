@@ -63,7 +63,7 @@ CASES = [
     (1, 2, 100, 140, 128, True, 7, 30),  # head dim 128, prefix + window
     (1, 2, 150, 150, 128, True, 0, None),
     (1, 2, 130, 130, 64, True, 0, 40),  # several skipped blocks left of the window
-    # blocks that every query of a block sees whole run without masks: cases that have some
+    # blocks that every query of a block sees whole, besides partial ones
     (1, 2, 200, 270, 64, True, 70, 100),  # full and partial prefix blocks, mask-free blocks inside a window
     (1, 2, 160, 160, 32, False, 0, 96),  # non-causal window with mask-free blocks
     (1, 2, 128, 192, 64, True, 64, None),  # every length a multiple of the block
@@ -90,10 +90,11 @@ def test_flash_attention_fp32(case, device):
 
 
 def test_flash_attention_block_boundaries(device):
-    """The kernels run the key (query) blocks that every query (key) of a block sees whole without masks; an
-    off-by-one in those ranges shows only where a range end meets a block boundary. Sweep the segment offset
-    (Lk - prefix - Lq), the window and the prefix around multiples of the block size (32 under the interpreter)."""
-    cases = [(True, seg_off, window) for seg_off in (0, 30, 33) for window in (None, 31, 33, 64, 95)]
+    """The kernels visit only the key (query) blocks that some query (key) of a block can see; an off-by-one in
+    those ranges shows only where a range end meets a block boundary. Sweep the segment offset (Lk - prefix - Lq),
+    the window and the prefix around multiples of the block size (32 under the interpreter). Each off-by-one of
+    the range ends (forward/dQ lo and hi, dK/dV first and last query) fails this test."""
+    cases = [(True, seg_off, window) for seg_off in (0, 30) for window in (None, 31, 64, 95)]
     cases += [(False, seg_off, window) for seg_off in (0, 30) for window in (31, 64)]
     lq = 100
     for i, (causal, seg_off, window) in enumerate(cases):
