@@ -72,13 +72,14 @@ def resource_usage(compiled) -> dict[str, int]:
     return {"registers": usage["reg"], "stack_bytes": usage.get("stack", 0), "shared_bytes": compiled.metadata.shared}
 
 
-def report(dtype: str, head_dims: list[int], which: str, arch: int) -> list[dict[str, Any]]:
+def report(dtype: str, head_dims: list[int], which: str, arch: int,
+           windows: tuple[bool, ...] = (False, True)) -> list[dict[str, Any]]:
     rows = []
     for kind in KERNELS:
         spec = attn.CUDA_CONFIGS[kind]
         configs = [spec["default"]] if which == "default" else spec["tuned"] + [spec["default"]]
         for head_dim in head_dims:
-            for window in (False, True):
+            for window in windows:
                 for config in configs:
                     row = dict(kernel=kind, dtype=dtype, head_dim=head_dim, window=window, config=list(config))
                     try:
@@ -97,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(_TRITON_DTYPES))
     parser.add_argument("--head-dim", type=int, action="append", help="repeatable (default: 64 and 128)")
     parser.add_argument("--configs", default="default", choices=("default", "all"))
+    parser.add_argument("--window", default="both", choices=("both", "on", "off"),
+                        help="causal kernels with a sliding window (on: every code path), without, or both")
     args = parser.parse_args(argv)
-    rows = report(args.dtype, args.head_dim or [64, 128], args.configs, args.arch)
+    windows = {"both": (False, True), "on": (True,), "off": (False,)}[args.window]
+    rows = report(args.dtype, args.head_dim or [64, 128], args.configs, args.arch, windows)
     return 1 if any("error" in r for r in rows) else 0
 
 
