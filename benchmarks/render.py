@@ -107,15 +107,20 @@ def gpu_targets(kernels: dict | None, models: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def kernels_section(name: str, data: dict) -> str:
-    meta = data.get("meta", {})
-    peaks = data["peaks"]
-    lines = [f"### `{name}` — {data['device']}, {data['dtype']}", ""]
+def _header(title: str, meta: dict) -> list[str]:
+    """A section's title, then the command, machine, date, commit and note of the run."""
+    lines = [f"### {title}", ""]
     if meta:
         lines += [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; date: {meta['date']}; "
-                  f"commit: {meta['commit']}  ", ""]
+                  f"commit: {meta['commit']}", ""]
         if meta.get("note"):
             lines += [f"**Note:** {meta['note']}", ""]
+    return lines
+
+
+def kernels_section(name: str, data: dict) -> str:
+    peaks = data["peaks"]
+    lines = _header(f"`{name}` — {data['device']}, {data['dtype']}", data.get("meta", {}))
     lines += [f"Measured peaks in the same run: bf16 matmul {peaks['matmul_tflops_bf16']:,.0f} TFLOP/s, "
               f"copy {peaks['copy_gbps']:,.0f} GB/s (read + write).", "",
               "| kernel | case | impl | fwd ms | bwd ms | fwd TFLOP/s or GB/s | bwd TFLOP/s or GB/s | fwd % of peak |",
@@ -134,13 +139,8 @@ def kernels_section(name: str, data: dict) -> str:
 
 
 def model_section(name: str, data: dict) -> str:
-    meta = data.get("meta", {})
-    lines = [f"### `{name}` — {data['device']}, {data['dtype']}, batch {data['batch_size']}", ""]
-    if meta:
-        lines += [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; date: {meta['date']}; "
-                  f"commit: {meta['commit']}", ""]
-        if meta.get("note"):
-            lines += [f"**Note:** {meta['note']}", ""]
+    lines = _header(f"`{name}` — {data['device']}, {data['dtype']}, batch {data['batch_size']}",
+                    data.get("meta", {}))
     rss = any("peak_rss_bytes" in r for r in data["rows"])  # CPU rows: resident-set growth beside tensor peak
     lines += ["| model | context | tokens/s | peak memory (MiB) | " + ("RSS growth (MiB) | " if rss else "")
               + "MFU | params |", "|---|---:|---:|---:|" + ("---:|" if rss else "") + "---:|---:|"]
