@@ -70,12 +70,13 @@ def test_memory_beats_the_baseline_on_a_tiny_passkey():
 
 @pytest.mark.slow
 def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_path):
-    """The full recipe through the CLI (`pytest -m slow`; ~25 min on the 2-core machine): `ltm train
-    experiment=passkey` and `experiment=passkey_baseline` (96-token samples), then `ltm eval` at 1x and 16x the
-    training length. Measured 2026-11-30 (README, 50 samples per cell, two training seeds): memory 100 % / 100 %
-    and 100 % / 82 %, baseline 11 % / 8 %."""
+    """The full recipe through the CLI (`pytest -m slow`; ~40 min on the 2-core machine, the two runs one after the
+    other): `ltm train experiment=passkey` and `experiment=passkey_baseline` (96-token samples, 10,000 steps), then
+    `ltm eval` at 1x and 16x the training length. Measured 2026-11-30 (README, 50 samples per cell, three training
+    seeds): memory 100 % at every length, depth bin, first segment and straddle; baseline 9 % / 8 %. The issue's
+    target at 16x (>= 95 % in every depth bin) is asserted on 20 samples per bin."""
     task = "passkey"
-    scores = {}
+    scores, worst = {}, {}
     for suffix in ("", "_baseline"):
         out = tmp_path / f"run{suffix}"
         train = run_ltm("train", f"experiment={task}{suffix}", f"output_dir={out}", "trainer.progress=false",
@@ -88,5 +89,7 @@ def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_pa
         rows = json.loads(report.read_text())["rows"]
         scores[suffix] = {length: sum(r["exact_match"] for r in rows if r["length"] == length
                                       and r["placement"] == "depth") / 10 for length in (96, 1536)}
+        worst[suffix] = min(r["exact_match"] for r in rows if r["length"] == 1536 and r["placement"] == "depth")
     assert scores["_baseline"][1536] < 0.3, scores
     assert scores[""][96] > 0.9 and scores[""][1536] > scores["_baseline"][1536] + 0.5, scores
+    assert worst[""] >= 0.95, worst
