@@ -8,8 +8,9 @@
   - "flex" (attention, cases with a memory prefix): `torch.nn.attention.flex_attention` with a block mask from the
     same rule (compiled on CUDA, eager elsewhere); a failure is reported in the row's "error" instead of times.
 The reference is skipped on CUDA where its fp32 scores would exceed `REF_MAX_SCORES` elements.
-Times are medians in ms (`median_ms`: on CUDA `triton.testing.do_bench`, L2 flushed between calls). Attention rows report TFLOP/s (4·B·H·d·visible pairs
-forward, 2.5x that backward); the other kernels report GB/s (bytes read + written). `pct_peak` relates the forward
+Times are medians in ms (`median_ms`: on CUDA `triton.testing.do_bench`, L2 flushed between calls). Attention rows
+report TFLOP/s (4·B·H·d·visible pairs forward, 2.5x that backward); the other kernels report GB/s (bytes read +
+written). `pct_peak` relates the forward
 throughput to the measured peak (`measure_peaks`: bf16 matmul TFLOP/s and device copy GB/s).
 """
 
