@@ -70,7 +70,7 @@ def test_memory_beats_the_baseline_on_a_tiny_passkey():
 
 @pytest.mark.slow
 def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_path):
-    """The full recipe through the CLI (`pytest -m slow`; ~40 min on the 2-core machine, the two runs one after the
+    """The full recipe through the CLI (`pytest -m slow`; 27 min on the 2-core machine, the two runs one after the
     other): `ltm train experiment=passkey` and `experiment=passkey_baseline` (96-token samples, 10,000 steps), then
     `ltm eval` at 1x and 16x the training length. Measured 2026-11-30 (README, 50 samples per cell, three training
     seeds): memory 100 % at every length, depth bin, first segment and straddle; baseline 9 % / 8 %. The issue's
