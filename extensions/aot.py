@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import _triton_attention as attn
+from ._backend import next_pow2
 
 KERNELS = {"fwd": attn._attn_fwd, "kv": attn._attn_bwd_kv, "q": attn._attn_bwd_q}
 _DATA = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # tensors in the input dtype
@@ -42,7 +43,7 @@ def compile_attention(kind: str, config: tuple[int, int, int, int], *, dtype: st
     if not hasattr(jit, "params"):
         raise RuntimeError("the Triton interpreter is on (TRITON_INTERPRET=1): unset it to compile for a GPU")
     bm, bn, warps, stages = config
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    block_d = max(16, next_pow2(head_dim))  # as the launcher pads it
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window,
                       DOT_PREC="ieee" if dtype == "float32" else "tf32", BLOCK_M=bm, BLOCK_N=bn)
     signature = {}

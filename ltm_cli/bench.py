@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, List, Optional
@@ -96,7 +95,7 @@ def bench_model_cmd(
     overrides: List[str] = typer.Argument(None, help="model.* overrides, e.g. model.segment_length=256."),
 ):
     """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal."""
-    from ltm_core.bench import VARIANTS, bench_model, ratios
+    from ltm_core.bench import VARIANTS, bench_model, ratios, result_header
     from ltm_core.configuration import compose, model_config
     from ltm_core.errors import ConfigError
 
@@ -111,12 +110,8 @@ def bench_model_cmd(
         result = bench_model(cfg, contexts, variants=variants or VARIANTS, batch_size=batch_size, device=device,
                              dtype=dtype, repeats=repeats, gen_lengths=gen, rows=rows)
     except KeyboardInterrupt:  # e.g. a time limit: keep what was measured, marked incomplete
-        import torch
-
-        on_gpu = device != "cpu" and torch.cuda.is_available()
-        name = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
-        _write_json(json_path, {"device": name, "dtype": dtype, "config": dataclasses.asdict(cfg),
-                                "batch_size": batch_size, "rows": rows, "generation": [], "interrupted": True})
+        _write_json(json_path, {**result_header(cfg, device, dtype, batch_size), "rows": rows, "generation": [],
+                                "interrupted": True})
         raise typer.Exit(130)
     table = Table(title=f"ltm bench model — {result['device']}, {dtype}, batch {batch_size}, model={model}")
     for col in ("model", "context", "tokens/s", "peak memory", "MFU", "params"):

@@ -34,6 +34,7 @@ import torch
 from ltm_core.config import OptimConfig, TitanConfig
 from ltm_core.model import TitanModel
 from ltm_core.training import build_optimizer, windowed_backward
+from ltm_extensions.bench import median_ms
 
 VARIANTS = ("memory", "memory_context", "segment_local", "full_causal")
 
@@ -95,19 +96,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     """FLOP/s of an n x n matmul in `dtype` on `device` (the ceiling MFU is reported against)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    if device.type == "cuda":
-        from ltm_extensions.bench import median_ms
-
-        return 2 * n ** 3 / (median_ms(lambda: a @ b, device) * 1e-3)
-    a @ b
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / (median_ms(lambda: a @ b, device, warmup=1, repeats=repeats) * 1e-3)
 
 
 def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int, device: str, dtype: str,
@@ -218,9 +207,14 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / row["peak_flops"]
             rows.append(row)
     generation = [generation_row(cfg, v, n, device, dtype) for n in gen_lengths for v in ("memory", "full_causal")]
+    return {**result_header(cfg, device, dtype, batch_size), "rows": rows, "generation": generation}
+
+
+def result_header(cfg: TitanConfig, device: Optional[str], dtype: str, batch_size: int) -> dict[str, Any]:
+    """What describes a `bench_model` result besides its rows: device name, dtype, config, batch size."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": name, "dtype": dtype, "config": dataclasses.asdict(cfg),
-            "batch_size": batch_size, "rows": rows, "generation": generation}
+    return {"device": name, "dtype": dtype, "config": dataclasses.asdict(cfg), "batch_size": batch_size}
 
 
 def ratios(result: dict[str, Any], baseline: str = "full_causal") -> list[dict[str, Any]]:
