@@ -63,7 +63,7 @@ class TitanConfig:
     init_std: float = 0.02
     # execution switches
     activation_checkpointing: bool = False  # recompute each block in backward
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile the whole-segment step (blocks + memory writes), reused every segment
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
     kernels: str = "auto"  # attention/fused-op backend: auto (Triton on CUDA when available), triton, torch
 
@@ -131,6 +131,9 @@ class TitanConfig:
                               f"must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.kernels not in KERNELS:
             raise ConfigError("model.kernels", f"must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.compile and self.kernels == "triton":
+            raise ConfigError("model.kernels", "triton cannot be combined with model.compile=true (torch.compile "
+                                               "fuses the PyTorch ops itself): use model.kernels=auto or torch")
         if self.vocab_size < 259:
             raise ConfigError("model.vocab_size", f"must be >= 259 for the byte tokenizer, got {self.vocab_size}")
 
@@ -230,6 +233,7 @@ class TaskConfig:
     pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])  # key-value pairs per cell
     train_pairs: int = 32  # training samples hold 1..train_pairs pairs
     gap_segments: int = 1  # whole segments of noise between the segment of the last pair and the queries
+    key_length: int = 2  # characters per key: 2 (676 two-letter keys) | 1 (36 keys: a letter or a digit)
     # babi_facts
     facts: int = 6  # location facts per sample
     names: int = 4  # people the facts are about (at most 6)
@@ -248,10 +252,14 @@ class TaskConfig:
                 raise ConfigError(f"task.{key}", f"must be a positive integer, got {value!r}")
         if self.lengths is not None and (not self.lengths or any(n <= 0 for n in self.lengths)):
             raise ConfigError("task.lengths", f"must be a non-empty list of positive lengths, got {self.lengths}")
-        if not self.pairs or any(p <= 0 or p > 676 for p in self.pairs):
+        if self.key_length not in (1, 2):
+            raise ConfigError("task.key_length", f"must be 1 or 2, got {self.key_length!r}")
+        keys = {1: 36, 2: 676}[self.key_length]
+        if not self.pairs or any(p <= 0 or p > 676 for p in self.pairs):  # cells past the key count are skipped
             raise ConfigError("task.pairs", f"must be a non-empty list of pair counts in [1, 676], got {self.pairs}")
-        if self.train_pairs > 676:
-            raise ConfigError("task.train_pairs", f"must be at most 676 (two-letter keys), got {self.train_pairs}")
+        if self.train_pairs > keys:
+            raise ConfigError("task.train_pairs",
+                              f"must be at most {keys} ({self.key_length}-character keys), got {self.train_pairs}")
         if self.filler not in TASK_FILLERS:
             raise ConfigError("task.filler", f"must be one of {', '.join(TASK_FILLERS)}, got {self.filler!r}")
         if self.digits > 20:

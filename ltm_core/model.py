@@ -15,7 +15,7 @@ segments, information flows only through each layer's memory bank (see `ltm_core
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -141,9 +141,7 @@ class TitanModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.compile:
-            for block in self.blocks:
-                block.compile(mode=cfg.compile_mode)
+        self._compiled_layers = compile_layers(self)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -210,12 +208,26 @@ class TitanModel(nn.Module):
     def _step(self, x: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
         """Read t tokens that all fall in the current segment. x: [B, t, C]."""
         cfg = self.config
-        t = x.shape[1]
-        positions = torch.arange(state.offset, state.offset + t, device=x.device)  # positions inside the segment
+        complete = state.offset + x.shape[1] == cfg.segment_length
+        # a whole segment (training, prefill) has the same shapes every time: the compiled unit (model.compile)
+        whole = complete and state.offset == 0 and self._compiled_layers is not None
+        layers_fn = self._compiled_layers if whole else self._layers
+        x, layers = layers_fn(x, state.offset, tuple(state.layers), complete, state.segments == 0)
+        segments = state.segments + complete
+        new = MemoryState(list(layers), 0 if complete else state.offset + x.shape[1], segments, state.batch_size)
+        if complete and segments % cfg.bptt_segments == 0:
+            new = new.detach()  # truncated BPTT: gradients stop at window boundaries
+        return x, new
+
+    def _layers(self, x: torch.Tensor, offset: int, pasts: tuple[LayerState, ...], complete: bool,
+                first: bool) -> tuple[torch.Tensor, tuple[LayerState, ...]]:
+        """x: [B, t, C] at segment positions offset..offset + t through every block; when the segment is
+        `complete`, each layer's memory is written. `first`: no segment has been written yet."""
+        cfg = self.config
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device)  # positions inside the segment
         cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
-        complete = state.offset + t == cfg.segment_length
         layers = []
-        for block, past in zip(self.blocks, state.layers):
+        for block, past in zip(self.blocks, pasts):
             if cfg.activation_checkpointing and self.training:
                 x, k, v, gated = checkpoint(block, x, cos, sin, past, use_reentrant=False)
             else:
@@ -226,11 +238,14 @@ class TitanModel(nn.Module):
                 layers.append(LayerState(past.memory, k, v, gated))
             elif past.memory is not None:
                 # the segment is written; on the first write the memory is still the learned initial one
-                layers.append(LayerState(block.memory.write(past.memory, gated, first=state.segments == 0)))
+                layers.append(LayerState(block.memory.write(past.memory, gated, first=first)))
             else:
                 layers.append(LayerState(None))
-        segments = state.segments + complete
-        new = MemoryState(layers, 0 if complete else state.offset + t, segments, state.batch_size)
-        if complete and segments % cfg.bptt_segments == 0:
-            new = new.detach()  # truncated BPTT: gradients stop at window boundaries
-        return x, new
+        return x, tuple(layers)
+
+
+def compile_layers(module: nn.Module) -> Optional[Callable]:
+    """`model.compile`: the whole-segment step (every block and memory write) through torch.compile, in
+    `model.compile_mode`; None when compilation is off."""
+    cfg = module.config
+    return torch.compile(module._layers, mode=cfg.compile_mode) if cfg.compile else None

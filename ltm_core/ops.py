@@ -3,7 +3,8 @@
 
     torch   PyTorch ops everywhere
     triton  the Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for tests)
-    auto    Triton on CUDA tensors when Triton is importable, PyTorch otherwise
+    auto    Triton on CUDA tensors when Triton is importable, PyTorch otherwise; under torch.compile
+            (`model.compile=true`) PyTorch, which Inductor fuses into its own kernels
 
 Attention has its own dispatch with the same rule in `ltm_core.attention`.
 """
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 def use_kernels(backend: str, x: torch.Tensor) -> bool:
     if backend == "triton":
         return True
-    if backend != "auto" or not x.is_cuda:
+    if backend != "auto" or not x.is_cuda or torch.compiler.is_compiling():
         return False
     from ltm_extensions import triton_importable
 

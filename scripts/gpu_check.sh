@@ -49,7 +49,8 @@ want batch && stage batch "${T_BATCH:-120}" python3 -m ltm_cli bench model --mod
     --batch-size 4 --variant memory --variant full_causal --context 4096 --context 32768 \
     --json "$OUT/gpu_model_base_bf16_b4.json"
 # where the memory model's time goes (it is launch-bound on GPU): the plain-PyTorch ops instead of the Triton
-# kernels, and each block compiled (default mode: fused kernels; reduce-overhead: CUDA graphs as well)
+# kernels, and the whole-segment step compiled (blocks + memory writes, one graph per segment; default mode:
+# Inductor's fused kernels; reduce-overhead: the segment replayed as a CUDA graph)
 if want overhead; then
     for variant in "kernels_torch model.kernels=torch" "compiled model.compile=true" \
                    "graphs model.compile=true model.compile_mode=reduce-overhead"; do

@@ -26,6 +26,7 @@ from ltm_core.errors import ConfigError
     (["model.memory_read=both"], "model.memory_read", "cross, context"),
     (["model.kernels=cuda"], "model.kernels", "auto, triton, torch"),
     (["model.compile_mode=fast"], "model.compile_mode", "default, reduce-overhead"),
+    (["model.compile=true", "model.kernels=triton"], "model.kernels", "model.compile=true"),
     (["data.seq_len=100"], "data.seq_len", "multiple of model.segment_length"),
     (["data=textfile"], "data.path", "required"),
     (["data.batch_size=0"], "data.batch_size", "positive"),

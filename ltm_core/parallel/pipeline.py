@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltm_core.memory import MemoryState
-from ltm_core.model import TitanModel
+from ltm_core.model import TitanModel, compile_layers
 
 
 class Blocks(nn.ModuleDict):
@@ -60,10 +60,12 @@ class StageModel(nn.Module):
         self.microbatches = 1
         self._calls = 0
         self._states: dict[int, MemoryState] = {}
+        self._compiled_layers = compile_layers(self)
 
     # TitanModel's own segment step and initial state, applied to this stage's blocks
     initial_state = TitanModel.initial_state
     _step = TitanModel._step
+    _layers = TitanModel._layers
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:

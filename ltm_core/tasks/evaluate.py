@@ -134,7 +134,7 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
             "filler": task.filler(cfg), "lengths": lengths, "memory": bool(model.config.use_memory), "rows": rows}
 
 
-SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "facts", "names")  # how samples are made
+SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "key_length", "facts", "names")  # how samples are made
 
 
 def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:

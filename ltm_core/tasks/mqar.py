@@ -3,8 +3,9 @@
     <BOS> "abK cdQ efZ ... "  noise (lower-case KJV, >= gap_segments full segments)  "\\n" "cdQ abK efZ ..."
           key-value pairs                                                               queries
 
-A key is two lower-case letters, its value one upper-case letter, so noise (lower-cased) never looks like a
-value. The pairs end in the first segment(s); at least `gap_segments` whole segments of noise separate the
+A key is two lower-case letters (676 keys), or with `key_length=1` one lower-case letter or digit (36 keys: one
+token per key, as in Zoology, where keys and values are single tokens); its value is one upper-case letter, so noise
+(lower-cased) never looks like a value. The pairs end in the first segment(s); at least `gap_segments` whole segments of noise separate the
 segment holding the last pair from the queries, so a model can only answer from its memory. Every key is
 queried once, in random order; the scored positions are the values in the query part (teacher forced, as in
 Zoology). Metrics: accuracy at those positions (chance 1/26), and the accuracy of the first query alone (no
@@ -22,28 +23,34 @@ from ltm_core.config import TaskConfig
 from ltm_core.model import TitanModel
 from ltm_core.tasks.common import Cell, TaskSample, filler, with_bos
 
-KEYS = [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]  # 676 keys
+KEYS = {2: [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase],  # key length -> keys
+        1: list(string.ascii_lowercase + string.digits)}
 VALUES = string.ascii_uppercase
-PAIR = 4  # characters per pair: key (2), value, space
 
 
-def min_length(pairs: int, segment_length: int, gap_segments: int = 1) -> int:
+def pair_chars(key_length: int) -> int:
+    """Characters per pair: key, value, space."""
+    return key_length + 2
+
+
+def min_length(pairs: int, segment_length: int, gap_segments: int = 1, key_length: int = 2) -> int:
     """Shortest sample: the pairs, noise to the end of their segment plus `gap_segments` segments, the queries."""
-    pairs_end = 1 + PAIR * pairs  # BOS + pairs
+    pairs_end = 1 + pair_chars(key_length) * pairs  # BOS + pairs
     queries_start = (-(-pairs_end // segment_length) + gap_segments) * segment_length
-    return queries_start + 1 + PAIR * pairs
+    return queries_start + 1 + pair_chars(key_length) * pairs
 
 
 def make_mqar(rng: np.random.Generator, length: int, pairs: int, segment_length: int, gap_segments: int = 1,
-              split: str = "train") -> TaskSample:
+              split: str = "train", key_length: int = 2) -> TaskSample:
     """A sample of exactly `length` tokens with `pairs` key-value pairs, every key queried once."""
-    if not 1 <= pairs <= len(KEYS):
-        raise ValueError(f"pairs must be in [1, {len(KEYS)}], got {pairs}")
-    need = min_length(pairs, segment_length, gap_segments)
+    keys_all, pair = KEYS[key_length], pair_chars(key_length)
+    if not 1 <= pairs <= len(keys_all):
+        raise ValueError(f"pairs must be in [1, {len(keys_all)}] with {key_length}-character keys, got {pairs}")
+    need = min_length(pairs, segment_length, gap_segments, key_length)
     if length < need:
         raise ValueError(f"an mqar sample with {pairs} pairs and segment length {segment_length} needs at least "
                          f"{need} tokens, got {length}")
-    keys = [KEYS[i] for i in rng.choice(len(KEYS), size=pairs, replace=False)]
+    keys = [keys_all[i] for i in rng.choice(len(keys_all), size=pairs, replace=False)]
     values = [VALUES[i] for i in rng.integers(0, len(VALUES), size=pairs)]
     order = rng.permutation(pairs)
     context = "".join(f"{k}{v} " for k, v in zip(keys, values))
@@ -52,7 +59,8 @@ def make_mqar(rng: np.random.Generator, length: int, pairs: int, segment_length:
     tokens = with_bos(context + noise + queries)
     assert len(tokens) == length
     queries_start = length - len(queries) + 1  # position of the first query key
-    targets = [(queries_start + PAIR * j + 2, queries_start + PAIR * j + 3) for j in range(pairs)]
+    targets = [(queries_start + pair * j + key_length, queries_start + pair * j + key_length + 1)
+               for j in range(pairs)]
     info = {"pairs": pairs, "pairs_end": 1 + len(context), "queries_start": queries_start}
     return TaskSample(tokens, targets, "", info)
 
@@ -66,24 +74,26 @@ class MqarTask:
         return "kjv (lower-cased)"
 
     def min_length(self, cfg: TaskConfig, segment_length: int) -> int:
-        return min_length(cfg.train_pairs, segment_length, cfg.gap_segments)
+        return min_length(cfg.train_pairs, segment_length, cfg.gap_segments, cfg.key_length)
 
     def train_sample(self, rng: np.random.Generator, length: int, cfg: TaskConfig, segment_length: int,
                      split: str = "train") -> TaskSample:
         pairs = int(rng.integers(1, cfg.train_pairs + 1))
-        return make_mqar(rng, length, pairs, segment_length, cfg.gap_segments, split)
+        return make_mqar(rng, length, pairs, segment_length, cfg.gap_segments, split, cfg.key_length)
 
     def cells(self, cfg: TaskConfig, lengths: Sequence[int], segment_length: int) -> list[Cell]:
         cells = []
         for length in lengths:
             for pairs in cfg.pairs:
-                need = min_length(pairs, segment_length, cfg.gap_segments)
-                cells.append(Cell(length, pairs, pairs=pairs,
-                                  skip=None if length >= need else f"{pairs} pairs need {need} tokens"))
+                need = min_length(pairs, segment_length, cfg.gap_segments, cfg.key_length)
+                skip = None if length >= need else f"{pairs} pairs need {need} tokens"
+                if pairs > len(KEYS[cfg.key_length]):
+                    skip = f"{cfg.key_length}-character keys: at most {len(KEYS[cfg.key_length])} pairs"
+                cells.append(Cell(length, pairs, pairs=pairs, skip=skip))
         return cells
 
     def make(self, rng: np.random.Generator, cell: Cell, cfg: TaskConfig, segment_length: int) -> TaskSample:
-        return make_mqar(rng, cell.length, cell.pairs, segment_length, cfg.gap_segments, "eval")
+        return make_mqar(rng, cell.length, cell.pairs, segment_length, cfg.gap_segments, "eval", cfg.key_length)
 
     def score(self, model: TitanModel, samples: Sequence[TaskSample]) -> dict[str, list[float]]:
         from ltm_core.tasks.evaluate import stack, teacher_forced_argmax

@@ -30,6 +30,8 @@ def test_data_task_selects_the_task(name):
     (["task=passkey", "task.filler=news"], "task.filler"),
     (["task=passkey", "task.digits=0"], "task.digits"),
     (["task=mqar", "task.pairs=[]"], "task.pairs"),
+    (["task=mqar", "task.key_length=3"], "task.key_length"),
+    (["task=mqar", "task.key_length=1", "task.train_pairs=37"], "task.train_pairs"),
     (["task=passkey", "task.lengths=[0]"], "task.lengths"),
     (["task=babi_facts", "task.names=7"], "task.names"),
     (["task=babi_facts", "task.train_facts=0"], "task.train_facts"),

@@ -9,7 +9,7 @@ from ltm_core.config import TaskConfig
 from ltm_core.tasks import get_task
 from ltm_core.tasks.babi_facts import ANSWER_SPAN, NAMES, ROOMS, make_babi_facts
 from ltm_core.tasks.common import RULER_FILLER, insert, sample_rng
-from ltm_core.tasks.mqar import PAIR, make_mqar
+from ltm_core.tasks.mqar import KEYS, make_mqar
 from ltm_core.tasks.passkey import NEEDLE_PREFIX, NEEDLE_SUFFIX, QUESTION, make_passkey
 from ltm_core.tokenizer import BOS, ByteTokenizer
 
@@ -104,27 +104,32 @@ def test_kjv_filler_of_evaluation_comes_from_held_out_books():
     assert text(train.tokens[-200:-100]) in _kjv("train")[0]
 
 
-@pytest.mark.parametrize("pairs", [1, 8, 32])
-def test_mqar_layout(pairs):
+@pytest.mark.parametrize("pairs,key_length", [(1, 2), (8, 2), (32, 2), (1, 1), (8, 1), (36, 1)])
+def test_mqar_layout(pairs, key_length):
     seg = 64
-    s = make_mqar(rng(pairs), 1024, pairs, seg, gap_segments=1)
+    s = make_mqar(rng(pairs), 1024, pairs, seg, gap_segments=1, key_length=key_length)
     assert len(s.tokens) == 1024 and len(s.targets) == pairs
     body = text(s.tokens[1:s.info["pairs_end"]])
-    context = dict((p[:2], p[2]) for p in body.split())
-    assert len(context) == pairs and all(k.islower() and v.isupper() for k, v in context.items())
+    context = dict((p[:key_length], p[key_length:]) for p in body.split())
+    assert len(context) == pairs and all(len(v) == 1 and v.isupper() for v in context.values())
+    assert all(k in KEYS[key_length] and not any(c.isupper() for c in k) for k in context)
     queries = text(s.tokens[s.info["queries_start"]:]).split()
-    assert sorted(q[:2] for q in queries) == sorted(context)
+    assert sorted(q[:key_length] for q in queries) == sorted(context)
     for (start, end), query in zip(s.targets, queries):
         assert end == start + 1
-        assert text(s.tokens[start - 2:start]) == query[:2]  # the key just before the scored value
-        assert text(s.tokens[start:end]) == context[query[:2]]
+        assert text(s.tokens[start - key_length:start]) == query[:key_length]  # the key just before the value
+        assert text(s.tokens[start:end]) == context[query[:key_length]]
     noise = text(s.tokens[s.info["pairs_end"]:s.info["queries_start"]])
     assert not any(c.isupper() for c in noise)  # values are the only upper-case letters
     # at least one whole segment between the segment of the last pair and the first query
     assert (s.info["queries_start"] // seg) - ((s.info["pairs_end"] - 1) // seg) >= 2
-    assert s.info["queries_start"] - PAIR * 0 > 0
     with pytest.raises(ValueError, match="needs at least"):
-        make_mqar(rng(), 200, 32, seg)
+        make_mqar(rng(), 200, 32, seg, key_length=key_length)
+
+
+def test_mqar_one_character_keys_hold_at_most_36_pairs():
+    with pytest.raises(ValueError, match=r"pairs must be in \[1, 36\] with 1-character keys"):
+        make_mqar(rng(), 4096, 37, 64, key_length=1)
 
 
 def test_babi_facts_answer_is_the_last_fact_about_the_person():
