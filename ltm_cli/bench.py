@@ -88,6 +88,8 @@ def bench_model_cmd(
     batch_size: int = typer.Option(1, "--batch-size", min=1),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed steps per row (median reported)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0,
+                                         help="Untimed steps per row (default: 1, or 3 with model.compile=true)."),
     gen: List[int] = typer.Option([], "--gen", help="Generation lengths to measure (repeatable)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
@@ -95,7 +97,7 @@ def bench_model_cmd(
     overrides: List[str] = typer.Argument(None, help="model.* overrides, e.g. model.segment_length=256."),
 ):
     """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal."""
-    from ltm_core.bench import VARIANTS, bench_model, ratios, result_header
+    from ltm_core.bench import VARIANTS, bench_model, default_warmup, ratios, result_header
     from ltm_core.configuration import compose, model_config
     from ltm_core.errors import ConfigError
 
@@ -105,13 +107,14 @@ def bench_model_cmd(
     if unknown:
         raise ConfigError("--variant", f"must be one of {', '.join(VARIANTS)}, got {unknown[0]!r}")
     cfg = model_config(compose([f"model={model}", *(overrides or [])]))
+    warmup = default_warmup(cfg) if warmup is None else warmup
     rows: list[dict[str, Any]] = []
     try:
         result = bench_model(cfg, contexts, variants=variants or VARIANTS, batch_size=batch_size, device=device,
-                             dtype=dtype, repeats=repeats, gen_lengths=gen, rows=rows)
+                             dtype=dtype, warmup=warmup, repeats=repeats, gen_lengths=gen, rows=rows)
     except KeyboardInterrupt:  # e.g. a time limit: keep what was measured, marked incomplete
-        _write_json(json_path, {**result_header(cfg, device, dtype, batch_size), "rows": rows, "generation": [],
-                                "interrupted": True})
+        _write_json(json_path, {**result_header(cfg, device, dtype, batch_size, warmup), "rows": rows,
+                                "generation": [], "interrupted": True})
         raise typer.Exit(130)
     table = Table(title=f"ltm bench model — {result['device']}, {dtype}, batch {batch_size}, model={model}")
     for col in ("model", "context", "tokens/s", "peak memory", "MFU", "params"):

@@ -183,11 +183,13 @@ def generation_row(cfg: TitanConfig, variant: str, length: int, device: str,
 
 
 def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[str] = VARIANTS, batch_size: int = 1,
-                device: Optional[str] = None, dtype: str = "float32", warmup: int = 1, repeats: int = 3,
+                device: Optional[str] = None, dtype: str = "float32", warmup: Optional[int] = None, repeats: int = 3,
                 gen_lengths: Iterable[int] = (), threads: Optional[int] = None,
                 rows: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     """All rows of `ltm bench model`, measured side by side in this run. rows: a list the training-step rows are
-    appended to as they are measured (what a caller keeps if the run is interrupted)."""
+    appended to as they are measured (what a caller keeps if the run is interrupted). warmup: untimed steps per
+    row, None: `default_warmup(cfg)`."""
+    warmup = default_warmup(cfg) if warmup is None else warmup
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     rows = [] if rows is None else rows
@@ -207,14 +209,22 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / row["peak_flops"]
             rows.append(row)
     generation = [generation_row(cfg, v, n, device, dtype) for n in gen_lengths for v in ("memory", "full_causal")]
-    return {**result_header(cfg, device, dtype, batch_size), "rows": rows, "generation": generation}
+    return {**result_header(cfg, device, dtype, batch_size, warmup), "rows": rows, "generation": generation}
 
 
-def result_header(cfg: TitanConfig, device: Optional[str], dtype: str, batch_size: int) -> dict[str, Any]:
-    """What describes a `bench_model` result besides its rows: device name, dtype, config, batch size."""
+def default_warmup(cfg: TitanConfig) -> int:
+    """Untimed steps before the timed ones: 1, or 3 with `model.compile` (the first step compiles; with
+    compile_mode=reduce-overhead the CUDA-graph trees run one step eagerly and record on the next)."""
+    return 3 if cfg.compile else 1
+
+
+def result_header(cfg: TitanConfig, device: Optional[str], dtype: str, batch_size: int,
+                  warmup: int) -> dict[str, Any]:
+    """What describes a `bench_model` result besides its rows: device name, dtype, config, batch size, warm-up."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"device": name, "dtype": dtype, "config": dataclasses.asdict(cfg), "batch_size": batch_size}
+    return {"device": name, "dtype": dtype, "config": dataclasses.asdict(cfg), "batch_size": batch_size,
+            "warmup_steps": warmup}
 
 
 def ratios(result: dict[str, Any], baseline: str = "full_causal") -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@
 # on 2026-11-30 (commit 45bdb8b): tests 120 s (one fp32 test unfinished: the fp32 attention tests compile for
 # 13-50 s each), kernels 142 s, model 2K-16K 150 s (the memory variants run at ~6K tokens/s: 32K rows take ~30 s each).
 # With 15 minutes of device time a session, about 9 minutes of stages fit in one call: choose, e.g.
-#   STAGES="model overhead" LTM_COMMIT=<commit> bash scripts/gpu_check.sh
+#   STAGES=overhead LTM_COMMIT=<commit> bash scripts/gpu_check.sh      (about 8 minutes at most)
 set -uo pipefail
 STAGES=${STAGES:-tests kernels model batch overhead}
 OUT=${OUT:-gpu_out}
@@ -52,13 +52,17 @@ want batch && stage batch "${T_BATCH:-120}" python3 -m ltm_cli bench model --mod
 # kernels, and the whole-segment step compiled (blocks + memory writes, one graph per segment; default mode:
 # Inductor's fused kernels; reduce-overhead: the segment replayed as a CUDA graph)
 if want overhead; then
-    for variant in "kernels_torch model.kernels=torch" "compiled model.compile=true" \
-                   "graphs model.compile=true model.compile_mode=reduce-overhead"; do
+    for variant in "kernels_torch 90 model.kernels=torch" "compiled 150 model.compile=true" \
+                   "graphs 150 model.compile=true model.compile_mode=reduce-overhead"; do
         set -- $variant
-        name=$1; shift
-        stage "overhead_$name" "${T_OVERHEAD:-110}" python3 -m ltm_cli bench model --model base --dtype bfloat16 \
+        name=$1 limit=$2; shift 2
+        stage "overhead_$name" "${T_OVERHEAD:-$limit}" python3 -m ltm_cli bench model --model base --dtype bfloat16 \
             --variant memory --variant full_causal --context 4096 --context 32768 "$@" \
             --json "$OUT/gpu_model_base_bf16_$name.json"
     done
+    # the MFU target (4K) with the segment as one CUDA graph, batch 4
+    stage overhead_graphs_b4 "${T_OVERHEAD:-100}" python3 -m ltm_cli bench model --model base --dtype bfloat16 \
+        --batch-size 4 --variant memory --variant full_causal --context 4096 model.compile=true \
+        model.compile_mode=reduce-overhead --json "$OUT/gpu_model_base_bf16_graphs_b4.json"
 fi
 ls -la "$OUT"

@@ -109,3 +109,24 @@ def test_bench_model_cli_runs_only_the_chosen_variants(tmp_path):
     bad = CliRunner().invoke(app, ["bench", "model", "--variant", "flash", "--json", str(tmp_path / "bad.json")])
     assert bad.exit_code == 2 and "--variant" in bad.output and "flash" in bad.output, bad.output
     assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.parametrize("args, warmup", [([], 1), (["model.compile=true"], 3), (["--warmup", "0"], 0),
+                                          (["--warmup", "2", "model.compile=true"], 2)])
+def test_bench_model_warms_compiled_models_up_longer(tmp_path, monkeypatch, args, warmup):
+    """A compiled row's first step compiles, and CUDA-graph trees run one step eagerly and record on the next:
+    model.compile raises the untimed steps to 3 unless --warmup says otherwise."""
+    from typer.testing import CliRunner
+
+    import ltm_core.bench as bench
+    from ltm_cli.app import app
+
+    seen = []
+    fake = {"model": "full_causal", "context": 64, "tokens_per_s": 1.0, "peak_mem_bytes": 1, "step_s": 1.0,
+            "params": 1, "flops_per_token": 1.0, "peak_flops": 1e9}
+    monkeypatch.setattr(bench, "_row_in_subprocess", lambda a: seen.append(a["warmup"]) or dict(fake))
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["bench", "model", "--context", "64", "--variant", "full_causal", "--device",
+                                      "cpu", "--json", str(out), *args])
+    assert result.exit_code == 0, result.output[-3000:]
+    assert seen == [warmup] and json.loads(out.read_text())["warmup_steps"] == warmup

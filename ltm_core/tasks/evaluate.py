@@ -131,7 +131,8 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
         if progress is not None:
             progress(row)
     return {"task": cfg.name, "train_length": train_length, "segment_length": seg, "seed": cfg.seed,
-            "filler": task.filler(cfg), "lengths": lengths, "memory": bool(model.config.use_memory), "rows": rows}
+            "filler": task.filler(cfg), "lengths": lengths, "memory": bool(model.config.use_memory),
+            "sample_settings": {k: getattr(cfg, k) for k in SAMPLE_KEYS}, "rows": rows}
 
 
 SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "key_length", "facts", "names")  # how samples are made

@@ -81,8 +81,10 @@ def test_evaluate_task_rows_and_schema(tiny_cfg, name):
     if name == "mqar":
         assert [r.get("skipped") is not None for r in rows] == [False, True, False, False]  # 40 pairs need > 256
         one = evaluate_task(model, TaskConfig(name=name, samples=2, batch_size=2, lengths=[512], pairs=[2, 40],
-                                              key_length=1), train_length=128)["rows"]
-        assert one[0].get("skipped") is None and "at most 36 pairs" in one[1]["skipped"]  # 36 one-character keys
+                                              key_length=1), train_length=128)
+        assert one["sample_settings"]["key_length"] == 1 and results["sample_settings"]["key_length"] == 2
+        rows = one["rows"]
+        assert rows[0].get("skipped") is None and "at most 36 pairs" in rows[1]["skipped"]  # 36 one-character keys
     # an untrained model is at chance: passkey digits ~ 1/10, no exact matches
     if name == "passkey":
         assert all(r["exact_match"] == 0.0 for r in rows)
