@@ -133,6 +133,9 @@ class TitanOutput:
     loss: Optional[torch.Tensor] = None  # mean cross-entropy over labels != -100, when labels are given
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
 class TitanModel(nn.Module):
     def __init__(self, cfg: TitanConfig):
         super().__init__()
@@ -213,6 +216,11 @@ class TitanModel(nn.Module):
         whole = complete and state.offset == 0 and self._compiled_layers is not None
         layers_fn = self._compiled_layers if whole else self._layers
         x, layers = layers_fn(x, state.offset, tuple(state.layers), complete, state.segments == 0)
+        if whole and cfg.compile_mode in CUDA_GRAPH_MODES:
+            # a CUDA-graph replay overwrites the outputs of the previous one, and a new iteration (a call with no
+            # backward pending: inference, the next BPTT window) frees them: the state and the segment's output
+            # outlive the call, so they are copied out of the graph's memory pool
+            x, layers = x.clone(), tuple(ls.map(torch.clone) for ls in layers)
         segments = state.segments + complete
         new = MemoryState(list(layers), 0 if complete else state.offset + x.shape[1], segments, state.batch_size)
         if complete and segments % cfg.bptt_segments == 0:

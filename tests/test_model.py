@@ -292,6 +292,27 @@ def test_segment_step_compiles_to_one_graph(tiny_cfg, write, read):
         assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
+@pytest.mark.parametrize("mode, copied", [("default", False), ("reduce-overhead", True),
+                                           ("max-autotune", True), ("max-autotune-no-cudagraphs", False)])
+def test_cuda_graph_outputs_are_copied_out_of_the_pool(tiny_cfg, monkeypatch, mode, copied):
+    """A CUDA-graph replay overwrites its previous outputs: with a CUDA-graph mode the step copies the carried
+    state and the segment's output out of the compiled call's results (on CPU the graphs themselves are skipped,
+    so the copy is checked on what the compiled call returned)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = tiny_model(dataclasses.replace(tiny_cfg, compile=True, compile_mode=mode)).eval()
+    returned = []
+    model._compiled_layers = lambda *args: returned.append(model._layers(*args)) or returned[-1]
+    state = model.initial_state(2)
+    x = model.embed_tokens(_ids(tiny_cfg.segment_length))
+    with torch.no_grad():
+        h, new = model._step(x, state)
+    (h0, layers0), = returned
+    shared = [h.data_ptr() == h0.data_ptr()] + [a.memory.data_ptr() == b.memory.data_ptr()
+                                                for a, b in zip(new.layers, layers0)]
+    assert shared == [not copied] * len(shared)
+    torch.testing.assert_close(h, h0)
+
+
 def test_compile_mode_reaches_torch_compile(tiny_cfg, monkeypatch):
     modes = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)
