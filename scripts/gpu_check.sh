@@ -52,8 +52,8 @@ want batch && stage batch "${T_BATCH:-120}" python3 -m ltm_cli bench model --mod
 # kernels, and the whole-segment step compiled (blocks + memory writes, one graph per segment; default mode:
 # Inductor's fused kernels; reduce-overhead: the segment replayed as a CUDA graph)
 if want overhead; then
-    for variant in "kernels_torch 90 model.kernels=torch" "compiled 150 model.compile=true" \
-                   "graphs 150 model.compile=true model.compile_mode=reduce-overhead"; do
+    for variant in "kernels_torch 60 model.kernels=torch" "compiled 180 model.compile=true" \
+                   "graphs 180 model.compile=true model.compile_mode=reduce-overhead"; do
         set -- $variant
         name=$1 limit=$2; shift 2
         stage "overhead_$name" "${T_OVERHEAD:-$limit}" python3 -m ltm_cli bench model --model base --dtype bfloat16 \
