@@ -71,3 +71,20 @@ print("ok")
 def test_public_api():
     for name in ("flash_attention", "rms_norm", "swiglu", "memory_update", "compress_gate"):
         assert callable(getattr(ltm_extensions, name))
+
+
+def test_model_ops_leave_auto_to_inductor_under_torch_compile(monkeypatch):
+    """model.kernels=auto: the Triton kernels on CUDA in eager mode; while torch.compile traces the model, the
+    PyTorch ops, which Inductor fuses (the Triton autograd functions are not traceable)."""
+    import ltm_extensions as ext
+    from ltm_core.ops import use_kernels
+
+    class CudaLike:
+        is_cuda = True
+
+    monkeypatch.setattr(ext, "triton_importable", lambda: True)
+    assert use_kernels("auto", CudaLike()) is True
+    assert use_kernels("auto", torch.zeros(2)) is False and use_kernels("triton", torch.zeros(2)) is True
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert use_kernels("auto", CudaLike()) is False
+    assert use_kernels("torch", CudaLike()) is False
