@@ -135,7 +135,8 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
             "sample_settings": {k: getattr(cfg, k) for k in SAMPLE_KEYS}, "rows": rows}
 
 
-SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "key_length", "facts", "names")  # how samples are made
+# how samples are made
+SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "key_length", "facts", "names")
 
 
 def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:
