@@ -8,8 +8,9 @@ token per key, as in Zoology, where keys and values are single tokens); its valu
 noise (lower-cased) never looks like a value. The pairs end in the first segment(s); at least `gap_segments` whole
 segments of noise separate the segment holding the last pair from the queries, so a model can only answer from
 its memory. Every key is queried once, in random order; the scored positions are the values in the query part
-(teacher forced, as in Zoology). Metrics: accuracy at those positions (chance 1/26), and the accuracy of the first query alone (no
-earlier answer to eliminate: a model that recalls the stored values but not their keys scores ~1/pairs there).
+(teacher forced, as in Zoology). Metrics: accuracy at those positions (chance 1/26), and the accuracy of the first
+query alone (no earlier answer to eliminate: a model that recalls the stored values but not their keys scores
+~1/pairs there).
 """
 
 from __future__ import annotations
