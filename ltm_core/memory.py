@@ -49,7 +49,9 @@ write's own behaviour), and filler written with b ~ 0 leaves the map as it was. 
 computed at once: with A = strict_lower(diag(b) K K^T), U = (I + A)^-1 diag(b) (V - K mem^T), mem += U^T K.
 
 `memory_conv=K` first mixes each compressed token with its K - 1 predecessors in the segment (a causal
-depthwise convolution, as Titans does after its projections), so an entry can be found by what preceded it.
+depthwise convolution), so an entry can be found by what preceded it. With `memory_write=delta` the convolution
+runs on the keys only, after their projection (as Titans and DeltaNet place it): k_t = normalize(conv(K c)_t), so
+a token can be stored under what preceded it while its value stays its own (key-value pairs: "aK" stores K under a).
 
 The write happens once a segment is complete, so a token only ever reads memory written by earlier segments.
 """
@@ -179,10 +181,8 @@ class LongTermMemory(nn.Module):
     def write(self, mem: torch.Tensor, g: torch.Tensor, first: bool = False) -> torch.Tensor:
         """mem: [B, M, D], g: [B, S, D] (one whole segment) -> updated memory [B, M, D]. `first`: mem is the
         learned initial memory (the select write then prefers any token to it)."""
-        if hasattr(self, "conv"):  # each token also carries its predecessors in the segment (zeros before it)
-            kernel = self.conv.shape[-1]
-            g = F.conv1d(F.pad(g.transpose(1, 2), (kernel - 1, 0)), self.conv.to(g.dtype), groups=g.shape[-1])
-            g = g.transpose(1, 2)  # [B, S, D]
+        if hasattr(self, "conv") and self.mode != "delta":  # each token also carries its predecessors
+            g = self._causal_conv(g)
         if self.mode == "importance":
             return self._importance_write(mem, g)
         if self.mode == "select":
@@ -195,6 +195,12 @@ class LongTermMemory(nn.Module):
         new = attention(q, k, v, causal=False, backend="torch").squeeze(1)  # [B, M, D]
         update_logits = self.update(torch.cat([mem, new], dim=-1))  # [B, M, D]
         return ops.memory_update(mem, new, update_logits, self.backend)  # (1 - u) mem + u new
+
+    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, D] -> the depthwise causal convolution over the segment (zeros before its start) [B, S, D]."""
+        kernel = self.conv.shape[-1]
+        y = F.conv1d(F.pad(x.transpose(1, 2), (kernel - 1, 0)), self.conv.to(x.dtype), groups=x.shape[-1])
+        return y.transpose(1, 2)
 
     def _importance_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The importance-weighted write (module docstring). Written out rather than through `attention()`
@@ -230,7 +236,10 @@ class LongTermMemory(nn.Module):
     def _delta_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The delta rule over the segment's T tokens in one triangular solve (module docstring), in fp32."""
         T = c.shape[1]
-        k = F.normalize(self.key(c).float(), dim=-1)  # [B, T, D]
+        k = self.key(c)  # [B, T, D]
+        if hasattr(self, "conv"):  # memory_conv: a token's key also carries its predecessors' keys
+            k = self._causal_conv(k)
+        k = F.normalize(k.float(), dim=-1)
         v = self.value(c).float()  # [B, T, M]
         b = torch.sigmoid(self.importance(c).float())  # [B, T, 1]
         w = mem.float()  # [B, M, D]

@@ -179,6 +179,29 @@ def test_delta_overwrites_a_key_written_again(tiny_cfg):
         torch.testing.assert_close(new @ other, mem @ other, rtol=1e-5, atol=1e-5)
 
 
+def test_delta_conv_stores_a_token_under_its_predecessor(tiny_cfg):
+    """memory_write=delta with memory_conv: the convolution shifts the keys only. With the kernel set to a pure
+    shift, the token after `a` is stored under a's key with its own value: reading a's key returns it, and the
+    token's own key reads only what it shares with a's (the map started empty)."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="delta", memory_conv=2)
+    memory = tiny_model(cfg).blocks[0].memory
+    D = cfg.memory_dim
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        memory.conv.zero_()
+        memory.conv[:, :, 0] = 1.0  # k_t = K c_{t-1}
+        memory.importance.weight.zero_()
+        memory.importance.bias.fill_(30.0)  # b = 1
+        a, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
+        c = torch.stack([a, b])[None]  # [1, 2, D]: the first token's key is zero (nothing precedes it)
+        new = memory.write(torch.zeros(1, cfg.memory_slots, D), c)
+        key_a = torch.nn.functional.normalize(memory.key(a), dim=-1)
+        key_b = torch.nn.functional.normalize(memory.key(b), dim=-1)
+        torch.testing.assert_close(new[0] @ key_a, memory.value(b), rtol=1e-4, atol=1e-5)
+        expect_b = (key_b @ key_a) * memory.value(b)  # only what a's key shares with b's
+        torch.testing.assert_close(new[0] @ key_b, expect_b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("write_from", ["block", "attention"])
 def test_write_from_attention_makes_the_first_layers_writes_independent_of_the_memory(tiny_cfg, write_from):
     """write_from=attention compresses the state before the memory read: the first layer writes the same content
