@@ -239,6 +239,10 @@ class TaskConfig:
     names: int = 4  # people the facts are about (at most 6)
     train_facts: Optional[int] = None  # training samples hold 1..train_facts facts (easy samples among hard ones);
     # None: exactly `facts`, as evaluated
+    # sample layout
+    layout_segment: Optional[int] = None  # the segment length samples are laid out for (mqar's gap segments,
+    # passkey's first-segment and straddle cells); None: the model's. A full-causal reference trained with the
+    # memory model's value reads exactly the memory model's samples (experiment=mqar_full)
     # training on the task
     lm_loss: bool = False  # also a next-byte loss on the filler; default: loss on the scored tokens only
 
@@ -268,6 +272,13 @@ class TaskConfig:
             raise ConfigError("task.train_facts", f"must be a positive integer or null, got {self.train_facts!r}")
         if self.names > 6:
             raise ConfigError("task.names", f"must be at most 6, got {self.names}")
+        if self.layout_segment is not None and (not isinstance(self.layout_segment, int)
+                                                or isinstance(self.layout_segment, bool) or self.layout_segment <= 0):
+            raise ConfigError("task.layout_segment", f"must be a positive integer or null, got {self.layout_segment!r}")
+
+    def layout(self, segment_length: int) -> int:
+        """The segment length samples are laid out for, given the model's."""
+        return self.layout_segment if self.layout_segment is not None else segment_length
 
 
 @dataclass

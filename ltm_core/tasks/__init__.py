@@ -38,7 +38,7 @@ def validate_task(cfg: DictConfig, model: TitanConfig, data: DataConfig) -> None
     if is_task(data.name):
         if task_cfg.name != data.name:
             raise ConfigError("task", f"data={data.name} trains on task={data.name}, got task={task_cfg.name}")
-        need = get_task(data.name).min_length(task_cfg, model.segment_length)
+        need = get_task(data.name).min_length(task_cfg, task_cfg.layout(model.segment_length))
         if data.seq_len + 1 < need:
             raise ConfigError("data.seq_len", f"{data.seq_len} is too short for task {data.name} with these "
                               f"settings (a sample needs {need} tokens)")

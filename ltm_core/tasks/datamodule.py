@@ -62,7 +62,8 @@ class TaskDataModule(L.LightningDataModule):
 
     def __init__(self, cfg: DataConfig, task_cfg: TaskConfig, segment_length: int):
         super().__init__()
-        self.cfg, self.task_cfg, self.segment_length = cfg, task_cfg, segment_length
+        self.cfg, self.task_cfg = cfg, task_cfg
+        self.segment_length = task_cfg.layout(segment_length)  # what the samples are laid out for
 
     def _samples(self, start: int = 0, rank: int = 0, world: int = 1) -> TaskSamples:
         return TaskSamples(self.task_cfg, self.cfg.seq_len, self.segment_length, self.cfg.seed, start, rank, world)

@@ -109,7 +109,7 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
     cfg.validate()
     task = get_task(cfg.name)
     device = next(model.parameters()).device
-    seg = model.config.segment_length
+    seg = cfg.layout(model.config.segment_length)  # what the samples are laid out for
     lengths = list(cfg.lengths) if cfg.lengths else default_lengths(train_length)
     model.eval()
     rows = []
@@ -130,13 +130,14 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
         rows.append(row)
         if progress is not None:
             progress(row)
-    return {"task": cfg.name, "train_length": train_length, "segment_length": seg, "seed": cfg.seed,
+    return {"task": cfg.name, "train_length": train_length, "segment_length": model.config.segment_length,
+            "seed": cfg.seed,
             "filler": task.filler(cfg), "lengths": lengths, "memory": bool(model.config.use_memory),
             "sample_settings": {k: getattr(cfg, k) for k in SAMPLE_KEYS}, "rows": rows}
 
 
 # how samples are made
-SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "key_length", "facts", "names")
+SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "key_length", "facts", "names", "layout_segment")
 
 
 def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:

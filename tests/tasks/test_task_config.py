@@ -36,6 +36,8 @@ def test_data_task_selects_the_task(name):
     (["task=babi_facts", "task.names=7"], "task.names"),
     (["task=babi_facts", "task.train_facts=0"], "task.train_facts"),
     (["task=nope"], "task"),
+    (["task=mqar", "task.layout_segment=0"], "task.layout_segment"),
+    (["data=mqar", "data.seq_len=192", "model.segment_length=192"], "data.seq_len"),  # 192-token gap: too long
 ])
 def test_task_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
@@ -56,6 +58,38 @@ def test_experiment_baselines_match_the_parameter_count(name):
     memory, baseline = (TitanModel(model_config(compose([f"experiment={name}{suffix}"]))).num_parameters()
                         for suffix in ("", "_baseline"))
     assert abs(baseline - memory) / memory < 0.02, (memory, baseline)
+
+
+def test_layout_segment_gives_a_full_causal_model_the_memory_models_samples(monkeypatch):
+    """experiment=mqar_full: one 192-token segment, no memory, and the samples (training, validation and
+    evaluation) laid out for the memory model's 32-token segments: token for token what experiment=mqar reads."""
+    from ltm_core import TitanConfig
+    from ltm_core.tasks.evaluate import evaluate_task
+
+    full, memory = compose(["experiment=mqar_full"]), compose(["experiment=mqar"])
+    assert full.model.segment_length == full.data.seq_len == 192 and not full.model.use_memory
+    assert full.task.layout_segment == 32 == memory.model.segment_length
+    modules = [TaskDataModule(DataConfig(**dict(c.data)), task_config(c), int(c.model.segment_length))
+               for c in (full, memory)]
+    for stream in ("train_dataloader", "val_dataloader"):
+        (x, y), (x2, y2) = (next(iter(getattr(m, stream)())) for m in modules)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    plain = TaskDataModule(DataConfig(**dict(full.data)), task_config(compose(["experiment=mqar_baseline"])), 192)
+    with pytest.raises(ValueError, match="needs at least"):  # without it the 192-token gap does not fit
+        next(iter(plain.train_dataloader()))
+    import ltm_core.tasks.mqar as mqar
+
+    real, layouts = mqar.make_mqar, []
+
+    def make_mqar(rng, length, pairs, segment_length, *args):
+        layouts.append(segment_length)
+        return real(rng, length, pairs, segment_length, *args)
+    monkeypatch.setattr(mqar, "make_mqar", make_mqar)
+    task_cfg = TaskConfig(**{**dict(full.task), "lengths": [192], "samples": 1, "pairs": [4]})
+    model = TitanModel(TitanConfig(hidden_size=32, num_attention_heads=2, use_memory=False, segment_length=192))
+    result = evaluate_task(model, task_cfg, train_length=192)
+    assert layouts == [32] and result["segment_length"] == 192
+    assert result["sample_settings"]["layout_segment"] == 32
 
 
 def test_task_samples_resume_exactly_and_split_over_ranks():
