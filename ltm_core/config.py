@@ -49,6 +49,9 @@ class TitanConfig:
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
     # the select write keeps entries in arrival order (slot M-1 newest), so the read can prefer the latest entry
+    slot_order: str = "arrival"  # slot_positions: arrival (an entry's place among all entries) | important (its
+    # place among the entries with importance w_s . entry > 0; the others share one vector): unimportant entries
+    # kept before a needle then do not move its positions (select only)
     read_importance: bool = False  # select: the memory read adds log sigmoid(importance) of each entry to its
     # attention scores, so the read prefers what the write ranks high and importance learns from every read
     memory_conv: int = 0  # kernel of a causal depthwise convolution over a segment's compressed tokens before the
@@ -120,6 +123,11 @@ class TitanConfig:
         if self.memory_write == "delta" and self.slot_positions:
             raise ConfigError("model.slot_positions", "does not apply to memory_write=delta (a linear map has no "
                                                       "slots in arrival order)")
+        if self.slot_order not in ("arrival", "important"):
+            raise ConfigError("model.slot_order", f"must be arrival or important, got {self.slot_order!r}")
+        if self.slot_order == "important" and not (self.slot_positions and self.memory_write == "select"):
+            raise ConfigError("model.slot_order", "important needs model.slot_positions=true and "
+                                                  "model.memory_write=select")
         if self.read_importance and self.memory_write != "select":
             raise ConfigError("model.read_importance", f"needs model.memory_write=select, got {self.memory_write!r}")
         if self.write_from not in WRITE_FROM:

@@ -34,7 +34,10 @@ sometimes kept, and importance learns from them; the memory the read sees in tra
 strong filler, as it does after thousands of segments. The spread scaling keeps the sampling on however large the
 importance grows. Evaluation and generation rank without noise. With `read_importance` the read adds
 log sigmoid(w_s . entry) to each entry's attention scores (the `key_bias` of `attention()`), so the importance that
-decides what is kept is also what the read weighs, and it learns from every read.
+decides what is kept is also what the read weighs, and it learns from every read. `slot_positions` adds a learned
+vector per place before the read; the place is the slot index (`slot_order=arrival`: arrival order), or with
+`slot_order=important` the entry's rank in arrival order among the entries with w_s . entry > 0, all others sharing
+one vector: strong filler kept before a needle moves the needle's slot indices, not its rank among the important.
 
 With `memory_write=delta` the memory is associative: mem [B, M, D] is a linear map from keys (D wide) to values
 (M wide), written token by token with the delta rule (Titans' linear memory with one gradient step per token on
@@ -178,6 +181,10 @@ class LongTermMemory(nn.Module):
             return c
         return ops.compress_gate(c, self.importance(c), self.backend)  # c * sigmoid(w_s . c)
 
+    def important(self, mem: torch.Tensor) -> torch.Tensor:
+        """mem: [B, M, D] -> [B, M] bool: the entries with importance w_s . entry > 0 (slot_order=important)."""
+        return self.importance(mem).squeeze(-1) > 0
+
     def write(self, mem: torch.Tensor, g: torch.Tensor, first: bool = False) -> torch.Tensor:
         """mem: [B, M, D], g: [B, S, D] (one whole segment) -> updated memory [B, M, D]. `first`: mem is the
         learned initial memory (the select write then prefers any token to it)."""
@@ -263,9 +270,9 @@ class DeltaRead(nn.Module):
         nn.init.normal_(self.query.weight, std=self.init_std)
         nn.init.normal_(self.out.weight, std=self.residual_std)
 
-    def forward(self, h: torch.Tensor, mem: torch.Tensor, backend: str = "auto",
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """h: [B, T, C] (normed), mem: [B, M, D] -> [B, T, C]."""
+    def forward(self, h: torch.Tensor, mem: torch.Tensor, backend: str = "auto", bias: Optional[torch.Tensor] = None,
+                important: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h: [B, T, C] (normed), mem: [B, M, D] -> [B, T, C]. (bias, important: slot options, None here.)"""
         q = F.normalize(self.query(h).float(), dim=-1)  # [B, T, D]
         y = q @ mem.float().transpose(1, 2)  # [B, T, M]
         return self.out(y.to(h.dtype))
@@ -286,9 +293,10 @@ class MemoryRead(nn.Module):
         self.residual_std = cfg.init_std / (2 * cfg.num_hidden_layers) ** 0.5
         inner = self.heads * self.head_dim
         self.kv_proj = nn.Linear(cfg.memory_dim, 2 * inner, bias=False)
-        # slot_positions: which slot an entry sits in (with select: its arrival order), zero at init
-        self.slot_embedding = (nn.Parameter(torch.zeros(cfg.memory_slots, cfg.memory_dim))
-                               if cfg.slot_positions else None)
+        # slot_positions: which slot an entry sits in (with select: its arrival order), zero at init; slot_order=
+        # important: its place among the important entries, and one more vector shared by the unimportant ones
+        places = cfg.memory_slots + (cfg.slot_order == "important")
+        self.slot_embedding = nn.Parameter(torch.zeros(places, cfg.memory_dim)) if cfg.slot_positions else None
         self.cross = cfg.memory_read == "cross"
         if self.cross:
             self.q_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
@@ -302,21 +310,24 @@ class MemoryRead(nn.Module):
             nn.init.normal_(self.q_proj.weight, std=self.init_std)
             nn.init.normal_(self.o_proj.weight, std=self.residual_std)
 
-    def kv(self, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """mem: [B, M, D] -> keys, values [B, H, M, hd]."""
+    def kv(self, mem: torch.Tensor, important: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """mem: [B, M, D], important: [B, M] bool (slot_order=important) or None -> keys, values [B, H, M, hd]."""
         B, M, _ = mem.shape
-        if self.slot_embedding is not None:
+        if self.slot_embedding is not None and important is not None:
+            place = torch.where(important, important.long().cumsum(1) - 1, M)  # [B, M]: rank among important
+            mem = mem + self.slot_embedding.to(mem.dtype)[place]  # [B, M, D]
+        elif self.slot_embedding is not None:
             mem = mem + self.slot_embedding.to(mem.dtype)  # [B, M, D]
         k, v = self.kv_proj(mem).view(B, M, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
     def forward(self, h: torch.Tensor, mem: torch.Tensor, backend: str = "auto",
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """h: [B, T, C] (normed), mem: [B, M, D], bias: [B, M] added to every query's score of a slot, or None
-        -> [B, T, C]."""
+                bias: Optional[torch.Tensor] = None, important: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h: [B, T, C] (normed), mem: [B, M, D], bias: [B, M] added to every query's score of a slot, or None;
+        important: as in `kv` -> [B, T, C]."""
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k, v = self.kv(mem)
+        k, v = self.kv(mem, important)
         y = attention(q, k, v, causal=False, backend=backend, key_bias=bias)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

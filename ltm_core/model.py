@@ -113,14 +113,17 @@ class Block(nn.Module):
         bias = None  # read_importance: log sigmoid(importance) of each slot, added to its read scores [B, M]
         if mem is not None and self.cfg.read_importance:
             bias = F.logsigmoid(self.memory.importance(mem).squeeze(-1).float())
+        important = None  # slot_order=important: the entries the write ranks important [B, M]
+        if mem is not None and self.cfg.slot_order == "important":
+            important = self.memory.important(mem)
         prefix = None
         if mem is not None and self.cfg.memory_read == "context":
-            prefix = (*self.memory_read.kv(mem), bias)  # slot keys, values [B, H, M, hd], bias [B, M] or None
+            prefix = (*self.memory_read.kv(mem, important), bias)  # slot keys, values [B, H, M, hd], bias [B, M] or None
         a, k, v = self.attn(self.attn_norm(x), cos, sin, past, prefix, backend)
         x = x + a
         attended = x  # [B, T, C]: what write_from=attention compresses (before the memory read)
         if mem is not None and self.cfg.memory_read == "cross":
-            x = x + self.memory_read(self.memory_norm(x), mem, backend, bias)
+            x = x + self.memory_read(self.memory_norm(x), mem, backend, bias, important)
         x = x + self.ffn(self.ffn_norm(x))
         gated = None if mem is None else self.memory.gate(attended if self.cfg.write_from == "attention" else x)
         return x, k, v, gated

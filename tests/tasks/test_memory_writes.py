@@ -17,6 +17,7 @@ VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", memory_conv=3, memory_read="context"),
             dict(memory_write="gated", memory_conv=2), dict(memory_write="select", write_from="attention"),
             dict(memory_write="select", slot_positions=True), dict(memory_write="select", read_importance=True),
+            dict(memory_write="select", slot_positions=True, slot_order="important", memory_read="context"),
             dict(memory_write="select", read_importance=True, memory_read="context", slot_positions=True),
             dict(memory_write="delta"), dict(memory_write="delta", write_from="attention", memory_conv=2)]
 
@@ -125,7 +126,8 @@ def test_select_has_no_write_attention_parameters(tiny_cfg):
 
 
 @pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5),
-                                        ("write_from", "ffn"), ("read_importance", True)])
+                                        ("write_from", "ffn"), ("read_importance", True), ("slot_order", "newest"),
+                                        ("slot_order", "important")])
 def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
@@ -248,6 +250,39 @@ def test_slot_positions_tell_the_read_where_an_entry_sits(tiny_cfg, read):
     ids_grad = _ids(3 * cfg.segment_length)
     positioned.train()(ids_grad, labels=ids_grad).loss.backward()
     assert positioned.blocks[0].memory_read.slot_embedding.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("read", ["cross", "context"])
+def test_slot_order_important_ignores_unimportant_entries_before_a_needle(tiny_cfg, read):
+    """slot_order=important: an entry's place is its rank among the important entries (w_s . entry > 0), so
+    unimportant entries kept before or between the needle's entries leave the needle's keys and values as they
+    were; with slot_order=arrival the same entries read differently once moved. The unimportant share one vector."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", memory_read=read, slot_positions=True)
+    M, D = cfg.memory_slots, cfg.memory_dim
+    g = torch.Generator().manual_seed(0)
+    needle, filler = torch.randn(3, D, generator=g), torch.randn(M - 3, D, generator=g)
+    needle[:, 0], filler[:, 0] = 1.0, -1.0  # the importance below reads coordinate 0
+    early = torch.cat([needle, filler])[None]  # [1, M, D]: the needle first
+    late = torch.cat([filler[:2], needle[:1], filler[2:4], needle[1:], filler[4:]])[None]  # filler before, between
+    at = [2, 5, 6]  # where the needle's entries sit in `late`
+    for order, same in (("important", True), ("arrival", False)):
+        block = tiny_model(dataclasses.replace(cfg, slot_order=order)).blocks[0]
+        with torch.no_grad():
+            block.memory.importance.weight.zero_()
+            block.memory.importance.weight[0, 0] = 5.0
+            block.memory_read.slot_embedding.normal_(generator=g)
+        assert block.memory.important(late)[0].tolist() == [i in at for i in range(M)]
+        important = (lambda m: block.memory.important(m)) if order == "important" else (lambda m: None)
+        k1, v1 = block.memory_read.kv(early, important(early))
+        k2, v2 = block.memory_read.kv(late, important(late))
+        moved = (k1[:, :, :3] - k2[:, :, at]).abs().amax()
+        if same:
+            torch.testing.assert_close(k2[:, :, at], k1[:, :, :3], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(v2[:, :, at], v1[:, :, :3], rtol=1e-6, atol=1e-6)
+            assert block.memory_read.slot_embedding.shape[0] == M + 1
+            torch.testing.assert_close(k2[:, :, 0], k1[:, :, 3], rtol=1e-6, atol=1e-6)  # filler[0]: one shared vector
+        else:
+            assert moved > 1e-3
 
 
 @pytest.mark.parametrize("causal, prefix", [(False, 6), (True, 4)])
