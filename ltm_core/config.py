@@ -249,8 +249,8 @@ class TaskConfig:
     # None: exactly `facts`, as evaluated
     # sample layout
     layout_segment: Optional[int] = None  # the segment length samples are laid out for (mqar's gap segments,
-    # passkey's first-segment and straddle cells); None: the model's. A full-causal reference trained with the
-    # memory model's value reads exactly the memory model's samples (experiment=mqar_full)
+    # passkey's first-segment and straddle cells); None: the model's. Set to the memory model's segment length, a
+    # full-causal reference reads exactly the memory model's samples (experiment=mqar_full)
     # training on the task
     lm_loss: bool = False  # also a next-byte loss on the filler; default: loss on the scored tokens only
 

@@ -118,7 +118,7 @@ class Block(nn.Module):
             important = self.memory.important(mem)
         prefix = None
         if mem is not None and self.cfg.memory_read == "context":
-            prefix = (*self.memory_read.kv(mem, important), bias)  # slot keys, values [B, H, M, hd], bias [B, M] or None
+            prefix = (*self.memory_read.kv(mem, important), bias)  # slot keys, values [B, H, M, hd]; bias [B, M]
         a, k, v = self.attn(self.attn_norm(x), cos, sin, past, prefix, backend)
         x = x + a
         attended = x  # [B, T, C]: what write_from=attention compresses (before the memory read)
