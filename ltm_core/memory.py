@@ -313,11 +313,11 @@ class MemoryRead(nn.Module):
     def kv(self, mem: torch.Tensor, important: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """mem: [B, M, D], important: [B, M] bool (slot_order=important) or None -> keys, values [B, H, M, hd]."""
         B, M, _ = mem.shape
-        if self.slot_embedding is not None and important is not None:
-            place = torch.where(important, important.long().cumsum(1) - 1, M)  # [B, M]: rank among important
-            mem = mem + self.slot_embedding.to(mem.dtype)[place]  # [B, M, D]
-        elif self.slot_embedding is not None:
-            mem = mem + self.slot_embedding.to(mem.dtype)  # [B, M, D]
+        if self.slot_embedding is not None:
+            places = self.slot_embedding.to(mem.dtype)  # [M, D]: one per slot (arrival order)
+            if important is not None:  # [B, M, D]: rank among the important, the rest the shared last vector
+                places = places[torch.where(important, important.long().cumsum(1) - 1, M)]
+            mem = mem + places  # [B, M, D]
         k, v = self.kv_proj(mem).view(B, M, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
