@@ -54,9 +54,10 @@ class TitanConfig:
     # kept before a needle then do not move its positions (select only)
     read_importance: bool = False  # select: the memory read adds log sigmoid(importance) of each entry to its
     # attention scores, so the read prefers what the write ranks high and importance learns from every read
-    memory_conv: int = 0  # kernel of a causal depthwise convolution over a segment's compressed tokens before the
-    # write (Titans' short convolution): each written token also carries its predecessors; with memory_write=delta
-    # it runs on the keys only, after their projection (a token stored under its predecessor); 0: none
+    memory_conv: int = 0  # kernel of a causal depthwise convolution over the compressed tokens before the write
+    # (Titans' short convolution), across segment boundaries: each written token also carries its predecessors;
+    # with memory_write=delta it runs on the keys only, after their projection (a token stored under its
+    # predecessor); 0: none
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
     bptt_segments: int = 2  # segments per backprop window; memory is detached between windows

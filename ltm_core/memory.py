@@ -51,8 +51,10 @@ A key written again overwrites its value instead of piling up (so "later facts o
 write's own behaviour), and filler written with b ~ 0 leaves the map as it was. The T sequential updates are
 computed at once: with A = strict_lower(diag(b) K K^T), U = (I + A)^-1 diag(b) (V - K mem^T), mem += U^T K.
 
-`memory_conv=K` first mixes each compressed token with its K - 1 predecessors in the segment (a causal
-depthwise convolution), so an entry can be found by what preceded it. With `memory_write=delta` the convolution
+`memory_conv=K` first mixes each compressed token with its K - 1 predecessors (a causal depthwise convolution),
+so an entry can be found by what preceded it. The convolution runs across segment boundaries, as one over the whole
+input would: the state carries the last K - 1 compressed tokens of the previous segment (`LayerState.tail`; zeros
+before the first segment). With `memory_write=delta` the convolution
 runs on the keys only, after their projection (as Titans and DeltaNet place it): k_t = normalize(conv(K c)_t), so
 a token can be stored under what preceded it while its value stays its own (key-value pairs: "aK" stores K under a).
 
@@ -81,9 +83,11 @@ class LayerState:
     keys: Optional[torch.Tensor] = None  # [B, H, t, hd] keys of the t tokens already seen in the current segment
     values: Optional[torch.Tensor] = None  # [B, H, t, hd]
     gated: Optional[torch.Tensor] = None  # [B, t, D] gated content of those tokens, written at segment end
+    tail: Optional[torch.Tensor] = None  # [B, K - 1, D] memory_conv=K: the last compressed tokens written before
 
     def map(self, fn) -> "LayerState":
-        return LayerState(*(None if t is None else fn(t) for t in (self.memory, self.keys, self.values, self.gated)))
+        return LayerState(*(None if t is None else fn(t)
+                            for t in (self.memory, self.keys, self.values, self.gated, self.tail)))
 
 
 @dataclass
@@ -185,17 +189,19 @@ class LongTermMemory(nn.Module):
         """mem: [B, M, D] -> [B, M] bool: the entries with importance w_s . entry > 0 (slot_order=important)."""
         return self.importance(mem).squeeze(-1) > 0
 
-    def write(self, mem: torch.Tensor, g: torch.Tensor, first: bool = False) -> torch.Tensor:
+    def write(self, mem: torch.Tensor, g: torch.Tensor, first: bool = False,
+              tail: Optional[torch.Tensor] = None) -> torch.Tensor:
         """mem: [B, M, D], g: [B, S, D] (one whole segment) -> updated memory [B, M, D]. `first`: mem is the
-        learned initial memory (the select write then prefers any token to it)."""
+        learned initial memory (the select write then prefers any token to it). `tail`: [B, K - 1, D], the
+        tokens before g for memory_conv=K (`self.tail`; None: zeros)."""
         if hasattr(self, "conv") and self.mode != "delta":  # each token also carries its predecessors
-            g = self._causal_conv(g)
+            g = self._causal_conv(g, tail)
         if self.mode == "importance":
             return self._importance_write(mem, g)
         if self.mode == "select":
             return self._select_write(mem, g, first)
         if self.mode == "delta":
-            return self._delta_write(mem, g)
+            return self._delta_write(mem, g, tail)
         q = self.query(mem).unsqueeze(1)  # [B, 1, M, D]: one head
         k = self.key(g).unsqueeze(1)  # [B, 1, S, D]
         v = self.value(g).unsqueeze(1)  # [B, 1, S, D]
@@ -203,11 +209,23 @@ class LongTermMemory(nn.Module):
         update_logits = self.update(torch.cat([mem, new], dim=-1))  # [B, M, D]
         return ops.memory_update(mem, new, update_logits, self.backend)  # (1 - u) mem + u new
 
-    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, S, D] -> the depthwise causal convolution over the segment (zeros before its start) [B, S, D]."""
+    def tail(self, g: torch.Tensor, tail: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """g: [B, S, D] a written segment's compressed tokens, tail: the one before it -> the K - 1 compressed
+        tokens the next segment's convolution sees before its own [B, K - 1, D] (None without memory_conv)."""
+        if not hasattr(self, "conv"):
+            return None
+        before = self.conv.shape[-1] - 1
+        if tail is None:
+            tail = g.new_zeros(g.shape[0], before, g.shape[2])
+        return torch.cat([tail, g], dim=1)[:, g.shape[1]:]  # [B, K - 1, D]: S may be shorter than K - 1
+
+    def _causal_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: [B, S, D], before: [B, K - 1, D] what precedes it (None: zeros) -> the depthwise causal convolution
+        [B, S, D]."""
         kernel = self.conv.shape[-1]
-        y = F.conv1d(F.pad(x.transpose(1, 2), (kernel - 1, 0)), self.conv.to(x.dtype), groups=x.shape[-1])
-        return y.transpose(1, 2)
+        x = x.transpose(1, 2)  # [B, D, S]
+        x = F.pad(x, (kernel - 1, 0)) if before is None else torch.cat([before.to(x.dtype).transpose(1, 2), x], 2)
+        return F.conv1d(x, self.conv.to(x.dtype), groups=x.shape[1]).transpose(1, 2)
 
     def _importance_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The importance-weighted write (module docstring). Written out rather than through `attention()`
@@ -240,12 +258,12 @@ class LongTermMemory(nn.Module):
         s = torch.sigmoid(logits.gather(1, keep).float()).unsqueeze(-1)  # [B, M, 1]
         return kept * (1 + s - s.detach()).to(kept.dtype)
 
-    def _delta_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _delta_write(self, mem: torch.Tensor, c: torch.Tensor, tail: Optional[torch.Tensor]) -> torch.Tensor:
         """The delta rule over the segment's T tokens in one triangular solve (module docstring), in fp32."""
         T = c.shape[1]
         k = self.key(c)  # [B, T, D]
         if hasattr(self, "conv"):  # memory_conv: a token's key also carries its predecessors' keys
-            k = self._causal_conv(k)
+            k = self._causal_conv(k, None if tail is None else self.key(tail))
         k = F.normalize(k.float(), dim=-1)
         v = self.value(c).float()  # [B, T, M]
         b = torch.sigmoid(self.importance(c).float())  # [B, T, 1]

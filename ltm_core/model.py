@@ -246,10 +246,11 @@ class TitanModel(nn.Module):
             if gated is not None and past.gated is not None:
                 gated = torch.cat([past.gated, gated], dim=1)  # [B, offset + t, D]
             if not complete:
-                layers.append(LayerState(past.memory, k, v, gated))
+                layers.append(LayerState(past.memory, k, v, gated, past.tail))
             elif past.memory is not None:
                 # the segment is written; on the first write the memory is still the learned initial one
-                layers.append(LayerState(block.memory.write(past.memory, gated, first=first)))
+                memory = block.memory.write(past.memory, gated, first=first, tail=past.tail)
+                layers.append(LayerState(memory, tail=block.memory.tail(gated, past.tail)))
             else:
                 layers.append(LayerState(None))
         return x, tuple(layers)

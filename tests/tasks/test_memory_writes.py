@@ -332,3 +332,39 @@ def test_read_importance_discounts_each_slot_by_its_importance(tiny_cfg, read):
         model(ids, labels=ids).loss.backward()
         grads.append(model.blocks[0].memory.importance.weight.grad)
     assert grads[0].abs().amax() > 0 and (grads[1] - grads[0]).abs().amax() > 0.01 * grads[0].abs().amax()
+
+
+@pytest.mark.parametrize("write", ["gated", "select", "delta"])
+def test_memory_conv_runs_across_segment_boundaries(tiny_cfg, write):
+    """memory_conv=K: a segment's convolution sees the last K - 1 compressed tokens of the segments before it, as
+    one convolution over the whole input would, also when segments are shorter than K - 1; and the model passes
+    each write the tail of the segment written before it (zeros before the first)."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write=write, memory_conv=4)
+    model = tiny_model(cfg).eval()
+    memory = model.blocks[0].memory
+    x = torch.randn(2, 13, cfg.memory_dim, generator=torch.Generator().manual_seed(0))
+    whole = memory._causal_conv(x, None)  # [B, 13, D]
+    tail, pieces = None, []
+    for a, b in ((0, 5), (5, 6), (6, 8), (8, 13)):  # pieces of 5, 1, 2 and 5 tokens (K - 1 = 3)
+        pieces.append(memory._causal_conv(x[:, a:b], tail))
+        tail = memory.tail(x[:, a:b], tail)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tail, x[:, -3:])
+    if write == "delta":  # the delta rule is sequential: two writes with the tail carried are one over both
+        mem = torch.zeros(2, cfg.memory_slots, cfg.memory_dim)
+        split = memory.write(memory.write(mem, x[:, :5]), x[:, 5:], tail=memory.tail(x[:, :5], None))
+        torch.testing.assert_close(split, memory.write(mem, x), rtol=1e-4, atol=1e-5)
+
+    calls = []
+    write_fn = memory.write
+
+    def spy(mem, g, first=False, tail=None):
+        calls.append((g, tail))
+        return write_fn(mem, g, first=first, tail=tail)
+
+    memory.write = spy
+    with torch.no_grad():
+        model(_ids(3 * cfg.segment_length))
+    assert calls[0][1] is None
+    for (g, _), (_, tail) in zip(calls, calls[1:]):
+        torch.testing.assert_close(tail, g[:, -3:], rtol=0, atol=0)
