@@ -45,6 +45,10 @@ class TitanConfig:
     select_noise: float = 0.5  # select, in training only: Gumbel noise on the importance before the top-k, scaled
     # by this times the spread (std) of the candidates' importance: sampling without replacement, so tokens that
     # the ranking would drop are sometimes kept, and a larger importance cannot switch the sampling off; 0: exact
+    importance_penalty: float = 0.0  # select, in training only: adds this times the mean sigmoid(w_s . c) of each
+    # written segment's tokens to the loss (through the write's backward; not in the logged loss), so tokens the
+    # reads do not need sink in the ranking: a needle kept among the top M at the training length then also
+    # outranks the filler of haystacks many times longer; 0: off
     write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
@@ -116,6 +120,11 @@ class TitanConfig:
             raise ConfigError("model.memory_conv", f"must be an integer >= 0, got {self.memory_conv!r}")
         if not isinstance(self.select_noise, (int, float)) or self.select_noise < 0:
             raise ConfigError("model.select_noise", f"must be a number >= 0, got {self.select_noise!r}")
+        if not isinstance(self.importance_penalty, (int, float)) or self.importance_penalty < 0:
+            raise ConfigError("model.importance_penalty", f"must be a number >= 0, got {self.importance_penalty!r}")
+        if self.importance_penalty and self.memory_write != "select":
+            raise ConfigError("model.importance_penalty", f"needs model.memory_write=select, got "
+                                                          f"{self.memory_write!r}")
         if self.memory_write not in MEMORY_WRITES:
             raise ConfigError("model.memory_write",
                               f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")

@@ -32,7 +32,11 @@ In training the ranking is w_s . cand + select_noise * std(w_s . cand) * Gumbel 
 sampled without replacement from softmax(w_s . cand / (select_noise * std))): tokens the ranking would drop are
 sometimes kept, and importance learns from them; the memory the read sees in training then mixes needles with
 strong filler, as it does after thousands of segments. The spread scaling keeps the sampling on however large the
-importance grows. Evaluation and generation rank without noise. With `read_importance` the read adds
+importance grows. Evaluation and generation rank without noise. `importance_penalty` = lambda adds
+lambda * mean_t sigmoid(w_s . c_t) over each written segment's tokens to the training loss (by the write's
+backward, as MoE auxiliary losses are added): only kept entries learn from the reads, so at the training length
+filler may rank close to a needle at no cost, and over a long haystack the repeated filler that outranks it fills
+the slots; the penalty lowers every token the reads do not hold up. With `read_importance` the read adds
 log sigmoid(w_s . entry) to each entry's attention scores (the `key_bias` of `attention()`), so the importance that
 decides what is kept is also what the read weighs, and it learns from every read. `slot_positions` adds a learned
 vector per place before the read; the place is the slot index (`slot_order=arrival`: arrival order), or with
@@ -141,6 +145,7 @@ class LongTermMemory(nn.Module):
         self.gate_bias = cfg.update_gate_bias
         self.mode = cfg.memory_write
         self.select_noise = cfg.select_noise
+        self.importance_penalty = cfg.importance_penalty
         self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
         self.backend = cfg.kernels
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
@@ -256,7 +261,11 @@ class LongTermMemory(nn.Module):
         keep = rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
         s = torch.sigmoid(logits.gather(1, keep).float()).unsqueeze(-1)  # [B, M, 1]
-        return kept * (1 + s - s.detach()).to(kept.dtype)
+        kept = kept * (1 + s - s.detach()).to(kept.dtype)
+        if self.training and self.importance_penalty > 0 and torch.is_grad_enabled():
+            penalty = self.importance_penalty * torch.sigmoid(logits[:, M:].float()).mean()  # the segment's tokens
+            kept = _AddLoss.apply(kept, penalty)
+        return kept
 
     def _delta_write(self, mem: torch.Tensor, c: torch.Tensor, tail: Optional[torch.Tensor]) -> torch.Tensor:
         """The delta rule over the segment's T tokens in one triangular solve (module docstring), in fp32."""
@@ -272,6 +281,19 @@ class LongTermMemory(nn.Module):
         eye = torch.eye(T, dtype=a.dtype, device=a.device)
         u = torch.linalg.solve_triangular(eye + a, b * (v - k @ w.transpose(1, 2)), upper=False)  # [B, T, M]
         return (w + u.transpose(1, 2) @ k).to(mem.dtype)  # [B, M, D]
+
+
+class _AddLoss(torch.autograd.Function):
+    """Identity on x whose backward also differentiates `loss` (a scalar) as if it were added to the training
+    loss: the loss reaches the optimiser wherever x's gradient flows, without being returned through the model."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones((), dtype=torch.float32, device=grad.device)
 
 
 class DeltaRead(nn.Module):

@@ -125,7 +125,39 @@ def test_select_has_no_write_attention_parameters(tiny_cfg):
     assert not any(n.split(".")[3] in ("query", "key", "value", "update") for n in names if ".memory." in n)
 
 
+def test_importance_penalty_adds_its_gradient_in_training_only(tiny_cfg):
+    """importance_penalty = lambda: the write's backward adds the gradient of lambda * mean sigmoid(w_s . c) over
+    the segment's tokens to what the reads give; evaluation, and no grad mode, are unchanged."""
+    lam = 0.7
+    g = torch.Generator().manual_seed(0)
+    base = tiny_model(dataclasses.replace(tiny_cfg, memory_write="select", select_noise=0.0)).blocks[0].memory
+    pen = tiny_model(dataclasses.replace(tiny_cfg, memory_write="select", select_noise=0.0,
+                                         importance_penalty=lam)).blocks[0].memory
+    pen.load_state_dict(base.state_dict())
+    mem = torch.randn(2, tiny_cfg.memory_slots, tiny_cfg.memory_dim, generator=g)
+    c = torch.randn(2, tiny_cfg.segment_length, tiny_cfg.memory_dim, generator=g)
+    r = torch.randn(2, tiny_cfg.memory_slots, tiny_cfg.memory_dim, generator=g)
+    grads = []
+    for module in (base, pen):
+        module.train().zero_grad()
+        out = module.write(mem, c)
+        (out * r).sum().backward()
+        grads.append((out.detach(), module.importance.weight.grad.clone(), module.importance.bias.grad.clone()))
+    base.zero_grad()
+    (lam * torch.sigmoid(base.importance(c)).mean()).backward()
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)  # the write itself is unchanged
+    torch.testing.assert_close(grads[1][1], grads[0][1] + base.importance.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1][2], grads[0][2] + base.importance.bias.grad, rtol=1e-5, atol=1e-6)
+    assert base.importance.weight.grad.abs().sum() > 0
+    pen.eval().zero_grad()
+    (pen.write(mem, c) * r).sum().backward()
+    base.eval().zero_grad()
+    (base.write(mem, c) * r).sum().backward()
+    torch.testing.assert_close(pen.importance.weight.grad, base.importance.weight.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5),
+                                        ("importance_penalty", -1.0), ("importance_penalty", 0.5),
                                         ("write_from", "ffn"), ("read_importance", True), ("slot_order", "newest"),
                                         ("slot_order", "important")])
 def test_new_knobs_are_validated(key, value):
