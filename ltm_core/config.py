@@ -58,6 +58,8 @@ class TitanConfig:
     # kept before a needle then do not move its positions (select only)
     read_importance: bool = False  # select: the memory read adds log sigmoid(importance) of each entry to its
     # attention scores, so the read prefers what the write ranks high and importance learns from every read
+    read_qk_norm: bool = False  # memory_read=cross: RMSNorm (learned gain) on each head's read queries and slot
+    # keys, so a read score is sqrt(head_dim) * cosine from the first step instead of a near-uniform softmax
     memory_conv: int = 0  # kernel of a causal depthwise convolution over the compressed tokens before the write
     # (Titans' short convolution), across segment boundaries: each written token also carries its predecessors;
     # with memory_write=delta it runs on the keys only, after their projection (a token stored under its
@@ -141,6 +143,10 @@ class TitanConfig:
                                                   "model.memory_write=select")
         if self.read_importance and self.memory_write != "select":
             raise ConfigError("model.read_importance", f"needs model.memory_write=select, got {self.memory_write!r}")
+        if self.read_qk_norm and (not self.use_memory or self.memory_read != "cross"
+                                  or self.memory_write == "delta"):
+            raise ConfigError("model.read_qk_norm", "needs the attention read of the slots, memory_read=cross "
+                                                    "(not memory_write=delta)")
         if self.write_from not in WRITE_FROM:
             raise ConfigError("model.write_from", f"must be one of {', '.join(WRITE_FROM)}, got {self.write_from!r}")
         if self.memory_read not in MEMORY_READS:

@@ -42,6 +42,8 @@ decides what is kept is also what the read weighs, and it learns from every read
 vector per place before the read; the place is the slot index (`slot_order=arrival`: arrival order), or with
 `slot_order=important` the entry's rank in arrival order among the entries with w_s . entry > 0, all others sharing
 one vector: strong filler kept before a needle moves the needle's slot indices, not its rank among the important.
+`read_qk_norm` RMS-normalises each head's read queries and slot keys (learned gains, as QK-norm in the self-attention
+of recent LLMs), so a read score is sqrt(hd) times a cosine from the first step, whatever the entries' scale.
 
 With `memory_write=delta` the memory is associative: mem [B, M, D] is a linear map from keys (D wide) to values
 (M wide), written token by token with the delta rule (Titans' linear memory with one gradient step per token on
@@ -341,6 +343,9 @@ class MemoryRead(nn.Module):
         if self.cross:
             self.q_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
             self.o_proj = nn.Linear(inner, cfg.hidden_size, bias=False)
+        if cfg.read_qk_norm:  # RMSNorm of each head's queries and keys (learned gains): scores sqrt(hd) * cosine
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.kernels)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.kernels)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.kv_proj.weight, std=self.init_std)
@@ -349,6 +354,9 @@ class MemoryRead(nn.Module):
         if self.cross:
             nn.init.normal_(self.q_proj.weight, std=self.init_std)
             nn.init.normal_(self.o_proj.weight, std=self.residual_std)
+        if hasattr(self, "q_norm"):
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()
 
     def kv(self, mem: torch.Tensor, important: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """mem: [B, M, D], important: [B, M] bool (slot_order=important) or None -> keys, values [B, H, M, hd]."""
@@ -367,7 +375,9 @@ class MemoryRead(nn.Module):
         important: as in `kv` -> [B, T, C]."""
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k, v = self.kv(mem, important)
+        k, v = self.kv(mem, important)  # [B, H, M, hd]
+        if hasattr(self, "q_norm"):  # read_qk_norm
+            q, k = self.q_norm(q), self.k_norm(k)
         y = attention(q, k, v, causal=False, backend=backend, key_bias=bias)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

@@ -1,5 +1,5 @@
 """The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv,
-model.write_from, model.slot_positions, model.read_importance): causal, streaming == one call, the select write's
+model.write_from, model.slot_positions, model.read_importance, model.read_qk_norm): causal, streaming == one call, the select write's
 retention property and the delta write's rule."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ltm_core import TitanConfig
 from ltm_core.errors import ConfigError
@@ -19,6 +20,7 @@ VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", slot_positions=True), dict(memory_write="select", read_importance=True),
             dict(memory_write="select", slot_positions=True, slot_order="important", memory_read="context"),
             dict(memory_write="select", read_importance=True, memory_read="context", slot_positions=True),
+            dict(memory_write="select", read_qk_norm=True, read_importance=True, slot_positions=True),
             dict(memory_write="delta"), dict(memory_write="delta", write_from="attention", memory_conv=2)]
 
 
@@ -164,6 +166,46 @@ def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
     assert err.value.key == f"model.{key}"
+
+
+@pytest.mark.parametrize("overrides", [dict(memory_read="context"), dict(memory_write="delta"),
+                                       dict(use_memory=False)])
+def test_read_qk_norm_needs_the_cross_attention_read(overrides):
+    with pytest.raises(ConfigError) as err:
+        TitanConfig(read_qk_norm=True, **overrides)
+    assert err.value.key == "model.read_qk_norm"
+
+
+def test_read_qk_norm_scores_are_scaled_cosines(tiny_cfg):
+    """read_qk_norm: each head's read score is sqrt(hd) times the gain-weighted cosine of query and key (gains 1
+    at init), so scaling the memory entries leaves the read unchanged (without the norm it does not), and the gains
+    learn."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", read_qk_norm=True)
+    read = tiny_model(cfg).blocks[0].memory_read.eval()
+    g = torch.Generator().manual_seed(0)
+    h, mem = torch.randn(2, 5, cfg.hidden_size, generator=g), torch.randn(2, cfg.memory_slots, cfg.memory_dim, generator=g)
+    with torch.no_grad():
+        read.q_norm.weight.uniform_(0.5, 1.5, generator=g)
+        read.k_norm.weight.uniform_(0.5, 1.5, generator=g)
+        read.q_proj.weight.mul_(30)  # queries and keys well above the norm's eps
+        read.kv_proj.weight.mul_(30)
+        H, hd = read.heads, read.head_dim
+        q = read.q_proj(h).view(2, 5, H, hd).transpose(1, 2)  # [B, H, T, hd]
+        k, v = read.kv(mem)  # [B, H, M, hd]
+        eps = cfg.norm_eps  # RMSNorm: x / sqrt(mean x^2 + eps) * gain, ~ sqrt(hd) * x / |x| * gain
+        q = q * (q.square().mean(-1, keepdim=True) + eps).rsqrt() * read.q_norm.weight
+        k = k * (k.square().mean(-1, keepdim=True) + eps).rsqrt() * read.k_norm.weight
+        p = torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, dim=-1)  # [B, H, T, M]
+        want = read.o_proj((p @ v).transpose(1, 2).reshape(2, 5, -1))
+        torch.testing.assert_close(read(h, mem, backend="torch"), want, rtol=1e-5, atol=1e-7)
+        # keys are scale-free: 10x entries scale only the values (10x the output)
+        torch.testing.assert_close(read(h, 10 * mem, backend="torch"), 10 * want, rtol=1e-3, atol=1e-6)
+    plain = tiny_model(dataclasses.replace(cfg, read_qk_norm=False)).blocks[0].memory_read.eval()
+    with torch.no_grad():
+        assert (plain(h, 10 * mem, backend="torch") - 10 * plain(h, mem, backend="torch")).abs().amax() > 1e-3
+    read.train()
+    read(h, mem, backend="torch").square().sum().backward()
+    assert read.q_norm.weight.grad.abs().amax() > 0 and read.k_norm.weight.grad.abs().amax() > 0
 
 
 @pytest.mark.parametrize("key, value", [("memory_read", "context"), ("slot_positions", True),
