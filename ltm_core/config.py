@@ -64,6 +64,8 @@ class TitanConfig:
     # (Titans' short convolution), across segment boundaries: each written token also carries its predecessors;
     # with memory_write=delta it runs on the keys only, after their projection (a token stored under its
     # predecessor); 0: none
+    memory_conv_mix: str = "depthwise"  # memory_conv: depthwise (one weight per channel and tap) | full (a D x D map
+    # per tap: each predecessor can land in its own subspace of the entry)
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
     bptt_segments: int = 2  # segments per backprop window; memory is detached between windows
@@ -147,6 +149,8 @@ class TitanConfig:
                                   or self.memory_write == "delta"):
             raise ConfigError("model.read_qk_norm", "needs the attention read of the slots, memory_read=cross "
                                                     "(not memory_write=delta)")
+        if self.memory_conv_mix not in ("depthwise", "full"):
+            raise ConfigError("model.memory_conv_mix", f"must be depthwise or full, got {self.memory_conv_mix!r}")
         if self.write_from not in WRITE_FROM:
             raise ConfigError("model.write_from", f"must be one of {', '.join(WRITE_FROM)}, got {self.write_from!r}")
         if self.memory_read not in MEMORY_READS:

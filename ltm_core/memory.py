@@ -58,7 +58,8 @@ write's own behaviour), and filler written with b ~ 0 leaves the map as it was. 
 computed at once: with A = strict_lower(diag(b) K K^T), U = (I + A)^-1 diag(b) (V - K mem^T), mem += U^T K.
 
 `memory_conv=K` first mixes each compressed token with its K - 1 predecessors (a causal depthwise convolution),
-so an entry can be found by what preceded it. The convolution runs across segment boundaries, as one over the whole
+so an entry can be found by what preceded it (`memory_conv_mix=full`: a full convolution, each tap a D x D map, so
+each predecessor can land in its own subspace of the entry). The convolution runs across segment boundaries, as one over the whole
 input would: the state carries the last K - 1 compressed tokens of the previous segment (`LayerState.tail`; zeros
 before the first segment). With `memory_write=delta` the convolution
 runs on the keys only, after their projection (as Titans and DeltaNet place it): k_t = normalize(conv(K c)_t), so
@@ -153,8 +154,8 @@ class LongTermMemory(nn.Module):
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
         self.compress = nn.Linear(C, D, bias=False)  # W_c
         self.importance = nn.Linear(D, 1)  # w_s
-        if cfg.memory_conv:  # depthwise causal convolution over the segment's compressed tokens, [D, 1, K]
-            self.conv = nn.Parameter(torch.empty(D, 1, cfg.memory_conv))
+        if cfg.memory_conv:  # causal convolution over the compressed tokens: [D, 1, K] depthwise, [D, D, K] full
+            self.conv = nn.Parameter(torch.empty(D, 1 if cfg.memory_conv_mix == "depthwise" else D, cfg.memory_conv))
         if self.mode == "delta":  # keys and values of the associative map
             self.key = nn.Linear(D, D, bias=False)  # K(c)
             self.value = nn.Linear(D, M, bias=False)  # V(c)
@@ -175,9 +176,10 @@ class LongTermMemory(nn.Module):
                 nn.init.normal_(getattr(self, name).weight, std=self.init_std)
         nn.init.zeros_(self.importance.bias)
         if hasattr(self, "conv"):  # the token itself plus random mixes of its predecessors
-            nn.init.normal_(self.conv, std=0.5)
+            D, fan_in = self.conv.shape[0], self.conv.shape[1]  # fan_in 1 (depthwise) or D (full)
+            nn.init.normal_(self.conv, std=0.5 / fan_in ** 0.5)
             with torch.no_grad():
-                self.conv[:, :, -1] = 1.0
+                self.conv[:, :, -1] = 1.0 if fan_in == 1 else torch.eye(D)
         if hasattr(self, "update"):
             nn.init.constant_(self.update.bias, self.gate_bias)
 
@@ -227,12 +229,13 @@ class LongTermMemory(nn.Module):
         return torch.cat([tail, g], dim=1)[:, g.shape[1]:]  # [B, K - 1, D]: S may be shorter than K - 1
 
     def _causal_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
-        """x: [B, S, D], before: [B, K - 1, D] what precedes it (None: zeros) -> the depthwise causal convolution
-        [B, S, D]."""
+        """x: [B, S, D], before: [B, K - 1, D] what precedes it (None: zeros) -> the causal convolution [B, S, D]
+        (depthwise, or with memory_conv_mix=full every output channel mixes every input channel of each tap)."""
         kernel = self.conv.shape[-1]
         x = x.transpose(1, 2)  # [B, D, S]
         x = F.pad(x, (kernel - 1, 0)) if before is None else torch.cat([before.to(x.dtype).transpose(1, 2), x], 2)
-        return F.conv1d(x, self.conv.to(x.dtype), groups=x.shape[1]).transpose(1, 2)
+        groups = x.shape[1] if self.conv.shape[1] == 1 else 1
+        return F.conv1d(x, self.conv.to(x.dtype), groups=groups).transpose(1, 2)
 
     def _importance_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The importance-weighted write (module docstring). Written out rather than through `attention()`

@@ -21,6 +21,7 @@ VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", slot_positions=True, slot_order="important", memory_read="context"),
             dict(memory_write="select", read_importance=True, memory_read="context", slot_positions=True),
             dict(memory_write="select", read_qk_norm=True, read_importance=True, slot_positions=True),
+            dict(memory_write="select", memory_conv=3, memory_conv_mix="full", slot_positions=True),
             dict(memory_write="delta"), dict(memory_write="delta", write_from="attention", memory_conv=2)]
 
 
@@ -161,7 +162,7 @@ def test_importance_penalty_adds_its_gradient_in_training_only(tiny_cfg):
 @pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5),
                                         ("importance_penalty", -1.0), ("importance_penalty", 0.5),
                                         ("write_from", "ffn"), ("read_importance", True), ("slot_order", "newest"),
-                                        ("slot_order", "important")])
+                                        ("slot_order", "important"), ("memory_conv_mix", "grouped")])
 def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
@@ -408,12 +409,32 @@ def test_read_importance_discounts_each_slot_by_its_importance(tiny_cfg, read):
     assert grads[0].abs().amax() > 0 and (grads[1] - grads[0]).abs().amax() > 0.01 * grads[0].abs().amax()
 
 
-@pytest.mark.parametrize("write", ["gated", "select", "delta"])
-def test_memory_conv_runs_across_segment_boundaries(tiny_cfg, write):
+@pytest.mark.parametrize("mix", ["depthwise", "full"])
+def test_memory_conv_is_a_causal_convolution_over_the_taps(tiny_cfg, mix):
+    """memory_conv=K: out_t = sum_j W_j x_{t-j} over the K taps (zeros before the input), W_j diagonal
+    (depthwise) or a full D x D map (memory_conv_mix=full); at init each token passes itself through unchanged."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", memory_conv=3, memory_conv_mix=mix)
+    memory = tiny_model(cfg).blocks[0].memory
+    D = cfg.memory_dim
+    assert memory.conv.shape == (D, 1 if mix == "depthwise" else D, 3)
+    last = memory.conv[:, :, -1]
+    torch.testing.assert_close(last, torch.ones(D, 1) if mix == "depthwise" else torch.eye(D), rtol=0, atol=0)
+    w = memory.conv.detach()  # [D_out, D_in or 1, K]; tap K - 1 - j weighs x_{t-j}
+    taps = [torch.diag(w[:, 0, i]) if mix == "depthwise" else w[:, :, i] for i in range(3)]  # [D, D] each
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([torch.zeros(2, 2, D), x], 1)  # [B, 2 + 7, D]
+    want = sum(padded[:, i:i + 7] @ taps[i].T for i in range(3))  # [B, 7, D]
+    with torch.no_grad():
+        torch.testing.assert_close(memory._causal_conv(x, None), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("write, mix", [("gated", "depthwise"), ("select", "depthwise"), ("delta", "depthwise"),
+                                        ("select", "full"), ("delta", "full")])
+def test_memory_conv_runs_across_segment_boundaries(tiny_cfg, write, mix):
     """memory_conv=K: a segment's convolution sees the last K - 1 compressed tokens of the segments before it, as
     one convolution over the whole input would, also when segments are shorter than K - 1; and the model passes
     each write the tail of the segment written before it (zeros before the first)."""
-    cfg = dataclasses.replace(tiny_cfg, memory_write=write, memory_conv=4)
+    cfg = dataclasses.replace(tiny_cfg, memory_write=write, memory_conv=4, memory_conv_mix=mix)
     model = tiny_model(cfg).eval()
     memory = model.blocks[0].memory
     x = torch.randn(2, 13, cfg.memory_dim, generator=torch.Generator().manual_seed(0))
