@@ -49,6 +49,10 @@ class TitanConfig:
     # written segment's tokens to the loss (through the write's backward; not in the logged loss), so tokens the
     # reads do not need sink in the ranking: a needle kept among the top M at the training length then also
     # outranks the filler of haystacks many times longer; 0: off
+    importance_relative: bool = False  # select: the kept entries' straight-through factor and the penalty use
+    # sigmoid(w_s . c - t), t the M-th highest importance among the candidates, not sigmoid(w_s . c): they depend
+    # on the ranking only, so the penalty cannot push every importance into the sigmoid's flat tail, where the
+    # reads no longer teach the ranking anything
     write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
@@ -129,6 +133,9 @@ class TitanConfig:
         if self.importance_penalty and self.memory_write != "select":
             raise ConfigError("model.importance_penalty", f"needs model.memory_write=select, got "
                                                           f"{self.memory_write!r}")
+        if self.importance_relative and self.memory_write != "select":
+            raise ConfigError("model.importance_relative", f"needs model.memory_write=select, got "
+                                                           f"{self.memory_write!r}")
         if self.memory_write not in MEMORY_WRITES:
             raise ConfigError("model.memory_write",
                               f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")

@@ -42,6 +42,9 @@ decides what is kept is also what the read weighs, and it learns from every read
 vector per place before the read; the place is the slot index (`slot_order=arrival`: arrival order), or with
 `slot_order=important` the entry's rank in arrival order among the entries with w_s . entry > 0, all others sharing
 one vector: strong filler kept before a needle moves the needle's slot indices, not its rank among the important.
+With `importance_relative` both use sigmoid(w_s . c - t) instead, t the M-th highest importance among the candidates:
+they then depend on the ranking only, which is all the write uses, so a common shift of every importance (the
+penalty's cheapest way down) can neither saturate the sigmoid nor switch off what the reads teach the ranking.
 `read_qk_norm` RMS-normalises each head's read queries and slot keys (learned gains, as QK-norm in the self-attention
 of recent LLMs), so a read score is sqrt(hd) times a cosine from the first step, whatever the entries' scale.
 
@@ -149,6 +152,7 @@ class LongTermMemory(nn.Module):
         self.mode = cfg.memory_write
         self.select_noise = cfg.select_noise
         self.importance_penalty = cfg.importance_penalty
+        self.importance_relative = cfg.importance_relative
         self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
         self.backend = cfg.kernels
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
@@ -265,10 +269,14 @@ class LongTermMemory(nn.Module):
             rank = torch.cat([rank[:, :M] - 1e4, rank[:, M:]], dim=1)
         keep = rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
-        s = torch.sigmoid(logits.gather(1, keep).float()).unsqueeze(-1)  # [B, M, 1]
+        z = logits.float()  # [B, M + S]
+        if self.importance_relative:  # relative to the M-th highest (noise-free) importance: shift-invariant
+            eligible = torch.cat([z[:, :M] - 1e4, z[:, M:]], dim=1) if first else z
+            z = z - eligible.topk(M, dim=1).values[:, -1:]  # [B, M + S]; the threshold is differentiated too
+        s = torch.sigmoid(z.gather(1, keep)).unsqueeze(-1)  # [B, M, 1]
         kept = kept * (1 + s - s.detach()).to(kept.dtype)
         if self.training and self.importance_penalty > 0 and torch.is_grad_enabled():
-            penalty = self.importance_penalty * torch.sigmoid(logits[:, M:].float()).mean()  # the segment's tokens
+            penalty = self.importance_penalty * torch.sigmoid(z[:, M:]).mean()  # the segment's tokens
             kept = _AddLoss.apply(kept, penalty)
         return kept
 

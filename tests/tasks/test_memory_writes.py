@@ -21,6 +21,7 @@ VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", slot_positions=True, slot_order="important", memory_read="context"),
             dict(memory_write="select", read_importance=True, memory_read="context", slot_positions=True),
             dict(memory_write="select", read_qk_norm=True, read_importance=True, slot_positions=True),
+            dict(memory_write="select", importance_relative=True, importance_penalty=0.5),
             dict(memory_write="select", memory_conv=3, memory_conv_mix="full", slot_positions=True),
             dict(memory_write="delta"), dict(memory_write="delta", write_from="attention", memory_conv=2)]
 
@@ -159,10 +160,49 @@ def test_importance_penalty_adds_its_gradient_in_training_only(tiny_cfg):
     torch.testing.assert_close(pen.importance.weight.grad, base.importance.weight.grad, rtol=0, atol=0)
 
 
+def test_importance_relative_learns_the_ranking_whatever_the_shift(tiny_cfg):
+    """importance_relative: the write keeps the same entries with the same values, and the gradient that the
+    reads and the penalty give the importance weights depends on the ranking only: shifting every importance by
+    -30 (the bias) leaves it as it was, where the absolute sigmoid's gradient vanishes. The factor and the penalty
+    are sigmoid(w_s . x - t), t the M-th highest importance among the candidates."""
+    g = torch.Generator().manual_seed(0)
+    M, D, S = tiny_cfg.memory_slots, tiny_cfg.memory_dim, tiny_cfg.segment_length
+    mem, c, r = torch.randn(2, M, D, generator=g), torch.randn(2, S, D, generator=g), torch.randn(2, M, D, generator=g)
+
+    def run(relative: bool, shift: float):
+        cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_noise=0.0, importance_penalty=0.7,
+                                  importance_relative=relative)
+        memory = tiny_model(cfg).blocks[0].memory.train()
+        with torch.no_grad():
+            memory.importance.bias.add_(shift)
+        out = memory.write(mem, c)
+        (out * r).sum().backward()
+        return out.detach(), memory.importance.weight.grad.clone(), memory
+
+    out_abs, grad_abs, _ = run(False, 0.0)
+    out_rel, grad_rel, memory = run(True, 0.0)
+    torch.testing.assert_close(out_rel, out_abs, rtol=0, atol=1e-6)  # 1 + s - s: 1 up to rounding
+    out_shifted, grad_shifted, _ = run(True, -30.0)
+    torch.testing.assert_close(out_shifted, out_rel, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_shifted, grad_rel, rtol=1e-4, atol=1e-6)
+    assert grad_rel.abs().amax() > 0
+    assert run(False, -30.0)[1].abs().amax() < 1e-6 * grad_abs.abs().amax()  # absolute: saturated, nothing learns
+    # the factor and the penalty by hand: sigmoid(z - t) with t the M-th highest importance (differentiated)
+    memory.zero_grad()
+    z = memory.importance(torch.cat([mem, c], 1)).squeeze(-1)  # [B, M + S]
+    z = z - z.topk(M, dim=1).values[:, -1:]
+    keep = z.detach().topk(M, dim=1).indices.sort(dim=1).values
+    kept = torch.cat([mem, c], 1).gather(1, keep.unsqueeze(-1).expand(-1, -1, D))
+    sg = torch.sigmoid(z.gather(1, keep)).unsqueeze(-1)
+    ((kept * (1 + sg - sg.detach()) * r).sum() + 0.7 * torch.sigmoid(z[:, M:]).mean()).backward()
+    torch.testing.assert_close(memory.importance.weight.grad, grad_rel, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5),
                                         ("importance_penalty", -1.0), ("importance_penalty", 0.5),
                                         ("write_from", "ffn"), ("read_importance", True), ("slot_order", "newest"),
-                                        ("slot_order", "important"), ("memory_conv_mix", "grouped")])
+                                        ("slot_order", "important"), ("memory_conv_mix", "grouped"),
+                                        ("importance_relative", True)])
 def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
