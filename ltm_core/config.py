@@ -50,9 +50,9 @@ class TitanConfig:
     # reads do not need sink in the ranking: a needle kept among the top M at the training length then also
     # outranks the filler of haystacks many times longer; 0: off
     importance_relative: bool = False  # select: the kept entries' straight-through factor and the penalty use
-    # sigmoid(w_s . c - t), t the M-th highest importance among the candidates, not sigmoid(w_s . c): they depend
-    # on the ranking only, so the penalty cannot push every importance into the sigmoid's flat tail, where the
-    # reads no longer teach the ranking anything
+    # sigmoid(w_s . c - t), t the M-th highest importance among the candidates, not sigmoid(w_s . c): a common
+    # shift of every importance changes neither, so the penalty cannot push them all into the sigmoid's flat tail,
+    # where the reads no longer teach the ranking anything
     write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
@@ -136,6 +136,9 @@ class TitanConfig:
         if self.importance_relative and self.memory_write != "select":
             raise ConfigError("model.importance_relative", f"needs model.memory_write=select, got "
                                                            f"{self.memory_write!r}")
+        if self.importance_relative and (self.read_importance or self.slot_order == "important"):
+            raise ConfigError("model.importance_relative", "leaves the absolute importance free, which "
+                                                           "read_importance and slot_order=important read: use one")
         if self.memory_write not in MEMORY_WRITES:
             raise ConfigError("model.memory_write",
                               f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")
@@ -154,10 +157,12 @@ class TitanConfig:
             raise ConfigError("model.read_importance", f"needs model.memory_write=select, got {self.memory_write!r}")
         if self.read_qk_norm and (not self.use_memory or self.memory_read != "cross"
                                   or self.memory_write == "delta"):
-            raise ConfigError("model.read_qk_norm", "needs the attention read of the slots, memory_read=cross "
-                                                    "(not memory_write=delta)")
+            raise ConfigError("model.read_qk_norm", "needs a memory (use_memory=true) read by attention over its "
+                                                    "slots: memory_read=cross, not memory_write=delta")
         if self.memory_conv_mix not in ("depthwise", "full"):
             raise ConfigError("model.memory_conv_mix", f"must be depthwise or full, got {self.memory_conv_mix!r}")
+        if self.memory_conv_mix == "full" and not self.memory_conv:
+            raise ConfigError("model.memory_conv_mix", "full needs model.memory_conv > 0")
         if self.write_from not in WRITE_FROM:
             raise ConfigError("model.write_from", f"must be one of {', '.join(WRITE_FROM)}, got {self.write_from!r}")
         if self.memory_read not in MEMORY_READS:

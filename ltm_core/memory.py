@@ -42,9 +42,10 @@ decides what is kept is also what the read weighs, and it learns from every read
 vector per place before the read; the place is the slot index (`slot_order=arrival`: arrival order), or with
 `slot_order=important` the entry's rank in arrival order among the entries with w_s . entry > 0, all others sharing
 one vector: strong filler kept before a needle moves the needle's slot indices, not its rank among the important.
-With `importance_relative` both use sigmoid(w_s . c - t) instead, t the M-th highest importance among the candidates:
-they then depend on the ranking only, which is all the write uses, so a common shift of every importance (the
-penalty's cheapest way down) can neither saturate the sigmoid nor switch off what the reads teach the ranking.
+With `importance_relative` the penalty and the kept entries' straight-through factor use sigmoid(w_s . c - t)
+instead, t the M-th highest importance among the candidates: they depend on the gaps to t, not on a common shift of
+every importance (the penalty's cheapest way down, which leaves the ranking, all the write uses, as it was), so that
+shift can neither saturate the sigmoid nor switch off what the reads teach the ranking.
 `read_qk_norm` RMS-normalises each head's read queries and slot keys (learned gains, as QK-norm in the self-attention
 of recent LLMs), so a read score is sqrt(hd) times a cosine from the first step, whatever the entries' scale.
 
@@ -62,11 +63,11 @@ computed at once: with A = strict_lower(diag(b) K K^T), U = (I + A)^-1 diag(b) (
 
 `memory_conv=K` first mixes each compressed token with its K - 1 predecessors (a causal depthwise convolution),
 so an entry can be found by what preceded it (`memory_conv_mix=full`: a full convolution, each tap a D x D map, so
-each predecessor can land in its own subspace of the entry). The convolution runs across segment boundaries, as one over the whole
-input would: the state carries the last K - 1 compressed tokens of the previous segment (`LayerState.tail`; zeros
-before the first segment). With `memory_write=delta` the convolution
-runs on the keys only, after their projection (as Titans and DeltaNet place it): k_t = normalize(conv(K c)_t), so
-a token can be stored under what preceded it while its value stays its own (key-value pairs: "aK" stores K under a).
+each predecessor can land in its own subspace of the entry). The convolution runs across segment boundaries, as one
+over the whole input would: the state carries the last K - 1 compressed tokens of the previous segment
+(`LayerState.tail`; zeros before the first segment). With `memory_write=delta` the convolution runs on the keys
+only, after their projection (as Titans and DeltaNet place it): k_t = normalize(conv(K c)_t), so a token can be
+stored under what preceded it while its value stays its own (key-value pairs: "aK" stores K under a).
 
 The write happens once a segment is complete, so a token only ever reads memory written by earlier segments.
 """
@@ -272,7 +273,8 @@ class LongTermMemory(nn.Module):
         z = logits.float()  # [B, M + S]
         if self.importance_relative:  # relative to the M-th highest (noise-free) importance: shift-invariant
             eligible = torch.cat([z[:, :M] - 1e4, z[:, M:]], dim=1) if first else z
-            z = z - eligible.topk(M, dim=1).values[:, -1:]  # [B, M + S]; the threshold is differentiated too
+            t = z.gather(1, eligible.detach().topk(M, dim=1).indices[:, -1:])  # [B, 1], differentiated too
+            z = z - t  # [B, M + S]
         s = torch.sigmoid(z.gather(1, keep)).unsqueeze(-1)  # [B, M, 1]
         kept = kept * (1 + s - s.detach()).to(kept.dtype)
         if self.training and self.importance_penalty > 0 and torch.is_grad_enabled():

@@ -1,6 +1,6 @@
-"""The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv,
-model.write_from, model.slot_positions, model.read_importance, model.read_qk_norm): causal, streaming == one call, the select write's
-retention property and the delta write's rule."""
+"""The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv[_mix],
+model.write_from, model.slot_positions, model.read_importance, model.read_qk_norm, model.importance_relative):
+causal, streaming == one call, the select write's retention property and the delta write's rule."""
 
 from __future__ import annotations
 
@@ -196,17 +196,51 @@ def test_importance_relative_learns_the_ranking_whatever_the_shift(tiny_cfg):
     sg = torch.sigmoid(z.gather(1, keep)).unsqueeze(-1)
     ((kept * (1 + sg - sg.detach()) * r).sum() + 0.7 * torch.sigmoid(z[:, M:]).mean()).backward()
     torch.testing.assert_close(memory.importance.weight.grad, grad_rel, rtol=1e-4, atol=1e-6)
+    assert memory.importance.bias.grad.abs().amax() < 1e-6  # a common shift is invisible to it
+
+
+@pytest.mark.parametrize("tokens", [3, 12])
+def test_importance_relative_first_write_thresholds_among_the_segment(tiny_cfg, tokens):
+    """On the first write the initial entries only fill the slots the segment leaves free, so t is the M-th
+    highest among the segment's tokens, or, with fewer tokens than slots, the best initial entry kept: the factor of
+    every other kept entry then still carries a gradient to the importance."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_noise=0.0, importance_relative=True)
+    memory = tiny_model(cfg).blocks[0].memory.train()
+    M, D = cfg.memory_slots, cfg.memory_dim
+    g = torch.Generator().manual_seed(1)
+    c, r = torch.randn(2, tokens, D, generator=g), torch.randn(2, M, D, generator=g)
+    mem = memory.initial.detach().expand(2, -1, -1)
+    (memory.write(mem, c, first=True) * r).sum().backward()
+    got = memory.importance.weight.grad.clone()
+    memory.zero_grad()
+    cand = torch.cat([mem, c], 1)  # [B, M + S, D]
+    z = memory.importance(cand).squeeze(-1)  # [B, M + S]
+    order = torch.cat([z[:, :M] - 1e4, z[:, M:]], 1).detach()  # segment tokens first, then the best initial ones
+    keep = order.topk(M, dim=1).indices  # [B, M], the M-th last
+    z = z - z.gather(1, keep[:, -1:])
+    keep = keep.sort(dim=1).values
+    sg = torch.sigmoid(z.gather(1, keep)).unsqueeze(-1)
+    (cand.gather(1, keep.unsqueeze(-1).expand(-1, -1, D)) * (1 + sg - sg.detach()) * r).sum().backward()
+    torch.testing.assert_close(got, memory.importance.weight.grad, rtol=1e-4, atol=1e-6)
+    assert got.abs().amax() > 0
 
 
 @pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5),
                                         ("importance_penalty", -1.0), ("importance_penalty", 0.5),
                                         ("write_from", "ffn"), ("read_importance", True), ("slot_order", "newest"),
                                         ("slot_order", "important"), ("memory_conv_mix", "grouped"),
-                                        ("importance_relative", True)])
+                                        ("importance_relative", True), ("memory_conv_mix", "full")])
 def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
     assert err.value.key == f"model.{key}"
+
+
+@pytest.mark.parametrize("overrides", [dict(read_importance=True), dict(slot_positions=True, slot_order="important")])
+def test_importance_relative_excludes_the_options_that_read_the_absolute_importance(overrides):
+    with pytest.raises(ConfigError) as err:
+        TitanConfig(memory_write="select", importance_relative=True, **overrides)
+    assert err.value.key == "model.importance_relative"
 
 
 @pytest.mark.parametrize("overrides", [dict(memory_read="context"), dict(memory_write="delta"),
@@ -224,7 +258,8 @@ def test_read_qk_norm_scores_are_scaled_cosines(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, memory_write="select", read_qk_norm=True)
     read = tiny_model(cfg).blocks[0].memory_read.eval()
     g = torch.Generator().manual_seed(0)
-    h, mem = torch.randn(2, 5, cfg.hidden_size, generator=g), torch.randn(2, cfg.memory_slots, cfg.memory_dim, generator=g)
+    h = torch.randn(2, 5, cfg.hidden_size, generator=g)
+    mem = torch.randn(2, cfg.memory_slots, cfg.memory_dim, generator=g)
     with torch.no_grad():
         read.q_norm.weight.uniform_(0.5, 1.5, generator=g)
         read.k_norm.weight.uniform_(0.5, 1.5, generator=g)
