@@ -53,6 +53,14 @@ class TitanConfig:
     # sigmoid(w_s . c - t), t the M-th highest importance among the candidates, not sigmoid(w_s . c): a common
     # shift of every importance changes neither, so the penalty cannot push them all into the sigmoid's flat tail,
     # where the reads no longer teach the ranking anything
+    importance_zloss: float = 0.0  # select, in training only: adds this times the mean squared importance
+    # (w_s . c)^2 of each written segment's tokens to the loss (as the router z-loss of ST-MoE keeps router logits
+    # small): the importances stay near 0, where the sigmoid's slope lets the reads teach the ranking, instead of
+    # drifting with the penalty into its flat tail (where Adam's eps stops the weights); 0: off
+    importance_detach: float = 0.0  # select: the share (0..1) of the penalty's and the z-loss's gradient that is
+    # withheld from the compressed tokens c and the layers below (1 or true: they train the importance weights w_s
+    # only); through c the penalty can teach every token one shared direction that pushes all importances down
+    # together, into the sigmoid's flat tail, where the reads no longer teach the ranking (README, "Why seeds differ")
     write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
@@ -133,6 +141,17 @@ class TitanConfig:
         if self.importance_penalty and self.memory_write != "select":
             raise ConfigError("model.importance_penalty", f"needs model.memory_write=select, got "
                                                           f"{self.memory_write!r}")
+        if not isinstance(self.importance_zloss, (int, float)) or self.importance_zloss < 0:
+            raise ConfigError("model.importance_zloss", f"must be a number >= 0, got {self.importance_zloss!r}")
+        if self.importance_zloss and self.memory_write != "select":
+            raise ConfigError("model.importance_zloss", f"needs model.memory_write=select, got "
+                                                        f"{self.memory_write!r}")
+        if not isinstance(self.importance_detach, (int, float)) or not 0 <= self.importance_detach <= 1:
+            raise ConfigError("model.importance_detach",
+                              f"must be a number in [0, 1] (true: 1), got {self.importance_detach!r}")
+        if self.importance_detach and self.memory_write != "select":
+            raise ConfigError("model.importance_detach", f"needs model.memory_write=select, got "
+                                                         f"{self.memory_write!r}")
         if self.importance_relative and self.memory_write != "select":
             raise ConfigError("model.importance_relative", f"needs model.memory_write=select, got "
                                                            f"{self.memory_write!r}")

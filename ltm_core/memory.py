@@ -46,6 +46,10 @@ With `importance_relative` the penalty and the kept entries' straight-through fa
 instead, t the M-th highest importance among the candidates: they depend on the gaps to t, not on a common shift of
 every importance (the penalty's cheapest way down, which leaves the ranking, all the write uses, as it was), so that
 shift can neither saturate the sigmoid nor switch off what the reads teach the ranking.
+`importance_zloss` = lambda_z adds lambda_z * mean_t (w_s . c_t)^2 (as the router z-loss of ST-MoE), which holds
+the importances near 0 against that drift. `importance_detach` = a in [0, 1] withholds the share a of the penalty's
+and the z-loss's gradient from c (and the layers below); at 1 they train w_s alone and cannot teach the compression
+one shared direction that pushes every token's importance down at once, the penalty's other cheap way down.
 `read_qk_norm` RMS-normalises each head's read queries and slot keys (learned gains, as QK-norm in the self-attention
 of recent LLMs), so a read score is sqrt(hd) times a cosine from the first step, whatever the entries' scale.
 
@@ -154,6 +158,8 @@ class LongTermMemory(nn.Module):
         self.select_noise = cfg.select_noise
         self.importance_penalty = cfg.importance_penalty
         self.importance_relative = cfg.importance_relative
+        self.importance_zloss = cfg.importance_zloss
+        self.importance_detach = cfg.importance_detach
         self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
         self.backend = cfg.kernels
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
@@ -271,16 +277,25 @@ class LongTermMemory(nn.Module):
         keep = rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
         z = logits.float()  # [B, M + S]
-        if self.importance_relative:  # relative to the M-th highest (noise-free) importance: shift-invariant
-            eligible = torch.cat([z[:, :M] - 1e4, z[:, M:]], dim=1) if first else z
-            t = z.gather(1, eligible.detach().topk(M, dim=1).indices[:, -1:])  # [B, 1], differentiated too
-            z = z - t  # [B, M + S]
-        s = torch.sigmoid(z.gather(1, keep)).unsqueeze(-1)  # [B, M, 1]
+        s = torch.sigmoid(self._relative(z, first, M) if self.importance_relative else z)  # [B, M + S]
+        s = s.gather(1, keep).unsqueeze(-1)  # [B, M, 1]
         kept = kept * (1 + s - s.detach()).to(kept.dtype)
-        if self.training and self.importance_penalty > 0 and torch.is_grad_enabled():
-            penalty = self.importance_penalty * torch.sigmoid(z[:, M:]).mean()  # the segment's tokens
-            kept = _AddLoss.apply(kept, penalty)
+        if self.training and torch.is_grad_enabled() and (self.importance_penalty > 0 or self.importance_zloss > 0):
+            if self.importance_detach > 0:  # withhold that share of their gradient from what the entries hold
+                held = candidates - self.importance_detach * (candidates - candidates.detach())  # value: candidates
+                z = self.importance(held).squeeze(-1).float()  # [B, M + S]
+            zp = self._relative(z, first, M) if self.importance_relative else z
+            loss = (self.importance_penalty * torch.sigmoid(zp[:, M:]).mean()  # the segment's tokens
+                    + self.importance_zloss * z[:, M:].square().mean())
+            kept = _AddLoss.apply(kept, loss)
         return kept
+
+    @staticmethod
+    def _relative(z: torch.Tensor, first: bool, M: int) -> torch.Tensor:
+        """z: [B, M + S] importances of the candidates -> z - t [B, M + S], t the M-th highest (importance_relative;
+        on a first write among the segment's tokens first), differentiated too."""
+        eligible = torch.cat([z[:, :M] - 1e4, z[:, M:]], dim=1) if first else z
+        return z - z.gather(1, eligible.detach().topk(M, dim=1).indices[:, -1:])
 
     def _delta_write(self, mem: torch.Tensor, c: torch.Tensor, tail: Optional[torch.Tensor]) -> torch.Tensor:
         """The delta rule over the segment's T tokens in one triangular solve (module docstring), in fp32."""

@@ -1,5 +1,6 @@
 """The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv[_mix],
-model.write_from, model.slot_positions, model.read_importance, model.read_qk_norm, model.importance_relative):
+model.write_from, model.slot_positions, model.read_importance, model.read_qk_norm, model.importance_relative,
+model.importance_zloss, model.importance_detach):
 causal, streaming == one call, the select write's retention property and the delta write's rule."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", read_importance=True, memory_read="context", slot_positions=True),
             dict(memory_write="select", read_qk_norm=True, read_importance=True, slot_positions=True),
             dict(memory_write="select", importance_relative=True, importance_penalty=0.5),
+            dict(memory_write="select", importance_penalty=1.0, importance_zloss=0.01, importance_detach=1.0),
             dict(memory_write="select", memory_conv=3, memory_conv_mix="full", slot_positions=True),
             dict(memory_write="delta"), dict(memory_write="delta", write_from="attention", memory_conv=2)]
 
@@ -160,6 +162,63 @@ def test_importance_penalty_adds_its_gradient_in_training_only(tiny_cfg):
     torch.testing.assert_close(pen.importance.weight.grad, base.importance.weight.grad, rtol=0, atol=0)
 
 
+def test_importance_zloss_adds_the_mean_squared_importance(tiny_cfg):
+    """importance_zloss = lambda_z: the write's backward adds the gradient of lambda_z * mean (w_s . c)^2 over the
+    segment's tokens to what the reads and the penalty give; the write itself is unchanged."""
+    g = torch.Generator().manual_seed(3)
+    M, D, S = tiny_cfg.memory_slots, tiny_cfg.memory_dim, tiny_cfg.segment_length
+    mem, c, r = torch.randn(2, M, D, generator=g), torch.randn(2, S, D, generator=g), torch.randn(2, M, D, generator=g)
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_noise=0.0, importance_penalty=0.3)
+    base = tiny_model(cfg).blocks[0].memory.train()
+    zl = tiny_model(dataclasses.replace(cfg, importance_zloss=0.05)).blocks[0].memory.train()
+    zl.load_state_dict(base.state_dict())
+    outs = []
+    for module in (base, zl):
+        out = module.write(mem, c)
+        (out * r).sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    alone = tiny_model(cfg).blocks[0].memory
+    alone.load_state_dict(base.state_dict())
+    (0.05 * alone.importance(c).square().mean()).backward()  # the z-loss by hand
+    for name in ("weight", "bias"):
+        extra = getattr(alone.importance, name).grad
+        assert extra.abs().amax() > 1e-4
+        torch.testing.assert_close(getattr(zl.importance, name).grad, getattr(base.importance, name).grad + extra,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_importance_detach_trains_the_importance_weights_only(tiny_cfg, relative):
+    """importance_detach = a: the penalty and the z-loss give the importance weights the same gradient as without
+    it, and what the entries hold (c, mem) the share 1 - a of theirs: at a = 1 the gradient without them."""
+    g = torch.Generator().manual_seed(4)
+    M, D, S = tiny_cfg.memory_slots, tiny_cfg.memory_dim, tiny_cfg.segment_length
+    mem0, c0, r = (torch.randn(2, M, D, generator=g), torch.randn(2, S, D, generator=g),
+                   torch.randn(2, M, D, generator=g))
+
+    def run(**knobs):
+        cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_noise=0.0, importance_relative=relative,
+                                  **knobs)
+        memory = tiny_model(cfg).blocks[0].memory.train()
+        mem, c = mem0.clone().requires_grad_(), c0.clone().requires_grad_()
+        (memory.write(mem, c) * r).sum().backward()
+        return memory.importance.weight.grad.clone(), mem.grad, c.grad
+
+    aux = dict(importance_penalty=0.7, importance_zloss=0.1)
+    w_plain, mem_plain, c_plain = run()
+    w_aux, mem_aux, c_aux = run(**aux)
+    w_det, mem_det, c_det = run(importance_detach=1.0, **aux)
+    w_half, mem_half, c_half = run(importance_detach=0.25, **aux)  # 3/4 of the extra gradient reaches c
+    torch.testing.assert_close(w_det, w_aux, rtol=1e-4, atol=1e-6)  # the importance weights learn the same
+    torch.testing.assert_close(c_det, c_plain, rtol=1e-4, atol=1e-6)  # the tokens get only the reads' gradient
+    torch.testing.assert_close(mem_det, mem_plain, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_half, w_aux, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(c_half, c_plain + 0.75 * (c_aux - c_plain), rtol=1e-4, atol=1e-6)
+    assert (c_aux - c_plain).abs().amax() > 1e-4  # without detach the penalty reaches them
+    assert (w_aux - w_plain).abs().amax() > 1e-4
+
+
 def test_importance_relative_learns_the_ranking_whatever_the_shift(tiny_cfg):
     """importance_relative: the write keeps the same entries with the same values, and the gradient that the
     reads and the penalty give the importance weights depends on the ranking only: shifting every importance by
@@ -227,6 +286,8 @@ def test_importance_relative_first_write_thresholds_among_the_segment(tiny_cfg, 
 
 @pytest.mark.parametrize("key, value", [("memory_write", "sparse"), ("memory_conv", -1), ("select_noise", -0.5),
                                         ("importance_penalty", -1.0), ("importance_penalty", 0.5),
+                                        ("importance_zloss", -0.1), ("importance_zloss", 0.1),
+                                        ("importance_detach", 0.5), ("importance_detach", 1.5),
                                         ("write_from", "ffn"), ("read_importance", True), ("slot_order", "newest"),
                                         ("slot_order", "important"), ("memory_conv_mix", "grouped"),
                                         ("importance_relative", True), ("memory_conv_mix", "full")])
