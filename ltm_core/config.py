@@ -61,8 +61,6 @@ class TitanConfig:
     # withheld from the compressed tokens c and the layers below (1 or true: they train the importance weights w_s
     # only); through c the penalty can teach every token one shared direction that pushes all importances down
     # together, into the sigmoid's flat tail, where the reads no longer teach the ranking (README, "Why seeds differ")
-    importance_detach_steps: int = 0  # with importance_detach: it holds for the first N optimizer steps of training
-    # only, after which the penalty's gradient reaches c again (once the reads have taught the ranking); 0: always
     write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
@@ -154,12 +152,6 @@ class TitanConfig:
         if self.importance_detach and self.memory_write != "select":
             raise ConfigError("model.importance_detach", f"needs model.memory_write=select, got "
                                                          f"{self.memory_write!r}")
-        if isinstance(self.importance_detach_steps, bool) or not isinstance(self.importance_detach_steps, int) \
-                or self.importance_detach_steps < 0:
-            raise ConfigError("model.importance_detach_steps",
-                              f"must be an integer >= 0, got {self.importance_detach_steps!r}")
-        if self.importance_detach_steps and not self.importance_detach:
-            raise ConfigError("model.importance_detach_steps", "needs model.importance_detach > 0")
         if self.importance_relative and self.memory_write != "select":
             raise ConfigError("model.importance_relative", f"needs model.memory_write=select, got "
                                                            f"{self.memory_write!r}")

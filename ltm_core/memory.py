@@ -49,8 +49,7 @@ shift can neither saturate the sigmoid nor switch off what the reads teach the r
 `importance_zloss` = lambda_z adds lambda_z * mean_t (w_s . c_t)^2 (as the router z-loss of ST-MoE), which holds
 the importances near 0 against that drift. `importance_detach` = a in [0, 1] withholds the share a of the penalty's
 and the z-loss's gradient from c (and the layers below); at 1 they train w_s alone and cannot teach the compression
-one shared direction that pushes every token's importance down at once, the penalty's other cheap way down;
-`importance_detach_steps` = N holds that for the first N optimizer steps only (the trainers call `set_train_step`).
+one shared direction that pushes every token's importance down at once, the penalty's other cheap way down.
 `read_qk_norm` RMS-normalises each head's read queries and slot keys (learned gains, as QK-norm in the self-attention
 of recent LLMs), so a read score is sqrt(hd) times a cosine from the first step, whatever the entries' scale.
 
@@ -160,8 +159,7 @@ class LongTermMemory(nn.Module):
         self.importance_penalty = cfg.importance_penalty
         self.importance_relative = cfg.importance_relative
         self.importance_zloss = cfg.importance_zloss
-        self.importance_detach = cfg.importance_detach  # the share now; set_train_step applies the schedule
-        self.detach_share, self.detach_steps = cfg.importance_detach, cfg.importance_detach_steps
+        self.importance_detach = cfg.importance_detach
         self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
         self.backend = cfg.kernels
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
@@ -292,11 +290,6 @@ class LongTermMemory(nn.Module):
             kept = _AddLoss.apply(kept, loss)
         return kept
 
-    def set_train_step(self, step: int) -> None:
-        """Apply the step-dependent knobs before optimizer step `step` (0-based): importance_detach holds for the
-        first importance_detach_steps steps (0: for all)."""
-        self.importance_detach = self.detach_share if not self.detach_steps or step < self.detach_steps else 0.0
-
     @staticmethod
     def _relative(z: torch.Tensor, first: bool, M: int) -> torch.Tensor:
         """z: [B, M + S] importances of the candidates -> z - t [B, M + S], t the M-th highest (importance_relative;
@@ -416,9 +409,3 @@ class MemoryRead(nn.Module):
         y = attention(q, k, v, causal=False, backend=backend, key_bias=bias)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-
-def set_train_step(module: nn.Module, step: int) -> None:
-    """Tell every memory bank in `module` (a model or a pipeline stage) the optimizer step about to run."""
-    for m in module.modules():
-        if isinstance(m, LongTermMemory):
-            m.set_train_step(step)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from ltm_core.config import OptimConfig, TitanConfig
-from ltm_core.memory import set_train_step
 from ltm_core.model import TitanModel
 
 LN2 = math.log(2)
@@ -92,7 +91,6 @@ class TitanLightning(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         if self._tick is None:
             self._tick = time.perf_counter()
-        set_train_step(self.model, self.global_step)  # optimizer steps so far (manual optimization)
         loss = windowed_backward(self.model, input_ids, labels, self.manual_backward, 1.0 / self.accumulate)
         self.samples_seen += input_ids.shape[0]
         micro_step = self.samples_seen // input_ids.shape[0]

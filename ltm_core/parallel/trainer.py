@@ -33,7 +33,6 @@ from ltm_core.config import DataConfig, OptimConfig
 from ltm_core.configuration import model_config, to_dict
 from ltm_core.data import CORPORA, Corpus, EvenWindows, RandomWindows, load_corpus, unigram_bpb
 from ltm_core.errors import CheckpointError, ConfigError
-from ltm_core.memory import set_train_step
 from ltm_core.parallel import checkpoint as pckpt
 from ltm_core.parallel.build import ParallelModel, build_parallel_model
 from ltm_core.parallel.env import DistEnv, init_distributed, shutdown
@@ -279,8 +278,6 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv) -> Path:
     tick = time.perf_counter()
     while step < max_steps:
         loss = torch.zeros((), device=env.device)
-        for part in pm.parts:
-            set_train_step(part, step)
         for micro in range(accumulate):
             ids, labels = next(batches)
             ids, labels = ids.to(env.device), labels.to(env.device)

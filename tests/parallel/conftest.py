@@ -44,21 +44,14 @@ def runs(tmp_path_factory, base) -> dict[str, Path]:
     from ltm_core.train import train
 
     root = tmp_path_factory.mktemp("parallel-runs")
-    out = {name: root / name for name in ("single", "fsdp", "tp2", "tp2_pp2", "resume", "single_delta", "tp2_delta",
-                                        "single_sched", "fsdp_sched")}
+    out = {name: root / name for name in ("single", "fsdp", "tp2", "tp2_pp2", "resume", "single_delta", "tp2_delta")}
     delta = ["model.memory_write=delta", "model.slot_positions=false"]  # the associative memory: its read is replicated
     train(compose(base + ["parallel=single", f"output_dir={out['single']}"]))
     train(compose(base + delta + ["parallel=single", f"output_dir={out['single_delta']}"]))
-    # the select write with the importance-detach schedule switching off after step 2 of 5 (set per step)
-    sched = ["model.memory_write=select", "model.select_noise=0", "model.importance_penalty=1.0",
-             "model.importance_detach=1.0", "model.importance_detach_steps=2"]
-    train(compose(base + sched + ["parallel=single", f"output_dir={out['single_sched']}"]))
     # two processes: fsdp (2 samples per dp rank = the same global batch), tp2, tp2 with the delta memory
     spawn_jobs(2, [compose_dict(base + ["parallel=fsdp", "data.batch_size=2", f"output_dir={out['fsdp']}"]),
                    compose_dict(base + ["parallel=tp2", f"output_dir={out['tp2']}"]),
-                   compose_dict(base + delta + ["parallel=tp2", f"output_dir={out['tp2_delta']}"]),
-                   compose_dict(base + sched + ["parallel=fsdp", "data.batch_size=2",
-                                                f"output_dir={out['fsdp_sched']}"])])
+                   compose_dict(base + delta + ["parallel=tp2", f"output_dir={out['tp2_delta']}"])])
     # four processes: tp2_pp2 for 5 steps; and 3 steps, then resume=auto up to 5
     pp = ["parallel=tp2_pp2", "parallel.microbatches=2"]
     spawn_jobs(4, [compose_dict(base + pp + [f"output_dir={out['tp2_pp2']}"]),
