@@ -53,11 +53,23 @@ def test_experiments_compose(name, baseline):
     assert cfg.model.use_memory is (baseline == "")
 
 
-@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
+@pytest.mark.parametrize("name", ["passkey", "passkey_long", "mqar", "babi_facts"])
 def test_experiment_baselines_match_the_parameter_count(name):
     memory, baseline = (TitanModel(model_config(compose([f"experiment={name}{suffix}"]))).num_parameters()
                         for suffix in ("", "_baseline"))
     assert abs(baseline - memory) / memory < 0.02, (memory, baseline)
+
+
+@pytest.mark.parametrize("baseline", ["", "_baseline"])
+def test_passkey_long_continues_its_stage_one_on_longer_samples(baseline):
+    """experiment=passkey_long[_baseline] resumes experiment=passkey[_baseline]: the same model but for a BPTT window
+    over the whole 192-token sample, the same task, 3,000 more steps."""
+    first, long = compose([f"experiment=passkey{baseline}"]), compose([f"experiment=passkey_long{baseline}"])
+    a, b = model_config(first), model_config(long)
+    assert {k for k, v in vars(a).items() if getattr(b, k) != v} == {"bptt_segments"}
+    assert long.data.seq_len == 2 * first.data.seq_len == b.bptt_segments * b.segment_length
+    assert long.trainer.max_steps == first.trainer.max_steps + 3000
+    assert long.task == first.task and long.optim == first.optim
 
 
 def test_layout_segment_gives_a_full_causal_model_the_memory_models_samples(monkeypatch):
