@@ -134,27 +134,16 @@ class TitanConfig:
             raise ConfigError("model.intermediate_size", f"must be positive, got {self.intermediate_size}")
         if not isinstance(self.memory_conv, int) or isinstance(self.memory_conv, bool) or self.memory_conv < 0:
             raise ConfigError("model.memory_conv", f"must be an integer >= 0, got {self.memory_conv!r}")
-        if not isinstance(self.select_noise, (int, float)) or self.select_noise < 0:
-            raise ConfigError("model.select_noise", f"must be a number >= 0, got {self.select_noise!r}")
-        if not isinstance(self.importance_penalty, (int, float)) or self.importance_penalty < 0:
-            raise ConfigError("model.importance_penalty", f"must be a number >= 0, got {self.importance_penalty!r}")
-        if self.importance_penalty and self.memory_write != "select":
-            raise ConfigError("model.importance_penalty", f"needs model.memory_write=select, got "
-                                                          f"{self.memory_write!r}")
-        if not isinstance(self.importance_zloss, (int, float)) or self.importance_zloss < 0:
-            raise ConfigError("model.importance_zloss", f"must be a number >= 0, got {self.importance_zloss!r}")
-        if self.importance_zloss and self.memory_write != "select":
-            raise ConfigError("model.importance_zloss", f"needs model.memory_write=select, got "
-                                                        f"{self.memory_write!r}")
+        for key in ("select_noise", "importance_penalty", "importance_zloss"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
+                raise ConfigError(f"model.{key}", f"must be a number >= 0, got {getattr(self, key)!r}")
         if not isinstance(self.importance_detach, (int, float)) or not 0 <= self.importance_detach <= 1:
             raise ConfigError("model.importance_detach",
                               f"must be a number in [0, 1] (true: 1), got {self.importance_detach!r}")
-        if self.importance_detach and self.memory_write != "select":
-            raise ConfigError("model.importance_detach", f"needs model.memory_write=select, got "
-                                                         f"{self.memory_write!r}")
-        if self.importance_relative and self.memory_write != "select":
-            raise ConfigError("model.importance_relative", f"needs model.memory_write=select, got "
-                                                           f"{self.memory_write!r}")
+        for key in ("importance_penalty", "importance_zloss", "importance_detach", "importance_relative",
+                    "read_importance"):  # options of the select write
+            if getattr(self, key) and self.memory_write != "select":
+                raise ConfigError(f"model.{key}", f"needs model.memory_write=select, got {self.memory_write!r}")
         if self.importance_relative and (self.read_importance or self.slot_order == "important"):
             raise ConfigError("model.importance_relative", "leaves the absolute importance free, which "
                                                            "read_importance and slot_order=important read: use one")
@@ -172,8 +161,6 @@ class TitanConfig:
         if self.slot_order == "important" and not (self.slot_positions and self.memory_write == "select"):
             raise ConfigError("model.slot_order", "important needs model.slot_positions=true and "
                                                   "model.memory_write=select")
-        if self.read_importance and self.memory_write != "select":
-            raise ConfigError("model.read_importance", f"needs model.memory_write=select, got {self.memory_write!r}")
         if self.read_qk_norm and (not self.use_memory or self.memory_read != "cross"
                                   or self.memory_write == "delta"):
             raise ConfigError("model.read_qk_norm", "needs a memory (use_memory=true) read by attention over its "
