@@ -71,7 +71,7 @@ def test_memory_beats_the_baseline_on_a_tiny_passkey():
 @pytest.mark.slow
 def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_path):
     """The full two-stage recipe through the CLI (`pytest -m slow`; the runs one after the other; on 2026-12-02 a
-    memory model's stage 1 took 30 minutes and its stage 2 15-17, beside other runs on the 2-core machine):
+    memory model's stage 1 took 19-32 minutes and its stage 2 15-18, beside other runs on the 2-core machine):
     `ltm train experiment=passkey` (five-digit key, 96-token samples, 10,000 steps), then `experiment=passkey_long`
     resumed from it (192-token samples, 3,000 steps), and the same for
     `experiment=passkey_baseline` / `passkey_long_baseline`; then `ltm eval` at 1x and 16x the final training length
