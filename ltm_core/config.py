@@ -61,6 +61,13 @@ class TitanConfig:
     # withheld from the compressed tokens c and the layers below (1 or true: they train the importance weights w_s
     # only); through c the penalty can teach every token one shared direction that pushes all importances down
     # together, into the sigmoid's flat tail, where the reads no longer teach the ranking (README, "Why seeds differ")
+    select_dedup: Optional[float] = None  # select: a candidate whose cosine similarity to a higher-ranked one
+    # exceeds this is ranked after every distinct one (near-duplicate suppression, as Fast NMS): a periodic
+    # haystack cannot fill the slots with copies of its best filler token; None: off
+    select_grad: str = "sigmoid"  # select: the kept entries' straight-through factor, 1 + f - f.detach() (= 1), with
+    # f = sigmoid(w_s . c) (sigmoid) or f = w_s . c with c held fixed (logit: it trains w_s only): through it the
+    # reads teach the ranking; the sigmoid's slope vanishes in its flat tail, where the penalty leaves the
+    # importances (about -10: slope 5e-5), the logit's does not (README, "Where a long haystack beats the key")
     write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
     # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
     slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
@@ -140,9 +147,17 @@ class TitanConfig:
         if not isinstance(self.importance_detach, (int, float)) or not 0 <= self.importance_detach <= 1:
             raise ConfigError("model.importance_detach",
                               f"must be a number in [0, 1] (true: 1), got {self.importance_detach!r}")
+        if self.select_dedup is not None and (isinstance(self.select_dedup, bool)
+                                              or not isinstance(self.select_dedup, (int, float))
+                                              or not 0 < self.select_dedup <= 1):
+            raise ConfigError("model.select_dedup", f"must be a cosine in (0, 1] or null, got {self.select_dedup!r}")
+        if self.select_grad not in ("sigmoid", "logit"):
+            raise ConfigError("model.select_grad", f"must be sigmoid or logit, got {self.select_grad!r}")
+        if self.select_grad == "logit" and self.importance_relative:
+            raise ConfigError("model.select_grad", "logit replaces importance_relative's factor: use one")
         for key in ("importance_penalty", "importance_zloss", "importance_detach", "importance_relative",
-                    "read_importance"):  # options of the select write
-            if getattr(self, key) and self.memory_write != "select":
+                    "read_importance", "select_grad", "select_dedup"):  # options of the select write
+            if getattr(self, key) not in (0, False, "sigmoid", None) and self.memory_write != "select":
                 raise ConfigError(f"model.{key}", f"needs model.memory_write=select, got {self.memory_write!r}")
         if self.importance_relative and (self.read_importance or self.slot_order == "important"):
             raise ConfigError("model.importance_relative", "leaves the absolute importance free, which "

@@ -50,6 +50,14 @@ shift can neither saturate the sigmoid nor switch off what the reads teach the r
 the importances near 0 against that drift. `importance_detach` = a in [0, 1] withholds the share a of the penalty's
 and the z-loss's gradient from c (and the layers below); at 1 they train w_s alone and cannot teach the compression
 one shared direction that pushes every token's importance down at once, the penalty's other cheap way down.
+`select_dedup` = tau ranks a candidate whose cosine similarity to a higher-ranked candidate exceeds tau after every
+distinct one (near-duplicate suppression, as Fast NMS in detection): a periodic haystack (RULER's filler repeats every
+90 characters) otherwise fills the slots with copies of its best-ranked filler token once it is long enough, and the
+needle's weaker tokens lose their slots (README, "Where a long haystack beats the key").
+`select_grad=logit` makes the kept entries' factor 1 + z - z.detach() with z = w_s . entry itself, the entry held
+fixed (it trains w_s only; through the entries this unbounded signal unsettles the layers below and nothing is
+learned): the sigmoid's slope s (1 - s) fades in the flat tail where the penalty leaves the importances, so the
+reads stop teaching the ranking there; the logit's does not.
 `read_qk_norm` RMS-normalises each head's read queries and slot keys (learned gains, as QK-norm in the self-attention
 of recent LLMs), so a read score is sqrt(hd) times a cosine from the first step, whatever the entries' scale.
 
@@ -160,6 +168,8 @@ class LongTermMemory(nn.Module):
         self.importance_relative = cfg.importance_relative
         self.importance_zloss = cfg.importance_zloss
         self.importance_detach = cfg.importance_detach
+        self.select_grad = cfg.select_grad
+        self.select_dedup = cfg.select_dedup
         self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
         self.backend = cfg.kernels
         self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
@@ -274,12 +284,17 @@ class LongTermMemory(nn.Module):
             rank = rank - scale * torch.empty_like(rank).exponential_().log()  # + scale * Gumbel(0, 1)
         if first:
             rank = torch.cat([rank[:, :M] - 1e4, rank[:, M:]], dim=1)
+        if self.select_dedup is not None:
+            rank = self._suppress_duplicates(candidates, rank)
         keep = rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
         z = logits.float()  # [B, M + S]
-        s = torch.sigmoid(self._relative(z, first, M) if self.importance_relative else z)  # [B, M + S]
+        if self.select_grad == "logit":  # the factor's slope does not fade however low the importances sink
+            s = self.importance(candidates.detach()).squeeze(-1).float()  # [B, M + S]: trains w_s, not c
+        else:
+            s = torch.sigmoid(self._relative(z, first, M) if self.importance_relative else z)  # [B, M + S]
         s = s.gather(1, keep).unsqueeze(-1)  # [B, M, 1]
-        kept = kept * (1 + s - s.detach()).to(kept.dtype)
+        kept = kept * (1 + (s - s.detach())).to(kept.dtype)  # exactly 1 in value
         if self.training and torch.is_grad_enabled() and (self.importance_penalty > 0 or self.importance_zloss > 0):
             if self.importance_detach > 0:  # withhold that share of their gradient from what the entries hold
                 held = candidates - self.importance_detach * (candidates - candidates.detach())  # value: candidates
@@ -289,6 +304,19 @@ class LongTermMemory(nn.Module):
                     + self.importance_zloss * z[:, M:].square().mean())
             kept = _AddLoss.apply(kept, loss)
         return kept
+
+    def _suppress_duplicates(self, candidates: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        """candidates [B, N, D], rank [B, N] -> rank with every candidate whose cosine similarity to a higher-ranked
+        one exceeds select_dedup moved below all the others, in its order (Fast NMS: a candidate suppressed by one
+        that is itself suppressed stays suppressed). Equal ranks: the earlier candidate counts as higher."""
+        u = F.normalize(candidates.detach().float(), dim=-1)
+        similar = u @ u.transpose(1, 2) > self.select_dedup  # [B, N, N]
+        i = torch.arange(rank.shape[1], device=rank.device)
+        higher = (rank.unsqueeze(1) > rank.unsqueeze(2)) | ((rank.unsqueeze(1) == rank.unsqueeze(2))
+                                                            & (i.unsqueeze(0) < i.unsqueeze(1)))  # [B, i, j]: j above i
+        duplicate = (similar & higher).any(dim=2)  # [B, N]
+        spread = (rank.amax(dim=1, keepdim=True) - rank.amin(dim=1, keepdim=True) + 1)  # [B, 1]
+        return rank - duplicate * spread
 
     @staticmethod
     def _relative(z: torch.Tensor, first: bool, M: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The memory write variants added for the long-context tasks (model.memory_write, model.memory_conv[_mix],
 model.write_from, model.slot_positions, model.read_importance, model.read_qk_norm, model.importance_relative,
-model.importance_zloss, model.importance_detach):
+model.importance_zloss, model.importance_detach, model.select_grad, model.select_dedup):
 causal, streaming == one call, the select write's retention property and the delta write's rule."""
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ VARIANTS = [dict(memory_write="importance"), dict(memory_write="select"),
             dict(memory_write="select", importance_relative=True, importance_penalty=0.5),
             dict(memory_write="select", importance_penalty=1.0, importance_zloss=0.01, importance_detach=1.0),
             dict(memory_write="select", memory_conv=3, memory_conv_mix="full", slot_positions=True),
+            dict(memory_write="select", select_grad="logit", importance_penalty=1.0, importance_detach=1.0),
+            dict(memory_write="select", select_dedup=0.97, memory_conv=3, slot_positions=True),
             dict(memory_write="delta"), dict(memory_write="delta", write_from="attention", memory_conv=2)]
 
 
@@ -87,6 +89,64 @@ def test_select_keeps_the_most_important_entries_whatever_follows(tiny_cfg):
     assert mem.shape == (1, M, D)
     for row in needle[0, :3]:
         assert (mem[0] == row).all(-1).any()
+
+
+@pytest.mark.parametrize("dedup", [None, 0.97])
+def test_select_dedup_keeps_a_needle_against_any_number_of_copies_of_a_stronger_token(tiny_cfg, dedup):
+    """A periodic haystack repeats its best-ranked filler token: without select_dedup, M copies of it, each more
+    important than the needle's weaker tokens, push those out; with it, the copies after the first rank below
+    every distinct entry, so the memory holds one copy and keeps the whole needle, bit for bit."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_dedup=dedup)
+    memory = tiny_model(cfg).blocks[0].memory.eval()
+    M, D, S = cfg.memory_slots, cfg.memory_dim, cfg.segment_length
+    with torch.no_grad():
+        memory.importance.weight.zero_()
+        memory.importance.weight[0, 0] = 1.0  # importance = first channel
+        memory.importance.bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    needle = torch.randn(1, S, D, generator=g).clamp(-3, 3)
+    needle[0, :4, 0] = torch.tensor([9.0, 8.0, 5.0, 4.0])  # two strong tokens, two weak ones
+    mem = memory.write(memory.initial_state(1), needle, first=True)
+    strong = torch.randn(D, generator=g)
+    strong[0] = 6.0  # the filler's best token: above the needle's weak tokens
+    for i in range(3 * M // 2):  # segments of filler, each with one copy of the strong token (slightly perturbed)
+        filler = torch.randn(1, S, D, generator=g).clamp(-3, 3)
+        filler[0, i % S] = strong + 1e-4 * torch.randn(D, generator=g)
+        mem = memory.write(mem, filler)
+    held = [bool((mem[0] == row).all(-1).any()) for row in needle[0, :4]]
+    copies = int((F.cosine_similarity(mem[0], strong.expand(M, D), dim=-1) > 0.99).sum())
+    if dedup is None:
+        assert held == [True, True, False, False] and copies == M - 2  # the copies took every other slot
+    else:
+        assert held == [True, True, True, True] and copies == 1
+
+
+def test_select_dedup_ranks_duplicates_after_every_distinct_candidate(tiny_cfg):
+    """Fast NMS on the ranking: a candidate similar (cosine > select_dedup) to a higher-ranked one moves below every
+    distinct candidate; of exact copies (equal importance) the earliest stays."""
+    cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_dedup=0.97)
+    memory = tiny_model(cfg).blocks[0].memory.eval()
+    M, S, D = cfg.memory_slots, cfg.segment_length, cfg.memory_dim
+    n = M + S
+    with torch.no_grad():
+        memory.importance.weight.zero_()
+        memory.importance.weight[0, 0] = 1.0  # importance = first channel
+        memory.importance.bias.zero_()
+    candidates = 5 * torch.randn(1, n, D, generator=torch.Generator().manual_seed(0))  # distinct directions
+    candidates[0, :, 0] = torch.linspace(0, 3, n)  # importance rising with the index
+    candidates[0, -4:] = candidates[0, -5]  # the last five: one token five times
+    candidates[0, :, 1] = torch.arange(n) * 1e-3  # the index, to read back which were kept (cosine unchanged)
+    moved = memory._suppress_duplicates(candidates, memory.importance(candidates).squeeze(-1))
+    first_copy = n - 5
+    kept = list(range(first_copy - (M - 1), first_copy + 1))  # the earliest copy, then the next distinct ones
+    assert moved.topk(M, dim=1).indices.sort(dim=1).values[0].tolist() == kept
+    out = memory.write(candidates[:, :M], candidates[:, M:])
+    assert (out[0, :, 1] * 1e3).round().long().tolist() == kept
+    plain = dataclasses.replace(cfg, select_dedup=None)
+    memory_plain = tiny_model(plain).blocks[0].memory.eval()
+    memory_plain.load_state_dict(memory.state_dict())
+    out = memory_plain.write(candidates[:, :M], candidates[:, M:])  # without it: the copies fill five slots
+    assert (out[0, :, 1] * 1e3).round().long().tolist() == list(range(n - M, n))
 
 
 def _ranked_memory(tiny_cfg, noise: float):
@@ -258,6 +318,47 @@ def test_importance_relative_learns_the_ranking_whatever_the_shift(tiny_cfg):
     assert memory.importance.bias.grad.abs().amax() < 1e-6  # a common shift is invisible to it
 
 
+def test_select_grad_logit_teaches_the_ranking_however_low_the_importances(tiny_cfg):
+    """select_grad=logit: the write keeps the same entries with the same values, the kept entries' factor is
+    1 + z - z.detach() with z = w_s . entry (the entry held fixed), so the gradient the reads give the importance
+    weights is sum <dL/dkept, kept> d z / d w_s: shifting every importance by -30 leaves it as it was, where the
+    sigmoid's vanishes; and the entries get only the gradient of their values, none through z."""
+    g = torch.Generator().manual_seed(0)
+    M, D, S = tiny_cfg.memory_slots, tiny_cfg.memory_dim, tiny_cfg.segment_length
+    mem, c, r = torch.randn(2, M, D, generator=g), torch.randn(2, S, D, generator=g), torch.randn(2, M, D, generator=g)
+
+    def run(grad: str, shift: float):
+        cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_noise=0.0, select_grad=grad)
+        memory = tiny_model(cfg).blocks[0].memory.train()
+        with torch.no_grad():
+            memory.importance.bias.add_(shift)
+        run.c = c.clone().requires_grad_()
+        out = memory.write(mem, run.c)
+        (out * r).sum().backward()
+        return out.detach(), memory.importance.weight.grad.clone(), memory
+
+    out_sig, grad_sig, _ = run("sigmoid", 0.0)
+    assert run.c.grad.abs().amax() > 0
+    out_logit, grad_logit, memory = run("logit", 0.0)
+    torch.testing.assert_close(out_logit, out_sig, rtol=0, atol=1e-6)  # the same entries, values unchanged
+    cand = torch.cat([mem, c], 1)  # [B, M + S, D]
+    keep = memory.importance(cand).squeeze(-1).detach().topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
+    values_only = torch.zeros(2, M + S, D).scatter(1, keep.unsqueeze(-1).expand(-1, -1, D), r)[:, M:]
+    torch.testing.assert_close(run.c.grad, values_only, rtol=0, atol=1e-6)  # nothing through z reaches c
+    out_low, grad_low, _ = run("logit", -30.0)
+    torch.testing.assert_close(out_low, out_logit, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_low, grad_logit, rtol=1e-5, atol=1e-6)
+    assert run("sigmoid", -30.0)[1].abs().amax() < 1e-6 * grad_logit.abs().amax()  # the sigmoid's has faded
+    assert not torch.allclose(grad_logit, grad_sig)
+    # by hand: the factor 1 + z - z.detach() on the kept entries
+    memory.zero_grad()
+    z = memory.importance(cand).squeeze(-1)  # [B, M + S]
+    kept = cand.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))
+    zk = z.gather(1, keep).unsqueeze(-1)  # [B, M, 1]
+    (kept * (1 + zk - zk.detach()) * r).sum().backward()
+    torch.testing.assert_close(memory.importance.weight.grad, grad_logit, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("tokens", [3, 12])
 def test_importance_relative_first_write_thresholds_among_the_segment(tiny_cfg, tokens):
     """On the first write the initial entries only fill the slots the segment leaves free, so t is the M-th
@@ -290,7 +391,8 @@ def test_importance_relative_first_write_thresholds_among_the_segment(tiny_cfg, 
                                         ("importance_detach", 0.5), ("importance_detach", 1.5),
                                         ("write_from", "ffn"), ("read_importance", True), ("slot_order", "newest"),
                                         ("slot_order", "important"), ("memory_conv_mix", "grouped"),
-                                        ("importance_relative", True), ("memory_conv_mix", "full")])
+                                        ("importance_relative", True), ("memory_conv_mix", "full"),
+                                        ("select_grad", "logit"), ("select_dedup", 0.9)])
 def test_new_knobs_are_validated(key, value):
     with pytest.raises(ConfigError) as err:
         TitanConfig(**{key: value})
@@ -302,6 +404,21 @@ def test_importance_relative_excludes_the_options_that_read_the_absolute_importa
     with pytest.raises(ConfigError) as err:
         TitanConfig(memory_write="select", importance_relative=True, **overrides)
     assert err.value.key == "model.importance_relative"
+
+
+@pytest.mark.parametrize("value", [0, 1.5, True, "x"])
+def test_select_dedup_is_a_cosine(value):
+    with pytest.raises(ConfigError) as err:
+        TitanConfig(memory_write="select", select_dedup=value)
+    assert err.value.key == "model.select_dedup"
+
+
+@pytest.mark.parametrize("value", ["tanh", "logit"])
+def test_select_grad_is_validated(value):
+    """An unknown factor, or the logit factor with importance_relative's (which it replaces)."""
+    with pytest.raises(ConfigError) as err:
+        TitanConfig(memory_write="select", select_grad=value, importance_relative=value == "logit")
+    assert err.value.key == "model.select_grad"
 
 
 @pytest.mark.parametrize("overrides", [dict(memory_read="context"), dict(memory_write="delta"),

@@ -71,13 +71,15 @@ def test_memory_beats_the_baseline_on_a_tiny_passkey():
 @pytest.mark.slow
 def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_path):
     """The full two-stage recipe through the CLI (`pytest -m slow`; the runs one after the other; on 2026-12-02 a
-    memory model's stage 1 took 19-32 minutes and its stage 2 15-18, beside other runs on the 2-core machine):
+    memory model's two stages took 12 minutes alone on the 2-core machine, 7.5 and 4.5):
     `ltm train experiment=passkey` (five-digit key, 96-token samples, 10,000 steps), then `experiment=passkey_long`
     resumed from it (192-token samples, 3,000 steps), and the same for
     `experiment=passkey_baseline` / `passkey_long_baseline`; then `ltm eval` at 1x and 16x the final training length
     (192 and 3,072 tokens). Measured 2026-12-02 (README, 20 samples per cell): seed 42, the default seed used here,
-    exact match 100 % at 192 tokens and 100 % at 3,072; the baseline at chance. Seeds 1 and 3 do not meet the
-    target yet (README). The issue's target at 16x (>= 95 % in every depth bin) is asserted on 20 samples per bin."""
+    exact match 100 % at 192 tokens and 100 % at 3,072; the baseline at chance. A run's outcome also depends on
+    the thread count and the machine, and about half the runs measured miss the target (README): a failure here
+    means this machine's run of seed 42 is one of them, or that the recipe broke. The issue's target at 16x
+    (>= 95 % in every depth bin) is asserted on 20 samples per bin."""
     scores, worst = {}, {}
     for suffix in ("", "_baseline"):
         first, out = tmp_path / f"run{suffix}", tmp_path / f"run_long{suffix}"
