@@ -182,7 +182,8 @@ def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], 
             status.update(f"task {task_cfg.name}: length {row['length']:,}{where} done")
 
         results = evaluate_task(model, task_cfg, train_length, progress=progress)
-    results = {"checkpoint": str(checkpoint), **results}
+    results = {"checkpoint": str(checkpoint), "model_overrides": [o for o in overrides if o.startswith("model.")],
+               **results}
     console.print(results_table(results, title=f"ltm eval task={task_cfg.name} {checkpoint}"))
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2))

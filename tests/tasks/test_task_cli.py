@@ -22,16 +22,18 @@ def passkey_ckpt(tmp_path_factory):
 
 
 def test_eval_task_json_schema_and_plot(passkey_ckpt, tmp_path):
-    """No `task=`: a checkpoint trained on passkey is evaluated on passkey."""
+    """No `task=`: a checkpoint trained on passkey is evaluated on passkey; the JSON records the `model.*`
+    overrides the evaluation applied to the checkpoint's model."""
     out, image = tmp_path / "passkey.json", tmp_path / "passkey.png"
     plot = ["--plot", str(image)] if importlib.util.find_spec("matplotlib") else []
     result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task.samples=2", "task.lengths=[96,400]",
-                     "task.depth_bins=2", "--json", str(out), *plot)
+                     "task.depth_bins=2", "model.kernels=torch", "--json", str(out), *plot)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ltm eval task=passkey" in result.stdout and "exact match" in result.stdout and "400" in result.stdout
     results = json.loads(out.read_text())
     assert results["task"] == "passkey" and results["train_length"] == 96 and results["lengths"] == [96, 400]
     assert results["checkpoint"] == str(passkey_ckpt) and results["memory"] is True
+    assert results["model_overrides"] == ["model.kernels=torch"]
     rows = results["rows"]
     assert len(rows) == 2 * (2 + 2)  # per length: 2 depth bins, first segment, straddle
     for row in rows:
