@@ -155,9 +155,10 @@ class TitanConfig:
             raise ConfigError("model.select_grad", f"must be sigmoid or logit, got {self.select_grad!r}")
         if self.select_grad == "logit" and self.importance_relative:
             raise ConfigError("model.select_grad", "logit replaces importance_relative's factor: use one")
+        defaults = {f.name: f.default for f in fields(self)}
         for key in ("importance_penalty", "importance_zloss", "importance_detach", "importance_relative",
-                    "read_importance", "select_grad", "select_dedup"):  # options of the select write
-            if getattr(self, key) not in (0, False, "sigmoid", None) and self.memory_write != "select":
+                    "read_importance", "select_grad", "select_dedup"):  # options of the select write: set = not off
+            if getattr(self, key) != defaults[key] and self.memory_write != "select":
                 raise ConfigError(f"model.{key}", f"needs model.memory_write=select, got {self.memory_write!r}")
         if self.importance_relative and (self.read_importance or self.slot_order == "important"):
             raise ConfigError("model.importance_relative", "leaves the absolute importance free, which "

@@ -290,10 +290,10 @@ class LongTermMemory(nn.Module):
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
         z = logits.float()  # [B, M + S]
         if self.select_grad == "logit":  # the factor's slope does not fade however low the importances sink
-            s = self.importance(candidates.detach()).squeeze(-1).float()  # [B, M + S]: trains w_s, not c
+            s = self.importance(kept.detach()).float()  # [B, M, 1]: trains w_s, not the entries
         else:
             s = torch.sigmoid(self._relative(z, first, M) if self.importance_relative else z)  # [B, M + S]
-        s = s.gather(1, keep).unsqueeze(-1)  # [B, M, 1]
+            s = s.gather(1, keep).unsqueeze(-1)  # [B, M, 1]
         kept = kept * (1 + (s - s.detach())).to(kept.dtype)  # exactly 1 in value
         if self.training and torch.is_grad_enabled() and (self.importance_penalty > 0 or self.importance_zloss > 0):
             if self.importance_detach > 0:  # withhold that share of their gradient from what the entries hold

@@ -66,16 +66,21 @@ def test_gradients_reach_the_write(tiny_cfg, variant):
         assert memory.conv.grad.abs().sum() > 0
 
 
+@torch.no_grad()
+def _importance_is_first_channel(memory) -> None:
+    """Set a select memory's importance w_s . x to x[0]."""
+    memory.importance.weight.zero_()
+    memory.importance.weight[0, 0] = 1.0
+    memory.importance.bias.zero_()
+
+
 def test_select_keeps_the_most_important_entries_whatever_follows(tiny_cfg):
     """Entries more important than everything that arrives later stay in memory, bit for bit (evaluation: the
     ranking has no noise)."""
     cfg = dataclasses.replace(tiny_cfg, memory_write="select")
     memory = tiny_model(cfg).blocks[0].memory.eval()
     M, D, S = cfg.memory_slots, cfg.memory_dim, cfg.segment_length
-    with torch.no_grad():
-        memory.importance.weight.zero_()
-        memory.importance.weight[0, 0] = 1.0  # importance = first channel
-        memory.importance.bias.zero_()
+    _importance_is_first_channel(memory)
     needle = torch.randn(1, S, D)
     needle[..., 0] = torch.linspace(-1, 1, S)
     needle[0, :3, 0] = 10.0  # three important tokens
@@ -99,10 +104,7 @@ def test_select_dedup_keeps_a_needle_against_any_number_of_copies_of_a_stronger_
     cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_dedup=dedup)
     memory = tiny_model(cfg).blocks[0].memory.eval()
     M, D, S = cfg.memory_slots, cfg.memory_dim, cfg.segment_length
-    with torch.no_grad():
-        memory.importance.weight.zero_()
-        memory.importance.weight[0, 0] = 1.0  # importance = first channel
-        memory.importance.bias.zero_()
+    _importance_is_first_channel(memory)
     g = torch.Generator().manual_seed(0)
     needle = torch.randn(1, S, D, generator=g).clamp(-3, 3)
     needle[0, :4, 0] = torch.tensor([9.0, 8.0, 5.0, 4.0])  # two strong tokens, two weak ones
@@ -128,10 +130,7 @@ def test_select_dedup_ranks_duplicates_after_every_distinct_candidate(tiny_cfg):
     memory = tiny_model(cfg).blocks[0].memory.eval()
     M, S, D = cfg.memory_slots, cfg.segment_length, cfg.memory_dim
     n = M + S
-    with torch.no_grad():
-        memory.importance.weight.zero_()
-        memory.importance.weight[0, 0] = 1.0  # importance = first channel
-        memory.importance.bias.zero_()
+    _importance_is_first_channel(memory)
     candidates = 5 * torch.randn(1, n, D, generator=torch.Generator().manual_seed(0))  # distinct directions
     candidates[0, :, 0] = torch.linspace(0, 3, n)  # importance rising with the index
     candidates[0, -4:] = candidates[0, -5]  # the last five: one token five times
@@ -154,10 +153,7 @@ def _ranked_memory(tiny_cfg, noise: float):
     cfg = dataclasses.replace(tiny_cfg, memory_write="select", select_noise=noise)
     memory = tiny_model(cfg).blocks[0].memory
     M, S, D = cfg.memory_slots, cfg.segment_length, cfg.memory_dim
-    with torch.no_grad():
-        memory.importance.weight.zero_()
-        memory.importance.weight[0, 0] = 1.0
-        memory.importance.bias.zero_()
+    _importance_is_first_channel(memory)
     tokens = torch.zeros(1, M + S, D)
     tokens[0, :, 0] = torch.linspace(0, 3, M + S)  # importance rises with the index, 3 apart end to end
     tokens[0, :, 1] = torch.arange(M + S).float()  # the index, to read back which were kept
