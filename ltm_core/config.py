@@ -290,6 +290,9 @@ class TaskConfig:
     # passkey
     digits: int = 5  # digits of the pass key
     filler: str = "mixed"  # haystack: ruler (RULER's repeated sentences) | kjv | mixed (either, per sample)
+    filler_start: str = "first"  # where the RULER filler starts: first (its first character, as RULER) | random (a
+    # random character, so that training sees every phase of the repeated sentences against the segments). Not
+    # carried from the checkpoint into `ltm eval`: evaluation starts at the first character unless given
     depth_bins: int = 10  # needle depth bins over 0-100 % of the haystack
     placement_checks: bool = True  # also cells with the needle in the first segment / straddling a boundary
     # mqar
@@ -329,6 +332,8 @@ class TaskConfig:
                               f"must be at most {keys} ({self.key_length}-character keys), got {self.train_pairs}")
         if self.filler not in TASK_FILLERS:
             raise ConfigError("task.filler", f"must be one of {', '.join(TASK_FILLERS)}, got {self.filler!r}")
+        if self.filler_start not in ("first", "random"):
+            raise ConfigError("task.filler_start", f"must be first or random, got {self.filler_start!r}")
         if self.digits > 20:
             raise ConfigError("task.digits", f"must be at most 20, got {self.digits}")
         if self.train_facts is not None and (not isinstance(self.train_facts, int) or self.train_facts <= 0):

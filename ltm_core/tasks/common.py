@@ -118,11 +118,14 @@ def filler_kind(rng: np.random.Generator, kind: str) -> str:
     return FILLERS[int(rng.integers(0, 2))] if kind == "mixed" else kind
 
 
-def filler(rng: np.random.Generator, kind: str, n: int, split: str = "train", lowercase: bool = False) -> str:
-    """`n` characters of haystack text. ruler: RULER's sentences repeated; kjv: consecutive verses from a random
-    verse on (wrapping around), from the held-out books when split="eval"."""
+def filler(rng: np.random.Generator, kind: str, n: int, split: str = "train", lowercase: bool = False,
+           start: str = "first") -> str:
+    """`n` characters of haystack text. ruler: RULER's sentences repeated, from their first character (`start`
+    "first", as RULER) or from a random one ("random": every phase of the repetition occurs); kjv: consecutive
+    verses from a random verse on (wrapping around), from the held-out books when split="eval"."""
     if kind == "ruler":
-        text = (RULER_FILLER * (n // len(RULER_FILLER) + 1))[:n]
+        first = int(rng.integers(0, len(RULER_FILLER))) if start == "random" else 0
+        text = (RULER_FILLER * ((first + n) // len(RULER_FILLER) + 1))[first:first + n]
     elif kind == "kjv":
         corpus, starts = _kjv("eval" if split == "eval" else "train")
         start = int(starts[rng.integers(0, len(starts))])

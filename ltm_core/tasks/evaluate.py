@@ -133,10 +133,11 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
     return {"task": cfg.name, "train_length": train_length, "segment_length": model.config.segment_length,
             "seed": cfg.seed,
             "filler": task.filler(cfg), "lengths": lengths, "memory": bool(model.config.use_memory),
-            "sample_settings": {k: getattr(cfg, k) for k in SAMPLE_KEYS}, "rows": rows}
+            "sample_settings": {k: getattr(cfg, k) for k in (*SAMPLE_KEYS, "filler_start")}, "rows": rows}
 
 
-# how samples are made
+# how samples are made, carried from the checkpoint into `ltm eval` (filler_start is recorded, not carried: a run
+# trained on random starts is evaluated on RULER's text as is)
 SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "key_length", "facts", "names", "layout_segment")
 
 

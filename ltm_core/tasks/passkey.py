@@ -30,11 +30,12 @@ def min_length(digits: int) -> int:
 
 def make_passkey(rng: np.random.Generator, length: int, digits: int = 5, filler_name: str = "mixed",
                  split: str = "train", depth: Optional[tuple[float, float]] = None,
-                 needle_start: Optional[int] = None) -> TaskSample:
+                 needle_start: Optional[int] = None, filler_start: str = "first") -> TaskSample:
     """A sample of exactly `length` tokens (prompt + answer).
 
     The needle's depth is drawn uniformly from `depth` = (lo, hi) (default (0, 1)); or `needle_start` gives the
-    token position where the needle line begins (1 = right after BOS).
+    token position where the needle line begins (1 = right after BOS). `filler_start`: where the RULER filler
+    text starts (`common.filler`).
     """
     if length < min_length(digits):
         raise ValueError(f"a passkey sample with {digits} digits needs at least {min_length(digits)} tokens, "
@@ -50,7 +51,7 @@ def make_passkey(rng: np.random.Generator, length: int, digits: int = 5, filler_
     else:
         lo, hi = depth if depth is not None else (0.0, 1.0)
         offset = int(round(rng.uniform(lo, hi) * slack))
-    haystack, _ = insert(filler(rng, kind, slack, split), [(offset, needle)])
+    haystack, _ = insert(filler(rng, kind, slack, split, start=filler_start), [(offset, needle)])
     tokens = with_bos(haystack + QUESTION + key)
     assert len(tokens) == length
     start = 1 + offset  # token position of the needle line
@@ -73,7 +74,7 @@ class PasskeyTask:
 
     def train_sample(self, rng: np.random.Generator, length: int, cfg: TaskConfig, segment_length: int,
                      split: str = "train") -> TaskSample:
-        return make_passkey(rng, length, cfg.digits, cfg.filler, split)
+        return make_passkey(rng, length, cfg.digits, cfg.filler, split, filler_start=cfg.filler_start)
 
     def cells(self, cfg: TaskConfig, lengths: Sequence[int], segment_length: int) -> list[Cell]:
         """Per length: `depth_bins` bins over 0-100 % depth, then (placement_checks) the needle at the very start
@@ -94,13 +95,14 @@ class PasskeyTask:
 
     def make(self, rng: np.random.Generator, cell: Cell, cfg: TaskConfig, segment_length: int) -> TaskSample:
         if cell.placement == "first_segment":
-            return make_passkey(rng, cell.length, cfg.digits, cfg.filler, "eval", needle_start=1)
-        if cell.placement == "straddle":
+            place = {"needle_start": 1}
+        elif cell.placement == "straddle":
             boundary = _middle_boundary(cell.length, segment_length, cfg.digits)
             before = int(rng.integers(*_digits_before(cfg.digits)))  # digits left of the boundary
-            start = boundary - before - len(NEEDLE_PREFIX)
-            return make_passkey(rng, cell.length, cfg.digits, cfg.filler, "eval", needle_start=start)
-        return make_passkey(rng, cell.length, cfg.digits, cfg.filler, "eval", depth=cell.depth)
+            place = {"needle_start": boundary - before - len(NEEDLE_PREFIX)}
+        else:
+            place = {"depth": cell.depth}
+        return make_passkey(rng, cell.length, cfg.digits, cfg.filler, "eval", filler_start=cfg.filler_start, **place)
 
     def score(self, model: TitanModel, samples: Sequence[TaskSample]) -> dict[str, list[float]]:
         from ltm_core.tasks.evaluate import decode_answers

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +53,27 @@ def test_eval_task_json_schema_and_plot(passkey_ckpt, tmp_path):
 def test_eval_task_errors_are_one_line(passkey_ckpt):
     result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task=passkey", "task.filler=news")
     assert result.returncode == 2 and "task.filler" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_passkey_importance_probe(passkey_ckpt, tmp_path):
+    """scripts/passkey_importance_probe.py (README, *Passkey*) on a select-write checkpoint: one line per length
+    and layer, the filler's top importance never below its M-th; other checkpoints and missing files: exit 2."""
+    out = tmp_path / "select-run"
+    train = run_ltm("train", "data=passkey", *SHAPE, "model.memory_write=select", f"output_dir={out}")
+    assert train.returncode == 0, train.stderr[-2000:]
+    script = Path(__file__).resolve().parents[2] / "scripts" / "passkey_importance_probe.py"
+
+    def probe(ckpt):
+        return subprocess.run([sys.executable, str(script), str(ckpt), "--lengths", "96", "200", "--samples", "3"],
+                              capture_output=True, text=True, timeout=300)
+
+    result = probe(out / "checkpoints" / "last.ckpt")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["length 96 layer 0", "length 200 layer 0"]
+    for line in lines:
+        key, top, mth, share = map(float, re.findall(r"(-?\d+\.\d+)", line))
+        assert top >= mth and 0 <= share <= 1 and "of 3 samples" in line
+    for bad, words in ((passkey_ckpt, "memory_write"), (tmp_path / "none.ckpt", "does not exist")):
+        result = probe(bad)
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr

@@ -29,6 +29,7 @@ def test_data_task_selects_the_task(name):
     (["data=passkey", "data.seq_len=64", "model.segment_length=32"], "data.seq_len"),
     (["task=passkey", "task.filler=news"], "task.filler"),
     (["task=passkey", "task.digits=0"], "task.digits"),
+    (["task=passkey", "task.filler_start=middle"], "task.filler_start"),
     (["task=mqar", "task.pairs=[]"], "task.pairs"),
     (["task=mqar", "task.key_length=3"], "task.key_length"),
     (["task=mqar", "task.key_length=1", "task.train_pairs=37"], "task.train_pairs"),
@@ -70,6 +71,7 @@ def test_passkey_long_continues_its_stage_one_on_longer_samples(baseline):
     assert long.data.seq_len == 2 * first.data.seq_len == b.bptt_segments * b.segment_length
     assert long.trainer.max_steps == first.trainer.max_steps + 3000
     assert long.task == first.task and long.optim == first.optim
+    assert first.task.filler == "ruler" and first.task.filler_start == "random"  # every phase of the filler
 
 
 def test_layout_segment_gives_a_full_causal_model_the_memory_models_samples(monkeypatch):
@@ -150,6 +152,13 @@ def test_eval_task_config_defaults_to_the_trained_task():
     with pytest.raises(ConfigError, match="task=passkey"):
         eval_task_config(kjv, [])
     assert default_lengths(256) == [256, 1024, 4096, 16384]
+    # a run trained on a random filler start is evaluated on RULER's text as is, unless asked
+    trained = compose(["data=passkey", "task.filler=ruler", "task.filler_start=random", "data.seq_len=96",
+                       "model.segment_length=32"])
+    trained = {k: dict(v) if hasattr(v, "items") else v for k, v in trained.items()}
+    assert eval_task_config(trained, []).filler_start == "first"
+    assert eval_task_config(trained, []).filler == "ruler"
+    assert eval_task_config(trained, ["task.filler_start=random"]).filler_start == "random"
 
 
 @pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])

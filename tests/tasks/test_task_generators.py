@@ -55,6 +55,26 @@ def test_passkey_needle_at_its_depth(filler, length):
         assert text(last.tokens[1:40]) == RULER_FILLER[:39]
 
 
+def test_ruler_filler_from_a_random_character_covers_every_phase():
+    """task.filler_start=random: the RULER text from a random character, so a training sample's filler tokens take
+    every place of the 91-character repetition against the segments; `first` (the default) is RULER's text as is."""
+    period = len(RULER_FILLER)
+    repeated = RULER_FILLER * 4
+    starts = set()
+    for i in range(2000):  # a phase missed by all 2,000: probability below 1e-7
+        s = make_passkey(rng(i), 250, filler_name="ruler", depth=(1.0, 1.0), filler_start="random")
+        head = text(s.tokens[1:1 + period])  # the filler before the needle, which sits at the end
+        assert head in repeated
+        starts.add(repeated.index(head))
+        assert text(s.tokens[s.info["key_start"]:s.info["key_end"]]) == s.answer
+    assert starts == set(range(period))
+    fixed = make_passkey(rng(), 250, filler_name="ruler", depth=(1.0, 1.0))
+    assert text(fixed.tokens[1:1 + period]) == RULER_FILLER
+    cfg = TaskConfig(name="passkey", filler="ruler", filler_start="random")
+    assert get_task("passkey").train_sample(rng(5), 150, cfg, 32).tokens[1:4].tolist() != \
+        get_task("passkey").train_sample(rng(6), 150, cfg, 32).tokens[1:4].tolist()
+
+
 def test_passkey_exact_needle_position_and_evaluation_placements():
     s = make_passkey(rng(), 300, needle_start=100)
     assert s.info["needle_start"] == 100 and text(s.tokens[100:100 + len(NEEDLE_PREFIX)]) == NEEDLE_PREFIX
