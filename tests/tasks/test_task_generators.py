@@ -57,7 +57,7 @@ def test_passkey_needle_at_its_depth(filler, length):
 
 def test_ruler_filler_from_a_random_character_covers_every_phase():
     """task.filler_start=random: the RULER text from a random character, so a training sample's filler tokens take
-    every place of the 91-character repetition against the segments; `first` (the default) is RULER's text as is."""
+    every place of the 90-character repetition against the segments; `first` (the default) is RULER's text as is."""
     period = len(RULER_FILLER)
     repeated = RULER_FILLER * 4
     starts = set()
