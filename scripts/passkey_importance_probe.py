@@ -62,6 +62,8 @@ def main() -> None:
             for layer in per_layer:
                 z = torch.cat([w[0] for i, w in written if i == layer])  # [positions written]
                 n = len(z)
+                if s.info["key_end"] > n:  # the key sits in the last, unwritten segment: nothing to rank
+                    continue
                 key = z[s.info["key_start"]:s.info["key_end"]].min().item()
                 ranked = z[filler[:n]].sort(descending=True).values
                 per_layer[layer].append((key, ranked[0].item(), ranked[M - 1].item()))

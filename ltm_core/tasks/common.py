@@ -122,15 +122,16 @@ def filler(rng: np.random.Generator, kind: str, n: int, split: str = "train", lo
            start: str = "first") -> str:
     """`n` characters of haystack text. ruler: RULER's sentences repeated, from their first character (`start`
     "first", as RULER) or from a random one ("random": every phase of the repetition occurs); kjv: consecutive
-    verses from a random verse on (wrapping around), from the held-out books when split="eval"."""
+    verses from a random verse on (wrapping around), from the held-out books when split="eval" (`start` does not
+    apply: the text always starts at a random verse)."""
     if kind == "ruler":
         first = int(rng.integers(0, len(RULER_FILLER))) if start == "random" else 0
         text = (RULER_FILLER * ((first + n) // len(RULER_FILLER) + 1))[first:first + n]
     elif kind == "kjv":
         corpus, starts = _kjv("eval" if split == "eval" else "train")
-        start = int(starts[rng.integers(0, len(starts))])
-        reps = (start + n) // len(corpus) + 1
-        text = (corpus * reps)[start:start + n] if reps > 1 else corpus[start:start + n]
+        first = int(starts[rng.integers(0, len(starts))])  # a verse's first character
+        reps = (first + n) // len(corpus) + 1
+        text = (corpus * reps)[first:first + n] if reps > 1 else corpus[first:first + n]
     else:
         raise ValueError(f"unknown filler {kind!r}; choose ruler or kjv")
     return text.lower() if lowercase else text
