@@ -177,7 +177,7 @@ def generation_row(cfg: TitanConfig, variant: str, length: int, device: str,
     per_token = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
     tail = per_token[-64:]  # the last (up to) 64 tokens: steady state at this length
     state_bytes = sum(t.numel() * t.element_size() for ls in out.memory.layers
-                      for t in (ls.memory, ls.keys, ls.values, ls.gated) if t is not None)
+                      for t in (ls.memory, ls.keys, ls.values, ls.gated, ls.tail, ls.shift) if t is not None)
     return {"model": variant, "generated": length, "ms_per_token": 1e3 * statistics.median(tail),
             "state_bytes": state_bytes}
 

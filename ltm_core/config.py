@@ -85,6 +85,11 @@ class TitanConfig:
     # predecessor); 0: none
     memory_conv_mix: str = "depthwise"  # memory_conv: depthwise (one weight per channel and tap) | full (a D x D map
     # per tap: each predecessor can land in its own subspace of the entry)
+    short_conv: int = 0  # kernel K of a causal depthwise convolution over each block's input before self-attention
+    # (x + conv(x); H3's shift, Based's short convolution, Canon-A): a token also carries its K - 1 predecessors,
+    # so attention can match a token by what preceded it (associative recall learns in a fraction of the steps:
+    # README, MQAR); inside the segment, zeros before its first token as attention sees nothing before it (so the
+    # no-memory baselines stay segment-local); zero at init; 0: none
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
     bptt_segments: int = 2  # segments per backprop window; memory is detached between windows
@@ -181,6 +186,9 @@ class TitanConfig:
                                   or self.memory_write == "delta"):
             raise ConfigError("model.read_qk_norm", "needs a memory (use_memory=true) read by attention over its "
                                                     "slots: memory_read=cross, not memory_write=delta")
+        if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv in (1,) \
+                or self.short_conv < 0:  # a kernel of 1 has no predecessor to carry
+            raise ConfigError("model.short_conv", f"must be 0 (none) or an integer >= 2, got {self.short_conv!r}")
         if self.memory_conv_mix not in ("depthwise", "full"):
             raise ConfigError("model.memory_conv_mix", f"must be depthwise or full, got {self.memory_conv_mix!r}")
         if self.memory_conv_mix == "full" and not self.memory_conv:

@@ -107,10 +107,11 @@ class LayerState:
     values: Optional[torch.Tensor] = None  # [B, H, t, hd]
     gated: Optional[torch.Tensor] = None  # [B, t, D] gated content of those tokens, written at segment end
     tail: Optional[torch.Tensor] = None  # [B, K - 1, D] memory_conv=K: the last compressed tokens written before
+    shift: Optional[torch.Tensor] = None  # [B, K - 1, C] short_conv=K: the block inputs of the segment's last K - 1 tokens
 
     def map(self, fn) -> "LayerState":
         return LayerState(*(None if t is None else fn(t)
-                            for t in (self.memory, self.keys, self.values, self.gated, self.tail)))
+                            for t in (self.memory, self.keys, self.values, self.gated, self.tail, self.shift)))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 The input is read in segments of `segment_length` tokens. Inside a segment, attention is causal; across
 segments, information flows only through each layer's memory bank (see `ltm_core.memory`). Block:
 
+    x += conv(x)                          short_conv=K: causal depthwise inside the segment (K - 1 predecessors)
     x += SelfAttention(norm(x))           causal inside the segment (+ memory slots as prefix: memory_read=context)
     x += MemoryAttention(norm(x), mem)    memory_read=cross
     x += FeedForward(norm(x))             SwiGLU
@@ -85,6 +86,8 @@ class Block(nn.Module):
         self.cfg = cfg
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.attn = SelfAttention(cfg)
+        if cfg.short_conv:  # [C, K] one weight per channel and tap
+            self.short_conv = nn.Parameter(torch.empty(cfg.hidden_size, cfg.short_conv))
         if cfg.use_memory:
             self.memory = LongTermMemory(cfg)
             self.memory_read = DeltaRead(cfg) if cfg.memory_write == "delta" else MemoryRead(cfg)
@@ -100,6 +103,8 @@ class Block(nn.Module):
                 norm.reset_parameters()
         nn.init.normal_(self.attn.qkv_proj.weight, std=std)
         nn.init.normal_(self.attn.o_proj.weight, std=residual_std)
+        if self.cfg.short_conv:  # the block starts as it would be without it
+            nn.init.zeros_(self.short_conv)
         nn.init.normal_(self.ffn.gate_up_proj.weight, std=std)
         nn.init.normal_(self.ffn.down_proj.weight, std=residual_std)
         if self.cfg.use_memory:
@@ -107,8 +112,12 @@ class Block(nn.Module):
             self.memory_read.reset_parameters()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState):
-        """x: [B, T, C] -> (x, keys, values [B, H, t + T, hd], gated content [B, T, D] or None)."""
+        """x: [B, T, C] -> (x, keys, values [B, H, t + T, hd], gated content [B, T, D] or None, the block inputs
+        of the last K - 1 tokens [B, K - 1, C] for short_conv=K or None)."""
         backend = self.cfg.kernels
+        shift = None
+        if self.cfg.short_conv:
+            x, shift = self._short_conv(x, past.shift)
         mem = past.memory
         bias = None  # read_importance: log sigmoid(importance) of each slot, added to its read scores [B, M]
         if mem is not None and self.cfg.read_importance:
@@ -126,7 +135,18 @@ class Block(nn.Module):
             x = x + self.memory_read(self.memory_norm(x), mem, backend, bias, important)
         x = x + self.ffn(self.ffn_norm(x))
         gated = None if mem is None else self.memory.gate(attended if self.cfg.write_from == "attention" else x)
-        return x, k, v, gated
+        return x, k, v, gated, shift
+
+    def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, C], before: [B, K - 1, C] the inputs of the segment's tokens before it (None: zeros, x starts a segment)
+        -> (x + the causal depthwise convolution of x [B, T, C], the inputs of the last K - 1 tokens [B, K - 1, C])."""
+        B, T, C = x.shape
+        K = self.short_conv.shape[1]
+        if before is None:
+            before = x.new_zeros(B, K - 1, C)
+        seen = torch.cat([before.to(x.dtype), x], dim=1)  # [B, K - 1 + T, C]
+        y = F.conv1d(seen.transpose(1, 2), self.short_conv.to(x.dtype).unsqueeze(1), groups=C)  # [B, C, T]
+        return x + y.transpose(1, 2), seen[:, T:]  # T may be shorter than K - 1
 
 
 @dataclass
@@ -240,18 +260,18 @@ class TitanModel(nn.Module):
         layers = []
         for block, past in zip(self.blocks, pasts):
             if cfg.activation_checkpointing and self.training:
-                x, k, v, gated = checkpoint(block, x, cos, sin, past, use_reentrant=False)
+                x, k, v, gated, shift = checkpoint(block, x, cos, sin, past, use_reentrant=False)
             else:
-                x, k, v, gated = block(x, cos, sin, past)
+                x, k, v, gated, shift = block(x, cos, sin, past)
             if gated is not None and past.gated is not None:
                 gated = torch.cat([past.gated, gated], dim=1)  # [B, offset + t, D]
             if not complete:
-                layers.append(LayerState(past.memory, k, v, gated, past.tail))
+                layers.append(LayerState(past.memory, k, v, gated, past.tail, shift))
             elif past.memory is not None:
                 # the segment is written; on the first write the memory is still the learned initial one
                 memory = block.memory.write(past.memory, gated, first=first, tail=past.tail)
                 layers.append(LayerState(memory, tail=block.memory.tail(gated, past.tail)))
-            else:
+            else:  # a complete segment: the next one's convolution starts from zeros, as its attention from nothing
                 layers.append(LayerState(None))
         return x, tuple(layers)
 

@@ -14,6 +14,7 @@ BASE = ["data=textfile", "data.seq_len=128", "data.batch_size=4", "data.val_samp
         "model.hidden_size=32", "model.num_attention_heads=4", "model.num_hidden_layers=2", "model.memory_slots=8",
         "model.memory_dim=16", "model.segment_length=32", "model.bptt_segments=2", "model.kernels=torch",
         "model.slot_positions=true",  # a parameter outside the TP plan: replicated, its gradient must match
+        "model.short_conv=3",  # another, in the backbone; and pipeline stages carry its pending-segment state
         "trainer=debug", "trainer.accelerator=cpu", "trainer.progress=false", "optim.schedule_steps=5",
         "optim.warmup_steps=2", "overwrite=true"]
 

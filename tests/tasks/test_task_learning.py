@@ -16,6 +16,7 @@ from ltm_core.config import OptimConfig, TaskConfig
 from ltm_core.tasks import get_task
 from ltm_core.tasks.common import sample_rng
 from ltm_core.tasks.evaluate import evaluate_task
+from ltm_core.tasks.mqar import make_mqar
 from ltm_core.training import build_optimizer, build_scheduler, windowed_backward
 
 TINY_PASSKEY = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, memory_slots=8, memory_dim=32,
@@ -99,3 +100,51 @@ def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_pa
     assert scores["_baseline"][3072] < 0.3, scores
     assert scores[""][192] > 0.9 and scores[""][3072] > scores["_baseline"][3072] + 0.5, scores
     assert worst[""] >= 0.95, worst
+
+
+MQAR_STEPS = 1500
+
+
+def first_query_accuracy_after_training(short_conv: int) -> float:
+    """The full-attention backbone of experiment=mqar_full (no memory, one 96-token segment) trained on one-character
+    keys, 1-8 pairs, for MQAR_STEPS steps -> the accuracy of the first query at 4 pairs (no elimination can help it;
+    recalling only the set of values gives 1/4)."""
+    torch.set_num_threads(1)  # two of these run side by side on the 2-core CI machine
+    torch.manual_seed(0)
+    cfg = TitanConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, use_memory=False,
+                      segment_length=96, intermediate_size=305, short_conv=short_conv)
+    model = TitanModel(cfg)
+    optimizer = build_optimizer(model, OptimConfig(lr=3e-3))  # constant learning rate
+
+    def batch(stream: int, index: int, n: int, pairs=None):
+        samples = []
+        for i in range(n):
+            rng = sample_rng(1, stream, index + i)
+            p = pairs or int(rng.integers(1, 9))  # the layout of 32-token segments: pairs, noise, queries
+            samples.append(make_mqar(rng, 97, p, 32, 1, "train", key_length=1))
+        return samples
+
+    for step in range(MQAR_STEPS):
+        pairs = [s.training_pair() for s in batch(0, step * 16, 16)]
+        loss = model(torch.stack([p[0] for p in pairs]), labels=torch.stack([p[1] for p in pairs])).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    samples = batch(1, 0, 64, pairs=4)
+    tokens = torch.stack([torch.from_numpy(s.tokens) for s in samples])
+    first = samples[0].targets[0][0]  # the value after the first query key (same place in every sample)
+    with torch.no_grad():
+        predicted = model(tokens[:, :first]).logits[:, -1].argmax(-1)
+    return (predicted == tokens[:, first]).float().mean().item()
+
+
+def test_short_conv_lets_the_backbone_learn_associative_recall():
+    """model.short_conv=4 (each token carries its 3 predecessors into attention) turns MQAR from a task this
+    backbone barely learns into one it solves: measured with exactly this test's setting (2026-12-02, the 2-core
+    machine, ~95 s), the first query at 4 pairs after 1,500 steps: 1.00 with the convolution, 0.31 without."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with_conv, without = pool.map(first_query_accuracy_after_training, (4, 0))
+    assert without < 0.6, (with_conv, without)
+    assert with_conv > 0.9, (with_conv, without)

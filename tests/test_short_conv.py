@@ -1,0 +1,101 @@
+"""model.short_conv=K: a causal depthwise convolution over each block's input before self-attention."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ltm_core import TitanConfig
+from ltm_core.errors import ConfigError
+from support import tiny_model
+
+
+def _ids(L: int, B: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _with_conv(cfg: TitanConfig, K: int = 3, **changes):
+    """A model with short_conv=K and random (not the zero-initialised) convolution weights."""
+    model = tiny_model(dataclasses.replace(cfg, short_conv=K, **changes))
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.short_conv.copy_(torch.randn(block.short_conv.shape, generator=torch.Generator().manual_seed(i)))
+    return model
+
+
+def test_the_convolution_is_causal_depthwise_and_carries_its_predecessors(tiny_cfg):
+    block = _with_conv(tiny_cfg, K=3).blocks[0]
+    w = block.short_conv  # [C, K]
+    x = torch.randn(2, 5, tiny_cfg.hidden_size)
+    before = torch.randn(2, 2, tiny_cfg.hidden_size)
+    y, shift = block._short_conv(x, before)
+    seen = torch.cat([before, x], dim=1)  # [B, 2 + 5, C]
+    expected = x + sum(w[:, j] * seen[:, j:j + 5] for j in range(3))  # tap K - 1 is the token itself
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(shift, x[:, -2:])
+    y0, _ = block._short_conv(x, None)  # the first segment: zeros before it
+    torch.testing.assert_close(y0, block._short_conv(x, torch.zeros_like(before))[0])
+    _, short = block._short_conv(x[:, :1], before)  # a call shorter than K - 1 keeps the older inputs
+    torch.testing.assert_close(short, torch.cat([before[:, 1:], x[:, :1]], dim=1))
+
+
+def test_zero_at_init_so_the_model_starts_as_without_it(tiny_cfg):
+    plain = tiny_model(tiny_cfg).eval()
+    conv = tiny_model(dataclasses.replace(tiny_cfg, short_conv=4)).eval()
+    missing = conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"blocks.{i}.short_conv" for i in range(tiny_cfg.num_hidden_layers)]
+    ids = _ids(3 * tiny_cfg.segment_length)
+    torch.testing.assert_close(conv(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    assert conv.num_parameters() - plain.num_parameters() == tiny_cfg.num_hidden_layers * tiny_cfg.hidden_size * 4
+
+
+@pytest.mark.parametrize("use_memory", [True, False])
+def test_causal_and_streaming_equals_one_call(tiny_cfg, use_memory):
+    model = _with_conv(tiny_cfg, use_memory=use_memory, memory_write="select").eval()
+    S = tiny_cfg.segment_length
+    ids = _ids(5 * S + 3)
+    full = model(ids)
+    for t in (0, S - 1, 2 * S + 5):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 7) % 256
+        torch.testing.assert_close(model(changed).logits[:, :t], full.logits[:, :t], rtol=0, atol=0)
+    state, pieces, pos = None, [], 0
+    for size in (5, 1, 1, 9, 30, 17, 20):  # calls shorter than the kernel, and across segment ends
+        out = model(ids[:, pos:pos + size], memory=state)
+        pieces.append(out.logits)
+        state, pos = out.memory, pos + size
+    torch.testing.assert_close(torch.cat(pieces, 1), full.logits[:, :pos], rtol=0, atol=1e-5)
+
+
+def test_restarts_at_each_segment_so_the_baselines_stay_segment_local(tiny_cfg):
+    """Like attention, the convolution sees nothing of an earlier segment: without memory, no change in segment 0
+    reaches segment 1 (were it carried over, each layer would pass it one segment further)."""
+    S = tiny_cfg.segment_length
+    model = _with_conv(tiny_cfg, use_memory=False).eval()
+    ids = _ids(3 * S)
+    base = model(ids).logits
+    changed = ids.clone()
+    changed[:, S - 1] = (changed[:, S - 1] + 7) % 256  # the last token of segment 0
+    logits = model(changed).logits
+    assert (logits[:, S - 1] - base[:, S - 1]).abs().amax() > 0
+    torch.testing.assert_close(logits[:, S:], base[:, S:], rtol=0, atol=0)
+
+
+def test_gradients_reach_it_and_bptt_detaches_its_state(tiny_cfg):
+    model = _with_conv(tiny_cfg)
+    ids = _ids(3 * tiny_cfg.segment_length)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(block.short_conv.grad.abs().sum() > 0 for block in model.blocks)
+    assert all(ls.shift is None for ls in out.memory.layers)  # the segment is complete: the next starts afresh
+    out = model(ids[:, :5], labels=ids[:, :5])  # mid-segment: the pending inputs, detached with the state
+    assert [tuple(ls.shift.shape) for ls in out.memory.layers] == [(2, 2, tiny_cfg.hidden_size)] * 2
+    assert not any(ls.shift.requires_grad for ls in out.memory.detach().layers)
+
+
+@pytest.mark.parametrize("bad", [1, -2, True, 2.5])
+def test_bad_kernel_names_the_key(tiny_cfg, bad):
+    with pytest.raises(ConfigError, match="model.short_conv"):
+        dataclasses.replace(tiny_cfg, short_conv=bad)
