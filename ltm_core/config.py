@@ -186,8 +186,8 @@ class TitanConfig:
                                   or self.memory_write == "delta"):
             raise ConfigError("model.read_qk_norm", "needs a memory (use_memory=true) read by attention over its "
                                                     "slots: memory_read=cross, not memory_write=delta")
-        if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv in (1,) \
-                or self.short_conv < 0:  # a kernel of 1 has no predecessor to carry
+        if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv < 0 \
+                or self.short_conv == 1:  # a kernel of 1 has no predecessor to carry
             raise ConfigError("model.short_conv", f"must be 0 (none) or an integer >= 2, got {self.short_conv!r}")
         if self.memory_conv_mix not in ("depthwise", "full"):
             raise ConfigError("model.memory_conv_mix", f"must be depthwise or full, got {self.memory_conv_mix!r}")

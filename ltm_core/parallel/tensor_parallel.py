@@ -14,7 +14,7 @@ Plan of one block over the tp mesh (each rank keeps H / tp attention heads and F
     ffn.gate_up_proj       column-wise            (fused gate|up: each rank keeps both halves of its channels)
     ffn.down_proj          row-wise
 
-Embeddings, norms, the LM head and the compression gate stay replicated (the vocabulary is 259 bytes).
+Embeddings, norms, the short convolution, the LM head and the compression gate stay replicated (the vocabulary is 259 bytes).
 The fused projections keep their parameter names; their weight is held as a [chunks, out / chunks, in] DTensor
 sharded on dim 1, which is the canonical [out, in] matrix viewed 3-D (consolidation reshapes it back).
 """
