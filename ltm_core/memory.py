@@ -155,6 +155,16 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, self.backend)
 
 
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
+    """x: [B, S, D], weight: [D, 1 (depthwise) or D (full), K], before: [B, K - 1, D] what precedes x (None: zeros)
+    -> the causal convolution [B, S, D]: output t mixes inputs t - K + 1 .. t (memory_conv, short_conv)."""
+    kernel = weight.shape[-1]
+    x = x.transpose(1, 2)  # [B, D, S]
+    x = F.pad(x, (kernel - 1, 0)) if before is None else torch.cat([before.to(x.dtype).transpose(1, 2), x], 2)
+    groups = x.shape[1] if weight.shape[1] == 1 else 1
+    return F.conv1d(x, weight.to(x.dtype), groups=groups).transpose(1, 2)
+
+
 class LongTermMemory(nn.Module):
     """A layer's memory bank: learned initial slots, the compression gate and the gated write."""
 
@@ -253,11 +263,7 @@ class LongTermMemory(nn.Module):
     def _causal_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
         """x: [B, S, D], before: [B, K - 1, D] what precedes it (None: zeros) -> the causal convolution [B, S, D]
         (depthwise, or with memory_conv_mix=full every output channel mixes every input channel of each tap)."""
-        kernel = self.conv.shape[-1]
-        x = x.transpose(1, 2)  # [B, D, S]
-        x = F.pad(x, (kernel - 1, 0)) if before is None else torch.cat([before.to(x.dtype).transpose(1, 2), x], 2)
-        groups = x.shape[1] if self.conv.shape[1] == 1 else 1
-        return F.conv1d(x, self.conv.to(x.dtype), groups=groups).transpose(1, 2)
+        return causal_conv(x, self.conv, before)
 
     def _importance_write(self, mem: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The importance-weighted write (module docstring). Written out rather than through `attention()`

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.memory import DeltaRead, LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm
+from ltm_core.memory import DeltaRead, LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm, causal_conv
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,12 +141,10 @@ class Block(nn.Module):
         """x: [B, T, C], before: [B, K - 1, C] the inputs of the segment's tokens before it (None: zeros, x starts a segment)
         -> (x + the causal depthwise convolution of x [B, T, C], the inputs of the last K - 1 tokens [B, K - 1, C])."""
         B, T, C = x.shape
-        K = self.short_conv.shape[1]
         if before is None:
-            before = x.new_zeros(B, K - 1, C)
-        seen = torch.cat([before.to(x.dtype), x], dim=1)  # [B, K - 1 + T, C]
-        y = F.conv1d(seen.transpose(1, 2), self.short_conv.to(x.dtype).unsqueeze(1), groups=C)  # [B, C, T]
-        return x + y.transpose(1, 2), seen[:, T:]  # T may be shorter than K - 1
+            before = x.new_zeros(B, self.short_conv.shape[1] - 1, C)
+        y = causal_conv(x, self.short_conv.unsqueeze(1), before)  # [B, T, C]
+        return x + y, torch.cat([before.to(x.dtype), x], dim=1)[:, T:]  # T may be shorter than K - 1
 
 
 @dataclass
