@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from ltm_core.errors import ConfigError
 
-MEMORY_READS = ("cross", "context")
+MEMORY_READS = ("cross", "context", "tokens")
 MEMORY_WRITES = ("gated", "importance", "select", "delta")
 WRITE_FROM = ("block", "attention")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -35,7 +35,10 @@ class TitanConfig:
     memory_slots: int = 32  # M: slots per memory layer
     memory_dim: int = 64  # D: width of a slot
     memory_heads: Optional[int] = None  # heads of the memory read; None -> num_attention_heads
-    memory_read: str = "cross"  # cross: separate cross-attention; context: slots prepended to the keys/values
+    memory_read: str = "cross"  # cross: separate cross-attention; context: slots prepended to the keys/values;
+    # tokens (with memory_write=select, memory_dim = hidden_size): the memory keeps tokens as the self-attention
+    # sees them (their normed inputs) and the self-attention reads them through its own key/value projections, as
+    # if the kept tokens were still in its window (a KV cache of the important tokens)
     update_gate_bias: float = -2.0  # initial b_u: sigmoid(-2) ~ 0.12, a memory that starts by mostly keeping
     memory_write: str = "gated"  # gated: slots read the segment, update gate; importance: slots read the tokens
     # in proportion to their importance and write only as much as that importance (filler leaves memory intact);
@@ -107,6 +110,20 @@ class TitanConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def _validate_tokens_read(self) -> None:
+        """memory_read=tokens: an entry is a token's normed self-attention input, kept as it is."""
+        if self.memory_write != "select":
+            raise ConfigError("model.memory_read", f"tokens keeps whole tokens: needs model.memory_write=select, got "
+                                                   f"{self.memory_write!r}")
+        if self.memory_dim != self.hidden_size:
+            raise ConfigError("model.memory_dim", f"must equal model.hidden_size={self.hidden_size} with "
+                                                  f"memory_read=tokens (a slot holds a token), got {self.memory_dim}")
+        changed = {"write_from": "block", "memory_conv": 0, "slot_positions": False}  # they reshape the entries
+        for key, default in changed.items():
+            if getattr(self, key) != default:
+                raise ConfigError(f"model.{key}", "does not apply to memory_read=tokens (an entry is the token "
+                                                  "as the self-attention sees it)")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -140,8 +157,9 @@ class TitanConfig:
         heads = self.memory_heads or self.num_attention_heads
         if heads <= 0 or self.hidden_size % heads:
             raise ConfigError("model.memory_heads", f"{heads} must divide model.hidden_size={self.hidden_size}")
-        if self.memory_read == "context" and heads != self.num_attention_heads:
-            raise ConfigError("model.memory_heads", "must equal model.num_attention_heads with memory_read=context")
+        if self.memory_read in ("context", "tokens") and heads != self.num_attention_heads:
+            raise ConfigError("model.memory_heads",
+                              f"must equal model.num_attention_heads with memory_read={self.memory_read}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError("model.intermediate_size", f"must be positive, got {self.intermediate_size}")
         if not isinstance(self.memory_conv, int) or isinstance(self.memory_conv, bool) or self.memory_conv < 0:
@@ -197,6 +215,8 @@ class TitanConfig:
             raise ConfigError("model.write_from", f"must be one of {', '.join(WRITE_FROM)}, got {self.write_from!r}")
         if self.memory_read not in MEMORY_READS:
             raise ConfigError("model.memory_read", f"must be one of {', '.join(MEMORY_READS)}, got {self.memory_read!r}")
+        if self.use_memory and self.memory_read == "tokens":
+            self._validate_tokens_read()
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError("model.compile_mode",
                               f"must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")

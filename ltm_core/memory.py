@@ -81,6 +81,18 @@ over the whole input would: the state carries the last K - 1 compressed tokens o
 only, after their projection (as Titans and DeltaNet place it): k_t = normalize(conv(K c)_t), so a token can be
 stored under what preceded it while its value stays its own (key-value pairs: "aK" stores K under a).
 
+With `memory_read=tokens` (select only, D = C) an entry is a token itself, as the self-attention sees it: the
+write ranks the segment's normed self-attention inputs a_t = norm(x_t) (no compression), and the self-attention
+reads the kept ones through its own key and value projections, beside the segment's keys:
+
+    keys = [W_k mem ; rope(W_k a_1..T)],  values = [W_v mem ; W_v a_1..T]       the slots carry no position
+
+so the read is the attention the model would do if the kept tokens were still in its window (a KV cache of the
+important tokens, as Memorizing Transformers attend to retrieved past keys and values). Whatever the attention
+learns inside a segment (matching a key by its predecessor with `short_conv`) then works across segments at once;
+a separate read would have to learn it again from the few signals that cross a segment. The memory starts empty
+(zeros): empty slots are masked out of the read and lose to any token in the write.
+
 The write happens once a segment is complete, so a token only ever reads memory written by earlier segments.
 """
 
@@ -181,10 +193,13 @@ class LongTermMemory(nn.Module):
         self.importance_detach = cfg.importance_detach
         self.select_grad = cfg.select_grad
         self.select_dedup = cfg.select_dedup
-        self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
         self.backend = cfg.kernels
-        self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
-        self.compress = nn.Linear(C, D, bias=False)  # W_c
+        self.tokens = cfg.memory_read == "tokens"  # entries are the tokens' normed attention inputs, uncompressed
+        self.slots = M
+        if not self.tokens:  # (tokens: the memory starts empty, zeros)
+            self.initial = nn.Parameter(torch.empty(M, D))  # learned initial memory
+            self.norm = RMSNorm(C, cfg.norm_eps, cfg.kernels)
+            self.compress = nn.Linear(C, D, bias=False)  # W_c
         self.importance = nn.Linear(D, 1)  # w_s
         if cfg.memory_conv:  # causal convolution over the compressed tokens: [D, 1, K] depthwise, [D, D, K] full
             self.conv = nn.Parameter(torch.empty(D, 1 if cfg.memory_conv_mix == "depthwise" else D, cfg.memory_conv))
@@ -200,9 +215,10 @@ class LongTermMemory(nn.Module):
     def reset_parameters(self) -> None:
         if self.mode == "delta":  # the map starts empty (learned from there)
             nn.init.zeros_(self.initial)
-        else:
+        elif not self.tokens:
             nn.init.normal_(self.initial, std=1.0)
-        self.norm.reset_parameters()
+        if hasattr(self, "norm"):
+            self.norm.reset_parameters()
         for name in ("compress", "importance", "query", "key", "value", "update"):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name).weight, std=self.init_std)
@@ -216,15 +232,25 @@ class LongTermMemory(nn.Module):
             nn.init.constant_(self.update.bias, self.gate_bias)
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
+        if self.tokens:  # empty slots
+            return self.importance.weight.new_zeros(batch_size, self.slots, self.importance.in_features)  # [B, M, D]
         return self.initial.unsqueeze(0).expand(batch_size, -1, -1)  # [B, M, D]
 
     def gate(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, C] -> what the segment end writes from: gated content c * s (gated) or content c
-        (importance and select, whose writes compute s from c themselves): [B, T, D]."""
+        (importance and select, whose writes compute s from c themselves): [B, T, D]. memory_read=tokens: h is
+        the tokens' normed attention input, written as it is."""
+        if self.tokens:
+            return h
         c = self.compress(self.norm(h))  # [B, T, D]
         if self.mode in ("importance", "select", "delta"):
             return c
         return ops.compress_gate(c, self.importance(c), self.backend)  # c * sigmoid(w_s . c)
+
+    @staticmethod
+    def empty(mem: torch.Tensor) -> torch.Tensor:
+        """mem: [B, M, D] -> [B, M] bool: the slots no token has filled yet (memory_read=tokens: all zeros)."""
+        return (mem == 0).all(dim=-1)
 
     def important(self, mem: torch.Tensor) -> torch.Tensor:
         """mem: [B, M, D] -> [B, M] bool: the entries with importance w_s . entry > 0 (slot_order=important)."""
@@ -281,7 +307,7 @@ class LongTermMemory(nn.Module):
         order. Scores are recomputed from the entries (importance(c)), so the state stays [B, M, D]. The kept
         entries are multiplied by 1 + s - s.detach() (= 1): the value is unchanged and importance learns from
         how useful each kept entry was to the losses that read it. The initial memory only fills the slots that the
-        first segment's tokens leave free. In training the ranking carries Gumbel noise (module docstring)."""
+        first segment's tokens leave free (memory_read=tokens: the empty slots, until tokens fill them). In training the ranking carries Gumbel noise (module docstring)."""
         M, D = mem.shape[1], mem.shape[2]
         candidates = torch.cat([mem, c.to(mem.dtype)], dim=1)  # [B, M + S, D]
         logits = self.importance(candidates).squeeze(-1)  # [B, M + S]
@@ -289,8 +315,9 @@ class LongTermMemory(nn.Module):
         if self.training and self.select_noise > 0:  # Gumbel-top-k: sample M entries without replacement
             scale = self.select_noise * rank.std(dim=1, keepdim=True)  # [B, 1]: relative to the logits' spread
             rank = rank - scale * torch.empty_like(rank).exponential_().log()  # + scale * Gumbel(0, 1)
-        if first:
-            rank = torch.cat([rank[:, :M] - 1e4, rank[:, M:]], dim=1)
+        # entries any token beats: the learned initial memory on a first write, the empty slots of memory_read=tokens
+        vacant = self.empty(mem) if self.tokens else torch.full(mem.shape[:2], first, device=mem.device)  # [B, M]
+        rank = torch.cat([rank[:, :M] - 1e4 * vacant, rank[:, M:]], dim=1)
         if self.select_dedup is not None:
             rank = self._suppress_duplicates(candidates, rank)
         keep = rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
@@ -299,14 +326,14 @@ class LongTermMemory(nn.Module):
         if self.select_grad == "logit":  # the factor's slope does not fade however low the importances sink
             s = self.importance(kept.detach()).float()  # [B, M, 1]: trains w_s, not the entries
         else:
-            s = torch.sigmoid(self._relative(z, first, M) if self.importance_relative else z)  # [B, M + S]
+            s = torch.sigmoid(self._relative(z, vacant) if self.importance_relative else z)  # [B, M + S]
             s = s.gather(1, keep).unsqueeze(-1)  # [B, M, 1]
         kept = kept * (1 + (s - s.detach())).to(kept.dtype)  # exactly 1 in value
         if self.training and torch.is_grad_enabled() and (self.importance_penalty > 0 or self.importance_zloss > 0):
             if self.importance_detach > 0:  # withhold that share of their gradient from what the entries hold
                 held = candidates - self.importance_detach * (candidates - candidates.detach())  # value: candidates
                 z = self.importance(held).squeeze(-1).float()  # [B, M + S]
-            zp = self._relative(z, first, M) if self.importance_relative else z
+            zp = self._relative(z, vacant) if self.importance_relative else z
             loss = (self.importance_penalty * torch.sigmoid(zp[:, M:]).mean()  # the segment's tokens
                     + self.importance_zloss * z[:, M:].square().mean())
             kept = _AddLoss.apply(kept, loss)
@@ -326,10 +353,11 @@ class LongTermMemory(nn.Module):
         return rank - duplicate * spread
 
     @staticmethod
-    def _relative(z: torch.Tensor, first: bool, M: int) -> torch.Tensor:
-        """z: [B, M + S] importances of the candidates -> z - t [B, M + S], t the M-th highest (importance_relative;
-        on a first write among the segment's tokens first), differentiated too."""
-        eligible = torch.cat([z[:, :M] - 1e4, z[:, M:]], dim=1) if first else z
+    def _relative(z: torch.Tensor, vacant: torch.Tensor) -> torch.Tensor:
+        """z: [B, M + S] importances of the candidates, vacant: [B, M] the entries any token beats -> z - t
+        [B, M + S], t the M-th highest (importance_relative; ranking the vacant entries last), differentiated too."""
+        M = vacant.shape[1]
+        eligible = torch.cat([z[:, :M] - 1e4 * vacant, z[:, M:]], dim=1)
         return z - z.gather(1, eligible.detach().topk(M, dim=1).indices[:, -1:])
 
     def _delta_write(self, mem: torch.Tensor, c: torch.Tensor, tail: Optional[torch.Tensor]) -> torch.Tensor:

@@ -4,10 +4,11 @@ The input is read in segments of `segment_length` tokens. Inside a segment, atte
 segments, information flows only through each layer's memory bank (see `ltm_core.memory`). Block:
 
     x += conv(x)                          short_conv=K: causal depthwise inside the segment (K - 1 predecessors)
-    x += SelfAttention(norm(x))           causal inside the segment (+ memory slots as prefix: memory_read=context)
+    x += SelfAttention(norm(x))           causal inside the segment (+ memory slots as prefix: memory_read=context,
+                                          or the kept tokens through its own key/value projections: tokens)
     x += MemoryAttention(norm(x), mem)    memory_read=cross
     x += FeedForward(norm(x))             SwiGLU
-    memory write of the segment from x     (write_from=attention: from x before the memory read)
+    memory write of the segment from x     (write_from=attention: from x before the memory read; tokens: norm(x))
 
 `use_memory=False` is the same code without the memory: a segment-local transformer, and a full-causal one when
 `segment_length >= sequence length`.
@@ -27,6 +28,9 @@ from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
 from ltm_core.memory import DeltaRead, LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm, causal_conv
+
+
+EMPTY_SLOT_SCORE = -1e3  # memory_read=tokens: added to an empty slot's scores (exp(-1000) = 0 in any precision)
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +69,13 @@ class SelfAttention(nn.Module):
                       key_bias=bias)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # -1: local heads under TP
 
+    def kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [B, M, C] normed tokens kept by the memory (memory_read=tokens) -> their keys and values through this
+        attention's own projections [B, H, M, hd], not rotated: the slots carry no position."""
+        B, M, _ = h.shape
+        _, k, v = self.qkv_proj(h).view(B, M, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
 
 class FeedForward(nn.Module):
     """SwiGLU: W2 (silu(W1 x) * W3 x)."""
@@ -90,7 +101,8 @@ class Block(nn.Module):
             self.short_conv = nn.Parameter(torch.empty(cfg.hidden_size, cfg.short_conv))
         if cfg.use_memory:
             self.memory = LongTermMemory(cfg)
-            self.memory_read = DeltaRead(cfg) if cfg.memory_write == "delta" else MemoryRead(cfg)
+            if cfg.memory_read != "tokens":  # tokens: the self-attention reads the memory itself
+                self.memory_read = DeltaRead(cfg) if cfg.memory_write == "delta" else MemoryRead(cfg)
             if cfg.memory_read == "cross":
                 self.memory_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
@@ -109,7 +121,8 @@ class Block(nn.Module):
         nn.init.normal_(self.ffn.down_proj.weight, std=residual_std)
         if self.cfg.use_memory:
             self.memory.reset_parameters()
-            self.memory_read.reset_parameters()
+            if hasattr(self, "memory_read"):
+                self.memory_read.reset_parameters()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState):
         """x: [B, T, C] -> (x, keys, values [B, H, t + T, hd], gated content [B, T, D] or None, the block inputs
@@ -128,13 +141,18 @@ class Block(nn.Module):
         prefix = None
         if mem is not None and self.cfg.memory_read == "context":
             prefix = (*self.memory_read.kv(mem, important), bias)  # slot keys, values [B, H, M, hd]; bias [B, M]
-        a, k, v = self.attn(self.attn_norm(x), cos, sin, past, prefix, backend)
+        if mem is not None and self.cfg.memory_read == "tokens":  # empty slots are masked out of the read
+            masked = self.memory.empty(mem).float() * EMPTY_SLOT_SCORE  # [B, M]
+            prefix = (*self.attn.kv(mem), masked if bias is None else bias + masked)
+        normed = self.attn_norm(x)  # [B, T, C]: what memory_read=tokens writes
+        a, k, v = self.attn(normed, cos, sin, past, prefix, backend)
         x = x + a
         attended = x  # [B, T, C]: what write_from=attention compresses (before the memory read)
         if mem is not None and self.cfg.memory_read == "cross":
             x = x + self.memory_read(self.memory_norm(x), mem, backend, bias, important)
         x = x + self.ffn(self.ffn_norm(x))
-        gated = None if mem is None else self.memory.gate(attended if self.cfg.write_from == "attention" else x)
+        written = normed if self.cfg.memory_read == "tokens" else attended if self.cfg.write_from == "attention" else x
+        gated = None if mem is None else self.memory.gate(written)
         return x, k, v, gated, shift
 
     def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
