@@ -307,7 +307,8 @@ class LongTermMemory(nn.Module):
         order. Scores are recomputed from the entries (importance(c)), so the state stays [B, M, D]. The kept
         entries are multiplied by 1 + s - s.detach() (= 1): the value is unchanged and importance learns from
         how useful each kept entry was to the losses that read it. The initial memory only fills the slots that the
-        first segment's tokens leave free (memory_read=tokens: the empty slots, until tokens fill them). In training the ranking carries Gumbel noise (module docstring)."""
+        first segment's tokens leave free (memory_read=tokens: the empty slots, until tokens fill them). In training
+        the ranking carries Gumbel noise (module docstring)."""
         M, D = mem.shape[1], mem.shape[2]
         candidates = torch.cat([mem, c.to(mem.dtype)], dim=1)  # [B, M + S, D]
         logits = self.importance(candidates).squeeze(-1)  # [B, M + S]

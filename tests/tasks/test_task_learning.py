@@ -105,7 +105,7 @@ def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_pa
 MQAR_STEPS = 1500
 FULL_ATTENTION = dict(use_memory=False, segment_length=96, intermediate_size=305)  # experiment=mqar_full's backbone
 TOKENS_MEMORY = dict(segment_length=32, bptt_segments=3, memory_slots=64, memory_dim=64, memory_write="select",
-                     memory_read="tokens", select_noise=0.0)  # experiment=mqar
+                     memory_read="tokens", select_noise=0.0, read_importance=True)  # experiment=mqar
 
 
 def first_query_accuracy_after_training(short_conv: int, model_cfg: dict = FULL_ATTENTION,
@@ -155,14 +155,15 @@ def test_short_conv_lets_the_backbone_learn_associative_recall():
     assert with_conv > 0.9, (with_conv, without)
 
 
-TOKENS_STEPS = 600
+TOKENS_STEPS = 700
 
 
 def test_the_tokens_memory_recalls_pairs_across_a_segment_of_noise():
     """experiment=mqar's model (memory_read=tokens, short_conv=4, segments of 32): the pairs lie two segments
     before the queries, so only the memory can answer (a segment-local model sees none of them); the first query at
     4 pairs after TOKENS_STEPS steps. Measured with exactly this setting (2026-12-02, the 2-core machine, one
-    thread beside three other runs): 0.98 after 500 steps, 1.00 after 600 and at every 100 steps to 1,300."""
+    thread beside three other runs): 0.89 after 500 steps, 0.98 after 600, 1.00 after 700 and at every 100 steps
+    to 1,300."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         accuracy = pool.submit(first_query_accuracy_after_training, 4, TOKENS_MEMORY, TOKENS_STEPS, 2).result()
     assert accuracy > 0.9, accuracy
