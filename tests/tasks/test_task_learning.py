@@ -162,9 +162,9 @@ TOKENS_STEPS = 700
 def test_the_tokens_memory_recalls_pairs_across_a_segment_of_noise():
     """experiment=mqar's model (memory_read=tokens, short_conv=4, segments of 32): the pairs lie two segments
     before the queries, so only the memory can answer (a segment-local model sees none of them); the first query at
-    4 pairs after TOKENS_STEPS steps. Measured with exactly this setting (2026-12-02, the 2-core machine, one
-    thread beside three other runs): 0.89 after 500 steps, 0.98 after 600, 1.00 after 700 and at every 100 steps
-    to 1,300."""
+    4 pairs after TOKENS_STEPS steps. Measured with this model, data and seeds in a /tmp script at one thread (the
+    test runs two) beside three other runs (2026-12-02, the 2-core machine): 0.89 after 500 steps, 0.98 after
+    600, 1.00 after 700 and at every 100 steps to 1,300; in CI the test passes (dcf833f)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         accuracy = pool.submit(first_query_accuracy_after_training, 4, TOKENS_MEMORY, TOKENS_STEPS, 2).result()
     assert accuracy > 0.9, accuracy
