@@ -93,6 +93,10 @@ class TitanConfig:
     # so attention can match a token by what preceded it (associative recall learns in a fraction of the steps:
     # README, MQAR); inside the segment, zeros before its first token as attention sees nothing before it (so the
     # no-memory baselines stay segment-local); zero at init; 0: none
+    short_conv_carry: bool = False  # short_conv with a memory: the convolution's last K - 1 inputs cross segment
+    # boundaries with the memory state (Mamba's conv state), so a token that starts a segment still carries its
+    # predecessors (a key split by a boundary); without memory (use_memory=false) the convolution restarts at each
+    # segment, so the baselines stay segment-local
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
     bptt_segments: int = 2  # segments per backprop window; memory is detached between windows
@@ -207,6 +211,8 @@ class TitanConfig:
         if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv < 0 \
                 or self.short_conv == 1:  # a kernel of 1 has no predecessor to carry
             raise ConfigError("model.short_conv", f"must be 0 (none) or an integer >= 2, got {self.short_conv!r}")
+        if self.short_conv_carry and not self.short_conv:
+            raise ConfigError("model.short_conv_carry", "needs model.short_conv >= 2 (a convolution to carry)")
         if self.memory_conv_mix not in ("depthwise", "full"):
             raise ConfigError("model.memory_conv_mix", f"must be depthwise or full, got {self.memory_conv_mix!r}")
         if self.memory_conv_mix == "full" and not self.memory_conv:

@@ -3,7 +3,8 @@
 The input is read in segments of `segment_length` tokens. Inside a segment, attention is causal; across
 segments, information flows only through each layer's memory bank (see `ltm_core.memory`). Block:
 
-    x += conv(x)                          short_conv=K: causal depthwise inside the segment (K - 1 predecessors)
+    x += conv(x)                          short_conv=K: causal depthwise inside the segment (K - 1 predecessors;
+                                          across segments with the memory state: short_conv_carry)
     x += SelfAttention(norm(x))           causal inside the segment (+ memory slots as prefix: memory_read=context,
                                           or the kept tokens through its own key/value projections: tokens)
     x += MemoryAttention(norm(x), mem)    memory_read=cross
@@ -286,7 +287,8 @@ class TitanModel(nn.Module):
             elif past.memory is not None:
                 # the segment is written; on the first write the memory is still the learned initial one
                 memory = block.memory.write(past.memory, gated, first=first, tail=past.tail)
-                layers.append(LayerState(memory, tail=block.memory.tail(gated, past.tail)))
+                carried = shift if cfg.short_conv_carry else None  # else the next convolution starts from zeros
+                layers.append(LayerState(memory, tail=block.memory.tail(gated, past.tail), shift=carried))
             else:  # a complete segment: the next one's convolution starts from zeros, as its attention from nothing
                 layers.append(LayerState(None))
         return x, tuple(layers)

@@ -51,9 +51,9 @@ def test_zero_at_init_so_the_model_starts_as_without_it(tiny_cfg):
     assert conv.num_parameters() - plain.num_parameters() == tiny_cfg.num_hidden_layers * tiny_cfg.hidden_size * 4
 
 
-@pytest.mark.parametrize("use_memory", [True, False])
-def test_causal_and_streaming_equals_one_call(tiny_cfg, use_memory):
-    model = _with_conv(tiny_cfg, use_memory=use_memory, memory_write="select").eval()
+@pytest.mark.parametrize("use_memory,carry", [(True, False), (False, False), (True, True)])
+def test_causal_and_streaming_equals_one_call(tiny_cfg, use_memory, carry):
+    model = _with_conv(tiny_cfg, use_memory=use_memory, memory_write="select", short_conv_carry=carry).eval()
     S = tiny_cfg.segment_length
     ids = _ids(5 * S + 3)
     full = model(ids)
@@ -69,11 +69,12 @@ def test_causal_and_streaming_equals_one_call(tiny_cfg, use_memory):
     torch.testing.assert_close(torch.cat(pieces, 1), full.logits[:, :pos], rtol=0, atol=1e-5)
 
 
-def test_restarts_at_each_segment_so_the_baselines_stay_segment_local(tiny_cfg):
+@pytest.mark.parametrize("carry", [False, True])
+def test_restarts_at_each_segment_so_the_baselines_stay_segment_local(tiny_cfg, carry):
     """Like attention, the convolution sees nothing of an earlier segment: without memory, no change in segment 0
-    reaches segment 1 (were it carried over, each layer would pass it one segment further)."""
+    reaches segment 1 (were it carried over, each layer would pass it one segment further), short_conv_carry or not."""
     S = tiny_cfg.segment_length
-    model = _with_conv(tiny_cfg, use_memory=False).eval()
+    model = _with_conv(tiny_cfg, use_memory=False, short_conv_carry=carry).eval()
     ids = _ids(3 * S)
     base = model(ids).logits
     changed = ids.clone()
@@ -93,6 +94,51 @@ def test_gradients_reach_it_and_bptt_detaches_its_state(tiny_cfg):
     out = model(ids[:, :5], labels=ids[:, :5])  # mid-segment: the pending inputs, detached with the state
     assert [tuple(ls.shift.shape) for ls in out.memory.layers] == [(2, 2, tiny_cfg.hidden_size)] * 2
     assert not any(ls.shift.requires_grad for ls in out.memory.detach().layers)
+
+
+def _convolution_calls(model, ids):
+    """Runs the model on ids and records each block's convolution calls: [(block index, x, before)]."""
+    calls = []
+    for i, block in enumerate(model.blocks):
+        def record(x, before, i=i, conv=block._short_conv):
+            calls.append((i, x, before))
+            return conv(x, before)
+        block._short_conv = record
+    with torch.no_grad():
+        model(ids)
+    return calls
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_with_carry_a_segment_starts_from_the_last_inputs_of_the_one_before(tiny_cfg, carry):
+    """short_conv_carry: each block's convolution at segment s + 1 sees the last K - 1 inputs it had at segment s,
+    as one convolution over the whole input would (a key split by a boundary keeps its predecessors); without it,
+    zeros."""
+    S, K = tiny_cfg.segment_length, 3
+    model = _with_conv(tiny_cfg, K=K, memory_write="select", short_conv_carry=carry).eval()
+    calls = _convolution_calls(model, _ids(3 * S))
+    layers = tiny_cfg.num_hidden_layers
+    assert [i for i, _, _ in calls] == list(range(layers)) * 3  # one call per block and segment
+    for (i, x, _), (j, _, before) in zip(calls, calls[layers:]):  # segment s's call, then s + 1's of the same block
+        assert i == j and x.shape[1] == S
+        if carry:
+            torch.testing.assert_close(before, x[:, -(K - 1):], rtol=0, atol=0)
+        else:
+            assert before is None
+    assert all(before is None for _, _, before in calls[:layers])  # the first segment: zeros before it
+
+
+def test_the_carried_inputs_cross_bptt_boundaries_detached(tiny_cfg):
+    model = _with_conv(tiny_cfg, memory_write="select", short_conv_carry=True)
+    ids = _ids(3 * tiny_cfg.segment_length)
+    out = model(ids, labels=ids)
+    assert [tuple(ls.shift.shape) for ls in out.memory.layers] == [(2, 2, tiny_cfg.hidden_size)] * 2
+    assert not any(ls.shift.requires_grad for ls in out.memory.detach().layers)
+
+
+def test_carry_needs_a_convolution(tiny_cfg):
+    with pytest.raises(ConfigError, match="model.short_conv_carry"):
+        dataclasses.replace(tiny_cfg, short_conv_carry=True)
 
 
 @pytest.mark.parametrize("bad", [1, -2, True, 2.5])
