@@ -135,7 +135,7 @@ class Block(nn.Module):
         mem = past.memory
         bias = None  # read_importance: log sigmoid(importance) of each slot, added to its read scores [B, M]
         if mem is not None and self.cfg.read_importance:
-            bias = F.logsigmoid(self.memory.importance(mem).squeeze(-1).float())
+            bias = self.shared_by_heads(F.logsigmoid(self.memory.importance(mem).squeeze(-1).float()))
         important = None  # slot_order=important: the entries the write ranks important [B, M]
         if mem is not None and self.cfg.slot_order == "important":
             important = self.memory.important(mem)
@@ -155,6 +155,12 @@ class Block(nn.Module):
         written = normed if self.cfg.memory_read == "tokens" else attended if self.cfg.write_from == "attention" else x
         gated = None if mem is None else self.memory.gate(written)
         return x, k, v, gated, shift
+
+    @staticmethod
+    def shared_by_heads(t: torch.Tensor) -> torch.Tensor:
+        """A replicated tensor that every head's read uses. Under tensor parallelism a rank holds only its heads,
+        so the gradient is summed over the tp group there (`apply_tensor_parallel` replaces this identity)."""
+        return t
 
     def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, C], before: [B, K - 1, C] the inputs of the segment's tokens before it (None: zeros, x starts a segment)

@@ -15,12 +15,15 @@ Plan of one block over the tp mesh (each rank keeps H / tp attention heads and F
     ffn.down_proj          row-wise
 
 Embeddings, norms, the short convolution, the LM head and the compression gate stay replicated (the vocabulary is 259 bytes).
+read_importance's per-slot bias is replicated too but read by every head, so its gradient is summed over the tp
+group (`Block.shared_by_heads`).
 The fused projections keep their parameter names; their weight is held as a [chunks, out / chunks, in] DTensor
 sharded on dim 1, which is the canonical [out, in] matrix viewed 3-D (consolidation reshapes it back).
 """
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -48,8 +51,12 @@ class _ReduceGrad(torch.autograd.Function):
         return grad, None
 
 
+def _reduce_grad(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceGrad.apply(x, group)
+
+
 def _fused_colwise_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    x = _ReduceGrad.apply(x, self._tp_group)
+    x = _reduce_grad(x, self._tp_group)
     weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight  # [chunks, out/tp/chunks, in]
     return F.linear(x, weight.reshape(-1, weight.shape[-1]))
 
@@ -108,6 +115,7 @@ def apply_tensor_parallel(blocks, tp_mesh: DeviceMesh) -> None:
     for block in blocks:
         parallelize_module(block, tp_mesh, block_plan(block))
         block.attn.heads = block.attn.heads // tp
+        block.shared_by_heads = functools.partial(_reduce_grad, group=tp_mesh.get_group())  # read_importance's bias
         if hasattr(getattr(block, "memory_read", None), "heads"):  # the delta read has none: it stays replicated
             block.memory_read.heads = block.memory_read.heads // tp
 

@@ -44,14 +44,24 @@ def runs(tmp_path_factory, base) -> dict[str, Path]:
     from ltm_core.train import train
 
     root = tmp_path_factory.mktemp("parallel-runs")
-    out = {name: root / name for name in ("single", "fsdp", "tp2", "tp2_pp2", "resume", "single_delta", "tp2_delta")}
+    out = {name: root / name for name in ("single", "fsdp", "tp2", "tp2_pp2", "resume", "single_delta", "tp2_delta",
+                                               "single_tokens", "tp2_tokens", "pp2_tokens")}
     delta = ["model.memory_write=delta", "model.slot_positions=false"]  # the associative memory: its read is replicated
     train(compose(base + ["parallel=single", f"output_dir={out['single']}"]))
     train(compose(base + delta + ["parallel=single", f"output_dir={out['single_delta']}"]))
+    # the tokens read (the self-attention's own projections read the kept tokens), its read_importance bias (read by
+    # every head: its gradient sums over tp) and the carried convolution; no select noise, whose draws follow the
+    # process layout (microbatches)
+    tokens = ["model.memory_read=tokens", "model.memory_write=select", "model.memory_dim=32", "model.slot_positions=false",
+              "model.read_importance=true", "model.short_conv_carry=true", "model.select_noise=0"]
+    train(compose(base + tokens + ["parallel=single", f"output_dir={out['single_tokens']}"]))
     # two processes: fsdp (2 samples per dp rank = the same global batch), tp2, tp2 with the delta memory
     spawn_jobs(2, [compose_dict(base + ["parallel=fsdp", "data.batch_size=2", f"output_dir={out['fsdp']}"]),
                    compose_dict(base + ["parallel=tp2", f"output_dir={out['tp2']}"]),
-                   compose_dict(base + delta + ["parallel=tp2", f"output_dir={out['tp2_delta']}"])])
+                   compose_dict(base + delta + ["parallel=tp2", f"output_dir={out['tp2_delta']}"]),
+                   compose_dict(base + tokens + ["parallel=tp2", f"output_dir={out['tp2_tokens']}"]),
+                   compose_dict(base + tokens + ["parallel=pp2", "parallel.microbatches=2",
+                                                 f"output_dir={out['pp2_tokens']}"])])
     # four processes: tp2_pp2 for 5 steps; and 3 steps, then resume=auto up to 5
     pp = ["parallel=tp2_pp2", "parallel.microbatches=2"]
     spawn_jobs(4, [compose_dict(base + pp + [f"output_dir={out['tp2_pp2']}"]),

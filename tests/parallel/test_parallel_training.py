@@ -31,7 +31,8 @@ def assert_same_run(reference: Path, run: Path, steps: int = STEPS) -> None:
 
 
 @pytest.mark.parametrize("preset, reference", [("fsdp", "single"), ("tp2", "single"), ("tp2_pp2", "single"),
-                                               ("tp2_delta", "single_delta")])
+                                               ("tp2_delta", "single_delta"), ("tp2_tokens", "single_tokens"),
+                                               ("pp2_tokens", "single_tokens")])
 def test_matches_single_process(runs, preset, reference):
     assert_same_run(runs[reference], runs[preset])
 
