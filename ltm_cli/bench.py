@@ -83,8 +83,8 @@ def _plot_model(path: Path, result: dict[str, Any]) -> None:
 def bench_model_cmd(
     model: str = typer.Option("tiny", "--model", help="Backbone preset from conf/model (tiny | small | base | large)."),
     contexts: List[int] = typer.Option([1024, 2048, 4096, 8192], "--context", help="Context lengths (repeatable)."),
-    variants: List[str] = typer.Option([], "--variant", help="memory | memory_context | segment_local | full_causal "
-                                       "(repeatable; default: all four)."),
+    variants: List[str] = typer.Option([], "--variant", help="memory | memory_context | memory_tokens | segment_local | "
+                                       "full_causal (repeatable; default: all five)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed steps per row (median reported)."),

@@ -1,8 +1,10 @@
 """`ltm bench model`: training-step throughput, peak memory and MFU of the memory model against its baselines.
 
-Four variants share one backbone: `memory` (segments + memory read by cross-attention, windowed backward),
-`memory_context` (the same, memory slots as an attention prefix: `memory_read=context`), `segment_local` (same
-segments, no memory) and `full_causal` (no memory, one segment spanning the context). Each (variant, context) row
+Five variants share one backbone: `memory` (segments + memory read by cross-attention, windowed backward),
+`memory_context` (the same, memory slots as an attention prefix: `memory_read=context`), `memory_tokens` (the
+select write keeps whole tokens, read through the self-attention's own projections: `memory_read=tokens`, slots of
+`hidden_size`), `segment_local` (same segments, no memory) and `full_causal` (no memory, one segment spanning the
+context). Each (variant, context) row
 is measured in a fresh process on CPU. Timings: warm-up, then the median of repeats (synchronised on CUDA).
 
 Peak memory (`peak_mem_bytes`) is tensor memory, the same quantity on both devices: the most that one training step
@@ -36,7 +38,7 @@ from ltm_core.model import TitanModel
 from ltm_core.training import build_optimizer, windowed_backward
 from ltm_extensions.bench import median_ms
 
-VARIANTS = ("memory", "memory_context", "segment_local", "full_causal")
+VARIANTS = ("memory", "memory_context", "memory_tokens", "segment_local", "full_causal")
 
 
 def variant_config(base: TitanConfig, variant: str, context: int) -> TitanConfig:
@@ -44,6 +46,10 @@ def variant_config(base: TitanConfig, variant: str, context: int) -> TitanConfig
         return dataclasses.replace(base, use_memory=True, memory_read="cross")
     if variant == "memory_context":
         return dataclasses.replace(base, use_memory=True, memory_read="context")
+    if variant == "memory_tokens":  # an entry is a token as the self-attention sees it: no compression, no conv
+        return dataclasses.replace(base, use_memory=True, memory_read="tokens", memory_write="select",
+                                   memory_dim=base.hidden_size, write_from="block", memory_conv=0,
+                                   slot_positions=False, memory_heads=None)
     if variant == "segment_local":
         return dataclasses.replace(base, use_memory=False)
     if variant == "full_causal":

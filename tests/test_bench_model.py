@@ -18,12 +18,15 @@ SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidde
 
 def test_variants_share_the_backbone():
     base = TitanConfig(hidden_size=64, num_attention_heads=2, segment_length=32)
-    mem, ctx, local, full = (variant_config(base, v, 256)
-                             for v in ("memory", "memory_context", "segment_local", "full_causal"))
-    assert mem.use_memory and ctx.use_memory and not local.use_memory and not full.use_memory
-    assert (mem.memory_read, ctx.memory_read) == ("cross", "context")
+    mem, ctx, tok, local, full = (variant_config(base, v, 256)
+                                  for v in ("memory", "memory_context", "memory_tokens", "segment_local", "full_causal"))
+    assert mem.use_memory and ctx.use_memory and tok.use_memory and not local.use_memory and not full.use_memory
+    assert (mem.memory_read, ctx.memory_read, tok.memory_read) == ("cross", "context", "tokens")
+    assert (tok.memory_write, tok.memory_dim) == ("select", 64)
     assert local.segment_length == 32 and full.segment_length == 256
-    assert {c.hidden_size for c in (mem, ctx, local, full)} == {64}
+    assert {c.hidden_size for c in (mem, ctx, tok, local, full)} == {64}
+    assert variant_config(TitanConfig(hidden_size=64, num_attention_heads=2, memory_conv=4, slot_positions=True,
+                                      memory_heads=1), "memory_tokens", 256).memory_read == "tokens"
     with pytest.raises(ValueError):
         variant_config(base, "bogus", 256)
 
@@ -69,7 +72,8 @@ def test_bench_model_cli_json_and_plot(tmp_path):
     data = json.loads(out.read_text())
     assert data["device"].startswith("cpu")
     keys = {(r["model"], r["context"]) for r in data["rows"]}
-    assert keys == {(m, c) for m in ("memory", "memory_context", "segment_local", "full_causal") for c in (64,)}
+    assert keys == {(m, c) for m in ("memory", "memory_context", "memory_tokens", "segment_local", "full_causal")
+                    for c in (64,)}
     for row in data["rows"]:
         assert row["tokens_per_s"] > 0 and row["peak_mem_bytes"] > 0 and 0 < row["mfu"] < 1
     gen = {g["model"]: g for g in data["generation"]}
