@@ -219,14 +219,21 @@ class TitanModel(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), the nanoGPT/torchtitan way:
         6N (dense parameters, embedding lookup excluded) + 12 L d T (attention over T = min(segment, seq_len)
-        keys) + 12 L d M (memory read over M slots) + 12 L M D (memory write attention, per token)."""
+        keys) + 12 L d M (memory read over M slots) + 12 L M D (memory write attention, per token) + the slots'
+        key/value projection, which runs on M slots once per segment, M / T times per token, not once as 6N counts
+        it (memory_read=tokens: the self-attention's q|k|v projection, also run on the M kept tokens)."""
         cfg = self.config
         n = self.num_parameters() - (self.embed_tokens.weight.numel() if not cfg.tie_word_embeddings else 0)
         T = min(cfg.segment_length, seq_len)
-        flops = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
+        L, C, M = cfg.num_hidden_layers, cfg.hidden_size, cfg.memory_slots
+        flops = 6 * n + 12 * L * C * T
         if cfg.use_memory:
-            flops += 12 * cfg.num_hidden_layers * cfg.hidden_size * cfg.memory_slots
-            flops += 12 * cfg.num_hidden_layers * cfg.memory_slots * cfg.memory_dim
+            flops += 12 * L * C * M + 12 * L * M * cfg.memory_dim
+            read = getattr(self.blocks[0], "memory_read", None)
+            if isinstance(read, MemoryRead):  # kv_proj: counted once per token in 6N, run M / T times
+                flops += 6 * L * read.kv_proj.weight.numel() * (M / T - 1)
+            elif cfg.memory_read == "tokens":  # qkv_proj: once per token (in 6N) and on the M kept tokens
+                flops += 6 * L * 3 * C * C * M / T
         return float(flops)
 
     # ---------------------------------------------------------------------------------------------- forward

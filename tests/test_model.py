@@ -334,5 +334,12 @@ def test_parameter_count_and_flops_formula(tiny_cfg):
     n = 259 * C + Lyr * per_block + C
     assert model.num_parameters() == n
     expected = 6 * n + 12 * Lyr * C * S + 12 * Lyr * C * M + 12 * Lyr * M * D
-    assert model.flops_per_token(seq_len=4 * S) == expected
+    expected += 6 * Lyr * (D * 2 * C) * (M / S - 1)  # the read's k|v projection runs on M slots per segment
+    assert model.flops_per_token(seq_len=4 * S) == pytest.approx(expected, rel=1e-12)
     assert tiny_model(dataclasses.replace(tiny_cfg, use_memory=False)).flops_per_token(S // 2) < expected
+    tokens = tiny_model(dataclasses.replace(tiny_cfg, memory_read="tokens", memory_write="select", memory_dim=C,
+                                            write_from="block", slot_positions=False))
+    n_tok = tokens.num_parameters()  # tied embeddings: counted, as above
+    expected_tok = 6 * n_tok + 12 * Lyr * C * S + 12 * Lyr * C * M + 12 * Lyr * M * C
+    expected_tok += 6 * Lyr * (3 * C * C) * M / S  # the self-attention's q|k|v projection of the M kept tokens
+    assert tokens.flops_per_token(seq_len=4 * S) == pytest.approx(expected_tok, rel=1e-12)
