@@ -46,7 +46,7 @@ def test_task_config_errors_name_the_key(overrides, key):
     assert err.value.key == key
 
 
-@pytest.mark.parametrize("name", ["passkey", "mqar", "mqar_cross", "babi_facts"])
+@pytest.mark.parametrize("name", ["passkey", "passkey_cross", "mqar", "mqar_cross", "babi_facts"])
 @pytest.mark.parametrize("baseline", ["", "_baseline"])
 def test_experiments_compose(name, baseline):
     cfg = compose([f"experiment={name}{baseline}"])
@@ -54,14 +54,15 @@ def test_experiments_compose(name, baseline):
     assert cfg.model.use_memory is (baseline == "")
 
 
-@pytest.mark.parametrize("name", ["passkey", "passkey_long", "mqar", "mqar_long", "mqar_cross", "babi_facts"])
+@pytest.mark.parametrize("name", ["passkey", "passkey_long", "passkey_cross", "passkey_cross_long", "mqar",
+                                  "mqar_long", "mqar_cross", "babi_facts"])
 def test_experiment_baselines_match_the_parameter_count(name):
     memory, baseline = (TitanModel(model_config(compose([f"experiment={name}{suffix}"]))).num_parameters()
                         for suffix in ("", "_baseline"))
     assert abs(baseline - memory) / memory < 0.02, (memory, baseline)
 
 
-@pytest.mark.parametrize("name,more", [("passkey", 3000), ("mqar", 1000)])
+@pytest.mark.parametrize("name,more", [("passkey", 3000), ("passkey_cross", 3000), ("mqar", 1000)])
 @pytest.mark.parametrize("baseline", ["", "_baseline"])
 def test_the_long_stage_continues_its_stage_one_on_longer_samples(name, more, baseline):
     """experiment=NAME_long[_baseline] resumes experiment=NAME[_baseline]: the same model but for a BPTT window
@@ -72,8 +73,10 @@ def test_the_long_stage_continues_its_stage_one_on_longer_samples(name, more, ba
     assert long.data.seq_len == 2 * first.data.seq_len == b.bptt_segments * b.segment_length == 192
     assert long.trainer.max_steps == first.trainer.max_steps + more
     assert long.task == first.task and long.optim == first.optim
-    if name == "passkey":
+    if name.startswith("passkey"):
         assert first.task.filler == "ruler" and first.task.filler_start == "random"  # every phase of the filler
+    if name == "passkey":  # a key split by a segment boundary keeps its predecessors
+        assert a.memory_read == "tokens" and a.short_conv and a.short_conv_carry
 
 
 def test_layout_segment_gives_a_full_causal_model_the_memory_models_samples(monkeypatch):
