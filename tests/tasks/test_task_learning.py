@@ -72,13 +72,13 @@ def test_memory_beats_the_baseline_on_a_tiny_passkey():
 @pytest.mark.slow
 def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_path):
     """The full two-stage recipe through the CLI (`pytest -m slow`; the runs one after the other; a memory model's
-    two stages take about 12 minutes on the 2-core machine): `ltm train experiment=passkey` (five-digit key,
-    96-token samples with the RULER filler from a random character, 10,000 steps), then `experiment=passkey_long`
-    resumed from it (192-token samples, 3,000 steps), and the same for `experiment=passkey_baseline` /
-    `passkey_long_baseline`; then `ltm eval` at 1x and 16x the final training length (192 and 3,072 tokens).
-    Measured 2026-12-02 (README, 20 samples per cell): five of seven seeds meet the issue's targets at one thread,
-    and this test's own run (seed 42, the default, two threads, commit aa77c9f) did not: the memory model held
-    100 % at 192 tokens and 46 % at 3,072 (the baseline 0 %), so it failed the second assertion. A run's outcome
+    two stages took 18.5 minutes beside another run on the 2-core machine): `ltm train experiment=passkey`
+    (memory_read=tokens with the carried short convolution; five-digit key, 96-token samples with the RULER filler
+    from a random character, 4,000 steps), then `experiment=passkey_long` resumed from it (192-token samples, 3,000
+    steps), and the same for `experiment=passkey_baseline` / `passkey_long_baseline`; then `ltm eval` at 1x and 16x
+    the final training length (192 and 3,072 tokens). Measured 2026-12-03 (README, 20 samples per cell, one thread):
+    six of seven seeds meet the issue's targets; this test itself (two threads) has not been run on this
+    recipe yet (the earlier recipe's run, seed 42 at two threads, failed its second assertion). A run's outcome
     depends on the seed, the thread count and the machine (floating-point sums in another order): a failure here
     means this machine's run is one of those the recipe does not serve, as the README's tables count them."""
     scores, worst = {}, {}
