@@ -70,3 +70,40 @@ def spawn_jobs(world: int, jobs: list[dict[str, Any]]) -> None:
 
     multiprocessing.set_forkserver_preload(["torch", "lightning", "ltm_core.parallel.trainer", __name__])
     mp.start_processes(run_jobs, args=(world, free_port(), jobs), nprocs=world, start_method="forkserver")
+
+
+def tp_memory_banks_agree(rank: int, world: int, port: int, model_cfg: dict, steps: int) -> None:
+    """One tp rank: `steps` training steps of a tp=`world` model on the same random batch, then every layer's
+    replicated memory bank and every replicated parameter must be bitwise the same on all tp ranks (the select
+    write's Gumbel noise is drawn on each rank: the ranks must draw the same). Raises on a mismatch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from ltm_core.config import TitanConfig
+    from ltm_core.parallel.build import build_parallel_model
+    from ltm_core.parallel.layout import Layout
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = TitanConfig(**model_cfg)
+        pm = build_parallel_model(cfg, Layout(dp=1, tp=world, pp=1), torch.device("cpu"), "32-true", 0, 2)
+        model = pm.parts[0].train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ids = torch.randint(0, 256, (2, 3 * cfg.segment_length + 1), generator=torch.Generator().manual_seed(0))
+        for _ in range(steps):
+            out = model(ids[:, :-1], labels=ids[:, 1:])
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+        mine = [ls.memory.detach() for ls in out.memory.layers]
+        mine += [p.detach() for p in model.parameters() if not isinstance(p, DTensor)]
+        for t in mine:
+            gathered = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(gathered, t.contiguous())
+            assert all(torch.equal(g, gathered[0]) for g in gathered), "tp ranks diverged"
+    finally:
+        dist.destroy_process_group()

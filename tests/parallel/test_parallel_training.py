@@ -111,3 +111,15 @@ def test_ddp_matches_single_process(tmp_path, base, runs):
     assert len(got) == STEPS
     for step, (a, b) in enumerate(zip(want, got), 1):
         assert math.isclose(a, b, abs_tol=TOL), f"step {step}: {a} vs {b}"
+
+def test_tp_ranks_draw_the_same_select_noise():
+    """With the select write's Gumbel noise on (`select_noise=0.5`, training), the memory bank and the replicated
+    parameters stay identical on the tp ranks: each rank draws the noise itself, from the common seed."""
+    import torch.multiprocessing as mp
+    from parallel_workers import free_port, tp_memory_banks_agree
+
+    cfg = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, memory_slots=8, memory_dim=32,
+               segment_length=16, bptt_segments=3, memory_write="select", memory_read="tokens", write_from="block",
+               slot_positions=False, select_noise=0.5, read_importance=True, short_conv=3, short_conv_carry=True,
+               kernels="torch")
+    mp.start_processes(tp_memory_banks_agree, args=(2, free_port(), cfg, 3), nprocs=2, start_method="spawn")
