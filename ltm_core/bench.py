@@ -4,8 +4,7 @@ Five variants share one backbone: `memory` (segments + memory read by cross-atte
 `memory_context` (the same, memory slots as an attention prefix: `memory_read=context`), `memory_tokens` (the
 select write keeps whole tokens, read through the self-attention's own projections: `memory_read=tokens`, slots of
 `hidden_size`), `segment_local` (same segments, no memory) and `full_causal` (no memory, one segment spanning the
-context). Each (variant, context) row
-is measured in a fresh process on CPU. Timings: warm-up, then the median of repeats (synchronised on CUDA).
+context). Each (variant, context) row is measured in a fresh process on CPU. Timings: warm-up, then the median of repeats (synchronised on CUDA).
 
 Peak memory (`peak_mem_bytes`) is tensor memory, the same quantity on both devices: the most that one training step
 after warm-up (forward, backward, optimizer step) holds allocated beyond what was allocated when it began
