@@ -55,7 +55,8 @@ def runs(tmp_path_factory, base) -> dict[str, Path]:
     tokens = ["model.memory_read=tokens", "model.memory_write=select", "model.memory_dim=32", "model.slot_positions=false",
               "model.read_importance=true", "model.short_conv_carry=true", "model.select_noise=0"]
     train(compose(base + tokens + ["parallel=single", f"output_dir={out['single_tokens']}"]))
-    # two processes: fsdp (2 samples per dp rank = the same global batch), tp2, tp2 with the delta memory
+    # two processes: fsdp (2 samples per dp rank = the same global batch), tp2, tp2 with the delta memory, tp2 and pp2
+    # with the tokens read
     spawn_jobs(2, [compose_dict(base + ["parallel=fsdp", "data.batch_size=2", f"output_dir={out['fsdp']}"]),
                    compose_dict(base + ["parallel=tp2", f"output_dir={out['tp2']}"]),
                    compose_dict(base + delta + ["parallel=tp2", f"output_dir={out['tp2_delta']}"]),

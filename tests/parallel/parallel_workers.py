@@ -36,16 +36,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_jobs(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
-    """One rank: join a gloo group, then run each resolved config through `fit_parallel` in turn."""
+def join_gloo_group(rank: int, world: int, port: int) -> None:
+    """This process becomes rank `rank` of a `world`-process gloo group on localhost, one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     import torch
     import torch.distributed as dist
-    from omegaconf import OmegaConf
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def run_jobs(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
+    """One rank: join a gloo group, then run each resolved config through `fit_parallel` in turn."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    join_gloo_group(rank, world, port)
     try:
         from ltm_core.parallel.trainer import fit_parallel
         from ltm_core.train import prepare_output_dir
@@ -76,8 +83,6 @@ def tp_memory_banks_agree(rank: int, world: int, port: int, model_cfg: dict, ste
     """One tp rank: `steps` training steps of a tp=`world` model on the same random batch, then every layer's
     replicated memory bank and every replicated parameter must be bitwise the same on all tp ranks (the select
     write's Gumbel noise is drawn on each rank: the ranks must draw the same). Raises on a mismatch."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -86,8 +91,7 @@ def tp_memory_banks_agree(rank: int, world: int, port: int, model_cfg: dict, ste
     from ltm_core.parallel.build import build_parallel_model
     from ltm_core.parallel.layout import Layout
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo_group(rank, world, port)
     try:
         cfg = TitanConfig(**model_cfg)
         pm = build_parallel_model(cfg, Layout(dp=1, tp=world, pp=1), torch.device("cpu"), "32-true", 0, 2)

@@ -112,6 +112,7 @@ def test_ddp_matches_single_process(tmp_path, base, runs):
     for step, (a, b) in enumerate(zip(want, got), 1):
         assert math.isclose(a, b, abs_tol=TOL), f"step {step}: {a} vs {b}"
 
+
 def test_tp_ranks_draw_the_same_select_noise():
     """With the select write's Gumbel noise on (`select_noise=0.5`, training), the memory bank and the replicated
     parameters stay identical on the tp ranks: each rank draws the noise itself, from the common seed."""
