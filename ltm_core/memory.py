@@ -312,16 +312,9 @@ class LongTermMemory(nn.Module):
         M, D = mem.shape[1], mem.shape[2]
         candidates = torch.cat([mem, c.to(mem.dtype)], dim=1)  # [B, M + S, D]
         logits = self.importance(candidates).squeeze(-1)  # [B, M + S]
-        rank = logits.detach().float()
-        if self.training and self.select_noise > 0:  # Gumbel-top-k: sample M entries without replacement
-            scale = self.select_noise * rank.std(dim=1, keepdim=True)  # [B, 1]: relative to the logits' spread
-            rank = rank - scale * torch.empty_like(rank).exponential_().log()  # + scale * Gumbel(0, 1)
         # entries any token beats: the learned initial memory on a first write, the empty slots of memory_read=tokens
         vacant = self.empty(mem) if self.tokens else torch.full(mem.shape[:2], first, device=mem.device)  # [B, M]
-        rank = torch.cat([rank[:, :M] - 1e4 * vacant, rank[:, M:]], dim=1)
-        if self.select_dedup is not None:
-            rank = self._suppress_duplicates(candidates, rank)
-        keep = rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
+        keep = self._keep(candidates, logits, vacant)  # [B, M]
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # [B, M, D]
         z = logits.float()  # [B, M + S]
         if self.select_grad == "logit":  # the factor's slope does not fade however low the importances sink
@@ -339,6 +332,20 @@ class LongTermMemory(nn.Module):
                     + self.importance_zloss * z[:, M:].square().mean())
             kept = _AddLoss.apply(kept, loss)
         return kept
+
+    def _keep(self, candidates: torch.Tensor, logits: torch.Tensor, vacant: torch.Tensor) -> torch.Tensor:
+        """candidates [B, M + S, D] (the memory's M entries, then the segment's S tokens), their importances
+        logits [B, M + S], vacant [B, M] -> the indices [B, M] of the candidates the select write keeps, in arrival
+        order (scripts/memory_contents.py records them)."""
+        M = vacant.shape[1]
+        rank = logits.detach().float()
+        if self.training and self.select_noise > 0:  # Gumbel-top-k: sample M entries without replacement
+            scale = self.select_noise * rank.std(dim=1, keepdim=True)  # [B, 1]: relative to the logits' spread
+            rank = rank - scale * torch.empty_like(rank).exponential_().log()  # + scale * Gumbel(0, 1)
+        rank = torch.cat([rank[:, :M] - 1e4 * vacant, rank[:, M:]], dim=1)
+        if self.select_dedup is not None:
+            rank = self._suppress_duplicates(candidates, rank)
+        return rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
 
     def _suppress_duplicates(self, candidates: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
         """candidates [B, N, D], rank [B, N] -> rank with every candidate whose cosine similarity to a higher-ranked

@@ -69,7 +69,8 @@ def test_the_long_stage_continues_its_stage_one_on_longer_samples(name, more, ba
     over the whole 192-token sample, the same task, `more` steps."""
     first, long = compose([f"experiment={name}{baseline}"]), compose([f"experiment={name}_long{baseline}"])
     a, b = model_config(first), model_config(long)
-    assert {k for k, v in vars(a).items() if getattr(b, k) != v} == {"bptt_segments"}
+    changed = {"bptt_segments", "select_dedup"} if name == "passkey" else {"bptt_segments"}  # + suppression
+    assert {k for k, v in vars(a).items() if getattr(b, k) != v} == changed
     assert long.data.seq_len == 2 * first.data.seq_len == b.bptt_segments * b.segment_length == 192
     assert long.trainer.max_steps == first.trainer.max_steps + more
     assert long.task == first.task and long.optim == first.optim
@@ -77,6 +78,7 @@ def test_the_long_stage_continues_its_stage_one_on_longer_samples(name, more, ba
         assert first.task.filler == "ruler" and first.task.filler_start == "random"  # every phase of the filler
     if name == "passkey":  # a key split by a segment boundary keeps its predecessors
         assert a.memory_read == "tokens" and a.short_conv and a.short_conv_carry
+        assert a.select_dedup is None and b.select_dedup == 0.97  # stage 2 trains with near-duplicate suppression
 
 
 def test_layout_segment_gives_a_full_causal_model_the_memory_models_samples(monkeypatch):

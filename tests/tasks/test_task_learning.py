@@ -75,12 +75,14 @@ def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_pa
     two stages took 18.5 minutes beside another run on the 2-core machine): `ltm train experiment=passkey`
     (memory_read=tokens with the carried short convolution; five-digit key, 96-token samples with the RULER filler
     from a random character, 4,000 steps), then `experiment=passkey_long` resumed from it (192-token samples, 3,000
-    steps), and the same for `experiment=passkey_baseline` / `passkey_long_baseline`; then `ltm eval` at 1x and 16x
-    the final training length (192 and 3,072 tokens). Measured 2026-12-03 (README, 20 samples per cell, one thread):
-    six of seven seeds meet the issue's targets; this test itself (two threads) has not been run on this
-    recipe yet (the earlier recipe's run, seed 42 at two threads, failed its second assertion). A run's outcome
-    depends on the seed, the thread count and the machine (floating-point sums in another order): a failure here
-    means this machine's run is one of those the recipe does not serve, as the README's tables count them."""
+    steps, near-duplicate suppression in the write), and the same for `experiment=passkey_baseline` /
+    `passkey_long_baseline`; then `ltm eval` at 1x and 16x the final training length (192 and 3,072 tokens).
+    Measured 2026-12-03 (README, 20 samples per cell, one thread): all seven seeds meet the issue's targets. This
+    test (seed 42, two threads) ran once, on the recipe before its stage 2 had the suppression: the memory model
+    scored 100 % in every cell at both lengths; the baseline half was stopped at step 5,979 of 7,000 to free the
+    machine. A run's outcome depends on the seed, the thread count and the machine (floating-point sums in another
+    order): a failure here means this machine's run is one of those the recipe does not serve, as the README's
+    tables count them."""
     scores, worst = {}, {}
     for suffix in ("", "_baseline"):
         first, out = tmp_path / f"run{suffix}", tmp_path / f"run_long{suffix}"
