@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ltm_core.errors import LtmError
 from ltm_core.memory import LongTermMemory
 from ltm_core.model import TitanModel
 
@@ -63,10 +64,16 @@ def main() -> None:
     parser.add_argument("--lengths", required=True, help="comma-separated context lengths")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("overrides", nargs="*", help="model.* overrides, as for ltm eval")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     torch.set_num_threads(1)
-    ckpt = read_checkpoint(args.checkpoint)
-    model = load_model(args.checkpoint, args.overrides, ckpt=ckpt)
+    try:
+        ckpt = read_checkpoint(args.checkpoint)
+        model = load_model(args.checkpoint, args.overrides, ckpt=ckpt)
+    except LtmError as exc:  # one line, exit 2
+        parser.error(str(exc))
+    if model.config.memory_write != "select":
+        parser.error(f"{args.checkpoint}: this reads the select write, got model.memory_write="
+                     f"{model.config.memory_write}")
     cfg = eval_task_config(checkpoint_config(ckpt), ["task=passkey", f"task.samples={args.samples}"])
     task, seg = get_task("passkey"), cfg.layout(model.config.segment_length)
     right: dict[int, list[bool]] = {}
