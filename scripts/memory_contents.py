@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 from typing import Iterator
 
 import numpy as np
@@ -57,7 +56,7 @@ def tracked_positions(model: TitanModel) -> Iterator[dict[int, torch.Tensor]]:
 def main() -> None:
     from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
     from ltm_core.tasks import get_task
-    from ltm_core.tasks.evaluate import decode_answers, eval_task_config, prefill, stack
+    from ltm_core.tasks.evaluate import cell_samples, decode_answers, eval_task_config, prefill, stack
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -78,8 +77,7 @@ def main() -> None:
     task, seg = get_task("passkey"), cfg.layout(model.config.segment_length)
     right: dict[int, list[bool]] = {}
     for cell in task.cells(cfg, [int(x) for x in args.lengths.split(",")], seg):
-        sized = dataclasses.replace(cell, length=cell.length + 1)  # as evaluate_task does
-        samples = [task.make(cell.rng(cfg.seed, i), sized, cfg, seg) for i in range(args.samples)]
+        samples = cell_samples(task, cell, cfg, seg, range(args.samples))  # as `ltm eval` scores them
         with tracked_positions(model) as held:
             prefill(model, stack(samples, torch.device("cpu"))[:, :samples[0].answer_start])
             layers = [held[i] for i in sorted(held)]

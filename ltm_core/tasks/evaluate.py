@@ -18,7 +18,7 @@ import torch
 from ltm_core.config import TaskConfig
 from ltm_core.memory import MemoryState
 from ltm_core.model import TitanModel
-from ltm_core.tasks.common import TaskSample
+from ltm_core.tasks.common import Cell, TaskSample
 
 DEFAULT_MULTIPLES = (1, 4, 16, 64)  # evaluation lengths, as multiples of the training length
 
@@ -92,6 +92,13 @@ def default_lengths(train_length: int) -> list[int]:
     return [m * train_length for m in DEFAULT_MULTIPLES]
 
 
+def cell_samples(task, cell: Cell, cfg: TaskConfig, segment_length: int, index: Sequence[int]) -> list[TaskSample]:
+    """Samples `index` of `cell`, as `evaluate_task` scores them: L + 1 tokens for context length L (L inputs, as in
+    training; its docstring), laid out for `segment_length`."""
+    sized = dataclasses.replace(cell, length=cell.length + 1)
+    return [task.make(cell.rng(cfg.seed, i), sized, cfg, segment_length) for i in index]
+
+
 def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
                   progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Evaluate `model` on the task grid of `cfg` (lengths x depth bins, or lengths x pairs, ...).
@@ -118,11 +125,9 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
             row = {**cell.row(), "samples": 0, "exact_match": None, "skipped": cell.skip}
         else:
             tick = time.perf_counter()
-            sized = dataclasses.replace(cell, length=cell.length + 1)  # L inputs, as in training (docstring)
             scores: dict[str, list[float]] = {}
             for first in range(0, cfg.samples, cfg.batch_size):
-                index = range(first, min(first + cfg.batch_size, cfg.samples))
-                samples = [task.make(cell.rng(cfg.seed, i), sized, cfg, seg) for i in index]
+                samples = cell_samples(task, cell, cfg, seg, range(first, min(first + cfg.batch_size, cfg.samples)))
                 for key, values in task.score(model, samples).items():
                     scores.setdefault(key, []).extend(values)
             row = {**cell.row(), "samples": cfg.samples, **{k: float(np.mean(v)) for k, v in scores.items()},
