@@ -18,7 +18,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from ltm_cli.bench import bench_app
-from ltm_cli.errors import report, settings, user_errors
+from ltm_cli.errors import device_option, output_file, report, settings, user_errors
 from ltm_core.errors import LtmError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -105,7 +105,7 @@ def generate(
     from ltm_core.inference import InferenceConfig, InferenceEngine
     from ltm_core.tokenizer import ByteTokenizer
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = device_option(device)
     model = load_model(checkpoint, device=dev)
     tokenizer = ByteTokenizer()
     engine = InferenceEngine(model, InferenceConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
@@ -134,8 +134,6 @@ def evaluate_cmd(
     Long-context tasks: `task=passkey|mqar|babi_facts` with `task.lengths=[...]`, `task.samples=N`, ... (a
     checkpoint trained on a task is evaluated on it by default); lengths default to 1x, 4x, 16x, 64x the
     training length."""
-    import torch
-
     from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
     from ltm_core.config import DataConfig
     from ltm_core.configuration import compose, to_dict
@@ -143,7 +141,9 @@ def evaluate_cmd(
     from ltm_core.tasks import is_task
 
     overrides = list(ctx.args)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = device_option(device)
+    output_file(json_path, "--json")
+    output_file(plot_path, "--plot")
     ckpt = read_checkpoint(checkpoint)
     stored = checkpoint_config(ckpt)
     model = load_model(checkpoint, overrides, device=dev, ckpt=ckpt)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ltm_cli.bench_parallel import bench_parallel_cmd
-from ltm_cli.errors import user_errors
+from ltm_cli.errors import device_option, output_file, user_errors
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels, model throughput/memory, parallel layouts.")
 bench_app.command("parallel")(bench_parallel_cmd)
@@ -45,19 +45,14 @@ def run_meta() -> dict[str, str]:
 def _write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
     if path is not None:
         payload = {**payload, "meta": run_meta()}
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2))
         console.print(f"wrote {path}")
 
 
 def _plot_model(path: Path, result: dict[str, Any]) -> None:
-    try:
-        import matplotlib
+    from ltm_core.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'ltm[plot]'") from None
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for variant in sorted({r["model"] for r in result["rows"]}):
         rows = sorted((r for r in result["rows"] if r["model"] == variant and "tokens_per_s" in r),
@@ -107,6 +102,9 @@ def bench_model_cmd(
     if unknown:
         raise ConfigError("--variant", f"must be one of {', '.join(VARIANTS)}, got {unknown[0]!r}")
     cfg = model_config(compose([f"model={model}", *(overrides or [])]))
+    device = device_option(device)
+    output_file(json_path, "--json")
+    output_file(plot, "--plot")
     warmup = default_warmup(cfg) if warmup is None else warmup
     rows: list[dict[str, Any]] = []
     try:
@@ -157,7 +155,8 @@ def bench_kernels_cmd(
 
     from ltm_extensions.bench import bench_kernels, measure_peaks
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device_option(device))
+    output_file(json_path, "--json")
     dt = getattr(torch, dtype) if dev.type == "cuda" else torch.float32
     peaks = measure_peaks(dev)
     device_name = str(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"

@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from ltm_cli.errors import user_errors
+from ltm_cli.errors import output_file, user_errors
 
 console = Console()
 
@@ -32,10 +32,10 @@ def bench_parallel_cmd(
     dispatch-mode counter, as CommDebugMode) beside the analytic formula. CPU: gloo, one process per rank."""
     from ltm_core.parallel.bench import bench_parallel, rows_table
 
+    output_file(json_path, "--json")
     with console.status("measuring " + ", ".join(presets)):
         rows = bench_parallel(presets, overrides or [], steps=steps, use_defaults=defaults)
     console.print(rows_table(rows))
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"steps": steps, "overrides": overrides or [], "rows": rows}, indent=2))
         console.print(f"wrote {json_path}")

@@ -1,14 +1,17 @@
-"""One-line errors for the CLI: an LtmError (or a ValueError from bad arguments) prints one line, exit code 2."""
+"""One-line errors for the CLI: an LtmError (or a ValueError from bad arguments) prints one line, exit code 2.
+Options every command shares (`--device`, `--json` / `--plot` files) are checked here, before any work."""
 
 from __future__ import annotations
 
 from functools import wraps
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ltm_core.errors import LtmError
+from ltm_core.errors import ConfigError, LtmError
 
 err_console = Console(stderr=True)
 settings = {"debug": False}  # set by `ltm --debug`
@@ -30,3 +33,35 @@ def user_errors(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def device_option(name: Optional[str]) -> str:
+    """`--device`: auto (or not given) -> cuda when available, else cpu; cpu; cuda[:N], which must be available."""
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and name.split(":")[0] != "cuda":
+        raise ConfigError("--device", f"must be auto, cpu or cuda (cuda:N), got {name!r}")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{name}: no CUDA device here (torch.cuda.is_available() is False)")
+    return name
+
+
+def output_file(path: Optional[Path], option: str) -> Optional[Path]:
+    """A `--json` / `--plot` destination, checked before the work that fills it: its folder is created; a folder
+    given as the file, or a folder that cannot be made, is a one-line error (`--plot`: also matplotlib and the
+    file format)."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ConfigError(option, f"{path} is a folder: give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(option, f"cannot create the folder {path.parent} ({exc.strerror or exc})") from None
+    if option == "--plot":
+        from ltm_core.plotting import check_plot_path
+
+        check_plot_path(path)
+    return path

@@ -21,16 +21,26 @@ from ltm_core.model import TitanModel
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint error: {path} is a folder: give the .ckpt file (e.g. "
+                              f"{path / 'checkpoints' / 'last.ckpt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint error: {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to unpickle means the file is not a usable checkpoint
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        reason = _first_sentence(str(exc)) or type(exc).__name__
         raise CheckpointError(f"checkpoint error: {path} is not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
         raise CheckpointError(f"checkpoint error: {path} is not an ltm checkpoint (no state_dict/config)")
     return ckpt
+
+
+def _first_sentence(text: str, limit: int = 120) -> str:
+    """The first sentence of an error message, cut at a word boundary (with "...") when longer than `limit`."""
+    line = text.strip().split("\n")[0] if text.strip() else ""
+    line = line.split(". ")[0].rstrip(".")
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + "..."
 
 
 def checkpoint_config(ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ltm_core.config import TaskConfig
+from ltm_core.errors import ConfigError
 from ltm_core.memory import MemoryState
 from ltm_core.model import TitanModel
 from ltm_core.tasks.common import Cell, TaskSample
@@ -118,9 +119,14 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
     device = next(model.parameters()).device
     seg = cfg.layout(model.config.segment_length)  # what the samples are laid out for
     lengths = list(cfg.lengths) if cfg.lengths else default_lengths(train_length)
+    cells = task.cells(cfg, lengths, seg)
+    for length in lengths:  # a length no cell can be scored at is a mistake, not an empty row of the table
+        reasons = [c.skip for c in cells if c.length == length]
+        if all(reasons):
+            raise ConfigError("task.lengths", f"no {cfg.name} sample fits in {length} tokens ({reasons[0]})")
     model.eval()
     rows = []
-    for cell in task.cells(cfg, lengths, seg):
+    for cell in cells:
         if cell.skip:
             row = {**cell.row(), "samples": 0, "exact_match": None, "skipped": cell.skip}
         else:
@@ -144,16 +150,17 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
 # how samples are made, carried from the checkpoint into `ltm eval` (filler_start is recorded, not carried: a run
 # trained on random starts is evaluated on RULER's text as is)
 SAMPLE_KEYS = ("digits", "filler", "train_pairs", "gap_segments", "key_length", "facts", "names", "layout_segment")
+GRID_KEYS = ("pairs", "depth_bins")  # the evaluation grid a recipe sets (mqar's pair counts), also carried
 
 
 def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:
     """The task config of `ltm eval --checkpoint CKPT [task=NAME] [task.key=value ...]`.
 
     The task is `task=NAME`, else the task the checkpoint was trained on. When the checkpoint was trained on that
-    task, its sample settings (digits, facts, ...) are the starting point; `task.*` overrides come last.
+    task, its sample settings (digits, facts, ...) and evaluation grid (pairs, depth bins) are the starting point;
+    `task.*` overrides come last.
     """
     from ltm_core.configuration import compose, to_dict
-    from ltm_core.errors import ConfigError
     from ltm_core.tasks import is_task
 
     given = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "task"]
@@ -165,7 +172,13 @@ def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:
     args = [f"task={name}"]
     stored_task = stored.get("task") or {}
     if stored_task.get("name") == name:
-        args += [f"task.{k}={stored_task[k]}" for k in SAMPLE_KEYS if stored_task.get(k) is not None]
+        args += [f"task.{k}={_override_value(stored_task[k])}" for k in (*SAMPLE_KEYS, *GRID_KEYS)
+                 if stored_task.get(k) is not None]
     args += [o for o in given if o.split("=", 1)[0].lstrip("+~") != "task"]
     model_args = [f"model.{k}={v}" for k, v in stored["model"].items() if v is not None]
     return TaskConfig(**to_dict(compose(args + model_args).task))
+
+
+def _override_value(value) -> str:
+    """A stored config value as a Hydra override's right-hand side (lists as [a,b,c])."""
+    return f"[{','.join(map(str, value))}]" if isinstance(value, (list, tuple)) else str(value)

@@ -8,7 +8,7 @@ from typing import Optional
 from rich import box
 from rich.table import Table
 
-from ltm_core.errors import LtmError
+from ltm_core.plotting import pyplot
 
 PLACEMENT_LABELS = {"first_segment": "first", "straddle": "strad"}
 
@@ -87,13 +87,7 @@ def results_table(results: dict, title: Optional[str] = None) -> Table:
 def plot_results(results: dict, path: str | Path) -> None:
     """passkey: heatmap of exact match over length x depth; mqar: accuracy against pairs, one line per length;
     babi_facts: exact match against length with the chance level."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LtmError("--plot needs matplotlib: pip install matplotlib (the `plot` extra of ltm)") from None
+    plt = pyplot()
     task, rows = results["task"], results["rows"]
     memory = "memory" if results.get("memory", True) else "no memory"
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -166,6 +166,11 @@ def test_eval_task_config_defaults_to_the_trained_task():
     assert eval_task_config(trained, []).filler_start == "first"
     assert eval_task_config(trained, []).filler == "ruler"
     assert eval_task_config(trained, ["task.filler_start=random"]).filler_start == "random"
+    # the evaluation grid a recipe sets (experiment=mqar's pair counts) is the default too
+    mqar = compose(["experiment=mqar"])
+    mqar = {k: dict(v) if hasattr(v, "items") else v for k, v in mqar.items()}
+    assert eval_task_config(mqar, []).pairs == [2, 4, 8, 16, 32]
+    assert eval_task_config(mqar, ["task.pairs=[3]"]).pairs == [3]
 
 
 @pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])

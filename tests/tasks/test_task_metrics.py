@@ -9,6 +9,7 @@ import torch
 
 from support import tiny_model
 from ltm_core.config import TaskConfig
+from ltm_core.errors import ConfigError
 from ltm_core.inference import InferenceConfig, InferenceEngine
 from ltm_core.tasks import get_task
 from ltm_core.tasks.common import Cell
@@ -88,6 +89,9 @@ def test_evaluate_task_rows_and_schema(tiny_cfg, name):
     # an untrained model is at chance: passkey digits ~ 1/10, no exact matches
     if name == "passkey":
         assert all(r["exact_match"] == 0.0 for r in rows)
+    # a length no cell fits in is an error naming it, not a table of empty cells
+    with pytest.raises(ConfigError, match=f"task.lengths: no {name} sample fits in 5 tokens"):
+        evaluate_task(model, dataclasses.replace(cfg, lengths=[256, 5]), train_length=128)
 
 
 def test_scores_with_a_perfect_answerer(monkeypatch):
