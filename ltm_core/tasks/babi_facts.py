@@ -5,7 +5,9 @@
 
 `facts` location facts about `names` people are scattered at uniform positions; a later fact about a person
 overrides an earlier one. The question asks about a person with at least one fact; the answer is the room of
-their last fact, produced greedily. Metric: exact match of the room (6 rooms: chance 1/6).
+their last fact, produced greedily. Metric: exact match of the room (6 rooms: chance 1/6); over the samples whose
+person had been in another room before (`overwrite_share` of them) also `overwrite_match`, and `stale_answer`, the
+share answered with a room the person had left (a fact the last one should have overwritten).
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ def make_babi_facts(rng: np.random.Generator, length: int, facts: int = 6, names
     haystack, starts = insert(filler(rng, "kjv", slack, split), list(zip(offsets, texts)))
     tokens = with_bos(haystack + question + (answer + ".").ljust(ANSWER_SPAN))
     assert len(tokens) == length
-    info = {"fact_starts": [1 + s for s in starts], "name": name, "supporting_fact": 1 + starts[
-        max(i for i in range(facts) if who[i] == name)]}
+    last = max(i for i in range(facts) if who[i] == name)
+    # the rooms the person had left by the question: an answer among them kept a fact the last one overwrote
+    overwritten = sorted({where[i] for i in range(last) if who[i] == name} - {answer})
+    info = {"fact_starts": [1 + s for s in starts], "name": name, "supporting_fact": 1 + starts[last],
+            "overwritten_rooms": overwritten}
     start = length - ANSWER_SPAN
     return TaskSample(tokens, [(start, start + len(answer))], answer, info)
 
@@ -92,4 +97,11 @@ class BabiFactsTask:
         from ltm_core.tasks.evaluate import decode_answers
 
         answers = decode_answers(model, samples, max(map(len, ROOMS)) + 1)
-        return {"exact_match": [label_match(a, s.answer, ROOMS) for a, s in zip(answers, samples)]}
+        scores = {"exact_match": [label_match(a, s.answer, ROOMS) for a, s in zip(answers, samples)],
+                  "overwrite_share": [float(bool(s.info["overwritten_rooms"])) for s in samples]}
+        moved = [(a, s) for a, s in zip(answers, samples) if s.info["overwritten_rooms"]]
+        if moved:  # the samples that test overwriting: the person was in another room before their last fact
+            scores["overwrite_match"] = [label_match(a, s.answer, ROOMS) for a, s in moved]
+            scores["stale_answer"] = [max(label_match(a, r, ROOMS) for r in s.info["overwritten_rooms"])
+                                      for a, s in moved]
+        return scores

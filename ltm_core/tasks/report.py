@@ -51,7 +51,9 @@ def results_table(results: dict, title: Optional[str] = None) -> Table:
                        "depth bins; digit: per-digit accuracy %)",
             "mqar": "accuracy % at the query positions / of the first query alone, by context length and pairs "
                     "(chance 4 %; recalling the stored values without their keys: ~100/pairs % on the first query)",
-            "babi_facts": "exact match % by context length (chance 17 %: 6 rooms)"}[task]
+            "babi_facts": "exact match % by context length (chance 17 %: 6 rooms); after a move: the samples whose "
+                          "person was in another room before their last fact (share of samples), exact match and "
+                          "answered with a room the person had left"}[task]
     table = Table(title=f"{title or f'ltm eval task={task}'}\n{what}", caption=caption, box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
     _column(table, "length", justify="right")
@@ -77,10 +79,12 @@ def results_table(results: dict, title: Optional[str] = None) -> Table:
                 f" / {_pct(cells[length, c]['first_query_accuracy'])}"
                 if cells[length, c].get("first_query_accuracy") is not None else "") for c in columns])
     else:
-        _column(table, "exact match %", justify="right")
-        _column(table, "samples", justify="right")
+        for header in ("exact match %", "after a move: share %", "exact %", "room left %", "samples"):
+            _column(table, header, justify="right")
         for row in rows:
-            table.add_row(f"{row['length']:,}", _pct(row["exact_match"]), str(row["samples"]))
+            table.add_row(f"{row['length']:,}", *[_pct(row.get(k)) for k in ("exact_match", "overwrite_share",
+                                                                             "overwrite_match", "stale_answer")],
+                          str(row["samples"]))
     return table
 
 

@@ -153,6 +153,7 @@ def test_mqar_one_character_keys_hold_at_most_36_pairs():
 
 
 def test_babi_facts_answer_is_the_last_fact_about_the_person():
+    moved = []
     for i in range(20):
         s = make_babi_facts(rng(i), 1500, facts=6, names=4)
         assert len(s.tokens) == 1500 and s.answer in ROOMS
@@ -163,6 +164,11 @@ def test_babi_facts_answer_is_the_last_fact_about_the_person():
         assert last.endswith(f"the {s.answer}.")
         assert text(s.tokens[s.info["supporting_fact"]:s.info["supporting_fact"] + 40]).split("\n")[1] == last
         assert text(s.tokens[:s.answer_start]).endswith(f"Where is {name}? {name} is in the ")
+        final = max(i for i, f in enumerate(facts) if f.startswith(name + " "))
+        left = {f.rstrip(".").split()[-1] for f in facts[:final] if f.startswith(name + " ")}
+        assert s.info["overwritten_rooms"] == sorted(left - {s.answer})  # rooms the person had left
+        moved.append(bool(left - {s.answer}))
+    assert 0 < sum(moved) < len(moved)  # some samples test overwriting, some retrieval only
 
 
 def test_babi_facts_prompt_end_does_not_reveal_the_answer_length():

@@ -109,6 +109,25 @@ def test_scores_with_a_perfect_answerer(monkeypatch):
     assert task.score(None, samples)["digit_accuracy"] == [pytest.approx(0.8)] * 3
 
 
+def test_babi_facts_scores_the_samples_after_a_move_apart(monkeypatch):
+    """A 'model' that answers right, then one that answers a room the person had left wherever there is one:
+    overwrite_match and stale_answer are over the samples whose person moved, overwrite_share their share."""
+    task, cfg = get_task("babi_facts"), TaskConfig(name="babi_facts")
+    samples = [task.make(Cell(600, 0).rng(0, i), Cell(600, 0), cfg, 64) for i in range(12)]
+    share = [float(bool(s.info["overwritten_rooms"])) for s in samples]
+    assert 0 < sum(share) < len(share)
+    import ltm_core.tasks.evaluate as runner
+
+    monkeypatch.setattr(runner, "decode_answers", lambda model, ss, n: [s.answer + ".  " for s in ss])
+    moved = int(sum(share))
+    assert task.score(None, samples) == {"exact_match": [1.0] * 12, "overwrite_share": share,
+                                         "overwrite_match": [1.0] * moved, "stale_answer": [0.0] * moved}
+    monkeypatch.setattr(runner, "decode_answers",
+                        lambda model, ss, n: [(s.info["overwritten_rooms"] or [s.answer])[-1] for s in ss])
+    assert task.score(None, samples) == {"exact_match": [1.0 - m for m in share], "overwrite_share": share,
+                                         "overwrite_match": [0.0] * moved, "stale_answer": [1.0] * moved}
+
+
 def test_mqar_scores_every_query_and_the_first_alone(monkeypatch):
     """A 'model' that gets every query right but the first one, then one that gets only the first right."""
     task, cfg = get_task("mqar"), TaskConfig(name="mqar")
@@ -142,3 +161,23 @@ def test_mqar_table_shows_the_accuracy_and_the_first_query():
     console.print(results_table(results))
     line = next(line for line in console.export_text().splitlines() if line.strip().startswith("192"))
     assert "28 / 12" in line and line.rstrip().endswith("20"), line
+
+
+def test_babi_facts_table_shows_the_samples_after_a_move():
+    from rich.console import Console
+
+    from ltm_core.tasks.report import results_table
+
+    rows = [{"length": 2048, "depth": None, "pairs": None, "placement": None, "samples": 400, "exact_match": 0.385,
+             "overwrite_share": 0.77, "overwrite_match": 0.31, "stale_answer": 0.22},
+            {"length": 4096, "depth": None, "pairs": None, "placement": None, "samples": 100,
+             "exact_match": 0.32}]  # a file written before the move metrics existed
+    results = {"task": "babi_facts", "train_length": 256, "segment_length": 64, "seed": 0, "filler": "kjv",
+               "memory": True, "rows": rows}
+    console = Console(record=True, width=200)
+    console.print(results_table(results))
+    lines = console.export_text().splitlines()
+    assert "after a move: share %" in "\n".join(lines) and "room left %" in "\n".join(lines)
+    assert next(ln for ln in lines if ln.strip().startswith("2,048")).split() == ["2,048", "38", "77", "31", "22",
+                                                                                 "400"]
+    assert next(ln for ln in lines if ln.strip().startswith("4,096")).split() == ["4,096", "32", "–", "–", "–", "100"]
