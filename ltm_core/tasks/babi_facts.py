@@ -54,14 +54,14 @@ def make_babi_facts(rng: np.random.Generator, length: int, facts: int = 6, names
     how = [VERBS[i] for i in rng.integers(0, len(VERBS), size=facts)]
     texts = [fact_text(n, v, r) for n, v, r in zip(who, how, where)]
     name = who[int(rng.integers(0, facts))]
-    answer = where[max(i for i in range(facts) if who[i] == name)]  # the last fact about `name` counts
+    last = max(i for i in range(facts) if who[i] == name)
+    answer = where[last]  # the last fact about `name` counts
     question = QUESTION.format(name=name)
     slack = length - 1 - sum(map(len, texts)) - len(question) - ANSWER_SPAN
     offsets = sorted_offsets(rng, slack, facts)
     haystack, starts = insert(filler(rng, "kjv", slack, split), list(zip(offsets, texts)))
     tokens = with_bos(haystack + question + (answer + ".").ljust(ANSWER_SPAN))
     assert len(tokens) == length
-    last = max(i for i in range(facts) if who[i] == name)
     # the rooms the person had left by the question: an answer among them kept a fact the last one overwrote
     overwritten = sorted({where[i] for i in range(last) if who[i] == name} - {answer})
     info = {"fact_starts": [1 + s for s in starts], "name": name, "supporting_fact": 1 + starts[last],
