@@ -87,9 +87,10 @@ def main() -> None:
             if answer == s.answer:
                 continue
             key = range(s.info["key_start"], s.info["key_end"])
-            digits = ["".join("x" if p in set(layer[i].tolist()) else "." for p in key) for layer in layers]
-            text = ["".join(chr(t) if 32 <= (t := int(s.tokens[p])) < 127 else "?" for p in sorted(layer[i].tolist())
-                            if p >= 0) for layer in layers]
+            kept = [set(layer[i].tolist()) for layer in layers]  # the positions each layer holds
+            digits = ["".join("x" if p in positions else "." for p in key) for positions in kept]
+            text = ["".join(chr(t) if 32 <= (t := int(s.tokens[p])) < 127 else "?" for p in sorted(positions) if p >= 0)
+                    for positions in kept]
             print(f"{cell.length} {cell.placement} depth={cell.row()['depth']} sample={i}: key {s.answer}, "
                   f"answered {answer}; key digits held per layer {digits}; memory {text}")
     for length, ok in right.items():

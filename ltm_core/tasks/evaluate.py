@@ -172,13 +172,7 @@ def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:
     args = [f"task={name}"]
     stored_task = stored.get("task") or {}
     if stored_task.get("name") == name:
-        args += [f"task.{k}={_override_value(stored_task[k])}" for k in (*SAMPLE_KEYS, *GRID_KEYS)
-                 if stored_task.get(k) is not None]
+        args += [f"task.{k}={stored_task[k]}" for k in (*SAMPLE_KEYS, *GRID_KEYS) if stored_task.get(k) is not None]
     args += [o for o in given if o.split("=", 1)[0].lstrip("+~") != "task"]
     model_args = [f"model.{k}={v}" for k, v in stored["model"].items() if v is not None]
     return TaskConfig(**to_dict(compose(args + model_args).task))
-
-
-def _override_value(value) -> str:
-    """A stored config value as a Hydra override's right-hand side (lists as [a,b,c])."""
-    return f"[{','.join(map(str, value))}]" if isinstance(value, (list, tuple)) else str(value)
