@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ltm_cli.bench import bench_app
 from ltm_cli.errors import device_option, output_file, report, settings, user_errors
-from ltm_core.errors import LtmError
+from ltm_core.errors import Interrupted, LtmError, RunStopped
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Long-Term-Memory Transformers: train, generate, evaluate.")
@@ -52,7 +52,7 @@ def train(ctx: typer.Context,
     from hydra.core.hydra_config import HydraConfig
 
     from ltm_core.configuration import validate_overrides
-    from ltm_core.train import default_output_dir, train as train_run
+    from ltm_core.train import default_output_dir, is_rank_zero, train as train_run
 
     overrides = list(ctx.args)
     validate_overrides(overrides, multirun)  # every job's config is checked before anything starts
@@ -68,14 +68,17 @@ def train(ctx: typer.Context,
         cfg.output_dir = HydraConfig.get().runtime.output_dir  # a sweep job's own folder
         try:
             train_run(cfg)
-        except LtmError as err:  # Hydra catches Exceptions but lets SystemExit through
+        except (LtmError, KeyboardInterrupt) as err:  # Hydra catches Exceptions but lets SystemExit through
             out = Path(cfg.output_dir)
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # the folder Hydra made for a run that could not start
             if settings["debug"]:
                 raise
-            report(err)
-            sys.exit(2)
+            if isinstance(err, KeyboardInterrupt):  # before training started (from then on SIGINT saves and stops)
+                err = Interrupted("interrupted before training started; nothing to save", 2)
+            if not isinstance(err, RunStopped) or is_rank_zero():  # all ranks of a run stop together: one line
+                report(err)
+            sys.exit(err.exit_code)
 
     argv = sys.argv
     sys.argv = [argv[0]] + (["-m"] if multirun else []) + overrides

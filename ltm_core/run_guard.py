@@ -111,6 +111,46 @@ def remove_stale_temporaries(folder: Path) -> None:
                 tmp.unlink()
 
 
+def drop_metrics_from(path: Path, step: int) -> None:
+    """Remove the rows of metrics.csv logged at optimizer step `step` + 1 or later (their `step` column is the step
+    minus one): the work of a run killed after its last checkpoint, which the resumed run logs again."""
+    import csv
+
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "step" not in rows[0]:
+        return
+    col = rows[0].index("step")
+    kept = [r for r in rows[1:] if not (len(r) > col and r[col].lstrip("-").isdigit() and int(r[col]) >= step)]
+    if len(kept) < len(rows) - 1:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([rows[0], *kept])
+        with atomic_file(path) as f:
+            f.write(text.getvalue().encode())
+
+
+def add_missing_metrics_row(path: Path, row: dict[str, Any]) -> None:
+    """Append `row` to metrics.csv unless a row of its step with a train/loss is there (a run killed after saving a
+    step and before Lightning wrote that step's row)."""
+    import csv
+
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames or [], list(reader)
+    if "step" not in header or any(r.get("step") == str(row["step"]) and r.get("train/loss") for r in rows):
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([*rows, {"epoch": 0, **row}])
+    with atomic_file(path) as f:
+        f.write(text.getvalue().encode())
+
+
 def _checkpoint_io_base():
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -294,7 +334,7 @@ class Interrupts:
 
 def interrupted_message(signum: int, step: int, checkpoint: Path, command: str) -> str:
     name = signal.Signals(signum).name
-    return f"{name}: saved step {step} to {checkpoint}; continue with: {command}"
+    return f"interrupted by {name}: saved step {step} to {checkpoint}; continue with: {command}"
 
 
 # ------------------------------------------------------------------------------------------- resume command
@@ -407,11 +447,25 @@ class GuardCallback(_callback_base()):
         due = self.interval is not None and time.monotonic() - self._last_save >= self.interval
         signalled = trainer.strategy.reduce_boolean_decision(self.interrupts.requested, all=False)
         if signalled or trainer.strategy.reduce_boolean_decision(due, all=False):
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last, weights_only=False)
         if signalled:
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """metrics.csv must hold every step the checkpoint holds: the rows Lightning buffers are written now, and
+        this step's row, which Lightning logs only after the batch-end hooks that save, travels in the checkpoint."""
         self._last_save = time.monotonic()
         self.saved_step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.save()
+        checkpoint["metrics_row"] = {"step": trainer.global_step - 1, **{
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.is_global_zero and trainer.loggers:
+            path = Path(trainer.loggers[0].log_dir) / "metrics.csv"
+            drop_metrics_from(path, int(checkpoint.get("global_step", 0)))
+            row = checkpoint.get("metrics_row")
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] >= 0:
+                add_missing_metrics_row(path, row)

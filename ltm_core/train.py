@@ -87,7 +87,7 @@ def world_size(cfg: DictConfig) -> int:
     return planned_world_size(cfg)
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
 
 
@@ -158,8 +158,8 @@ def train(cfg: DictConfig) -> Path:
     if local and cfg.parallel.num_nodes > 1:
         raise ConfigError("parallel.num_nodes", "multi-node runs start under torchrun or SLURM (see README)")
     # one run per folder; other ranks of an external launch wait for rank 0 in the process-group setup
-    with run_guard.RunLock(cfg.output_dir) if _is_rank_zero() else nullcontext():
-        if _is_rank_zero():
+    with run_guard.RunLock(cfg.output_dir) if is_rank_zero() else nullcontext():
+        if is_rank_zero():
             prepare_output_dir(cfg)
         if local:
             _launch_local(cfg, world)
@@ -256,7 +256,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
         raise ConfigError("precision", "fp16-mixed needs a CUDA GPU; use precision=bf16-mixed on CPU")
 
     model = module.model
-    rank_zero = _is_rank_zero()
+    rank_zero = is_rank_zero()
     if rank_zero:
         console.print(f"[bold]ltm train[/] -> {out}")
         if corpus is None:  # task data
@@ -307,6 +307,8 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
         plugins=[run_guard.AtomicCheckpointIO(lambda ckpt, path: check_resumable(ckpt, module, path))],
     )
     last = ckpt_dir / "last.ckpt"
+    if rank_zero and not ckpt_path:  # rows of a run killed before its first checkpoint are logged again
+        run_guard.drop_metrics_from(out / "metrics.csv", 0)
     with interrupts:  # from here SIGINT/SIGTERM save at the end of the current step (GuardCallback)
         _fit_guarded(cfg, trainer, module, datamodule, ckpt_path, guard)
     if guard.stopped_at is not None:
@@ -315,7 +317,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
                           signum)
     if trainer.global_step % interval:  # the run did not end on a validation step: validate and save once more
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
     if rank_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if corpus is None and "val/loss" in metrics:  # task data: the loss is on the answer tokens
@@ -334,6 +336,6 @@ if __name__ == "__main__":  # a worker process started by _launch_local: python 
     try:
         fit(OmegaConf.load(sys.argv[1]))
     except LtmError as err:
-        if not isinstance(err, RunStopped) or _is_rank_zero():  # every rank stops together: one line, from rank 0
+        if not isinstance(err, RunStopped) or is_rank_zero():  # every rank stops together: one line, from rank 0
             print(err, file=sys.stderr if not isinstance(err, Interrupted) else sys.stdout, flush=True)
         sys.exit(err.exit_code)
