@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ltm_cli.bench import bench_app
 from ltm_cli.errors import device_option, output_file, report, settings, user_errors
-from ltm_core.errors import Interrupted, LtmError, RunStopped
+from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Long-Term-Memory Transformers: train, generate, evaluate.")
@@ -94,7 +94,8 @@ def train(ctx: typer.Context,
 def generate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1, help="Tokens (bytes) to generate."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens (bytes) to generate: 0 prints "
+                                       "the prompt only; any larger number streams in constant memory."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample from the k most likely tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
@@ -108,13 +109,17 @@ def generate(
     from ltm_core.inference import InferenceConfig, InferenceEngine
     from ltm_core.tokenizer import ByteTokenizer
 
+    if max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens", f"must be 0 or more, got {max_new_tokens}")
     dev = device_option(device)
     model = load_model(checkpoint, device=dev)
     tokenizer = ByteTokenizer()
     engine = InferenceEngine(model, InferenceConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    input_ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=dev)
+    ids = tokenizer.encode(prompt, bos=True)  # any text: bytes that are not UTF-8 arrive as surrogates, kept as bytes
+    input_ids = torch.tensor([ids], device=dev)
     decode = tokenizer.stream_decoder()
-    sys.stdout.write(prompt)
+    sys.stdout.reconfigure(errors="replace")  # what the terminal's encoding cannot show prints as "?", never a crash
+    sys.stdout.write(tokenizer.decode(ids))  # invalid UTF-8 prints as U+FFFD, as in the generated text
     for token in engine.stream(input_ids, max_new_tokens):
         sys.stdout.write(decode(int(token[0])))
         sys.stdout.flush()

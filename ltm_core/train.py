@@ -227,6 +227,13 @@ def _fit_guarded(cfg: DictConfig, trainer: L.Trainer, module: TitanLightning, da
     except run_guard.SaveFailed as err:
         err.args = (f"{err}; the run stopped: free space, then continue with: {run_guard.resume_command(cfg)}",)
         raise
+    except OSError as err:  # another file of the run (metrics.csv, hparams.yaml) could not be written
+        if err.filename is None:
+            raise
+        raise run_guard.SaveFailed(
+            f"output error: cannot write {err.filename} ({err.strerror}); the checkpoints in "
+            f"{Path(cfg.output_dir) / 'checkpoints'} are intact; the run stopped: free space, then continue with: "
+            f"{run_guard.resume_command(cfg)}") from None
 
 
 def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:

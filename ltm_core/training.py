@@ -71,8 +71,8 @@ class Diverged(RunStopped):
 
     def __init__(self, step: int, count: int):
         self.step, self.count = step, count
-        super().__init__(f"training diverged: {count} steps in a row had a non-finite loss or gradient (the last at "
-                         f"step {step}; none was applied)")
+        super().__init__(f"training diverged at step {step}: {count} attempts in a row had a non-finite loss or "
+                         "gradient (none was applied)")
 
 
 class TitanLightning(L.LightningModule):

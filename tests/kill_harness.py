@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 HERE = Path(__file__).resolve().parent
-HOOK_PAUSE = 0.1  # seconds each save phase pauses in the kill runs
+HOOK_PAUSE = 0.05  # seconds each save phase pauses in the kill runs
 
 
 def free_port() -> int:
@@ -51,7 +51,9 @@ class Zygote:
 
     def start(self, kind: str, args: list[str], log: Path, env: Optional[dict] = None) -> int:
         """kind "start": `ltm ARGS`; kind "train": train(compose(ARGS)). Returns the pid."""
-        return self._ask({kind: list(args), "log": str(log), "env": env or {}})["pid"]
+        reply = self._ask({kind: list(args), "log": str(log), "env": env or {}})
+        assert "pid" in reply, reply["error"]
+        return reply["pid"]
 
     def poll(self, pid: int) -> Optional[int]:
         return self._ask({"poll": pid})["status"]
@@ -148,13 +150,14 @@ class Soak:
     max_checkpoint_step: int = -1
 
 
-def soak(zygote: Zygote, args: list[str], out: Path, kills: int, seed: int, ranks: int = 1) -> Soak:
+def soak(zygote: Zygote, args: list[str], out: Path, kills: int, seed: int, ranks: int = 1,
+         max_saves: int = 2) -> Soak:
     """Start `train(compose(args + output_dir, resume=auto))`, SIGKILL it `kills` times, then let it finish. Each
-    start draws its moment from the run's own progress (the save announcements), not from the clock, so the
-    schedule does not depend on the machine's speed: at the n-th announcement (inside that save), or a random
-    fraction of a second after it (between saves, inside a step or the next save), or during start-up (reading
-    the checkpoint, building the model). After every kill the newest checkpoint must read as a whole and never
-    go back to an older step."""
+    start draws its moment from the run's own progress, not from the clock (so the schedule does not depend on the
+    machine's speed): after 0..max_saves saves completed (last.ckpt written), either at the 1st-3rd announcement of
+    the next save's phases (inside it), or a random fraction of a second later (inside a step, a validation or the
+    next save), or during start-up (reading the checkpoint, building the model). After every kill the newest
+    checkpoint must read as a whole and never go back to an older step."""
     rng = random.Random(seed)
     result = Soak()
     args = [*args, f"output_dir={out}", "resume=auto"]
@@ -162,21 +165,25 @@ def soak(zygote: Zygote, args: list[str], out: Path, kills: int, seed: int, rank
     while result.kills < kills:
         run = Run.start(zygote, "train", args, out.parent / f"{out.name}-{result.restarts}.log", ranks, env)
         result.restarts += 1
-        moment, n = rng.choices(["save", "after", "startup"], weights=[5, 4, 1])[0], rng.randint(1, 4)
-        after = rng.uniform(0, 0.4) if moment == "after" else rng.uniform(0, 0.8)
-        deadline, phase = None, None
+        moment = rng.choices(["save", "after", "startup"], weights=[5, 4, 1])[0]
+        saves, j = rng.randint(0, max_saves), rng.randint(1, 3)
+        delay = rng.uniform(0, 0.4) if moment == "after" else rng.uniform(0, 0.8)
+        deadline = time.monotonic() + delay if moment == "startup" else None
+        phase = None
         while not run.finished():
-            if moment == "startup" and deadline is None:
-                deadline = time.monotonic() + after
-            hooks = run.hook_lines()
-            if moment != "startup" and deadline is None and len(hooks) >= n:
-                if moment == "save":
-                    phase = hooks[n - 1].split()[1]
-                    break
-                deadline = time.monotonic() + after
+            if deadline is None:
+                hooks = run.hook_lines()
+                done = [i for i, h in enumerate(hooks) if h.split()[1] == "written" and h.endswith("last.ckpt")]
+                if len(done) >= saves:
+                    later = hooks[done[saves - 1] + 1:] if saves else hooks
+                    if moment == "after":
+                        deadline = time.monotonic() + delay
+                    elif len(later) >= j:
+                        phase = later[j - 1].split()[1]
+                        break
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            time.sleep(0.005)
+            time.sleep(0.002)
         if run.finished():
             assert all(c == 0 for c in run.wait()), run.text()[-3000:]
             raise AssertionError(f"the run ended after {result.kills} kills; give it more steps")

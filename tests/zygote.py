@@ -85,7 +85,11 @@ def main() -> None:
         request = json.loads(line)
         if "start" in request or "train" in request:
             if "train" in request:
-                _config(request["train"])  # composed here, once: every forked run inherits it
+                try:
+                    _config(request["train"])  # composed here, once: every forked run inherits it
+                except Exception as exc:  # noqa: BLE001 - reported to the test
+                    print(json.dumps({"error": str(exc)}), flush=True)
+                    continue
             pid = os.fork()
             if pid == 0:
                 _child(request)
