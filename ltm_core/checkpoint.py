@@ -30,7 +30,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused unrun
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to unpickle means the file is not a usable checkpoint
-        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
         if code:
             raise CheckpointError(f"checkpoint error: {path} holds a pickled object that would run code "
                                   f"({code.group(1)}); refused without running it") from None
