@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ltm_core.config import DataConfig, TitanConfig
 from ltm_core.configuration import config_error
-from ltm_core.errors import CheckpointError, LtmError
+from ltm_core.errors import CheckpointError, ConfigError, LtmError
 from ltm_core.model import TitanModel
 
 
@@ -99,7 +100,19 @@ def apply_model_overrides(model_cfg: dict[str, Any], overrides: Iterable[str]) -
         merged = OmegaConf.merge(OmegaConf.structured(TitanConfig), model_cfg, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as exc:
         raise config_error(exc) from None
+    except yaml.YAMLError as exc:  # a value YAML cannot read (control characters)
+        key = next((f"model.{o.split('=', 1)[0]}" for o in dotlist if not _yaml_readable(o.split("=", 1)[-1])),
+                   "model")
+        raise ConfigError(key, f"is not a readable value ({' '.join(str(exc).split())[:120]})") from None
     return TitanConfig.from_dict(OmegaConf.to_container(merged))
+
+
+def _yaml_readable(value: str) -> bool:
+    try:
+        yaml.safe_load(value)
+        return True
+    except yaml.YAMLError:
+        return False
 
 
 def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | torch.device = "cpu",
