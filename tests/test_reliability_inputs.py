@@ -484,3 +484,62 @@ def record_figure(**figures) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"test": "fuzz", **figures}) + "\n")
+
+
+# ----------------------------------------------------------------------- exact resume with randomness (issue #27)
+PASSKEY_SMALL = ["experiment=passkey", "model.num_hidden_layers=1", "data.batch_size=2", "data.val_samples=4",
+                 "trainer.val_check_interval=5", "trainer.log_every_n_steps=1", "trainer.progress=false",
+                 "trainer.accelerator=cpu", "trainer.checkpoint_every_minutes=0", "optim.warmup_steps=3"]
+
+
+def test_resume_with_select_noise_is_exact(tmp_path):
+    """10 steps + 10 resumed steps == 20 steps, bitwise, with the select write's Gumbel noise on (experiment=passkey):
+    the checkpoint carries the training steps' random stream. The same resume from a checkpoint stripped of that
+    stream differs: the noise matters, and the stream is what makes the resume exact."""
+    def run(out, *extra):
+        return train(compose(PASSKEY_SMALL + [f"output_dir={out}", *extra]))
+
+    straight = read_checkpoint(run(tmp_path / "a", "trainer.max_steps=20"))["state_dict"]
+    first = run(tmp_path / "b", "trainer.max_steps=10", "optim.schedule_steps=20")
+    stripped = torch.load(first, map_location="cpu", weights_only=True)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    resumed = read_checkpoint(run(tmp_path / "b", "trainer.max_steps=20", "resume=auto"))["state_dict"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert stripped["global_step"] == 10 and stripped.pop("random_state")["torch"].dtype == torch.uint8
+    torch.save(stripped, tmp_path / "c" / "checkpoints" / "last.ckpt")
+    other = read_checkpoint(run(tmp_path / "c", "trainer.max_steps=20", "resume=auto"))["state_dict"]
+    assert not all(torch.equal(straight[k], other[k]) for k in straight)
+
+
+def test_checkpoints_are_also_saved_on_a_wall_clock_interval(tmp_path, text_file, monkeypatch, capfd):
+    monkeypatch.setenv("LTM_SAVE_HOOK_PAUSE", "0")  # announce the saves
+    train(_cfg(tmp_path / "run", text_file, "trainer.max_steps=12", "trainer.val_check_interval=100",
+               "trainer.checkpoint_every_minutes=0.0001"))
+    saves = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("ltm-save-hook written")
+             and ln.endswith("last.ckpt")]
+    assert len(saves) >= 6  # every step's end (the interval is 6 ms); without it, only the final save
+
+
+def test_resume_auto_says_whether_it_found_a_checkpoint(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    train(_cfg(out, text_file, "trainer.max_steps=2", "resume=auto"))
+    assert f"resume=auto: no checkpoint in {out / 'checkpoints'}; starting at step 0" in capsys.readouterr().out
+    train(_cfg(out, text_file, "trainer.max_steps=3", "resume=auto"))
+    assert f"resuming from {out / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+
+
+def test_resume_command_rebuilds_the_config(tmp_path, text_file):
+    """The command an interrupt prints for a Python-API run (no CLI overrides to repeat) composes the same config."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from ltm_core.run_guard import resume_command
+
+    cfg = compose(PASSKEY_SMALL + ["data=textfile", f"data.path={text_file}", "seed=7", "task.lengths=[96,384]",
+                                   f"output_dir={tmp_path / 'a b'}", "optim.lr=0.001"])
+    command = shlex.split(resume_command(cfg))
+    assert command[:2] == ["ltm", "train"] and command[-2:] == [f"output_dir={tmp_path / 'a b'}", "resume=auto"]
+    again = compose(command[2:])
+    assert OmegaConf.to_container(again, resolve=True) == {**OmegaConf.to_container(cfg, resolve=True),
+                                                           "resume": "auto"}
