@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ltm_core.config import DataConfig, TitanConfig
 from ltm_core.configuration import config_error
 from ltm_core.errors import CheckpointError, ConfigError, LtmError
+from ltm_core.migration import is_legacy, migrate_model_config, migrate_state_dict
 from ltm_core.model import TitanModel
 
 
@@ -52,7 +53,7 @@ def _check_stored_config(config: dict[str, Any], path: Path) -> None:
         if not isinstance(config.get(section), dict):
             raise CheckpointError(f"checkpoint error: {path} has no {section} config")
     try:
-        TitanConfig.from_dict(config["model"])
+        TitanConfig.from_dict(migrate_model_config(dict(config["model"])))  # a checkpoint of ltm < 0.2: today's keys
         OmegaConf.structured(DataConfig(**config["data"]))
     except LtmError as exc:
         raise CheckpointError(f"checkpoint error: {path} carries an invalid config ({exc})") from None
@@ -93,13 +94,27 @@ def checkpoint_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt["hyper_parameters"]["config"]
 
 
+def stored_model_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
+    """The model config a checkpoint was trained with, in today's keys (a checkpoint of ltm < 0.2 is migrated;
+    one that used a retired memory is refused in one line)."""
+    try:
+        return migrate_model_config(dict(checkpoint_config(ckpt)["model"]))
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint error: {path} was trained with {err.key}: "
+                              f"{str(err).split(': ', 2)[-1]}") from None
+
+
 def apply_model_overrides(model_cfg: dict[str, Any], overrides: Iterable[str]) -> TitanConfig:
-    """The checkpoint's model config with `model.key=value` overrides applied (e.g. model.kernels=torch)."""
+    """A model config (today's keys) with `model.key=value` overrides applied (e.g. model.kernels=torch,
+    model.memory.select_dedup=0.97); a key the model or its memory kind does not have is an error naming it."""
     dotlist = [o[len("model."):] for o in overrides if o.startswith("model.")]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TitanConfig), model_cfg, OmegaConf.from_dotlist(dotlist))
+        base = OmegaConf.create(model_cfg)
+        OmegaConf.set_struct(base, True)
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as exc:
-        raise config_error(exc) from None
+        err = config_error(exc)
+        raise ConfigError(f"model.{err.key}", str(err).split(": ", 2)[-1]) from None
     except yaml.YAMLError as exc:  # a value YAML cannot read (control characters)
         key = next((f"model.{o.split('=', 1)[0]}" for o in dotlist if not _yaml_readable(o.split("=", 1)[-1])),
                    "model")
@@ -119,12 +134,14 @@ def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | to
                ckpt: Optional[dict[str, Any]] = None) -> TitanModel:
     """Build the model a checkpoint was trained with (plus `model.*` overrides) and load its weights."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-    cfg = apply_model_overrides(checkpoint_config(ckpt)["model"], overrides)
+    cfg = apply_model_overrides(stored_model_config(ckpt, path), overrides)
     with torch.device("meta"):
         model = TitanModel(cfg)
     model.to_empty(device=device)
     model.tie_weights()
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if is_legacy(checkpoint_config(ckpt)["model"]):
+        state = migrate_state_dict(state)
     check_tensors(state, model.state_dict(), Path(path))
     try:
         model.load_state_dict(state, strict=True)

@@ -74,13 +74,13 @@ def _inject_nan(monkeypatch, bad_calls: set[int] | None, after: int | None = Non
 
     def windowed_backward(model, *args, **kwargs):
         calls[0] += 1
-        loss = real(model, *args, **kwargs)
+        loss, aux = real(model, *args, **kwargs)
         if (bad_calls and calls[0] in bad_calls) or (after is not None and calls[0] > after):
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
-            return loss * float("nan")
-        return loss
+            return loss * float("nan"), aux
+        return loss, aux
 
     monkeypatch.setattr(training, "windowed_backward", windowed_backward)
 
