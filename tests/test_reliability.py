@@ -30,21 +30,22 @@ PASSKEY = ["experiment=passkey", "model.num_hidden_layers=1",
            "trainer.accelerator=cpu"]
 
 
-def variant_args(name: str, corpus: Path) -> tuple[list[str], int, int]:
-    """(overrides, processes, saves a kill waits for at most) of a kill-test run."""
+def variant_args(name: str, corpus: Path, kills: int = 10) -> tuple[list[str], int, int]:
+    """(overrides, processes, saves a kill waits for at most) of a kill-test run; its length grows with the kills
+    (a kill lets the run advance by at most that many saves, and the run must outlast the kills)."""
     text = ["data=textfile", f"data.path={corpus}"]
-    if name == "default":  # the default (gated) memory, shrunk
-        return TINY + text + ["trainer.max_steps=75", "trainer.val_check_interval=3",
-                              "trainer.checkpoint_every_minutes=0.01"], 1, 2
+    single = [f"trainer.max_steps={75 * kills // 10}", "trainer.val_check_interval=3",
+              "trainer.checkpoint_every_minutes=0.01"]
+    native = ["parallel=tp2", "model.kernels=torch", f"trainer.max_steps={30 * kills // 10}",
+              "trainer.val_check_interval=2", "trainer.checkpoint_every_minutes=0"]
+    if name == "default":  # the default model, shrunk
+        return TINY + text + single, 1, 2
     if name == "select_noise":
-        return PASSKEY + ["trainer.max_steps=75", "trainer.val_check_interval=3",
-                          "trainer.checkpoint_every_minutes=0.01"], 1, 2
+        return PASSKEY + single, 1, 2
     if name == "tp2_select_noise":  # native tensor parallel (corpus data: task data is not supported there)
-        return PASSKEY + text + ["parallel=tp2", "model.kernels=torch", "trainer.max_steps=30",
-                                 "trainer.val_check_interval=2", "trainer.checkpoint_every_minutes=0"], 2, 1
+        return PASSKEY + text + native, 2, 1
     if name == "tp2_default":
-        return TINY + text + ["parallel=tp2", "model.kernels=torch", "trainer.max_steps=30",
-                              "trainer.val_check_interval=2", "trainer.checkpoint_every_minutes=0"], 2, 1
+        return TINY + text + native, 2, 1
     raise KeyError(name)
 
 
@@ -69,14 +70,14 @@ def reference(zygote, corpus, tmp_path_factory):
     """Uninterrupted runs, made once per variant."""
     root, made = tmp_path_factory.mktemp("reference"), {}
 
-    def get(name: str) -> Path:
-        if name not in made:
-            args, ranks, _ = variant_args(name, corpus)
-            out = root / name
-            run = Run.start(zygote, "train", [*args, f"output_dir={out}"], root / f"{name}.log", ranks)
+    def get(name: str, kills: int = 10) -> Path:
+        if (name, kills) not in made:
+            args, ranks, _ = variant_args(name, corpus, kills)
+            out = root / f"{name}-{kills}"
+            run = Run.start(zygote, "train", [*args, f"output_dir={out}"], root / f"{name}-{kills}.log", ranks)
             assert run.wait() == [0] * ranks, run.text()[-3000:]
-            made[name] = out
-        return made[name]
+            made[name, kills] = out
+        return made[name, kills]
 
     return get
 
@@ -106,12 +107,12 @@ def record(name: str, **figures) -> None:
 
 # ------------------------------------------------------------------------------------------ 1. kill anywhere
 def _kill_test(zygote, reference, corpus, tmp_path, name: str, kills: int, seed: int) -> None:
-    args, ranks, max_saves = variant_args(name, corpus)
+    args, ranks, max_saves = variant_args(name, corpus, kills)
     out = tmp_path / "run"
     result = soak(zygote, args, out, kills=kills, seed=seed, ranks=ranks, max_saves=max_saves)
     assert result.kills >= kills
     assert sum(result.in_save.values()) >= 3, result  # several of them inside a checkpoint save
-    assert_same_run(reference(name), out)
+    assert_same_run(reference(name, kills), out)
     record(f"kill/{name}", kills=result.kills, in_save=dict(result.in_save), restarts=result.restarts + 1,
            steps=checkpoint_step(out), steps_lost=0)
 
@@ -127,7 +128,7 @@ def test_sigkill_at_any_moment_then_resume_is_exact(zygote, reference, corpus, t
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["default", "select_noise", "tp2_select_noise", "tp2_default"])
 def test_sigkill_soak(zygote, reference, corpus, tmp_path, name):
-    _kill_test(zygote, reference, corpus, tmp_path, name, kills=50, seed=11)
+    _kill_test(zygote, reference, corpus, tmp_path, name, kills=int(os.environ.get("LTM_SOAK_KILLS", "50")), seed=11)
 
 
 def _last_line(text: str) -> str:
