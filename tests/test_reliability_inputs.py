@@ -465,7 +465,7 @@ def test_fuzz_command_line(stand_ins, trained, tmp_path):
 
     seen = {"examples": 0}
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(_strategies())
     def check(overrides):
