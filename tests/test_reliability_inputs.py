@@ -543,3 +543,11 @@ def test_resume_command_rebuilds_the_config(tmp_path, text_file):
     again = compose(command[2:])
     assert OmegaConf.to_container(again, resolve=True) == {**OmegaConf.to_container(cfg, resolve=True),
                                                            "resume": "auto"}
+
+
+@pytest.mark.parametrize("override, key", [("trainer.max_bad_steps=0", "trainer.max_bad_steps"),
+                                           ("trainer.checkpoint_every_minutes=-1", "trainer.checkpoint_every_minutes"),
+                                           ("trainer.checkpoint_every_minutes=nan", "trainer.checkpoint_every_minutes")])
+def test_reliability_settings_are_checked(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        compose([override])
