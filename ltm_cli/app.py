@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ltm_cli.bench import bench_app
 from ltm_cli.errors import device_option, output_file, report, settings, user_errors
-from ltm_core.errors import LtmError
+from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Long-Term-Memory Transformers: train, generate, evaluate.")
@@ -52,7 +52,7 @@ def train(ctx: typer.Context,
     from hydra.core.hydra_config import HydraConfig
 
     from ltm_core.configuration import validate_overrides
-    from ltm_core.train import default_output_dir, train as train_run
+    from ltm_core.train import default_output_dir, is_rank_zero, train as train_run
 
     overrides = list(ctx.args)
     validate_overrides(overrides, multirun)  # every job's config is checked before anything starts
@@ -68,14 +68,17 @@ def train(ctx: typer.Context,
         cfg.output_dir = HydraConfig.get().runtime.output_dir  # a sweep job's own folder
         try:
             train_run(cfg)
-        except LtmError as err:  # Hydra catches Exceptions but lets SystemExit through
+        except (LtmError, KeyboardInterrupt) as err:  # Hydra catches Exceptions but lets SystemExit through
             out = Path(cfg.output_dir)
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # the folder Hydra made for a run that could not start
             if settings["debug"]:
                 raise
-            report(err)
-            sys.exit(2)
+            if isinstance(err, KeyboardInterrupt):  # before training started (from then on SIGINT saves and stops)
+                err = Interrupted("interrupted before training started; nothing to save", 2)
+            if not isinstance(err, RunStopped) or is_rank_zero():  # all ranks of a run stop together: one line
+                report(err)
+            sys.exit(err.exit_code)
 
     argv = sys.argv
     sys.argv = [argv[0]] + (["-m"] if multirun else []) + overrides
@@ -91,7 +94,8 @@ def train(ctx: typer.Context,
 def generate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1, help="Tokens (bytes) to generate."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens (bytes) to generate: 0 prints "
+                                       "the prompt only; any larger number streams in constant memory."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample from the k most likely tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
@@ -105,13 +109,17 @@ def generate(
     from ltm_core.inference import InferenceConfig, InferenceEngine
     from ltm_core.tokenizer import ByteTokenizer
 
+    if max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens", f"must be 0 or more, got {max_new_tokens}")
     dev = device_option(device)
     model = load_model(checkpoint, device=dev)
     tokenizer = ByteTokenizer()
     engine = InferenceEngine(model, InferenceConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    input_ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=dev)
+    ids = tokenizer.encode(prompt, bos=True)  # any text: bytes that are not UTF-8 arrive as surrogates, kept as bytes
+    input_ids = torch.tensor([ids], device=dev)
     decode = tokenizer.stream_decoder()
-    sys.stdout.write(prompt)
+    sys.stdout.reconfigure(errors="replace")  # what the terminal's encoding cannot show prints as "?", never a crash
+    sys.stdout.write(tokenizer.decode(ids))  # invalid UTF-8 prints as U+FFFD, as in the generated text
     for token in engine.stream(input_ids, max_new_tokens):
         sys.stdout.write(decode(int(token[0])))
         sys.stdout.flush()

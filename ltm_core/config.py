@@ -288,6 +288,9 @@ class TrainerConfig:
     progress: bool = True  # rich progress bar
     tensorboard: bool = False
     deterministic: bool = False
+    # reliability (docs/reliability.md)
+    checkpoint_every_minutes: Optional[float] = 5.0  # also save last.ckpt on this wall-clock interval; null/0: off
+    max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
 
 
 TASK_NAMES = ("passkey", "mqar", "babi_facts")
