@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
@@ -42,6 +43,8 @@ from ltm_core.config import TitanConfig
 from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, rotary_tables
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
+
+RECURRENCE = "ltm.memory.recurrence"  # the profiler range of the memory's writes and scans (`ltm bench model`)
 
 
 class SelfAttention(nn.Module):
@@ -171,7 +174,8 @@ class Block(nn.Module):
         normed = self.attn_norm(h)
         mem, scan = self.memory, None
         if mem is not None and mem.writes == "normed":  # every segment's memory is known before the attention
-            scan = mem.scan(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise)
+            with record_function(RECURRENCE):
+                scan = mem.scan(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise)
         prefix = mem.prefix(scan.before) if scan is not None else None
         projected = prefix_kv = None
         if prefix is not None and scan.rows is not None:  # kept tokens: gather their keys/values, do not project them
@@ -180,7 +184,8 @@ class Block(nn.Module):
         a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels, projected, prefix_kv)
         h = h + a
         if mem is not None and mem.writes == "attended":
-            scan = mem.scan(past.memory, mem.entries(h).unflatten(0, (B, W)), noise)
+            with record_function(RECURRENCE):
+                scan = mem.scan(past.memory, mem.entries(h).unflatten(0, (B, W)), noise)
         if scan is not None:
             read = mem.read(h, scan.before)
             if read is not None:
@@ -222,6 +227,7 @@ class TitanOutput:
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
 
 
 class SegmentRecurrence(nn.Module):
@@ -363,7 +369,8 @@ class SegmentRecurrence(nn.Module):
             if not complete:
                 layers.append(LayerState(past.memory, k, v, entries, shift))
             elif block.memory is not None:  # the segment is complete: write it
-                write = block.memory.write(past.memory, entries, None if noise is None else noise[p, l])
+                with record_function(RECURRENCE):
+                    write = block.memory.write(past.memory, entries, None if noise is None else noise[p, l])
                 self._call_write_hooks(l, entries, write.kept)
                 if write.aux is not None and self._counted(state, 0):
                     counted.append(write.aux)
