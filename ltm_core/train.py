@@ -31,6 +31,7 @@ from ltm_core.config import DataConfig
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, TextDataModule, load_corpus, unigram_bpb
 from ltm_core.errors import CheckpointError, ConfigError, LtmError
+from ltm_core.model import TitanModel
 from ltm_core.tasks import is_task
 from ltm_core.tasks.datamodule import TaskDataModule, task_config
 from ltm_core.training import TitanLightning
@@ -163,8 +164,12 @@ def _launch_local(config_path: Path, nproc: int) -> None:
         raise SystemExit(2 if 2 in codes else (codes[0] or 1)) from None
 
 
-def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
-    """Run Lightning training in this process (one rank of a distributed run, or the only one)."""
+def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule: Optional[L.LightningDataModule] = None,
+        model: Optional[TitanModel] = None) -> Path:
+    """Run Lightning training in this process (one rank of a distributed run, or the only one).
+
+    `datamodule` replaces the one `cfg.data` describes (the Trainer API's datasets; with `has_validation = False`
+    there is no validation and no best.ckpt); `model` is trained instead of a new one from `cfg.model`."""
     # --- parallel (ltm_core.parallel): FSDP2 / tensor / pipeline parallel presets run the native loop
     from ltm_core.parallel.layout import devices_per_node, uses_native
 
@@ -178,12 +183,15 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data_cfg = DataConfig(**to_dict(cfg.data))
     task_cfg = task_config(cfg)  # data=<task> (ltm_core.tasks): generated samples instead of a corpus
-    if task_cfg is not None:
+    if datamodule is not None:
+        corpus = None
+    elif task_cfg is not None:
         corpus, datamodule = None, TaskDataModule(data_cfg, task_cfg, int(cfg.model.segment_length))
     else:
         corpus = corpus if corpus is not None else load_corpus(data_cfg)
         datamodule = TextDataModule(data_cfg, corpus)
-    module = TitanLightning(to_dict(cfg))
+    validates = getattr(datamodule, "has_validation", True)
+    module = TitanLightning(to_dict(cfg), model=model)
     ckpt_path = resume_path(cfg, out)
     if cfg.precision.lightning == "16-mixed" and not torch.cuda.is_available():
         raise ConfigError("precision", "fp16-mixed needs a CUDA GPU; use precision=bf16-mixed on CPU")
@@ -192,7 +200,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     rank_zero = _is_rank_zero()
     if rank_zero:
         console.print(f"[bold]ltm train[/] -> {out}")
-        if corpus is None:  # task data
+        if corpus is None:  # task data, or the Trainer API's datasets
             console.print(f"data: {datamodule.describe()}")
         else:
             console.print(f"data: {corpus.description}; train {len(corpus.train):,} tokens, val {len(corpus.val):,}")
@@ -207,12 +215,14 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
 
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     interval = int(cfg.trainer.val_check_interval)
+    save_every = int(cfg.trainer.save_every_n_steps or interval)
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
-                        enable_version_counter=False),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=interval, save_top_k=1,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=save_every, save_top_k=1,
                         enable_version_counter=False),
     ]
+    if validates:
+        callbacks.insert(0, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
+                                            save_top_k=1, enable_version_counter=False))
     if cfg.trainer.progress:
         callbacks.append(RichProgressBar(leave=True))
     loggers = [ResumableCSVLogger(save_dir=str(out), name="", version="")]
@@ -232,15 +242,20 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
         log_every_n_steps=int(cfg.trainer.log_every_n_steps), callbacks=callbacks, logger=loggers,
         enable_progress_bar=bool(cfg.trainer.progress), enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=bool(cfg.trainer.deterministic), use_distributed_sampler=False,
+        limit_val_batches=None if validates else 0,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     last = ckpt_dir / "last.ckpt"
-    if trainer.global_step % interval:  # the run did not end on a validation step: validate and save once more
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    unvalidated = validates and trainer.global_step % interval
+    if unvalidated or trainer.global_step % save_every:  # the run did not end on a validation/save step
+        if unvalidated:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.save_checkpoint(last)
     if rank_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if corpus is None and "val/loss" in metrics:  # task data: the loss is on the answer tokens
+        if task_cfg is None and corpus is None and "val/bpb" in metrics:  # the Trainer API's datasets
+            console.print(f"validation: loss {metrics['val/loss']:.4f}, {metrics['val/bpb']:.3f} bits/byte")
+        elif corpus is None and "val/loss" in metrics:  # task data: the loss is on the answer tokens
             console.print(f"validation: answer loss {metrics['val/loss']:.4f}; "
                           f"score it with: ltm eval --checkpoint {last} task={cfg.data.name}", soft_wrap=True)
         elif "val/bpb" in metrics:

@@ -66,11 +66,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
 class TitanLightning(L.LightningModule):
     """Lightning wrapper: manual optimization so that each BPTT window gets its own backward."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], model: Optional[TitanModel] = None):
+        """`model`: train this model (its weights are the start, e.g. `Trainer(model=...)`); None: a new one."""
         super().__init__()
         self.save_hyperparameters({"config": config})
         self.run_config = config
-        self.model = TitanModel(TitanConfig.from_dict(config["model"]))
+        self.model = model if model is not None else TitanModel(TitanConfig.from_dict(config["model"]))
         self.optim_cfg = OptimConfig(**config["optim"])
         self.max_steps = int(self.optim_cfg.schedule_steps or config["trainer"]["max_steps"])
         self.accumulate = int(config["trainer"]["accumulate_grad_batches"])
