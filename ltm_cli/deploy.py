@@ -40,14 +40,11 @@ def quantize_cmd(
 
     Arguments are data overrides for the bits/byte comparison (default: the checkpoint's data), e.g.
     `data.val_samples=16` or `data=textfile data.path=FILE`. `ltm generate|eval --checkpoint OUT` load the result."""
-    from ltm_core.checkpoint import checkpoint_config, read_checkpoint
     from ltm_core.errors import ConfigError
-    from ltm_core.evaluate import eval_data
     from ltm_core.export import check_output_folder
-    from ltm_core.quantize import check_method, quantize_checkpoint
-    from ltm_core.tasks import is_task
+    from ltm_core.quantize import check_method
 
-    check_method(method)
+    check_method(method)  # options first: they fail in a moment, before the heavy imports
     dev = device_option(device)
     output_file(json_path, "--json")
     check_output_folder(out, overwrite)
@@ -55,6 +52,11 @@ def quantize_cmd(
     unknown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] != "data"]
     if unknown:
         raise ConfigError(unknown[0].split("=", 1)[0], "ltm quantize takes data overrides only (data=..., data.key=...)")
+    from ltm_core.checkpoint import checkpoint_config, read_checkpoint
+    from ltm_core.evaluate import eval_data
+    from ltm_core.quantize import quantize_checkpoint
+    from ltm_core.tasks import is_task
+
     ckpt = read_checkpoint(checkpoint)
     data = eval_data(checkpoint_config(ckpt), overrides)
     if is_task(data.name):

@@ -19,7 +19,7 @@ and the layers; `ltm_core.checkpoint.load_model` rebuilds those layers from thei
 from __future__ import annotations
 
 import fnmatch
-import warnings
+import logging
 from typing import Any, Iterable, Optional
 
 import torch
@@ -30,8 +30,16 @@ from ltm_core.errors import CheckpointError, ConfigError, LtmError
 METHODS = ("bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq")
 INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (litgpt's too)
 BLOCKSIZE = 64  # weights per 4-bit absmax block
-# bitsandbytes notes on every int8 call that fp32 inputs go through fp16: that is the method, not a problem
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+class _Fp16CastNote(logging.Filter):
+    """bitsandbytes logs on every int8 call that fp32 inputs go through fp16: that is the method, not a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Fp16CastNote())
 
 
 def check_method(method: str, option: str = "--method") -> str:
