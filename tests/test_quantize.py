@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from support import run_ltm
+from support import invoke, one_error_line, run_ltm
 from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
 from ltm_core.config import DataConfig
 from ltm_core.data import load_corpus
@@ -98,25 +98,6 @@ def test_streaming_and_memory_state_hold_after_quantization(trained_tiny, method
         uncached = InferenceConfig(temperature=0, stop_at_eos=False, use_memory_cache=False)
         assert torch.equal(InferenceEngine(model, GREEDY).generate(_prompt(), 40),
                            InferenceEngine(model, uncached).generate(_prompt(), 40))
-
-
-def invoke(*args: str):
-    """`ltm ARGS` in this process (typer's runner): the CLI's code path without a new interpreter's imports."""
-    from typer.testing import CliRunner
-
-    from ltm_cli.app import app
-
-    result = CliRunner().invoke(app, list(args))
-    result.returncode = result.exit_code
-    return result
-
-
-def one_error_line(result, *needles: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_quantize_cli_table_and_loading(trained_tiny, tmp_path):
