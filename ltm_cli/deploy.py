@@ -68,7 +68,7 @@ def quantize_cmd(
                   f"({100 * result['quantized_share']:.1f} % of the parameters) with {method}; kept in full "
                   f"precision: {'; '.join(result['kept'])}", soft_wrap=True)
     table = Table(title=f"ltm quantize {checkpoint} — {result['device']}, bits/byte on {result['data']} "
-                        f"({result['val_tokens']:,} tokens), generation of {gen_tokens} tokens")
+                        f"({result['val_tokens']:,} tokens), tokens/s: median of 3 greedy generations of {gen_tokens}")
     for column in ("model", "disk", "memory", "bits/byte", "Δ bits/byte", "tokens/s"):
         table.add_column(column, justify="right")
     base, quant = result["rows"]

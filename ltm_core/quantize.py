@@ -178,23 +178,30 @@ def tensor_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique_tensors(model.state_dict()).values())
 
 
-def generation_speed(model: nn.Module, tokens: int, device: torch.device | str) -> float:
-    """Greedy generation tokens/s from a BOS prompt (after a short untimed warm-up), the state carried."""
+def generation_speeds(models: list[nn.Module], tokens: int, device: torch.device | str, repeats: int = 3) -> list[float]:
+    """Greedy generation tokens/s of each model from a BOS prompt, the state carried: the median of `repeats`
+    timings taken in turns (model 1, model 2, model 1, ...), so that a machine busy with other work slows all alike,
+    after an untimed warm-up of each."""
+    import statistics
     import time
 
     from ltm_core.inference import InferenceConfig, InferenceEngine
     from ltm_core.tokenizer import BOS
 
-    engine = InferenceEngine(model, InferenceConfig(temperature=0, stop_at_eos=False))
+    engines = [InferenceEngine(m, InferenceConfig(temperature=0, stop_at_eos=False)) for m in models]
     prompt = torch.tensor([[BOS]], device=device)
-    engine.generate(prompt, 8)
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.generate(prompt, tokens)
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return tokens / (time.perf_counter() - start)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for engine in engines:
+        engine.generate(prompt, 8)
+    times: list[list[float]] = [[] for _ in engines]
+    for _ in range(repeats):
+        for engine, taken in zip(engines, times):
+            sync()
+            start = time.perf_counter()
+            engine.generate(prompt, tokens)
+            sync()
+            taken.append(time.perf_counter() - start)
+    return [tokens / statistics.median(taken) for taken in times]
 
 
 def folder_bytes(folder) -> int:
@@ -226,10 +233,10 @@ def quantize_checkpoint(checkpoint, method: str, out, data, *, lm_head: bool = F
     quantized = load_model(checkpoint, device=device, ckpt=ckpt)
     names = quantize_model(quantized, method, lm_head, skip)  # a bad choice fails before any measurement
     corpus = load_corpus(data)
-    rows = []
-    for label, m in (("unquantized", model), (method, quantized)):
-        rows.append({"model": label, "memory_bytes": tensor_bytes(m), "bpb": evaluate(m, data, corpus)["bpb"],
-                     "tokens_per_s": generation_speed(m, gen_tokens, device)})
+    speeds = generation_speeds([model, quantized], gen_tokens, device)
+    rows = [{"model": label, "memory_bytes": tensor_bytes(m), "bpb": evaluate(m, data, corpus)["bpb"],
+             "tokens_per_s": speed} for label, m, speed in (("unquantized", model, speeds[0]),
+                                                            (method, quantized, speeds[1]))]
     with tempfile.TemporaryDirectory() as tmp:  # the unquantized weights as the same format, for their size
         write_folder(Path(tmp), model.state_dict(), run_config)
         rows[0]["disk_bytes"] = folder_bytes(Path(tmp))
@@ -245,7 +252,7 @@ def quantize_checkpoint(checkpoint, method: str, out, data, *, lm_head: bool = F
     quantized_params = sum(model.get_submodule(n).weight.numel() for n in names)
     return {"checkpoint": str(checkpoint), "out": str(out), "method": method, "device": str(device),
             "data": data.name if data.name != "textfile" else str(data.path), "val_tokens": data.val_samples * data.seq_len,
-            "gen_tokens": gen_tokens, "quantized_layers": names,
+            "gen_tokens": gen_tokens, "speed_repeats": 3, "quantized_layers": names,
             "quantized_share": quantized_params / model.num_parameters(), "kept": kept_description(lm_head, skip),
             "rows": rows}
 
