@@ -91,13 +91,14 @@ def quantize_cmd(
 def export_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train` (or a safetensors "
                                     "folder)."),
-    fmt: str = typer.Option(..., "--format", "-f", help="safetensors | hf."),
+    fmt: str = typer.Option(..., "--format", "-f", help="safetensors | hf | onnx."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="safetensors/hf: largest weight file, e.g. 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ):
     """Export a checkpoint: safetensors (weights + config.json, sharded above --shard-size; `ltm` loads it back),
-    hf (a Hugging Face folder: AutoModelForCausalLM/AutoTokenizer with trust_remote_code)."""
+    hf (a Hugging Face folder: AutoModelForCausalLM/AutoTokenizer with trust_remote_code), onnx (prefill and
+    decode graphs with the memory state as explicit inputs and outputs; see its README)."""
     from ltm_core.export import check_format, check_output_folder, export_checkpoint
 
     check_format(fmt)

@@ -175,3 +175,56 @@ def test_hf_cache_is_the_bounded_memory_state(hf_folder, trained_tiny):
     with pytest.raises(ValueError, match="padding"):
         model.generate(torch.cat([_ids(), _ids()]), attention_mask=torch.tensor([[0] + [1] * 16, [1] * 17]),
                        max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(trained_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "model"
+    result = invoke("export", "-c", str(trained_tiny), "--format", "onnx", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_onnx_generation_over_segments_matches_pytorch(onnx_folder, trained_tiny):
+    """Greedy generation through 3+ segments in onnxruntime: every step's logits and next state within 1e-4 of
+    PyTorch's, the prompt read by decode_start/decode, whole segments by prefill, the completing token by prefill."""
+    from ltm_core.export.onnx import OnnxModel, StateLayout
+
+    model = load_model(trained_tiny)
+    layout = StateLayout(model)
+    onnx_model = OnnxModel(onnx_folder)
+    S = model.config.segment_length
+    assert set(onnx_model.sessions) >= {"prefill", "decode_start", "decode"}
+    assert {t["name"] for t in onnx_model.manifest["tensors"] if t["token_dim"] is not None}  # the segment's KV
+    prompt = torch.tensor([ByteTokenizer().encode("In the beginning God created", bos=True)])  # 1 segment + 13
+    logits, state = onnx_model(prompt.numpy(), onnx_model.initial_state(1))
+    with torch.no_grad():
+        out = model(prompt)
+    steps = []
+    for _ in range(3 * S):
+        steps.append((logits, out.logits, state, out.memory))
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        logits, state = onnx_model(token.numpy(), state)
+        with torch.no_grad():
+            out = model(token, memory=out.memory)
+    for onnx_logits, torch_logits, onnx_state, torch_state in steps:
+        assert abs(onnx_logits - torch_logits.numpy()).max() <= 1e-4
+        for name, tensor in zip(onnx_model.names, layout.from_state(torch_state, 1)):
+            assert onnx_state[name].shape == tuple(tensor.shape), name
+            if tensor.numel():
+                assert abs(onnx_state[name] - tensor.detach().numpy()).max() <= 1e-4, name
+    assert state.segments == out.memory.segments >= 4 and state.offset == out.memory.offset
+    batch = torch.randint(0, 256, (3, S + 2), generator=torch.Generator().manual_seed(3))  # batch is dynamic
+    logits, _ = onnx_model(batch.numpy(), onnx_model.initial_state(3))
+    with torch.no_grad():
+        assert abs(logits - model(batch).logits.numpy()).max() <= 1e-4
+
+
+def test_onnx_export_needs_the_extra(trained_tiny, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    one_error_line(invoke("export", "-c", str(trained_tiny), "--format", "onnx", "--out", str(tmp_path / "o")),
+                   "pip install 'ltm[onnx]'")
+    assert not (tmp_path / "o").exists()

@@ -54,7 +54,7 @@ def output_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-FORMATS = ("safetensors", "hf")
+FORMATS = ("safetensors", "hf", "onnx")
 
 
 def check_format(fmt: str) -> str:
@@ -79,6 +79,10 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, overwri
         from ltm_core.export.safetensors import export_safetensors
 
         return export_safetensors(checkpoint, ckpt, out, overwrite, max_shard_bytes)
-    from ltm_core.export.hf import export_hf
+    if fmt == "hf":
+        from ltm_core.export.hf import export_hf
 
-    return export_hf(checkpoint, ckpt, out, overwrite, max_shard_bytes)
+        return export_hf(checkpoint, ckpt, out, overwrite, max_shard_bytes)
+    from ltm_core.export.onnx import export_onnx
+
+    return export_onnx(checkpoint, ckpt, out, overwrite)
