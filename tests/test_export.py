@@ -228,3 +228,49 @@ def test_onnx_export_needs_the_extra(trained_tiny, tmp_path, monkeypatch):
     one_error_line(invoke("export", "-c", str(trained_tiny), "--format", "onnx", "--out", str(tmp_path / "o")),
                    "pip install 'ltm[onnx]'")
     assert not (tmp_path / "o").exists()
+
+
+def test_onnx_first_segment_graph_when_the_first_write_differs(trained_tiny, tmp_path, monkeypatch):
+    """A model whose first segment differs from the others (a memory kind may treat its initial content apart) gets
+    prefill_first.onnx, and OnnxModel reads the first segment with it, the later ones with prefill."""
+    import numpy as np
+
+    from ltm_core.export import onnx as ox
+
+    class FirstDiffers(type(load_model(trained_tiny))):
+        def forward(self, input_ids, memory=None, labels=None):
+            out = super().forward(input_ids, memory=memory, labels=labels)
+            if memory is None or memory.segments == 0:
+                out.logits = out.logits + 1.0
+            return out
+
+    model = load_model(trained_tiny)
+    model.__class__ = FirstDiffers
+    exported = []
+    monkeypatch.setattr(ox, "_export", lambda module, args, path, shapes: exported.append(path.name))
+    manifest = ox.export_graphs(model, tmp_path)
+    assert exported == ["prefill.onnx", "prefill_first.onnx", "decode_start.onnx", "decode.onnx"]
+    assert manifest["graphs"]["prefill_first"] == "prefill_first.onnx"
+
+    class Recorder:  # stands for an onnxruntime session: echoes the state, records the graph
+        def __init__(self, name, calls):
+            self.name, self.calls = name, calls
+
+        def run(self, _, feeds):
+            self.calls.append((self.name, feeds["input_ids"].shape[1]))
+            ids = feeds["input_ids"]
+            return [np.zeros((*ids.shape, 259), np.float32), *[v for k, v in feeds.items() if k != "input_ids"]]
+
+    calls = []
+    runner = ox.OnnxModel.__new__(ox.OnnxModel)
+    runner.S, runner.names, runner.manifest = manifest["segment_length"], [], manifest
+    runner.sessions = {name: Recorder(name, calls) for name in manifest["graphs"]}
+    S = runner.S
+    state = ox.OnnxState()
+    state.boundary = {}
+    _, state = runner(np.zeros((1, S - 1), np.int64), state)  # the first segment token by token ...
+    _, state = runner(np.zeros((1, 1), np.int64), state)  # ... completed by its first-segment prefill
+    _, state = runner(np.zeros((1, S + 1), np.int64), state)
+    assert calls == ([("decode_start", 1)] + [("decode", 1)] * (S - 2) + [("prefill_first", S), ("prefill", S),
+                                                                         ("decode_start", 1)])
+    assert (state.offset, state.segments) == (1, 2)
