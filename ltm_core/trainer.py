@@ -206,12 +206,12 @@ class DatasetDataModule(L.LightningDataModule):
     """Training batches from `DatasetStream` (restarting at the module's `samples_seen` on resume), validation
     over the whole eval dataset in order."""
 
-    def __init__(self, train: Dataset, eval: Optional[Dataset], batch_size: int, eval_batch_size: int, seed: int,
-                 num_workers: int = 0):
+    def __init__(self, train: Dataset, validation: Optional[Dataset], batch_size: int, eval_batch_size: int,
+                 seed: int, num_workers: int = 0):
         super().__init__()
-        self.train, self.eval = train, eval
+        self.train, self.eval = train, validation
         self.batch_size, self.eval_batch_size, self.seed, self.num_workers = batch_size, eval_batch_size, seed, num_workers
-        self.has_validation = eval is not None
+        self.has_validation = validation is not None
 
     def describe(self) -> str:
         evaluated = f"{len(self.eval):,} validation samples" if self.eval is not None else "no validation"

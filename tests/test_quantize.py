@@ -141,3 +141,19 @@ def test_quantize_bad_input_exits_2_in_one_line(trained_tiny, tmp_path):
                    "already exists", "--overwrite")
     one_error_line(invoke("generate", "-c", str(trained_tiny), "--quantize", "int4"), "--quantize", "int4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # nothing else written, no staging folder left
+
+
+def test_lm_head_only_when_asked(trained_tiny, tmp_path):
+    model = load_model(trained_tiny)
+    assert "lm_head" not in quantize_model(model, "bnb.nf4")
+    assert model.lm_head.weight is model.embed_tokens.weight  # skipped: still the tied full-precision embedding
+    model = load_model(trained_tiny)
+    names = quantize_model(model, "bnb.nf4", lm_head=True)
+    assert "lm_head" in names and model.embed_tokens.weight.dtype == torch.float32  # the lookup stays as it was
+    write_folder(tmp_path, model.state_dict(), checkpoint_config(read_checkpoint(trained_tiny)),
+                 quantization_record("bnb.nf4", names, model))
+    back = load_model(tmp_path)
+    assert type(back.lm_head) is type(model.lm_head) and back.embed_tokens.weight.dtype == torch.float32
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
