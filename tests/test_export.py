@@ -114,6 +114,8 @@ def test_hf_folder_imports_ltm_core_and_loads_with_auto_classes(hf_folder, train
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
     assert model.model.lm_head.weight is model.model.embed_tokens.weight  # tied again after loading
+    with torch.no_grad():  # ltm reads the folder too (its config.json carries the run config)
+        torch.testing.assert_close(load_model(hf_folder)(ids).logits, reference(ids).logits, rtol=0, atol=0)
     text = "naïve — ✓ bytes"
     for tokenizer in (AutoTokenizer.from_pretrained(hf_folder),
                       AutoTokenizer.from_pretrained(hf_folder, trust_remote_code=True)):
