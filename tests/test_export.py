@@ -276,3 +276,25 @@ def test_onnx_first_segment_graph_when_the_first_write_differs(trained_tiny, tmp
     assert calls == ([("decode_start", 1)] + [("decode", 1)] * (S - 2) + [("prefill_first", S), ("prefill", S),
                                                                          ("decode_start", 1)])
     assert (state.offset, state.segments) == (1, 2)
+
+
+def test_state_tensors_are_found_by_structure():
+    """The ONNX layout walks dataclasses, tuples and dicts: a memory kind whose state is a tuple of tensors, or a
+    slot that is empty, flattens and rebuilds without naming a field."""
+    import dataclasses
+
+    from ltm_core.export.onnx import _leaves, _rebuild
+
+    @dataclasses.dataclass
+    class Layer:
+        memory: object
+        pending: object = None
+        steps: int = 3  # plain values are structure, not state
+
+    state = [Layer((torch.zeros(2, 4), torch.ones(2, 4, 4)), {"keys": torch.zeros(2, 1, 5)}), Layer(None)]
+    leaves = dict(_leaves(state))
+    assert list(leaves) == ["0.memory.0", "0.memory.1", "0.pending.keys", "1.memory", "1.pending"]
+    rebuilt = _rebuild(state, {k: v + 1 for k, v in leaves.items() if v is not None})
+    assert isinstance(rebuilt[0].memory, tuple) and rebuilt[0].steps == 3 and rebuilt[1].memory is None
+    assert torch.equal(rebuilt[0].memory[1], torch.full((2, 4, 4), 2.0))
+    assert torch.equal(rebuilt[0].pending["keys"], torch.ones(2, 1, 5))

@@ -44,17 +44,21 @@ GRAPHS = ("prefill", "prefill_first", "decode_start", "decode")
 
 
 def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-    """(path, tensor or None) of every tensor slot of a state, depth first: dataclass fields, tuple/list items."""
+    """(path, tensor or None) of every tensor slot of a state, depth first: dataclass fields, tuple/list items, dict
+    values (ints and other plain values are structure, kept from the template)."""
     if obj is None or isinstance(obj, torch.Tensor):
         yield path, obj
     elif dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if value is None or isinstance(value, (torch.Tensor, tuple, list)) or dataclasses.is_dataclass(value):
+            if value is None or isinstance(value, (torch.Tensor, tuple, list, dict)) or dataclasses.is_dataclass(value):
                 yield from _leaves(value, f"{path}.{f.name}" if path else f.name)
     elif isinstance(obj, (tuple, list)):
         for i, item in enumerate(obj):
             yield from _leaves(item, f"{path}.{i}" if path else str(i))
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from _leaves(item, f"{path}.{key}" if path else str(key))
 
 
 def _rebuild(template: Any, values: dict[str, Optional[torch.Tensor]], path: str = "") -> Any:
@@ -65,12 +69,14 @@ def _rebuild(template: Any, values: dict[str, Optional[torch.Tensor]], path: str
         changes = {}
         for f in dataclasses.fields(template):
             value = getattr(template, f.name)
-            if value is None or isinstance(value, (torch.Tensor, tuple, list)) or dataclasses.is_dataclass(value):
+            if value is None or isinstance(value, (torch.Tensor, tuple, list, dict)) or dataclasses.is_dataclass(value):
                 changes[f.name] = _rebuild(value, values, f"{path}.{f.name}" if path else f.name)
         return dataclasses.replace(template, **changes)
     if isinstance(template, (tuple, list)):
         items = [_rebuild(item, values, f"{path}.{i}" if path else str(i)) for i, item in enumerate(template)]
         return type(template)(items)
+    if isinstance(template, dict):
+        return {k: _rebuild(item, values, f"{path}.{k}" if path else str(k)) for k, item in template.items()}
     return template
 
 
