@@ -171,7 +171,7 @@ def evaluate_cmd(
         return
     if plot_path is not None:
         raise typer.BadParameter("--plot draws task results; add task=passkey|mqar|babi_facts")
-    data = eval_data(stored, overrides)
+    data = eval_data(stored, overrides, model.config.segment_length)
     results = evaluate(model, data)
     table = Table(title=f"ltm eval {checkpoint}")
     for column in ("data", "tokens", "loss", "perplexity", "bits/byte"):

@@ -29,13 +29,14 @@ def evaluate(model: TitanModel, data: DataConfig, corpus: Corpus | None = None) 
     return {"loss": loss, "perplexity": math.exp(loss), "bpb": loss / math.log(2), "tokens": float(count)}
 
 
-def eval_data(stored: dict[str, Any], overrides: Iterable[str] = ()) -> DataConfig:
+def eval_data(stored: dict[str, Any], overrides: Iterable[str] = (), segment_length: int | None = None) -> DataConfig:
     """The data `ltm eval` / `ltm quantize` measure on: the checkpoint's own (`stored`, its run config), or the one
-    that `data=...` / `data.key=value` overrides compose (with the checkpoint's model, for the length checks)."""
+    that `data=...` / `data.key=value` overrides compose (data.seq_len defaults to 4 segments of `segment_length`,
+    the model's)."""
     from ltm_core.configuration import compose, to_dict
 
     overrides = list(overrides)
     if not any(o.split("=", 1)[0].lstrip("+~").split(".")[0] == "data" for o in overrides):
         return DataConfig(**stored["data"])
-    model_args = [f"model.{k}={v}" for k, v in stored["model"].items() if v is not None]
-    return DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + model_args).data))
+    segment = [f"model.segment_length={segment_length or stored['model']['segment_length']}"]
+    return DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + segment).data))

@@ -216,7 +216,7 @@ def quantize_checkpoint(checkpoint, method: str, out, data, *, lm_head: bool = F
     import tempfile
     from pathlib import Path
 
-    from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
+    from ltm_core.checkpoint import current_run_config, load_model, read_checkpoint
     from ltm_core.data import load_corpus
     from ltm_core.evaluate import evaluate
     from ltm_core.export import check_output_folder, output_folder
@@ -228,7 +228,7 @@ def quantize_checkpoint(checkpoint, method: str, out, data, *, lm_head: bool = F
     if ckpt.get("quantization"):
         raise CheckpointError(f"checkpoint error: {checkpoint} is already quantized "
                               f"({ckpt['quantization']['method']}); quantize the unquantized checkpoint")
-    run_config = checkpoint_config(ckpt)
+    run_config = current_run_config(ckpt, checkpoint)  # a legacy checkpoint's model config in today's keys
     model = load_model(checkpoint, device=device, ckpt=ckpt)
     quantized = load_model(checkpoint, device=device, ckpt=ckpt)
     names = quantize_model(quantized, method, lm_head, skip)  # a bad choice fails before any measurement

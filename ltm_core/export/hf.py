@@ -248,12 +248,12 @@ different lengths one at a time.
 
 def export_hf(checkpoint: str | Path, ckpt: dict[str, Any], out: Path, overwrite: bool = False,
               max_shard_bytes: Optional[int] = None) -> Path:
-    from ltm_core.checkpoint import checkpoint_config, load_model
+    from ltm_core.checkpoint import current_run_config, load_model
     from ltm_core.export import output_folder
     from ltm_core.export.safetensors import DEFAULT_SHARD_BYTES
 
     model = load_model(checkpoint, ckpt=ckpt)
-    config = LtmConfig(ltm_config=checkpoint_config(ckpt))
+    config = LtmConfig(ltm_config=current_run_config(ckpt, checkpoint))
     config.auto_map = AUTO_MAP
     with torch.device("meta"):
         hf = LtmForCausalLM(config)

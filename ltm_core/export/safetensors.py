@@ -116,11 +116,11 @@ def read_folder(path: Path) -> dict[str, Any]:
 def export_safetensors(checkpoint: str | Path, ckpt: dict[str, Any], out: Path, overwrite: bool = False,
                        max_shard_bytes: Optional[int] = None) -> Path:
     """`ltm export --format safetensors`: the checkpoint's model (quantized or not) as a folder `load_model` reads."""
-    from ltm_core.checkpoint import checkpoint_config, load_model
+    from ltm_core.checkpoint import current_run_config, load_model
     from ltm_core.export import output_folder
 
     model = load_model(checkpoint, ckpt=ckpt)  # the weights fit the config: the folder will load back
     with output_folder(out, overwrite) as staging:
-        write_folder(staging, model.state_dict(), checkpoint_config(ckpt), ckpt.get("quantization"),
+        write_folder(staging, model.state_dict(), current_run_config(ckpt, checkpoint), ckpt.get("quantization"),
                      max_shard_bytes or DEFAULT_SHARD_BYTES)
     return out
