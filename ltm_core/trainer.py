@@ -86,7 +86,9 @@ class Trainer:
         if _is_path(self.train_dataset) and self.eval_dataset is not None:
             raise ConfigError("eval_dataset", "a path train_dataset is validated on its own held-out split "
                                               "(data.val_fraction); leave eval_dataset unset")
-        cfg = compose([f"precision={args.precision}"])
+        # the model's memory kind picks its config group (model/memory=<kind>), whose schema then takes its values
+        kind = getattr(model_cfg.memory, "kind", None)
+        cfg = compose([f"precision={args.precision}"] + ([f"model/memory={kind}"] if kind else []))
         values: dict[str, Any] = {
             "output_dir": str(args.output_dir), "seed": args.seed, "overwrite": args.overwrite_output_dir,
             "model": asdict(model_cfg),

