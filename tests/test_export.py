@@ -4,7 +4,6 @@ generates exactly the tokens of `ltm generate`; bad input exits 2 in one line an
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -81,8 +80,10 @@ def test_export_bad_input_exits_2_and_leaves_nothing_half_written(trained_tiny, 
 
 
 def test_hf_export_needs_the_extra(trained_tiny, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)  # as if `pip install ltm` without [hf]
-    monkeypatch.delitem(sys.modules, "ltm_core.export.hf", raising=False)
+    import importlib.util
+
+    real = importlib.util.find_spec  # as if `pip install ltm` without [hf]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
     with pytest.raises(LtmError, match=r"pip install 'ltm\[hf\]'"):
         export_checkpoint(trained_tiny, "hf", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

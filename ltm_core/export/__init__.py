@@ -57,6 +57,15 @@ def output_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
 FORMATS = ("safetensors", "hf", "onnx")
 
 
+def require(extra: str, *modules: str) -> None:
+    """One line naming the extra to install when a module it brings is missing (checked before importing it)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LtmError(f"{extra} needs {', '.join(missing)}: pip install 'ltm[{extra}]'")
+
+
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ConfigError("--format", f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -80,6 +89,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, overwri
 
         return export_safetensors(checkpoint, ckpt, out, overwrite, max_shard_bytes)
     if fmt == "hf":
+        require("hf", "transformers")
         from ltm_core.export.hf import export_hf
 
         return export_hf(checkpoint, ckpt, out, overwrite, max_shard_bytes)

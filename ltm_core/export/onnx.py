@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ltm_core.errors import LtmError
+from ltm_core.export import require
 from ltm_core.memory import MemoryState
 from ltm_core.model import TitanModel
 
@@ -162,15 +163,6 @@ def _example_state(model: TitanModel, layout: StateLayout, ids: torch.Tensor, bo
     return out, layout.from_state(out.memory, ids.shape[0])
 
 
-def require(*modules: str) -> None:
-    """One line naming the `onnx` extra when a module it installs is missing."""
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise LtmError(f"ONNX needs {', '.join(missing)}: pip install 'ltm[onnx]'")
-
-
 def _export(module: _Step, args: tuple, path: Path, dynamic_shapes) -> None:
     torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
                       input_names=["input_ids", *module.layout.names("state")],
@@ -268,7 +260,7 @@ def export_onnx(checkpoint: str | Path, ckpt: dict[str, Any], out: Path, overwri
     from ltm_core.checkpoint import load_model
     from ltm_core.export import output_folder
 
-    require("onnx", "onnxscript")
+    require("onnx", "onnx", "onnxscript")
     model = load_model(checkpoint, ckpt=ckpt)
     with output_folder(out, overwrite) as staging:
         export_graphs(model, staging)
@@ -291,7 +283,7 @@ class OnnxModel:
     any number of tokens, choosing the graph for each piece as TitanModel reads segments."""
 
     def __init__(self, folder: str | Path, providers: Optional[list[str]] = None):
-        require("onnxruntime")
+        require("onnx", "onnxruntime")
         import onnxruntime as ort
         from safetensors.numpy import load_file
 
