@@ -1,7 +1,9 @@
 """Loading checkpoints for inference and evaluation, with one-line errors.
 
-The checkpoint format is Lightning's `.ckpt` (written by `ltm train`): the resolved run config is kept under
-`hyper_parameters["config"]`, the weights under `state_dict` with the prefix `model.`.
+A checkpoint is Lightning's `.ckpt` (written by `ltm train`): the resolved run config is kept under
+`hyper_parameters["config"]`, the weights under `state_dict` with the prefix `model.`; or a safetensors folder
+(written by `ltm export` and `ltm quantize`, see `ltm_core.export.safetensors`) read into the same dict, plus
+`quantization` for a quantized one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from ltm_core.model import TitanModel
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    from ltm_core.export.safetensors import is_folder_checkpoint, read_folder
+
+    if is_folder_checkpoint(path):
+        return read_folder(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint error: {path} is a folder: give the .ckpt file (e.g. "
                               f"{path / 'checkpoints' / 'last.ckpt'})")
@@ -99,6 +105,11 @@ def checkpoint_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt["hyper_parameters"]["config"]
 
 
+def current_run_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
+    """The run config with the model config in today's keys: what an export or a quantized folder records."""
+    return {**checkpoint_config(ckpt), "model": stored_model_config(ckpt, path)}
+
+
 def stored_model_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
     """The model config a checkpoint was trained with, in today's keys (a checkpoint of ltm < 0.2 is migrated;
     one that used a retired memory is refused in one line)."""
@@ -137,7 +148,8 @@ def _yaml_readable(value: str) -> bool:
 
 def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | torch.device = "cpu",
                ckpt: Optional[dict[str, Any]] = None) -> TitanModel:
-    """Build the model a checkpoint was trained with (plus `model.*` overrides) and load its weights."""
+    """Build the model a checkpoint was trained with (plus `model.*` overrides) and load its weights; a quantized
+    checkpoint's layers are rebuilt quantized (`ltm_core.quantize`)."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     cfg = apply_model_overrides(stored_model_config(ckpt, path), overrides)
     with torch.device("meta"):
@@ -147,10 +159,23 @@ def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | to
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if is_legacy(checkpoint_config(ckpt)["model"]):
         state = migrate_state_dict(state)
-    check_tensors(state, model.state_dict(), Path(path))
+    if cfg.tie_word_embeddings and "lm_head.weight" not in state and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # safetensors folders store a tied weight once
+    quantized: list[str] = []
+    if ckpt.get("quantization"):
+        from ltm_core.quantize import load_quantized_layers
+
+        quantized = list(ckpt["quantization"]["layers"])
+        state = load_quantized_layers(model, ckpt["quantization"], state, device)
+    else:  # names, shapes and dtypes, in one line (a quantized model's layers were checked as they were rebuilt)
+        check_tensors(state, model.state_dict(), Path(path))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ
         detail = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"checkpoint error: {path} does not fit the model config ({detail})") from None
+    missing = [k for k in result.missing_keys if not any(k.startswith(f"{q}.") for q in quantized)]
+    if missing or result.unexpected_keys:
+        detail = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(result.unexpected_keys[:3])}"
+        raise CheckpointError(f"checkpoint error: {path} does not fit the model config ({detail})")
     return model.eval()

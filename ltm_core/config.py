@@ -283,6 +283,8 @@ class TrainerConfig:
     max_steps: int = 600
     accumulate_grad_batches: int = 1
     val_check_interval: int = 100  # validate every N optimizer steps (and at the end)
+    save_every_n_steps: Optional[int] = None  # write checkpoints/last.ckpt every N optimizer steps (and at the end);
+    # None: at each validation (val_check_interval)
     log_every_n_steps: int = 10
     accelerator: str = "auto"  # auto | cpu | gpu
     progress: bool = True  # rich progress bar

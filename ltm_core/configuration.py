@@ -152,6 +152,14 @@ def validate(cfg: DictConfig) -> None:
     minutes = cfg.trainer.checkpoint_every_minutes
     if minutes is not None and not minutes >= 0:  # also refuses nan
         raise ConfigError("trainer.checkpoint_every_minutes", f"must be 0 (off) or more, got {minutes}")
+    if cfg.trainer.save_every_n_steps is not None and cfg.trainer.save_every_n_steps <= 0:
+        raise ConfigError("trainer.save_every_n_steps", f"must be positive or null, got {cfg.trainer.save_every_n_steps}")
+    if cfg.trainer.save_every_n_steps is not None:
+        from ltm_core.parallel.layout import uses_native
+
+        if uses_native(cfg):
+            raise ConfigError("trainer.save_every_n_steps", "the native parallel loop saves at each validation: "
+                                                            "leave it null and set trainer.val_check_interval")
     if cfg.trainer.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise ConfigError("trainer.tensorboard", "needs TensorBoard: pip install 'ltm[tensorboard]'")
     if cfg.optim.lr <= 0:

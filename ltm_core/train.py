@@ -38,6 +38,7 @@ from ltm_core.config import DataConfig
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, TextDataModule, load_corpus, unigram_bpb
 from ltm_core.errors import CheckpointError, ConfigError, Interrupted, LtmError, RunStopped
+from ltm_core.model import TitanModel
 from ltm_core.tasks import is_task
 from ltm_core.tasks.datamodule import TaskDataModule, task_config
 from ltm_core.training import Diverged, TitanLightning, check_resumable
@@ -236,8 +237,12 @@ def _fit_guarded(cfg: DictConfig, trainer: L.Trainer, module: TitanLightning, da
             f"{run_guard.resume_command(cfg)}") from None
 
 
-def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
-    """Run Lightning training in this process (one rank of a distributed run, or the only one)."""
+def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule: Optional[L.LightningDataModule] = None,
+        model: Optional[TitanModel] = None) -> Path:
+    """Run Lightning training in this process (one rank of a distributed run, or the only one).
+
+    `datamodule` replaces the one `cfg.data` describes (the Trainer API's datasets; with `has_validation = False`
+    there is no validation and no best.ckpt); `model` is trained instead of a new one from `cfg.model`."""
     # --- parallel (ltm_core.parallel): FSDP2 / tensor / pipeline parallel presets run the native loop
     from ltm_core.parallel.layout import devices_per_node, uses_native
 
@@ -251,12 +256,15 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data_cfg = DataConfig(**to_dict(cfg.data))
     task_cfg = task_config(cfg)  # data=<task> (ltm_core.tasks): generated samples instead of a corpus
-    if task_cfg is not None:
+    if datamodule is not None:
+        corpus = None
+    elif task_cfg is not None:
         corpus, datamodule = None, TaskDataModule(data_cfg, task_cfg, int(cfg.model.segment_length))
     else:
         corpus = corpus if corpus is not None else load_corpus(data_cfg)
         datamodule = TextDataModule(data_cfg, corpus)
-    module = TitanLightning(to_dict(cfg))
+    validates = getattr(datamodule, "has_validation", True)
+    module = TitanLightning(to_dict(cfg), model=model)
     ckpt_path = resume_path(cfg, out)
     interrupts = run_guard.Interrupts()
     if cfg.precision.lightning == "16-mixed" and not torch.cuda.is_available():
@@ -266,7 +274,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     rank_zero = is_rank_zero()
     if rank_zero:
         console.print(f"[bold]ltm train[/] -> {out}")
-        if corpus is None:  # task data
+        if corpus is None:  # task data, or the Trainer API's datasets
             console.print(f"data: {datamodule.describe()}")
         else:
             console.print(f"data: {corpus.description}; train {len(corpus.train):,} tokens, val {len(corpus.val):,}")
@@ -283,15 +291,17 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
 
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     interval = int(cfg.trainer.val_check_interval)
+    save_every = int(cfg.trainer.save_every_n_steps or interval)
     guard = run_guard.GuardCallback(ckpt_dir / "last.ckpt", interrupts, cfg.trainer.checkpoint_every_minutes,
                                     accumulate)
     callbacks = [
         guard,
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
-                        enable_version_counter=False),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=interval, save_top_k=1,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=save_every, save_top_k=1,
                         enable_version_counter=False),
     ]
+    if validates:
+        callbacks.insert(1, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
+                                            save_top_k=1, enable_version_counter=False))
     if cfg.trainer.progress:
         callbacks.append(RichProgressBar(leave=True))
     loggers = [ResumableCSVLogger(save_dir=str(out), name="", version="")]
@@ -312,6 +322,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
         enable_progress_bar=bool(cfg.trainer.progress), enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=bool(cfg.trainer.deterministic), use_distributed_sampler=False,
         plugins=[run_guard.AtomicCheckpointIO(lambda ckpt, path: check_resumable(ckpt, module, path))],
+        limit_val_batches=None if validates else 0,
     )
     last = ckpt_dir / "last.ckpt"
     if rank_zero and not ckpt_path:  # rows of a run killed before its first checkpoint are logged again
@@ -322,12 +333,16 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
         signum = interrupts.signum or int(signal.SIGTERM)  # another rank received it
         raise Interrupted(run_guard.interrupted_message(signum, guard.stopped_at, last, run_guard.resume_command(cfg)),
                           signum)
-    if trainer.global_step % interval:  # the run did not end on a validation step: validate and save once more
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    unvalidated = validates and trainer.global_step % interval
+    if unvalidated or trainer.global_step % save_every:  # the run did not end on a validation/save step
+        if unvalidated:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.save_checkpoint(last, weights_only=False)
     if rank_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if corpus is None and "val/loss" in metrics:  # task data: the loss is on the answer tokens
+        if task_cfg is None and corpus is None and "val/bpb" in metrics:  # the Trainer API's datasets
+            console.print(f"validation: loss {metrics['val/loss']:.4f}, {metrics['val/bpb']:.3f} bits/byte")
+        elif corpus is None and "val/loss" in metrics:  # task data: the loss is on the answer tokens
             console.print(f"validation: answer loss {metrics['val/loss']:.4f}; "
                           f"score it with: ltm eval --checkpoint {last} task={cfg.data.name}", soft_wrap=True)
         elif "val/bpb" in metrics:

@@ -90,11 +90,12 @@ class TitanLightning(L.LightningModule):
     count is logged as train/bad_steps); `trainer.max_bad_steps` of them in a row raise `Diverged`. The random numbers
     the steps draw come from a `TrainingStream` that checkpoints carry (exact resume with select noise)."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], model: Optional[TitanModel] = None):
+        """`model`: train this model (its weights are the start, e.g. `Trainer(model=...)`); None: a new one."""
         super().__init__()
         self.save_hyperparameters({"config": config})
         self.run_config = config
-        self.model = TitanModel(TitanConfig.from_dict(config["model"]))
+        self.model = model if model is not None else TitanModel(TitanConfig.from_dict(config["model"]))
         self.optim_cfg = OptimConfig(**config["optim"])
         self.max_steps = int(self.optim_cfg.schedule_steps or config["trainer"]["max_steps"])
         self.accumulate = int(config["trainer"]["accumulate_grad_batches"])
