@@ -112,8 +112,8 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 
 def drop_metrics_from(path: Path, step: int) -> None:
-    """Remove the rows of metrics.csv logged at optimizer step `step` + 1 or later (their `step` column is the step
-    minus one): the work of a run killed after its last checkpoint, which the resumed run logs again."""
+    """Remove the rows of metrics.csv whose `step` column (Lightning's logging step: one per micro-batch) is `step`
+    or later: the work of a run killed after its last checkpoint, which the resumed run logs again."""
     import csv
 
     if not path.is_file():
@@ -459,13 +459,17 @@ class GuardCallback(_callback_base()):
         self.saved_step = trainer.global_step
         for logger in trainer.loggers:
             logger.save()
-        checkpoint["metrics_row"] = {"step": trainer.global_step - 1, **{
+        # the logging step: one per micro-batch (manual optimization), not yet advanced past this batch
+        logged = trainer.fit_loop.epoch_loop._batches_that_stepped
+        checkpoint["metrics_row"] = {"step": logged, **{
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if trainer.is_global_zero and trainer.loggers:
             path = Path(trainer.loggers[0].log_dir) / "metrics.csv"
-            drop_metrics_from(path, int(checkpoint.get("global_step", 0)))
             row = checkpoint.get("metrics_row")
             if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] >= 0:
+                drop_metrics_from(path, row["step"] + 1)
                 add_missing_metrics_row(path, row)
+            else:  # a checkpoint without the row: one logging step per optimizer step
+                drop_metrics_from(path, int(checkpoint.get("global_step", 0)))

@@ -146,7 +146,7 @@ def test_bench_model_warms_compiled_models_up_longer(tmp_path, monkeypatch, args
 
     seen = []
     fake = {"model": "full_causal", "context": 64, "tokens_per_s": 1.0, "peak_mem_bytes": 1, "step_s": 1.0,
-            "params": 1, "flops_per_token": 1.0, "peak_flops": 1e9}
+            "recurrence_share": 0.0, "params": 1, "flops_per_token": 1.0, "peak_flops": 1e9}
     monkeypatch.setattr(bench, "_row_in_subprocess", lambda a: seen.append(a["warmup"]) or dict(fake))
     out = tmp_path / "r.json"
     result = CliRunner().invoke(app, ["bench", "model", "--context", "64", "--variant", "full_causal", "--device",

@@ -75,6 +75,13 @@ def test_checkpoint_path_errors_name_the_problem(tmp_path):
     torch.save({"state_dict": {}, "thing": LtmError("not a tensor")}, pickled)  # weights_only refuses classes
     with pytest.raises(CheckpointError) as err:
         read_checkpoint(pickled)
+    message = str(err.value)  # one line that names the refused class, without running it
+    assert "would run code (ltm_core.errors.LtmError)" in message and "\n" not in message, message
+    assert len(message) < 300, message
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x02 not a checkpoint at all")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(garbage)
     message = str(err.value)
     assert "not a readable checkpoint (" in message and message.endswith(")") and len(message) < 300, message
     reason = message.split("not a readable checkpoint (", 1)[1][:-1]

@@ -80,7 +80,7 @@ class TokensMemory(Memory):
         return (x.detach().double() * w[0]).sum(-1) + b[0]
 
     def shared_by_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """A replicated tensor that every head's read uses. Under tensor parallelism a rank holds only its heads,
+        """A replicated tensor that every head's read uses (the read bias and the straight-through factor). Under tensor parallelism a rank holds only its heads,
         so the gradient is summed over the tp group there (`apply_tensor_parallel` replaces this identity)."""
         return t
 
@@ -168,7 +168,7 @@ class TokensMemory(Memory):
         bias = self.empty(state).float() * EMPTY_SLOT_SCORE
         if self.config.read_importance:
             bias = bias + self.shared_by_heads(F.logsigmoid(z))
-        return Prefix(state, bias, (1 + (s - s.detach())).to(state.dtype))
+        return Prefix(state, bias, self.shared_by_heads((1 + (s - s.detach())).to(state.dtype)))
 
     def flops_per_token(self, segment_length: int) -> float:
         """The read over M more keys (12 C M), and the q|k|v projection of the M tokens held at each window's start

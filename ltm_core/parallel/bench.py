@@ -87,9 +87,11 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
             tok = B * T * C * abytes
             per_layer += rows * tok  # forward: row-parallel outputs
             per_layer += rows * tok  # backward: column-parallel input gradients
-            if kind == "tokens":  # the kept tokens through attn.qkv_proj: its input gradient (layer-major: each
-                per_layer += B * M * C * abytes  # segment's memory is gathered from the window's tokens)
-                if mc.memory.read_importance:  # the read bias, read by every head: its gradient (fp32) sums over tp
+            if kind == "tokens":  # the kept tokens' keys/values are gathered from the window's projections (the
+                # memory held before the window is detached: no input gradient); every head reads the kept tokens'
+                # straight-through factor (activation dtype) and read bias (fp32): their gradients sum over tp
+                per_layer += B * M * abytes
+                if mc.memory.read_importance:
                     per_layer += B * M * 4
             elif kind == "slots":
                 mem_grad = s > 0 or w == 0  # the memory of the window's first segment is detached (or learned)
