@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ltm_cli.bench import bench_app
 from ltm_cli.errors import device_option, output_file, report, settings, user_errors
+from ltm_cli.help import groups_epilog
 from ltm_core.errors import LtmError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -28,6 +29,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 console = Console()
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+GROUPS = groups_epilog()  # read from conf/ (a few milliseconds)
 
 
 @app.callback()
@@ -40,7 +42,7 @@ def _keys(overrides: list[str]) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-@app.command(context_settings=OVERRIDES)
+@app.command(context_settings=OVERRIDES, options_metavar="[OPTIONS] [OVERRIDES]...", epilog=GROUPS)
 @user_errors
 def train(ctx: typer.Context,
           multirun: bool = typer.Option(False, "-m", "--multirun", help="Hydra sweep: one job per combination.")):
@@ -48,14 +50,16 @@ def train(ctx: typer.Context,
 
     With no arguments: a tiny memory model on the King James Bible (a few minutes on a CPU).
     """
+    from ltm_core.configuration import validate_overrides
+
+    overrides = list(ctx.args)
+    validate_overrides(overrides, multirun)  # every job's config is checked before torch and Lightning load
+
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ltm_core.configuration import validate_overrides
     from ltm_core.train import default_output_dir, train as train_run
 
-    overrides = list(ctx.args)
-    validate_overrides(overrides, multirun)  # every job's config is checked before anything starts
     given = dict(o.split("=", 1) for o in overrides if "=" in o)
     if multirun:
         sweep_dir = given.get("output_dir") or default_output_dir().replace("outputs/", "multirun/", 1)
@@ -171,16 +175,13 @@ def evaluate_cmd(
 def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], json_path: Optional[Path],
                    plot_path: Optional[Path]) -> None:
     """`ltm eval task=...`: the task grid, streamed segment by segment (ltm_core.tasks.evaluate)."""
+    from ltm_cli.progress import progress_bar
     from ltm_core.tasks.evaluate import eval_task_config, evaluate_task
     from ltm_core.tasks.report import plot_results, results_table
 
     task_cfg = eval_task_config(stored, overrides)
     train_length = int(stored["data"]["seq_len"])
-    with console.status(f"task {task_cfg.name}") as status:
-        def progress(row: dict) -> None:
-            where = "".join(f", {k} {row[k]}" for k in ("depth", "pairs", "placement") if row.get(k) is not None)
-            status.update(f"task {task_cfg.name}: length {row['length']:,}{where} done")
-
+    with progress_bar(f"task={task_cfg.name}", "samples") as progress:
         results = evaluate_task(model, task_cfg, train_length, progress=progress)
     results = {"checkpoint": str(checkpoint), "model_overrides": [o for o in overrides if o.startswith("model.")],
                **results}
@@ -192,10 +193,13 @@ def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], 
 
 
 # --------------------------------------------------------------------------------------------------- config
-@config_app.command("show", context_settings=OVERRIDES)
+@config_app.command("show", context_settings=OVERRIDES, options_metavar="[OPTIONS] [OVERRIDES]...", epilog=GROUPS)
 @user_errors
 def config_show(ctx: typer.Context):
-    """Print the config that `ltm train [overrides]` would use."""
+    """Print the config that `ltm train \\[overrides]` would use, checked as `ltm train` checks it.
+
+    Example: `ltm config show model=small data=textfile data.path=notes.txt trainer.max_steps=100`.
+    """
     from omegaconf import OmegaConf
 
     from ltm_core.configuration import compose

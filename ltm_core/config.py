@@ -292,6 +292,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages (blocks split over pp ranks)
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved (2 stages per pp rank)
     microbatches: int = 1  # pipeline microbatches per batch (data.batch_size must be divisible by it)
+    force: bool = False  # start a local CPU launch even with more processes than cores or too little free memory
 
 
 @dataclass
@@ -304,6 +305,8 @@ class TrainerConfig:
     progress: bool = True  # rich progress bar
     tensorboard: bool = False
     deterministic: bool = False
+    threads: Optional[int] = None  # torch intra-op threads per process; None -> OMP_NUM_THREADS, else the
+    # available cores (affinity, cgroup quota) shared by the local processes
 
 
 TASK_NAMES = ("passkey", "mqar", "babi_facts")

@@ -28,9 +28,11 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from rich.console import Console
 
 from ltm_core.config import DataConfig
+from ltm_core.console import StepProgressBar, generate_command, quiet_lightning
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, TextDataModule, load_corpus, unigram_bpb
 from ltm_core.errors import CheckpointError, ConfigError, LtmError
+from ltm_core.resources import available_cpus, check_fits_machine, choose_threads, set_threads
 from ltm_core.tasks import is_task
 from ltm_core.tasks.datamodule import TaskDataModule, task_config
 from ltm_core.training import TitanLightning
@@ -128,9 +130,12 @@ def train(cfg: DictConfig) -> Path:
     cfg = cfg.copy()
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir()
+    world = world_size(cfg)
+    if not launched_externally():  # refuse what this machine cannot run before writing or starting anything
+        choose_threads(cfg.trainer.get("threads"))  # a bad trainer.threads fails here, not in a worker
+        check_fits_machine(cfg, world, parameter_count(cfg), on_cpu=_on_cpu(cfg))
     # bad data fails before anything is written (task data is generated: nothing to load)
     corpus = None if is_task(cfg.data.name) else load_corpus(DataConfig(**to_dict(cfg.data)))
-    world = world_size(cfg)
     if world > 1 and not launched_externally():
         if cfg.parallel.num_nodes > 1:
             raise ConfigError("parallel.num_nodes", "multi-node runs start under torchrun or SLURM (see README)")
@@ -140,6 +145,18 @@ def train(cfg: DictConfig) -> Path:
     if _is_rank_zero():  # other ranks of an external launch wait for rank 0 in the process-group setup
         prepare_output_dir(cfg)
     return fit(cfg, corpus)
+
+
+def parameter_count(cfg: DictConfig) -> int:
+    """Parameters of the run's model, counted on the meta device (no memory, no initialisation)."""
+    from ltm_core.model import TitanModel
+
+    with torch.device("meta"):
+        return TitanModel(model_config(cfg)).num_parameters()
+
+
+def _on_cpu(cfg: DictConfig) -> bool:
+    return cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
 
 
 def _free_port() -> int:
@@ -165,6 +182,8 @@ def _launch_local(config_path: Path, nproc: int) -> None:
 
 def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     """Run Lightning training in this process (one rank of a distributed run, or the only one)."""
+    quiet_lightning()
+    threads = set_threads(cfg.trainer.get("threads"), processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     # --- parallel (ltm_core.parallel): FSDP2 / tensor / pipeline parallel presets run the native loop
     from ltm_core.parallel.layout import devices_per_node, uses_native
 
@@ -200,10 +219,11 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
                       f"{model.flops_per_token(data_cfg.seq_len) / 1e6:.2f} MFLOP/token (6N + attention + memory), "
                       f"memory={'on' if model.config.use_memory else 'off'}, segment={model.config.segment_length}, "
                       f"bptt_segments={model.config.bptt_segments}")
+        console.print(f"threads: {threads} per process, {available_cpus()} cores available (trainer.threads)")
         if ckpt_path:
             console.print(f"resuming from {ckpt_path}")
 
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     interval = int(cfg.trainer.val_check_interval)
@@ -214,7 +234,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
                         enable_version_counter=False),
     ]
     if cfg.trainer.progress:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(console))
     loggers = [ResumableCSVLogger(save_dir=str(out), name="", version="")]
     if cfg.trainer.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -237,7 +257,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     last = ckpt_dir / "last.ckpt"
     if trainer.global_step % interval:  # the run did not end on a validation step: validate and save once more
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)
     if rank_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if corpus is None and "val/loss" in metrics:  # task data: the loss is on the answer tokens
@@ -248,7 +268,8 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
             console.print(f"validation: loss {metrics['val/loss']:.4f}, {metrics['val/bpb']:.3f} bits/byte "
                           f"(byte-unigram baseline {baseline:.3f} bits/byte)")
         console.print(f"checkpoint: {last}")
-        console.print(f'generate:   ltm generate --checkpoint {last} --prompt "In the beginning"', soft_wrap=True)
+        val_ids = corpus.val if corpus is not None else datamodule.val_dataloader().dataset[0][0].tolist()
+        console.print(generate_command(last, val_ids), soft_wrap=True, highlight=False)
     return last
 
 
