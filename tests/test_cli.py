@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -125,22 +128,46 @@ def test_config_show_and_help():
 
 
 def test_wheel_install_works_from_another_directory(tmp_path):
-    """A non-editable install carries conf/ and runs from anywhere."""
+    """A non-editable install carries conf/ and runs from anywhere.
+
+    The wheel goes into a nested venv that borrows its dependencies (torch, ...) from the environment running the
+    tests, through a .pth file. `system_site_packages=True` would borrow the *base* interpreter's instead, which
+    in a fresh venv has no torch (the README's test command then failed in any venv but the system one)."""
+    source = tmp_path / "source"  # a copy: setuptools would reuse (and ship) a stale build/ of the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "ltm_core", "ltm_cli", "extensions", "conf"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
     wheel_dir = tmp_path / "wheel"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(wheel_dir), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next(wheel_dir.glob("ltm-*.whl"))
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    for folder, package in (("ltm_core", "ltm_core"), ("ltm_cli", "ltm_cli"), ("extensions", "ltm_extensions"),
+                            ("conf", "ltm_conf")):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+                assert f"{package}/{path.relative_to(ROOT / folder).as_posix()}" in packed, path  # subpackages too
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, system_site_packages=False, with_pip=True)
     py = env_dir / "bin" / "python"
+    nested_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(nested_site) / "test_env.pth").write_text("\n".join(sorted(ours)) + "\n")  # appended after its own site
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
                    capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = subprocess.run([str(py), "-c", "import ltm_core, ltm_conf; print(ltm_core.__file__, ltm_conf.__file__)"],
+    probe = subprocess.run([str(py), "-c", "import ltm_core, ltm_conf, torch; "
+                            "print(ltm_core.__file__, ltm_conf.__file__); print(torch.__file__)"],
                            cwd=elsewhere, capture_output=True, text=True, env=env)
-    assert str(env_dir) in probe.stdout, probe.stdout + probe.stderr  # not the source tree
+    ltm_files, torch_file = probe.stdout.splitlines()[:2] if probe.returncode == 0 else (probe.stderr, "")
+    assert str(env_dir) in ltm_files, probe.stdout + probe.stderr  # not the source tree
+    assert any(torch_file.startswith(site) for site in ours), torch_file  # this environment's torch, not the base's
     shown = subprocess.run([str(env_dir / "bin" / "ltm"), "config", "show", "model=small"], cwd=elsewhere,
                            capture_output=True, text=True, env=env)
     assert shown.returncode == 0, shown.stderr
