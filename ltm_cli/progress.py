@@ -38,7 +38,7 @@ def progress_bar(title: str, unit: str = "", out: Optional[Console] = None) -> I
     task = bar.add_task("", total=None)
 
     def progress(done: int, total: int, label: str = "") -> None:
-        bar.update(task, completed=done, total=total, description=label)
+        bar.update(task, completed=done, total=total, description=label, refresh=True)  # each call is news
 
     with bar:
         yield progress

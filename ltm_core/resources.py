@@ -1,5 +1,5 @@
-"""What this machine can give a run: CPU cores (affinity and cgroup quota), free memory, torch's thread count, and
-the check that refuses a local launch the machine cannot run.
+"""What this machine can give a run: CPU cores (affinity and cgroup quota, and how many other processes keep
+busy), free memory, torch's thread count, and the check that refuses a local launch the machine cannot run.
 
 Nothing here imports torch at module level: `ltm train` calls these before it starts any process.
 """
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -113,25 +116,97 @@ def available_memory(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP,
     return min(free) if free else None
 
 
-def choose_threads(requested: Optional[int], processes: int = 1) -> int:
+def busy_cpus(cpus: set[int], interval: float = 0.25, stat: Path = Path("/proc/stat")) -> float:
+    """Cores of `cpus` that other processes keep busy: their non-idle share over `interval` seconds, read from
+    /proc/stat while this process sleeps (so it does not count itself); 0.0 where /proc/stat is missing."""
+    def sample() -> dict[int, tuple[int, int]]:
+        times = {}
+        for line in stat.read_text().splitlines():
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+                times[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
+        return times
+
+    try:
+        before = sample()
+        time.sleep(interval)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    busy = 0.0
+    for cpu in cpus & before.keys() & after.keys():
+        total, idle = after[cpu][0] - before[cpu][0], after[cpu][1] - before[cpu][1]
+        busy += 1 - idle / total if total > 0 else 0.0
+    return busy
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    cores: int  # available to this process: affinity, capped by the cgroup quota
+    busy: float  # of those, kept busy by other processes when measured
+    idle: int  # cores - busy, rounded, at least 1
+
+    def describe(self) -> str:
+        return f"{self.cores} cores available, {self.busy:.1f} busy with other processes"
+
+
+def cpu_budget(interval: float = 0.25) -> CpuBudget:
+    """The cores this process may use and how many of them other processes keep busy right now."""
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = set(range(os.cpu_count() or 1))
+    cores = available_cpus()
+    busy = min(busy_cpus(cpus, interval), float(len(cpus)))
+    idle = max(1, min(cores, math.floor(len(cpus) - busy + 0.5)))
+    return CpuBudget(cores, busy, idle)
+
+
+def check_threads(requested: Any) -> Optional[int]:
+    """`trainer.threads`: a positive integer, or None (auto)."""
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0):
+        raise ConfigError("trainer.threads", f"must be a positive integer or null (auto), got {requested!r}")
+    return requested
+
+
+def choose_threads(requested: Optional[int], processes: int = 1, budget: Optional[CpuBudget] = None) -> int:
     """torch's intra-op threads for one of `processes` local processes: `trainer.threads` when set; else
-    OMP_NUM_THREADS when set; else the available cores shared evenly (at least 1). More threads than cores makes
-    OpenMP's spinning threads wait on each other (a run slowed many times over)."""
-    if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
-            raise ConfigError("trainer.threads", f"must be a positive integer or null (auto), got {requested!r}")
+    OMP_NUM_THREADS when set; else the idle cores (`cpu_budget`) shared evenly, at least 1.
+
+    Why idle, not all cores: OpenMP threads spin while they wait for each other, so a thread that shares its core
+    with another busy process stalls the whole step; on 2 cores with other jobs running, 2 threads trained 20-60x
+    slower than 1 (docs/cli.md, "Several jobs side by side")."""
+    if check_threads(requested) is not None:
         return requested
     from_env = os.environ.get("OMP_NUM_THREADS", "")
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env)
-    return max(1, available_cpus() // max(1, processes))
+    budget = budget or cpu_budget()
+    return max(1, budget.idle // max(1, processes))
 
 
-def set_threads(requested: Optional[int], processes: int = 1) -> int:
+@contextmanager
+def worker_threads(requested: Optional[int], processes: int) -> Iterator[int]:
+    """OMP_NUM_THREADS for the `processes` workers a local launch starts (they inherit it), chosen once in the
+    launcher before the workers load each other's cores; the user's own OMP_NUM_THREADS is kept. Restored after."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    threads = choose_threads(requested, processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield threads
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
+def set_threads(requested: Optional[int], processes: int = 1, budget: Optional[CpuBudget] = None) -> int:
     """Apply `choose_threads` to torch; returns the count."""
     import torch
 
-    threads = choose_threads(requested, processes)
+    threads = choose_threads(requested, processes, budget)
     torch.set_num_threads(threads)
     return threads
 

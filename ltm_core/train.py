@@ -32,7 +32,7 @@ from ltm_core.console import StepProgressBar, generate_command, quiet_lightning
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, TextDataModule, load_corpus, unigram_bpb
 from ltm_core.errors import CheckpointError, ConfigError, LtmError
-from ltm_core.resources import available_cpus, check_fits_machine, choose_threads, set_threads
+from ltm_core.resources import check_fits_machine, check_threads, cpu_budget, set_threads, worker_threads
 from ltm_core.tasks import is_task
 from ltm_core.tasks.datamodule import TaskDataModule, task_config
 from ltm_core.training import TitanLightning
@@ -132,7 +132,7 @@ def train(cfg: DictConfig) -> Path:
         cfg.output_dir = default_output_dir()
     world = world_size(cfg)
     if not launched_externally():  # refuse what this machine cannot run before writing or starting anything
-        choose_threads(cfg.trainer.get("threads"))  # a bad trainer.threads fails here, not in a worker
+        check_threads(cfg.trainer.get("threads"))  # a bad trainer.threads fails here, not in a worker
         check_fits_machine(cfg, world, parameter_count(cfg), on_cpu=_on_cpu(cfg))
     # bad data fails before anything is written (task data is generated: nothing to load)
     corpus = None if is_task(cfg.data.name) else load_corpus(DataConfig(**to_dict(cfg.data)))
@@ -140,7 +140,8 @@ def train(cfg: DictConfig) -> Path:
         if cfg.parallel.num_nodes > 1:
             raise ConfigError("parallel.num_nodes", "multi-node runs start under torchrun or SLURM (see README)")
         out = prepare_output_dir(cfg)
-        _launch_local(out / "config.yaml", world)
+        with worker_threads(cfg.trainer.get("threads"), world):  # the workers share the idle cores
+            _launch_local(out / "config.yaml", world)
         return out / "checkpoints" / "last.ckpt"
     if _is_rank_zero():  # other ranks of an external launch wait for rank 0 in the process-group setup
         prepare_output_dir(cfg)
@@ -183,7 +184,8 @@ def _launch_local(config_path: Path, nproc: int) -> None:
 def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     """Run Lightning training in this process (one rank of a distributed run, or the only one)."""
     quiet_lightning()
-    threads = set_threads(cfg.trainer.get("threads"), processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    budget = cpu_budget()
+    threads = set_threads(cfg.trainer.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), budget)
     # --- parallel (ltm_core.parallel): FSDP2 / tensor / pipeline parallel presets run the native loop
     from ltm_core.parallel.layout import devices_per_node, uses_native
 
@@ -219,7 +221,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
                       f"{model.flops_per_token(data_cfg.seq_len) / 1e6:.2f} MFLOP/token (6N + attention + memory), "
                       f"memory={'on' if model.config.use_memory else 'off'}, segment={model.config.segment_length}, "
                       f"bptt_segments={model.config.bptt_segments}")
-        console.print(f"threads: {threads} per process, {available_cpus()} cores available (trainer.threads)")
+        console.print(f"threads: {threads} per process ({budget.describe()}; trainer.threads sets it)")
         if ckpt_path:
             console.print(f"resuming from {ckpt_path}")
 

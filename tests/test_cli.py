@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,3 +173,48 @@ def test_wheel_install_works_from_another_directory(tmp_path):
                            capture_output=True, text=True, env=env)
     assert shown.returncode == 0, shown.stderr
     assert "hidden_size: 384" in shown.stdout
+
+
+def test_eval_task_shows_progress_by_length_and_cell(trained, tmp_path, monkeypatch):
+    """`ltm eval task=...` draws a bar of samples scored, labelled with the cell being scored (it was silent for
+    minutes); the bar goes to stderr and is removed, the table stays."""
+    import io
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import ltm_cli.progress
+    from ltm_cli.app import app
+
+    screen = io.StringIO()
+    monkeypatch.setattr(ltm_cli.progress, "console", Console(file=screen, force_terminal=True, width=120))
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"),
+                                      "task=passkey", "task.lengths=[128,192]", "task.samples=2",
+                                      "task.batch_size=1", "task.depth_bins=1", "task.placement_checks=false"])
+    assert result.exit_code == 0, result.output
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "task=passkey" in shown and "samples" in shown
+    for where in ("length 128, depth 0.5 (cell 1/2)", "length 192, depth 0.5 (cell 2/2)", "3/4"):
+        assert where in shown, shown
+    assert "exact match" in result.output  # the table
+
+
+def test_bench_model_shows_progress_by_row(monkeypatch):
+    import io
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import ltm_cli.progress
+    from ltm_cli.app import app
+
+    screen = io.StringIO()
+    monkeypatch.setattr(ltm_cli.progress, "console", Console(file=screen, force_terminal=True, width=120))
+    result = CliRunner().invoke(app, ["bench", "model", "--context", "32", "--variant",
+                                      "segment_local", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                                      "model.hidden_size=32", "model.num_attention_heads=2",
+                                      "model.num_hidden_layers=1", "model.segment_length=16"])
+    assert result.exit_code == 0, result.output
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "bench model" in shown and "segment_local @ 32 tokens" in shown and "0/1 rows" in shown, shown
+    assert "tokens/s" in result.output  # the table

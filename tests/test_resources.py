@@ -11,8 +11,8 @@ import pytest
 from ltm_core import resources
 from ltm_core.configuration import compose
 from ltm_core.errors import ConfigError
-from ltm_core.resources import (available_cpus, available_memory, cgroup_cpu_limit, check_fits_machine,
-                                choose_threads, estimate_process_bytes)
+from ltm_core.resources import (CpuBudget, available_cpus, available_memory, busy_cpus, cgroup_cpu_limit,
+                                check_fits_machine, choose_threads, cpu_budget, estimate_process_bytes, worker_threads)
 
 from support import TINY, run_ltm
 
@@ -60,18 +60,53 @@ def test_available_memory_is_the_tighter_of_kernel_and_cgroup(tmp_path):
     assert available_memory(root, proc, meminfo) == 8000000 * 1024
 
 
-def test_threads_explicit_then_environment_then_cores(monkeypatch):
-    monkeypatch.setattr(resources, "available_cpus", lambda *a: 8)
+def test_busy_cpus_reads_the_other_processes_share_of_each_core(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    #                     user nice system idle iowait irq softirq steal
+    stat.write_text("cpu  0 0 0 0 0 0 0 0\ncpu0 100 0 0 100 0 0 0 0\ncpu1 100 0 0 100 0 0 0 0\n"
+                    "cpu2 0 0 0 0 0 0 0 0\n")
+    later = "cpu  0 0 0 0 0 0 0 0\ncpu0 190 0 0 110 0 0 0 0\ncpu1 100 0 0 200 0 0 0 0\ncpu2 50 0 0 50 0 0 0 0\n"
+    monkeypatch.setattr(resources.time, "sleep", lambda s: stat.write_text(later))
+    assert busy_cpus({0, 1}, stat=stat) == pytest.approx(0.9)  # cpu0 90 % busy, cpu1 idle; cpu2 is not ours
+    assert busy_cpus({0, 1}, stat=tmp_path / "missing") == 0.0
+
+
+def test_budget_counts_idle_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(resources, "available_cpus", lambda *a: 4)
+    for busy, idle in ((0.0, 4), (0.4, 4), (0.6, 3), (2.7, 1), (3.9, 1)):
+        monkeypatch.setattr(resources, "busy_cpus", lambda cpus, interval, b=busy: b)
+        assert cpu_budget().idle == idle, busy
+    monkeypatch.setattr(resources, "available_cpus", lambda *a: 2)  # a cgroup quota of 2 of the 4 cores
+    monkeypatch.setattr(resources, "busy_cpus", lambda cpus, interval: 0.0)
+    assert cpu_budget() == CpuBudget(cores=2, busy=0.0, idle=2)
+
+
+def test_threads_explicit_then_environment_then_idle_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert choose_threads(None) == 8
-    assert choose_threads(None, processes=2) == 4  # local processes share the cores
-    assert choose_threads(None, processes=16) == 1
+    idle8 = CpuBudget(cores=8, busy=0.0, idle=8)
+    assert choose_threads(None, budget=idle8) == 8
+    assert choose_threads(None, processes=2, budget=idle8) == 4  # local processes share the cores
+    assert choose_threads(None, processes=16, budget=idle8) == 1
+    assert choose_threads(None, budget=CpuBudget(cores=2, busy=1.8, idle=1)) == 1  # another job holds a core
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert choose_threads(None, processes=2) == 3  # what the user exported wins over the guess
-    assert choose_threads(5) == 5  # trainer.threads wins over both
+    assert choose_threads(None, processes=2, budget=idle8) == 3  # what the user exported wins over the guess
+    assert choose_threads(5, budget=idle8) == 5  # trainer.threads wins over both
     for bad in (0, -2, True):
         with pytest.raises(ConfigError, match="trainer.threads: must be a positive integer or null"):
             choose_threads(bad)
+
+
+def test_worker_threads_sets_and_restores_omp(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(resources, "cpu_budget", lambda: CpuBudget(cores=8, busy=0.0, idle=8))
+    with worker_threads(None, 4) as threads:
+        assert threads == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with worker_threads(None, 4):
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "1"
 
 
 def test_trainer_threads_key_composes():

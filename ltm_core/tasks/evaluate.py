@@ -129,7 +129,8 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
     rows = []
     total, done = cfg.samples * sum(not c.skip for c in cells), 0
     for number, cell in enumerate(cells, 1):
-        where = "".join(f", {k} {v}" for k, v in cell.row().items() if k != "length" and v is not None)
+        where = "".join(f", {k} {v}" for k, v in cell.row().items()
+                        if k != "length" and v is not None and not (k == "placement" and v == "depth"))
         label = f"length {cell.length:,}{where} (cell {number}/{len(cells)})"
         if cell.skip:
             row = {**cell.row(), "samples": 0, "exact_match": None, "skipped": cell.skip}
