@@ -1,4 +1,5 @@
-"""Render docs/benchmarks.md from the raw JSON in benchmarks/results/ (written by `ltm bench ... --json`).
+"""Render docs/benchmarks.md from the raw JSON in benchmarks/results/ (written by `ltm bench ... --json`) and the
+hand-written reading of those numbers in benchmarks/findings.md (edit that file, not the generated doc).
 
     python benchmarks/render.py
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+FINDINGS = ROOT / "benchmarks" / "findings.md"
 sys.path.insert(0, str(ROOT))
 
 from ltm_core.bench import ratios  # noqa: E402
@@ -185,9 +187,11 @@ def _is_gpu(data: dict) -> bool:
     return not str(data["device"]).startswith("cpu")
 
 
-def main() -> None:
-    models = {path.stem: json.loads(path.read_text()) for path in sorted(RESULTS.glob("*model*.json"))}
-    kernels = {path.stem: json.loads(path.read_text()) for path in sorted(RESULTS.glob("*kernels*.json"))}
+def render(results: Path, findings: str) -> str:
+    """The benchmarks doc: the intro, `findings` (what the measurements show, by hand), then the generated
+    target verdicts and tables of every `*model*.json` / `*kernels*.json` under `results`."""
+    models = {path.stem: json.loads(path.read_text()) for path in sorted(results.glob("*model*.json"))}
+    kernels = {path.stem: json.loads(path.read_text()) for path in sorted(results.glob("*kernels*.json"))}
     gpu_models = {n: d for n, d in models.items() if _is_gpu(d)}
     cpu_models = {n: d for n, d in models.items() if not _is_gpu(d)}
     gpu_kernels = {n: d for n, d in kernels.items() if _is_gpu(d)}
@@ -205,6 +209,7 @@ def main() -> None:
              "GPU): a causal kernel does about half the attention work counted, and on CPU long-context attention "
              "runs faster than that small matmul, so full-causal rows at long context exceed 100 %. GPU kernel "
              "times are `triton.testing.do_bench` medians (L2 flushed between calls).", "",
+             "## What the measurements show", "", findings.strip(), "",
              "## GPU targets", "", gpu_targets(next(iter(gpu_kernels.values()), None), gpu_models), ""]
     if gpu_kernels:
         parts += ["## GPU: `ltm bench kernels`", ""]
@@ -218,8 +223,12 @@ def main() -> None:
               "than small matmuls do, so their MFU can read near or above 100 %.", ""]
     for name, data in cpu_models.items():
         parts += [model_section(name, data), ""]
+    return "\n".join(parts)
+
+
+def main() -> None:
     (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(parts))
+    (ROOT / "docs" / "benchmarks.md").write_text(render(RESULTS, FINDINGS.read_text()))
     print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")
 
 
