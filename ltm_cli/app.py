@@ -161,7 +161,10 @@ def evaluate_cmd(
         data = DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + model_args).data))
     else:
         data = DataConfig(**stored["data"])
-    results = evaluate(model, data)
+    from ltm_cli.progress import progress_bar
+
+    with progress_bar("eval", "windows") as progress:
+        results = evaluate(model, data, progress=progress)
     table = Table(title=f"ltm eval {checkpoint}")
     for column in ("data", "tokens", "loss", "perplexity", "bits/byte"):
         table.add_column(column, justify="right")

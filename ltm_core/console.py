@@ -7,7 +7,7 @@ resume=auto or overwrite=true: that folder is expected). Everything else Lightni
 
 `StepProgressBar` counts optimizer steps (trainer.global_step of trainer.max_steps, so a resumed run starts where
 it stopped), fits one line at 80 columns (the metrics column is cut before the line wraps), and holds Lightning's
-log lines while it draws, printing them after it stops instead of gluing them to the bar.
+log lines and Python warnings while it draws, printing them after it stops instead of gluing them to the bar.
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ class StepProgressBar(ProgressBar):
         self._progress: Optional[Progress] = None
         self._task = None
         self._hold: Optional[_Hold] = None
+        self._warnings: list[tuple[Any, ...]] = []
+        self._showwarning: Any = None
 
     def disable(self) -> None:
         self._enabled = False
@@ -102,6 +104,8 @@ class StepProgressBar(ProgressBar):
         self._hold = _Hold()
         for name in LIGHTNING_LOGGERS:
             logging.getLogger(name).addFilter(self._hold)
+        self._showwarning, self._warnings = warnings.showwarning, []
+        warnings.showwarning = lambda *args, **kwargs: self._warnings.append((args, kwargs))
         self._progress.start()
 
     def _stop(self) -> None:
@@ -114,6 +118,11 @@ class StepProgressBar(ProgressBar):
                 logging.getLogger(name).removeFilter(hold)
             for logger, record in hold.held:
                 logger.handle(record)  # through the logger's remaining filters (the noise filter) and handlers
+        if self._showwarning is not None:
+            show, self._showwarning = self._showwarning, None
+            warnings.showwarning = show
+            for args, kwargs in self._warnings:
+                show(*args, **kwargs)
 
     def _update(self, trainer, note: str = "") -> None:
         if self._progress is None:

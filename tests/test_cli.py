@@ -175,9 +175,9 @@ def test_wheel_install_works_from_another_directory(tmp_path):
     assert "hidden_size: 384" in shown.stdout
 
 
-def test_eval_task_shows_progress_by_length_and_cell(trained, tmp_path, monkeypatch):
+def test_eval_shows_progress_by_length_and_cell(trained, tmp_path, monkeypatch):
     """`ltm eval task=...` draws a bar of samples scored, labelled with the cell being scored (it was silent for
-    minutes); the bar goes to stderr and is removed, the table stays."""
+    minutes), `ltm eval` one of validation windows; the bar goes to stderr and is removed, the table stays."""
     import io
 
     from rich.console import Console
@@ -197,6 +197,11 @@ def test_eval_task_shows_progress_by_length_and_cell(trained, tmp_path, monkeypa
     for where in ("length 128, depth 0.5 (cell 1/2)", "length 192, depth 0.5 (cell 2/2)", "3/4"):
         assert where in shown, shown
     assert "exact match" in result.output  # the table
+    screen.truncate(0)
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt")])
+    assert result.exit_code == 0 and "bits/byte" in result.output, result.output
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "eval" in shown and "/4 windows" in shown and "64-token windows" in shown, shown  # TINY: 4 val samples
 
 
 def test_bench_model_shows_progress_by_row(monkeypatch):

@@ -95,3 +95,32 @@ def test_progress_line_resume_and_clean_output(screen, tmp_path, capfd):
     assert prompt and any(line.startswith(prompt) for line in val_text.splitlines()), prompt  # its own data
     for name in LIGHTNING_LOGGERS:  # the bar released its hold on Lightning's loggers
         assert not [f for f in logging.getLogger(name).filters if type(f).__name__ == "_Hold"]
+
+
+def test_bar_holds_warnings_and_log_lines_until_it_stops(monkeypatch):
+    """A warning or a Lightning log line raised while the bar draws is printed after it, not inside the line."""
+    from types import SimpleNamespace
+
+    from ltm_core.console import StepProgressBar
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: out.write(f"WARNING {message}\n"))
+    bar = StepProgressBar(Console(file=out, force_terminal=True, width=80, color_system=None))
+    trainer = SimpleNamespace(max_steps=4, global_step=1, progress_bar_metrics={"train/loss": 2.0},
+                              is_global_zero=True)
+    try:
+        bar.on_train_start(trainer, None)
+        warnings.warn("a warning during training")
+        logger.warning("a log line during training")
+        trainer.global_step = 4
+        bar.on_train_end(trainer, None)
+    finally:
+        logger.removeHandler(handler)
+    text = ANSI.sub("", out.getvalue())
+    last_bar = text.rindex("step 4/4")
+    assert text.index("WARNING a warning during training") > last_bar
+    assert text.index("a log line during training") > last_bar
+    assert "\nWARNING a warning" in text or text.startswith("WARNING")  # at the start of a line
