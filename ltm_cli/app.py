@@ -157,8 +157,8 @@ def evaluate_cmd(
     if plot_path is not None:
         raise typer.BadParameter("--plot draws task results; add task=passkey|mqar|babi_facts")
     if any(k == "data" or k.startswith("data.") for k in _keys(overrides)):
-        model_args = [f"model.{k}={v}" for k, v in stored["model"].items() if v is not None]
-        data = DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + model_args).data))
+        segment = [f"model.segment_length={model.config.segment_length}"]  # data.seq_len defaults to 4 segments
+        data = DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + segment).data))
     else:
         data = DataConfig(**stored["data"])
     from ltm_cli.progress import progress_bar

@@ -88,8 +88,8 @@ def _plot_model(path: Path, result: dict[str, Any]) -> None:
 def bench_model_cmd(
     model: str = typer.Option("tiny", "--model", help="Backbone preset from conf/model (tiny | small | base | large)."),
     contexts: List[int] = typer.Option([1024, 2048, 4096, 8192], "--context", help="Context lengths (repeatable)."),
-    variants: List[str] = typer.Option([], "--variant", help="memory | memory_context | memory_tokens | segment_local | "
-                                       "full_causal (repeatable; default: all five)."),
+    variants: List[str] = typer.Option([], "--variant", help="memory | segment_local | full_causal | tokens | slots | "
+                                       "delta (repeatable; default: memory, segment_local, full_causal)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Sequences per training step."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     repeats: int = typer.Option(3, "--repeats", help="Timed steps per row (median reported)."),
@@ -106,12 +106,12 @@ def bench_model_cmd(
                     "--repeats": (repeats, 1), "--warmup": (warmup, 0)})
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
-    from ltm_core.bench import VARIANTS, bench_model, default_warmup, ratios, result_header
+    from ltm_core.bench import KIND_VARIANTS, VARIANTS, bench_model, default_warmup, ratios, result_header
     from ltm_core.configuration import compose, model_config
 
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS + KIND_VARIANTS]
     if unknown:
-        raise ConfigError("--variant", f"must be one of {', '.join(VARIANTS)}, got {unknown[0]!r}")
+        raise ConfigError("--variant", f"must be one of {', '.join(VARIANTS + KIND_VARIANTS)}, got {unknown[0]!r}")
     cfg = model_config(compose([f"model={model}", *(overrides or [])]))
     device = device_option(device)
     output_file(json_path, "--json")

@@ -1,10 +1,9 @@
 """`ltm bench model`: training-step throughput, peak memory and MFU of the memory model against its baselines.
 
-Five variants share one backbone: `memory` (segments + memory read by cross-attention, windowed backward),
-`memory_context` (the same, memory slots as an attention prefix: `memory_read=context`), `memory_tokens` (the
-select write keeps whole tokens, read through the self-attention's own projections: `memory_read=tokens`, slots of
-`hidden_size`), `segment_local` (same segments, no memory) and `full_causal` (no memory, one segment spanning the
-context). Each (variant, context) row is measured in a fresh process on CPU. Timings: warm-up, then the median of repeats (synchronised on CUDA).
+The variants share one backbone: `memory` (the model's memory kind, windowed backward), `tokens` / `slots` / `delta`
+(the memory model with that kind, the same slot count), `segment_local` (same segments, no memory) and
+`full_causal` (no memory, one segment spanning the context). Each (variant, context) row is measured in a fresh
+process on CPU. Timings: warm-up, then the median of repeats (synchronised on CUDA).
 
 Peak memory (`peak_mem_bytes`) is tensor memory, the same quantity on both devices: the most that one training step
 after warm-up (forward, backward, optimizer step) holds allocated beyond what was allocated when it began
@@ -32,28 +31,26 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from ltm_core.config import OptimConfig, TitanConfig
+from ltm_core.config import OptimConfig, TitanConfig, memory_config
 from ltm_core.model import TitanModel
 from ltm_core.training import build_optimizer, windowed_backward
 from ltm_extensions.bench import median_ms
 
-VARIANTS = ("memory", "memory_context", "memory_tokens", "segment_local", "full_causal")
+VARIANTS = ("memory", "segment_local", "full_causal")  # the default rows
+KIND_VARIANTS = ("tokens", "slots", "delta")  # the memory model with another memory kind (same backbone and size)
 
 
 def variant_config(base: TitanConfig, variant: str, context: int) -> TitanConfig:
     if variant == "memory":
-        return dataclasses.replace(base, use_memory=True, memory_read="cross")
-    if variant == "memory_context":
-        return dataclasses.replace(base, use_memory=True, memory_read="context")
-    if variant == "memory_tokens":  # an entry is a token as the self-attention sees it: no compression, no conv
-        return dataclasses.replace(base, use_memory=True, memory_read="tokens", memory_write="select",
-                                   memory_dim=base.hidden_size, write_from="block", memory_conv=0,
-                                   slot_positions=False, memory_heads=None)
+        return dataclasses.replace(base, use_memory=True)
+    if variant in KIND_VARIANTS:
+        memory = memory_config({"kind": variant, "slots": base.memory.slots})
+        return dataclasses.replace(base, use_memory=True, memory=memory)
     if variant == "segment_local":
         return dataclasses.replace(base, use_memory=False)
     if variant == "full_causal":
         return dataclasses.replace(base, use_memory=False, segment_length=context, bptt_segments=1)
-    raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS + KIND_VARIANTS)}")
 
 
 def _sync(device: torch.device) -> None:
@@ -157,7 +154,7 @@ def _row_in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
 
 def _child(args: dict[str, Any]) -> None:
     torch.set_num_threads(args.pop("threads"))
-    cfg = TitanConfig(**args.pop("cfg"))
+    cfg = TitanConfig.from_dict(args.pop("cfg"))
     print(json.dumps(train_step_row(cfg, **args)))
 
 
@@ -181,8 +178,7 @@ def generation_row(cfg: TitanConfig, variant: str, length: int, device: str,
     stamps.append(time.perf_counter())
     per_token = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
     tail = per_token[-64:]  # the last (up to) 64 tokens: steady state at this length
-    state_bytes = sum(t.numel() * t.element_size() for ls in out.memory.layers
-                      for t in (ls.memory, ls.keys, ls.values, ls.gated, ls.tail, ls.shift) if t is not None)
+    state_bytes = out.memory.nbytes
     return {"model": variant, "generated": length, "ms_per_token": 1e3 * statistics.median(tail),
             "state_bytes": state_bytes}
 

@@ -15,7 +15,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ltm_core.config import TitanConfig
 from ltm_core.configuration import config_error
-from ltm_core.errors import CheckpointError
+from ltm_core.errors import CheckpointError, ConfigError
+from ltm_core.migration import is_legacy, migrate_model_config, migrate_state_dict
 from ltm_core.model import TitanModel
 
 
@@ -47,13 +48,27 @@ def checkpoint_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt["hyper_parameters"]["config"]
 
 
+def stored_model_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
+    """The model config a checkpoint was trained with, in today's keys (a checkpoint of ltm < 0.2 is migrated;
+    one that used a retired memory is refused in one line)."""
+    try:
+        return migrate_model_config(dict(checkpoint_config(ckpt)["model"]))
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint error: {path} was trained with {err.key}: "
+                              f"{str(err).split(': ', 2)[-1]}") from None
+
+
 def apply_model_overrides(model_cfg: dict[str, Any], overrides: Iterable[str]) -> TitanConfig:
-    """The checkpoint's model config with `model.key=value` overrides applied (e.g. model.kernels=torch)."""
+    """A model config (today's keys) with `model.key=value` overrides applied (e.g. model.kernels=torch,
+    model.memory.select_dedup=0.97); a key the model or its memory kind does not have is an error naming it."""
     dotlist = [o[len("model."):] for o in overrides if o.startswith("model.")]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TitanConfig), model_cfg, OmegaConf.from_dotlist(dotlist))
+        base = OmegaConf.create(model_cfg)
+        OmegaConf.set_struct(base, True)
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as exc:
-        raise config_error(exc) from None
+        err = config_error(exc)
+        raise ConfigError(f"model.{err.key}", str(err).split(": ", 2)[-1]) from None
     return TitanConfig.from_dict(OmegaConf.to_container(merged))
 
 
@@ -61,12 +76,14 @@ def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | to
                ckpt: Optional[dict[str, Any]] = None) -> TitanModel:
     """Build the model a checkpoint was trained with (plus `model.*` overrides) and load its weights."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-    cfg = apply_model_overrides(checkpoint_config(ckpt)["model"], overrides)
+    cfg = apply_model_overrides(stored_model_config(ckpt, path), overrides)
     with torch.device("meta"):
         model = TitanModel(cfg)
     model.to_empty(device=device)
     model.tie_weights()
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if is_legacy(checkpoint_config(ckpt)["model"]):
+        state = migrate_state_dict(state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -1,29 +1,137 @@
 """The one config schema.
 
-`TitanConfig` describes the model; the other dataclasses describe a training run. Hydra composes YAML files from
-`conf/` on top of these dataclasses (registered in its ConfigStore by `ltm_core.configuration`), so a wrong
-type or an unknown key is caught by OmegaConf, and `validate()` checks the values.
+`TitanConfig` describes the model and `model.memory` its long-term memory (one dataclass per memory kind); the other
+dataclasses describe a training run. Hydra composes YAML files from `conf/` on top of these dataclasses
+(registered in its ConfigStore by `ltm_core.configuration`), so a wrong type or an unknown key is caught by
+OmegaConf, and `validate()` checks the values. This module imports neither torch nor Lightning, so a config can be
+checked before they load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ltm_core.errors import ConfigError
 
-MEMORY_READS = ("cross", "context", "tokens")
-MEMORY_WRITES = ("gated", "importance", "select", "delta")
-WRITE_FROM = ("block", "attention")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 KERNELS = ("auto", "triton", "torch")
 
 
+def _positive_int(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(key, f"must be a positive integer, got {value!r}")
+
+
+def _non_negative(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(key, f"must be a number >= 0, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------- memory kinds
+@dataclass
+class TokensMemoryConfig:
+    """`model/memory=tokens` (the default): the memory keeps the `slots` most important whole tokens seen so far, as
+    the self-attention sees them (its normed input), and the self-attention reads them through its own key/value
+    projections beside the segment: a KV cache of the important tokens (ltm_core/memory/tokens.py)."""
+
+    kind: str = "tokens"
+    slots: int = 64  # M: tokens kept per layer
+    select_noise: float = 0.5  # training only: Gumbel noise on the ranking (times the candidates' importance
+    # spread), so tokens the ranking would drop are sometimes kept and the ranking learns from them; 0: exact
+    importance_penalty: float = 1.0  # training only: adds this times the mean importance sigmoid(w . token) of each
+    # written segment to the loss, so tokens no read needs sink in the ranking (logged as train/aux_loss); 0: off
+    importance_detach: bool = True  # the penalty trains the importance weights w only, not the tokens below them
+    select_dedup: Optional[float] = None  # a candidate within this cosine of a higher-ranked one ranks after every
+    # distinct one (near-duplicate suppression): a repeating text cannot fill the memory with copies; null: off
+    read_importance: bool = True  # the read adds log sigmoid(importance) of each kept token to its attention scores
+
+    def validate(self, model: "TitanConfig") -> None:
+        _positive_int("model.memory.slots", self.slots)
+        for key in ("select_noise", "importance_penalty"):
+            _non_negative(f"model.memory.{key}", getattr(self, key))
+        if self.select_dedup is not None and (isinstance(self.select_dedup, bool)
+                                              or not isinstance(self.select_dedup, (int, float))
+                                              or not 0 < self.select_dedup <= 1):
+            raise ConfigError("model.memory.select_dedup",
+                              f"must be a cosine in (0, 1] or null, got {self.select_dedup!r}")
+
+    def width(self, model: "TitanConfig") -> int:
+        return model.hidden_size  # an entry is a token
+
+
+@dataclass
+class SlotsMemoryConfig:
+    """`model/memory=slots`: the seed design. Each segment's block outputs are compressed and gated
+    (c = W_c h, g = c * sigmoid(w . c)); `slots` learned slots read them by attention and an update gate mixes the
+    result in; the tokens read the slots by a cross-attention sub-layer (ltm_core/memory/slots.py)."""
+
+    kind: str = "slots"
+    slots: int = 32  # M: slots per layer
+    dim: int = 64  # D: width of a slot
+    heads: Optional[int] = None  # heads of the cross-attention read; null: model.num_attention_heads
+    update_gate_bias: float = -2.0  # initial b_u: sigmoid(-2) ~ 0.12, a memory that starts by mostly keeping
+
+    def validate(self, model: "TitanConfig") -> None:
+        _positive_int("model.memory.slots", self.slots)
+        _positive_int("model.memory.dim", self.dim)
+        heads = self.heads or model.num_attention_heads
+        if not isinstance(heads, int) or heads <= 0 or model.hidden_size % heads:
+            raise ConfigError("model.memory.heads", f"{heads} must divide model.hidden_size={model.hidden_size}")
+
+    def width(self, model: "TitanConfig") -> int:
+        return self.dim
+
+
+@dataclass
+class DeltaMemoryConfig:
+    """`model/memory=delta`: an associative memory. Per layer a linear map from `dim`-wide keys to `slots`-wide values,
+    written token by token with the delta rule (a key written again replaces its value) from the state after
+    self-attention, and read as map @ normalize(query) (ltm_core/memory/delta.py)."""
+
+    kind: str = "delta"
+    slots: int = 32  # M: width of the values (rows of the map)
+    dim: int = 64  # D: width of the keys (columns of the map)
+
+    def validate(self, model: "TitanConfig") -> None:
+        _positive_int("model.memory.slots", self.slots)
+        _positive_int("model.memory.dim", self.dim)
+
+    def width(self, model: "TitanConfig") -> int:
+        return self.dim
+
+
+MemoryConfig = Union[TokensMemoryConfig, SlotsMemoryConfig, DeltaMemoryConfig]
+MEMORY_CONFIGS: dict[str, type] = {"tokens": TokensMemoryConfig, "slots": SlotsMemoryConfig,
+                                   "delta": DeltaMemoryConfig}
+
+
+def memory_config(values: Any) -> MemoryConfig:
+    """A memory config from a dict (or a memory config); its `kind` picks the dataclass, and a key the kind does not
+    have is an error naming it."""
+    if isinstance(values, tuple(MEMORY_CONFIGS.values())):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError("model.memory", f"must be a memory config (kind: {', '.join(MEMORY_CONFIGS)}), got {values!r}")
+    kind = values.get("kind", "tokens")
+    if kind not in MEMORY_CONFIGS:
+        raise ConfigError("model.memory.kind", f"must be one of {', '.join(MEMORY_CONFIGS)}, got {kind!r}")
+    cls = MEMORY_CONFIGS[kind]
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"model.memory.{unknown[0]}", f"is not a key of the {kind} memory (its keys: "
+                                                        f"{', '.join(k for k in known if k != 'kind')})")
+    return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------------- model
 @dataclass
 class TitanConfig:
-    """Model hyper-parameters. Derived sizes are properties, so overriding
-    `hidden_size` alone keeps them consistent."""
+    """Model hyper-parameters. Derived sizes are properties, so overriding `hidden_size` alone keeps them
+    consistent."""
 
     vocab_size: int = 259  # 256 bytes + BOS/EOS/PAD
     hidden_size: int = 128
@@ -31,75 +139,17 @@ class TitanConfig:
     num_hidden_layers: int = 2
     intermediate_size: Optional[int] = None  # SwiGLU width; None -> 8/3 * hidden rounded up to a multiple of 64
     # long-term memory
-    use_memory: bool = True
-    memory_slots: int = 32  # M: slots per memory layer
-    memory_dim: int = 64  # D: width of a slot
-    memory_heads: Optional[int] = None  # heads of the memory read; None -> num_attention_heads
-    memory_read: str = "cross"  # cross: separate cross-attention; context: slots prepended to the keys/values;
-    # tokens (with memory_write=select, memory_dim = hidden_size): the memory keeps tokens as the self-attention
-    # sees them (their normed inputs) and the self-attention reads them through its own key/value projections, as
-    # if the kept tokens were still in its window (a KV cache of the important tokens)
-    update_gate_bias: float = -2.0  # initial b_u: sigmoid(-2) ~ 0.12, a memory that starts by mostly keeping
-    memory_write: str = "gated"  # gated: slots read the segment, update gate; importance: slots read the tokens
-    # in proportion to their importance and write only as much as that importance (filler leaves memory intact);
-    # select: the memory keeps the memory_slots most important compressed tokens (no query/key/value/update);
-    # delta: an associative memory, a linear map from keys (memory_dim) to values (memory_slots) written by the
-    # delta rule (Titans' linear memory, DeltaNet) and read as mem @ q
-    select_noise: float = 0.5  # select, in training only: Gumbel noise on the importance before the top-k, scaled
-    # by this times the spread (std) of the candidates' importance: sampling without replacement, so tokens that
-    # the ranking would drop are sometimes kept, and a larger importance cannot switch the sampling off; 0: exact
-    importance_penalty: float = 0.0  # select, in training only: adds this times the mean sigmoid(w_s . c) of each
-    # written segment's tokens to the loss (through the write's backward; not in the logged loss), so tokens the
-    # reads do not need sink in the ranking: a needle kept among the top M at the training length then also
-    # outranks the filler of haystacks many times longer; 0: off
-    importance_relative: bool = False  # select: the kept entries' straight-through factor and the penalty use
-    # sigmoid(w_s . c - t), t the M-th highest importance among the candidates, not sigmoid(w_s . c): a common
-    # shift of every importance changes neither, so the penalty cannot push them all into the sigmoid's flat tail,
-    # where the reads no longer teach the ranking anything
-    importance_zloss: float = 0.0  # select, in training only: adds this times the mean squared importance
-    # (w_s . c)^2 of each written segment's tokens to the loss (as the router z-loss of ST-MoE keeps router logits
-    # small): the importances stay near 0, where the sigmoid's slope lets the reads teach the ranking, instead of
-    # drifting with the penalty into its flat tail (where Adam's eps stops the weights); 0: off
-    importance_detach: float = 0.0  # select: the share (0..1) of the penalty's and the z-loss's gradient that is
-    # withheld from the compressed tokens c and the layers below (1 or true: they train the importance weights w_s
-    # only); through c the penalty can teach every token one shared direction that pushes all importances down
-    # together, into the sigmoid's flat tail, where the reads no longer teach the ranking (README, "Why seeds differ")
-    select_dedup: Optional[float] = None  # select: a candidate whose cosine similarity to a higher-ranked one
-    # exceeds this is ranked after every distinct one (near-duplicate suppression, as Fast NMS): a periodic
-    # haystack cannot fill the slots with copies of its best filler token; None: off
-    select_grad: str = "sigmoid"  # select: the kept entries' straight-through factor, 1 + f - f.detach() (= 1), with
-    # f = sigmoid(w_s . c) (sigmoid) or f = w_s . c with c held fixed (logit: it trains w_s only): through it the
-    # reads teach the ranking; the sigmoid's slope vanishes in its flat tail, where the penalty leaves the
-    # importances (about -10: slope 5e-5), the logit's does not (README, "Where a long haystack beats the key")
-    write_from: str = "block"  # what the memory write compresses: block (the block's output) or attention (the
-    # state after self-attention, before the memory read: what a segment writes does not depend on the memory)
-    slot_positions: bool = False  # a learned vector per slot added to the memory before the read's keys/values:
-    # the select write keeps entries in arrival order (slot M-1 newest), so the read can prefer the latest entry
-    slot_order: str = "arrival"  # slot_positions: arrival (an entry's place among all entries) | important (its
-    # place among the entries with importance w_s . entry > 0; the others share one vector): unimportant entries
-    # kept before a needle then do not move its positions (select only)
-    read_importance: bool = False  # select: the memory read adds log sigmoid(importance) of each entry to its
-    # attention scores, so the read prefers what the write ranks high and importance learns from every read
-    read_qk_norm: bool = False  # memory_read=cross: RMSNorm (learned gain) on each head's read queries and slot
-    # keys, so a read score is sqrt(head_dim) * cosine from the first step instead of a near-uniform softmax
-    memory_conv: int = 0  # kernel of a causal depthwise convolution over the compressed tokens before the write
-    # (Titans' short convolution), across segment boundaries: each written token also carries its predecessors;
-    # with memory_write=delta it runs on the keys only, after their projection (a token stored under its
-    # predecessor); 0: none
-    memory_conv_mix: str = "depthwise"  # memory_conv: depthwise (one weight per channel and tap) | full (a D x D map
-    # per tap: each predecessor can land in its own subspace of the entry)
-    short_conv: int = 0  # kernel K of a causal depthwise convolution over each block's input before self-attention
-    # (x + conv(x); H3's shift, Based's short convolution, Canon-A): a token also carries its K - 1 predecessors,
-    # so attention can match a token by what preceded it (associative recall learns in a fraction of the steps:
-    # README, MQAR); inside the segment, zeros before its first token as attention sees nothing before it (so the
-    # no-memory baselines stay segment-local); zero at init; 0: none
-    short_conv_carry: bool = False  # short_conv with a memory: the convolution's last K - 1 inputs cross segment
-    # boundaries with the memory state (Mamba's conv state), so a token that starts a segment still carries its
-    # predecessors (a key split by a boundary); without memory (use_memory=false) the convolution restarts at each
-    # segment, so the baselines stay segment-local
+    use_memory: bool = True  # false: the same backbone without memory (the segment-local baseline)
+    memory: Any = None  # the memory kind's config (tokens | slots | delta); None -> TokensMemoryConfig()
+    short_conv: int = 4  # kernel K of a causal depthwise convolution over each block's input before self-attention
+    # (x + conv(x): H3's shift, Based's short convolution): a token also carries its K - 1 predecessors, so attention
+    # can match a token by what preceded it; zero at init; 0: none
+    short_conv_carry: bool = True  # with a memory, the convolution's last K - 1 inputs cross segment boundaries
+    # with the memory state, so a token that starts a segment still carries its predecessors; without memory the
+    # convolution restarts at each segment (the baseline stays segment-local)
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
-    bptt_segments: int = 2  # segments per backprop window; memory is detached between windows
+    bptt_segments: int = 4  # segments per backprop window; memory is detached between windows
     # backbone details
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -107,26 +157,13 @@ class TitanConfig:
     init_std: float = 0.02
     # execution switches
     activation_checkpointing: bool = False  # recompute each block in backward
-    compile: bool = False  # torch.compile the whole-segment step (blocks + memory writes), reused every segment
+    compile: bool = False  # torch.compile each layer's window step, reused every window
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
     kernels: str = "auto"  # attention/fused-op backend: auto (Triton on CUDA when available), triton, torch
 
     def __post_init__(self) -> None:
+        self.memory = memory_config({} if self.memory is None else self.memory)
         self.validate()
-
-    def _validate_tokens_read(self) -> None:
-        """memory_read=tokens: an entry is a token's normed self-attention input, kept as it is."""
-        if self.memory_write != "select":
-            raise ConfigError("model.memory_read", f"tokens keeps whole tokens: needs model.memory_write=select, got "
-                                                   f"{self.memory_write!r}")
-        if self.memory_dim != self.hidden_size:
-            raise ConfigError("model.memory_dim", f"must equal model.hidden_size={self.hidden_size} with "
-                                                  f"memory_read=tokens (a slot holds a token), got {self.memory_dim}")
-        changed = {"write_from": "block", "memory_conv": 0, "slot_positions": False}  # they reshape the entries
-        for key, default in changed.items():
-            if getattr(self, key) != default:
-                raise ConfigError(f"model.{key}", "does not apply to memory_read=tokens (an entry is the token "
-                                                  "as the self-attention sees it)")
 
     @property
     def head_dim(self) -> int:
@@ -139,90 +176,27 @@ class TitanConfig:
         return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
 
     @property
-    def num_memory_heads(self) -> int:
-        return self.memory_heads or self.num_attention_heads
+    def memory_kind(self) -> Optional[str]:
+        """The memory kind in use, or None for the no-memory baselines."""
+        return self.memory.kind if self.use_memory else None
 
     def validate(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "segment_length",
-                    "bptt_segments", "memory_dim")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model.{name}", f"must be a positive integer, got {value!r}")
-        if self.memory_slots < 0:
-            raise ConfigError("model.memory_slots", f"must be >= 0, got {self.memory_slots}")
-        if self.use_memory and self.memory_slots == 0:
-            raise ConfigError("model.memory_slots", "must be > 0 when model.use_memory=true")
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "segment_length",
+                     "bptt_segments"):
+            _positive_int(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("model.hidden_size", f"{self.hidden_size} is not divisible by "
                               f"model.num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2:
             raise ConfigError("model.hidden_size", f"head dim {self.head_dim} must be even for rotary embeddings")
-        heads = self.memory_heads or self.num_attention_heads
-        if heads <= 0 or self.hidden_size % heads:
-            raise ConfigError("model.memory_heads", f"{heads} must divide model.hidden_size={self.hidden_size}")
-        if self.memory_read in ("context", "tokens") and heads != self.num_attention_heads:
-            raise ConfigError("model.memory_heads",
-                              f"must equal model.num_attention_heads with memory_read={self.memory_read}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError("model.intermediate_size", f"must be positive, got {self.intermediate_size}")
-        if not isinstance(self.memory_conv, int) or isinstance(self.memory_conv, bool) or self.memory_conv < 0:
-            raise ConfigError("model.memory_conv", f"must be an integer >= 0, got {self.memory_conv!r}")
-        for key in ("select_noise", "importance_penalty", "importance_zloss"):
-            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
-                raise ConfigError(f"model.{key}", f"must be a number >= 0, got {getattr(self, key)!r}")
-        if not isinstance(self.importance_detach, (int, float)) or not 0 <= self.importance_detach <= 1:
-            raise ConfigError("model.importance_detach",
-                              f"must be a number in [0, 1] (true: 1), got {self.importance_detach!r}")
-        if self.select_dedup is not None and (isinstance(self.select_dedup, bool)
-                                              or not isinstance(self.select_dedup, (int, float))
-                                              or not 0 < self.select_dedup <= 1):
-            raise ConfigError("model.select_dedup", f"must be a cosine in (0, 1] or null, got {self.select_dedup!r}")
-        if self.select_grad not in ("sigmoid", "logit"):
-            raise ConfigError("model.select_grad", f"must be sigmoid or logit, got {self.select_grad!r}")
-        if self.select_grad == "logit" and self.importance_relative:
-            raise ConfigError("model.select_grad", "logit replaces importance_relative's factor: use one")
-        defaults = {f.name: f.default for f in fields(self)}
-        for key in ("importance_penalty", "importance_zloss", "importance_detach", "importance_relative",
-                    "read_importance", "select_grad", "select_dedup"):  # options of the select write: set = not off
-            if getattr(self, key) != defaults[key] and self.memory_write != "select":
-                raise ConfigError(f"model.{key}", f"needs model.memory_write=select, got {self.memory_write!r}")
-        if self.importance_relative and (self.read_importance or self.slot_order == "important"):
-            raise ConfigError("model.importance_relative", "leaves the absolute importance free, which "
-                                                           "read_importance and slot_order=important read: use one")
-        if self.memory_write not in MEMORY_WRITES:
-            raise ConfigError("model.memory_write",
-                              f"must be one of {', '.join(MEMORY_WRITES)}, got {self.memory_write!r}")
-        if self.memory_write == "delta" and self.memory_read != "cross":
-            raise ConfigError("model.memory_read", f"memory_write=delta is read as mem @ q: needs cross, got "
-                                                   f"{self.memory_read!r}")
-        if self.memory_write == "delta" and self.slot_positions:
-            raise ConfigError("model.slot_positions", "does not apply to memory_write=delta (a linear map has no "
-                                                      "slots in arrival order)")
-        if self.slot_order not in ("arrival", "important"):
-            raise ConfigError("model.slot_order", f"must be arrival or important, got {self.slot_order!r}")
-        if self.slot_order == "important" and not (self.slot_positions and self.memory_write == "select"):
-            raise ConfigError("model.slot_order", "important needs model.slot_positions=true and "
-                                                  "model.memory_write=select")
-        if self.read_qk_norm and (not self.use_memory or self.memory_read != "cross"
-                                  or self.memory_write == "delta"):
-            raise ConfigError("model.read_qk_norm", "needs a memory (use_memory=true) read by attention over its "
-                                                    "slots: memory_read=cross, not memory_write=delta")
         if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or self.short_conv < 0 \
                 or self.short_conv == 1:  # a kernel of 1 has no predecessor to carry
             raise ConfigError("model.short_conv", f"must be 0 (none) or an integer >= 2, got {self.short_conv!r}")
         if self.short_conv_carry and not self.short_conv:
             raise ConfigError("model.short_conv_carry", "needs model.short_conv >= 2 (a convolution to carry)")
-        if self.memory_conv_mix not in ("depthwise", "full"):
-            raise ConfigError("model.memory_conv_mix", f"must be depthwise or full, got {self.memory_conv_mix!r}")
-        if self.memory_conv_mix == "full" and not self.memory_conv:
-            raise ConfigError("model.memory_conv_mix", "full needs model.memory_conv > 0")
-        if self.write_from not in WRITE_FROM:
-            raise ConfigError("model.write_from", f"must be one of {', '.join(WRITE_FROM)}, got {self.write_from!r}")
-        if self.memory_read not in MEMORY_READS:
-            raise ConfigError("model.memory_read", f"must be one of {', '.join(MEMORY_READS)}, got {self.memory_read!r}")
-        if self.use_memory and self.memory_read == "tokens":
-            self._validate_tokens_read()
+        self.memory.validate(self)
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError("model.compile_mode",
                               f"must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
@@ -234,8 +208,18 @@ class TitanConfig:
         if self.vocab_size < 259:
             raise ConfigError("model.vocab_size", f"must be >= 259 for the byte tokenizer, got {self.vocab_size}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (the memory config as a dict), as stored in checkpoints."""
+        return dataclasses.asdict(self)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TitanConfig":
+        """From stored or composed values. A config written before the memory kinds (ltm < 0.2: memory_read,
+        memory_write, memory_slots, ... at the top level) is migrated when it used a kind that still exists, and
+        refused in one line when it used an option that was retired (docs/experiments/negative-results.md)."""
+        from ltm_core.migration import migrate_model_config
+
+        values = migrate_model_config(dict(values))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

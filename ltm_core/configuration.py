@@ -17,13 +17,28 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from ltm_core.config import TASK_NAMES, DataConfig, OptimConfig, TitanConfig, TrainRunConfig
+from ltm_core.config import MEMORY_CONFIGS, TASK_NAMES, DataConfig, OptimConfig, TitanConfig, TrainRunConfig
 from ltm_core.errors import ConfigError
+from ltm_core.migration import LEGACY_KEYS
 
-ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+
+def _register_schemas() -> None:
+    """The run schema, with `model.memory` left open: each memory kind's option file (conf/model/memory/<kind>.yaml)
+    starts from its own dataclass (`<kind>_schema`), so a key of another kind is unknown there."""
+    store = ConfigStore.instance()
+    schema = OmegaConf.structured(TrainRunConfig)
+    with open_dict(schema.model):
+        del schema.model["memory"]
+        schema.model.memory = None
+    store.store(name="train_schema", node=schema)
+    for kind, cls in MEMORY_CONFIGS.items():
+        store.store(group="model/memory", name=f"{kind}_schema", node=cls)
+
+
+_register_schemas()
 
 
 def config_dir() -> str:
@@ -39,10 +54,10 @@ def config_error(exc: BaseException) -> ConfigError:
     """Turn a Hydra/OmegaConf exception (and its causes) into one line naming the key."""
     text = str(exc)
     if isinstance(exc, MissingConfigException) or "Could not find" in text or "Could not load" in text:
-        group = _first(r"Could not (?:find|load) '([^/']+)/", text)
-        option = _first(r"Could not (?:find|load) '[^/']+/([^']+)'", text)
-        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
-        if group:
+        path = _first(r"Could not (?:find|load) '([^']+)'", text)
+        options = [o for o in re.findall(r"^\t(\S+)$", text, flags=re.M) if not o.endswith("_schema")]
+        if path and "/" in path:
+            group, option = path.rsplit("/", 1)
             choices = f"; choose one of {', '.join(options)}" if options else ""
             return ConfigError(group, f"no option {option!r}{choices}")
     while exc.__cause__ is not None:  # the innermost error says what is wrong
@@ -51,7 +66,10 @@ def config_error(exc: BaseException) -> ConfigError:
     key = _first(r"full_key: (\S+)", text) or _first(r"override '([^'=]+)", text) or "overrides"
     message = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if re.match(r"Key '[^']+' not in", message):
-        message = f"unknown key ({message}); see `ltm config show` for the known keys"
+        moved = key.startswith("model.") and key.split(".")[1] in LEGACY_KEYS
+        hint = ("the memory's keys are under model.memory.* since ltm 0.2 (model/memory=tokens|slots|delta)"
+                if moved else "see `ltm config show` for the known keys")
+        message = f"unknown key ({message}); {hint}"
     elif message.startswith("Error parsing override"):
         message = message + " (expected key=value)"
     return ConfigError(key, message)

@@ -1,22 +1,32 @@
-"""TitanModel: a segment-recurrent transformer with a long-term memory bank.
+"""TitanModel: a segment-recurrent transformer with a long-term memory per layer.
 
-The input is read in segments of `segment_length` tokens. Inside a segment, attention is causal; across
-segments, information flows only through each layer's memory bank (see `ltm_core.memory`). Block:
+The input is read in segments of `segment_length` tokens. Inside a segment, attention is causal; across segments,
+information flows only through each layer's memory (ltm_core/memory/: one module per kind). Block:
 
-    x += conv(x)                          short_conv=K: causal depthwise inside the segment (K - 1 predecessors;
-                                          across segments with the memory state: short_conv_carry)
-    x += SelfAttention(norm(x))           causal inside the segment (+ memory slots as prefix: memory_read=context,
-                                          or the kept tokens through its own key/value projections: tokens)
-    x += MemoryAttention(norm(x), mem)    memory_read=cross
+    x += conv(x)                          short_conv=K: causal depthwise (K - 1 predecessors; across segments with
+                                          the memory state: short_conv_carry)
+    x += SelfAttention(norm(x), prefix)   causal inside the segment; the tokens memory adds its kept tokens as a
+                                          prefix, read through the attention's own key/value projections
+    x += memory.read(x)                   the slots and delta memories' residual read
     x += FeedForward(norm(x))             SwiGLU
-    memory write of the segment from x     (write_from=attention: from x before the memory read; tokens: norm(x))
+    memory.write(entries of the segment)  once the segment is complete (from norm(x), the state after attention,
+                                          or the block output: the kind's `writes`)
 
-`use_memory=False` is the same code without the memory: a segment-local transformer, and a full-causal one when
-`segment_length >= sequence length`.
+Execution. Inside one BPTT window (`bptt_segments` segments) the model runs layer by layer over all the window's
+segments at once (Infini-attention's layer-major order): norms, projections, the short convolution, the FFN and the
+segment attention run batched as [B * segments, S, C]; only the memory recurrence steps through the segments
+(`Memory.scan`), and the read is one batched attention over (memory + segment). A kind that writes the block's own
+output (`slots`) cannot take that order and runs segment by segment, as do streaming calls that start or end
+inside a segment (generation). `window_parallel = False` on a model forces the segment-by-segment path everywhere:
+it is the reference the layer-major pass is tested against. Between windows the state is detached (truncated BPTT).
+
+`use_memory=False` is the same code without the memory: a segment-local transformer (all segments of the input
+in one batched call), and a full-causal one when `segment_length >= sequence length`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -24,27 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torch.utils.hooks import RemovableHandle
 
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.memory import DeltaRead, LayerState, LongTermMemory, MemoryRead, MemoryState, RMSNorm, causal_conv
-
-
-EMPTY_SLOT_SCORE = -1e3  # memory_read=tokens: added to an empty slot's scores (exp(-1000) = 0 in any precision)
-
-
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [T] -> cos, sin: [T, head_dim // 2] (fp32)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float().unsqueeze(1) * inv_freq  # [T, hd/2]
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, hd]; rotates pairs (x[..., :hd/2], x[..., hd/2:])."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, rotary_tables
+from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
+from ltm_core.memory.base import AddLoss
 
 
 class SelfAttention(nn.Module):
@@ -54,25 +51,25 @@ class SelfAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState,
-                prefix: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]], backend: str):
-        """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd])."""
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                past: Optional[tuple[torch.Tensor, torch.Tensor]], prefix: Optional[Prefix], backend: str):
+        """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd]). `past`: the
+        keys/values of the segment's earlier tokens; `prefix`: tokens every query also reads (no position)."""
         B, T, C = h.shape
         q, k, v = self.qkv_proj(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B,H,T,hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past.keys is not None:  # tokens already seen in this segment
-            k, v = torch.cat([past.keys, k], dim=2), torch.cat([past.values, v], dim=2)
+        if past is not None:  # tokens already seen in this segment
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         keys, values, prefix_len, bias = k, v, 0, None
-        if prefix is not None:  # memory as context: slots are a non-causal prefix (with read_importance's bias)
-            keys, values = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
-            prefix_len, bias = prefix[0].shape[2], prefix[2]
-        y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend,
-                      key_bias=bias)  # [B, H, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # -1: local heads under TP
+        if prefix is not None:  # the memory's tokens: a non-causal prefix, through this attention's projections
+            pk, pv = self.kv(prefix.tokens)  # [B, H, M, hd]
+            keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            prefix_len, bias = pk.shape[2], prefix.bias
+        y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend, key_bias=bias)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # [B, T, C]; -1: local heads under TP
 
     def kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: [B, M, C] normed tokens kept by the memory (memory_read=tokens) -> their keys and values through this
-        attention's own projections [B, H, M, hd], not rotated: the slots carry no position."""
+        """h: [B, M, C] -> keys and values through this attention's projections [B, H, M, hd], not rotated."""
         B, M, _ = h.shape
         _, k, v = self.qkv_proj(h).view(B, M, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
@@ -100,76 +97,91 @@ class Block(nn.Module):
         self.attn = SelfAttention(cfg)
         if cfg.short_conv:  # [C, K] one weight per channel and tap
             self.short_conv = nn.Parameter(torch.empty(cfg.hidden_size, cfg.short_conv))
-        if cfg.use_memory:
-            self.memory = LongTermMemory(cfg)
-            if cfg.memory_read != "tokens":  # tokens: the self-attention reads the memory itself
-                self.memory_read = DeltaRead(cfg) if cfg.memory_write == "delta" else MemoryRead(cfg)
-            if cfg.memory_read == "cross":
-                self.memory_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
+        self.memory = build_memory(cfg) if cfg.use_memory else None
+        self.carry = cfg.use_memory and cfg.short_conv_carry  # the convolution crosses segments with the memory
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.ffn = FeedForward(cfg)
 
     def reset_parameters(self) -> None:
         std, residual_std = self.cfg.init_std, self.cfg.init_std / (2 * self.cfg.num_hidden_layers) ** 0.5
-        for norm in (self.attn_norm, self.ffn_norm, getattr(self, "memory_norm", None)):
-            if norm is not None:
-                norm.reset_parameters()
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
         nn.init.normal_(self.attn.qkv_proj.weight, std=std)
         nn.init.normal_(self.attn.o_proj.weight, std=residual_std)
         if self.cfg.short_conv:  # the block starts as it would be without it
             nn.init.zeros_(self.short_conv)
         nn.init.normal_(self.ffn.gate_up_proj.weight, std=std)
         nn.init.normal_(self.ffn.down_proj.weight, std=residual_std)
-        if self.cfg.use_memory:
+        if self.memory is not None:
             self.memory.reset_parameters()
-            if hasattr(self, "memory_read"):
-                self.memory_read.reset_parameters()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState):
-        """x: [B, T, C] -> (x, keys, values [B, H, t + T, hd], gated content [B, T, D] or None, the block inputs
-        of the last K - 1 tokens [B, K - 1, C] for short_conv=K or None)."""
-        backend = self.cfg.kernels
-        shift = None
-        if self.cfg.short_conv:
-            x, shift = self._short_conv(x, past.shift)
-        mem = past.memory
-        bias = None  # read_importance: log sigmoid(importance) of each slot, added to its read scores [B, M]
-        if mem is not None and self.cfg.read_importance:
-            bias = self.shared_by_heads(F.logsigmoid(self.memory.importance(mem).squeeze(-1).float()))
-        important = None  # slot_order=important: the entries the write ranks important [B, M]
-        if mem is not None and self.cfg.slot_order == "important":
-            important = self.memory.important(mem)
-        prefix = None
-        if mem is not None and self.cfg.memory_read == "context":
-            prefix = (*self.memory_read.kv(mem, important), bias)  # slot keys, values [B, H, M, hd]; bias [B, M]
-        if mem is not None and self.cfg.memory_read == "tokens":  # empty slots are masked out of the read
-            masked = self.memory.empty(mem).float() * EMPTY_SLOT_SCORE  # [B, M]
-            prefix = (*self.attn.kv(mem), masked if bias is None else bias + masked)
-        normed = self.attn_norm(x)  # [B, T, C]: what memory_read=tokens writes
-        a, k, v = self.attn(normed, cos, sin, past, prefix, backend)
+        """Tokens of one segment, in order (the segment-by-segment path). x: [B, T, C] -> (x, keys, values
+        [B, H, t + T, hd], the tokens' write entries [B, T, D] or None, the block inputs of the segment's last
+        K - 1 tokens [B, K - 1, C] or None)."""
+        x, shift = self._short_conv(x, past.shift)
+        normed = self.attn_norm(x)  # [B, T, C]
+        mem, state = self.memory, past.memory
+        prefix = mem.prefix(state) if mem is not None else None
+        kv = None if past.keys is None else (past.keys, past.values)
+        a, k, v = self.attn(normed, cos, sin, kv, prefix, self.cfg.kernels)
         x = x + a
-        attended = x  # [B, T, C]: what write_from=attention compresses (before the memory read)
-        if mem is not None and self.cfg.memory_read == "cross":
-            x = x + self.memory_read(self.memory_norm(x), mem, backend, bias, important)
+        written = {"normed": normed, "attended": x}  # the hidden states a kind may write (else the block output)
+        if mem is not None:
+            read = mem.read(x, state)
+            if read is not None:
+                x = x + read
         x = x + self.ffn(self.ffn_norm(x))
-        written = normed if self.cfg.memory_read == "tokens" else attended if self.cfg.write_from == "attention" else x
-        gated = None if mem is None else self.memory.gate(written)
-        return x, k, v, gated, shift
+        entries = None if mem is None else mem.entries(written.get(mem.writes, x))
+        return x, k, v, entries, shift
 
-    @staticmethod
-    def shared_by_heads(t: torch.Tensor) -> torch.Tensor:
-        """A replicated tensor that every head's read uses. Under tensor parallelism a rank holds only its heads,
-        so the gradient is summed over the tp group there (`apply_tensor_parallel` replaces this identity)."""
-        return t
+    def forward_window(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState,
+                       noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[Scan], Optional[torch.Tensor]]:
+        """W complete segments at once (the layer-major path; the memory must write "normed" or "attended").
+        x: [B, W, S, C], past: the state before the first, noise: [W, ...] the writes' training noise or None ->
+        (x [B, W, S, C], the memory's scan over the segments or None, the block inputs of the window's last K - 1
+        tokens [B, K - 1, C] when they are carried, else None)."""
+        B, W, S, C = x.shape
+        x, shift = self._short_conv_window(x, past.shift)
+        h = x.flatten(0, 1)  # [B W, S, C]: every segment is a batch element
+        normed = self.attn_norm(h)
+        mem, scan = self.memory, None
+        if mem is not None and mem.writes == "normed":  # every segment's memory is known before the attention
+            scan = mem.scan(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise)
+        prefix = mem.prefix(scan.before) if scan is not None else None
+        a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels)
+        h = h + a
+        if mem is not None and mem.writes == "attended":
+            scan = mem.scan(past.memory, mem.entries(h).unflatten(0, (B, W)), noise)
+        if scan is not None:
+            read = mem.read(h, scan.before)
+            if read is not None:
+                h = h + read
+        h = h + self.ffn(self.ffn_norm(h))
+        return h.unflatten(0, (B, W)), scan, shift
 
-    def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, T, C], before: [B, K - 1, C] the inputs of the segment's tokens before it (None: zeros, x starts a segment)
-        -> (x + the causal depthwise convolution of x [B, T, C], the inputs of the last K - 1 tokens [B, K - 1, C])."""
-        B, T, C = x.shape
+    def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]):
+        """x: [B, T, C], before: [B, K - 1, C] the inputs before it in the segment, or carried from the previous
+        one (None: zeros) -> (x + the causal depthwise convolution of x, the inputs of the last K - 1 tokens)."""
+        if not self.cfg.short_conv:
+            return x, None
+        T = x.shape[1]
         if before is None:
-            before = x.new_zeros(B, self.short_conv.shape[1] - 1, C)
+            before = x.new_zeros(x.shape[0], self.short_conv.shape[1] - 1, x.shape[2])
         y = causal_conv(x, self.short_conv.unsqueeze(1), before)  # [B, T, C]
         return x + y, torch.cat([before.to(x.dtype), x], dim=1)[:, T:]  # T may be shorter than K - 1
+
+    def _short_conv_window(self, x: torch.Tensor, before: Optional[torch.Tensor]):
+        """x: [B, W, S, C] -> (x + the convolution: over the whole window from `before` when it is carried,
+        else restarting at every segment; the carried inputs of the window's last K - 1 tokens, or None)."""
+        if not self.cfg.short_conv:
+            return x, None
+        B, W, S, C = x.shape
+        if self.carry:
+            y, shift = self._short_conv(x.flatten(1, 2), before)
+            return y.view(B, W, S, C), shift
+        y, _ = self._short_conv(x.flatten(0, 1), None)
+        return y.view(B, W, S, C), None
 
 
 @dataclass
@@ -177,12 +189,164 @@ class TitanOutput:
     logits: torch.Tensor  # [B, L, vocab]
     memory: MemoryState  # state after the last token, to continue from
     loss: Optional[torch.Tensor] = None  # mean cross-entropy over labels != -100, when labels are given
+    aux_loss: Optional[torch.Tensor] = None  # the memory writes' auxiliary training losses (already in the
+    # gradient through the writes; reported for logging), summed over the writes a later read of their window uses
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
-class TitanModel(nn.Module):
+class SegmentRecurrence(nn.Module):
+    """Runs `self.blocks` over a long input from a `MemoryState`: the layer-major window pass where it can, the
+    segment-by-segment path elsewhere. Shared by TitanModel and the pipeline stages (which hold some blocks)."""
+
+    window_parallel: bool = True  # False: segment by segment everywhere (the reference of the layer-major pass)
+    aux_weight: float = 1.0  # the weight of the writes' auxiliary losses in the gradient: the trainers set it to
+    # the share of the batch one forward holds (1 / gradient accumulation, / pipeline microbatches), as they
+    # scale the token loss
+
+    def register_write_hook(self, hook: Callable) -> RemovableHandle:
+        """Call `hook(layer, entries, kept)` after every memory write: the layer's index, what the segment wrote
+        [B, S, D] and, for kinds that select (tokens), the candidates kept [B, M] (indices into the memory's M
+        entries before the write, then the segment's S tokens; `Write.kept`). Each layer's writes arrive in order.
+        Returns a handle whose `remove()` unregisters it (diagnostics: scripts/memory_contents.py)."""
+        hooks = self.__dict__.setdefault("_write_hooks", OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
+    def _call_write_hooks(self, layer: int, entries: torch.Tensor, kept: Optional[torch.Tensor]) -> None:
+        for hook in self.__dict__.get("_write_hooks", {}).values():
+            hook(layer, entries, kept)
+
+    def initial_state(self, batch_size: int) -> MemoryState:
+        layers = [LayerState(block.memory.initial_state(batch_size) if block.memory is not None else None)
+                  for block in self.blocks]
+        return MemoryState(layers, batch_size=batch_size)
+
+    def run_blocks(self, x: torch.Tensor, state: MemoryState):
+        """x: [B, L, C] -> (hidden states [B, L, C], the state after the last token, aux loss or None)."""
+        cfg = self.config
+        S, L = cfg.segment_length, x.shape[1]
+        memory = next(iter(self.blocks)).memory
+        layer_major = self.window_parallel and (memory is None or memory.window_parallel)
+        chunks, aux, pos = [], [], 0
+        while pos < L:
+            whole = (L - pos) // S if state.offset == 0 else 0  # complete segments from here
+            if layer_major and whole:
+                n = whole if memory is None else min(whole, cfg.bptt_segments - state.segments % cfg.bptt_segments)
+                h, state = self._window(x[:, pos:pos + n * S], state, n, aux)
+            else:
+                h, state = self._step(x[:, pos:pos + min(S - state.offset, L - pos)], state, aux)
+            chunks.append(h)
+            pos += h.shape[1]
+        h = torch.cat(chunks, dim=1) if chunks else x
+        aux = [a for a in aux if a is not None]
+        return h, state, (torch.stack(aux).sum() if aux else None)
+
+    def _noise(self, state: MemoryState, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The current window's training noise for every write [bptt_segments, layers, ...] (None if the memory draws
+        none): drawn once, at the window's first write, so the layer-major and the segment-by-segment paths read
+        the same numbers."""
+        memory = next(iter(self.blocks)).memory
+        shape = None if memory is None or not self.training else memory.noise_shape(batch_size,
+                                                                                  self.config.segment_length)
+        if shape is None:
+            return None
+        if state.noise is None or state.segments % self.config.bptt_segments == 0:
+            return torch.empty(self.config.bptt_segments, len(self.blocks), *shape, device=device).exponential_()
+        return state.noise
+
+    def _advance(self, state: MemoryState, layers: list, complete: int, offset: int, noise) -> MemoryState:
+        """The state after `complete` more segments (and `offset` tokens into the next); detached at a window end."""
+        segments = state.segments + complete
+        window_end = complete and segments % self.config.bptt_segments == 0
+        new = MemoryState(layers, offset, segments, state.batch_size, None if window_end else noise)
+        return new.detach() if window_end else new  # truncated BPTT: gradients stop at window boundaries
+
+    def _counted(self, state: MemoryState, i: int) -> bool:
+        """Whether the write ending the i-th segment from `state` is read later in its window (its aux loss counts)."""
+        return (state.segments + i) % self.config.bptt_segments < self.config.bptt_segments - 1
+
+    def _window(self, x: torch.Tensor, state: MemoryState, n: int, aux: list):
+        """n complete segments x: [B, n S, C] inside one BPTT window, layer by layer."""
+        cfg = self.config
+        B, S = x.shape[0], cfg.segment_length
+        cos, sin = rotary_tables(torch.arange(S, device=x.device), cfg.head_dim, cfg.rope_theta)
+        noise = self._noise(state, B, x.device)
+        p = state.segments % cfg.bptt_segments
+        window_noise = None if noise is None else noise[p:p + n]  # [n, layers, ...]
+        run = self._compiled_window if self._compiled_window is not None else self._window_layers
+        h, layers, scans = run(x.view(B, n, S, -1), cos, sin, tuple(state.layers), window_noise)
+        if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
+            # a CUDA-graph replay overwrites the outputs of the previous one: the state and the window's output
+            # outlive the call, so they are copied out of the graph's memory pool
+            h, layers = h.clone(), tuple(ls.map(torch.clone) for ls in layers)
+        counted = []
+        for l, scan in enumerate(scans):
+            if scan is None:
+                continue
+            counted.extend(a for i, a in enumerate(scan.aux) if a is not None and self._counted(state, i))
+            for i in range(n):
+                self._call_write_hooks(l, scan.entries[:, i], None if scan.kept is None else scan.kept[:, i])
+        return self._add_aux(h.flatten(1, 2), counted, aux), self._advance(state, list(layers), n, 0, noise)
+
+    def _add_aux(self, h: torch.Tensor, counted: list, aux: list) -> torch.Tensor:
+        """The counted writes' auxiliary losses join the gradient (times `aux_weight`) through the hidden states h,
+        which every backward of their window passes through; they are also collected in `aux` for logging."""
+        if not counted:
+            return h
+        total = torch.stack(counted).sum()
+        aux.append(total)
+        return AddLoss.apply(h, total * self.aux_weight) if torch.is_grad_enabled() else h
+
+    def _window_layers(self, x: torch.Tensor, cos, sin, pasts: tuple, noise: Optional[torch.Tensor]):
+        """x: [B, n, S, C] through every block (the unit `model.compile` compiles) -> (x, the layers' states after
+        the window, each layer's memory scan or None)."""
+        layers, scans = [], []
+        for l, block in enumerate(self.blocks):
+            past = pasts[l]
+            layer_noise = None if noise is None else noise[:, l]
+            if self.config.activation_checkpointing and self.training:
+                x, scan, shift = checkpoint(block.forward_window, x, cos, sin, past, layer_noise, use_reentrant=False)
+            else:
+                x, scan, shift = block.forward_window(x, cos, sin, past, layer_noise)
+            layers.append(LayerState(None if scan is None else scan.after, shift=shift))
+            scans.append(scan)
+        return x, tuple(layers), scans
+
+    def _step(self, x: torch.Tensor, state: MemoryState, aux: list):
+        """t tokens that all fall in the current segment, segment by segment. x: [B, t, C]."""
+        cfg = self.config
+        offset = state.offset
+        complete = offset + x.shape[1] == cfg.segment_length
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device)  # positions inside the segment
+        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+        noise = self._noise(state, x.shape[0], x.device) if complete else state.noise
+        p = state.segments % cfg.bptt_segments
+        layers, counted = [], []
+        for l, (block, past) in enumerate(zip(self.blocks, state.layers)):
+            if cfg.activation_checkpointing and self.training:
+                x, k, v, entries, shift = checkpoint(block, x, cos, sin, past, use_reentrant=False)
+            else:
+                x, k, v, entries, shift = block(x, cos, sin, past)
+            if entries is not None and past.pending is not None:
+                entries = torch.cat([past.pending, entries], dim=1)  # [B, offset + t, D]
+            if not complete:
+                layers.append(LayerState(past.memory, k, v, entries, shift))
+            elif block.memory is not None:  # the segment is complete: write it
+                write = block.memory.write(past.memory, entries, None if noise is None else noise[p, l])
+                self._call_write_hooks(l, entries, write.kept)
+                if write.aux is not None and self._counted(state, 0):
+                    counted.append(write.aux)
+                layers.append(LayerState(write.state, shift=shift if block.carry else None))
+            else:  # the next segment's convolution starts from zeros, as its attention from nothing
+                layers.append(LayerState(None))
+        return (self._add_aux(x, counted, aux),
+                self._advance(state, layers, int(complete), 0 if complete else offset + x.shape[1], noise))
+
+
+class TitanModel(SegmentRecurrence):
     def __init__(self, cfg: TitanConfig):
         super().__init__()
         self.config = cfg
@@ -190,7 +354,7 @@ class TitanModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.kernels)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._compiled_layers = compile_layers(self)
+        self._compiled_window = compile_window(self)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -217,98 +381,33 @@ class TitanModel(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), the nanoGPT/torchtitan way:
-        6N (dense parameters, embedding lookup excluded) + 12 L d T (attention over T = min(segment, seq_len)
-        keys) + 12 L d M (memory read over M slots) + 12 L M D (memory write attention, per token) + the slots'
-        key/value projection, which runs on M slots once per segment, M / T times per token, not once as 6N counts
-        it (memory_read=tokens: the self-attention's q|k|v projection, also run on the M kept tokens)."""
+        """Training FLOPs per token (forward + backward), the nanoGPT/torchtitan way: 6N (dense parameters,
+        embedding lookup excluded) + 12 L C T (attention over T = min(segment, seq_len) keys) + what each layer's
+        memory adds (`Memory.flops_per_token`: e.g. the tokens memory's read over M more keys)."""
         cfg = self.config
         n = self.num_parameters() - (self.embed_tokens.weight.numel() if not cfg.tie_word_embeddings else 0)
         T = min(cfg.segment_length, seq_len)
-        L, C, M = cfg.num_hidden_layers, cfg.hidden_size, cfg.memory_slots
-        flops = 6 * n + 12 * L * C * T
+        flops = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * T
         if cfg.use_memory:
-            flops += 12 * L * C * M + 12 * L * M * cfg.memory_dim
-            read = getattr(self.blocks[0], "memory_read", None)
-            if isinstance(read, MemoryRead):  # kv_proj: counted once per token in 6N, run M / T times
-                flops += 6 * L * read.kv_proj.weight.numel() * (M / T - 1)
-            elif cfg.memory_read == "tokens":  # qkv_proj: once per token (in 6N) and on the M kept tokens
-                flops += 6 * L * 3 * C * C * M / T
+            flops += cfg.num_hidden_layers * self.blocks[0].memory.flops_per_token(T)
         return float(flops)
 
     # ---------------------------------------------------------------------------------------------- forward
-    def initial_state(self, batch_size: int) -> MemoryState:
-        layers = [LayerState(block.memory.initial_state(batch_size) if self.config.use_memory else None)
-                  for block in self.blocks]
-        return MemoryState(layers, batch_size=batch_size)
-
     def forward(self, input_ids: torch.Tensor, memory: Optional[MemoryState] = None,
                 labels: Optional[torch.Tensor] = None) -> TitanOutput:
         """input_ids: [B, L] -> logits [B, L, vocab]; continues from `memory` (the previous call's state)."""
-        B, L = input_ids.shape
-        state = memory if memory is not None else self.initial_state(B)
+        state = memory if memory is not None else self.initial_state(input_ids.shape[0])
         x = self.embed_tokens(input_ids)  # [B, L, C]
-        chunks, pos = [], 0
-        while pos < L:
-            t = min(self.config.segment_length - state.offset, L - pos)
-            h, state = self._step(x[:, pos:pos + t], state)
-            chunks.append(h)
-            pos += t
-        h = self.norm(torch.cat(chunks, dim=1)) if chunks else x
-        logits = self.lm_head(h)  # [B, L, vocab]
+        h, state, aux = self.run_blocks(x, state)
+        logits = self.lm_head(self.norm(h))  # [B, L, vocab]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        return TitanOutput(logits=logits, memory=state, loss=loss)
-
-    def _step(self, x: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
-        """Read t tokens that all fall in the current segment. x: [B, t, C]."""
-        cfg = self.config
-        complete = state.offset + x.shape[1] == cfg.segment_length
-        # a whole segment (training, prefill) has the same shapes every time: the compiled unit (model.compile)
-        whole = complete and state.offset == 0 and self._compiled_layers is not None
-        layers_fn = self._compiled_layers if whole else self._layers
-        x, layers = layers_fn(x, state.offset, tuple(state.layers), complete, state.segments == 0)
-        if whole and cfg.compile_mode in CUDA_GRAPH_MODES:
-            # a CUDA-graph replay overwrites the outputs of the previous one, and a new iteration (a call with no
-            # backward pending: inference, the next BPTT window) frees them: the state and the segment's output
-            # outlive the call, so they are copied out of the graph's memory pool
-            x, layers = x.clone(), tuple(ls.map(torch.clone) for ls in layers)
-        segments = state.segments + complete
-        new = MemoryState(list(layers), 0 if complete else state.offset + x.shape[1], segments, state.batch_size)
-        if complete and segments % cfg.bptt_segments == 0:
-            new = new.detach()  # truncated BPTT: gradients stop at window boundaries
-        return x, new
-
-    def _layers(self, x: torch.Tensor, offset: int, pasts: tuple[LayerState, ...], complete: bool,
-                first: bool) -> tuple[torch.Tensor, tuple[LayerState, ...]]:
-        """x: [B, t, C] at segment positions offset..offset + t through every block; when the segment is
-        `complete`, each layer's memory is written. `first`: no segment has been written yet."""
-        cfg = self.config
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device)  # positions inside the segment
-        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
-        layers = []
-        for block, past in zip(self.blocks, pasts):
-            if cfg.activation_checkpointing and self.training:
-                x, k, v, gated, shift = checkpoint(block, x, cos, sin, past, use_reentrant=False)
-            else:
-                x, k, v, gated, shift = block(x, cos, sin, past)
-            if gated is not None and past.gated is not None:
-                gated = torch.cat([past.gated, gated], dim=1)  # [B, offset + t, D]
-            if not complete:
-                layers.append(LayerState(past.memory, k, v, gated, past.tail, shift))
-            elif past.memory is not None:
-                # the segment is written; on the first write the memory is still the learned initial one
-                memory = block.memory.write(past.memory, gated, first=first, tail=past.tail)
-                carried = shift if cfg.short_conv_carry else None  # else the next convolution starts from zeros
-                layers.append(LayerState(memory, tail=block.memory.tail(gated, past.tail), shift=carried))
-            else:  # a complete segment: the next one's convolution starts from zeros, as its attention from nothing
-                layers.append(LayerState(None))
-        return x, tuple(layers)
+        return TitanOutput(logits=logits, memory=state, loss=loss, aux_loss=aux)
 
 
-def compile_layers(module: nn.Module) -> Optional[Callable]:
-    """`model.compile`: the whole-segment step (every block and memory write) through torch.compile, in
-    `model.compile_mode`; None when compilation is off."""
+def compile_window(module: nn.Module) -> Optional[Callable]:
+    """`model.compile`: the layer-major window step (every block and the memory recurrence) through torch.compile,
+    in `model.compile_mode`; None when compilation is off."""
     cfg = module.config
-    return torch.compile(module._layers, mode=cfg.compile_mode) if cfg.compile else None
+    return torch.compile(module._window_layers, mode=cfg.compile_mode) if cfg.compile else None

@@ -214,7 +214,8 @@ def set_threads(requested: Optional[int], processes: int = 1, budget: Optional[C
 def estimate_process_bytes(params: int, shards: int, batch: int, window: int, hidden: int, layers: int,
                            tp: int = 1) -> int:
     """Rough resident memory of one training process: the runtime, the fp32 training state of its share of the
-    parameters, and the activations of one backprop window of its layers (tensor parallelism splits most of them)."""
+    parameters, and the activations of one backprop window of its layers (tensor parallelism splits most of them;
+    without a memory the whole sequence is one window)."""
     state = STATE_BYTES_PER_PARAM * params / max(1, shards)
     activations = 4 * ACTIVATION_VALUES * batch * window * hidden * layers / max(1, tp)
     return int(RUNTIME_BYTES + state + activations)
@@ -241,7 +242,8 @@ def check_fits_machine(cfg: Any, world: int, params: int, on_cpu: bool) -> None:
     model = cfg.model
     per_process = estimate_process_bytes(
         params, shards=layout.tp * layout.pp * (layout.dp if fsdp else 1), batch=int(cfg.data.batch_size),
-        window=int(model.segment_length) * int(model.bptt_segments), hidden=int(model.hidden_size),
+        window=int(model.segment_length) * int(model.bptt_segments) if model.use_memory else int(cfg.data.seq_len),
+        hidden=int(model.hidden_size),
         layers=math.ceil(int(model.num_hidden_layers) / layout.pp), tp=layout.tp)
     need = world * per_process
     if need > free:

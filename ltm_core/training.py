@@ -21,18 +21,24 @@ from ltm_core.model import TitanModel
 LN2 = math.log(2)
 
 
+def window_span(cfg: TitanConfig, seq_len: int) -> int:
+    """Tokens per backward: one BPTT window (`segment_length * bptt_segments`) with a memory; without one (the
+    segment-local and full-causal baselines) nothing is carried, and the whole sequence is one batched call."""
+    return cfg.segment_length * cfg.bptt_segments if cfg.use_memory else max(seq_len, 1)
+
+
 def windowed_backward(model: TitanModel, input_ids: torch.Tensor, labels: torch.Tensor,
                       backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-                      loss_scale: float = 1.0) -> torch.Tensor:
+                      loss_scale: float = 1.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Forward and backward over `input_ids` [B, L], one truncated-BPTT window at a time.
 
     The gradients equal those of the mean token loss over the whole sequence (with the memory detached between
-    windows). Returns that mean loss, detached.
+    windows), plus the memory writes' auxiliary losses (applied through the writes themselves). Returns that mean
+    loss and the summed auxiliary loss (None without one), both detached.
     """
-    cfg = model.config
-    span = cfg.segment_length * cfg.bptt_segments  # tokens per window
+    span = window_span(model.config, input_ids.shape[1])
     n_tokens = (labels != -100).sum().clamp(min=1)
-    state, total = None, torch.zeros((), device=input_ids.device)
+    state, total, aux = None, torch.zeros((), device=input_ids.device), None
     for start in range(0, input_ids.shape[1], span):
         out = model(input_ids[:, start:start + span], memory=state)
         loss_sum = F.cross_entropy(out.logits.flatten(0, 1).float(), labels[:, start:start + span].flatten(),
@@ -40,7 +46,9 @@ def windowed_backward(model: TitanModel, input_ids: torch.Tensor, labels: torch.
         backward(loss_sum * (loss_scale / n_tokens))
         state = out.memory.detach()
         total += loss_sum.detach()
-    return total / n_tokens
+        if out.aux_loss is not None:
+            aux = out.aux_loss.detach() + (0 if aux is None else aux)
+    return total / n_tokens, aux
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -74,6 +82,7 @@ class TitanLightning(L.LightningModule):
         self.optim_cfg = OptimConfig(**config["optim"])
         self.max_steps = int(self.optim_cfg.schedule_steps or config["trainer"]["max_steps"])
         self.accumulate = int(config["trainer"]["accumulate_grad_batches"])
+        self.model.aux_weight = 1.0 / self.accumulate  # the writes' auxiliary losses, scaled as the token loss
         self.automatic_optimization = False
         self.samples_seen = 0  # per rank; restored on resume so the data continues where it stopped
         self._tick: Optional[float] = None
@@ -91,7 +100,7 @@ class TitanLightning(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         if self._tick is None:
             self._tick = time.perf_counter()
-        loss = windowed_backward(self.model, input_ids, labels, self.manual_backward, 1.0 / self.accumulate)
+        loss, aux = windowed_backward(self.model, input_ids, labels, self.manual_backward, 1.0 / self.accumulate)
         self.samples_seen += input_ids.shape[0]
         micro_step = self.samples_seen // input_ids.shape[0]
         if micro_step % self.accumulate == 0:
@@ -107,6 +116,8 @@ class TitanLightning(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over data-parallel ranks
         self.log("train/tokens_per_s", tokens_per_s, prog_bar=True)
         self.log("train/lr", scheduler.get_last_lr()[0])
+        if aux is not None:  # the memory's auxiliary loss (e.g. the tokens memory's importance penalty)
+            self.log("train/aux_loss", aux, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int):

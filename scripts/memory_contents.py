@@ -1,11 +1,11 @@
-"""Which tokens a select-write memory holds: a diagnostic for passkey runs (README, "Passkey").
+"""Which tokens a `tokens` memory holds: a diagnostic for passkey runs (docs/experiments/passkey.md).
 
-    python scripts/memory_contents.py CKPT --lengths 768,3072 --samples 20 [model.select_dedup=0.97 ...]
+    python scripts/memory_contents.py CKPT --lengths 768,3072 --samples 20 [model.memory.select_dedup=0.97 ...]
 
 Evaluates the passkey grid as `ltm eval task=passkey` does (same samples, same greedy decoding) and prints, for each
 sample answered wrong, the answer, which of the key's digits each layer's memory holds after the prompt (x: held) and
-the characters of the tokens it holds, in order. Needs `model.memory_write=select` (it records the indices of the
-entries the write keeps, LongTermMemory._keep).
+the characters of the tokens it holds, in order. Needs the tokens memory (it follows the candidates each write
+keeps, through the model's public write hook, `TitanModel.register_write_hook`).
 """
 
 from __future__ import annotations
@@ -18,39 +18,32 @@ import numpy as np
 import torch
 
 from ltm_core.errors import LtmError
-from ltm_core.memory import LongTermMemory
 from ltm_core.model import TitanModel
 
 
 @contextlib.contextmanager
 def tracked_positions(model: TitanModel) -> Iterator[dict[int, torch.Tensor]]:
-    """While open, each memory layer's select write also records which token positions its entries came from:
-    yields {layer index: [B, M] positions (-1: empty or the initial memory)}, updated at every write. Positions
-    count the tokens written since the context opened, so open it for one stream (one prefill)."""
-    layers = [m for m in model.modules() if isinstance(m, LongTermMemory)]
-    if any(m.mode != "select" for m in layers):
-        raise ValueError("tracked_positions needs model.memory_write=select")
+    """While open, each memory layer's writes also record which token positions its entries came from: yields
+    {layer index: [B, M] positions (-1: empty)}, updated at every write. Positions count the tokens written since
+    the context opened, so open it for one stream (one prefill)."""
+    if model.config.memory_kind != "tokens":
+        raise ValueError("tracked_positions needs the tokens memory (model/memory=tokens)")
     held: dict[int, torch.Tensor] = {}
-    seen = [0] * len(layers)
+    seen: dict[int, int] = {}
 
-    def wrap(i: int, keep_of):
-        def keep(candidates: torch.Tensor, logits: torch.Tensor, vacant: torch.Tensor) -> torch.Tensor:
-            B, M = vacant.shape
-            before = held.get(i, torch.full((B, M), -1, device=candidates.device))
-            S = candidates.shape[1] - M
-            positions = torch.cat([before, seen[i] + torch.arange(S, device=candidates.device).expand(B, S)], dim=1)
-            index = keep_of(candidates, logits, vacant)  # [B, M] into the M + S candidates
-            held[i], seen[i] = positions.gather(1, index), seen[i] + S
-            return index
-        return keep
+    def record(layer: int, entries: torch.Tensor, kept: torch.Tensor) -> None:
+        B, M = kept.shape
+        S = entries.shape[1]
+        before = held.get(layer, torch.full((B, M), -1, device=kept.device))
+        offset = seen.get(layer, 0)
+        positions = torch.cat([before, offset + torch.arange(S, device=kept.device).expand(B, S)], dim=1)
+        held[layer], seen[layer] = positions.gather(1, kept), offset + S
 
-    for i, layer in enumerate(layers):
-        layer._keep = wrap(i, layer._keep)  # an instance attribute shadows the method
+    handle = model.register_write_hook(record)
     try:
         yield held
     finally:
-        for layer in layers:
-            del layer._keep
+        handle.remove()
 
 
 def main() -> None:
@@ -70,9 +63,9 @@ def main() -> None:
         model = load_model(args.checkpoint, args.overrides, ckpt=ckpt)
     except LtmError as exc:  # one line, exit 2
         parser.error(str(exc))
-    if model.config.memory_write != "select":
-        parser.error(f"{args.checkpoint}: this reads the select write, got model.memory_write="
-                     f"{model.config.memory_write}")
+    if model.config.memory_kind != "tokens":
+        parser.error(f"{args.checkpoint}: this reads the tokens memory, got model.memory.kind="
+                     f"{model.config.memory_kind}")
     cfg = eval_task_config(checkpoint_config(ckpt), ["task=passkey", f"task.samples={args.samples}"])
     task, seg = get_task("passkey"), cfg.layout(model.config.segment_length)
     right: dict[int, list[bool]] = {}

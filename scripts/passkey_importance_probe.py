@@ -1,12 +1,12 @@
-"""Where does a select-write passkey model rank the key against the filler?
+"""Where does a passkey model's tokens memory rank the key against the filler?
 
-For each layer, the importance (w_s . entry) of every token of a passkey sample at its segment's write: the key's
+For each layer, the importance (w . entry) of every token of a passkey sample at its segment's write: the key's
 lowest digit against the filler's highest and its M-th highest (M = memory slots: what competes for the slots),
 medians over samples, and the share of samples where the key's lowest digit outranks that M-th filler token.
 
     python scripts/passkey_importance_probe.py CKPT --lengths 192 3072 [--samples 16] [--filler ruler] [--digits 5]
 
-README, Results, *Passkey*, uses it to compare runs trained with and without task.filler_start=random.
+docs/experiments/passkey.md uses it to compare runs trained with and without task.filler_start=random.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 from ltm_core.checkpoint import load_model
 from ltm_core.errors import LtmError
-from ltm_core.memory import LongTermMemory
 from ltm_core.tasks.passkey import QUESTION, make_passkey
 
 
@@ -35,18 +34,15 @@ def main() -> None:
     except LtmError as exc:
         parser.error(str(exc))
     cfg = model.config
-    if cfg.memory_write != "select":
-        parser.error(f"{args.checkpoint}: the probe reads the select write, got model.memory_write={cfg.memory_write}")
-    M = cfg.memory_slots
-    layer_of = {id(block.memory): i for i, block in enumerate(model.blocks)}
+    if cfg.memory_kind != "tokens":
+        parser.error(f"{args.checkpoint}: the probe reads the tokens memory, got model.memory.kind={cfg.memory_kind}")
+    M = cfg.memory.slots
     written: list[tuple[int, torch.Tensor]] = []  # (layer, importance of the segment's tokens [B, S])
-    select_write = LongTermMemory._select_write
 
-    def recording(self, mem, c, first):
-        written.append((layer_of[id(self)], self.importance(c.to(mem.dtype)).squeeze(-1).detach()))
-        return select_write(self, mem, c, first)
+    def record(layer: int, entries: torch.Tensor, kept: torch.Tensor) -> None:
+        written.append((layer, model.blocks[layer].memory.ranks(entries)))
 
-    LongTermMemory._select_write = recording
+    model.register_write_hook(record)  # the model's public hook, called after every memory write
     for length in args.lengths:
         rng = np.random.default_rng(0)
         per_layer: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(model.blocks))}

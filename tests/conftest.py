@@ -7,6 +7,7 @@ import os
 import pytest
 
 from ltm_core import TitanConfig
+from support import kind_config
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,5 +17,5 @@ def _token_cache(tmp_path_factory):
 
 @pytest.fixture
 def tiny_cfg() -> TitanConfig:
-    return TitanConfig(vocab_size=259, hidden_size=32, num_attention_heads=2, num_hidden_layers=2, memory_slots=8,
-                       memory_dim=16, segment_length=16, bptt_segments=2)
+    """The default model (tokens memory, short convolution carried across segments) at test size."""
+    return kind_config("tokens")

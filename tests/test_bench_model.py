@@ -10,23 +10,21 @@ from support import run_ltm
 import torch
 
 from ltm_core.bench import cpu_peak_tensor_bytes, ratios, train_step_row, variant_config
-from ltm_core.config import TitanConfig
+from ltm_core.config import TitanConfig, TokensMemoryConfig
 
 SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidden_layers=1",
-         "model.memory_slots=8", "model.memory_dim=16", "model.segment_length=32"]
+         "model.memory.slots=8", "model.segment_length=32"]
 
 
 def test_variants_share_the_backbone():
-    base = TitanConfig(hidden_size=64, num_attention_heads=2, segment_length=32)
-    mem, ctx, tok, local, full = (variant_config(base, v, 256)
-                                  for v in ("memory", "memory_context", "memory_tokens", "segment_local", "full_causal"))
-    assert mem.use_memory and ctx.use_memory and tok.use_memory and not local.use_memory and not full.use_memory
-    assert (mem.memory_read, ctx.memory_read, tok.memory_read) == ("cross", "context", "tokens")
-    assert (tok.memory_write, tok.memory_dim) == ("select", 64)
-    assert local.segment_length == 32 and full.segment_length == 256
-    assert {c.hidden_size for c in (mem, ctx, tok, local, full)} == {64}
-    assert variant_config(TitanConfig(hidden_size=64, num_attention_heads=2, memory_conv=4, slot_positions=True,
-                                      memory_heads=1), "memory_tokens", 256).memory_read == "tokens"
+    base = TitanConfig(hidden_size=64, num_attention_heads=2, segment_length=32, memory=TokensMemoryConfig(slots=16))
+    mem, slots, delta, local, full = (variant_config(base, v, 256)
+                                      for v in ("memory", "slots", "delta", "segment_local", "full_causal"))
+    assert mem.use_memory and slots.use_memory and delta.use_memory and not local.use_memory and not full.use_memory
+    assert (mem.memory.kind, slots.memory.kind, delta.memory.kind) == ("tokens", "slots", "delta")
+    assert mem.memory.slots == slots.memory.slots == delta.memory.slots == 16
+    assert local.segment_length == 32 and full.segment_length == 256 and full.bptt_segments == 1
+    assert {c.hidden_size for c in (mem, slots, delta, local, full)} == {64}
     with pytest.raises(ValueError):
         variant_config(base, "bogus", 256)
 
@@ -55,8 +53,8 @@ def test_cpu_peak_tensor_bytes_is_the_most_held_at_once():
 def test_windowed_memory_step_holds_less_than_full_causal():
     """The peak that `ltm bench model` reports: a 1,024-token step of the memory model keeps one 64-token window
     of activations, the full-causal one all 1,024 tokens'."""
-    cfg = TitanConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, memory_slots=8, memory_dim=16,
-                      segment_length=32)
+    cfg = TitanConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, segment_length=32, bptt_segments=2,
+                      memory=TokensMemoryConfig(slots=8))
     rows = {v: train_step_row(cfg, v, 1024, batch_size=1, device="cpu", dtype="float32", warmup=1, repeats=1)
             for v in ("memory", "full_causal")}
     assert all(r["peak_mem_bytes"] > 0 and r["peak_rss_bytes"] >= 0 for r in rows.values())
@@ -72,8 +70,7 @@ def test_bench_model_cli_json_and_plot(tmp_path):
     data = json.loads(out.read_text())
     assert data["device"].startswith("cpu")
     keys = {(r["model"], r["context"]) for r in data["rows"]}
-    assert keys == {(m, c) for m in ("memory", "memory_context", "memory_tokens", "segment_local", "full_causal")
-                    for c in (64,)}
+    assert keys == {(m, c) for m in ("memory", "segment_local", "full_causal") for c in (64,)}
     for row in data["rows"]:
         assert row["tokens_per_s"] > 0 and row["peak_mem_bytes"] > 0 and 0 < row["mfu"] < 1
     gen = {g["model"]: g for g in data["generation"]}

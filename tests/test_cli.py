@@ -119,8 +119,8 @@ def test_ddp_two_processes_inside_a_sweep(tmp_path):
 def test_config_show_and_help():
     result = run_ltm("config", "show", "model=base", "precision=bf16-mixed")
     assert result.returncode == 0, result.stderr
-    for needle in ("hidden_size: 768", "num_attention_heads: 12", "num_hidden_layers: 12", "memory_slots: 512",
-                   "memory_dim: 64", "lightning: bf16-mixed"):
+    for needle in ("hidden_size: 768", "num_attention_heads: 12", "num_hidden_layers: 12", "kind: tokens",
+                   "slots: 512", "lightning: bf16-mixed"):
         assert needle in result.stdout
     help_text = run_ltm("--help").stdout
     for command in ("train", "generate", "eval", "config"):

@@ -7,14 +7,15 @@ import dataclasses
 import pytest
 import torch
 
-from support import tiny_model
+from support import kind_config, tiny_model
 from ltm_core.inference import InferenceConfig, InferenceEngine, sample
 from ltm_core.tokenizer import ByteTokenizer
 
 
-@pytest.mark.parametrize("read", ["cross", "context"])
-def test_cached_generation_equals_uncached_recomputation(tiny_cfg, read):
-    model = tiny_model(dataclasses.replace(tiny_cfg, memory_read=read)).eval()
+@pytest.mark.parametrize("kind", ["tokens", "slots", "delta"])
+def test_cached_generation_equals_uncached_recomputation(kind):
+    tiny_cfg = kind_config(kind)
+    model = tiny_model(tiny_cfg, perturb=True).eval()
     prompt = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
     n = 3 * tiny_cfg.segment_length + 7  # crosses several segment boundaries
     cached = InferenceEngine(model, InferenceConfig(temperature=0, stop_at_eos=False)).generate(prompt, n)
@@ -34,10 +35,10 @@ def test_generation_state_is_bounded(tiny_cfg):
         out = model(out.logits[:, -1:].argmax(-1), memory=out.memory)
         state = out.memory
         assert state.offset < S
-        sizes.add(sum(t.numel() for ls in state.layers for t in (ls.memory, ls.keys, ls.values, ls.gated)
-                      if t is not None))
-    assert max(sizes) <= 2 * tiny_cfg.memory_slots * tiny_cfg.memory_dim + \
-        2 * S * (2 * tiny_cfg.hidden_size + tiny_cfg.memory_dim)
+        sizes.add(state.nbytes)
+    C, M, K, L = tiny_cfg.hidden_size, tiny_cfg.memory.slots, tiny_cfg.short_conv, tiny_cfg.num_hidden_layers
+    # per layer: M kept tokens, the current segment's keys, values and pending entries, the convolution's carry
+    assert max(sizes) <= 4 * L * (M * C + (S - 1) * 3 * C + (K - 1) * C)
 
 
 def test_sampling_filters():

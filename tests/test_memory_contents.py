@@ -1,4 +1,5 @@
-"""scripts/memory_contents.py: the positions it reports are the tokens the select write keeps."""
+"""scripts/memory_contents.py: the positions it reports are the tokens the tokens memory keeps (through the model's
+public write hook)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import tiny_model
+from support import kind_config, tiny_model
 
-from ltm_core import TitanConfig
+from ltm_core.config import TokensMemoryConfig
 from ltm_core.tasks.evaluate import prefill
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "memory_contents.py"
@@ -22,10 +23,12 @@ def load_script():
     return module
 
 
-def tokens_model(slots: int):
-    cfg = TitanConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, memory_slots=slots, memory_dim=32,
-                      segment_length=8, memory_write="select", memory_read="tokens", write_from="block")
-    return tiny_model(cfg).eval()
+def tokens_model(slots: int, window_parallel: bool = True):
+    cfg = kind_config("tokens", segment_length=8, short_conv=0, short_conv_carry=False,
+                      memory=TokensMemoryConfig(slots=slots))
+    model = tiny_model(cfg, perturb=True).eval()
+    model.window_parallel = window_parallel
+    return model
 
 
 def test_with_room_for_every_token_all_positions_are_held_in_order():
@@ -37,10 +40,12 @@ def test_with_room_for_every_token_all_positions_are_held_in_order():
         assert positions.tolist() == [[-1] * 8 + list(range(24))] * 2
 
 
-def test_the_held_positions_are_the_kept_tokens():
-    """Layer 0 of memory_read=tokens keeps the normed embeddings of its tokens (no short convolution): the memory
-    bank must equal attn_norm(embed(tokens[positions])) at the positions reported, which the 6 slots pick among 30."""
-    model, tokens = tokens_model(slots=6), torch.randint(0, 256, (3, 30))
+@pytest.mark.parametrize("window_parallel", [True, False])
+def test_the_held_positions_are_the_kept_tokens(window_parallel):
+    """Layer 0 of the tokens memory keeps the normed embeddings of its tokens (no short convolution): the memory
+    must equal attn_norm(embed(tokens[positions])) at the positions reported, which the 6 slots pick among 30, on
+    the layer-major path and segment by segment."""
+    model, tokens = tokens_model(slots=6, window_parallel=window_parallel), torch.randint(0, 256, (3, 30))
     with load_script().tracked_positions(model) as held:
         _, state = prefill(model, tokens)
     positions = held[0]  # [B, M]
@@ -50,9 +55,7 @@ def test_the_held_positions_are_the_kept_tokens():
     torch.testing.assert_close(state.memory[0], expected)
 
 
-def test_other_writes_are_refused():
-    cfg = TitanConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, memory_slots=4, memory_dim=16,
-                      segment_length=8)
-    with pytest.raises(ValueError, match="memory_write=select"):
-        with load_script().tracked_positions(tiny_model(cfg)):
+def test_other_kinds_are_refused():
+    with pytest.raises(ValueError, match="tokens memory"):
+        with load_script().tracked_positions(tiny_model(kind_config("delta"))):
             pass

@@ -9,11 +9,7 @@ import torch
 
 from ltm_core import TitanConfig
 from ltm_core.errors import ConfigError
-from support import tiny_model
-
-
-def _ids(L: int, B: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(seed))
+from support import ids as _ids, tiny_model
 
 
 def _with_conv(cfg: TitanConfig, K: int = 3, **changes):
@@ -42,7 +38,7 @@ def test_the_convolution_is_causal_depthwise_and_carries_its_predecessors(tiny_c
 
 
 def test_zero_at_init_so_the_model_starts_as_without_it(tiny_cfg):
-    plain = tiny_model(tiny_cfg).eval()
+    plain = tiny_model(dataclasses.replace(tiny_cfg, short_conv=0, short_conv_carry=False)).eval()
     conv = tiny_model(dataclasses.replace(tiny_cfg, short_conv=4)).eval()
     missing = conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert sorted(missing) == [f"blocks.{i}.short_conv" for i in range(tiny_cfg.num_hidden_layers)]
@@ -53,7 +49,7 @@ def test_zero_at_init_so_the_model_starts_as_without_it(tiny_cfg):
 
 @pytest.mark.parametrize("use_memory,carry", [(True, False), (False, False), (True, True)])
 def test_causal_and_streaming_equals_one_call(tiny_cfg, use_memory, carry):
-    model = _with_conv(tiny_cfg, use_memory=use_memory, memory_write="select", short_conv_carry=carry).eval()
+    model = _with_conv(tiny_cfg, use_memory=use_memory, short_conv_carry=carry).eval()
     S = tiny_cfg.segment_length
     ids = _ids(5 * S + 3)
     full = model(ids)
@@ -85,7 +81,7 @@ def test_restarts_at_each_segment_so_the_baselines_stay_segment_local(tiny_cfg, 
 
 
 def test_gradients_reach_it_and_bptt_detaches_its_state(tiny_cfg):
-    model = _with_conv(tiny_cfg)
+    model = _with_conv(tiny_cfg, short_conv_carry=False)
     ids = _ids(3 * tiny_cfg.segment_length)
     out = model(ids, labels=ids)
     out.loss.backward()
@@ -115,7 +111,8 @@ def test_with_carry_a_segment_starts_from_the_last_inputs_of_the_one_before(tiny
     as one convolution over the whole input would (a key split by a boundary keeps its predecessors); without it,
     zeros."""
     S, K = tiny_cfg.segment_length, 3
-    model = _with_conv(tiny_cfg, K=K, memory_write="select", short_conv_carry=carry).eval()
+    model = _with_conv(tiny_cfg, K=K, short_conv_carry=carry).eval()
+    model.window_parallel = False  # segment by segment (the layer-major pass is tested equal to it)
     calls = _convolution_calls(model, _ids(3 * S))
     layers = tiny_cfg.num_hidden_layers
     assert [i for i, _, _ in calls] == list(range(layers)) * 3  # one call per block and segment
@@ -129,7 +126,7 @@ def test_with_carry_a_segment_starts_from_the_last_inputs_of_the_one_before(tiny
 
 
 def test_the_carried_inputs_cross_bptt_boundaries_detached(tiny_cfg):
-    model = _with_conv(tiny_cfg, memory_write="select", short_conv_carry=True)
+    model = _with_conv(tiny_cfg, short_conv_carry=True)
     ids = _ids(3 * tiny_cfg.segment_length)
     out = model(ids, labels=ids)
     assert [tuple(ls.shift.shape) for ls in out.memory.layers] == [(2, 2, tiny_cfg.hidden_size)] * 2
@@ -138,10 +135,10 @@ def test_the_carried_inputs_cross_bptt_boundaries_detached(tiny_cfg):
 
 def test_carry_needs_a_convolution(tiny_cfg):
     with pytest.raises(ConfigError, match="model.short_conv_carry"):
-        dataclasses.replace(tiny_cfg, short_conv_carry=True)
+        dataclasses.replace(tiny_cfg, short_conv=0, short_conv_carry=True)
 
 
 @pytest.mark.parametrize("bad", [1, -2, True, 2.5])
 def test_bad_kernel_names_the_key(tiny_cfg, bad):
     with pytest.raises(ConfigError, match="model.short_conv"):
-        dataclasses.replace(tiny_cfg, short_conv=bad)
+        dataclasses.replace(tiny_cfg, short_conv=bad, short_conv_carry=False)

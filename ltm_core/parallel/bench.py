@@ -36,8 +36,8 @@ import torch
 
 DEFAULT_PRESETS = ("ddp", "fsdp", "tp2", "pp2", "tp2_pp2")
 BENCH_OVERRIDES = (  # a small model that every preset (up to pp=4, tp=4) can split
-    "model.hidden_size=64", "model.num_attention_heads=4", "model.num_hidden_layers=4", "model.memory_slots=16",
-    "model.memory_dim=32", "model.segment_length=32", "model.bptt_segments=2", "model.kernels=torch",
+    "model.hidden_size=64", "model.num_attention_heads=4", "model.num_hidden_layers=4", "model.memory.slots=16",
+    "model.segment_length=32", "model.bptt_segments=2", "model.kernels=torch",
     "data.seq_len=128", "data.batch_size=4", "trainer.accelerator=cpu",
 )
 
@@ -63,7 +63,7 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
         model = TitanModel(mc)
     model.tie_weights()
     B, S, C, T = data.batch_size, data.seq_len, mc.hidden_size, mc.segment_length
-    M, D, L = mc.memory_slots, mc.memory_dim, mc.num_hidden_layers
+    M, D, L = mc.memory.slots, mc.memory.width(mc), mc.num_hidden_layers
     span = T * mc.bptt_segments
     W = math.ceil(S / span)
     precision = str(cfg.precision.lightning)
@@ -77,29 +77,29 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
         out["dp"] = dp * W * (P * gbytes + used_map) if dp > 1 else 0.0
         return out
 
-    cross = mc.use_memory and mc.memory_read == "cross"
+    kind = mc.memory_kind  # None (no memory), tokens, slots or delta
     # ---- tensor parallel, per rank, for one layer, over the whole batch of its dp group
     if tp > 1:
         per_layer = 0.0
         segments = [(w, s) for w in range(W) for s in range(mc.bptt_segments) if (w * span + s * T) < S]
+        rows = 3 if kind == "slots" else 2  # row-parallel outputs: attention, the slots' cross read, FFN
         for w, s in segments:
             tok = B * T * C * abytes
-            per_layer += (3 if cross else 2) * tok  # forward: row-parallel outputs
-            per_layer += (3 if cross else 2) * tok  # backward: column-parallel input gradients
-            if mc.use_memory:
+            per_layer += rows * tok  # forward: row-parallel outputs
+            per_layer += rows * tok  # backward: column-parallel input gradients
+            if kind == "tokens":  # the kept tokens through attn.qkv_proj: its input gradient (layer-major: each
+                per_layer += B * M * C * abytes  # segment's memory is gathered from the window's tokens)
+                if mc.memory.read_importance:  # the read bias, read by every head: its gradient (fp32) sums over tp
+                    per_layer += B * M * 4
+            elif kind == "slots":
                 mem_grad = s > 0 or w == 0  # the memory of the window's first segment is detached (or learned)
-                if mem_grad and mc.memory_write != "delta":  # the delta read is replicated: no collective
-                    per_layer += B * M * D * abytes  # memory_read.kv_proj input gradient
-                if mc.memory_write in ("gated", "importance"):  # write attention: query/update/key/value sharded
-                    per_layer += (2 * B * M * D + 2 * B * T * D) * abytes  # forward: gathered outputs
-                    if s < mc.bptt_segments - 1:  # the write feeds the next segment of the same window
-                        per_layer += (2 * B * T * D + 2 * B * M * D) * abytes  # key/value/update inputs
-                        if mem_grad:
-                            per_layer += B * M * D * abytes  # query input
-                elif mc.memory_write == "delta":  # key [T, D] and value [T, M] sharded
-                    per_layer += (B * T * D + B * T * M) * abytes  # forward: gathered outputs
-                    if s < mc.bptt_segments - 1:
-                        per_layer += 2 * B * T * D * abytes  # backward: key/value input gradients
+                if mem_grad:
+                    per_layer += B * M * D * abytes  # memory.reader.kv_proj input gradient
+                per_layer += (2 * B * M * D + 2 * B * T * D) * abytes  # write attention: gathered outputs
+                if s < mc.bptt_segments - 1:  # the write feeds the next segment of the same window
+                    per_layer += (2 * B * T * D + 2 * B * M * D) * abytes  # key/value/update inputs
+                    if mem_grad:
+                        per_layer += B * M * D * abytes  # query input
         out["tp"] = per_layer * L * tp * dp
     # ---- data parallel (FSDP2, one unit per model part), per rank
     fsdp = dp > 1 or precision.endswith("mixed")
@@ -110,11 +110,9 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
             for i in layers:
                 blk = model.blocks[i]
                 sharded = _numel(blk.attn) + _numel(blk.ffn)
-                if mc.use_memory:
-                    if mc.memory_write != "delta":  # the delta read stays replicated under TP
-                        sharded += _numel(blk.memory_read)
-                    sharded += sum(_numel(getattr(blk.memory, n)) for n in ("query", "key", "value", "update")
-                                   if hasattr(blk.memory, n))  # the write projections this write has
+                if kind == "slots":  # the tokens and delta memories stay replicated under TP
+                    sharded += sum(_numel(getattr(blk.memory, n)) for n in ("reader", "query", "key", "value",
+                                                                             "update"))
                 local += sharded / tp + (_numel(blk) - sharded)
             if layers.start == 0:
                 local += model.embed_tokens.weight.numel()

@@ -141,8 +141,9 @@ def validate_parallel(cfg: Any, model: Any, data: Any) -> None:
                           f"{nodes} nodes")
     if tp > 1:
         checks = [("model.num_attention_heads", model.num_attention_heads), ("model.ffn_dim", model.ffn_dim)]
-        if model.use_memory:
-            checks += [("model.memory_heads", model.num_memory_heads), ("model.memory_dim", model.memory_dim)]
+        if model.memory_kind == "slots":  # its read's heads and the write projections are split
+            checks += [("model.memory.heads", model.memory.heads or model.num_attention_heads),
+                       ("model.memory.dim", model.memory.dim)]
         for key, value in checks:
             if value % tp:
                 raise ConfigError("parallel.tp", f"{key}={value} is not divisible by parallel.tp={tp}")

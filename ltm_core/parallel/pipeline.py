@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltm_core.memory import MemoryState
-from ltm_core.model import TitanModel, compile_layers
+from ltm_core.model import SegmentRecurrence, TitanModel, compile_window
 
 
 class Blocks(nn.ModuleDict):
@@ -46,7 +46,7 @@ def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
     return [pp_rank + k * pp for k in range(stages_per_rank)]
 
 
-class StageModel(nn.Module):
+class StageModel(SegmentRecurrence):
     """One pipeline stage (or, with every layer, the whole model) of a TitanModel."""
 
     def __init__(self, model: TitanModel, layers: range, first: bool, last: bool):
@@ -60,12 +60,7 @@ class StageModel(nn.Module):
         self.microbatches = 1
         self._calls = 0
         self._states: dict[int, MemoryState] = {}
-        self._compiled_layers = compile_layers(self)
-
-    # TitanModel's own segment step and initial state, applied to this stage's blocks
-    initial_state = TitanModel.initial_state
-    _step = TitanModel._step
-    _layers = TitanModel._layers
+        self._compiled_window = compile_window(self)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:
@@ -77,16 +72,6 @@ class StageModel(nn.Module):
         if clear_memory:
             self._states = {}
 
-    def run(self, x: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, MemoryState]:
-        """x: [B, L, C] through this stage's blocks, segment by segment (TitanModel.forward's loop)."""
-        chunks, pos, L = [], 0, x.shape[1]
-        while pos < L:
-            t = min(self.config.segment_length - state.offset, L - pos)
-            h, state = self._step(x[:, pos:pos + t], state)
-            chunks.append(h)
-            pos += t
-        return torch.cat(chunks, dim=1), state
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """First stage: token ids [b, L]; others: hidden states [b, L, C]. Last stage returns logits."""
         mb = self._calls % self.microbatches
@@ -96,7 +81,7 @@ class StageModel(nn.Module):
             x = self.embed_tokens(x)
         if state is None:
             state = self.initial_state(x.shape[0])
-        h, state = self.run(x, state)
+        h, state, _ = self.run_blocks(x, state)  # TitanModel's own recurrence over this stage's blocks
         self._states[mb] = state.detach()
         if self.lm_head is not None:
             return self.lm_head(self.norm(h))

@@ -2,21 +2,24 @@
 
 Plan of one block over the tp mesh (each rank keeps H / tp attention heads and F / tp SwiGLU channels):
 
-    attn.qkv_proj          column-wise by heads   (fused q|k|v: each rank keeps q, k and v of its heads)
+    attn.qkv_proj          column-wise by heads   (fused q|k|v: each rank keeps q, k and v of its heads; the tokens
+                                                   memory's kept tokens go through it too)
     attn.o_proj            row-wise               (all-reduce of the output)
-    memory_read.q_proj     column-wise by heads   (memory_read=cross)
-    memory_read.kv_proj    column-wise by heads   (fused k|v of the memory slots: the memory keys/values follow
-                                                   the heads, as does the segment KV cache in LayerState)
-    memory_read.o_proj     row-wise
-    memory.{query,key,value,update}  column-wise with gathered output (the write projections; the one-head write
-                                     attention over M slots then runs on every tp rank, so the memory bank
-                                     [B, M, D] stays replicated and identical on the tp ranks)
     ffn.gate_up_proj       column-wise            (fused gate|up: each rank keeps both halves of its channels)
     ffn.down_proj          row-wise
 
-Embeddings, norms, the short convolution, the LM head and the compression gate stay replicated (the vocabulary is 259 bytes).
-read_importance's per-slot bias is replicated too but read by every head, so its gradient is summed over the tp
-group (`Block.shared_by_heads`).
+plus the memory kind's own entries (MEMORY_PLANS):
+
+    slots   memory.reader.q_proj   column-wise by heads; memory.reader.kv_proj fused k|v column-wise by heads (the
+            slot keys/values follow the heads); memory.reader.o_proj row-wise; memory.{query,key,value,update}
+            column-wise with gathered output (the one-head write attention over M slots then runs on every rank, so
+            the memory [B, M, D] stays replicated and identical on the tp ranks)
+    tokens  nothing: its importance weights are replicated; the read bias log sigmoid(importance) is read by every
+            head, so its gradient is summed over the tp group (`TokensMemory.shared_by_heads`)
+    delta   nothing: the map, its write and its read stay replicated
+
+Embeddings, norms, the short convolution and the LM head stay replicated (the vocabulary is 259 bytes). Every name
+in the plan must exist in the block: a plan naming a missing module is an error, not a silent skip.
 The fused projections keep their parameter names; their weight is held as a [chunks, out / chunks, in] DTensor
 sharded on dim 1, which is the canonical [out, in] matrix viewed 3-D (consolidation reshapes it back).
 """
@@ -85,28 +88,34 @@ class FusedColwiseParallel(ParallelStyle):
         return module
 
 
+BACKBONE_PLAN = {"attn.qkv_proj": lambda: FusedColwiseParallel(3), "attn.o_proj": RowwiseParallel,
+                 "ffn.gate_up_proj": lambda: FusedColwiseParallel(2), "ffn.down_proj": RowwiseParallel}
+MEMORY_PLANS = {
+    "tokens": {},
+    "slots": {"memory.reader.q_proj": ColwiseParallel, "memory.reader.kv_proj": lambda: FusedColwiseParallel(2),
+              "memory.reader.o_proj": RowwiseParallel,
+              **{f"memory.{n}": lambda: ColwiseParallel(output_layouts=Replicate())
+                 for n in ("query", "key", "value", "update")}},
+    "delta": {},
+}
+HEADED = {"tokens": (), "slots": ("memory.reader",), "delta": ()}  # modules whose `heads` the split divides
+
+
 def block_plan(block: nn.Module) -> dict[str, ParallelStyle]:
-    """The parallelize plan of one Block (only for the submodules this block has)."""
-    plan: dict[str, ParallelStyle] = {
-        "attn.qkv_proj": FusedColwiseParallel(3),
-        "attn.o_proj": RowwiseParallel(),
-        "ffn.gate_up_proj": FusedColwiseParallel(2),
-        "ffn.down_proj": RowwiseParallel(),
-        "memory_read.kv_proj": FusedColwiseParallel(2),
-        "memory_read.q_proj": ColwiseParallel(),
-        "memory_read.o_proj": RowwiseParallel(),
-    }
-    for name in ("query", "key", "value", "update"):  # the write projections
-        plan[f"memory.{name}"] = ColwiseParallel(output_layouts=Replicate())
-    present = {}
-    for name, style in plan.items():
+    """The parallelize plan of one Block; every module it names must exist (else a plan and the model disagree)."""
+    names = dict(BACKBONE_PLAN)
+    if block.memory is not None:
+        names.update(MEMORY_PLANS[block.memory.kind])
+    plan = {}
+    for name, style in names.items():
         try:
             sub = block.get_submodule(name)
         except AttributeError:
-            continue
-        if isinstance(sub, nn.Linear):
-            present[name] = style
-    return present
+            raise RuntimeError(f"tensor-parallel plan: the block has no module {name!r}") from None
+        if not isinstance(sub, nn.Linear):
+            raise RuntimeError(f"tensor-parallel plan: {name!r} is a {type(sub).__name__}, not an nn.Linear")
+        plan[name] = style()
+    return plan
 
 
 def apply_tensor_parallel(blocks, tp_mesh: DeviceMesh) -> None:
@@ -115,9 +124,11 @@ def apply_tensor_parallel(blocks, tp_mesh: DeviceMesh) -> None:
     for block in blocks:
         parallelize_module(block, tp_mesh, block_plan(block))
         block.attn.heads = block.attn.heads // tp
-        block.shared_by_heads = functools.partial(_reduce_grad, group=tp_mesh.get_group())  # read_importance's bias
-        if hasattr(getattr(block, "memory_read", None), "heads"):  # the delta read has none: it stays replicated
-            block.memory_read.heads = block.memory_read.heads // tp
+        if block.memory is not None:
+            block.memory.shared_by_heads = functools.partial(_reduce_grad, group=tp_mesh.get_group())
+            for name in HEADED[block.memory.kind]:
+                module = block.get_submodule(name)
+                module.heads = module.heads // tp
 
 
 def canonical_shape(param: torch.Tensor) -> torch.Size:

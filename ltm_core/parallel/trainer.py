@@ -39,15 +39,15 @@ from ltm_core.parallel.build import ParallelModel, build_parallel_model
 from ltm_core.parallel.env import DistEnv, init_distributed, shutdown
 from ltm_core.parallel.grads import LossScaler, clip_grads_, grad_norm, sync_tied_embeddings
 from ltm_core.parallel.layout import resolve_layout
-from ltm_core.training import LN2, build_optimizer, build_scheduler, windowed_backward
+from ltm_core.training import LN2, build_optimizer, build_scheduler, window_span, windowed_backward
 
 console = Console()
 METRIC_COLUMNS = ["epoch", "step", "train/loss", "train/lr", "train/tokens_per_s", "val/loss", "val/bpb"]
 
 
 # ------------------------------------------------------------------------------------------------ one batch
-def _window_span(pm: ParallelModel) -> int:
-    return pm.config.segment_length * pm.config.bptt_segments
+def _window_span(pm: ParallelModel, seq_len: int) -> int:
+    return window_span(pm.config, seq_len)
 
 
 def pipeline_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: float,
@@ -58,7 +58,7 @@ def pipeline_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Ten
     pm.loss_ctx.update(scale=loss_scale / n_tokens, sums=[])
     for part in pm.parts:
         part.reset(clear_memory=True)
-    span = _window_span(pm)
+    span = _window_span(pm, input_ids.shape[1])
     for start in range(0, input_ids.shape[1], span):
         for part in pm.parts:
             part.reset(clear_memory=False)
@@ -76,13 +76,15 @@ def pipeline_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Ten
 def train_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: float,
                 sync: bool) -> torch.Tensor:
     """Forward + backward of one batch; returns its mean token loss over the data-parallel group."""
+    for part in pm.parts:  # the writes' auxiliary losses, scaled as the token loss (per pipeline microbatch)
+        part.aux_weight = loss_scale / (pm.layout.microbatches if pm.layout.pp > 1 else 1)
     if pm.layout.pp > 1:
         n_tokens = (labels != -100).sum().clamp(min=1)
         loss = pipeline_batch(pm, input_ids, labels, loss_scale) / n_tokens
         dist.all_reduce(loss, group=pm.group("pp"))  # only the last stage has it
     else:
         model = pm.parts[0]
-        windows = math.ceil(input_ids.shape[1] / _window_span(pm))
+        windows = math.ceil(input_ids.shape[1] / _window_span(pm, input_ids.shape[1]))
         done = [0]
 
         def backward(loss: torch.Tensor) -> None:
@@ -91,7 +93,7 @@ def train_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Tensor
                 model.set_requires_gradient_sync(sync and done[0] == windows)
             loss.backward()
 
-        loss = windowed_backward(model, input_ids, labels, backward, loss_scale)
+        loss, _ = windowed_backward(model, input_ids, labels, backward, loss_scale)
     if pm.layout.dp > 1:
         loss = loss.detach().clone()
         dist.all_reduce(loss, group=pm.group("dp"))

@@ -182,5 +182,8 @@ def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:
     if stored_task.get("name") == name:
         args += [f"task.{k}={stored_task[k]}" for k in (*SAMPLE_KEYS, *GRID_KEYS) if stored_task.get(k) is not None]
     args += [o for o in given if o.split("=", 1)[0].lstrip("+~") != "task"]
-    model_args = [f"model.{k}={v}" for k, v in stored["model"].items() if v is not None]
+    from ltm_core.migration import migrate_model_config
+
+    backbone = migrate_model_config(dict(stored["model"]))  # the task is validated against the model's segments
+    model_args = [f"model.{k}={v}" for k, v in backbone.items() if v is not None and k != "memory"]
     return TaskConfig(**to_dict(compose(args + model_args).task))

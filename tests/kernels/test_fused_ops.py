@@ -164,16 +164,16 @@ def test_compress_gate(dtype, shape, device):
 
 
 def test_compress_gate_matches_memory_module(device):
-    """Same value as `LongTermMemory.gate` computes: c * sigmoid(w_s . c)."""
-    from ltm_core.config import TitanConfig
-    from ltm_core.memory import LongTermMemory
+    """Same value as the slots memory's entries: c * sigmoid(w . c)."""
+    from ltm_core.config import SlotsMemoryConfig, TitanConfig
+    from ltm_core.memory.slots import SlotsMemory
 
-    cfg = TitanConfig()
-    mod = LongTermMemory(cfg).to(device)
+    cfg = TitanConfig(memory=SlotsMemoryConfig(), kernels="torch")
+    mod = SlotsMemory(cfg).to(device)
     mod.reset_parameters()
     h = torch.randn(2, 11, cfg.hidden_size, device=device)
     c = mod.compress(mod.norm(h))
-    want = mod.gate(h)
+    want = mod.entries(h)
     got = compress_gate(c, mod.importance(c), backend="triton")
     torch.testing.assert_close(got, want)
 

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # parallel_workers, also for forkserver children
 
-from parallel_workers import BASE, spawn_jobs  # noqa: E402
+from parallel_workers import BASE, NO_NOISE, spawn_jobs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,12 @@ def base(corpus_file) -> list[str]:
     return BASE + [f"data.path={corpus_file}"]
 
 
+@pytest.fixture(scope="session")
+def tokens(base) -> list[str]:
+    """The default (tokens) memory without its write noise."""
+    return base + NO_NOISE
+
+
 def compose_dict(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
@@ -38,36 +44,32 @@ def compose_dict(overrides: list[str]) -> dict:
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, base) -> dict[str, Path]:
+def runs(tmp_path_factory, base, tokens) -> dict[str, Path]:
     """Output folders: the single-process Lightning reference (global batch 4) and the parallel runs."""
     from ltm_core.configuration import compose
     from ltm_core.train import train
 
     root = tmp_path_factory.mktemp("parallel-runs")
     out = {name: root / name for name in ("single", "fsdp", "tp2", "tp2_pp2", "resume", "single_delta", "tp2_delta",
-                                               "single_tokens", "tp2_tokens", "pp2_tokens")}
-    delta = ["model.memory_write=delta", "model.slot_positions=false"]  # the associative memory: its read is replicated
-    train(compose(base + ["parallel=single", f"output_dir={out['single']}"]))
+                                               "single_slots", "tp2_slots", "pp2_slots")}
+    delta = ["model/memory=delta", "model.memory.dim=16"]  # the associative memory: replicated under TP
+    slots = ["model/memory=slots", "model.memory.dim=16"]  # the seed design: its read and write projections split
+    train(compose(tokens + ["parallel=single", f"output_dir={out['single']}"]))
     train(compose(base + delta + ["parallel=single", f"output_dir={out['single_delta']}"]))
-    # the tokens read (the self-attention's own projections read the kept tokens), its read_importance bias (read by
-    # every head: its gradient sums over tp) and the carried convolution; no select noise, whose draws follow the
-    # process layout (microbatches)
-    tokens = ["model.memory_read=tokens", "model.memory_write=select", "model.memory_dim=32", "model.slot_positions=false",
-              "model.read_importance=true", "model.short_conv_carry=true", "model.select_noise=0"]
-    train(compose(base + tokens + ["parallel=single", f"output_dir={out['single_tokens']}"]))
-    # two processes: fsdp (2 samples per dp rank = the same global batch), tp2, tp2 with the delta memory, tp2 and pp2
-    # with the tokens read
-    spawn_jobs(2, [compose_dict(base + ["parallel=fsdp", "data.batch_size=2", f"output_dir={out['fsdp']}"]),
-                   compose_dict(base + ["parallel=tp2", f"output_dir={out['tp2']}"]),
+    train(compose(base + slots + ["parallel=single", f"output_dir={out['single_slots']}"]))
+    # two processes: fsdp (2 samples per dp rank = the same global batch), tp2, tp2 with the delta and the slots
+    # memories, pp2 with the slots memory (segment by segment through the stages)
+    spawn_jobs(2, [compose_dict(tokens + ["parallel=fsdp", "data.batch_size=2", f"output_dir={out['fsdp']}"]),
+                   compose_dict(tokens + ["parallel=tp2", f"output_dir={out['tp2']}"]),
                    compose_dict(base + delta + ["parallel=tp2", f"output_dir={out['tp2_delta']}"]),
-                   compose_dict(base + tokens + ["parallel=tp2", f"output_dir={out['tp2_tokens']}"]),
-                   compose_dict(base + tokens + ["parallel=pp2", "parallel.microbatches=2",
-                                                 f"output_dir={out['pp2_tokens']}"])])
+                   compose_dict(base + slots + ["parallel=tp2", f"output_dir={out['tp2_slots']}"]),
+                   compose_dict(base + slots + ["parallel=pp2", "parallel.microbatches=2",
+                                                f"output_dir={out['pp2_slots']}"])])
     # four processes: tp2_pp2 for 5 steps; and 3 steps, then resume=auto up to 5
     pp = ["parallel=tp2_pp2", "parallel.microbatches=2"]
-    spawn_jobs(4, [compose_dict(base + pp + [f"output_dir={out['tp2_pp2']}"]),
-                   compose_dict(base + pp + ["trainer.max_steps=3", "trainer.val_check_interval=3",
-                                             f"output_dir={out['resume']}"]),
-                   compose_dict(base + pp + ["trainer.val_check_interval=3", "resume=auto",
-                                             f"output_dir={out['resume']}"])])
+    spawn_jobs(4, [compose_dict(tokens + pp + [f"output_dir={out['tp2_pp2']}"]),
+                   compose_dict(tokens + pp + ["trainer.max_steps=3", "trainer.val_check_interval=3",
+                                               f"output_dir={out['resume']}"]),
+                   compose_dict(tokens + pp + ["trainer.val_check_interval=3", "resume=auto",
+                                               f"output_dir={out['resume']}"])])
     return out

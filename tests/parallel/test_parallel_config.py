@@ -51,8 +51,8 @@ def test_dp_rest_and_layout_decides_processes():
     (["parallel=tp2", "parallel.dp=-1", "parallel.devices=3"], "parallel.tp", "does not divide the world size 3"),
     (["parallel=tp4", "model.num_attention_heads=2", "model.hidden_size=64"], "parallel.tp",
      "model.num_attention_heads=2 is not divisible by parallel.tp=4"),
-    (["parallel=tp2", "model.num_attention_heads=4", "model.memory_heads=1"], "parallel.tp",
-     "model.memory_heads=1 is not divisible"),
+    (["parallel=tp2", "model.num_attention_heads=4", "model/memory=slots", "model.memory.heads=1"], "parallel.tp",
+     "model.memory.heads=1 is not divisible"),
     (["parallel=pp4", "model.num_hidden_layers=2"], "parallel.pp", "model.num_hidden_layers=2 is fewer than the 4"),
     (["parallel=pp2", "parallel.schedule=interleaved", "model.num_hidden_layers=3"], "parallel.pp",
      "fewer than the 4 pipeline stages"),
@@ -62,7 +62,7 @@ def test_dp_rest_and_layout_decides_processes():
     (["parallel=pp2", "parallel.schedule=zigzag"], "parallel.schedule", "must be one of gpipe, 1f1b, interleaved"),
     (["parallel=fsdp", "parallel.dp=0"], "parallel.dp", "positive integer or -1"),
     (["parallel=single", "parallel.strategy=deepspeed"], "parallel.strategy", "must be one of auto, ddp, native"),
-    (["parallel=pp2", "data.seq_len=192", "model.segment_length=64"], "data.seq_len",
+    (["parallel=pp2", "data.seq_len=192", "model.segment_length=64", "model.bptt_segments=2"], "data.seq_len",
      "multiple of model.segment_length × model.bptt_segments = 128"),
 ])
 def test_config_errors_are_one_line(overrides, key, fragment):
@@ -91,19 +91,21 @@ def test_split_layers_and_stage_placement():
     assert stage_ids(1, 2, 2) == [1, 3]  # interleaved: loop-style placement
 
 
-@pytest.mark.parametrize("write", ["gated", "select"])
-def test_bench_parallel_measures_the_analytic_volume(tmp_path, write):
+@pytest.mark.parametrize("kind", ["slots", "tokens", "delta"])
+def test_bench_parallel_measures_the_analytic_volume(tmp_path, kind):
     """`ltm bench parallel` library function: the collectives counted in a tp2 training step add up to the
-    analytic formula (TP all-reduces and all-gathers, exactly); select has no write projections to shard."""
+    analytic formula (TP all-reduces and all-gathers, exactly); only the slots memory has write projections to
+    shard."""
     from ltm_core.parallel.bench import bench_parallel, rows_table
 
     calls = []
     rows = bench_parallel(["tp2"], ["model.num_hidden_layers=1", "model.hidden_size=32", "data.seq_len=64",
-                                    f"model.memory_write={write}"], progress=lambda *a: calls.append(a))
+                                    f"model/memory={kind}", "model.memory.select_noise=0" if kind == "tokens" else
+                                    "model.memory.slots=16"], progress=lambda *a: calls.append(a))
     assert calls == [(0, 1, "tp2 (2 processes)"), (1, 1, "")]  # `ltm bench parallel` draws its bar from these
     (row,) = rows
     assert row["world"] == 2 and row["measured_bytes"] > 0
     assert abs(row["ratio"] - 1.0) < 1e-6, row
-    gathers = {"all_gather"} if write == "gated" else set()  # the write attention's gathered outputs
+    gathers = {"all_gather"} if kind == "slots" else set()  # the write attention's gathered outputs
     assert set(row["measured_by_kind"]) >= {"all_reduce"} | gathers
     assert rows_table(rows).row_count == 1

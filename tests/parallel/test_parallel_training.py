@@ -31,8 +31,8 @@ def assert_same_run(reference: Path, run: Path, steps: int = STEPS) -> None:
 
 
 @pytest.mark.parametrize("preset, reference", [("fsdp", "single"), ("tp2", "single"), ("tp2_pp2", "single"),
-                                               ("tp2_delta", "single_delta"), ("tp2_tokens", "single_tokens"),
-                                               ("pp2_tokens", "single_tokens")])
+                                               ("tp2_delta", "single_delta"), ("tp2_slots", "single_slots"),
+                                               ("pp2_slots", "single_slots")])
 def test_matches_single_process(runs, preset, reference):
     assert_same_run(runs[reference], runs[preset])
 
@@ -84,26 +84,26 @@ def test_consolidated_checkpoint_generates_like_single_process(runs):
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-4)
 
 
-def test_pp2_through_the_launcher(tmp_path, base, runs):
+def test_pp2_through_the_launcher(tmp_path, tokens, runs):
     """`train(cfg)` on one machine starts the layout's processes itself (torch elastic launcher) and dispatches the
     native preset to fit_parallel."""
     from ltm_core.configuration import compose
     from ltm_core.train import train
 
     out = tmp_path / "pp2"
-    last = train(compose(base + ["parallel=pp2", "parallel.microbatches=2", f"output_dir={out}"]))
+    last = train(compose(tokens + ["parallel=pp2", "parallel.microbatches=2", f"output_dir={out}"]))
     assert last == out / "checkpoints" / "last.ckpt" and last.is_file()
     assert_same_run(runs["single"], out)
 
 
-def test_ddp_matches_single_process(tmp_path, base, runs):
+def test_ddp_matches_single_process(tmp_path, tokens, runs):
     """Lightning DDP over 2 processes (2 samples each): the same weights and the same logged loss (the mean over
     ranks) as the single-process run."""
     from ltm_core.configuration import compose
     from ltm_core.train import train
 
     out = tmp_path / "ddp"
-    train(compose(base + ["parallel=ddp", "data.batch_size=2", f"output_dir={out}"]))
+    train(compose(tokens + ["parallel=ddp", "data.batch_size=2", f"output_dir={out}"]))
     ref_w, ddp_w = read_weights(runs["single"]), read_weights(out)
     for name, w in ref_w.items():
         assert torch.allclose(ddp_w[name], w, atol=TOL, rtol=0), name
@@ -119,8 +119,7 @@ def test_tp_ranks_draw_the_same_select_noise():
     import torch.multiprocessing as mp
     from parallel_workers import free_port, tp_memory_banks_agree
 
-    cfg = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, memory_slots=8, memory_dim=32,
-               segment_length=16, bptt_segments=3, memory_write="select", memory_read="tokens", write_from="block",
-               slot_positions=False, select_noise=0.5, read_importance=True, short_conv=3, short_conv_carry=True,
-               kernels="torch")
+    cfg = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, segment_length=16, bptt_segments=3,
+               short_conv=3, short_conv_carry=True, kernels="torch",
+               memory=dict(kind="tokens", slots=8, select_noise=0.5, read_importance=True))
     mp.start_processes(tp_memory_banks_agree, args=(2, free_port(), cfg, 3), nprocs=2, start_method="spawn")

@@ -68,15 +68,16 @@ def test_eval_task_errors_are_one_line(passkey_ckpt):
 
 
 @pytest.fixture(scope="module")
-def select_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("select-run")
-    train = run_ltm("train", "data=passkey", *SHAPE, "model.memory_write=select", f"output_dir={out}")
+def delta_ckpt(tmp_path_factory):
+    """A checkpoint with another memory kind than tokens (the diagnostics read the tokens memory)."""
+    out = tmp_path_factory.mktemp("delta-run")
+    train = run_ltm("train", "data=passkey", *SHAPE, "model/memory=delta", f"output_dir={out}")
     assert train.returncode == 0, train.stderr[-2000:]
     return out / "checkpoints" / "last.ckpt"
 
 
-def test_passkey_importance_probe(passkey_ckpt, select_ckpt, tmp_path):
-    """scripts/passkey_importance_probe.py (README, *Passkey*) on a select-write checkpoint: one line per length
+def test_passkey_importance_probe(passkey_ckpt, delta_ckpt, tmp_path):
+    """scripts/passkey_importance_probe.py (docs/experiments/passkey.md) on a tokens-memory checkpoint: one line per length
     and layer, the filler's top importance never below its M-th; other checkpoints and missing files: exit 2."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "passkey_importance_probe.py"
 
@@ -84,20 +85,20 @@ def test_passkey_importance_probe(passkey_ckpt, select_ckpt, tmp_path):
         return subprocess.run([sys.executable, str(script), str(ckpt), "--lengths", "96", "200", "--samples", "3"],
                               capture_output=True, text=True, timeout=300)
 
-    result = probe(select_ckpt)
+    result = probe(passkey_ckpt)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["length 96 layer 0", "length 200 layer 0"]
     for line in lines:
         key, top, mth, share = map(float, re.findall(r"(-?\d+\.\d+)", line))
         assert top >= mth and 0 <= share <= 1 and "of 3 samples" in line
-    for bad, words in ((passkey_ckpt, "memory_write"), (tmp_path / "none.ckpt", "does not exist")):
+    for bad, words in ((delta_ckpt, "memory.kind"), (tmp_path / "none.ckpt", "does not exist")):
         result = probe(bad)
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
 
 
-def test_memory_contents_script(passkey_ckpt, select_ckpt, tmp_path):
-    """scripts/memory_contents.py (README, *Passkey*) on a select-write checkpoint: per wrong answer, the key's
+def test_memory_contents_script(passkey_ckpt, delta_ckpt, tmp_path):
+    """scripts/memory_contents.py (docs/experiments/passkey.md) on a tokens-memory checkpoint: per wrong answer, the key's
     digits held by each layer (x or .) and the memory's characters; the exact match per length, as `ltm eval`
     scores it; `model.*` overrides after the options; other checkpoints and missing files: exit 2."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "memory_contents.py"
@@ -106,7 +107,7 @@ def test_memory_contents_script(passkey_ckpt, select_ckpt, tmp_path):
         return subprocess.run([sys.executable, str(script), str(ckpt), "--lengths", "96", "--samples", "2", *more],
                               capture_output=True, text=True, timeout=300)
 
-    result = contents(select_ckpt, "model.select_dedup=0.97")
+    result = contents(passkey_ckpt, "model.memory.select_dedup=0.97")
     assert result.returncode == 0, result.stderr[-2000:]
     *wrong, summary = result.stdout.strip().splitlines()
     match = re.fullmatch(r"96: (\d+\.\d) % exact match \(24 samples\)", summary)  # 12 cells x 2 samples
@@ -115,11 +116,11 @@ def test_memory_contents_script(passkey_ckpt, select_ckpt, tmp_path):
     for line in wrong:
         held = re.search(r"key digits held per layer \['([x.]{5})'\]; memory \['(.*)'\]$", line)
         assert line.startswith("96 ") and held, line
-    evaluation = run_ltm("eval", "--checkpoint", str(select_ckpt), "task.samples=2", "task.lengths=[96]",
-                         "model.select_dedup=0.97", "--json", str(tmp_path / "eval.json"))
+    evaluation = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task.samples=2", "task.lengths=[96]",
+                         "model.memory.select_dedup=0.97", "--json", str(tmp_path / "eval.json"))
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert float(match.group(1)) == round(100 * sum(r["exact_match"] for r in rows) / len(rows), 1)
-    for bad, words in ((passkey_ckpt, "memory_write"), (tmp_path / "none.ckpt", "does not exist")):
+    for bad, words in ((delta_ckpt, "memory.kind"), (tmp_path / "none.ckpt", "does not exist")):
         result = contents(bad)
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr

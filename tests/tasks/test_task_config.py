@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 
 import pytest
 import torch
 
-from ltm_core.config import DataConfig, TaskConfig
+from ltm_core.config import DataConfig, TaskConfig, TokensMemoryConfig
 from ltm_core.configuration import compose, model_config
 from ltm_core.model import TitanModel
 from ltm_core.errors import ConfigError
@@ -46,48 +48,53 @@ def test_task_config_errors_name_the_key(overrides, key):
     assert err.value.key == key
 
 
-@pytest.mark.parametrize("name", ["passkey", "passkey_cross", "mqar", "mqar_cross", "babi_facts"])
+@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
 @pytest.mark.parametrize("baseline", ["", "_baseline"])
 def test_experiments_compose(name, baseline):
     cfg = compose([f"experiment={name}{baseline}"])
-    assert cfg.data.name == cfg.task.name == name.removesuffix("_cross")
+    assert cfg.data.name == cfg.task.name == name
     assert cfg.model.use_memory is (baseline == "")
 
 
-@pytest.mark.parametrize("name", ["passkey", "passkey_long", "passkey_cross", "passkey_cross_long", "mqar",
-                                  "mqar_long", "mqar_cross", "babi_facts"])
+@pytest.mark.parametrize("name", ["passkey", "passkey_long", "mqar", "mqar_long", "babi_facts"])
 def test_experiment_baselines_match_the_parameter_count(name):
     memory, baseline = (TitanModel(model_config(compose([f"experiment={name}{suffix}"]))).num_parameters()
                         for suffix in ("", "_baseline"))
     assert abs(baseline - memory) / memory < 0.02, (memory, baseline)
 
 
-@pytest.mark.parametrize("name,more", [("passkey", 3000), ("passkey_cross", 3000), ("mqar", 1000)])
+@pytest.mark.parametrize("name,more", [("passkey", 3000), ("mqar", 1000)])
 @pytest.mark.parametrize("baseline", ["", "_baseline"])
 def test_the_long_stage_continues_its_stage_one_on_longer_samples(name, more, baseline):
     """experiment=NAME_long[_baseline] resumes experiment=NAME[_baseline]: the same model but for a BPTT window
     over the whole 192-token sample, the same task, `more` steps."""
     first, long = compose([f"experiment={name}{baseline}"]), compose([f"experiment={name}_long{baseline}"])
     a, b = model_config(first), model_config(long)
-    changed = {"bptt_segments", "select_dedup"} if name == "passkey" else {"bptt_segments"}  # + suppression
+    changed = {"bptt_segments", "memory"} if name == "passkey" else {"bptt_segments"}  # (the baseline: unused)
     assert {k for k, v in vars(a).items() if getattr(b, k) != v} == changed
+    assert dataclasses.replace(b.memory, select_dedup=a.memory.select_dedup) == a.memory  # + suppression
     assert long.data.seq_len == 2 * first.data.seq_len == b.bptt_segments * b.segment_length == 192
     assert long.trainer.max_steps == first.trainer.max_steps + more
     assert long.task == first.task and long.optim == first.optim
     if name.startswith("passkey"):
         assert first.task.filler == "ruler" and first.task.filler_start == "random"  # every phase of the filler
     if name == "passkey":  # a key split by a segment boundary keeps its predecessors
-        assert a.memory_read == "tokens" and a.short_conv and a.short_conv_carry
-        assert a.select_dedup is None and b.select_dedup == 0.97  # stage 2 trains with near-duplicate suppression
+        assert a.memory.kind == "tokens" and a.short_conv and a.short_conv_carry
+        if not baseline:  # stage 2 trains with near-duplicate suppression
+            assert a.memory.select_dedup is None and b.memory.select_dedup == 0.97
+
+
+FULL = ["experiment=mqar_long_baseline", "model.segment_length=192", "model.bptt_segments=1", "task.layout_segment=32"]
 
 
 def test_layout_segment_gives_a_full_causal_model_the_memory_models_samples(monkeypatch):
-    """experiment=mqar_full: one 192-token segment, no memory, and the samples (training, validation and
-    evaluation) laid out for the memory model's 32-token segments: token for token what experiment=mqar_cross reads."""
+    """task.layout_segment=32 on a full-causal model (one 192-token segment, no memory): the samples (training,
+    validation and evaluation) laid out for the memory model's 32-token segments, token for token what
+    experiment=mqar_long reads."""
     from ltm_core import TitanConfig
     from ltm_core.tasks.evaluate import evaluate_task
 
-    full, memory = compose(["experiment=mqar_full"]), compose(["experiment=mqar_cross"])
+    full, memory = compose(FULL), compose(["experiment=mqar_long"])
     assert full.model.segment_length == full.data.seq_len == 192 and not full.model.use_memory
     assert full.task.layout_segment == 32 == memory.model.segment_length
     modules = [TaskDataModule(DataConfig(**dict(c.data)), task_config(c), int(c.model.segment_length))
@@ -95,7 +102,7 @@ def test_layout_segment_gives_a_full_causal_model_the_memory_models_samples(monk
     for stream in ("train_dataloader", "val_dataloader"):
         (x, y), (x2, y2) = (next(iter(getattr(m, stream)())) for m in modules)
         assert torch.equal(x, x2) and torch.equal(y, y2)
-    plain = TaskDataModule(DataConfig(**dict(full.data)), task_config(compose(["experiment=mqar_cross_baseline"])), 192)
+    plain = TaskDataModule(DataConfig(**dict(full.data)), task_config(compose(["experiment=mqar_long_baseline"])), 192)
     with pytest.raises(ValueError, match="needs at least"):  # without it the 192-token gap does not fit
         next(iter(plain.train_dataloader()))
     import ltm_core.tasks.mqar as mqar
@@ -186,8 +193,8 @@ def test_evaluation_at_the_training_length_reads_what_training_reads(name, monke
     monkeypatch.setattr(type(task), "score", lambda self, model, samples: (
         seen.extend(samples), {"exact_match": [0.0] * len(samples)})[1])
     cfg = TaskConfig(name=name, lengths=[256], samples=2, batch_size=2, pairs=[4], depth_bins=2, train_pairs=4)
-    model = TitanModel(TitanConfig(hidden_size=32, num_attention_heads=2, memory_slots=4, memory_dim=16,
-                                   segment_length=32))
+    model = TitanModel(TitanConfig(hidden_size=32, num_attention_heads=2, segment_length=32,
+                                   memory=TokensMemoryConfig(slots=4)))
     evaluate_task(model, cfg, train_length=256)
     x, y = TaskSamples(cfg, 256, 32, seed=0).sample(0)
     assert seen and all(len(s.tokens) == len(x) + 1 == 257 for s in seen)

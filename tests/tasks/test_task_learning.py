@@ -12,15 +12,15 @@ import torch
 from support import run_ltm
 
 from ltm_core import TitanConfig, TitanModel
-from ltm_core.config import OptimConfig, TaskConfig
+from ltm_core.config import OptimConfig, TaskConfig, TokensMemoryConfig
 from ltm_core.tasks import get_task
 from ltm_core.tasks.common import sample_rng
 from ltm_core.tasks.evaluate import evaluate_task
 from ltm_core.tasks.mqar import make_mqar
 from ltm_core.training import build_optimizer, build_scheduler, windowed_backward
 
-TINY_PASSKEY = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, memory_slots=8, memory_dim=32,
-                    segment_length=32, bptt_segments=3)
+TINY_PASSKEY = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, segment_length=32, bptt_segments=3,
+                    memory=TokensMemoryConfig(slots=8))
 STEPS = 1500
 
 
@@ -49,7 +49,7 @@ TINY_TASK = dict(name="passkey", digits=1, filler="ruler", samples=40, batch_siz
 def train_and_score(use_memory: bool) -> dict[int, float]:
     """Train the tiny passkey model (with or without memory) and return its exact match at 96 and 384 tokens."""
     torch.set_num_threads(1)  # two of these run side by side on the 2-core CI machine
-    cfg = TitanConfig(**TINY_PASSKEY, use_memory=use_memory, memory_write="select")
+    cfg = TitanConfig(**TINY_PASSKEY, use_memory=use_memory)
     task = TaskConfig(**TINY_TASK)
     model = train_passkey(cfg, task, seq_len=96, steps=STEPS)
     rows = evaluate_task(model, task, train_length=96)["rows"]
@@ -104,9 +104,9 @@ def test_passkey_recipe_beats_its_baseline_far_beyond_the_training_length(tmp_pa
 
 
 MQAR_STEPS = 1000
-FULL_ATTENTION = dict(use_memory=False, segment_length=96, intermediate_size=305)  # experiment=mqar_full's backbone
-TOKENS_MEMORY = dict(segment_length=32, bptt_segments=3, memory_slots=64, memory_dim=64, memory_write="select",
-                     memory_read="tokens", select_noise=0.0, read_importance=True)  # experiment=mqar
+FULL_ATTENTION = dict(use_memory=False, segment_length=96, intermediate_size=305, short_conv_carry=False)
+TOKENS_MEMORY = dict(segment_length=32, bptt_segments=3, short_conv_carry=False,  # experiment=mqar's model
+                     memory=TokensMemoryConfig(slots=64, select_noise=0.0, importance_penalty=0.0))
 
 
 def first_query_accuracy_after_training(short_conv: int, model_cfg: dict = FULL_ATTENTION,

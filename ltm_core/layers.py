@@ -1,0 +1,47 @@
+"""Building blocks shared by the backbone and the memory kinds: RMSNorm, rotary embeddings, the causal
+depthwise convolution."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ltm_core import ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "auto"):
+        super().__init__()
+        self.eps, self.backend = eps, backend
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.backend)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [T] -> cos, sin: [T, head_dim // 2] (fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float().unsqueeze(1) * inv_freq  # [T, hd/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; rotates pairs (x[..., :hd/2], x[..., hd/2:])."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
+    """x: [B, S, C], weight: [C, 1, K] (depthwise), before: [B, K - 1, C] what precedes x (None: zeros)
+    -> the causal convolution [B, S, C]: output t mixes inputs t - K + 1 .. t."""
+    kernel = weight.shape[-1]
+    x = x.transpose(1, 2)  # [B, C, S]
+    x = F.pad(x, (kernel - 1, 0)) if before is None else torch.cat([before.to(x.dtype).transpose(1, 2), x], 2)
+    return F.conv1d(x, weight.to(x.dtype), groups=x.shape[1]).transpose(1, 2)

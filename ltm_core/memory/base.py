@@ -1,0 +1,128 @@
+"""The interface every memory kind implements (one subclass per kind, one file each).
+
+A block reads its memory during a segment and writes the segment into it once the segment is complete, so a token
+only ever reads what earlier segments wrote. What the block needs from a kind:
+
+    initial_state(B)              the state before any segment
+    entries(h)                    what each token writes, from the hidden state the kind writes (`writes`)
+    write(state, entries, noise)  one complete segment into the state -> Write(state, aux loss, kept indices)
+    prefix(state)                 the read as extra tokens of the self-attention (tokens), or None
+    read(h, state)                the read as a residual after the self-attention (slots, delta), or None
+    scan(state, entries, noise)   the states before each segment of a window, from all its segments' entries
+
+`writes` names the hidden state a segment writes: "normed" (the self-attention's input), "attended" (the state
+after the self-attention, before the memory read) or "block" (the block's output). With "normed" or "attended" the
+write does not depend on the memory's own read, so a BPTT window runs layer by layer over all its segments at once
+(`TitanModel`'s layer-major pass) and only the recurrence itself (`scan`) steps through the segments; with
+"block" the window runs segment by segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ltm_core.config import TitanConfig
+from ltm_core.memory.state import State, stack_states
+
+WRITES = ("normed", "attended", "block")
+
+
+@dataclass
+class Write:
+    state: State  # the memory after the segment
+    aux: Optional[torch.Tensor] = None  # the write's auxiliary training loss (the model adds it to the gradient)
+    kept: Optional[torch.Tensor] = None  # [B, M] indices of the candidates kept, for kinds that select (diagnostics)
+
+
+@dataclass
+class Prefix:
+    tokens: torch.Tensor  # [B, M, C] tokens the self-attention reads beside the segment (through its own projections)
+    bias: Optional[torch.Tensor] = None  # [B, M] added to every query's score of each of them
+
+
+@dataclass
+class Scan:
+    before: State  # the state before each segment, batch B * W (segment i of sample b at b * W + i)
+    after: State  # the state after the last segment, batch B
+    aux: list  # per write: its auxiliary loss or None
+    entries: Optional[torch.Tensor] = None  # [B, W, S, D] what the segments wrote
+    kept: Optional[torch.Tensor] = None  # [B, W, M] each write's kept candidates, as Write.kept (kinds that select)
+
+
+class Memory(nn.Module):
+    """A layer's long-term memory. Subclasses set `kind` and `writes` and implement the methods below."""
+
+    kind: str = ""
+    writes: str = "block"
+
+    def __init__(self, cfg: TitanConfig):
+        super().__init__()
+        self.model_config = cfg
+        self.config = cfg.memory
+        self.init_std = cfg.init_std
+        self.residual_std = cfg.init_std / (2 * cfg.num_hidden_layers) ** 0.5
+        self.backend = cfg.kernels
+
+    @property
+    def window_parallel(self) -> bool:
+        """Whether a window's segments can run layer by layer at once (the write does not read its own read)."""
+        return self.writes != "block"
+
+    def reset_parameters(self) -> None:
+        raise TypeError(f"{type(self).__name__} must define reset_parameters")
+
+    def initial_state(self, batch_size: int) -> State:
+        raise TypeError(f"{type(self).__name__} must define initial_state")
+
+    def entries(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, T, C] the hidden state named by `writes` -> what each token writes [B, T, D]."""
+        return h
+
+    def write(self, state: State, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Write:
+        raise TypeError(f"{type(self).__name__} must define write")
+
+    def prefix(self, state: State) -> Optional[Prefix]:
+        return None
+
+    def read(self, h: torch.Tensor, state: State) -> Optional[torch.Tensor]:
+        return None
+
+    def noise_shape(self, batch_size: int, segment_length: int) -> Optional[tuple[int, ...]]:
+        """The shape of one write's training noise (drawn once per BPTT window for all its writes), or None."""
+        return None
+
+    def scan(self, state: State, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Scan:
+        """state (batch B), entries [B, W, S, D] of W complete segments, noise [W, ...] or None -> the states before
+        each segment and after the last. This default runs `write` segment by segment; a kind may compute the
+        recurrence at once."""
+        states, aux, kept = [state], [], []
+        for i in range(entries.shape[1]):
+            w = self.write(states[-1], entries[:, i], None if noise is None else noise[i])
+            states.append(w.state)
+            aux.append(w.aux)
+            kept.append(w.kept)
+        return Scan(stack_states(states[:-1]), states[-1], aux, entries,
+                    None if kept[0] is None else torch.stack(kept, dim=1))
+
+    def flops_per_token(self, segment_length: int) -> float:
+        """Training FLOPs per token that the memory adds beyond 6 x its parameters (one layer)."""
+        return 0.0
+
+
+class AddLoss(torch.autograd.Function):
+    """Identity on x whose backward also differentiates `loss` (a scalar) as if it were added to the training loss,
+    whenever a backward passes through x: attached to a window's hidden states, the writes' auxiliary losses reach
+    the optimiser with the window's backward, in any parallel layout (a pipeline stage's output included), without
+    being returned through the model (as Megatron's MoE auxiliary-loss scaler)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones((), dtype=torch.float32, device=grad.device)

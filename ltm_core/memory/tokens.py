@@ -1,0 +1,177 @@
+"""`tokens`: the memory keeps the M most important whole tokens seen so far, and the self-attention reads them.
+
+Per layer, an entry is a token as the self-attention sees it, its normed input a = norm(x) [C] (no compression).
+After each segment the write keeps, among the memory's M entries and the segment's S tokens, the M with the highest
+importance w . a + b, in arrival order:
+
+    cand = [mem; a_1..S]                                     [B, M + S, C]
+    mem  = the M entries of cand with the highest w . cand   [B, M, C]
+
+An entry leaves only when M more important tokens have arrived, so retention does not depend on the distance. The
+self-attention reads the kept tokens through its own key and value projections, beside the segment's keys (the
+slots carry no position):
+
+    keys = [W_k mem ; rope(W_k a_1..T)],  values = [W_v mem ; W_v a_1..T]
+
+the attention the model would do if the kept tokens were still in its window: a KV cache of the important tokens,
+as Memorizing Transformers attend to retrieved past keys and values. The memory starts empty (zeros): empty slots
+are masked out of the read and lose to any token in the write.
+
+How the ranking learns (the ranking itself has no gradient):
+- the read multiplies each kept token by 1 + s - s.detach() (= 1), s = sigmoid(w . entry): the value is unchanged
+  and the importance learns how useful each kept entry was to the reads (a straight-through factor);
+- `read_importance` adds log sigmoid(w . entry) to each kept token's attention scores (the `key_bias` of
+  `attention()`), so the read prefers what the write ranks high and the importance learns from every read;
+- `importance_penalty` = lambda adds lambda * mean_t sigmoid(w . a_t) over each written segment's tokens to the
+  training loss (the write's auxiliary loss; the model counts it when a later read in the window uses the write),
+  so tokens no read holds up sink in the ranking; with `importance_detach` it trains w and b only;
+- `select_noise` = tau: in training the ranking is w . cand + tau * std(w . cand) * Gumbel noise (Gumbel-top-k:
+  M entries sampled without replacement), so tokens the ranking would drop are sometimes kept and the ranking
+  learns from them; evaluation and generation rank without noise;
+- `select_dedup` = rho ranks a candidate whose cosine similarity to a higher-ranked one exceeds rho after every
+  distinct one (near-duplicate suppression, as Fast NMS): a repeating text cannot fill the slots with copies.
+
+The ranking is computed in float64 from the entries alone, so the sequential path and the layer-major window
+(`scan`, which ranks all of a window's writes from one pool of its tokens) make the same choices.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ltm_core.config import TitanConfig
+from ltm_core.memory.base import Memory, Prefix, Scan, Write
+
+EMPTY_SLOT_SCORE = -1e3  # added to an empty slot's read scores (exp(-1000) = 0 in any precision)
+VACANT_RANK = 1e4  # subtracted from an empty slot's rank: any token beats it
+
+
+class TokensMemory(Memory):
+    kind = "tokens"
+    writes = "normed"
+
+    def __init__(self, cfg: TitanConfig):
+        super().__init__(cfg)
+        self.slots = self.config.slots
+        self.importance = nn.Linear(cfg.hidden_size, 1)  # w, b
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.importance.weight, std=self.init_std)
+        nn.init.zeros_(self.importance.bias)
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        return self.importance.weight.new_zeros(batch_size, self.slots, self.importance.in_features)  # [B, M, C]
+
+    def noise_shape(self, batch_size: int, segment_length: int) -> Optional[tuple[int, ...]]:
+        return (batch_size, self.slots + segment_length) if self.config.select_noise > 0 else None
+
+    @staticmethod
+    def empty(mem: torch.Tensor) -> torch.Tensor:
+        """mem: [B, M, C] -> [B, M] bool: the slots no token has filled yet (all zeros)."""
+        return (mem == 0).all(dim=-1)
+
+    def ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., C] -> the importance w . x + b that ranks it [...], in float64, without gradient."""
+        w, b = self.importance.weight.detach().double(), self.importance.bias.detach().double()
+        return (x.detach().double() * w[0]).sum(-1) + b[0]
+
+    def shared_by_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """A replicated tensor that every head's read uses. Under tensor parallelism a rank holds only its heads,
+        so the gradient is summed over the tp group there (`apply_tensor_parallel` replaces this identity)."""
+        return t
+
+    # ------------------------------------------------------------------------------------------------ write
+    def keep(self, ranks: torch.Tensor, vacant: torch.Tensor, noise: Optional[torch.Tensor],
+             candidates: Optional[torch.Tensor]) -> torch.Tensor:
+        """The candidates one write keeps: ranks [B, M + S] (the memory's M entries, then the segment's S tokens),
+        vacant [B, M] (empty slots), noise [B, M + S] standard exponential samples or None, candidates
+        [B, M + S, C] (for select_dedup) -> indices [B, M] into the candidates, in arrival order."""
+        M = vacant.shape[1]
+        rank = ranks
+        if noise is not None:  # Gumbel-top-k: sample M entries without replacement
+            scale = self.config.select_noise * rank.std(dim=1, keepdim=True)  # [B, 1]: relative to the spread
+            rank = rank - scale * noise.double().log()  # + scale * Gumbel(0, 1)
+        rank = torch.cat([rank[:, :M] - VACANT_RANK * vacant, rank[:, M:]], dim=1)
+        if self.config.select_dedup is not None:
+            rank = self._suppress_duplicates(candidates, rank)
+        return rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
+
+    def _suppress_duplicates(self, candidates: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        """candidates [B, N, C], rank [B, N] -> rank with every candidate whose cosine similarity to a higher-ranked
+        one exceeds select_dedup moved below all the others, in its order (Fast NMS: a candidate suppressed by one
+        that is itself suppressed stays suppressed). Equal ranks: the earlier candidate counts as higher."""
+        u = F.normalize(candidates.detach().double(), dim=-1)
+        similar = u @ u.transpose(1, 2) > self.config.select_dedup  # [B, N, N]
+        i = torch.arange(rank.shape[1], device=rank.device)
+        higher = (rank.unsqueeze(1) > rank.unsqueeze(2)) | ((rank.unsqueeze(1) == rank.unsqueeze(2))
+                                                            & (i.unsqueeze(0) < i.unsqueeze(1)))  # [B, i, j]: j above i
+        duplicate = (similar & higher).any(dim=2)  # [B, N]
+        spread = rank.amax(dim=1, keepdim=True) - rank.amin(dim=1, keepdim=True) + 1  # [B, 1]
+        return rank - duplicate * spread
+
+    def penalty(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """tokens: [..., S, C] written segments -> importance_penalty * mean sigmoid(importance) per segment [...]
+        (training with gradients only; None otherwise)."""
+        weight = self.config.importance_penalty
+        if not (self.training and torch.is_grad_enabled() and weight > 0):
+            return None
+        if self.config.importance_detach:  # trains the importance weights, not the tokens
+            tokens = tokens.detach()
+        return weight * torch.sigmoid(self.importance(tokens).squeeze(-1).float()).mean(dim=(0, -1))
+
+    def write(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Write:
+        """state: [B, M, C], entries: [B, S, C] one complete segment -> the M entries kept, in arrival order."""
+        B, M, C = state.shape
+        candidates = torch.cat([state, entries.to(state.dtype)], dim=1)  # [B, M + S, C]
+        keep = self.keep(self.ranks(candidates), self.empty(state), noise,
+                         candidates if self.config.select_dedup is not None else None)
+        kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))  # [B, M, C]
+        return Write(kept, self.penalty(entries), keep)
+
+    def scan(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Scan:
+        """The W writes of a window at once: every write only chooses indices into one pool of candidates (the
+        memory before the window, then the window's tokens in order), from ranks computed once; the memories are
+        then gathered from the pool in one step. Makes exactly the choices of W calls of `write`."""
+        B, M, C = state.shape
+        W, S = entries.shape[1], entries.shape[2]
+        pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
+        ranks, vacant = self.ranks(pool), self.empty(pool)  # [B, P]
+        dedup = self.config.select_dedup is not None
+        index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
+        held, keeps = [index], []
+        for i in range(W):
+            segment = torch.arange(M + i * S, M + (i + 1) * S, device=pool.device).expand(B, S)
+            candidates = torch.cat([index, segment], dim=1)  # [B, M + S] pool rows
+            rows = pool.gather(1, candidates.unsqueeze(-1).expand(-1, -1, C)) if dedup else None
+            keep = self.keep(ranks.gather(1, candidates), vacant.gather(1, index), None if noise is None else noise[i],
+                             rows)
+            index = candidates.gather(1, keep)  # [B, M]
+            held.append(index)
+            keeps.append(keep)
+        kept = torch.stack(held, dim=1)  # [B, W + 1, M]: before each segment, then after the last
+        memories = pool.gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
+        aux = self.penalty(entries)  # [W] or None
+        return Scan(memories[:, :W].flatten(0, 1), memories[:, W], [None] * W if aux is None else list(aux.unbind(0)),
+                    entries, torch.stack(keeps, dim=1))
+
+    # ------------------------------------------------------------------------------------------------- read
+    def prefix(self, state: torch.Tensor) -> Prefix:
+        """state: [B, M, C] -> the kept tokens, each times its straight-through factor, and their score bias: empty
+        slots masked, plus log sigmoid(importance) with read_importance."""
+        z = self.importance(state).squeeze(-1).float()  # [B, M]
+        s = torch.sigmoid(z)
+        tokens = state * (1 + (s - s.detach())).unsqueeze(-1).to(state.dtype)  # exactly the entries in value
+        bias = self.empty(state).float() * EMPTY_SLOT_SCORE
+        if self.config.read_importance:
+            bias = bias + self.shared_by_heads(F.logsigmoid(z))
+        return Prefix(tokens, bias)
+
+    def flops_per_token(self, segment_length: int) -> float:
+        """The read over M more keys (12 C M), and the q|k|v projection of the M kept tokens once per segment
+        (6 * 3 C^2 * M / T)."""
+        C, M, T = self.model_config.hidden_size, self.slots, segment_length
+        return 12 * C * M + 6 * 3 * C * C * M / T

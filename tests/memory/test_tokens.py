@@ -1,0 +1,257 @@
+"""The tokens memory (ltm_core/memory/tokens.py): what the write keeps, how the ranking learns, and the read
+through the self-attention's own projections."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltm_core.config import TokensMemoryConfig
+from ltm_core.layers import rotary_tables
+from support import ids, kind_config, tiny_model
+
+
+def _memory(noise: float = 0.0, **options):
+    """Layer 0's tokens memory whose importance is a token's first channel."""
+    cfg = kind_config("tokens", memory=TokensMemoryConfig(slots=8, select_noise=noise, **options))
+    memory = tiny_model(cfg).blocks[0].memory
+    with torch.no_grad():
+        memory.importance.weight.zero_()
+        memory.importance.weight[0, 0] = 1.0
+        memory.importance.bias.zero_()
+    return memory, cfg
+
+
+def _ranked(memory, cfg):
+    """Candidates of rising importance (3 apart end to end), the second channel their index: M entries, S tokens."""
+    M, S, C = memory.slots, cfg.segment_length, cfg.hidden_size
+    tokens = torch.zeros(1, M + S, C)
+    tokens[0, :, 0] = torch.linspace(0.1, 3, M + S)
+    tokens[0, :, 1] = torch.arange(M + S).float()
+    return tokens[:, :M], tokens[:, M:]
+
+
+def _index(mem: torch.Tensor) -> list[int]:
+    return mem[0, :, 1].round().long().tolist()
+
+
+def test_the_write_keeps_the_most_important_tokens_whatever_follows():
+    """Tokens more important than everything that arrives later stay in memory, bit for bit, in arrival order."""
+    memory, cfg = _memory()
+    memory.eval()
+    S, C = cfg.segment_length, cfg.hidden_size
+    needle = torch.randn(1, S, C, generator=torch.Generator().manual_seed(0))
+    needle[0, :, 0] = torch.linspace(-1, 1, S)
+    needle[0, :3, 0] = 10.0  # three important tokens
+    mem = memory.write(memory.initial_state(1), needle).state
+    for i in range(50):  # many segments of filler, all less important
+        mem = memory.write(mem, torch.randn(1, S, C, generator=torch.Generator().manual_seed(i)).clamp(-3, 3)).state
+    held = [int((mem[0] == row).all(-1).nonzero().item()) for row in needle[0, :3]]
+    assert held == sorted(held)  # the needle's tokens, in the order they came
+
+
+def test_empty_slots_lose_to_any_token_and_are_masked_out_of_the_read(tiny_cfg):
+    """Before its first write the model is exactly its no-memory twin (the empty slots read nothing); the first
+    segment's tokens then take the empty slots."""
+    model = tiny_model(tiny_cfg, perturb=True).eval()
+    twin = tiny_model(dataclasses.replace(tiny_cfg, use_memory=False)).eval()
+    loaded = twin.load_state_dict(model.state_dict(), strict=False)
+    assert not loaded.missing_keys and all(".memory.importance." in k for k in loaded.unexpected_keys)
+    S = tiny_cfg.segment_length
+    tokens = ids(2 * S)
+    # the twin restarts its convolution at each segment; with the memory it is carried: equal on the first segment
+    torch.testing.assert_close(model(tokens[:, :S]).logits, twin(tokens[:, :S]).logits, rtol=0, atol=1e-6)
+    assert model.num_parameters() - twin.num_parameters() == tiny_cfg.num_hidden_layers * (tiny_cfg.hidden_size + 1)
+    memory = model.blocks[0].memory
+    assert memory.empty(memory.initial_state(2)).all()
+    assert not memory.empty(model(tokens[:, :S]).memory.layers[0].memory).any()  # M = 8 <= S = 16
+
+
+def test_the_memory_keeps_tokens_as_the_attention_sees_them(tiny_cfg):
+    """Layer 0 keeps the normed block inputs a = norm(x + conv(x)) of the tokens it ranks highest."""
+    cfg = dataclasses.replace(tiny_cfg, memory=TokensMemoryConfig(slots=tiny_cfg.segment_length + 4))
+    model = tiny_model(cfg, perturb=True).eval()
+    S, block = cfg.segment_length, model.blocks[0]
+    tokens = ids(S)
+    mem = model(tokens).memory.layers[0].memory  # [B, M, C]: 4 empty slots, then the segment in order
+    x, _ = block._short_conv(model.embed_tokens(tokens), None)
+    torch.testing.assert_close(mem[:, 4:], block.attn_norm(x), rtol=0, atol=0)
+    assert block.memory.empty(mem)[:, :4].all()
+
+
+def test_a_kept_token_is_keyed_as_at_segment_position_zero(tiny_cfg):
+    """The slots carry no position: attn.kv(h) gives the key and value the attention computes for h at segment
+    position 0 (where the rotation is the identity)."""
+    attn, C = tiny_model(tiny_cfg).blocks[0].attn, tiny_cfg.hidden_size
+    h = torch.randn(3, 1, C)
+    cos, sin = rotary_tables(torch.zeros(1, dtype=torch.long), tiny_cfg.head_dim, tiny_cfg.rope_theta)
+    _, k, v = attn(h, cos, sin, None, None, "torch")  # [3, H, 1, hd]
+    k_mem, v_mem = attn.kv(h.transpose(0, 1))  # one batch row holding three slots: [1, H, 3, hd]
+    torch.testing.assert_close(k_mem, k.squeeze(2).transpose(0, 1).unsqueeze(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(v_mem, v.squeeze(2).transpose(0, 1).unsqueeze(0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("read_importance", [False, True])
+def test_a_later_segment_attends_to_the_kept_tokens(tiny_cfg, read_importance):
+    """Hand reference of layer 0's read: softmax over [W_k mem ; rope(W_k segment)] with the self-attention's own
+    projections, the segment part causal, each kept token's score plus log sigmoid(importance) with
+    read_importance."""
+    cfg = dataclasses.replace(tiny_cfg, short_conv=0, short_conv_carry=False,
+                              memory=TokensMemoryConfig(slots=8, read_importance=read_importance))
+    model = tiny_model(cfg, perturb=True).eval()
+    S, block, H, hd = cfg.segment_length, model.blocks[0], cfg.num_attention_heads, cfg.head_dim
+    tokens = ids(2 * S, batch=1)
+    first = model(tokens[:, :S])
+    mem = first.memory.layers[0].memory[0]  # [M, C]
+    h = block.attn_norm(model.embed_tokens(tokens[0, S:]))  # [S, C]
+    q, k, v = block.attn.qkv_proj(h).view(S, 3, H, hd).permute(1, 2, 0, 3)  # [H, S, hd]
+    _, km, vm = block.attn.qkv_proj(mem).view(-1, 3, H, hd).permute(1, 2, 0, 3)  # [H, M, hd]
+    cos, sin = rotary_tables(torch.arange(S), hd, cfg.rope_theta)
+    rot = lambda x: torch.cat([x[..., :hd // 2] * cos - x[..., hd // 2:] * sin,
+                               x[..., hd // 2:] * cos + x[..., :hd // 2] * sin], -1)
+    scores = rot(q) @ torch.cat([km, rot(k)], 1).transpose(1, 2) / hd ** 0.5  # [H, S, M + S]
+    if read_importance:
+        scores[:, :, :8] += F.logsigmoid(block.memory.importance(mem).squeeze(-1))
+    scores[:, :, 8:] = scores[:, :, 8:].masked_fill(torch.ones(S, S).triu(1).bool(), -torch.inf)
+    y = (scores.softmax(-1) @ torch.cat([vm, v], 1)).transpose(0, 1).reshape(S, -1)  # [S, C]
+    captured = {}
+    block.attn.register_forward_hook(lambda mod, args, out: captured.update(y=out[0]))
+    model(tokens[:, S:], memory=first.memory)
+    torch.testing.assert_close(captured["y"][0], block.attn.o_proj(y), rtol=1e-5, atol=1e-6)
+
+
+def test_select_dedup_keeps_a_needle_against_any_number_of_copies_of_a_stronger_token():
+    """A periodic haystack repeats its best-ranked filler token: without select_dedup, copies of it push the
+    needle's weaker tokens out; with it, the copies after the first rank below every distinct entry."""
+    for dedup in (None, 0.97):
+        memory, cfg = _memory(select_dedup=dedup)
+        memory.eval()
+        M, S, C = memory.slots, cfg.segment_length, cfg.hidden_size
+        g = torch.Generator().manual_seed(0)
+        needle = torch.randn(1, S, C, generator=g).clamp(-3, 3)
+        needle[0, :4, 0] = torch.tensor([9.0, 8.0, 5.0, 4.0])  # two strong tokens, two weak ones
+        mem = memory.write(memory.initial_state(1), needle).state
+        strong = torch.randn(C, generator=g)
+        strong[0] = 6.0  # the filler's best token: above the needle's weak tokens
+        for i in range(3 * M // 2):  # segments of filler, each with one copy of the strong token (perturbed)
+            filler = torch.randn(1, S, C, generator=g).clamp(-3, 3)
+            filler[0, i % S] = strong + 1e-4 * torch.randn(C, generator=g)
+            mem = memory.write(mem, filler).state
+        held = [bool((mem[0] == row).all(-1).any()) for row in needle[0, :4]]
+        copies = int((F.cosine_similarity(mem[0], strong.expand(M, C), dim=-1) > 0.99).sum())
+        if dedup is None:
+            assert held == [True, True, False, False] and copies == M - 2
+        else:
+            assert held == [True, True, True, True] and copies == 1
+
+
+def test_select_noise_samples_in_training_and_ranks_exactly_in_evaluation():
+    """Training ranks importance + select_noise * std * Gumbel (Gumbel-top-k sampling): less important entries are
+    sometimes kept, the more important ones more often; evaluation keeps the exact top M, in arrival order."""
+    memory, cfg = _memory(noise=1.0)
+    mem, segment = _ranked(memory, cfg)
+    M, n = memory.slots, memory.slots + cfg.segment_length
+    top = list(range(n - M, n))
+    memory.eval()
+    assert _index(memory.write(mem, segment).state) == top
+    memory.train()
+    counts = torch.zeros(n)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        kept = memory.write(mem, segment, torch.empty(1, n).exponential_(generator=g)).state
+        index = _index(kept)
+        assert index == sorted(index) and len(set(index)) == M  # arrival order, no repeats
+        counts[index] += 1
+    assert counts[:n - M].sum() > 0 and counts[n - M:].sum() < 300 * M  # sampled, not the exact top M
+    assert counts[n - M:].sum() > counts[:M].sum() * 3  # the most important kept far more often than the least
+    model = tiny_model(kind_config("tokens")).train()
+    assert model.blocks[0].memory.noise_shape(2, 16) == (2, 8 + 16)
+    assert tiny_model(kind_config("tokens", memory=TokensMemoryConfig(slots=8, select_noise=0))).blocks[0].memory \
+        .noise_shape(2, 16) is None
+
+
+def test_the_importance_penalty_is_the_writes_aux_loss_in_training_only(tiny_cfg):
+    """importance_penalty = lambda: a write's aux loss is lambda * mean sigmoid(w . token) over the segment (the
+    write's value unchanged; evaluation adds nothing); with importance_detach its gradient reaches the importance
+    weights only. The model adds the aux of every write a later read of its window uses to the gradient, and
+    reports their sum as `aux_loss`."""
+    for detach in (True, False):
+        memory, cfg = _memory(importance_penalty=0.7, importance_detach=detach)
+        g = torch.Generator().manual_seed(0)
+        mem = torch.randn(2, 8, cfg.hidden_size, generator=g)
+        segment = torch.randn(2, cfg.segment_length, cfg.hidden_size, generator=g, requires_grad=True)
+        write = memory.train().write(mem, segment)
+        expected = 0.7 * torch.sigmoid(memory.importance(segment.detach()).squeeze(-1)).mean()
+        torch.testing.assert_close(write.aux, expected)
+        plain = memory.eval().write(mem, segment)
+        assert plain.aux is None
+        torch.testing.assert_close(plain.state, write.state, rtol=0, atol=0)
+        write.aux.backward()
+        assert memory.importance.weight.grad.abs().sum() > 0
+        assert (segment.grad is None) == detach
+    cfg = dataclasses.replace(tiny_cfg, bptt_segments=3,
+                              memory=TokensMemoryConfig(slots=8, select_noise=0.0, importance_penalty=0.7))
+    model = tiny_model(cfg, perturb=True).train()
+    S = cfg.segment_length
+    tokens = ids(3 * S)
+    seen = []
+    model.register_write_hook(lambda layer, entries, kept: seen.append((layer, entries)))
+    out = model(tokens)
+    writes = {l: [e for layer, e in seen if layer == l] for l in range(2)}  # each layer's writes, in order
+    assert [len(w) for w in writes.values()] == [3, 3]
+    # writes 0 and 1 of each layer are read later in the window; write 2 ends it and is not counted
+    counted = sum(0.7 * torch.sigmoid(model.blocks[l].memory.importance(writes[l][i]).squeeze(-1)).mean()
+                  for l in range(2) for i in range(2))
+    torch.testing.assert_close(out.aux_loss, counted, rtol=1e-5, atol=1e-6)
+
+
+def test_the_read_teaches_the_ranking_through_the_kept_tokens(tiny_cfg):
+    """The ranking itself has no gradient: the importance learns from the reads, through each kept token's
+    straight-through factor 1 + s - s.detach() and read_importance's score bias."""
+    for read_importance in (False, True):
+        cfg = dataclasses.replace(tiny_cfg, memory=TokensMemoryConfig(slots=8, importance_penalty=0.0,
+                                                                      select_noise=0.0,
+                                                                      read_importance=read_importance))
+        model = tiny_model(cfg, perturb=True).train()
+        S = cfg.segment_length
+        tokens = ids(2 * S)
+        labels = torch.full_like(tokens, -100)
+        labels[:, S:] = tokens[:, S:]  # the loss on the second segment only
+        embeds = []
+        model.embed_tokens.register_forward_hook(lambda m, a, out: out.retain_grad() or embeds.append(out))
+        model(tokens, labels=labels).loss.backward()
+        assert embeds[0].grad[:, :S].abs().sum() > 0  # through the kept tokens
+        assert model.blocks[0].memory.importance.weight.grad.abs().sum() > 0
+
+
+def test_scan_makes_the_choices_of_one_write_per_segment():
+    """The layer-major recurrence: the memories before each segment and after the last, the kept indices and the
+    aux losses equal those of W calls of `write`, with the same noise."""
+    memory, cfg = _memory(noise=0.5, select_dedup=0.95, importance_penalty=1.0)
+    memory.train()
+    g = torch.Generator().manual_seed(3)
+    B, W, S, C, M = 2, 4, cfg.segment_length, cfg.hidden_size, memory.slots
+    entries = torch.randn(B, W, S, C, generator=g)
+    entries[:, 2, :3] = entries[:, 1, :3]  # exact repeats across segments, for the suppression
+    noise = torch.empty(W, B, M + S).exponential_(generator=g)
+    state = memory.initial_state(B)
+    scan = memory.scan(state, entries, noise)
+    before = scan.before.view(B, W, M, C)
+    for i in range(W):
+        torch.testing.assert_close(before[:, i], state, rtol=0, atol=0)
+        write = memory.write(state, entries[:, i], noise[i])
+        assert torch.equal(scan.kept[:, i], write.kept)
+        torch.testing.assert_close(scan.aux[i], write.aux)
+        state = write.state
+    torch.testing.assert_close(scan.after, state, rtol=0, atol=0)
+
+
+def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
+    model = tiny_model(tiny_cfg)
+    C, M, S, L = tiny_cfg.hidden_size, 8, tiny_cfg.segment_length, tiny_cfg.num_hidden_layers
+    n = model.num_parameters()
+    expected = 6 * n + 12 * L * C * S + L * (12 * C * M + 6 * 3 * C * C * M / S)
+    assert model.flops_per_token(seq_len=4 * S) == pytest.approx(expected, rel=1e-12)
