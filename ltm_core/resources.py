@@ -144,11 +144,13 @@ def busy_cpus(cpus: set[int], interval: float = 0.25, stat: Path = Path("/proc/s
 @dataclass(frozen=True)
 class CpuBudget:
     cores: int  # available to this process: affinity, capped by the cgroup quota
-    busy: float  # of those, kept busy by other processes when measured
-    idle: int  # cores - busy, rounded, at least 1
+    busy: float  # cores of its affinity that other processes kept busy when measured
 
-    def describe(self) -> str:
-        return f"{self.cores} cores available, {self.busy:.1f} busy with other processes"
+    def describe(self, threads: int) -> str:
+        text = f"{self.cores} cores available, {self.busy:.1f} busy with other processes"
+        if threads > 1 and self.busy >= 0.5:  # spinning OpenMP threads then wait on the other processes
+            text += ": with other jobs on these cores, trainer.threads=1 or taskset runs much faster (docs/cli.md)"
+        return text
 
 
 def cpu_budget(interval: float = 0.25) -> CpuBudget:
@@ -157,10 +159,7 @@ def cpu_budget(interval: float = 0.25) -> CpuBudget:
         cpus = set(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cpus = set(range(os.cpu_count() or 1))
-    cores = available_cpus()
-    busy = min(busy_cpus(cpus, interval), float(len(cpus)))
-    idle = max(1, min(cores, math.floor(len(cpus) - busy + 0.5)))
-    return CpuBudget(cores, busy, idle)
+    return CpuBudget(available_cpus(), min(busy_cpus(cpus, interval), float(len(cpus))))
 
 
 def check_threads(requested: Any) -> Optional[int]:
@@ -170,26 +169,26 @@ def check_threads(requested: Any) -> Optional[int]:
     return requested
 
 
-def choose_threads(requested: Optional[int], processes: int = 1, budget: Optional[CpuBudget] = None) -> int:
+def choose_threads(requested: Optional[int], processes: int = 1) -> int:
     """torch's intra-op threads for one of `processes` local processes: `trainer.threads` when set; else
-    OMP_NUM_THREADS when set; else the idle cores (`cpu_budget`) shared evenly, at least 1.
+    OMP_NUM_THREADS when set; else the available cores (affinity, cgroup quota) shared evenly, at least 1.
 
-    Why idle, not all cores: OpenMP threads spin while they wait for each other, so a thread that shares its core
-    with another busy process stalls the whole step; on 2 cores with other jobs running, 2 threads trained 20-60x
-    slower than 1 (docs/cli.md, "Several jobs side by side")."""
+    The automatic count does not follow the machine's load, though other busy processes slow OpenMP's spinning
+    threads many times over: the thread count changes the order of floating-point sums, so a run and its resumed
+    twin (or two runs of one config) must not get different counts from a passing load. `CpuBudget.describe`
+    says when other processes are busy; `trainer.threads` or `taskset` then choose (docs/cli.md)."""
     if check_threads(requested) is not None:
         return requested
     from_env = os.environ.get("OMP_NUM_THREADS", "")
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env)
-    budget = budget or cpu_budget()
-    return max(1, budget.idle // max(1, processes))
+    return max(1, available_cpus() // max(1, processes))
 
 
 @contextmanager
 def worker_threads(requested: Optional[int], processes: int) -> Iterator[int]:
-    """OMP_NUM_THREADS for the `processes` workers a local launch starts (they inherit it), chosen once in the
-    launcher before the workers load each other's cores; the user's own OMP_NUM_THREADS is kept. Restored after."""
+    """OMP_NUM_THREADS for the `processes` workers a local launch starts (they inherit it): the available cores
+    shared among them; the user's own OMP_NUM_THREADS is kept. Restored after."""
     before = os.environ.get("OMP_NUM_THREADS")
     threads = choose_threads(requested, processes)
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -202,11 +201,11 @@ def worker_threads(requested: Optional[int], processes: int) -> Iterator[int]:
             os.environ["OMP_NUM_THREADS"] = before
 
 
-def set_threads(requested: Optional[int], processes: int = 1, budget: Optional[CpuBudget] = None) -> int:
+def set_threads(requested: Optional[int], processes: int = 1) -> int:
     """Apply `choose_threads` to torch; returns the count."""
     import torch
 
-    threads = choose_threads(requested, processes, budget)
+    threads = choose_threads(requested, processes)
     torch.set_num_threads(threads)
     return threads
 

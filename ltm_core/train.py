@@ -140,7 +140,7 @@ def train(cfg: DictConfig) -> Path:
         if cfg.parallel.num_nodes > 1:
             raise ConfigError("parallel.num_nodes", "multi-node runs start under torchrun or SLURM (see README)")
         out = prepare_output_dir(cfg)
-        with worker_threads(cfg.trainer.get("threads"), world):  # the workers share the idle cores
+        with worker_threads(cfg.trainer.get("threads"), world):  # the workers share the cores
             _launch_local(out / "config.yaml", world)
         return out / "checkpoints" / "last.ckpt"
     if _is_rank_zero():  # other ranks of an external launch wait for rank 0 in the process-group setup
@@ -184,8 +184,7 @@ def _launch_local(config_path: Path, nproc: int) -> None:
 def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
     """Run Lightning training in this process (one rank of a distributed run, or the only one)."""
     quiet_lightning()
-    budget = cpu_budget()
-    threads = set_threads(cfg.trainer.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), budget)
+    threads = set_threads(cfg.trainer.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     # --- parallel (ltm_core.parallel): FSDP2 / tensor / pipeline parallel presets run the native loop
     from ltm_core.parallel.layout import devices_per_node, uses_native
 
@@ -221,7 +220,8 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
                       f"{model.flops_per_token(data_cfg.seq_len) / 1e6:.2f} MFLOP/token (6N + attention + memory), "
                       f"memory={'on' if model.config.use_memory else 'off'}, segment={model.config.segment_length}, "
                       f"bptt_segments={model.config.bptt_segments}")
-        console.print(f"threads: {threads} per process ({budget.describe()}; trainer.threads sets it)")
+        cpus = cpu_budget().describe(threads)
+        console.print(f"threads: {threads} per process ({cpus}; trainer.threads sets it)", soft_wrap=True)
         if ckpt_path:
             console.print(f"resuming from {ckpt_path}")
 
