@@ -1,7 +1,7 @@
 """`ltm`: train, generate and evaluate Long-Term-Memory Transformers.
 
 Each command is a thin layer over a library function (ltm_core.train.train, InferenceEngine,
-ltm_core.evaluate.evaluate). Errors caused by input print one line and exit with code 2; `--debug` shows the
+ltm_core.evaluate.evaluate, ltm_core.quantize.quantize_checkpoint, ltm_core.export.export_checkpoint). Errors caused by input print one line and exit with code 2; `--debug` shows the
 traceback instead.
 """
 
@@ -18,15 +18,18 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from ltm_cli.bench import bench_app
+from ltm_cli.deploy import export_cmd, quantize_cmd
 from ltm_cli.errors import device_option, output_file, report, settings, user_errors
 from ltm_cli.help import groups_epilog
-from ltm_core.errors import LtmError
+from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Long-Term-Memory Transformers: train, generate, evaluate.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the composed Hydra config.")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+app.command("quantize", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(quantize_cmd)
+app.command("export")(export_cmd)
 console = Console()
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 GROUPS = groups_epilog()  # read from conf/ (a few milliseconds)
@@ -58,7 +61,7 @@ def train(ctx: typer.Context,
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ltm_core.train import default_output_dir, train as train_run
+    from ltm_core.train import default_output_dir, is_rank_zero, train as train_run
 
     given = dict(o.split("=", 1) for o in overrides if "=" in o)
     if multirun:
@@ -72,14 +75,17 @@ def train(ctx: typer.Context,
         cfg.output_dir = HydraConfig.get().runtime.output_dir  # a sweep job's own folder
         try:
             train_run(cfg)
-        except LtmError as err:  # Hydra catches Exceptions but lets SystemExit through
+        except (LtmError, KeyboardInterrupt) as err:  # Hydra catches Exceptions but lets SystemExit through
             out = Path(cfg.output_dir)
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # the folder Hydra made for a run that could not start
             if settings["debug"]:
                 raise
-            report(err)
-            sys.exit(2)
+            if isinstance(err, KeyboardInterrupt):  # before training started (from then on SIGINT saves and stops)
+                err = Interrupted("interrupted before training started; nothing to save", 2)
+            if not isinstance(err, RunStopped) or is_rank_zero():  # all ranks of a run stop together: one line
+                report(err)
+            sys.exit(err.exit_code)
 
     argv = sys.argv
     sys.argv = [argv[0]] + (["-m"] if multirun else []) + overrides
@@ -90,32 +96,54 @@ def train(ctx: typer.Context,
 
 
 # ------------------------------------------------------------------------------------------------- generate
+QUANTIZE_HELP = "Quantize on load: bnb.int8 | bnb.nf4 | bnb.nf4-dq | bnb.fp4 | bnb.fp4-dq (see `ltm quantize`)."
+
+
+def _load(checkpoint: Path, device: str, quantize: Optional[str], overrides: list[str] = (), ckpt=None):
+    """The checkpoint's model, quantized on the fly with `--quantize` (the method is checked before loading)."""
+    from ltm_core.checkpoint import load_model
+
+    if quantize is None:
+        return load_model(checkpoint, overrides, device=device, ckpt=ckpt)
+    from ltm_core.quantize import check_method, quantize_model
+
+    check_method(quantize, "--quantize")
+    model = load_model(checkpoint, overrides, device=device, ckpt=ckpt)
+    quantize_model(model, quantize)
+    return model
+
+
 @app.command()
 @user_errors
 def generate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1, help="Tokens (bytes) to generate."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens (bytes) to generate: 0 prints "
+                                       "the prompt only; any larger number streams in constant memory."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample from the k most likely tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed for reproducible output."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ):
     """Stream text from a checkpoint. Memory per token stays flat however long the output."""
     import torch
 
-    from ltm_core.checkpoint import load_model
     from ltm_core.inference import InferenceConfig, InferenceEngine
     from ltm_core.tokenizer import ByteTokenizer
 
+    if max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens", f"must be 0 or more, got {max_new_tokens}")
     dev = device_option(device)
-    model = load_model(checkpoint, device=dev)
+    model = _load(checkpoint, dev, quantize)
     tokenizer = ByteTokenizer()
     engine = InferenceEngine(model, InferenceConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    input_ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=dev)
+    ids = tokenizer.encode(prompt, bos=True)  # any text: bytes that are not UTF-8 arrive as surrogates, kept as bytes
+    input_ids = torch.tensor([ids], device=dev)
     decode = tokenizer.stream_decoder()
-    sys.stdout.write(prompt)
+    sys.stdout.reconfigure(errors="replace")  # what the terminal's encoding cannot show prints as "?", never a crash
+    sys.stdout.write(tokenizer.decode(ids))  # invalid UTF-8 prints as U+FFFD, as in the generated text
     for token in engine.stream(input_ids, max_new_tokens):
         sys.stdout.write(decode(int(token[0])))
         sys.stdout.flush()
@@ -132,16 +160,15 @@ def evaluate_cmd(
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Task evaluation: also draw the results to this "
                                              "image (needs the `plot` extra)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ):
     """Validation loss, perplexity and bits-per-byte. Overrides: `data=...` (default: the checkpoint's data).
 
     Long-context tasks: `task=passkey|mqar|babi_facts` with `task.lengths=[...]`, `task.samples=N`, ... (a
     checkpoint trained on a task is evaluated on it by default); lengths default to 1x, 4x, 16x, 64x the
     training length."""
-    from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
-    from ltm_core.config import DataConfig
-    from ltm_core.configuration import compose, to_dict
-    from ltm_core.evaluate import evaluate
+    from ltm_core.checkpoint import checkpoint_config, read_checkpoint
+    from ltm_core.evaluate import eval_data, evaluate
     from ltm_core.tasks import is_task
 
     overrides = list(ctx.args)
@@ -150,17 +177,13 @@ def evaluate_cmd(
     output_file(plot_path, "--plot")
     ckpt = read_checkpoint(checkpoint)
     stored = checkpoint_config(ckpt)
-    model = load_model(checkpoint, overrides, device=dev, ckpt=ckpt)
+    model = _load(checkpoint, dev, quantize, overrides, ckpt)
     if any(k.split(".")[0] == "task" for k in _keys(overrides)) or is_task(stored["data"]["name"]):
         _evaluate_task(checkpoint, model, stored, overrides, json_path, plot_path)
         return
     if plot_path is not None:
         raise typer.BadParameter("--plot draws task results; add task=passkey|mqar|babi_facts")
-    if any(k == "data" or k.startswith("data.") for k in _keys(overrides)):
-        segment = [f"model.segment_length={model.config.segment_length}"]  # data.seq_len defaults to 4 segments
-        data = DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + segment).data))
-    else:
-        data = DataConfig(**stored["data"])
+    data = eval_data(stored, overrides, model.config.segment_length)
     from ltm_cli.progress import progress_bar
 
     with progress_bar("eval", "windows") as progress:

@@ -101,7 +101,8 @@ def bench_model_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
     overrides: List[str] = typer.Argument(None, help="model.* overrides, e.g. model.segment_length=256."),
 ):
-    """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal."""
+    """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal; each row's share of
+    the step spent in the memory recurrence (the rest is batched work)."""
     check_counts(**{"--context": (contexts, 1), "--gen": (gen, 1), "--batch-size": (batch_size, 1),
                     "--repeats": (repeats, 1), "--warmup": (warmup, 0)})
     if dtype not in ("float32", "bfloat16"):
@@ -128,20 +129,23 @@ def bench_model_cmd(
                                 "generation": [], "interrupted": True})
         raise typer.Exit(130)
     table = Table(title=f"ltm bench model — {result['device']}, {dtype}, batch {batch_size}, model={model}")
-    for col in ("model", "context", "tokens/s", "peak memory", "MFU", "params"):
+    for col in ("model", "context", "tokens/s", "step", "memory recurrence", "peak memory", "MFU", "params"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
         if "error" in r:
-            table.add_row(r["model"], str(r["context"]), "error", r["error"][-60:], "", "")
+            table.add_row(r["model"], str(r["context"]), "error", r["error"][-60:], "", "", "", "")
             continue
-        table.add_row(r["model"], f"{r['context']:,}", f"{r['tokens_per_s']:,.0f}", _gib(r["peak_mem_bytes"]),
-                      f"{100 * r['mfu']:.2f} %", f"{r['params']:,}")
+        table.add_row(r["model"], f"{r['context']:,}", f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f} s",
+                      f"{100 * r['recurrence_share']:.1f} %", _gib(r["peak_mem_bytes"]), f"{100 * r['mfu']:.2f} %",
+                      f"{r['params']:,}")
     console.print(table)
-    summary = Table(title="memory model / full-causal baseline (same run)")
-    for col in ("context", "tokens/s ratio", "peak memory ratio"):
+    summary = Table(title="memory model / baselines (same run)")
+    for col in ("context", "tokens/s vs full causal", "peak memory vs full causal", "step vs segment-local"):
         summary.add_column(col, justify="right")
     for r in ratios(result):
-        summary.add_row(f"{r['context']:,}", f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.3f}x")
+        local = r["step_vs_segment_local"]
+        summary.add_row(f"{r['context']:,}", f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.3f}x",
+                        "" if local is None else f"{local:.2f}x")
     console.print(summary)
     if result["generation"]:
         gen_table = Table(title="generation (greedy, batch 1)")

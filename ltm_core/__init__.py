@@ -11,9 +11,11 @@ from typing import Any
 
 _HOMES = {"TitanConfig": "ltm_core.config", "TitanModel": "ltm_core.model", "TitanOutput": "ltm_core.model",
           "MemoryState": "ltm_core.memory", "InferenceEngine": "ltm_core.inference",
-          "InferenceConfig": "ltm_core.inference"}
+          "InferenceConfig": "ltm_core.inference", "Trainer": "ltm_core.trainer",
+          "TrainingArguments": "ltm_core.trainer"}
 
-__all__ = ["TitanConfig", "TitanModel", "TitanOutput", "MemoryState", "InferenceEngine", "InferenceConfig"]
+__all__ = ["TitanConfig", "TitanModel", "TitanOutput", "MemoryState", "InferenceEngine", "InferenceConfig", "Trainer",
+           "TrainingArguments"]
 
 
 def __getattr__(name: str) -> Any:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ltm_core.config import OptimConfig, TitanConfig, memory_config
-from ltm_core.model import TitanModel
+from ltm_core.model import RECURRENCE, TitanModel
 from ltm_core.training import build_optimizer, windowed_backward
 from ltm_extensions.bench import median_ms
 
@@ -138,10 +138,33 @@ def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int
         extra["peak_rss_bytes"] = _peak_rss_bytes() - base_rss  # resident-set growth, warm-up included
         peak = cpu_peak_tensor_bytes(step)
     tokens_per_s = batch_size * context / statistics.median(times)
+    share = recurrence_share(step, dev)
     peak_flops = measure_peak_flops(dev, dt, n=8192 if dev.type == "cuda" else 1024)  # same conditions as the row
     return {"model": variant, "context": context, "tokens_per_s": tokens_per_s, "peak_mem_bytes": int(peak),
-            **extra, "step_s": statistics.median(times), "params": model.num_parameters(),
+            **extra, "step_s": statistics.median(times), "recurrence_share": share, "params": model.num_parameters(),
             "flops_per_token": model.flops_per_token(context), "peak_flops": peak_flops}
+
+
+def recurrence_share(step, device: torch.device) -> float:
+    """The share of one training step spent in the memory recurrence (the profiler ranges `RECURRENCE` around the
+    memories' writes and scans; their backward, if any, is not in them): host time on CPU, device time on CUDA.
+    The rest is the batched work. 0 without a memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        total = time.perf_counter() - start
+    ranges = [e for e in prof.events() if e.name == RECURRENCE]
+    if device.type == "cuda":
+        inside = sum(e.device_time_total for e in ranges) * 1e-6
+        total = max(sum(e.self_device_time_total for e in prof.events()) * 1e-6, 1e-12)
+    else:
+        inside = sum(e.cpu_time_total for e in ranges) * 1e-6
+    return min(inside / total, 1.0)
 
 
 def _row_in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
@@ -243,12 +266,15 @@ def result_header(cfg: TitanConfig, device: Optional[str], dtype: str, batch_siz
 
 
 def ratios(result: dict[str, Any], baseline: str = "full_causal") -> list[dict[str, Any]]:
-    """memory / baseline ratios of tokens/s and peak memory, per context."""
+    """memory / baseline ratios per context: tokens/s (`speedup`), peak memory, and the memory model's step time
+    against the segment-local step (`step_vs_segment_local`, when that row was measured)."""
     by_key = {(r["model"], r["context"]): r for r in result["rows"] if "tokens_per_s" in r}
     out = []
     for (variant, context), row in sorted(by_key.items(), key=lambda kv: kv[0][1]):
         base = by_key.get((baseline, context))
         if variant == "memory" and base:
+            local = by_key.get(("segment_local", context))
             out.append({"context": context, "speedup": row["tokens_per_s"] / base["tokens_per_s"],
-                        "memory_ratio": row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1)})
+                        "memory_ratio": row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
+                        "step_vs_segment_local": None if local is None else row["step_s"] / local["step_s"]})
     return out

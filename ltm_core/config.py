@@ -284,11 +284,16 @@ class TrainerConfig:
     max_steps: int = 600
     accumulate_grad_batches: int = 1
     val_check_interval: int = 100  # validate every N optimizer steps (and at the end)
+    save_every_n_steps: Optional[int] = None  # write checkpoints/last.ckpt every N optimizer steps (and at the end);
+    # None: at each validation (val_check_interval)
     log_every_n_steps: int = 10
     accelerator: str = "auto"  # auto | cpu | gpu
     progress: bool = True  # rich progress bar
     tensorboard: bool = False
     deterministic: bool = False
+    # reliability (docs/reliability.md)
+    checkpoint_every_minutes: Optional[float] = 5.0  # also save last.ckpt on this wall-clock interval; null/0: off
+    max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
     threads: Optional[int] = None  # torch intra-op threads per process; None -> OMP_NUM_THREADS, else the
     # available cores (affinity, cgroup quota) shared by the local processes
 

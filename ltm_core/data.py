@@ -2,7 +2,8 @@
 
 A corpus is a 1-D array of byte-token ids (uint16) split into train and validation. Text files are tokenized
 once and cached on disk as a memory-mapped `.npy`, keyed by the files' paths, sizes and modification times, so
-a second run starts instantly. Samples are random windows of `seq_len + 1` tokens, a pure function of
+a second run starts instantly; the cache's size and SHA-256 are recorded beside it and checked on every load (a
+truncated or altered cache is rebuilt). Samples are random windows of `seq_len + 1` tokens, a pure function of
 (seed, sample index): training resumes exactly from a sample counter kept in the checkpoint.
 """
 
@@ -12,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,15 +49,51 @@ def _encode_documents(texts: Iterator[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_damage(path: Path, stamp: Path) -> Optional[str]:
+    """Why the cache `path` cannot be used (None: it can): its size and SHA-256, recorded beside it when it was
+    written, must match, so a truncated, altered or half-copied cache is rebuilt instead of read."""
+    try:
+        recorded = json.loads(stamp.read_text())
+        size, digest = int(recorded["size"]), str(recorded["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no record of its size and hash"
+    if path.stat().st_size != size:
+        return f"{path.stat().st_size:,} bytes, {size:,} recorded"
+    if _file_digest(path) != digest:
+        return "its hash differs from the recorded one"
+    return None
+
+
 def _cached(key: str, directory: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """Load the token array cached under `key`, building and saving it (atomically) first if needed."""
+    """Load the token array cached under `key`, building and saving it (atomically, with its size and hash in a
+    `.json` beside it) first if it is missing or damaged."""
     path = directory / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    if not path.exists():
-        tokens = build()
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, tokens)
-        os.replace(tmp, path)
+    stamp = path.with_suffix(".json")
+    if path.exists():
+        damage = _cache_damage(path, stamp)
+        if damage is None:
+            try:
+                return np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                damage = f"unreadable: {exc}"
+        print(f"note: token cache {path} is damaged ({damage}); rebuilding it", file=sys.stderr)
+    tokens = build()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, tokens)
+    record = {"size": tmp.stat().st_size, "sha256": _file_digest(tmp)}
+    os.replace(tmp, path)
+    tmp_stamp = stamp.with_suffix(f".tmp{os.getpid()}.json")
+    tmp_stamp.write_text(json.dumps(record))
+    os.replace(tmp_stamp, stamp)  # after the array: a kill between the two leaves a cache without record, rebuilt
     return np.load(path, mmap_mode="r")
 
 

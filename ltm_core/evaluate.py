@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -32,3 +32,16 @@ def evaluate(model: TitanModel, data: DataConfig, corpus: Corpus | None = None,
         progress(windows, windows, "")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "bpb": loss / math.log(2), "tokens": float(count)}
+
+
+def eval_data(stored: dict[str, Any], overrides: Iterable[str] = (), segment_length: int | None = None) -> DataConfig:
+    """The data `ltm eval` / `ltm quantize` measure on: the checkpoint's own (`stored`, its run config), or the one
+    that `data=...` / `data.key=value` overrides compose (data.seq_len defaults to 4 segments of `segment_length`,
+    the model's)."""
+    from ltm_core.configuration import compose, to_dict
+
+    overrides = list(overrides)
+    if not any(o.split("=", 1)[0].lstrip("+~").split(".")[0] == "data" for o in overrides):
+        return DataConfig(**stored["data"])
+    segment = [f"model.segment_length={segment_length or stored['model']['segment_length']}"]
+    return DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + segment).data))

@@ -13,7 +13,12 @@ class ByteTokenizer:
     bos_id, eos_id, pad_id, vocab_size = BOS, EOS, PAD, VOCAB_SIZE
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = list(text.encode("utf-8"))
+        """UTF-8 bytes of `text`. Surrogates that stand for undecodable bytes (how Python reads such command-line
+        arguments and file names) become those bytes; any other lone surrogate becomes "?"."""
+        try:
+            ids = list(text.encode("utf-8", errors="surrogateescape"))
+        except UnicodeEncodeError:
+            ids = list(text.encode("utf-8", errors="replace"))
         return ([BOS] if bos else []) + ids + ([EOS] if eos else [])
 
     def decode(self, ids: Iterable[int]) -> str:

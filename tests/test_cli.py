@@ -169,6 +169,11 @@ def test_wheel_install_works_from_another_directory(tmp_path):
     ltm_files, torch_file = probe.stdout.splitlines()[:2] if probe.returncode == 0 else (probe.stderr, "")
     assert str(env_dir) in ltm_files, probe.stdout + probe.stderr  # not the source tree
     assert any(torch_file.startswith(site) for site in ours), torch_file  # this environment's torch, not the base's
+    subpackages = sorted(".".join(p.parent.relative_to(ROOT).parts) for top in ("ltm_core", "ltm_cli")
+                         for p in (ROOT / top).rglob("__init__.py") if p.parent != ROOT / top)
+    probe = subprocess.run([str(py), "-c", "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]",
+                            *subpackages], cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert subpackages and probe.returncode == 0, probe.stderr[-1500:]  # each package folder is in the wheel
     shown = subprocess.run([str(env_dir / "bin" / "ltm"), "config", "show", "model=small"], cwd=elsewhere,
                            capture_output=True, text=True, env=env)
     assert shown.returncode == 0, shown.stderr
