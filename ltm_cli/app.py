@@ -20,6 +20,7 @@ from rich.table import Table
 from ltm_cli.bench import bench_app
 from ltm_cli.deploy import export_cmd, quantize_cmd
 from ltm_cli.errors import device_option, output_file, report, settings, user_errors
+from ltm_cli.help import groups_epilog
 from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -31,6 +32,7 @@ app.command("quantize", context_settings={"allow_extra_args": True, "ignore_unkn
 app.command("export")(export_cmd)
 console = Console()
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+GROUPS = groups_epilog()  # read from conf/ (a few milliseconds)
 
 
 @app.callback()
@@ -43,7 +45,7 @@ def _keys(overrides: list[str]) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-@app.command(context_settings=OVERRIDES)
+@app.command(context_settings=OVERRIDES, options_metavar="[OPTIONS] [OVERRIDES]...", epilog=GROUPS)
 @user_errors
 def train(ctx: typer.Context,
           multirun: bool = typer.Option(False, "-m", "--multirun", help="Hydra sweep: one job per combination.")):
@@ -51,14 +53,16 @@ def train(ctx: typer.Context,
 
     With no arguments: a tiny memory model on the King James Bible (a few minutes on a CPU).
     """
+    from ltm_core.configuration import validate_overrides
+
+    overrides = list(ctx.args)
+    validate_overrides(overrides, multirun)  # every job's config is checked before torch and Lightning load
+
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ltm_core.configuration import validate_overrides
     from ltm_core.train import default_output_dir, is_rank_zero, train as train_run
 
-    overrides = list(ctx.args)
-    validate_overrides(overrides, multirun)  # every job's config is checked before anything starts
     given = dict(o.split("=", 1) for o in overrides if "=" in o)
     if multirun:
         sweep_dir = given.get("output_dir") or default_output_dir().replace("outputs/", "multirun/", 1)
@@ -180,7 +184,10 @@ def evaluate_cmd(
     if plot_path is not None:
         raise typer.BadParameter("--plot draws task results; add task=passkey|mqar|babi_facts")
     data = eval_data(stored, overrides, model.config.segment_length)
-    results = evaluate(model, data)
+    from ltm_cli.progress import progress_bar
+
+    with progress_bar("eval", "windows") as progress:
+        results = evaluate(model, data, progress=progress)
     table = Table(title=f"ltm eval {checkpoint}")
     for column in ("data", "tokens", "loss", "perplexity", "bits/byte"):
         table.add_column(column, justify="right")
@@ -194,16 +201,13 @@ def evaluate_cmd(
 def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], json_path: Optional[Path],
                    plot_path: Optional[Path]) -> None:
     """`ltm eval task=...`: the task grid, streamed segment by segment (ltm_core.tasks.evaluate)."""
+    from ltm_cli.progress import progress_bar
     from ltm_core.tasks.evaluate import eval_task_config, evaluate_task
     from ltm_core.tasks.report import plot_results, results_table
 
     task_cfg = eval_task_config(stored, overrides)
     train_length = int(stored["data"]["seq_len"])
-    with console.status(f"task {task_cfg.name}") as status:
-        def progress(row: dict) -> None:
-            where = "".join(f", {k} {row[k]}" for k in ("depth", "pairs", "placement") if row.get(k) is not None)
-            status.update(f"task {task_cfg.name}: length {row['length']:,}{where} done")
-
+    with progress_bar(f"task={task_cfg.name}", "samples") as progress:
         results = evaluate_task(model, task_cfg, train_length, progress=progress)
     results = {"checkpoint": str(checkpoint), "model_overrides": [o for o in overrides if o.startswith("model.")],
                **results}
@@ -215,10 +219,13 @@ def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], 
 
 
 # --------------------------------------------------------------------------------------------------- config
-@config_app.command("show", context_settings=OVERRIDES)
+@config_app.command("show", context_settings=OVERRIDES, options_metavar="[OPTIONS] [OVERRIDES]...", epilog=GROUPS)
 @user_errors
 def config_show(ctx: typer.Context):
-    """Print the config that `ltm train [overrides]` would use."""
+    """Print the config that `ltm train \\[overrides]` would use, checked as `ltm train` checks it.
+
+    Example: `ltm config show model=small data=textfile data.path=notes.txt trainer.max_steps=100`.
+    """
     from omegaconf import OmegaConf
 
     from ltm_core.configuration import compose

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -209,16 +209,25 @@ def generation_row(cfg: TitanConfig, variant: str, length: int, device: str,
 def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[str] = VARIANTS, batch_size: int = 1,
                 device: Optional[str] = None, dtype: str = "float32", warmup: Optional[int] = None, repeats: int = 3,
                 gen_lengths: Iterable[int] = (), threads: Optional[int] = None,
-                rows: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+                rows: Optional[list[dict[str, Any]]] = None,
+                progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, Any]:
     """All rows of `ltm bench model`, measured side by side in this run. rows: a list the training-step rows are
     appended to as they are measured (what a caller keeps if the run is interrupted). warmup: untimed steps per
-    row, None: `default_warmup(cfg)`."""
+    row, None: `default_warmup(cfg)`. progress(done, total, label): called before each row (training step and
+    generation) with the rows done so far and the row about to be measured, and once at the end."""
+    contexts, variants, gen_lengths = list(contexts), list(variants), list(gen_lengths)
+    if any(n <= 0 for n in (*contexts, *gen_lengths)):  # a zero-length row would time nothing
+        raise ValueError(f"context and generation lengths must be positive, got {contexts} and {gen_lengths}")
+    total = len(contexts) * len(variants) + 2 * len(gen_lengths)
+    report = progress or (lambda done, total, label: None)
     warmup = default_warmup(cfg) if warmup is None else warmup
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     rows = [] if rows is None else rows
+    first = len(rows)
     for context in contexts:
         for variant in variants:
+            report(len(rows) - first, total, f"{variant} @ {context:,} tokens")
             args = dict(cfg=dataclasses.asdict(cfg), variant=variant, context=context, batch_size=batch_size,
                         device=device, dtype=dtype, warmup=warmup, repeats=repeats)
             if dev.type == "cpu":
@@ -232,7 +241,12 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
             if "tokens_per_s" in row:
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / row["peak_flops"]
             rows.append(row)
-    generation = [generation_row(cfg, v, n, device, dtype) for n in gen_lengths for v in ("memory", "full_causal")]
+    generation = []
+    for n in gen_lengths:
+        for v in ("memory", "full_causal"):
+            report(len(rows) - first + len(generation), total, f"generate {n:,} tokens, {v}")
+            generation.append(generation_row(cfg, v, n, device, dtype))
+    report(total, total, "")
     return {**result_header(cfg, device, dtype, batch_size, warmup), "rows": rows, "generation": generation}
 
 

@@ -276,6 +276,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages (blocks split over pp ranks)
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved (2 stages per pp rank)
     microbatches: int = 1  # pipeline microbatches per batch (data.batch_size must be divisible by it)
+    force: bool = False  # start a local CPU launch even with more processes than cores or too little free memory
 
 
 @dataclass
@@ -293,6 +294,8 @@ class TrainerConfig:
     # reliability (docs/reliability.md)
     checkpoint_every_minutes: Optional[float] = 5.0  # also save last.ckpt on this wall-clock interval; null/0: off
     max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
+    threads: Optional[int] = None  # torch intra-op threads per process; None -> OMP_NUM_THREADS, else the
+    # available cores (affinity, cgroup quota) shared by the local processes
 
 
 TASK_NAMES = ("passkey", "mqar", "babi_facts")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -14,17 +14,22 @@ from ltm_core.model import TitanModel
 
 
 @torch.inference_mode()
-def evaluate(model: TitanModel, data: DataConfig, corpus: Corpus | None = None) -> dict[str, float]:
+def evaluate(model: TitanModel, data: DataConfig, corpus: Corpus | None = None,
+             progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, float]:
     """Mean next-token loss over `data.val_samples` windows of `data.seq_len` tokens spread over the validation
-    split. Tokens are bytes, so bits per byte = loss / ln 2."""
+    split. Tokens are bytes, so bits per byte = loss / ln 2. progress(done, total, label): windows scored."""
     corpus = corpus if corpus is not None else load_corpus(data)
     device = next(model.parameters()).device
     loader = DataLoader(EvenWindows(corpus.val, data.seq_len, data.val_samples), batch_size=data.batch_size)
-    total, count = 0.0, 0
+    total, count, windows = 0.0, 0, len(loader.dataset)
     for input_ids, labels in loader:
+        if progress is not None:
+            progress(count // data.seq_len, windows, f"{data.seq_len:,}-token windows")
         out = model(input_ids.to(device), labels=labels.to(device))
         total += float(out.loss) * labels.numel()
         count += labels.numel()
+    if progress is not None:
+        progress(windows, windows, "")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "bpb": loss / math.log(2), "tokens": float(count)}
 

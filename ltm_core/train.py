@@ -35,10 +35,12 @@ from rich.console import Console
 
 from ltm_core import run_guard
 from ltm_core.config import DataConfig
+from ltm_core.console import StepProgressBar, generate_command, quiet_lightning
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, TextDataModule, load_corpus, unigram_bpb
 from ltm_core.errors import CheckpointError, ConfigError, Interrupted, LtmError, RunStopped
 from ltm_core.model import TitanModel
+from ltm_core.resources import check_fits_machine, check_threads, cpu_budget, set_threads, worker_threads
 from ltm_core.tasks import is_task
 from ltm_core.tasks.datamodule import TaskDataModule, task_config
 from ltm_core.training import Diverged, TitanLightning, check_resumable
@@ -152,9 +154,12 @@ def train(cfg: DictConfig) -> Path:
     cfg = cfg.copy()
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir()
+    world = world_size(cfg)
+    if not launched_externally():  # refuse what this machine cannot run before writing or starting anything
+        check_threads(cfg.trainer.get("threads"))  # a bad trainer.threads fails here, not in a worker
+        check_fits_machine(cfg, world, parameter_count(cfg), on_cpu=_on_cpu(cfg))
     # bad data fails before anything is written (task data is generated: nothing to load)
     corpus = None if is_task(cfg.data.name) else load_corpus(DataConfig(**to_dict(cfg.data)))
-    world = world_size(cfg)
     local = world > 1 and not launched_externally()
     if local and cfg.parallel.num_nodes > 1:
         raise ConfigError("parallel.num_nodes", "multi-node runs start under torchrun or SLURM (see README)")
@@ -163,9 +168,22 @@ def train(cfg: DictConfig) -> Path:
         if is_rank_zero():
             prepare_output_dir(cfg)
         if local:
-            _launch_local(cfg, world)
+            with worker_threads(cfg.trainer.get("threads"), world):  # the workers share the cores
+                _launch_local(cfg, world)
             return Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
         return fit(cfg, corpus)
+
+
+def parameter_count(cfg: DictConfig) -> int:
+    """Parameters of the run's model, counted on the meta device (no memory, no initialisation)."""
+    from ltm_core.model import TitanModel
+
+    with torch.device("meta"):
+        return TitanModel(model_config(cfg)).num_parameters()
+
+
+def _on_cpu(cfg: DictConfig) -> bool:
+    return cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
 
 
 def _free_port() -> int:
@@ -243,6 +261,8 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule: Optional[L
 
     `datamodule` replaces the one `cfg.data` describes (the Trainer API's datasets; with `has_validation = False`
     there is no validation and no best.ckpt); `model` is trained instead of a new one from `cfg.model`."""
+    quiet_lightning()
+    threads = set_threads(cfg.trainer.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     # --- parallel (ltm_core.parallel): FSDP2 / tensor / pipeline parallel presets run the native loop
     from ltm_core.parallel.layout import devices_per_node, uses_native
 
@@ -282,12 +302,14 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule: Optional[L
                       f"{model.flops_per_token(data_cfg.seq_len) / 1e6:.2f} MFLOP/token (6N + attention + memory), "
                       f"memory={'on' if model.config.use_memory else 'off'}, segment={model.config.segment_length}, "
                       f"bptt_segments={model.config.bptt_segments}")
+        cpus = cpu_budget().describe(threads)
+        console.print(f"threads: {threads} per process ({cpus}; trainer.threads sets it)", soft_wrap=True)
         if ckpt_path:
             console.print(f"resuming from {ckpt_path}")
         elif cfg.resume == "auto":
             console.print(f"resume=auto: no checkpoint in {ckpt_dir}; starting at step 0")
 
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     interval = int(cfg.trainer.val_check_interval)
@@ -303,7 +325,7 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule: Optional[L
         callbacks.insert(1, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
                                             save_top_k=1, enable_version_counter=False))
     if cfg.trainer.progress:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(console))
     loggers = [ResumableCSVLogger(save_dir=str(out), name="", version="")]
     if cfg.trainer.tensorboard:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -350,8 +372,21 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule: Optional[L
             console.print(f"validation: loss {metrics['val/loss']:.4f}, {metrics['val/bpb']:.3f} bits/byte "
                           f"(byte-unigram baseline {baseline:.3f} bits/byte)")
         console.print(f"checkpoint: {last}")
-        console.print(f'generate:   ltm generate --checkpoint {last} --prompt "In the beginning"', soft_wrap=True)
+        console.print(generate_command(last, _prompt_ids(corpus, datamodule)), soft_wrap=True, highlight=False)
     return last
+
+
+def _prompt_ids(corpus: Optional[Corpus], datamodule) -> list[int]:
+    """The run's own data for the printed `generate` prompt: its validation split, else its first validation (or,
+    without validation, training) sample."""
+    if corpus is not None:
+        return corpus.val
+    from ltm_core.trainer import as_pair
+
+    for samples in (datamodule.val_dataloader().dataset, getattr(datamodule, "train", [])):
+        if len(samples):
+            return as_pair(samples[0])[0].tolist()
+    return []
 
 
 if __name__ == "__main__":  # a worker process started by _launch_local: python -m ltm_core.train CONFIG

@@ -153,3 +153,18 @@ def test_bench_model_warms_compiled_models_up_longer(tmp_path, monkeypatch, args
                                       "cpu", "--json", str(out), *args])
     assert result.exit_code == 0, result.output[-3000:]
     assert seen == [warmup] and json.loads(out.read_text())["warmup_steps"] == warmup
+
+
+def test_bench_kernels_reports_progress_per_case():
+    import torch
+
+    from ltm_extensions.bench import bench_kernels
+
+    calls = []
+    rows = bench_kernels("cpu", torch.float32, {"rms_norm": [dict(rows=8, N=16, residual=False)],
+                                                "swiglu": [dict(rows=8, N=16)]},
+                         peaks={"matmul_tflops_bf16": 1.0, "copy_gbps": 1.0}, warmup=0, repeats=1,
+                         progress=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(0, 2), (1, 2), (2, 2)]
+    assert calls[0][2].startswith("rms_norm rows=8") and calls[1][2].startswith("swiglu rows=8") and not calls[2][2]
+    assert {r["kernel"] for r in rows} == {"rms_norm", "swiglu"}

@@ -31,6 +31,7 @@ from rich.console import Console
 
 from ltm_core.config import DataConfig, OptimConfig
 from ltm_core.configuration import model_config, to_dict
+from ltm_core.console import generate_command
 from ltm_core.data import CORPORA, Corpus, EvenWindows, RandomWindows, load_corpus, unigram_bpb
 from ltm_core import run_guard
 from ltm_core.errors import CheckpointError, ConfigError, Interrupted
@@ -377,7 +378,7 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
             console.print(f"validation: loss {val_loss:.4f}, {val_loss / LN2:.3f} bits/byte "
                           f"(byte-unigram baseline {unigram_bpb(corpus):.3f} bits/byte)")
         console.print(f"checkpoint: {last}")
-        console.print(f'generate:   ltm generate --checkpoint {last} --prompt "In the beginning"', soft_wrap=True)
+        console.print(generate_command(last, corpus.val), soft_wrap=True, highlight=False)
     return last
 
 
