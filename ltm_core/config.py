@@ -47,9 +47,13 @@ class TokensMemoryConfig:
     select_dedup: Optional[float] = None  # a candidate within this cosine of a higher-ranked one ranks after every
     # distinct one (near-duplicate suppression): a repeating text cannot fill the memory with copies; null: off
     read_importance: bool = True  # the read adds log sigmoid(importance) of each kept token to its attention scores
+    recent: int = 0  # R: also keep the last R tokens before the segment, in order, read at their positions (-R..-1
+    # in the rotary embedding): Transformer-XL's cache beside the important tokens; 0: off
 
     def validate(self, model: "TitanConfig") -> None:
         _positive_int("model.memory.slots", self.slots)
+        if isinstance(self.recent, bool) or not isinstance(self.recent, int) or self.recent < 0:
+            raise ConfigError("model.memory.recent", f"must be an integer >= 0, got {self.recent!r}")
         for key in ("select_noise", "importance_penalty"):
             _non_negative(f"model.memory.{key}", getattr(self, key))
         if self.select_dedup is not None and (isinstance(self.select_dedup, bool)
@@ -229,11 +233,11 @@ class TitanConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "kjv"  # kjv | textfile | a task: passkey | mqar | babi_facts (generated, see cfg.task)
+    name: str = "kjv"  # kjv | pystdlib | textfile | a task: passkey | mqar | babi_facts (generated, see cfg.task)
     path: Optional[str] = None  # textfile: a .txt/.jsonl file or a folder of them
     seq_len: Optional[int] = None  # tokens per training sample (a multiple of model.segment_length); None -> 4 segments
     batch_size: int = 8
-    val_fraction: float = 0.05  # textfile: share of the tokens held out for validation
+    val_fraction: float = 0.05  # textfile: share of the tokens held out for validation; pystdlib: of the modules
     val_books: int = 2  # kjv: the last N books are the validation split
     val_samples: int = 64  # validation sequences evaluated per validation run
     num_workers: int = 0

@@ -47,14 +47,15 @@ from ltm_core.memory.base import AddLoss
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TitanConfig):
         super().__init__()
-        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.heads, self.head_dim, self.rope_theta = cfg.num_attention_heads, cfg.head_dim, cfg.rope_theta
         self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 past: Optional[tuple[torch.Tensor, torch.Tensor]], prefix: Optional[Prefix], backend: str):
         """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd]). `past`: the
-        keys/values of the segment's earlier tokens; `prefix`: tokens every query also reads (no position)."""
+        keys/values of the segment's earlier tokens; `prefix`: tokens every query also reads (no position, but for
+        its `recent` tail: the tokens before the segment, at positions -recent..-1)."""
         B, T, C = h.shape
         q, k, v = self.qkv_proj(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B,H,T,hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -63,6 +64,10 @@ class SelfAttention(nn.Module):
         keys, values, prefix_len, bias = k, v, 0, None
         if prefix is not None:  # the memory's tokens: a non-causal prefix, through this attention's projections
             pk, pv = self.kv(prefix.tokens)  # [B, H, M, hd]
+            if prefix.recent:  # the tokens right before the segment, at their positions
+                r = prefix.recent
+                rcos, rsin = rotary_tables(torch.arange(-r, 0, device=h.device), self.head_dim, self.rope_theta)
+                pk = torch.cat([pk[:, :, :-r], apply_rotary(pk[:, :, -r:], rcos, rsin)], dim=2)
             keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
             prefix_len, bias = pk.shape[2], prefix.bias
         y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend, key_bias=bias)

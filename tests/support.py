@@ -24,6 +24,7 @@ TINY = ["model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidden
 KIND_MEMORY = {
     "tokens": dict(kind="tokens", slots=8),
     "tokens_dedup": dict(kind="tokens", slots=8, select_dedup=0.9, importance_detach=False),
+    "tokens_recent": dict(kind="tokens", slots=4, recent=20),  # more recent tokens than a segment holds
     "slots": dict(kind="slots", slots=8, dim=16),
     "delta": dict(kind="delta", slots=8, dim=16),
 }

@@ -42,6 +42,8 @@ class Write:
 class Prefix:
     tokens: torch.Tensor  # [B, M, C] tokens the self-attention reads beside the segment (through its own projections)
     bias: Optional[torch.Tensor] = None  # [B, M] added to every query's score of each of them
+    recent: int = 0  # the last `recent` tokens are the ones right before the segment, in order: their keys are rotated
+    # at positions -recent..-1 (the others carry no position)
 
 
 @dataclass

@@ -31,6 +31,11 @@ How the ranking learns (the ranking itself has no gradient):
 - `select_dedup` = rho ranks a candidate whose cosine similarity to a higher-ranked one exceeds rho after every
   distinct one (near-duplicate suppression, as Fast NMS): a repeating text cannot fill the slots with copies.
 
+`recent` = R also keeps the last R tokens before the segment, in order, whatever their importance, and the read
+rotates their keys at positions -R..-1, so a query sees them at their true distance: Transformer-XL's cache of the
+previous segment, which Memorizing Transformers and Block-Recurrent Transformers keep beside their long-range
+memory. The state is then [B, M + R, C]: the M important tokens, then the R recent ones.
+
 The ranking is computed in float64 from the entries alone, so the sequential path and the layer-major window
 (`scan`, which ranks all of a window's writes from one pool of its tokens) make the same choices.
 """
@@ -56,7 +61,7 @@ class TokensMemory(Memory):
 
     def __init__(self, cfg: TitanConfig):
         super().__init__(cfg)
-        self.slots = self.config.slots
+        self.slots, self.recent = self.config.slots, self.config.recent
         self.importance = nn.Linear(cfg.hidden_size, 1)  # w, b
 
     def reset_parameters(self) -> None:
@@ -64,7 +69,8 @@ class TokensMemory(Memory):
         nn.init.zeros_(self.importance.bias)
 
     def initial_state(self, batch_size: int) -> torch.Tensor:
-        return self.importance.weight.new_zeros(batch_size, self.slots, self.importance.in_features)  # [B, M, C]
+        return self.importance.weight.new_zeros(batch_size, self.slots + self.recent,
+                                                self.importance.in_features)  # [B, M + R, C]
 
     def noise_shape(self, batch_size: int, segment_length: int) -> Optional[tuple[int, ...]]:
         return (batch_size, self.slots + segment_length) if self.config.select_noise > 0 else None
@@ -124,21 +130,26 @@ class TokensMemory(Memory):
         return weight * torch.sigmoid(self.importance(tokens).squeeze(-1).float()).mean(dim=(0, -1))
 
     def write(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Write:
-        """state: [B, M, C], entries: [B, S, C] one complete segment -> the M entries kept, in arrival order."""
-        B, M, C = state.shape
-        candidates = torch.cat([state, entries.to(state.dtype)], dim=1)  # [B, M + S, C]
-        keep = self.keep(self.ranks(candidates), self.empty(state), noise,
+        """state: [B, M + R, C], entries: [B, S, C] one complete segment -> the M entries kept, in arrival order,
+        then the last R tokens."""
+        M, C = self.slots, state.shape[2]
+        memory, recent = state[:, :M], state[:, M:]
+        candidates = torch.cat([memory, entries.to(state.dtype)], dim=1)  # [B, M + S, C]
+        keep = self.keep(self.ranks(candidates), self.empty(memory), noise,
                          candidates if self.config.select_dedup is not None else None)
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))  # [B, M, C]
+        if self.recent:
+            kept = torch.cat([kept, torch.cat([recent, entries.to(state.dtype)], dim=1)[:, -self.recent:]], dim=1)
         return Write(kept, self.penalty(entries), keep)
 
     def scan(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Scan:
         """The W writes of a window at once: every write only chooses indices into one pool of candidates (the
         memory before the window, then the window's tokens in order), from ranks computed once; the memories are
         then gathered from the pool in one step. Makes exactly the choices of W calls of `write`."""
-        B, M, C = state.shape
+        M, R, (B, _, C) = self.slots, self.recent, state.shape
         W, S = entries.shape[1], entries.shape[2]
-        pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
+        tokens = entries.flatten(1, 2).to(state.dtype)  # [B, W S, C]
+        pool = torch.cat([state[:, :M], tokens], dim=1)  # [B, P = M + W S, C]
         ranks, vacant = self.ranks(pool), self.empty(pool)  # [B, P]
         dedup = self.config.select_dedup is not None
         index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
@@ -154,24 +165,33 @@ class TokensMemory(Memory):
             keeps.append(keep)
         kept = torch.stack(held, dim=1)  # [B, W + 1, M]: before each segment, then after the last
         memories = pool.gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
+        if R:  # before segment i: the last R tokens of (the recent tokens before the window, its tokens before i)
+            line = torch.cat([state[:, M:], tokens], dim=1)  # [B, R + W S, C]
+            recent = torch.stack([line[:, i * S:i * S + R] for i in range(W + 1)], dim=1)  # [B, W + 1, R, C]
+            memories = torch.cat([memories, recent], dim=2)  # [B, W + 1, M + R, C]
         aux = self.penalty(entries)  # [W] or None
         return Scan(memories[:, :W].flatten(0, 1), memories[:, W], [None] * W if aux is None else list(aux.unbind(0)),
                     entries, torch.stack(keeps, dim=1))
 
     # ------------------------------------------------------------------------------------------------- read
     def prefix(self, state: torch.Tensor) -> Prefix:
-        """state: [B, M, C] -> the kept tokens, each times its straight-through factor, and their score bias: empty
-        slots masked, plus log sigmoid(importance) with read_importance."""
-        z = self.importance(state).squeeze(-1).float()  # [B, M]
+        """state: [B, M + R, C] -> the kept tokens, each important one times its straight-through factor, and their
+        score bias: empty slots masked, plus log sigmoid(importance) of the important ones with read_importance;
+        the recent ones read at their positions."""
+        M = self.slots
+        memory = state[:, :M]
+        z = self.importance(memory).squeeze(-1).float()  # [B, M]
         s = torch.sigmoid(z)
-        tokens = state * (1 + (s - s.detach())).unsqueeze(-1).to(state.dtype)  # exactly the entries in value
-        bias = self.empty(state).float() * EMPTY_SLOT_SCORE
+        tokens = memory * (1 + (s - s.detach())).unsqueeze(-1).to(state.dtype)  # exactly the entries in value
+        bias = self.empty(state).float() * EMPTY_SLOT_SCORE  # [B, M + R]
         if self.config.read_importance:
-            bias = bias + self.shared_by_heads(F.logsigmoid(z))
-        return Prefix(tokens, bias)
+            bias = bias + F.pad(self.shared_by_heads(F.logsigmoid(z)), (0, self.recent))
+        if self.recent:
+            tokens = torch.cat([tokens, state[:, M:]], dim=1)  # [B, M + R, C]
+        return Prefix(tokens, bias, self.recent)
 
     def flops_per_token(self, segment_length: int) -> float:
-        """The read over M more keys (12 C M), and the q|k|v projection of the M kept tokens once per segment
-        (6 * 3 C^2 * M / T)."""
-        C, M, T = self.model_config.hidden_size, self.slots, segment_length
+        """The read over M + R more keys (12 C (M + R)), and the q|k|v projection of the M + R kept tokens once per
+        segment (6 * 3 C^2 * (M + R) / T)."""
+        C, M, T = self.model_config.hidden_size, self.slots + self.recent, segment_length
         return 12 * C * M + 6 * 3 * C * C * M / T

@@ -227,10 +227,12 @@ def test_the_read_teaches_the_ranking_through_the_kept_tokens(tiny_cfg):
         assert model.blocks[0].memory.importance.weight.grad.abs().sum() > 0
 
 
-def test_scan_makes_the_choices_of_one_write_per_segment():
+@pytest.mark.parametrize("recent", [0, 5, 20])
+def test_scan_makes_the_choices_of_one_write_per_segment(recent):
     """The layer-major recurrence: the memories before each segment and after the last, the kept indices and the
-    aux losses equal those of W calls of `write`, with the same noise."""
-    memory, cfg = _memory(noise=0.5, select_dedup=0.95, importance_penalty=1.0)
+    aux losses equal those of W calls of `write`, with the same noise (with `recent` tokens shorter and longer than
+    a segment too)."""
+    memory, cfg = _memory(noise=0.5, select_dedup=0.95, importance_penalty=1.0, recent=recent)
     memory.train()
     g = torch.Generator().manual_seed(3)
     B, W, S, C, M = 2, 4, cfg.segment_length, cfg.hidden_size, memory.slots
@@ -239,7 +241,7 @@ def test_scan_makes_the_choices_of_one_write_per_segment():
     noise = torch.empty(W, B, M + S).exponential_(generator=g)
     state = memory.initial_state(B)
     scan = memory.scan(state, entries, noise)
-    before = scan.before.view(B, W, M, C)
+    before = scan.before.view(B, W, M + recent, C)
     for i in range(W):
         torch.testing.assert_close(before[:, i], state, rtol=0, atol=0)
         write = memory.write(state, entries[:, i], noise[i])
@@ -255,3 +257,46 @@ def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
     n = model.num_parameters()
     expected = 6 * n + 12 * L * C * S + L * (12 * C * M + 6 * 3 * C * C * M / S)
     assert model.flops_per_token(seq_len=4 * S) == pytest.approx(expected, rel=1e-12)
+
+
+def test_recent_keeps_the_last_tokens_in_order_beside_the_important_ones():
+    """recent=R: after each write the state is the M most important candidates, then the last R tokens seen, in
+    order, important or not (R = 20 spans more than one 16-token segment)."""
+    memory, cfg = _memory(recent=20)
+    S, C, M = cfg.segment_length, cfg.hidden_size, memory.slots
+    seen = torch.randn(1, 3 * S, C, generator=torch.Generator().manual_seed(0))
+    state = memory.initial_state(1)
+    assert state.shape == (1, M + 20, C)
+    for i in range(3):
+        important = memory.keep(memory.ranks(torch.cat([state[:, :M], seen[:, i * S:(i + 1) * S]], 1)),
+                                memory.empty(state[:, :M]), None, None)  # what a memory without recent keeps
+        write = memory.write(state, seen[:, i * S:(i + 1) * S])
+        assert torch.equal(write.kept, important)
+        state = write.state
+        recent = seen[:, max(0, (i + 1) * S - 20):(i + 1) * S]
+        torch.testing.assert_close(state[:, M + 20 - recent.shape[1]:], recent, rtol=0, atol=0)
+    assert memory.empty(memory.write(memory.initial_state(1), seen[:, :S]).state)[0, M:M + 4].all()  # 16 of 20
+
+
+def test_the_recent_tokens_are_read_as_transformer_xl_reads_the_previous_segment():
+    """One layer, no short convolution, the important tokens shut out of the read (importance bias -40): a
+    segment's logits with recent=S equal those of a full-causal model of the same weights over (the previous
+    segment, the segment): the recent tokens are keyed at their true distance, exactly."""
+    memory_cfg = TokensMemoryConfig(slots=4, recent=16, select_noise=0.0, importance_penalty=0.0)
+    cfg = kind_config("tokens", num_hidden_layers=1, short_conv=0, short_conv_carry=False, memory=memory_cfg)
+    model = tiny_model(cfg, perturb=True).eval()
+    with torch.no_grad():
+        model.blocks[0].memory.importance.bias.fill_(-40.0)  # log sigmoid(-40) = -40: the important ones weigh 0
+    full = tiny_model(dataclasses.replace(cfg, use_memory=False, segment_length=32)).eval()
+    missing = full.load_state_dict(model.state_dict(), strict=False)
+    assert set(missing.unexpected_keys) == {"blocks.0.memory.importance.weight", "blocks.0.memory.importance.bias"}
+    S, tokens = cfg.segment_length, ids(48, batch=2)
+    logits = model(tokens).logits  # [B, 48, V]
+    for k in (1, 2):  # segment k reads segment k - 1 from the memory
+        reference = full(tokens[:, (k - 1) * S:(k + 1) * S]).logits[:, S:]
+        torch.testing.assert_close(logits[:, k * S:(k + 1) * S], reference, rtol=1e-5, atol=1e-5)
+    without = kind_config("tokens", num_hidden_layers=1, short_conv=0, short_conv_carry=False,
+                          memory=dataclasses.replace(memory_cfg, recent=0))
+    plain = tiny_model(without).eval()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain(tokens).logits[:, S:2 * S], logits[:, S:2 * S], atol=1e-3)  # the read matters
