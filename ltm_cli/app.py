@@ -180,15 +180,32 @@ def evaluate_cmd(
 
 
 def _eval_data(model, stored: dict, overrides: list[str]):
-    """The data a checkpoint is evaluated on: its own, or the `data=...` overrides composed for its segment length
+    """The data a checkpoint is evaluated on: its own, with `data.key=value` overrides applied (e.g.
+    data.seq_len=2048, data.val_samples=512); or another corpus, `data=NAME ...`, composed for its segment length
     (data.seq_len defaults to 4 of its segments)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     from ltm_core.config import DataConfig
-    from ltm_core.configuration import compose, to_dict
+    from ltm_core.configuration import compose, config_error, to_dict
     from ltm_core.tasks import is_task
 
-    if any(k == "data" or k.startswith("data.") for k in _keys(overrides)):
+    if "data" in _keys(overrides):
         segment = [f"model.segment_length={model.config.segment_length}"]
         return DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + segment).data))
+    changes = [o for o in overrides if o.split("=", 1)[0].startswith("data.")]
+    if changes and not is_task(stored["data"]["name"]):
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(DataConfig(**stored["data"])),
+                                     OmegaConf.from_dotlist([o[len("data."):] for o in changes]))
+        except OmegaConfBaseException as exc:
+            err = config_error(exc)
+            raise ConfigError(f"data.{err.key}", str(err).split(": ", 2)[-1]) from None
+        data = DataConfig(**OmegaConf.to_container(merged))
+        for key in ("seq_len", "val_samples", "batch_size"):
+            if not isinstance(getattr(data, key), int) or getattr(data, key) <= 0:
+                raise ConfigError(f"data.{key}", f"must be a positive integer, got {getattr(data, key)!r}")
+        return data
     if is_task(stored["data"]["name"]):
         raise ConfigError("data", f"the checkpoint was trained on task {stored['data']['name']}: choose text with "
                                    "data=kjv|pystdlib|textfile")
