@@ -155,14 +155,20 @@ def generate(
 @user_errors
 def evaluate_cmd(
     ctx: typer.Context,
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
+    checkpoints: List[Path] = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`; "
+                                           "repeat it with --by-position to compare runs on one table and plot."),
+    by_position: bool = typer.Option(False, "--by-position", help="The validation loss per token-position bin "
+                                     "inside the sample (the first segments finer, then one bin per segment)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Task evaluation: also draw the results to this "
-                                             "image (needs the `plot` extra)."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Task evaluation or --by-position: also draw the "
+                                             "results to this image (needs the `plot` extra)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ):
-    """Validation loss, perplexity and bits-per-byte. Overrides: `data=...` (default: the checkpoint's data).
+    """Validation loss, perplexity and bits-per-byte. Overrides: `data=...`, `data.seq_len=N` (default: the
+    checkpoint's data and training length).
+
+    `--by-position`: the loss per token-position bin, one column per `--checkpoint` (evaluated on the same windows).
 
     Long-context tasks: `task=passkey|mqar|babi_facts` with `task.lengths=[...]`, `task.samples=N`, ... (a
     checkpoint trained on a task is evaluated on it by default); lengths default to 1x, 4x, 16x, 64x the
@@ -173,16 +179,27 @@ def evaluate_cmd(
 
     overrides = list(ctx.args)
     dev = device_option(device)
+    if len(checkpoints) > 1 and not by_position:
+        raise ConfigError("--checkpoint", "several checkpoints are compared with --by-position; give one otherwise")
     output_file(json_path, "--json")
     output_file(plot_path, "--plot")
-    ckpt = read_checkpoint(checkpoint)
-    stored = checkpoint_config(ckpt)
-    model = _load(checkpoint, dev, quantize, overrides, ckpt)
-    if any(k.split(".")[0] == "task" for k in _keys(overrides)) or is_task(stored["data"]["name"]):
+    ckpts = [read_checkpoint(path) for path in checkpoints]
+    stored = [checkpoint_config(ckpt) for ckpt in ckpts]
+    task = any(k.split(".")[0] == "task" for k in _keys(overrides))
+    if by_position:
+        if task:
+            raise ConfigError("--by-position", "measures the loss on text (data=kjv|pystdlib|textfile), not on a task")
+        models = [_load(path, dev, quantize, overrides, ckpt) for path, ckpt in zip(checkpoints, ckpts)]
+        _evaluate_by_position(checkpoints, models, stored, overrides, json_path, plot_path)
+        return
+    checkpoint, stored = checkpoints[0], stored[0]
+    model = _load(checkpoint, dev, quantize, overrides, ckpts[0])
+    if task or is_task(stored["data"]["name"]):
         _evaluate_task(checkpoint, model, stored, overrides, json_path, plot_path)
         return
     if plot_path is not None:
-        raise typer.BadParameter("--plot draws task results; add task=passkey|mqar|babi_facts")
+        raise ConfigError("--plot", "draws task results (task=passkey|mqar|babi_facts) or the loss by position "
+                                    "(--by-position)")
     data = eval_data(stored, overrides, model.config.segment_length)
     from ltm_cli.progress import progress_bar
 
@@ -196,6 +213,66 @@ def evaluate_cmd(
     console.print(table)
     if json_path is not None:
         json_path.write_text(json.dumps({"checkpoint": str(checkpoint), "data": data.name, **results}, indent=2))
+
+
+SAME_WINDOWS = ("name", "path", "seq_len", "val_books", "val_fraction", "val_samples")  # fix the windows read
+
+
+def _evaluate_by_position(checkpoints: list[Path], models: list, stored: list[dict], overrides: list[str],
+                          json_path: Optional[Path], plot_path: Optional[Path]) -> None:
+    """`ltm eval --by-position`: ltm_core.evaluate.loss_by_position for every checkpoint, on the same validation
+    windows, binned over the smallest segment length among them."""
+    from ltm_core.data import load_corpus
+    from ltm_core.evaluate import eval_data, loss_by_position
+
+    datas = [eval_data(cfg, overrides, model.config.segment_length) for model, cfg in zip(models, stored)]
+    for path, data in zip(checkpoints[1:], datas[1:]):
+        differ = [k for k in SAME_WINDOWS if getattr(data, k) != getattr(datas[0], k)]
+        if differ:
+            k = differ[0]
+            raise ConfigError(f"data.{k}", f"{path} was trained with {getattr(data, k)}, {checkpoints[0]} with "
+                                              f"{getattr(datas[0], k)}: pass data.{k}=... to evaluate them on the same "
+                                              "windows")
+    corpus = load_corpus(datas[0])
+    segment = min(model.config.segment_length for model in models)
+    runs = []
+    with console.status("loss by position") as status:
+        for path, model, data in zip(checkpoints, models, datas):
+            status.update(f"loss by position: {path}")
+            runs.append({"checkpoint": str(path), "label": _run_label(path),
+                         **loss_by_position(model, data, corpus, segment_length=segment)})
+    data = datas[0]
+    results = {"data": data.name, "path": data.path, "seq_len": data.seq_len, "windows": runs[0]["windows"],
+               "bin_segment": segment, "model_overrides": [o for o in overrides if o.startswith("model.")],
+               "runs": runs}
+    console.print(_position_table(results))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+    if plot_path is not None:
+        from ltm_core.plotting import plot_loss_by_position
+
+        plot_loss_by_position(results, plot_path)
+
+
+def _run_label(path: Path) -> str:
+    """A run's name: its output folder for RUN/checkpoints/x.ckpt, else the file name."""
+    return path.parent.parent.name if path.parent.name == "checkpoints" and path.parent.parent.name else path.stem
+
+
+def _position_table(results: dict) -> Table:
+    where = results["data"] if results["path"] is None else results["path"]
+    table = Table(title=f"ltm eval --by-position: bits/byte by token position ({where}, {results['seq_len']:,} "
+                        f"tokens, {results['windows']} windows, segments of {results['bin_segment']})")
+    table.add_column("tokens", justify="right")
+    table.add_column("segment", justify="right")
+    for run in results["runs"]:
+        kind = run["memory"] or "no memory"
+        table.add_column(f"{run['label']}\n{kind}, segment {run['segment_length']}", justify="right")
+    for i, row in enumerate(results["runs"][0]["bins"]):
+        table.add_row(f"{row['start']}-{row['end'] - 1}", str(row["segment"]),
+                      *[f"{run['bins'][i]['bpb']:.4f}" for run in results["runs"]])
+    table.add_row("all", "", *[f"{run['bpb']:.4f}" for run in results["runs"]], style="bold")
+    return table
 
 
 def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], json_path: Optional[Path],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -57,6 +58,33 @@ def test_eval_reports_loss_and_bpb(trained, tmp_path):
     result = run_ltm("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "data=textfile",
                      f"data.path={text}", "data.seq_len=64")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_eval_by_position_compares_checkpoints_on_one_table_json_and_plot(trained, tmp_path):
+    """`--by-position` with two runs (the memory model and a no-memory one trained on shorter samples): the same
+    validation windows once data.seq_len is given, one curve each; the plot holds both."""
+    baseline = tmp_path / "baseline"
+    result = run_ltm("train", *TINY, "model.use_memory=false", "data.seq_len=32", "trainer.max_steps=2",
+                     f"output_dir={baseline}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    memory, local = str(trained / "checkpoints" / "last.ckpt"), str(baseline / "checkpoints" / "last.ckpt")
+    _one_error_line(run_ltm("eval", "-c", memory, "-c", local, "--by-position"), "data.seq_len", "same windows")
+    _one_error_line(run_ltm("eval", "-c", memory, "-c", local), "--checkpoint", "--by-position")
+    _one_error_line(run_ltm("eval", "-c", memory, "--by-position", "task=passkey"), "--by-position", "not on a task")
+    out, image = tmp_path / "positions.json", tmp_path / "positions.png"
+    plot = ["--plot", str(image)] if importlib.util.find_spec("matplotlib") else []
+    result = run_ltm("eval", "-c", memory, "-c", local, "--by-position", "data.seq_len=64", "--json", str(out), *plot)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bits/byte by token position" in result.stdout
+    results = json.loads(out.read_text())
+    assert results["seq_len"] == 64 and results["bin_segment"] == 16
+    assert [run["label"] for run in results["runs"]] == [trained.name, "baseline"]
+    assert [run["memory"] for run in results["runs"]] == ["tokens", None]
+    for run in results["runs"]:
+        assert [(b["start"], b["end"]) for b in run["bins"]][:8] == [(2 * i, 2 * i + 2) for i in range(8)]
+        assert run["bins"][-1]["end"] == 64 and len(run["segments"]) == 4
+    if plot:
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
