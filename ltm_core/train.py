@@ -162,7 +162,7 @@ def train(cfg: DictConfig) -> Path:
     corpus = None if is_task(cfg.data.name) else load_corpus(DataConfig(**to_dict(cfg.data)))
     local = world > 1 and not launched_externally()
     if local and cfg.parallel.num_nodes > 1:
-        raise ConfigError("parallel.num_nodes", "multi-node runs start under torchrun or SLURM (see README)")
+        raise ConfigError("parallel.num_nodes", "multi-node runs start under torchrun or SLURM (see docs/distributed.md)")
     # one run per folder; other ranks of an external launch wait for rank 0 in the process-group setup
     with run_guard.RunLock(cfg.output_dir) if is_rank_zero() else nullcontext():
         if is_rank_zero():

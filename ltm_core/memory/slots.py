@@ -10,8 +10,8 @@ Per layer, with the block outputs h [B, S, C] of one complete segment and the me
 
 and the tokens read it by a multi-head cross-attention sub-layer after the self-attention:
 x += O softmax(Q norm(x) K(mem)^T) V(mem). It writes the block's output, which depends on its own read, so a window
-runs segment by segment. Kept as the seed-faithful baseline; no measurement shows it helping (README, "Memory
-kinds").
+runs segment by segment. Kept as the seed-faithful baseline; no measurement shows it helping (README.md,
+"Memory kinds").
 """
 
 from __future__ import annotations
