@@ -40,7 +40,7 @@ def is_legacy(values: dict[str, Any]) -> bool:
 
 def _refuse(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"model.{key}", f"{value!r} was retired in ltm 0.2 ({why}; docs/experiments/"
-                                       "negative-results.md): retrain with model/memory=tokens|slots|delta")
+                                       "negative-results.md): retrain with model/memory=tokens|slots|delta|neural")
 
 
 def migrate_model_config(values: dict[str, Any]) -> dict[str, Any]:
