@@ -9,9 +9,10 @@ memory is a small MLP M whose weights are the state, trained at test time on an 
     read: M*(q_t), q_t = normalize(silu(W_q x_t))                             a forward pass, no update
 
 with x_t the layer's normed hidden state. M is `depth` 2: M(k) = W2 silu(W1 k) / sqrt(H), D -> H -> D (H =
-`slots`; the fixed 1 / sqrt(H) makes a step theta act alike whatever the width: at init theta = 0.5 about
-overwrites a key's value, as it does exactly for the linear map), or `depth` 1: M(k) = W k (Titans' linear memory,
-the delta rule with momentum and decay). The initial weights are learned; the momentum starts at zero.
+`slots`; the fixed 1 / sqrt(H) makes a step theta act alike whatever the width: from the initial weights one write
+at step theta moves the read at its key 2 theta E[silu(z)^2] ~ 0.71 theta of the way to its value), or `depth` 1:
+M(k) = W k (Titans' linear memory, the delta rule with momentum and decay: theta = 0.5 overwrites). The initial
+weights are learned; the momentum starts at zero.
 
 Chunk-parallel form (§3.2). A segment is written in chunks of `chunk` tokens. Inside a chunk every gradient is
 taken at the chunk's start weights M_0, so the c gradients come from one batched forward and backward of the MLP
