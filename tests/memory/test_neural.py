@@ -36,7 +36,7 @@ def naive_write(memory, state: tuple, entries: torch.Tensor, chunk: int) -> tupl
     S_t = eta_t S_{t-1} - theta_t grad ||M(k_t) - v_t||^2,  M_t = (1 - alpha_t) M_{t-1} + S_t."""
     D, n = memory.dim, len(memory.initial)
     k = F.normalize(F.silu(entries[..., :D]), dim=-1)
-    v = F.silu(entries[..., D:2 * D])
+    v = F.normalize(F.silu(entries[..., D:2 * D]), dim=-1)
     theta = memory.config.lr * torch.sigmoid(entries[..., 2 * D])
     eta, alpha = torch.sigmoid(entries[..., 2 * D + 1]), torch.sigmoid(entries[..., 2 * D + 2])
     weights, momenta = list(state[:n]), list(state[n:])
@@ -105,7 +105,7 @@ def naive_write_graph(memory, state, entries):
     """`naive_write` at chunk 1 whose autograd gradients stay in the graph (create_graph), for second derivatives."""
     D, n = memory.dim, len(memory.initial)
     k = F.normalize(F.silu(entries[..., :D]), dim=-1)
-    v = F.silu(entries[..., D:2 * D])
+    v = F.normalize(F.silu(entries[..., D:2 * D]), dim=-1)
     theta = memory.config.lr * torch.sigmoid(entries[..., 2 * D])
     eta, alpha = torch.sigmoid(entries[..., 2 * D + 1]), torch.sigmoid(entries[..., 2 * D + 2])
     weights, momenta = list(state[:n]), list(state[n:])
@@ -132,7 +132,7 @@ def test_a_written_key_reads_back_toward_its_value():
     entries[0, 0, 2 * D:] = torch.tensor([30.0, -30.0, -30.0])  # theta = lr, no momentum, no decay
     state = memory.write(memory.initial_state(1), entries).state
     w = state[0][0]  # the linear map, from zero: 2 theta v k^T
-    torch.testing.assert_close(w @ key, 2 * 0.5 * F.silu(value), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(w @ key, 2 * 0.5 * F.normalize(F.silu(value), dim=0), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(w @ other, torch.zeros(D, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
