@@ -327,7 +327,8 @@ def bench_kernels(device: torch.device | str, dtype: torch.dtype,
                   shapes: Optional[dict[str, list[dict[str, Any]]]] = None, *,
                   peaks: Optional[dict[str, float]] = None, warmup: Optional[int] = None,
                   repeats: Optional[int] = None, compile_flex: Optional[bool] = None,
-                  rows: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+                  rows: Optional[list[dict[str, Any]]] = None,
+                  progress: Optional[Callable[[int, int, str], None]] = None) -> list[dict[str, Any]]:
     """Benchmark every kernel; one row (dict with `ROW_KEYS` and `shape`, the case's shape dict) per (kernel, case,
     implementation).
 
@@ -336,7 +337,8 @@ def bench_kernels(device: torch.device | str, dtype: torch.dtype,
     (B, T, D); kernels left out are not run. Defaults: `DEFAULT_SHAPES_CUDA` / `DEFAULT_SHAPES_CPU`.
     peaks: from `measure_peaks` (measured here when None). compile_flex: torch.compile flex_attention (default:
     on CUDA only). rows: a list the rows are appended to as they are measured (what a caller keeps if the run
-    is interrupted); returned.
+    is interrupted); returned. progress(done, total, label): called before each (kernel, case) with the cases done
+    so far, and once at the end.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -353,11 +355,19 @@ def bench_kernels(device: torch.device | str, dtype: torch.dtype,
         peaks = measure_peaks(device)
     impls = _impls_for(device)
     rows = [] if rows is None else rows
+    total = sum(len(shapes.get(name, [])) for name in ("flash_attention", *_ELEMENTWISE))
+    report = progress or (lambda done, total, label: None)
+    done = 0
     for s in shapes.get("flash_attention", []):
         s = {"causal": True, "prefix_len": 0, "window": None, **s}
+        report(done, total, "flash_attention " + ", ".join(f"{k}={v}" for k, v in s.items()))
+        done += 1
         rows += [dict(r, shape=s) for r in _bench_attention(s, device, dtype, impls, peaks, warmup, repeats,
                                                              compile_flex)]
     for name, fn in _ELEMENTWISE.items():
         for s in shapes.get(name, []):
+            report(done, total, f"{name} " + ", ".join(f"{k}={v}" for k, v in s.items()))
+            done += 1
             rows += [dict(r, shape=dict(s)) for r in fn(s, device, dtype, impls, peaks, warmup, repeats)]
+    report(total, total, "")
     return rows

@@ -1,7 +1,7 @@
 """`ltm`: train, generate and evaluate Long-Term-Memory Transformers.
 
 Each command is a thin layer over a library function (ltm_core.train.train, InferenceEngine,
-ltm_core.evaluate.evaluate). Errors caused by input print one line and exit with code 2; `--debug` shows the
+ltm_core.evaluate.evaluate, ltm_core.quantize.quantize_checkpoint, ltm_core.export.export_checkpoint). Errors caused by input print one line and exit with code 2; `--debug` shows the
 traceback instead.
 """
 
@@ -18,16 +18,21 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from ltm_cli.bench import bench_app
+from ltm_cli.deploy import export_cmd, quantize_cmd
 from ltm_cli.errors import device_option, output_file, report, settings, user_errors
-from ltm_core.errors import LtmError
+from ltm_cli.help import groups_epilog
+from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Long-Term-Memory Transformers: train, generate, evaluate.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the composed Hydra config.")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+app.command("quantize", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(quantize_cmd)
+app.command("export")(export_cmd)
 console = Console()
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+GROUPS = groups_epilog()  # read from conf/ (a few milliseconds)
 
 
 @app.callback()
@@ -40,7 +45,7 @@ def _keys(overrides: list[str]) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- train
-@app.command(context_settings=OVERRIDES)
+@app.command(context_settings=OVERRIDES, options_metavar="[OPTIONS] [OVERRIDES]...", epilog=GROUPS)
 @user_errors
 def train(ctx: typer.Context,
           multirun: bool = typer.Option(False, "-m", "--multirun", help="Hydra sweep: one job per combination.")):
@@ -48,14 +53,16 @@ def train(ctx: typer.Context,
 
     With no arguments: a tiny memory model on the King James Bible (a few minutes on a CPU).
     """
+    from ltm_core.configuration import validate_overrides
+
+    overrides = list(ctx.args)
+    validate_overrides(overrides, multirun)  # every job's config is checked before torch and Lightning load
+
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ltm_core.configuration import validate_overrides
-    from ltm_core.train import default_output_dir, train as train_run
+    from ltm_core.train import default_output_dir, is_rank_zero, train as train_run
 
-    overrides = list(ctx.args)
-    validate_overrides(overrides, multirun)  # every job's config is checked before anything starts
     given = dict(o.split("=", 1) for o in overrides if "=" in o)
     if multirun:
         sweep_dir = given.get("output_dir") or default_output_dir().replace("outputs/", "multirun/", 1)
@@ -68,14 +75,17 @@ def train(ctx: typer.Context,
         cfg.output_dir = HydraConfig.get().runtime.output_dir  # a sweep job's own folder
         try:
             train_run(cfg)
-        except LtmError as err:  # Hydra catches Exceptions but lets SystemExit through
+        except (LtmError, KeyboardInterrupt) as err:  # Hydra catches Exceptions but lets SystemExit through
             out = Path(cfg.output_dir)
             if out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # the folder Hydra made for a run that could not start
             if settings["debug"]:
                 raise
-            report(err)
-            sys.exit(2)
+            if isinstance(err, KeyboardInterrupt):  # before training started (from then on SIGINT saves and stops)
+                err = Interrupted("interrupted before training started; nothing to save", 2)
+            if not isinstance(err, RunStopped) or is_rank_zero():  # all ranks of a run stop together: one line
+                report(err)
+            sys.exit(err.exit_code)
 
     argv = sys.argv
     sys.argv = [argv[0]] + (["-m"] if multirun else []) + overrides
@@ -86,32 +96,54 @@ def train(ctx: typer.Context,
 
 
 # ------------------------------------------------------------------------------------------------- generate
+QUANTIZE_HELP = "Quantize on load: bnb.int8 | bnb.nf4 | bnb.nf4-dq | bnb.fp4 | bnb.fp4-dq (see `ltm quantize`)."
+
+
+def _load(checkpoint: Path, device: str, quantize: Optional[str], overrides: list[str] = (), ckpt=None):
+    """The checkpoint's model, quantized on the fly with `--quantize` (the method is checked before loading)."""
+    from ltm_core.checkpoint import load_model
+
+    if quantize is None:
+        return load_model(checkpoint, overrides, device=device, ckpt=ckpt)
+    from ltm_core.quantize import check_method, quantize_model
+
+    check_method(quantize, "--quantize")
+    model = load_model(checkpoint, overrides, device=device, ckpt=ckpt)
+    quantize_model(model, quantize)
+    return model
+
+
 @app.command()
 @user_errors
 def generate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1, help="Tokens (bytes) to generate."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens (bytes) to generate: 0 prints "
+                                       "the prompt only; any larger number streams in constant memory."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample from the k most likely tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed for reproducible output."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ):
     """Stream text from a checkpoint. Memory per token stays flat however long the output."""
     import torch
 
-    from ltm_core.checkpoint import load_model
     from ltm_core.inference import InferenceConfig, InferenceEngine
     from ltm_core.tokenizer import ByteTokenizer
 
+    if max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens", f"must be 0 or more, got {max_new_tokens}")
     dev = device_option(device)
-    model = load_model(checkpoint, device=dev)
+    model = _load(checkpoint, dev, quantize)
     tokenizer = ByteTokenizer()
     engine = InferenceEngine(model, InferenceConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    input_ids = torch.tensor([tokenizer.encode(prompt, bos=True)], device=dev)
+    ids = tokenizer.encode(prompt, bos=True)  # any text: bytes that are not UTF-8 arrive as surrogates, kept as bytes
+    input_ids = torch.tensor([ids], device=dev)
     decode = tokenizer.stream_decoder()
-    sys.stdout.write(prompt)
+    sys.stdout.reconfigure(errors="replace")  # what the terminal's encoding cannot show prints as "?", never a crash
+    sys.stdout.write(tokenizer.decode(ids))  # invalid UTF-8 prints as U+FFFD, as in the generated text
     for token in engine.stream(input_ids, max_new_tokens):
         sys.stdout.write(decode(int(token[0])))
         sys.stdout.flush()
@@ -123,41 +155,56 @@ def generate(
 @user_errors
 def evaluate_cmd(
     ctx: typer.Context,
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
+    checkpoints: List[Path] = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`; "
+                                           "repeat it with --by-position to compare runs on one table and plot."),
+    by_position: bool = typer.Option(False, "--by-position", help="The validation loss per token-position bin "
+                                     "inside the sample (the first segments finer, then one bin per segment)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Task evaluation: also draw the results to this "
-                                             "image (needs the `plot` extra)."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Task evaluation or --by-position: also draw the "
+                                             "results to this image (needs the `plot` extra)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ):
-    """Validation loss, perplexity and bits-per-byte. Overrides: `data=...` (default: the checkpoint's data).
+    """Validation loss, perplexity and bits-per-byte. Overrides: `data=...`, `data.seq_len=N` (default: the
+    checkpoint's data and training length).
+
+    `--by-position`: the loss per token-position bin, one column per `--checkpoint` (evaluated on the same windows).
 
     Long-context tasks: `task=passkey|mqar|babi_facts` with `task.lengths=[...]`, `task.samples=N`, ... (a
     checkpoint trained on a task is evaluated on it by default); lengths default to 1x, 4x, 16x, 64x the
     training length."""
-    from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
-    from ltm_core.config import DataConfig
-    from ltm_core.configuration import compose, to_dict
-    from ltm_core.evaluate import evaluate
+    from ltm_core.checkpoint import checkpoint_config, read_checkpoint
+    from ltm_core.evaluate import eval_data, evaluate
     from ltm_core.tasks import is_task
 
     overrides = list(ctx.args)
     dev = device_option(device)
+    if len(checkpoints) > 1 and not by_position:
+        raise ConfigError("--checkpoint", "several checkpoints are compared with --by-position; give one otherwise")
     output_file(json_path, "--json")
     output_file(plot_path, "--plot")
-    ckpt = read_checkpoint(checkpoint)
-    stored = checkpoint_config(ckpt)
-    model = load_model(checkpoint, overrides, device=dev, ckpt=ckpt)
-    if any(k.split(".")[0] == "task" for k in _keys(overrides)) or is_task(stored["data"]["name"]):
+    ckpts = [read_checkpoint(path) for path in checkpoints]
+    stored = [checkpoint_config(ckpt) for ckpt in ckpts]
+    task = any(k.split(".")[0] == "task" for k in _keys(overrides))
+    if by_position:
+        if task:
+            raise ConfigError("--by-position", "measures the loss on text (data=kjv|pystdlib|textfile), not on a task")
+        models = [_load(path, dev, quantize, overrides, ckpt) for path, ckpt in zip(checkpoints, ckpts)]
+        _evaluate_by_position(checkpoints, models, stored, overrides, json_path, plot_path)
+        return
+    checkpoint, stored = checkpoints[0], stored[0]
+    model = _load(checkpoint, dev, quantize, overrides, ckpts[0])
+    if task or is_task(stored["data"]["name"]):
         _evaluate_task(checkpoint, model, stored, overrides, json_path, plot_path)
         return
     if plot_path is not None:
-        raise typer.BadParameter("--plot draws task results; add task=passkey|mqar|babi_facts")
-    if any(k == "data" or k.startswith("data.") for k in _keys(overrides)):
-        segment = [f"model.segment_length={model.config.segment_length}"]  # data.seq_len defaults to 4 segments
-        data = DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + segment).data))
-    else:
-        data = DataConfig(**stored["data"])
-    results = evaluate(model, data)
+        raise ConfigError("--plot", "draws task results (task=passkey|mqar|babi_facts) or the loss by position "
+                                    "(--by-position)")
+    data = eval_data(stored, overrides, model.config.segment_length)
+    from ltm_cli.progress import progress_bar
+
+    with progress_bar("eval", "windows") as progress:
+        results = evaluate(model, data, progress=progress)
     table = Table(title=f"ltm eval {checkpoint}")
     for column in ("data", "tokens", "loss", "perplexity", "bits/byte"):
         table.add_column(column, justify="right")
@@ -168,19 +215,76 @@ def evaluate_cmd(
         json_path.write_text(json.dumps({"checkpoint": str(checkpoint), "data": data.name, **results}, indent=2))
 
 
+SAME_WINDOWS = ("name", "path", "seq_len", "val_books", "val_fraction", "val_samples")  # fix the windows read
+
+
+def _evaluate_by_position(checkpoints: list[Path], models: list, stored: list[dict], overrides: list[str],
+                          json_path: Optional[Path], plot_path: Optional[Path]) -> None:
+    """`ltm eval --by-position`: ltm_core.evaluate.loss_by_position for every checkpoint, on the same validation
+    windows, binned over the smallest segment length among them."""
+    from ltm_core.data import load_corpus
+    from ltm_core.evaluate import eval_data, loss_by_position
+
+    datas = [eval_data(cfg, overrides, model.config.segment_length) for model, cfg in zip(models, stored)]
+    for path, data in zip(checkpoints[1:], datas[1:]):
+        differ = [k for k in SAME_WINDOWS if getattr(data, k) != getattr(datas[0], k)]
+        if differ:
+            k = differ[0]
+            raise ConfigError(f"data.{k}", f"{path} was trained with {getattr(data, k)}, {checkpoints[0]} with "
+                                              f"{getattr(datas[0], k)}: pass data.{k}=... to evaluate them on the same "
+                                              "windows")
+    corpus = load_corpus(datas[0])
+    segment = min(model.config.segment_length for model in models)
+    runs = []
+    with console.status("loss by position") as status:
+        for path, model, data in zip(checkpoints, models, datas):
+            status.update(f"loss by position: {path}")
+            runs.append({"checkpoint": str(path), "label": _run_label(path),
+                         **loss_by_position(model, data, corpus, segment_length=segment)})
+    data = datas[0]
+    results = {"data": data.name, "path": data.path, "seq_len": data.seq_len, "windows": runs[0]["windows"],
+               "bin_segment": segment, "model_overrides": [o for o in overrides if o.startswith("model.")],
+               "runs": runs}
+    console.print(_position_table(results))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+    if plot_path is not None:
+        from ltm_core.plotting import plot_loss_by_position
+
+        plot_loss_by_position(results, plot_path)
+
+
+def _run_label(path: Path) -> str:
+    """A run's name: its output folder for RUN/checkpoints/x.ckpt, else the file name."""
+    return path.parent.parent.name if path.parent.name == "checkpoints" and path.parent.parent.name else path.stem
+
+
+def _position_table(results: dict) -> Table:
+    where = results["data"] if results["path"] is None else results["path"]
+    table = Table(title=f"ltm eval --by-position: bits/byte by token position ({where}, {results['seq_len']:,} "
+                        f"tokens, {results['windows']} windows, segments of {results['bin_segment']})")
+    table.add_column("tokens", justify="right")
+    table.add_column("segment", justify="right")
+    for run in results["runs"]:
+        kind = run["memory"] or "no memory"
+        table.add_column(f"{run['label']}\n{kind}, segment {run['segment_length']}", justify="right")
+    for i, row in enumerate(results["runs"][0]["bins"]):
+        table.add_row(f"{row['start']}-{row['end'] - 1}", str(row["segment"]),
+                      *[f"{run['bins'][i]['bpb']:.4f}" for run in results["runs"]])
+    table.add_row("all", "", *[f"{run['bpb']:.4f}" for run in results["runs"]], style="bold")
+    return table
+
+
 def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], json_path: Optional[Path],
                    plot_path: Optional[Path]) -> None:
     """`ltm eval task=...`: the task grid, streamed segment by segment (ltm_core.tasks.evaluate)."""
+    from ltm_cli.progress import progress_bar
     from ltm_core.tasks.evaluate import eval_task_config, evaluate_task
     from ltm_core.tasks.report import plot_results, results_table
 
     task_cfg = eval_task_config(stored, overrides)
     train_length = int(stored["data"]["seq_len"])
-    with console.status(f"task {task_cfg.name}") as status:
-        def progress(row: dict) -> None:
-            where = "".join(f", {k} {row[k]}" for k in ("depth", "pairs", "placement") if row.get(k) is not None)
-            status.update(f"task {task_cfg.name}: length {row['length']:,}{where} done")
-
+    with progress_bar(f"task={task_cfg.name}", "samples") as progress:
         results = evaluate_task(model, task_cfg, train_length, progress=progress)
     results = {"checkpoint": str(checkpoint), "model_overrides": [o for o in overrides if o.startswith("model.")],
                **results}
@@ -192,10 +296,13 @@ def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], 
 
 
 # --------------------------------------------------------------------------------------------------- config
-@config_app.command("show", context_settings=OVERRIDES)
+@config_app.command("show", context_settings=OVERRIDES, options_metavar="[OPTIONS] [OVERRIDES]...", epilog=GROUPS)
 @user_errors
 def config_show(ctx: typer.Context):
-    """Print the config that `ltm train [overrides]` would use."""
+    """Print the config that `ltm train \\[overrides]` would use, checked as `ltm train` checks it.
+
+    Example: `ltm config show model=small data=textfile data.path=notes.txt trainer.max_steps=100`.
+    """
     from omegaconf import OmegaConf
 
     from ltm_core.configuration import compose

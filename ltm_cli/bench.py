@@ -12,10 +12,20 @@ from rich.table import Table
 
 from ltm_cli.bench_parallel import bench_parallel_cmd
 from ltm_cli.errors import device_option, output_file, user_errors
+from ltm_cli.progress import progress_bar
+from ltm_core.errors import ConfigError
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels, model throughput/memory, parallel layouts.")
 bench_app.command("parallel")(bench_parallel_cmd)
 console = Console()
+
+
+def check_counts(**options: tuple[Any, int]) -> None:
+    """One ConfigError line for an option below its minimum: check_counts(**{"--context": ([1024, 0], 1)})."""
+    for name, (values, least) in options.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is not None and value < least:
+                raise ConfigError(name, f"must be {'positive' if least == 1 else f'at least {least}'}, got {value}")
 
 
 def _gib(n: float) -> str:
@@ -80,10 +90,10 @@ def bench_model_cmd(
     contexts: List[int] = typer.Option([1024, 2048, 4096, 8192], "--context", help="Context lengths (repeatable)."),
     variants: List[str] = typer.Option([], "--variant", help="memory | segment_local | full_causal | tokens | slots | "
                                        "delta | neural (repeatable; default: memory, segment_local, full_causal)."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1),
+    batch_size: int = typer.Option(1, "--batch-size", help="Sequences per training step."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed steps per row (median reported)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", min=0,
+    repeats: int = typer.Option(3, "--repeats", help="Timed steps per row (median reported)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup",
                                          help="Untimed steps per row (default: 1, or 3 with model.compile=true)."),
     gen: List[int] = typer.Option([], "--gen", help="Generation lengths to measure (repeatable)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
@@ -91,13 +101,15 @@ def bench_model_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
     overrides: List[str] = typer.Argument(None, help="model.* overrides, e.g. model.segment_length=256."),
 ):
-    """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal."""
-    from ltm_core.bench import KIND_VARIANTS, VARIANTS, bench_model, default_warmup, ratios, result_header
-    from ltm_core.configuration import compose, model_config
-    from ltm_core.errors import ConfigError
-
+    """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal; each row's share of
+    the step spent in the memory recurrence (the rest is batched work)."""
+    check_counts(**{"--context": (contexts, 1), "--gen": (gen, 1), "--batch-size": (batch_size, 1),
+                    "--repeats": (repeats, 1), "--warmup": (warmup, 0)})
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
+    from ltm_core.bench import KIND_VARIANTS, VARIANTS, bench_model, default_warmup, ratios, result_header
+    from ltm_core.configuration import compose, model_config
+
     unknown = [v for v in variants if v not in VARIANTS + KIND_VARIANTS]
     if unknown:
         raise ConfigError("--variant", f"must be one of {', '.join(VARIANTS + KIND_VARIANTS)}, got {unknown[0]!r}")
@@ -108,27 +120,32 @@ def bench_model_cmd(
     warmup = default_warmup(cfg) if warmup is None else warmup
     rows: list[dict[str, Any]] = []
     try:
-        result = bench_model(cfg, contexts, variants=variants or VARIANTS, batch_size=batch_size, device=device,
-                             dtype=dtype, warmup=warmup, repeats=repeats, gen_lengths=gen, rows=rows)
+        with progress_bar("bench model", "rows") as progress:
+            result = bench_model(cfg, contexts, variants=variants or VARIANTS, batch_size=batch_size, device=device,
+                                 dtype=dtype, warmup=warmup, repeats=repeats, gen_lengths=gen, rows=rows,
+                                 progress=progress)
     except KeyboardInterrupt:  # e.g. a time limit: keep what was measured, marked incomplete
         _write_json(json_path, {**result_header(cfg, device, dtype, batch_size, warmup), "rows": rows,
                                 "generation": [], "interrupted": True})
         raise typer.Exit(130)
     table = Table(title=f"ltm bench model — {result['device']}, {dtype}, batch {batch_size}, model={model}")
-    for col in ("model", "context", "tokens/s", "peak memory", "MFU", "params"):
+    for col in ("model", "context", "tokens/s", "step", "memory recurrence", "peak memory", "MFU", "params"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
         if "error" in r:
-            table.add_row(r["model"], str(r["context"]), "error", r["error"][-60:], "", "")
+            table.add_row(r["model"], str(r["context"]), "error", r["error"][-60:], "", "", "", "")
             continue
-        table.add_row(r["model"], f"{r['context']:,}", f"{r['tokens_per_s']:,.0f}", _gib(r["peak_mem_bytes"]),
-                      f"{100 * r['mfu']:.2f} %", f"{r['params']:,}")
+        table.add_row(r["model"], f"{r['context']:,}", f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f} s",
+                      f"{100 * r['recurrence_share']:.1f} %", _gib(r["peak_mem_bytes"]), f"{100 * r['mfu']:.2f} %",
+                      f"{r['params']:,}")
     console.print(table)
-    summary = Table(title="memory model / full-causal baseline (same run)")
-    for col in ("context", "tokens/s ratio", "peak memory ratio"):
+    summary = Table(title="memory model / baselines (same run)")
+    for col in ("context", "tokens/s vs full causal", "peak memory vs full causal", "step vs segment-local"):
         summary.add_column(col, justify="right")
     for r in ratios(result):
-        summary.add_row(f"{r['context']:,}", f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.3f}x")
+        local = r["step_vs_segment_local"]
+        summary.add_row(f"{r['context']:,}", f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.3f}x",
+                        "" if local is None else f"{local:.2f}x")
     console.print(summary)
     if result["generation"]:
         gen_table = Table(title="generation (greedy, batch 1)")
@@ -151,6 +168,8 @@ def bench_kernels_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
 ):
     """Each kernel against its PyTorch reference; attention also against SDPA and FlexAttention."""
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError("--dtype", f"must be float32, float16 or bfloat16, got {dtype!r}")
     import torch
 
     from ltm_extensions.bench import bench_kernels, measure_peaks
@@ -162,7 +181,8 @@ def bench_kernels_cmd(
     device_name = str(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else "cpu"
     rows: list[dict[str, Any]] = []
     try:
-        bench_kernels(dev, dt, peaks=peaks, rows=rows)
+        with progress_bar("bench kernels", "cases") as progress:
+            bench_kernels(dev, dt, peaks=peaks, rows=rows, progress=progress)
     except KeyboardInterrupt:  # e.g. a time limit: keep what was measured, marked incomplete
         _write_json(json_path, {"device": device_name, "dtype": str(dt), "peaks": peaks, "rows": rows,
                                 "interrupted": True})

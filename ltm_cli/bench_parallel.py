@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from ltm_cli.errors import output_file, user_errors
+from ltm_cli.progress import progress_bar
 
 console = Console()
 
@@ -22,7 +23,7 @@ console = Console()
 def bench_parallel_cmd(
     presets: List[str] = typer.Option(["ddp", "fsdp", "tp2", "pp2", "tp2_pp2"], "--preset", "-p",
                                       help="Parallel presets from conf/parallel (repeatable)."),
-    steps: int = typer.Option(1, "--steps", min=1, help="Measured training steps per preset (after 1 warm-up)."),
+    steps: int = typer.Option(1, "--steps", help="Measured training steps per preset (after 1 warm-up)."),
     defaults: bool = typer.Option(True, "--small/--as-configured",
                                   help="Use the small bench model (hidden 64, 4 layers, seq 128) or the config."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
@@ -30,11 +31,14 @@ def bench_parallel_cmd(
 ):
     """Bytes moved by collectives and pipeline sends in one training step, per preset (measured with a
     dispatch-mode counter, as CommDebugMode) beside the analytic formula. CPU: gloo, one process per rank."""
+    from ltm_core.errors import ConfigError
     from ltm_core.parallel.bench import bench_parallel, rows_table
 
+    if steps < 1:
+        raise ConfigError("--steps", f"must be positive, got {steps}")
     output_file(json_path, "--json")
-    with console.status("measuring " + ", ".join(presets)):
-        rows = bench_parallel(presets, overrides or [], steps=steps, use_defaults=defaults)
+    with progress_bar("bench parallel", "presets") as progress:
+        rows = bench_parallel(presets, overrides or [], steps=steps, use_defaults=defaults, progress=progress)
     console.print(rows_table(rows))
     if json_path is not None:
         json_path.write_text(json.dumps({"steps": steps, "overrides": overrides or [], "rows": rows}, indent=2))

@@ -11,14 +11,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ltm_core.errors import ConfigError, LtmError
+from ltm_core.errors import ConfigError, Interrupted, LtmError
 
 err_console = Console(stderr=True)
 settings = {"debug": False}  # set by `ltm --debug`
 
 
 def report(err: Exception) -> None:
-    err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+    prefix = "" if isinstance(err, Interrupted) else "[red]error:[/] "  # an interrupted run is no error: it saved
+    err_console.print(f"{prefix}{escape(str(err))}", highlight=False, soft_wrap=True)
 
 
 def user_errors(fn):
@@ -30,7 +31,7 @@ def user_errors(fn):
             if settings["debug"]:
                 raise
             report(err)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(err, "exit_code", 2)) from None
 
     return wrapper
 

@@ -27,12 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 from ltm_core.config import OptimConfig, TitanConfig, memory_config
-from ltm_core.model import TitanModel
+from ltm_core.model import RECURRENCE, TitanModel
 from ltm_core.training import build_optimizer, windowed_backward
 from ltm_extensions.bench import median_ms
 
@@ -139,10 +139,33 @@ def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int
         extra["peak_rss_bytes"] = _peak_rss_bytes() - base_rss  # resident-set growth, warm-up included
         peak = cpu_peak_tensor_bytes(step)
     tokens_per_s = batch_size * context / statistics.median(times)
+    share = recurrence_share(step, dev)
     peak_flops = measure_peak_flops(dev, dt, n=8192 if dev.type == "cuda" else 1024)  # same conditions as the row
     return {"model": variant, "context": context, "tokens_per_s": tokens_per_s, "peak_mem_bytes": int(peak),
-            **extra, "step_s": statistics.median(times), "params": model.num_parameters(),
+            **extra, "step_s": statistics.median(times), "recurrence_share": share, "params": model.num_parameters(),
             "flops_per_token": model.flops_per_token(context), "peak_flops": peak_flops}
+
+
+def recurrence_share(step, device: torch.device) -> float:
+    """The share of one training step spent in the memory recurrence (the profiler ranges `RECURRENCE` around the
+    memories' writes and scans; their backward, if any, is not in them): host time on CPU, device time on CUDA.
+    The rest is the batched work. 0 without a memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        total = time.perf_counter() - start
+    ranges = [e for e in prof.events() if e.name == RECURRENCE]
+    if device.type == "cuda":
+        inside = sum(e.device_time_total for e in ranges) * 1e-6
+        total = max(sum(e.self_device_time_total for e in prof.events()) * 1e-6, 1e-12)
+    else:
+        inside = sum(e.cpu_time_total for e in ranges) * 1e-6
+    return min(inside / total, 1.0)
 
 
 def _row_in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
@@ -187,16 +210,25 @@ def generation_row(cfg: TitanConfig, variant: str, length: int, device: str,
 def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[str] = VARIANTS, batch_size: int = 1,
                 device: Optional[str] = None, dtype: str = "float32", warmup: Optional[int] = None, repeats: int = 3,
                 gen_lengths: Iterable[int] = (), threads: Optional[int] = None,
-                rows: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+                rows: Optional[list[dict[str, Any]]] = None,
+                progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, Any]:
     """All rows of `ltm bench model`, measured side by side in this run. rows: a list the training-step rows are
     appended to as they are measured (what a caller keeps if the run is interrupted). warmup: untimed steps per
-    row, None: `default_warmup(cfg)`."""
+    row, None: `default_warmup(cfg)`. progress(done, total, label): called before each row (training step and
+    generation) with the rows done so far and the row about to be measured, and once at the end."""
+    contexts, variants, gen_lengths = list(contexts), list(variants), list(gen_lengths)
+    if any(n <= 0 for n in (*contexts, *gen_lengths)):  # a zero-length row would time nothing
+        raise ValueError(f"context and generation lengths must be positive, got {contexts} and {gen_lengths}")
+    total = len(contexts) * len(variants) + 2 * len(gen_lengths)
+    report = progress or (lambda done, total, label: None)
     warmup = default_warmup(cfg) if warmup is None else warmup
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     rows = [] if rows is None else rows
+    first = len(rows)
     for context in contexts:
         for variant in variants:
+            report(len(rows) - first, total, f"{variant} @ {context:,} tokens")
             args = dict(cfg=dataclasses.asdict(cfg), variant=variant, context=context, batch_size=batch_size,
                         device=device, dtype=dtype, warmup=warmup, repeats=repeats)
             if dev.type == "cpu":
@@ -210,7 +242,12 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
             if "tokens_per_s" in row:
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / row["peak_flops"]
             rows.append(row)
-    generation = [generation_row(cfg, v, n, device, dtype) for n in gen_lengths for v in ("memory", "full_causal")]
+    generation = []
+    for n in gen_lengths:
+        for v in ("memory", "full_causal"):
+            report(len(rows) - first + len(generation), total, f"generate {n:,} tokens, {v}")
+            generation.append(generation_row(cfg, v, n, device, dtype))
+    report(total, total, "")
     return {**result_header(cfg, device, dtype, batch_size, warmup), "rows": rows, "generation": generation}
 
 
@@ -230,12 +267,15 @@ def result_header(cfg: TitanConfig, device: Optional[str], dtype: str, batch_siz
 
 
 def ratios(result: dict[str, Any], baseline: str = "full_causal") -> list[dict[str, Any]]:
-    """memory / baseline ratios of tokens/s and peak memory, per context."""
+    """memory / baseline ratios per context: tokens/s (`speedup`), peak memory, and the memory model's step time
+    against the segment-local step (`step_vs_segment_local`, when that row was measured)."""
     by_key = {(r["model"], r["context"]): r for r in result["rows"] if "tokens_per_s" in r}
     out = []
     for (variant, context), row in sorted(by_key.items(), key=lambda kv: kv[0][1]):
         base = by_key.get((baseline, context))
         if variant == "memory" and base:
+            local = by_key.get(("segment_local", context))
             out.append({"context": context, "speedup": row["tokens_per_s"] / base["tokens_per_s"],
-                        "memory_ratio": row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1)})
+                        "memory_ratio": row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
+                        "step_vs_segment_local": None if local is None else row["step_s"] / local["step_s"]})
     return out

@@ -270,11 +270,11 @@ class TitanConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "kjv"  # kjv | textfile | a task: passkey | mqar | babi_facts (generated, see cfg.task)
+    name: str = "kjv"  # kjv | pystdlib | textfile | a task: passkey | mqar | babi_facts (generated, see cfg.task)
     path: Optional[str] = None  # textfile: a .txt/.jsonl file or a folder of them
     seq_len: Optional[int] = None  # tokens per training sample (a multiple of model.segment_length); None -> 4 segments
     batch_size: int = 8
-    val_fraction: float = 0.05  # textfile: share of the tokens held out for validation
+    val_fraction: float = 0.05  # textfile: share of the tokens held out for validation; pystdlib: of the modules
     val_books: int = 2  # kjv: the last N books are the validation split
     val_samples: int = 64  # validation sequences evaluated per validation run
     num_workers: int = 0
@@ -317,6 +317,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages (blocks split over pp ranks)
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved (2 stages per pp rank)
     microbatches: int = 1  # pipeline microbatches per batch (data.batch_size must be divisible by it)
+    force: bool = False  # start a local CPU launch even with more processes than cores or too little free memory
 
 
 @dataclass
@@ -324,11 +325,18 @@ class TrainerConfig:
     max_steps: int = 600
     accumulate_grad_batches: int = 1
     val_check_interval: int = 100  # validate every N optimizer steps (and at the end)
+    save_every_n_steps: Optional[int] = None  # write checkpoints/last.ckpt every N optimizer steps (and at the end);
+    # None: at each validation (val_check_interval)
     log_every_n_steps: int = 10
     accelerator: str = "auto"  # auto | cpu | gpu
     progress: bool = True  # rich progress bar
     tensorboard: bool = False
     deterministic: bool = False
+    # reliability (docs/reliability.md)
+    checkpoint_every_minutes: Optional[float] = 5.0  # also save last.ckpt on this wall-clock interval; null/0: off
+    max_bad_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
+    threads: Optional[int] = None  # torch intra-op threads per process; None -> OMP_NUM_THREADS, else the
+    # available cores (affinity, cgroup quota) shared by the local processes
 
 
 TASK_NAMES = ("passkey", "mqar", "babi_facts")

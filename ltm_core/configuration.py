@@ -146,9 +146,20 @@ def validate(cfg: DictConfig) -> None:
         from ltm_core.tasks import validate_task
 
         validate_task(cfg, model, data)
-    for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps"):
+    for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps", "max_bad_steps"):
         if cfg.trainer[key] <= 0:
             raise ConfigError(f"trainer.{key}", f"must be positive, got {cfg.trainer[key]}")
+    minutes = cfg.trainer.checkpoint_every_minutes
+    if minutes is not None and not minutes >= 0:  # also refuses nan
+        raise ConfigError("trainer.checkpoint_every_minutes", f"must be 0 (off) or more, got {minutes}")
+    if cfg.trainer.save_every_n_steps is not None and cfg.trainer.save_every_n_steps <= 0:
+        raise ConfigError("trainer.save_every_n_steps", f"must be positive or null, got {cfg.trainer.save_every_n_steps}")
+    if cfg.trainer.save_every_n_steps is not None:
+        from ltm_core.parallel.layout import uses_native
+
+        if uses_native(cfg):
+            raise ConfigError("trainer.save_every_n_steps", "the native parallel loop saves at each validation: "
+                                                            "leave it null and set trainer.val_check_interval")
     if cfg.trainer.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise ConfigError("trainer.tensorboard", "needs TensorBoard: pip install 'ltm[tensorboard]'")
     if cfg.optim.lr <= 0:

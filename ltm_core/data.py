@@ -2,7 +2,8 @@
 
 A corpus is a 1-D array of byte-token ids (uint16) split into train and validation. Text files are tokenized
 once and cached on disk as a memory-mapped `.npy`, keyed by the files' paths, sizes and modification times, so
-a second run starts instantly. Samples are random windows of `seq_len + 1` tokens, a pure function of
+a second run starts instantly; the cache's size and SHA-256 are recorded beside it and checked on every load (a
+truncated or altered cache is rebuilt). Samples are random windows of `seq_len + 1` tokens, a pure function of
 (seed, sample index): training resumes exactly from a sample counter kept in the checkpoint.
 """
 
@@ -12,6 +13,8 @@ import hashlib
 import itertools
 import json
 import os
+import sys
+import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,15 +50,51 @@ def _encode_documents(texts: Iterator[str]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_damage(path: Path, stamp: Path) -> Optional[str]:
+    """Why the cache `path` cannot be used (None: it can): its size and SHA-256, recorded beside it when it was
+    written, must match, so a truncated, altered or half-copied cache is rebuilt instead of read."""
+    try:
+        recorded = json.loads(stamp.read_text())
+        size, digest = int(recorded["size"]), str(recorded["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no record of its size and hash"
+    if path.stat().st_size != size:
+        return f"{path.stat().st_size:,} bytes, {size:,} recorded"
+    if _file_digest(path) != digest:
+        return "its hash differs from the recorded one"
+    return None
+
+
 def _cached(key: str, directory: Path, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """Load the token array cached under `key`, building and saving it (atomically) first if needed."""
+    """Load the token array cached under `key`, building and saving it (atomically, with its size and hash in a
+    `.json` beside it) first if it is missing or damaged."""
     path = directory / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    if not path.exists():
-        tokens = build()
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, tokens)
-        os.replace(tmp, path)
+    stamp = path.with_suffix(".json")
+    if path.exists():
+        damage = _cache_damage(path, stamp)
+        if damage is None:
+            try:
+                return np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                damage = f"unreadable: {exc}"
+        print(f"note: token cache {path} is damaged ({damage}); rebuilding it", file=sys.stderr)
+    tokens = build()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, tokens)
+    record = {"size": tmp.stat().st_size, "sha256": _file_digest(tmp)}
+    os.replace(tmp, path)
+    tmp_stamp = stamp.with_suffix(f".tmp{os.getpid()}.json")
+    tmp_stamp.write_text(json.dumps(record))
+    os.replace(tmp_stamp, stamp)  # after the array: a kill between the two leaves a cache without record, rebuilt
     return np.load(path, mmap_mode="r")
 
 
@@ -143,7 +182,58 @@ def textfile_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(tokens[:-n_val], tokens[-n_val:], f"{len(files)} text file(s) from {path}")
 
 
-CORPORA: dict[str, Callable[[DataConfig], Corpus]] = {"kjv": kjv_corpus, "textfile": textfile_corpus}
+PYSTDLIB_SKIPPED = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "pydoc_data",
+                    "encodings")  # folders left out: installed packages, tests, generated docs and codec tables
+
+
+def pystdlib_files() -> tuple[Path, list[Path]]:
+    """The running interpreter's standard library folder and its hand-written `.py` modules, sorted by path
+    (tests, generated tables and installed packages left out: `PYSTDLIB_SKIPPED`)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in PYSTDLIB_SKIPPED]  # not walked into at all
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
+    files.sort(key=lambda p: p.relative_to(root).parts)
+    if not files:
+        raise DataError(f"data error: data=pystdlib found no .py files under {root} (this Python was installed "
+                        "without its library's source); use data=textfile data.path=... instead")
+    return root, files
+
+
+def is_validation_document(name: str, fraction: float) -> bool:
+    """A fixed split by document: the document's name hashes into the validation share, so the split does not
+    move when documents are added or removed."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) < fraction * 16 ** 8
+
+
+def pystdlib_corpus(cfg: DataConfig) -> Corpus:
+    """The Python standard library's source code, shipped with every interpreter: long files whose names
+    (imports, classes, functions, variables) recur far from where they are defined. One document per module;
+    a `val_fraction` share of the modules (by a hash of their path) is validation."""
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
+    root, files = pystdlib_files()
+    names = [f.relative_to(root).as_posix() for f in files]
+    val = [is_validation_document(n, cfg.val_fraction) for n in names]
+    order = [f for f, v in zip(files, val) if not v] + [f for f, v in zip(files, val) if v]  # train, then validation
+    version = ".".join(map(str, sys.version_info[:3]))
+    key = f"pystdlib|{root}|{version}|{cfg.val_fraction}|" + "|".join(f"{n}:{f.stat().st_size}"
+                                                                       for n, f in zip(names, files))
+    tokens = _cached(key, cache_dir(cfg), lambda: _encode_documents(
+        f.read_text(encoding="utf-8", errors="replace") for f in order))
+    n_val_docs = sum(val)
+    if n_val_docs == 0 or n_val_docs == len(files):
+        raise DataError(f"data error: data.val_fraction={cfg.val_fraction} leaves "
+                        f"{'no' if n_val_docs == 0 else 'every'} module of the {len(files)} for validation")
+    bos = np.flatnonzero(np.asarray(tokens) == BOS)  # each document starts with BOS
+    n_train = int(bos[len(files) - n_val_docs])
+    return Corpus(tokens[:n_train], tokens[n_train:], f"Python {version} standard library source: "
+                  f"{len(files) - n_val_docs} modules train, {n_val_docs} validation ({root})")
+
+
+CORPORA: dict[str, Callable[[DataConfig], Corpus]] = {"kjv": kjv_corpus, "pystdlib": pystdlib_corpus,
+                                                       "textfile": textfile_corpus}
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:

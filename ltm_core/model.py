@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
@@ -45,6 +46,8 @@ from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, rotary_tables
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
+RECURRENCE = "ltm.memory.recurrence"  # the profiler range of the memory's writes and scans (`ltm bench model`)
+
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TitanConfig):
@@ -54,27 +57,51 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: Optional[tuple[torch.Tensor, torch.Tensor]], prefix: Optional[Prefix], backend: str):
+                past: Optional[tuple[torch.Tensor, torch.Tensor]], prefix: Optional[Prefix], backend: str,
+                projected: Optional[tuple] = None, prefix_kv: Optional[tuple] = None):
         """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd]). `past`: the
-        keys/values of the segment's earlier tokens; `prefix`: tokens every query also reads (no position)."""
+        keys/values of the segment's earlier tokens; `prefix`: tokens every query also reads (no position);
+        `projected`: `project(h)` when already computed; `prefix_kv`: the prefix tokens' keys and values when
+        already computed (else they go through this attention's projections here)."""
         B, T, C = h.shape
-        q, k, v = self.qkv_proj(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B,H,T,hd]
+        q, k, v = projected if projected is not None else self.project(h)  # [B, H, T, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is not None:  # tokens already seen in this segment
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         keys, values, prefix_len, bias = k, v, 0, None
         if prefix is not None:  # the memory's tokens: a non-causal prefix, through this attention's projections
-            pk, pv = self.kv(prefix.tokens)  # [B, H, M, hd]
+            pk, pv = prefix_kv if prefix_kv is not None else self.kv(prefix.tokens)  # [B, H, M, hd]
+            if prefix.scale is not None:
+                scale = prefix.scale[:, None, :, None]  # [B, 1, M, 1]
+                pk, pv = pk * scale, pv * scale
             keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
             prefix_len, bias = pk.shape[2], prefix.bias
         y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend, key_bias=bias)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # [B, T, C]; -1: local heads under TP
 
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h: [B, T, C] -> queries, keys and values [B, H, T, hd], not rotated."""
+        B, T, _ = h.shape
+        q, k, v = self.qkv_proj(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
     def kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [B, M, C] -> keys and values through this attention's projections [B, H, M, hd], not rotated."""
-        B, M, _ = h.shape
-        _, k, v = self.qkv_proj(h).view(B, M, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        _, k, v = self.project(h)
         return k, v
+
+    def gathered_kv(self, state: torch.Tensor, projected: tuple, rows: torch.Tensor):
+        """The keys and values of a window's kept tokens, without projecting them again: state [B, M, C] the
+        tokens held before the window, projected: the window's (q, k, v) [B W, H, S, hd], rows [B, W, M] rows of
+        [state; the window's tokens] held before each segment -> keys, values [B W, H, M, hd]."""
+        B, W, M = rows.shape
+        mk, mv = self.kv(state)  # [B, H, M0, hd]
+        index = rows.flatten(1)[:, None, :, None].expand(-1, mk.shape[1], -1, mk.shape[3])  # [B, H, W M, hd]
+        out = []
+        for before, window in ((mk, projected[1]), (mv, projected[2])):
+            pool = torch.cat([before, window.unflatten(0, (B, W)).transpose(1, 2).flatten(2, 3)], dim=2)  # [B,H,P,hd]
+            out.append(pool.gather(2, index).unflatten(2, (W, M)).transpose(1, 2).flatten(0, 1))  # [B W, H, M, hd]
+        return tuple(out)
 
 
 class FeedForward(nn.Module):
@@ -151,14 +178,20 @@ class Block(nn.Module):
         normed = self.attn_norm(h)
         mem, scan = self.memory, None
         if mem is not None and mem.writes == "normed":  # every segment's memory is known before the attention
-            scan = mem.scan(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise)
+            with record_function(RECURRENCE):
+                scan = mem.scan(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise)
         if scan is not None:
             h, normed = self._read_before(h, normed, scan.before)
         prefix = mem.prefix(scan.before) if scan is not None else None
-        a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels)
+        projected = prefix_kv = None
+        if prefix is not None and scan.rows is not None:  # kept tokens: gather their keys/values, do not project them
+            projected = self.attn.project(normed)  # [B W, H, S, hd]
+            prefix_kv = self.attn.gathered_kv(past.memory, projected, scan.rows)
+        a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels, projected, prefix_kv)
         h = h + a
         if mem is not None and mem.writes == "attended":
-            scan = mem.scan(past.memory, mem.entries(h).unflatten(0, (B, W)), noise)
+            with record_function(RECURRENCE):
+                scan = mem.scan(past.memory, mem.entries(h).unflatten(0, (B, W)), noise)
         if scan is not None:
             read = mem.read(h, scan.before)
             if read is not None:
@@ -209,6 +242,7 @@ class TitanOutput:
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
 
 
 class SegmentRecurrence(nn.Module):
@@ -350,7 +384,8 @@ class SegmentRecurrence(nn.Module):
             if not complete:
                 layers.append(LayerState(past.memory, k, v, entries, shift))
             elif block.memory is not None:  # the segment is complete: write it
-                write = block.memory.write(past.memory, entries, None if noise is None else noise[p, l])
+                with record_function(RECURRENCE):
+                    write = block.memory.write(past.memory, entries, None if noise is None else noise[p, l])
                 self._call_write_hooks(l, entries, write.kept)
                 if write.aux is not None and self._counted(state, 0):
                     counted.append(write.aux)

@@ -98,3 +98,22 @@ def run_ltm(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ltm_cli"]
     return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def invoke(*args: str):
+    """`ltm ARGS` in this process (typer's runner): the CLI's code path without a new interpreter's imports."""
+    from typer.testing import CliRunner
+
+    from ltm_cli.app import app
+
+    result = CliRunner().invoke(app, list(args))
+    result.returncode = result.exit_code
+    return result
+
+
+def one_error_line(result, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -33,10 +33,31 @@ def test_variants_share_the_backbone():
 
 def test_ratios_pair_memory_with_full_causal():
     result = {"rows": [
-        {"model": "memory", "context": 8, "tokens_per_s": 30.0, "peak_mem_bytes": 10},
-        {"model": "full_causal", "context": 8, "tokens_per_s": 10.0, "peak_mem_bytes": 40},
-        {"model": "segment_local", "context": 8, "tokens_per_s": 50.0, "peak_mem_bytes": 5}]}
-    assert ratios(result) == [{"context": 8, "speedup": 3.0, "memory_ratio": 0.25}]
+        {"model": "memory", "context": 8, "tokens_per_s": 30.0, "peak_mem_bytes": 10, "step_s": 0.75},
+        {"model": "full_causal", "context": 8, "tokens_per_s": 10.0, "peak_mem_bytes": 40, "step_s": 1.8},
+        {"model": "segment_local", "context": 8, "tokens_per_s": 50.0, "peak_mem_bytes": 5, "step_s": 0.5}]}
+    assert ratios(result) == [{"context": 8, "speedup": 3.0, "memory_ratio": 0.25, "step_vs_segment_local": 1.5}]
+
+
+def test_the_recurrence_share_is_the_time_inside_the_memorys_writes():
+    """A step that spends a known part of its time inside the profiler range of the recurrence (and the rest
+    outside it) reports that share; a model's memory rows report a share in (0, 1), its baseline rows 0."""
+    import time as _time
+
+    from ltm_core.bench import recurrence_share
+    from ltm_core.model import RECURRENCE
+
+    def step():
+        with torch.profiler.record_function(RECURRENCE):
+            _time.sleep(0.06)
+        _time.sleep(0.04)
+
+    assert 0.5 < recurrence_share(step, torch.device("cpu")) < 0.7
+    cfg = TitanConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, segment_length=16, bptt_segments=2,
+                      memory=TokensMemoryConfig(slots=8))
+    rows = {v: train_step_row(cfg, v, 128, batch_size=1, device="cpu", dtype="float32", warmup=1, repeats=1)
+            for v in ("memory", "segment_local")}
+    assert 0 < rows["memory"]["recurrence_share"] < 1 and rows["segment_local"]["recurrence_share"] == 0
 
 
 def test_cpu_peak_tensor_bytes_is_the_most_held_at_once():
@@ -77,7 +98,8 @@ def test_bench_model_cli_json_and_plot(tmp_path):
         assert row["tokens_per_s"] > 0 and row["peak_mem_bytes"] > 0 and 0 < row["mfu"] < 1
     gen = {g["model"]: g for g in data["generation"]}
     assert gen["memory"]["state_bytes"] > 0 and gen["full_causal"]["ms_per_token"] > 0
-    assert png.stat().st_size > 10_000 and "memory model / full-causal" in result.stdout
+    assert png.stat().st_size > 10_000 and "memory model / baselines" in result.stdout
+    assert "memory recurrence" in result.stdout
 
 
 def test_bench_kernels_cli_json(tmp_path):
@@ -126,10 +148,25 @@ def test_bench_model_warms_compiled_models_up_longer(tmp_path, monkeypatch, args
 
     seen = []
     fake = {"model": "full_causal", "context": 64, "tokens_per_s": 1.0, "peak_mem_bytes": 1, "step_s": 1.0,
-            "params": 1, "flops_per_token": 1.0, "peak_flops": 1e9}
+            "recurrence_share": 0.0, "params": 1, "flops_per_token": 1.0, "peak_flops": 1e9}
     monkeypatch.setattr(bench, "_row_in_subprocess", lambda a: seen.append(a["warmup"]) or dict(fake))
     out = tmp_path / "r.json"
     result = CliRunner().invoke(app, ["bench", "model", "--context", "64", "--variant", "full_causal", "--device",
                                       "cpu", "--json", str(out), *args])
     assert result.exit_code == 0, result.output[-3000:]
     assert seen == [warmup] and json.loads(out.read_text())["warmup_steps"] == warmup
+
+
+def test_bench_kernels_reports_progress_per_case():
+    import torch
+
+    from ltm_extensions.bench import bench_kernels
+
+    calls = []
+    rows = bench_kernels("cpu", torch.float32, {"rms_norm": [dict(rows=8, N=16, residual=False)],
+                                                "swiglu": [dict(rows=8, N=16)]},
+                         peaks={"matmul_tflops_bf16": 1.0, "copy_gbps": 1.0}, warmup=0, repeats=1,
+                         progress=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(0, 2), (1, 2), (2, 2)]
+    assert calls[0][2].startswith("rms_norm rows=8") and calls[1][2].startswith("swiglu rows=8") and not calls[2][2]
+    assert {r["kernel"] for r in rows} == {"rms_norm", "swiglu"}

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +58,33 @@ def test_eval_reports_loss_and_bpb(trained, tmp_path):
     result = run_ltm("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "data=textfile",
                      f"data.path={text}", "data.seq_len=64")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_eval_by_position_compares_checkpoints_on_one_table_json_and_plot(trained, tmp_path):
+    """`--by-position` with two runs (the memory model and a no-memory one trained on shorter samples): the same
+    validation windows once data.seq_len is given, one curve each; the plot holds both."""
+    baseline = tmp_path / "baseline"
+    result = run_ltm("train", *TINY, "model.use_memory=false", "data.seq_len=32", "trainer.max_steps=2",
+                     f"output_dir={baseline}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    memory, local = str(trained / "checkpoints" / "last.ckpt"), str(baseline / "checkpoints" / "last.ckpt")
+    _one_error_line(run_ltm("eval", "-c", memory, "-c", local, "--by-position"), "data.seq_len", "same windows")
+    _one_error_line(run_ltm("eval", "-c", memory, "-c", local), "--checkpoint", "--by-position")
+    _one_error_line(run_ltm("eval", "-c", memory, "--by-position", "task=passkey"), "--by-position", "not on a task")
+    out, image = tmp_path / "positions.json", tmp_path / "positions.png"
+    plot = ["--plot", str(image)] if importlib.util.find_spec("matplotlib") else []
+    result = run_ltm("eval", "-c", memory, "-c", local, "--by-position", "data.seq_len=64", "--json", str(out), *plot)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bits/byte by token position" in result.stdout
+    results = json.loads(out.read_text())
+    assert results["seq_len"] == 64 and results["bin_segment"] == 16
+    assert [run["label"] for run in results["runs"]] == [trained.name, "baseline"]
+    assert [run["memory"] for run in results["runs"]] == ["tokens", None]
+    for run in results["runs"]:
+        assert [(b["start"], b["end"]) for b in run["bins"]][:8] == [(2 * i, 2 * i + 2) for i in range(8)]
+        assert run["bins"][-1]["end"] == 64 and len(run["segments"]) == 4
+    if plot:
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -125,23 +157,102 @@ def test_config_show_and_help():
 
 
 def test_wheel_install_works_from_another_directory(tmp_path):
-    """A non-editable install carries conf/ and runs from anywhere."""
+    """A non-editable install carries conf/ and runs from anywhere.
+
+    The wheel goes into a nested venv that borrows its dependencies (torch, ...) from the environment running the
+    tests, through a .pth file. `system_site_packages=True` would borrow the *base* interpreter's instead, which
+    in a fresh venv has no torch (the README's test command then failed in any venv but the system one)."""
+    source = tmp_path / "source"  # a copy: setuptools would reuse (and ship) a stale build/ of the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", "ltm_core", "ltm_cli", "extensions", "conf"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
     wheel_dir = tmp_path / "wheel"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheel_dir), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(wheel_dir), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next(wheel_dir.glob("ltm-*.whl"))
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    for folder, package in (("ltm_core", "ltm_core"), ("ltm_cli", "ltm_cli"), ("extensions", "ltm_extensions"),
+                            ("conf", "ltm_conf")):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+                assert f"{package}/{path.relative_to(ROOT / folder).as_posix()}" in packed, path  # subpackages too
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, system_site_packages=False, with_pip=True)
     py = env_dir / "bin" / "python"
+    nested_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(nested_site) / "test_env.pth").write_text("\n".join(sorted(ours)) + "\n")  # appended after its own site
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
                    capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = subprocess.run([str(py), "-c", "import ltm_core, ltm_conf; print(ltm_core.__file__, ltm_conf.__file__)"],
+    probe = subprocess.run([str(py), "-c", "import ltm_core, ltm_conf, torch; "
+                            "print(ltm_core.__file__, ltm_conf.__file__); print(torch.__file__)"],
                            cwd=elsewhere, capture_output=True, text=True, env=env)
-    assert str(env_dir) in probe.stdout, probe.stdout + probe.stderr  # not the source tree
+    ltm_files, torch_file = probe.stdout.splitlines()[:2] if probe.returncode == 0 else (probe.stderr, "")
+    assert str(env_dir) in ltm_files, probe.stdout + probe.stderr  # not the source tree
+    assert any(torch_file.startswith(site) for site in ours), torch_file  # this environment's torch, not the base's
+    subpackages = sorted(".".join(p.parent.relative_to(ROOT).parts) for top in ("ltm_core", "ltm_cli")
+                         for p in (ROOT / top).rglob("__init__.py") if p.parent != ROOT / top)
+    probe = subprocess.run([str(py), "-c", "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]",
+                            *subpackages], cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert subpackages and probe.returncode == 0, probe.stderr[-1500:]  # each package folder is in the wheel
     shown = subprocess.run([str(env_dir / "bin" / "ltm"), "config", "show", "model=small"], cwd=elsewhere,
                            capture_output=True, text=True, env=env)
     assert shown.returncode == 0, shown.stderr
     assert "hidden_size: 384" in shown.stdout
+
+
+def test_eval_shows_progress_by_length_and_cell(trained, tmp_path, monkeypatch):
+    """`ltm eval task=...` draws a bar of samples scored, labelled with the cell being scored (it was silent for
+    minutes), `ltm eval` one of validation windows; the bar goes to stderr and is removed, the table stays."""
+    import io
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import ltm_cli.progress
+    from ltm_cli.app import app
+
+    screen = io.StringIO()
+    monkeypatch.setattr(ltm_cli.progress, "console", Console(file=screen, force_terminal=True, width=120))
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"),
+                                      "task=passkey", "task.lengths=[128,192]", "task.samples=2",
+                                      "task.batch_size=1", "task.depth_bins=1", "task.placement_checks=false"])
+    assert result.exit_code == 0, result.output
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "task=passkey" in shown and "samples" in shown
+    for where in ("length 128, depth 0.5 (cell 1/2)", "length 192, depth 0.5 (cell 2/2)", "3/4"):
+        assert where in shown, shown
+    assert "exact match" in result.output  # the table
+    screen.truncate(0)
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt")])
+    assert result.exit_code == 0 and "bits/byte" in result.output, result.output
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "eval" in shown and "/4 windows" in shown and "64-token windows" in shown, shown  # TINY: 4 val samples
+
+
+def test_bench_model_shows_progress_by_row(monkeypatch):
+    import io
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import ltm_cli.progress
+    from ltm_cli.app import app
+
+    screen = io.StringIO()
+    monkeypatch.setattr(ltm_cli.progress, "console", Console(file=screen, force_terminal=True, width=120))
+    result = CliRunner().invoke(app, ["bench", "model", "--context", "32", "--variant",
+                                      "segment_local", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                                      "model.hidden_size=32", "model.num_attention_heads=2",
+                                      "model.num_hidden_layers=1", "model.segment_length=16"])
+    assert result.exit_code == 0, result.output
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "bench model" in shown and "segment_local @ 32 tokens" in shown and "0/1 rows" in shown, shown
+    assert "tokens/s" in result.output  # the table

@@ -4,9 +4,12 @@ path's errors; rich's page width when the output is a file or a pipe."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +60,15 @@ def test_output_file_checks_the_plot_format(tmp_path):
     (["bench", "kernels", "--device", "tpu"], "--device"),
     (["bench", "model", "--json", "{tmp}"], "--json"),
     (["bench", "parallel", "--json", "{tmp}"], "--json"),
+    (["bench", "model", "--context", "0"], "--context: must be positive, got 0"),
+    (["bench", "model", "--context", "1024", "--context", "-8"], "--context: must be positive, got -8"),
+    (["bench", "model", "--gen", "0"], "--gen"),
+    (["bench", "model", "--batch-size", "0"], "--batch-size"),
+    (["bench", "model", "--repeats", "0"], "--repeats"),
+    (["bench", "model", "--warmup", "-1"], "--warmup: must be at least 0"),
+    (["bench", "kernels", "--dtype", "int8"], "--dtype"),
+    (["bench", "parallel", "--steps", "0"], "--steps"),
+    (["bench", "parallel", "--preset", "tp2", "--preset", "tp3"], "parallel: no option 'tp3'"),
 ] + ([(["eval", "--checkpoint", "{tmp}/missing.ckpt", "--plot", "{tmp}/p.txt"], "--plot"),
       (["bench", "model", "--plot", "{tmp}/p.txt"], "--plot")] if HAS_MATPLOTLIB else []))
 def test_commands_check_their_options_before_any_work(tmp_path, argv, needle):
@@ -75,6 +87,13 @@ def test_checkpoint_path_errors_name_the_problem(tmp_path):
     torch.save({"state_dict": {}, "thing": LtmError("not a tensor")}, pickled)  # weights_only refuses classes
     with pytest.raises(CheckpointError) as err:
         read_checkpoint(pickled)
+    message = str(err.value)  # one line that names the refused class, without running it
+    assert "would run code (ltm_core.errors.LtmError)" in message and "\n" not in message, message
+    assert len(message) < 300, message
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x02 not a checkpoint at all")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(garbage)
     message = str(err.value)
     assert "not a readable checkpoint (" in message and message.endswith(")") and len(message) < 300, message
     reason = message.split("not a readable checkpoint (", 1)[1][:-1]
@@ -89,3 +108,65 @@ def test_tables_are_not_cut_at_80_columns_in_files_and_pipes():
     chosen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                             env={**env, "COLUMNS": "100"})
     assert chosen.stdout.strip() == "100"
+
+
+TYPOS = [["train", "model=tinyy"], ["train", "data=passkey", "task.samples=0"],
+         ["train", "parallel=tp2", "model.num_attention_heads=3"], ["train", "-m", "model.segment_length=16,0"],
+         ["config", "show", "model=tinyy"], ["bench", "model", "--context", "0"]]
+
+
+def test_config_errors_answer_before_torch_loads():
+    """A typo answers in about a second (`time ltm train model=tinyy`: docs/cli.md), because the config is composed
+    and validated before torch and Lightning load (4-11 s): in a fresh interpreter every command below fails in
+    one line, exit 2, and neither module was imported."""
+    code = ("import json, sys\n"
+            "from typer.testing import CliRunner\n"
+            "from ltm_cli.app import app\n"
+            "results = [(r.exit_code, r.output) for r in (CliRunner().invoke(app, a) for a in json.loads(sys.argv[1]))]\n"
+            "print(json.dumps({'results': results, 'loaded': [m for m in ('torch', 'lightning') if m in sys.modules]}))")
+    probe = subprocess.run([sys.executable, "-c", code, json.dumps(TYPOS)], capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    report = json.loads(probe.stdout.strip().splitlines()[-1])
+    for argv, (code_, output) in zip(TYPOS, report["results"]):
+        assert code_ == 2 and len([ln for ln in output.splitlines() if ln.strip()]) == 1, (argv, output)
+        assert "config error: " in output, (argv, output)
+    assert report["loaded"] == [], report["loaded"]
+
+
+def _commands(group, path=()):
+    import typer.main
+
+    command = typer.main.get_command(app) if group is None else group
+    for name, sub in getattr(command, "commands", {}).items():
+        yield (*path, name), sub
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_keeps_bracketed_text_and_lists_the_config_groups():
+    """Rich markup ate `[overrides]` from the help (`ltm train ` with a stray space); every bracketed word of every
+    command's help is shown. `ltm train --help` lists each group of conf/ with all its options, read from there."""
+    runner = CliRunner(env={"COLUMNS": "400"})
+    for path, command in _commands(None):
+        shown = runner.invoke(app, [*path, "--help"]).output
+        for token in re.findall(r"\\?\[([^\]]+)\]", command.help or ""):
+            assert f"[{token}]" in shown, (path, token)
+    shown = runner.invoke(app, ["train", "--help"], prog_name="ltm").output
+    assert "Usage: ltm train [OPTIONS] [OVERRIDES]..." in shown
+    lines = shown.splitlines()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for group in (p for p in conf.iterdir() if p.is_dir() and list(p.glob("*.yaml"))):
+        at = next((i for i, ln in enumerate(lines) if ln.split()[:1] == [group.name]), None)
+        assert at is not None, group.name
+        indent = len(lines[at]) - len(lines[at].lstrip())
+        block = [lines[at]]  # the group's line and the lines wrapped under it
+        for line in lines[at + 1:]:
+            if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+                break
+            block.append(line)
+        for option in group.glob("*.yaml"):
+            assert re.search(rf"(?<![\w-]){re.escape(option.stem)}(?![\w-])", " ".join(block)), option
+    assert "tiny (default)" in shown and "kjv (default)" in shown
+    shown = runner.invoke(app, ["config", "show", "--help"], prog_name="ltm").output
+    assert "ltm config show [OPTIONS] [OVERRIDES]..." in shown and "ltm train [overrides]" in shown
+    assert "Example: `ltm config show model=small" in shown

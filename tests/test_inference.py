@@ -71,3 +71,43 @@ def test_byte_tokenizer_roundtrip_and_streaming_utf8():
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and tok.decode(ids) == text
     decode = tok.stream_decoder()
     assert "".join(decode(i) for i in ids) == text
+
+
+class _Calls(torch.nn.Module):
+    """Records what each model call reads: (tokens, whether a state was passed)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.calls = model, []
+
+    def forward(self, input_ids, memory=None, labels=None):
+        self.calls.append((input_ids.shape[1], memory is not None))
+        return self.inner(input_ids, memory=memory, labels=labels)
+
+
+def test_use_memory_cache_false_rereads_the_sequence_and_gives_the_same_tokens(tiny_cfg):
+    model = tiny_model(tiny_cfg).eval()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    n = 2 * tiny_cfg.segment_length + 3  # across segment boundaries
+    runs = {}
+    for cache in (True, False):
+        spy = _Calls(model)
+        config = InferenceConfig(temperature=0, stop_at_eos=False, use_memory_cache=cache)
+        runs[cache] = (InferenceEngine(spy, config).generate(prompt, n), spy.calls)
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][1] == [(5, False)] + [(1, True)] * (n - 1)  # the prompt, then one token on the carried state
+    assert runs[False][1] == [(5 + i, False) for i in range(n)]  # the whole sequence every time, no state
+
+
+def test_max_sequence_length_bounds_prompt_plus_output(tiny_cfg):
+    model = tiny_model(tiny_cfg).eval()
+    prompt = torch.tensor([[256, 72, 105, 33]])
+    limit = InferenceConfig(temperature=0, stop_at_eos=False, max_sequence_length=11)
+    assert InferenceEngine(model, limit).generate(prompt, 100).shape == (1, 11)
+    unlimited = InferenceEngine(model, InferenceConfig(temperature=0, stop_at_eos=False)).generate(prompt, 7)
+    assert torch.equal(InferenceEngine(model, limit).generate(prompt, 100), unlimited)
+    assert InferenceEngine(model, InferenceConfig(max_sequence_length=4)).generate(prompt, 5).shape == (1, 4)
+    with pytest.raises(ValueError, match="prompt has 4 tokens, more than max_sequence_length=3"):
+        InferenceEngine(model, InferenceConfig(max_sequence_length=3)).generate(prompt, 5)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        InferenceConfig(max_sequence_length=0)

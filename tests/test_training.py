@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,65 @@ def test_trained_checkpoint_loads_and_generates(tmp_path):
     engine = InferenceEngine(model, InferenceConfig(temperature=0))
     out = engine.generate(torch.tensor([[256, 65, 66]]), max_new_tokens=5)
     assert out.shape == (1, 8) and torch.equal(out[:, :3], torch.tensor([[256, 65, 66]]))
+
+
+def _fake_stdlib(root: Path) -> None:
+    """A standard-library folder: modules, a package, and the folders data=pystdlib leaves out."""
+    for name, text in {"zeta.py": "import os\n" * 50, "abc.py": "class A:\n    pass\n" * 40,
+                       "email/__init__.py": "from email.parser import parse\n" * 5, "email/parser.py": "def parse(x):\n    return x\n" * 30,
+                       "test/test_abc.py": "assert True\n", "email/tests/t.py": "x = 1\n", "pydoc_data/topics.py": "{}",
+                       "encodings/cp1252.py": "table = ()\n", "site-packages/pkg/mod.py": "y = 2\n",
+                       "README.txt": "not python"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_pystdlib_is_the_modules_split_by_a_hash_of_their_path(tmp_path, monkeypatch):
+    import sysconfig
+
+    from ltm_core.data import is_validation_document, pystdlib_corpus, pystdlib_files
+    from ltm_core.tokenizer import BOS
+
+    root = tmp_path / "lib"
+    _fake_stdlib(root)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    _, files = pystdlib_files()
+    names = [f.relative_to(root).as_posix() for f in files]
+    assert names == ["abc.py", "email/__init__.py", "email/parser.py", "zeta.py"]  # sorted; tests etc. left out
+    fraction = 0.5
+    val = [n for n in names if is_validation_document(n, fraction)]
+    assert 0 < len(val) < len(names)  # this fraction splits these four names (the hash is fixed)
+    cfg = DataConfig(name="pystdlib", seq_len=8, val_fraction=fraction, cache_dir=str(tmp_path / "cache"))
+    corpus = load_corpus(cfg)
+
+    def documents(tokens) -> list[str]:
+        tokens = np.asarray(tokens)
+        starts = list(np.flatnonzero(tokens == BOS)) + [len(tokens)]
+        assert starts[0] == 0  # a split starts at a document
+        return [bytes(tokens[a + 1:b - 1].astype(np.uint8)).decode() for a, b in zip(starts, starts[1:])]
+
+    text = {n: (root / n).read_text() for n in names}
+    assert documents(corpus.val) == [text[n] for n in val]
+    assert documents(corpus.train) == [text[n] for n in names if n not in val]
+    assert f"{len(names) - len(val)} modules train, {len(val)} validation" in corpus.description
+    monkeypatch.setattr("ltm_core.data._encode_documents", lambda texts: pytest.fail("cache was not used"))
+    assert np.array_equal(np.asarray(load_corpus(cfg).val), np.asarray(corpus.val))
+
+
+def test_pystdlib_without_sources_or_without_a_split_is_one_clear_error(tmp_path, monkeypatch):
+    import sysconfig
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    with pytest.raises(DataError, match="found no .py files under .* use data=textfile"):
+        load_corpus(DataConfig(name="pystdlib", seq_len=8, cache_dir=str(tmp_path / "cache")))
+    (tmp_path / "only.py").write_text("x = 1\n" * 20)
+    with pytest.raises(DataError, match="leaves (no|every) module of the 1 for validation"):
+        load_corpus(DataConfig(name="pystdlib", seq_len=8, cache_dir=str(tmp_path / "cache")))
+
+
+def test_pystdlib_of_this_python():
+    corpus = load_corpus(DataConfig(name="pystdlib", seq_len=1024))
+    assert "standard library source" in corpus.description
+    assert len(corpus.train) > 2_000_000 and len(corpus.val) > 50_000  # megabytes of code, a held-out share
+    head = bytes(np.asarray(corpus.val[1:2000], dtype=np.uint8)).decode(errors="replace")
+    assert "def " in head or "class " in head or "import " in head

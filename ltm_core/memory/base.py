@@ -44,6 +44,7 @@ class Write:
 class Prefix:
     tokens: torch.Tensor  # [B, M, C] tokens the self-attention reads beside the segment (through its own projections)
     bias: Optional[torch.Tensor] = None  # [B, M] added to every query's score of each of them
+    scale: Optional[torch.Tensor] = None  # [B, M] multiplies each token's key and value (as it would the token)
 
 
 @dataclass
@@ -53,6 +54,9 @@ class Scan:
     aux: list  # per write: its auxiliary loss or None
     entries: Optional[torch.Tensor] = None  # [B, W, S, D] what the segments wrote
     kept: Optional[torch.Tensor] = None  # [B, W, M] each write's kept candidates, as Write.kept (kinds that select)
+    rows: Optional[torch.Tensor] = None  # [B, W, M] for a prefix of kept tokens: the rows, in [the state before the
+    # window; the window's tokens], that the memory before each segment holds (so their keys and values are
+    # gathered from what the attention projects anyway, not projected again)
 
 
 class Memory(nn.Module):

@@ -80,7 +80,7 @@ class TokensMemory(Memory):
         return (x.detach().double() * w[0]).sum(-1) + b[0]
 
     def shared_by_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """A replicated tensor that every head's read uses. Under tensor parallelism a rank holds only its heads,
+        """A replicated tensor that every head's read uses (the read bias and the straight-through factor). Under tensor parallelism a rank holds only its heads,
         so the gradient is summed over the tp group there (`apply_tensor_parallel` replaces this identity)."""
         return t
 
@@ -156,22 +156,23 @@ class TokensMemory(Memory):
         memories = pool.gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
         aux = self.penalty(entries)  # [W] or None
         return Scan(memories[:, :W].flatten(0, 1), memories[:, W], [None] * W if aux is None else list(aux.unbind(0)),
-                    entries, torch.stack(keeps, dim=1))
+                    entries, torch.stack(keeps, dim=1), kept[:, :W])
 
     # ------------------------------------------------------------------------------------------------- read
     def prefix(self, state: torch.Tensor) -> Prefix:
-        """state: [B, M, C] -> the kept tokens, each times its straight-through factor, and their score bias: empty
-        slots masked, plus log sigmoid(importance) with read_importance."""
+        """state: [B, M, C] -> the kept tokens, their straight-through factor 1 + s - s.detach() (exactly 1: the
+        tokens' keys and values are unchanged, and the importance learns from the reads through it) and their score
+        bias: empty slots masked, plus log sigmoid(importance) with read_importance."""
         z = self.importance(state).squeeze(-1).float()  # [B, M]
         s = torch.sigmoid(z)
-        tokens = state * (1 + (s - s.detach())).unsqueeze(-1).to(state.dtype)  # exactly the entries in value
         bias = self.empty(state).float() * EMPTY_SLOT_SCORE
         if self.config.read_importance:
             bias = bias + self.shared_by_heads(F.logsigmoid(z))
-        return Prefix(tokens, bias)
+        return Prefix(state, bias, self.shared_by_heads((1 + (s - s.detach())).to(state.dtype)))
 
     def flops_per_token(self, segment_length: int) -> float:
-        """The read over M more keys (12 C M), and the q|k|v projection of the M kept tokens once per segment
-        (6 * 3 C^2 * M / T)."""
+        """The read over M more keys (12 C M), and the q|k|v projection of the M tokens held at each window's start
+        (6 * 3 C^2 * M / (T * bptt_segments); the window's own kept tokens reuse the keys and values the attention
+        computed for them)."""
         C, M, T = self.model_config.hidden_size, self.slots, segment_length
-        return 12 * C * M + 6 * 3 * C * C * M / T
+        return 12 * C * M + 6 * 3 * C * C * M / (T * self.model_config.bptt_segments)

@@ -30,7 +30,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -87,9 +87,11 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
             tok = B * T * C * abytes
             per_layer += rows * tok  # forward: row-parallel outputs
             per_layer += rows * tok  # backward: column-parallel input gradients
-            if kind == "tokens":  # the kept tokens through attn.qkv_proj: its input gradient (layer-major: each
-                per_layer += B * M * C * abytes  # segment's memory is gathered from the window's tokens)
-                if mc.memory.read_importance:  # the read bias, read by every head: its gradient (fp32) sums over tp
+            if kind == "tokens":  # the kept tokens' keys/values are gathered from the window's projections (the
+                # memory held before the window is detached: no input gradient); every head reads the kept tokens'
+                # straight-through factor (activation dtype) and read bias (fp32): their gradients sum over tp
+                per_layer += B * M * abytes
+                if mc.memory.read_importance:
                     per_layer += B * M * 4
             elif kind == "neural":  # its persistent and (mac) retrieved tokens through attn.qkv_proj: input gradient
                 prefix = mc.memory.persistent + (mc.memory.retrieved if mc.memory.placement == "mac" else 0)
@@ -265,19 +267,24 @@ def _worker_main(rank: str, world: str, port: str, tmp: str, steps: str) -> None
 
 
 def bench_parallel(presets: Sequence[str] = DEFAULT_PRESETS, overrides: Iterable[str] = (), steps: int = 1,
-                   use_defaults: bool = True) -> list[dict[str, Any]]:
-    """One row per preset: measured and analytic communication volume (bytes per training step, all ranks)."""
+                   use_defaults: bool = True,
+                   progress: Optional[Callable[[int, int, str], None]] = None) -> list[dict[str, Any]]:
+    """One row per preset: measured and analytic communication volume (bytes per training step, all ranks).
+    Every preset's config is composed (and checked) before the first is measured. progress(done, total, label):
+    called before each preset with the presets done so far, and once at the end."""
     from ltm_core.configuration import compose
     from ltm_core.errors import ConfigError
     from ltm_core.parallel.layout import planned_world_size, resolve_layout
 
     if steps <= 0:
         raise ConfigError("steps", f"must be positive, got {steps}")
+    base = list(BENCH_OVERRIDES) if use_defaults else []
+    configs = [(preset, compose([f"parallel={preset}", *base, *overrides])) for preset in presets]
+    report = progress or (lambda done, total, label: None)
     rows = []
-    for preset in presets:
-        base = list(BENCH_OVERRIDES) if use_defaults else []
-        cfg = compose([f"parallel={preset}", *base, *overrides])
+    for preset, cfg in configs:
         world = planned_world_size(cfg)
+        report(len(rows), len(configs), f"{preset} ({world} processes)")
         layout = resolve_layout(cfg, world)
         analytic = analytic_volume(cfg, layout)
         ranks = _measure(cfg, world, steps) if world > 1 else [{"bytes": {}, "counts": {}, "step_s": 0.0}]
@@ -297,6 +304,7 @@ def bench_parallel(presets: Sequence[str] = DEFAULT_PRESETS, overrides: Iterable
             "analytic_by_dim": analytic, "measured_by_kind": by_kind, "calls_by_kind": counts,
             "step_s": max(r["step_s"] for r in ranks),
         })
+    report(len(rows), len(configs), "")
     return rows
 
 

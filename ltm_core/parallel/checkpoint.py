@@ -1,8 +1,10 @@
 """Distributed checkpoints (torch.distributed.checkpoint) and their consolidation into a single-device .ckpt.
 
 Layout under OUTPUT_DIR/checkpoints/:
-    dcp/step-00000100/     sharded model + optimizer state (every rank writes its shards), train_state.json
-    dcp/latest             the name of the newest complete step folder
+    dcp/step-00000100/     sharded model + optimizer state (every rank writes its shards), train_state.json,
+                           random-rank00000.pt ... (each rank's random state: exact resume with select noise)
+    dcp/latest             the name of the newest complete step folder (replaced atomically once every file of the
+                           step is written: a kill at any moment leaves it naming a whole checkpoint)
     last.ckpt              the consolidated single-device checkpoint (Lightning format: `state_dict` with the
                            prefix `model.`, `hyper_parameters["config"]`), loadable by `ltm generate` / `ltm eval`
     best.ckpt              a copy of last.ckpt at the lowest validation loss
@@ -14,8 +16,10 @@ projections are stored [chunks, out / chunks, in] there) and consolidation alway
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from ltm_core import run_guard
 from ltm_core.config import TitanConfig
 from ltm_core.errors import CheckpointError
 from ltm_core.model import TitanModel
@@ -42,7 +47,10 @@ def latest_dcp(out: Path) -> Optional[Path]:
     root = dcp_root(out)
     marker = root / "latest"
     if marker.is_file():
-        path = root / marker.read_text().strip()
+        name = marker.read_text(errors="replace").strip()
+        path = root / name
+        if not re.fullmatch(r"step-\d{8}", name):
+            return None
         if (path / ".metadata").is_file() and (path / "train_state.json").is_file():
             return path
     return None
@@ -56,17 +64,76 @@ def _state(parts, optimizers) -> tuple[dict[str, Any], list[dict], list[dict]]:
     return {"model": merged_model, "optim": merged_optim}, models, optims
 
 
-def save(out: Path, step: int, parts, optimizers, train_state: dict[str, Any]) -> Path:
-    """Collective: every rank writes its shards; rank 0 then writes train_state.json and the `latest` marker."""
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer with the save test hook (`run_guard.save_hook`) between the shards and the metadata."""
+
+    def finish(self, metadata, results) -> None:
+        run_guard.save_hook("shards", self.path)
+        super().finish(metadata, results)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: read it admitting only the classes DCP's metadata is made of (the dataclasses
+    of torch.distributed.checkpoint.metadata, torch.Size, dtypes, ...), so that a tampered file cannot run code
+    (torch's own reader would unpickle anything)."""
+
+    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+             ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+             ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        allowed = ((module, name) in self.NAMES
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+                   or (module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+class _Reader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        try:
+            metadata = _SafeUnpickler(io.BytesIO(path.read_bytes())).load()
+        except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint error: {path} is not a usable checkpoint index ({exc}); refused") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _random_file(path: Path, rank: int) -> Path:
+    return path / f"random-rank{rank:05d}.pt"
+
+
+def save(out: Path, step: int, parts, optimizers, train_state: dict[str, Any], device: torch.device) -> Path:
+    """Collective: every rank writes its shards and its random state; rank 0 then writes train_state.json and, last,
+    the `latest` marker (atomically), and removes older steps."""
     path = dcp_root(out) / f"step-{step:08d}"
+    if dist.get_rank() == 0 and path.exists():  # left half-written by a killed save of this step
+        shutil.rmtree(path)
+    dist.barrier()
     state, _, _ = _state(parts, optimizers)
-    dcp.save(state, checkpoint_id=str(path))
+    try:
+        dcp.save(state, storage_writer=_Writer(str(path)))
+        run_guard.atomic_save(run_guard.rng_state(device), _random_file(path, dist.get_rank()))
+    except Exception as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise run_guard.SaveFailed(f"checkpoint error: cannot write {path} ({' '.join(str(exc).split())[:160]}); "
+                                   "the previous checkpoint is intact") from None
     dist.barrier()
     if dist.get_rank() == 0:
-        (path / "train_state.json").write_text(json.dumps(train_state, indent=1))
-        tmp = dcp_root(out) / f".latest.{os.getpid()}"
-        tmp.write_text(path.name)
-        os.replace(tmp, dcp_root(out) / "latest")
+        with run_guard.atomic_file(path / "train_state.json") as f:
+            f.write(json.dumps(train_state, indent=1).encode())
+        run_guard.save_hook("marker", dcp_root(out) / "latest")
+        with run_guard.atomic_file(dcp_root(out) / "latest") as f:
+            f.write(path.name.encode())
         for old in dcp_root(out).glob("step-*"):  # keep the newest only
             if old.name != path.name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -74,18 +141,33 @@ def save(out: Path, step: int, parts, optimizers, train_state: dict[str, Any]) -
     return path
 
 
-def load(path: Path, parts, optimizers) -> dict[str, Any]:
-    """Collective: load the shards of `path` into the parts and optimizers; returns the train state."""
+def load(path: Path, parts, optimizers, device: torch.device) -> dict[str, Any]:
+    """Collective: load the shards of `path` into the parts and optimizers and this rank's random state (when the
+    checkpoint has one for this rank: a resume on more ranks starts theirs from the seeded state); returns the train
+    state."""
     state, models, optims = _state(parts, optimizers)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=_Reader(str(path)))
+        train_state = json.loads((path / "train_state.json").read_text())
+        if not isinstance(train_state, dict):
+            raise ValueError("train_state.json is not an object")
+    except CheckpointError:
+        raise
     except Exception as exc:  # a layout the checkpoint cannot be resharded to, or a damaged checkpoint
         detail = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"checkpoint error: cannot resume from {path} ({detail})") from None
     for part, opt, m, o in zip(parts, optimizers, models, optims):
         set_model_state_dict(part, {k: state["model"][k] for k in m})
         set_optimizer_state_dict(part, opt, {k: state["optim"][k] for k in o}, options=OPTIM_OPTIONS)
-    return json.loads((path / "train_state.json").read_text())
+    random_file = _random_file(path, dist.get_rank())
+    if random_file.is_file():
+        try:
+            random_state = torch.load(random_file, map_location="cpu", weights_only=True)
+        except Exception:
+            raise CheckpointError(f"checkpoint error: {random_file} is not a readable random state") from None
+        run_guard.check_rng_state(random_state, str(random_file))
+        run_guard.set_rng_state(random_state, device)
+    return train_state
 
 
 def read_model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -94,7 +176,7 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(path)),
+    _load_state_dict(state, storage_reader=_Reader(str(path)),
                      planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     return state["model"]
 
@@ -119,9 +201,7 @@ def consolidate(path: Path, target: Path, config: dict[str, Any], extra: Optiona
             "samples_seen": int(train_state.get("samples_seen", 0)), "dcp_checkpoint": str(path)}
     ckpt.update(extra or {})
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, target)
+    run_guard.atomic_save(ckpt, target)
     return target
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -31,17 +31,20 @@ from rich.console import Console
 
 from ltm_core.config import DataConfig, OptimConfig
 from ltm_core.configuration import model_config, to_dict
+from ltm_core.console import generate_command
 from ltm_core.data import CORPORA, Corpus, EvenWindows, RandomWindows, load_corpus, unigram_bpb
-from ltm_core.errors import CheckpointError, ConfigError
+from ltm_core import run_guard
+from ltm_core.errors import CheckpointError, ConfigError, Interrupted
 from ltm_core.parallel import checkpoint as pckpt
 from ltm_core.parallel.build import ParallelModel, build_parallel_model
 from ltm_core.parallel.env import DistEnv, init_distributed, shutdown
 from ltm_core.parallel.grads import LossScaler, clip_grads_, grad_norm, sync_tied_embeddings
 from ltm_core.parallel.layout import resolve_layout
-from ltm_core.training import LN2, build_optimizer, build_scheduler, window_span, windowed_backward
+from ltm_core.training import LN2, Diverged, build_optimizer, build_scheduler, window_span, windowed_backward
 
 console = Console()
-METRIC_COLUMNS = ["epoch", "step", "train/loss", "train/lr", "train/tokens_per_s", "val/loss", "val/bpb"]
+METRIC_COLUMNS = ["epoch", "step", "train/loss", "train/lr", "train/tokens_per_s", "train/bad_steps", "val/loss",
+                  "val/bpb"]
 
 
 # ------------------------------------------------------------------------------------------------ one batch
@@ -190,11 +193,13 @@ def _warm_start(pm: ParallelModel, path: Path) -> dict[str, Any]:
 
 
 def fit_parallel(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
-    """Train as configured in this process (one rank); returns OUTPUT_DIR/checkpoints/last.ckpt."""
+    """Train as configured in this process (one rank); returns OUTPUT_DIR/checkpoints/last.ckpt. SIGINT/SIGTERM save
+    a checkpoint after the current step on every rank and raise Interrupted (docs/reliability.md)."""
     env = init_distributed(str(cfg.trainer.accelerator))
     ok = False
     try:
-        result = _fit(cfg, corpus, env)
+        with run_guard.Interrupts() as interrupts:
+            result = _fit(cfg, corpus, env, interrupts)
         ok = True
         return result
     finally:
@@ -204,7 +209,7 @@ def fit_parallel(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
             dist.destroy_process_group()
 
 
-def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv) -> Path:
+def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: run_guard.Interrupts) -> Path:
     layout = resolve_layout(cfg, env.world)
     rank0 = env.rank == 0
     shared = [str(cfg.output_dir)]  # every rank writes its shards where rank 0 prepared the run folder
@@ -236,7 +241,7 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv) -> Path:
     scaler = LossScaler(precision == "16-mixed")
 
     dist.barrier()  # rank 0 has prepared the output folder
-    step, samples_seen, best = 0, 0, math.inf
+    step, samples_seen, best, bad_steps = 0, 0, math.inf, 0
     source = [None, None]  # rank 0 decides what to resume from, so that every rank does the same
     if rank0:
         if cfg.resume == "auto" and pckpt.latest_dcp(out) is not None:
@@ -247,9 +252,10 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv) -> Path:
             source = ["weights", str(cfg.resume)]
     dist.broadcast_object_list(source, src=0)
     resumed_from = Path(source[1]) if source[1] else None
-    if source[0] == "dcp":  # exact: weights, optimizer, schedule, data position
-        state = pckpt.load(resumed_from, pm.parts, optimizers)
+    if source[0] == "dcp":  # exact: weights, optimizer, schedule, data position, random streams
+        state = pckpt.load(resumed_from, pm.parts, optimizers, env.device)
         step, samples_seen, best = int(state["step"]), int(state["samples_seen"]), float(state.get("best", math.inf))
+        bad_steps = int(state.get("bad_steps", 0))
         for s, sd in zip(schedulers, state["schedulers"]):
             s.load_state_dict(sd)
         scaler.load_state_dict(state.get("scaler", {}))
@@ -272,12 +278,36 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv) -> Path:
                       f"segment={model_cfg.segment_length}, bptt_segments={model_cfg.bptt_segments}")
         if resumed_from:
             console.print(f"resuming from {resumed_from} at step {step}")
+        elif cfg.resume == "auto":
+            console.print(f"resume=auto: no checkpoint in {ckpt_dir}; starting at step 0")
+    if rank0:  # rows of steps after the checkpoint (or of a run killed before its first one) are logged again
+        run_guard.drop_metrics_from(out / "metrics.csv", step)
     metrics = MetricsCSV(out / "metrics.csv", rank0)
     dp_rank = pm.coordinate("dp")
     batches = _batches(corpus, data_cfg, samples_seen * layout.dp, dp_rank, layout.dp)
 
     val_loss: Optional[float] = None
     tick = time.perf_counter()
+    every = 60.0 * cfg.trainer.checkpoint_every_minutes if cfg.trainer.checkpoint_every_minutes else None
+    max_bad, bad_in_a_row, last_save = int(cfg.trainer.max_bad_steps), 0, time.monotonic()
+    check_grads = not scaler.enabled  # fp16: the loss scaler skips steps with inf gradients itself
+    saved_step = step if resumed_from else None
+
+    def save(validated: bool, improved: bool = False) -> None:
+        nonlocal last_save, saved_step
+        train_state = {"step": step, "samples_seen": samples_seen, "best": best, "bad_steps": bad_steps,
+                       "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
+                       "layout": {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp}}
+        path = pckpt.save(out, step, pm.parts, optimizers, train_state, env.device)
+        if rank0:
+            last = pckpt.consolidate(path, ckpt_dir / "last.ckpt", to_dict(cfg),
+                                     {"val_loss": val_loss} if validated else None)
+            if improved:
+                with run_guard.atomic_file(ckpt_dir / "best.ckpt") as f:
+                    f.write(last.read_bytes())
+        dist.barrier()
+        last_save, saved_step = time.monotonic(), step
+
     while step < max_steps:
         loss = torch.zeros((), device=env.device)
         for micro in range(accumulate):
@@ -286,51 +316,69 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv) -> Path:
             loss += train_batch(pm, ids, labels, scaler.scale / accumulate, sync=micro == accumulate - 1)
             samples_seen += ids.shape[0]
         sync_tied_embeddings(pm)
-        norm = grad_norm(pm) if optim_cfg.grad_clip > 0 or scaler.enabled else None
-        do_step, norm = scaler.unscale(pm, norm) if norm is not None else (True, None)
-        if do_step:
-            if optim_cfg.grad_clip > 0:
-                clip_grads_(pm, optim_cfg.grad_clip, norm)
+        norm = grad_norm(pm) if optim_cfg.grad_clip > 0 or scaler.enabled or check_grads else None
+        # one collective decision per step: [non-finite loss or gradient, a signal came, a timed save is due]
+        flags = torch.tensor([not bool(torch.isfinite(loss)) or (check_grads and not bool(torch.isfinite(norm))),
+                              interrupts.requested, every is not None and time.monotonic() - last_save >= every],
+                             dtype=torch.float32, device=env.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, signalled, due = (bool(f) for f in flags.tolist())
+        if bad:  # skip: no optimizer or schedule step, the batch is dropped
             for opt in optimizers:
-                opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        for s in schedulers:
-            s.step()
-        step += 1
-        if step % log_every == 0 or step == max_steps:
-            now = time.perf_counter()
-            tokens = data_cfg.batch_size * data_cfg.seq_len * layout.dp * accumulate
-            values = {"train__loss": float(loss / accumulate), "train__lr": schedulers[0].get_last_lr()[0],
-                      "train__tokens_per_s": tokens * (step % log_every or log_every) / max(now - tick, 1e-9)}
-            tick = now
-            metrics.log(step, **values)
-            if rank0 and cfg.trainer.progress:
-                console.print(f"step {step}/{max_steps}  loss {values['train__loss']:.4f}  "
-                              f"lr {values['train__lr']:.2e}  {values['train__tokens_per_s']:,.0f} tok/s")
-        if step % interval == 0 or step == max_steps:
-            val_loss = validate(pm, corpus, data_cfg)
-            improved = val_loss < best
-            best = min(best, val_loss)
-            train_state = {"step": step, "samples_seen": samples_seen, "best": best,
-                           "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
-                           "layout": {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp}}
-            path = pckpt.save(out, step, pm.parts, optimizers, train_state)
-            if rank0:
-                last = pckpt.consolidate(path, ckpt_dir / "last.ckpt", to_dict(cfg), {"val_loss": val_loss})
-                if improved:
-                    shutil.copyfile(last, ckpt_dir / ".best.ckpt.tmp")
-                    (ckpt_dir / ".best.ckpt.tmp").replace(ckpt_dir / "best.ckpt")
-                metrics.log(step, val__loss=val_loss, val__bpb=val_loss / LN2)
-            dist.barrier()
-            tick = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+            bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
+            metrics.log(step + 1, train__bad_steps=bad_steps)
+            if bad_in_a_row >= max_bad:
+                err = Diverged(step + 1, bad_in_a_row)
+                good = (f"the last good checkpoint is {ckpt_dir / 'last.ckpt'} (step {saved_step})"
+                        if saved_step is not None else "no checkpoint was written yet")
+                err.args = (f"{err}; {good}: lower optim.lr, then continue with: {run_guard.resume_command(cfg)}",)
+                raise err
+        else:
+            bad_in_a_row = 0
+            do_step, norm = scaler.unscale(pm, norm) if (optim_cfg.grad_clip > 0 or scaler.enabled) else (True, None)
+            if do_step:
+                if optim_cfg.grad_clip > 0:
+                    clip_grads_(pm, optim_cfg.grad_clip, norm)
+                for opt in optimizers:
+                    opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            for s in schedulers:
+                s.step()
+            step += 1
+            if step % log_every == 0 or step == max_steps:
+                now = time.perf_counter()
+                tokens = data_cfg.batch_size * data_cfg.seq_len * layout.dp * accumulate
+                values = {"train__loss": float(loss / accumulate), "train__lr": schedulers[0].get_last_lr()[0],
+                          "train__tokens_per_s": tokens * (step % log_every or log_every) / max(now - tick, 1e-9),
+                          "train__bad_steps": bad_steps}
+                tick = now
+                metrics.log(step, **values)
+                if rank0 and cfg.trainer.progress:
+                    console.print(f"step {step}/{max_steps}  loss {values['train__loss']:.4f}  "
+                                  f"lr {values['train__lr']:.2e}  {values['train__tokens_per_s']:,.0f} tok/s")
+            if step % interval == 0 or step == max_steps:
+                val_loss = validate(pm, corpus, data_cfg)
+                improved = val_loss < best
+                best = min(best, val_loss)
+                save(validated=True, improved=improved)
+                if rank0:
+                    metrics.log(step, val__loss=val_loss, val__bpb=val_loss / LN2)
+                tick = time.perf_counter()
+        if (signalled or due) and saved_step != step:
+            save(validated=False)
+        if signalled:
+            signum = interrupts.signum or int(signal.SIGTERM)  # another rank received it
+            raise Interrupted(run_guard.interrupted_message(signum, step, ckpt_dir / "last.ckpt",
+                                                            run_guard.resume_command(cfg)), signum)
     last = ckpt_dir / "last.ckpt"
     if rank0:
         if val_loss is not None:
             console.print(f"validation: loss {val_loss:.4f}, {val_loss / LN2:.3f} bits/byte "
                           f"(byte-unigram baseline {unigram_bpb(corpus):.3f} bits/byte)")
         console.print(f"checkpoint: {last}")
-        console.print(f'generate:   ltm generate --checkpoint {last} --prompt "In the beginning"', soft_wrap=True)
+        console.print(generate_command(last, corpus.val), soft_wrap=True, highlight=False)
     return last
 
 

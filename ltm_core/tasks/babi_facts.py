@@ -12,14 +12,16 @@ share answered with a room the person had left (a fact the last one should have 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ltm_core.config import TaskConfig
-from ltm_core.model import TitanModel
 from ltm_core.tasks.common import Cell, TaskSample, filler, insert, sorted_offsets, with_bos
 from ltm_core.tasks.metrics import label_match
+
+if TYPE_CHECKING:  # annotations only: generating samples needs no torch
+    from ltm_core.model import TitanModel
 
 NAMES = ("Mary", "John", "Sandra", "Daniel", "Fred", "Julie")
 ROOMS = ("bathroom", "hallway", "garden", "office", "bedroom", "kitchen")

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ltm_core.tokenizer import BOS
+
+if TYPE_CHECKING:  # torch loads where tensors are made: config validation reads the tasks without it
+    import torch
 
 # RULER's niah filler (Hsieh et al., 2024), repeated as often as needed.
 RULER_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -73,6 +75,8 @@ class TaskSample:
 
     def training_pair(self, lm_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, labels), each [length - 1]: next-token labels, -100 outside the targets unless lm_loss."""
+        import torch
+
         tokens = torch.from_numpy(self.tokens.astype(np.int64))
         labels = tokens[1:].clone()
         if not lm_loss:

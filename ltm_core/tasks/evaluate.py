@@ -101,7 +101,7 @@ def cell_samples(task, cell: Cell, cfg: TaskConfig, segment_length: int, index: 
 
 
 def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
-                  progress: Optional[Callable[[dict], None]] = None) -> dict:
+                  progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
     """Evaluate `model` on the task grid of `cfg` (lengths x depth bins, or lengths x pairs, ...).
 
     A cell of length L is scored on samples of L + 1 tokens: the model reads the L tokens before the answer's
@@ -109,8 +109,9 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
     question then sits where it sat in training relative to the segment boundaries (a model may depend on it).
 
     Returns {"task", "train_length", "segment_length", "seed", "filler", "lengths", "rows": [...]}, one row per
-    cell: {"length", "depth", "pairs", "placement", "samples", "exact_match", ...task metrics}. `progress` is
-    called with each row as it is finished.
+    cell: {"length", "depth", "pairs", "placement", "samples", "exact_match", ...task metrics}.
+    `progress(done, total, label)` is called as each batch of samples is scored (`done` of the grid's `total`
+    samples; `label` the cell: "length 4,096, depth 0.35 (cell 7/44)").
     """
     from ltm_core.tasks import get_task
 
@@ -126,21 +127,28 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
             raise ConfigError("task.lengths", f"no {cfg.name} sample fits in {length} tokens ({reasons[0]})")
     model.eval()
     rows = []
-    for cell in cells:
+    total, done = cfg.samples * sum(not c.skip for c in cells), 0
+    for number, cell in enumerate(cells, 1):
+        where = "".join(f", {k} {v}" for k, v in cell.row().items()
+                        if k != "length" and v is not None and not (k == "placement" and v == "depth"))
+        label = f"length {cell.length:,}{where} (cell {number}/{len(cells)})"
         if cell.skip:
             row = {**cell.row(), "samples": 0, "exact_match": None, "skipped": cell.skip}
         else:
             tick = time.perf_counter()
             scores: dict[str, list[float]] = {}
             for first in range(0, cfg.samples, cfg.batch_size):
+                if progress is not None:
+                    progress(done, total, label)
                 samples = cell_samples(task, cell, cfg, seg, range(first, min(first + cfg.batch_size, cfg.samples)))
                 for key, values in task.score(model, samples).items():
                     scores.setdefault(key, []).extend(values)
+                done += len(samples)
             row = {**cell.row(), "samples": cfg.samples, **{k: float(np.mean(v)) for k, v in scores.items()},
                    "seconds": round(time.perf_counter() - tick, 2)}
         rows.append(row)
-        if progress is not None:
-            progress(row)
+    if progress is not None:
+        progress(done, total, "")
     return {"task": cfg.name, "train_length": train_length, "segment_length": model.config.segment_length,
             "seed": cfg.seed,
             "filler": task.filler(cfg), "lengths": lengths, "memory": bool(model.config.use_memory),

@@ -16,13 +16,15 @@ query alone (no earlier answer to eliminate: a model that recalls the stored val
 from __future__ import annotations
 
 import string
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ltm_core.config import TaskConfig
-from ltm_core.model import TitanModel
 from ltm_core.tasks.common import Cell, TaskSample, filler, with_bos
+
+if TYPE_CHECKING:  # annotations only: generating samples needs no torch
+    from ltm_core.model import TitanModel
 
 KEYS = {2: [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase],  # key length -> keys
         1: list(string.ascii_lowercase + string.digits)}

@@ -9,14 +9,16 @@ per-digit accuracy.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from ltm_core.config import TaskConfig
-from ltm_core.model import TitanModel
 from ltm_core.tasks.common import Cell, TaskSample, filler, filler_kind, insert, with_bos
 from ltm_core.tasks.metrics import digit_accuracy, exact_match
+
+if TYPE_CHECKING:  # annotations only: generating samples needs no torch
+    from ltm_core.model import TitanModel
 
 NEEDLE_PREFIX = "\nThe pass key is "
 NEEDLE_SUFFIX = ". Remember it.\n"

@@ -253,5 +253,5 @@ def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
     model = tiny_model(tiny_cfg)
     C, M, S, L = tiny_cfg.hidden_size, 8, tiny_cfg.segment_length, tiny_cfg.num_hidden_layers
     n = model.num_parameters()
-    expected = 6 * n + 12 * L * C * S + L * (12 * C * M + 6 * 3 * C * C * M / S)
+    expected = 6 * n + 12 * L * C * S + L * (12 * C * M + 6 * 3 * C * C * M / (S * tiny_cfg.bptt_segments))
     assert model.flops_per_token(seq_len=4 * S) == pytest.approx(expected, rel=1e-12)

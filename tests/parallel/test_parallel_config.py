@@ -98,9 +98,11 @@ def test_bench_parallel_measures_the_analytic_volume(tmp_path, kind):
     shard (the neural memory, mac: its retrieved tokens' gradient through the attention's projection)."""
     from ltm_core.parallel.bench import bench_parallel, rows_table
 
+    calls = []
     rows = bench_parallel(["tp2"], ["model.num_hidden_layers=1", "model.hidden_size=32", "data.seq_len=64",
                                     f"model/memory={kind}", "model.memory.select_noise=0" if kind == "tokens" else
-                                    "model.memory.slots=16"])
+                                    "model.memory.slots=16"], progress=lambda *a: calls.append(a))
+    assert calls == [(0, 1, "tp2 (2 processes)"), (1, 1, "")]  # `ltm bench parallel` draws its bar from these
     (row,) = rows
     assert row["world"] == 2 and row["measured_bytes"] > 0
     assert abs(row["ratio"] - 1.0) < 1e-6, row

@@ -22,6 +22,18 @@ def passkey_ckpt(tmp_path_factory):
     result = run_ltm("train", "data=passkey", *SHAPE, f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "answer loss" in result.stdout
+    # the printed `generate` command is prompted with the run's own first validation sample, not a fixed text
+    from omegaconf import OmegaConf
+
+    from ltm_core.config import DataConfig
+    from ltm_core.console import generate_command
+    from ltm_core.tasks.datamodule import TaskDataModule, task_config
+
+    cfg = OmegaConf.load(out / "config.yaml")
+    val = TaskDataModule(DataConfig(**OmegaConf.to_container(cfg.data)), task_config(cfg),
+                         int(cfg.model.segment_length)).val_dataloader().dataset[0][0].tolist()
+    expected = generate_command(out / "checkpoints" / "last.ckpt", val)
+    assert "--prompt" in expected and expected in result.stdout.replace("\n", ""), result.stdout
     return out / "checkpoints" / "last.ckpt"
 
 

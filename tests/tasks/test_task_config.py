@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,34 @@ def test_evaluation_at_the_training_length_reads_what_training_reads(name, monke
     from ltm_core.tasks.common import sample_rng
     trained = task.train_sample(sample_rng(0, 0, 0), 257, cfg, 32)  # what TaskSamples makes for seq_len 256
     assert all(s.targets[-1][0] == trained.targets[-1][0] for s in seen)  # the last scored span starts as there
+
+
+LM_RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "experiment").glob("lm_*.yaml")
+                    if not p.stem.endswith(("_baseline", "_full")))
+
+
+def test_each_corpus_has_its_long_document_recipe():
+    assert LM_RECIPES == ["lm_kjv", "lm_pystdlib"]
+
+
+@pytest.mark.parametrize("name", LM_RECIPES)
+def test_lm_recipes_and_their_baselines_are_matched(name):
+    """experiment=lm_X (memory), lm_X_baseline (segment-local) and lm_X_full (full causal: one segment over the
+    whole sample): parameter counts within 2 %, the same data, steps, optimiser and seeds; a context of at least 16
+    of the memory model's segments."""
+    cfgs = {suffix: compose([f"experiment={name}{suffix}"]) for suffix in ("", "_baseline", "_full")}
+    models = {suffix: model_config(cfg) for suffix, cfg in cfgs.items()}
+    with torch.device("meta"):
+        params = {suffix: TitanModel(m).num_parameters() for suffix, m in models.items()}
+    memory, baseline, full = models[""], models["_baseline"], models["_full"]
+    for suffix in ("_baseline", "_full"):
+        assert abs(params[suffix] - params[""]) / params[""] < 0.02, params
+        for group in ("data", "trainer", "optim"):
+            assert cfgs[suffix][group] == cfgs[""][group], group
+        assert cfgs[suffix].seed == cfgs[""].seed
+    L = cfgs[""].data.seq_len
+    assert memory.use_memory and L >= 16 * memory.segment_length
+    assert not baseline.use_memory and baseline.segment_length == memory.segment_length
+    assert not full.use_memory and full.segment_length == L and full.bptt_segments == 1
+    same = {"hidden_size", "num_attention_heads", "num_hidden_layers", "short_conv", "rope_theta"}
+    assert all(getattr(m, k) == getattr(memory, k) for m in (baseline, full) for k in same)

@@ -56,6 +56,7 @@ def train_and_score(use_memory: bool) -> dict[int, float]:
     return {length: sum(r["exact_match"] for r in rows if r["length"] == length) / 2 for length in (96, 384)}
 
 
+@pytest.mark.slow
 def test_memory_beats_the_baseline_on_a_tiny_passkey():
     """One-digit pass key, 3 segments of 32 tokens: the question and answer fill the last segment, so the needle
     is always in an earlier one. Without memory the digit is a guess (1/10). With `memory_write=select` the model
@@ -146,6 +147,7 @@ def first_query_accuracy_after_training(short_conv: int, model_cfg: dict = FULL_
     return (predicted == tokens[:, first]).float().mean().item()
 
 
+@pytest.mark.slow
 def test_short_conv_lets_the_backbone_learn_associative_recall():
     """model.short_conv=4 (each token carries its 3 predecessors into attention) turns MQAR from a task this
     backbone barely learns into one it solves: measured with exactly this test's setting (2026-12-02, the 2-core
@@ -160,6 +162,7 @@ def test_short_conv_lets_the_backbone_learn_associative_recall():
 TOKENS_STEPS = 700
 
 
+@pytest.mark.slow
 def test_the_tokens_memory_recalls_pairs_across_a_segment_of_noise():
     """experiment=mqar's model (memory_read=tokens, short_conv=4, segments of 32): the pairs lie two segments
     before the queries, so only the memory can answer (a segment-local model sees none of them); the first query at

@@ -1,0 +1,232 @@
+"""`Trainer` / `TrainingArguments`: the Hugging-Face-style Python entry to the same Lightning run as `ltm train`.
+
+    from ltm_core import Trainer, TrainingArguments
+    Trainer(model=model, args=TrainingArguments(output_dir="runs/a", learning_rate=3e-3,
+            per_device_train_batch_size=8, gradient_accumulation_steps=1), train_dataset=dataset).train()
+
+Each argument is one key of the run config (`ltm config show`), and `train()` runs `ltm_core.train.fit`: the windowed
+backward, checkpoints/last.ckpt (and best.ckpt with an eval set), metrics.csv, config.yaml and exact resume. A
+dataset is a path (a .txt/.jsonl file or a folder, as `data=textfile`: random windows of `seq_len` tokens, the
+last `val_fraction` held out for validation) or a `torch.utils.data.Dataset` whose items are 1-D tensors of L + 1
+token ids (inputs and next-token labels) or (input_ids, labels) pairs of L ids each (labels -100: no loss).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from ltm_core.config import DataConfig
+from ltm_core.configuration import compose, config_error, to_dict, validate
+from ltm_core.data import load_corpus
+from ltm_core.errors import ConfigError, DataError
+from ltm_core.model import TitanModel
+
+DatasetLike = Union[Dataset, str, Path]
+
+
+@dataclass
+class TrainingArguments:
+    """Hugging Face's names for the run config's keys (each comment names the key it sets)."""
+
+    output_dir: str  # output_dir: config.yaml, metrics.csv, checkpoints/
+    learning_rate: float = 3e-3  # optim.lr (peak; linear warm-up, then cosine decay)
+    per_device_train_batch_size: int = 8  # data.batch_size
+    per_device_eval_batch_size: Optional[int] = None  # validation batch of a Dataset; None: the training one
+    gradient_accumulation_steps: int = 1  # trainer.accumulate_grad_batches
+    max_steps: int = 600  # trainer.max_steps (optimizer steps)
+    warmup_steps: int = 20  # optim.warmup_steps
+    schedule_steps: Optional[int] = None  # optim.schedule_steps: the cosine's length; None: max_steps (set it to
+    # stop a run early and resume it into the longer one)
+    weight_decay: float = 0.1  # optim.weight_decay
+    max_grad_norm: float = 1.0  # optim.grad_clip (0: no clipping)
+    logging_steps: int = 10  # trainer.log_every_n_steps (rows of metrics.csv)
+    eval_steps: int = 100  # trainer.val_check_interval
+    save_steps: Optional[int] = None  # trainer.save_every_n_steps (last.ckpt); None: at each evaluation
+    precision: str = "fp32"  # precision=fp32 | bf16-mixed | fp16-mixed | bf16-true
+    seed: int = 42  # seed and data.seed (training noise such as the select write's, the order of the samples)
+    seq_len: Optional[int] = None  # a path dataset's tokens per sample (data.seq_len); None: 4 segments
+    eval_samples: int = 64  # a path dataset's validation windows (data.val_samples)
+    overwrite_output_dir: bool = False  # overwrite: replace the run an output_dir holds
+    accelerator: str = "auto"  # trainer.accelerator: auto | cpu | gpu
+    dataloader_num_workers: int = 0  # data.num_workers
+    progress_bar: bool = True  # trainer.progress
+
+
+class Trainer:
+    """Trains `model` (its current weights are the start) on `train_dataset`, validating on `eval_dataset` (a path
+    dataset validates on its held-out split; a Dataset without `eval_dataset` is not validated)."""
+
+    def __init__(self, model: TitanModel, args: TrainingArguments, train_dataset: DatasetLike,
+                 eval_dataset: Optional[DatasetLike] = None):
+        if not isinstance(model, TitanModel):
+            raise ConfigError("model", f"must be a TitanModel, got {type(model).__name__}")
+        self.model, self.args = model, args
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.config = self._run_config()  # bad arguments fail here, before anything is written
+        if not _is_path(train_dataset):
+            for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+                if data is not None:
+                    _check_dataset(name, data, model.config.vocab_size)
+
+    def _run_config(self):
+        args, model_cfg = self.args, self.model.config
+        if _is_path(self.eval_dataset) and not _is_path(self.train_dataset):
+            raise ConfigError("eval_dataset", "a path evaluates a path train_dataset (its held-out split); give a "
+                                              "Dataset here, or train on the path")
+        if _is_path(self.train_dataset) and self.eval_dataset is not None:
+            raise ConfigError("eval_dataset", "a path train_dataset is validated on its own held-out split "
+                                              "(data.val_fraction); leave eval_dataset unset")
+        # the model's memory kind picks its config group (model/memory=<kind>), whose schema then takes its values
+        kind = getattr(model_cfg.memory, "kind", None)
+        cfg = compose([f"precision={args.precision}"] + ([f"model/memory={kind}"] if kind else []))
+        values: dict[str, Any] = {
+            "output_dir": str(args.output_dir), "seed": args.seed, "overwrite": args.overwrite_output_dir,
+            "model": asdict(model_cfg),
+            "optim": {"lr": args.learning_rate, "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
+                      "grad_clip": args.max_grad_norm, "schedule_steps": args.schedule_steps},
+            "trainer": {"max_steps": args.max_steps, "accumulate_grad_batches": args.gradient_accumulation_steps,
+                        "val_check_interval": args.eval_steps, "save_every_n_steps": args.save_steps,
+                        "log_every_n_steps": args.logging_steps, "accelerator": args.accelerator,
+                        "progress": args.progress_bar},
+            "data": {"batch_size": args.per_device_train_batch_size, "num_workers": args.dataloader_num_workers,
+                     "seed": args.seed,
+                     "seq_len": args.seq_len or 4 * model_cfg.segment_length, "val_samples": args.eval_samples},
+        }
+        if _is_path(self.train_dataset):
+            values["data"].update(name="textfile", path=str(Path(self.train_dataset).expanduser()))
+        else:
+            values["data"]["name"] = "dataset"  # in-memory samples: `ltm eval` of these checkpoints names its data=
+        try:
+            cfg = OmegaConf.merge(cfg, values)
+        except OmegaConfBaseException as exc:
+            raise config_error(exc) from None
+        validate(cfg)
+        return cfg
+
+    def train(self, resume_from_checkpoint: Union[bool, str, Path, None] = None) -> Path:
+        """Run training; returns checkpoints/last.ckpt. `resume_from_checkpoint`: True continues the run in
+        output_dir (resume=auto), a path continues from that .ckpt, None starts anew."""
+        from ltm_core.train import fit, prepare_output_dir
+
+        cfg = self.config.copy()
+        if resume_from_checkpoint is True:
+            cfg.resume = "auto"
+        elif resume_from_checkpoint:
+            cfg.resume = str(resume_from_checkpoint)
+        if cfg.resume not in (None, "auto") and not str(cfg.resume).endswith(".ckpt"):
+            raise ConfigError("resume_from_checkpoint", f"must be True or a .ckpt path, got {cfg.resume!r}")
+        if _is_path(self.train_dataset):
+            corpus = load_corpus(DataConfig(**to_dict(cfg.data)))  # bad data fails before anything is written
+            prepare_output_dir(cfg)
+            return fit(cfg, corpus, model=self.model)
+        datamodule = DatasetDataModule(self.train_dataset, self.eval_dataset, int(cfg.data.batch_size),
+                                       self.args.per_device_eval_batch_size or int(cfg.data.batch_size),
+                                       int(cfg.data.seed), int(cfg.data.num_workers))
+        prepare_output_dir(cfg)
+        return fit(cfg, datamodule=datamodule, model=self.model)
+
+
+def _is_path(data: Any) -> bool:
+    return isinstance(data, (str, Path))
+
+
+def as_pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset item -> (input_ids [L], labels [L]): a 1-D tensor of L + 1 ids is split into inputs and next-token
+    labels; an (input_ids, labels) pair is kept."""
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return torch.as_tensor(item[0], dtype=torch.long), torch.as_tensor(item[1], dtype=torch.long)
+    ids = torch.as_tensor(item, dtype=torch.long)
+    return ids[:-1], ids[1:]
+
+
+def _check_dataset(name: str, data: Any, vocab_size: int) -> None:
+    """One-line errors for a dataset whose items the training loop could not use (checked on its first item)."""
+    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+        raise DataError(f"data error: {name} must be a path or a map-style torch.utils.data.Dataset, got "
+                        f"{type(data).__name__}")
+    if len(data) == 0:
+        raise DataError(f"data error: {name} is empty")
+    try:
+        inputs, labels = as_pair(data[0])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"data error: {name}[0] is not a tensor of token ids ({exc})") from None
+    if inputs.dim() != 1 or inputs.numel() == 0 or inputs.shape != labels.shape:
+        raise DataError(f"data error: {name}[0] must be a 1-D tensor of at least 2 token ids or an (input_ids, "
+                        f"labels) pair of equal 1-D shapes, got inputs {tuple(inputs.shape)}, labels "
+                        f"{tuple(labels.shape)}")
+    if int(inputs.min()) < 0 or int(inputs.max()) >= vocab_size:
+        raise DataError(f"data error: {name}[0] holds token ids outside [0, {vocab_size})")
+
+
+class DatasetStream(IterableDataset):
+    """A map-style dataset as an endless stream, reshuffled every epoch: sample n (of this rank) is item
+    perm_e[i % N] with i = start + rank + world * n, e = i // N and perm_e seeded by (seed, e), a pure function
+    of (seed, i), so a resumed run continues the stream exactly. DataLoader workers make whole batches in turn, as
+    `RandomWindows` does."""
+
+    def __init__(self, dataset: Dataset, seed: int, start: int = 0, rank: int = 0, world: int = 1,
+                 batch_size: int = 1):
+        self.dataset, self.seed = dataset, seed
+        self.start, self.rank, self.world, self.batch_size = start, rank, world, batch_size
+
+    def __iter__(self):
+        size = len(self.dataset)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, order = -1, None
+        for batch in itertools.count(worker, workers):
+            for n in range(batch * self.batch_size, (batch + 1) * self.batch_size):
+                i = self.start + self.rank + self.world * n
+                if i // size != epoch:
+                    epoch = i // size
+                    order = np.random.default_rng([self.seed, epoch]).permutation(size)
+                yield as_pair(self.dataset[int(order[i % size])])
+
+
+class _Pairs(Dataset):
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return as_pair(self.dataset[i])
+
+
+class DatasetDataModule(L.LightningDataModule):
+    """Training batches from `DatasetStream` (restarting at the module's `samples_seen` on resume), validation
+    over the whole eval dataset in order."""
+
+    def __init__(self, train: Dataset, validation: Optional[Dataset], batch_size: int, eval_batch_size: int,
+                 seed: int, num_workers: int = 0):
+        super().__init__()
+        self.train, self.eval = train, validation
+        self.batch_size, self.eval_batch_size, self.seed, self.num_workers = batch_size, eval_batch_size, seed, num_workers
+        self.has_validation = validation is not None
+
+    def describe(self) -> str:
+        evaluated = f"{len(self.eval):,} validation samples" if self.eval is not None else "no validation"
+        return f"dataset: {len(self.train):,} training samples, {evaluated}"
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        start = int(getattr(module, "samples_seen", 0))
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        stream = DatasetStream(self.train, self.seed, start * world, rank, world, self.batch_size)
+        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Pairs(self.eval if self.eval is not None else []), batch_size=self.eval_batch_size,
+                          num_workers=self.num_workers)
