@@ -126,8 +126,12 @@ class NeuralMemoryConfig:
     decay_bias: float = -6.0  # initial bias of the forgetting alpha: sigmoid(-6) ~ 0.0025 per token
     retrieved: int = 16  # mac: memory tokens retrieved per segment (by learned queries)
     persistent: int = 0  # learned persistent tokens every segment's attention also reads (any placement)
+    normalize_values: bool = True  # l2-normalised values, as the keys (false: the paper's free values, which
+    # diverged in the babi_facts recipe; checkpoints stored without this key were trained with false)
 
     def validate(self, model: "TitanConfig") -> None:
+        if not isinstance(self.normalize_values, bool):
+            raise ConfigError("model.memory.normalize_values", f"must be true or false, got {self.normalize_values!r}")
         if self.placement not in NEURAL_PLACEMENTS:
             raise ConfigError("model.memory.placement",
                               f"must be one of {', '.join(NEURAL_PLACEMENTS)}, got {self.placement!r}")

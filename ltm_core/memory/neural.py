@@ -1,7 +1,7 @@
 """`neural`: the Titans neural memory (Behrouz et al., 2024, arXiv 2501.00663, §3). Per layer and per sample the
 memory is a small MLP M whose weights are the state, trained at test time on an associative loss:
 
-    k_t = normalize(silu(W_k x_t)),  v_t = normalize(silu(W_v x_t))           key, value [D]
+    k_t = normalize(silu(W_k x_t)),  v_t = normalize(silu(W_v x_t))           key, value [D] (normalize_values)
     theta_t = lr sigmoid(w_theta . x_t),  eta_t = sigmoid(w_eta . x_t),  alpha_t = sigmoid(w_alpha . x_t)
     l_t = ||M_{t-1}(k_t) - v_t||^2                                           the token's "surprise" loss
     S_t = eta_t S_{t-1} - theta_t grad l_t                                    momentary + past surprise
@@ -52,7 +52,9 @@ Where this departs from the paper, and why:
 - Values are l2-normalised as the keys are (the paper normalises queries and keys only). With free values the
   outer training grew them (|v| to ~7 in layer 1 of the babi_facts recipe by step 190) and with them W2, and so
   the curvature of the loss in W1, until the inner gradient steps diverged (NaN); unit values keep the inner
-  problem's scale fixed, and W_o scales the read.
+  problem's scale fixed, and W_o scales the read. `normalize_values=false` gives the paper's free values; a
+  checkpoint stored before the option existed was trained with them and loads with false
+  (`ltm_core.migration.complete_stored_config`): the same weights with the other values compute another function.
 """
 
 from __future__ import annotations
@@ -176,7 +178,9 @@ class NeuralMemory(Memory):
         with torch.autocast(entries.device.type, enabled=False):
             x = entries.to(dt)
             k = F.normalize(F.silu(x[..., :D]), dim=-1)  # [B, T, D]
-            v = F.normalize(F.silu(x[..., D:2 * D]), dim=-1)  # [B, T, D]
+            v = F.silu(x[..., D:2 * D])  # [B, T, D]
+            if self.config.normalize_values:
+                v = F.normalize(v, dim=-1)
             logits = x[..., 2 * D:]  # [B, T, 3]
             gates = torch.stack([self.config.lr * torch.sigmoid(logits[..., 0]),  # theta
                                  F.logsigmoid(logits[..., 1]),  # log eta
