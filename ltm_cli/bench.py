@@ -89,7 +89,7 @@ def bench_model_cmd(
     model: str = typer.Option("tiny", "--model", help="Backbone preset from conf/model (tiny | small | base | large)."),
     contexts: List[int] = typer.Option([1024, 2048, 4096, 8192], "--context", help="Context lengths (repeatable)."),
     variants: List[str] = typer.Option([], "--variant", help="memory | segment_local | full_causal | tokens | slots | "
-                                       "delta (repeatable; default: memory, segment_local, full_causal)."),
+                                       "delta | neural (repeatable; default: memory, segment_local, full_causal)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Sequences per training step."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     repeats: int = typer.Option(3, "--repeats", help="Timed steps per row (median reported)."),

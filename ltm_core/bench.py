@@ -37,7 +37,8 @@ from ltm_core.training import build_optimizer, windowed_backward
 from ltm_extensions.bench import median_ms
 
 VARIANTS = ("memory", "segment_local", "full_causal")  # the default rows
-KIND_VARIANTS = ("tokens", "slots", "delta")  # the memory model with another memory kind (same backbone and size)
+KIND_VARIANTS = ("tokens", "slots", "delta", "neural")  # the memory model with another memory kind (same
+# backbone and slot count; the neural memory at its default placement)
 
 
 def variant_config(base: TitanConfig, variant: str, context: int) -> TitanConfig:

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ltm_core.config import DataConfig, TitanConfig
 from ltm_core.configuration import config_error
 from ltm_core.errors import CheckpointError, ConfigError, LtmError
-from ltm_core.migration import is_legacy, migrate_model_config, migrate_state_dict
+from ltm_core.migration import complete_stored_config, is_legacy, migrate_model_config, migrate_state_dict
 from ltm_core.model import TitanModel
 
 
@@ -112,9 +112,10 @@ def current_run_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") ->
 
 def stored_model_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
     """The model config a checkpoint was trained with, in today's keys (a checkpoint of ltm < 0.2 is migrated;
-    one that used a retired memory is refused in one line)."""
+    one that used a retired memory is refused in one line; options added since it was written take the value it
+    was trained with, `complete_stored_config`)."""
     try:
-        return migrate_model_config(dict(checkpoint_config(ckpt)["model"]))
+        return complete_stored_config(migrate_model_config(dict(checkpoint_config(ckpt)["model"])))
     except ConfigError as err:
         raise CheckpointError(f"checkpoint error: {path} was trained with {err.key}: "
                               f"{str(err).split(': ', 2)[-1]}") from None

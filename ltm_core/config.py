@@ -103,9 +103,54 @@ class DeltaMemoryConfig:
         return self.dim
 
 
-MemoryConfig = Union[TokensMemoryConfig, SlotsMemoryConfig, DeltaMemoryConfig]
+NEURAL_PLACEMENTS = ("mac", "mag", "mal")
+
+
+@dataclass
+class NeuralMemoryConfig:
+    """`model/memory=neural`: the Titans neural memory. Per layer a small MLP whose weights are the state, written by
+    gradient steps on ||M(k) - v||^2 with data-dependent step, momentum and decay (computed chunk-parallel), read
+    by M(q); `placement` is the paper's mac | mag | mal (ltm_core/memory/neural.py)."""
+
+    kind: str = "neural"
+    placement: str = "mac"  # mac: retrieved tokens prefix the attention, the memory is written with its output
+    # (retrieve -> attend -> update; segment by segment) | mag: a gated residual after the attention | mal: a
+    # residual layer before the attention (mag, mal: written from the block's normed input; layer by layer)
+    slots: int = 64  # H: hidden width of the memory MLP (depth 2)
+    dim: int = 32  # D: width of the keys, values and queries (the MLP maps D -> D)
+    depth: int = 2  # 2: M(k) = W2 silu(W1 k) / sqrt(H); 1: a linear map M(k) = W k (Titans' linear memory)
+    chunk: int = 16  # tokens whose gradients are taken at the same weights (the paper's §3.2 chunk); 1: token by
+    # token; a segment's last chunk may be shorter
+    lr: float = 0.3  # the largest step: theta_t = lr * sigmoid(w . x_t)
+    momentum_bias: float = -2.0  # initial bias of the momentum eta: sigmoid(-2) ~ 0.12
+    decay_bias: float = -6.0  # initial bias of the forgetting alpha: sigmoid(-6) ~ 0.0025 per token
+    retrieved: int = 16  # mac: memory tokens retrieved per segment (by learned queries)
+    persistent: int = 0  # learned persistent tokens every segment's attention also reads (any placement)
+    normalize_values: bool = True  # l2-normalised values, as the keys (false: the paper's free values, which
+    # diverged in the babi_facts recipe; checkpoints stored without this key were trained with false)
+
+    def validate(self, model: "TitanConfig") -> None:
+        if not isinstance(self.normalize_values, bool):
+            raise ConfigError("model.memory.normalize_values", f"must be true or false, got {self.normalize_values!r}")
+        if self.placement not in NEURAL_PLACEMENTS:
+            raise ConfigError("model.memory.placement",
+                              f"must be one of {', '.join(NEURAL_PLACEMENTS)}, got {self.placement!r}")
+        for key in ("slots", "dim", "chunk", "retrieved"):
+            _positive_int(f"model.memory.{key}", getattr(self, key))
+        if self.depth not in (1, 2) or isinstance(self.depth, bool):
+            raise ConfigError("model.memory.depth", f"must be 1 (a linear map) or 2 (an MLP), got {self.depth!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ConfigError("model.memory.lr", f"must be a number > 0, got {self.lr!r}")
+        if not isinstance(self.persistent, int) or isinstance(self.persistent, bool) or self.persistent < 0:
+            raise ConfigError("model.memory.persistent", f"must be an integer >= 0, got {self.persistent!r}")
+
+    def width(self, model: "TitanConfig") -> int:
+        return self.dim
+
+
+MemoryConfig = Union[TokensMemoryConfig, SlotsMemoryConfig, DeltaMemoryConfig, NeuralMemoryConfig]
 MEMORY_CONFIGS: dict[str, type] = {"tokens": TokensMemoryConfig, "slots": SlotsMemoryConfig,
-                                   "delta": DeltaMemoryConfig}
+                                   "delta": DeltaMemoryConfig, "neural": NeuralMemoryConfig}
 
 
 def memory_config(values: Any) -> MemoryConfig:
@@ -140,7 +185,7 @@ class TitanConfig:
     intermediate_size: Optional[int] = None  # SwiGLU width; None -> 8/3 * hidden rounded up to a multiple of 64
     # long-term memory
     use_memory: bool = True  # false: the same backbone without memory (the segment-local baseline)
-    memory: Any = None  # the memory kind's config (tokens | slots | delta); None -> TokensMemoryConfig()
+    memory: Any = None  # the memory kind's config (tokens | slots | delta | neural); None -> TokensMemoryConfig()
     short_conv: int = 4  # kernel K of a causal depthwise convolution over each block's input before self-attention
     # (x + conv(x): H3's shift, Based's short convolution): a token also carries its K - 1 predecessors, so attention
     # can match a token by what preceded it; zero at init; 0: none

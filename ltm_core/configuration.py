@@ -67,7 +67,7 @@ def config_error(exc: BaseException) -> ConfigError:
     message = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     if re.match(r"Key '[^']+' not in", message):
         moved = key.startswith("model.") and key.split(".")[1] in LEGACY_KEYS
-        hint = ("the memory's keys are under model.memory.* since ltm 0.2 (model/memory=tokens|slots|delta)"
+        hint = ("the memory's keys are under model.memory.* since ltm 0.2 (model/memory=tokens|slots|delta|neural)"
                 if moved else "see `ltm config show` for the known keys")
         message = f"unknown key ({message}); {hint}"
     elif message.startswith("Error parsing override"):

@@ -40,7 +40,7 @@ def is_legacy(values: dict[str, Any]) -> bool:
 
 def _refuse(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"model.{key}", f"{value!r} was retired in ltm 0.2 ({why}; docs/experiments/"
-                                       "negative-results.md): retrain with model/memory=tokens|slots|delta")
+                                       "negative-results.md): retrain with model/memory=tokens|slots|delta|neural")
 
 
 def migrate_model_config(values: dict[str, Any]) -> dict[str, Any]:
@@ -86,3 +86,17 @@ def migrate_state_dict(state: dict[str, Any]) -> dict[str, Any]:
             name = name.replace(old, new)
         out[name] = value
     return out
+
+
+# neural memory options added after checkpoints were written with it, and the value those checkpoints computed with
+# (the dataclass default may differ: a stored config that lacks the key must keep the function it was trained with)
+NEURAL_STORED_DEFAULTS = {"normalize_values": False}
+
+
+def complete_stored_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model config (today's keys) with the options it predates set to what it was trained with:
+    a neural memory stored without `normalize_values` was trained with free values."""
+    memory = values.get("memory")
+    if not isinstance(memory, dict) or memory.get("kind") != "neural":
+        return values
+    return {**values, "memory": {**NEURAL_STORED_DEFAULTS, **memory}}

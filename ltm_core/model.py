@@ -5,9 +5,10 @@ information flows only through each layer's memory (ltm_core/memory/: one module
 
     x += conv(x)                          short_conv=K: causal depthwise (K - 1 predecessors; across segments with
                                           the memory state: short_conv_carry)
+    x += memory.read_before(norm(x))      a residual read before the attention (the neural memory's mal)
     x += SelfAttention(norm(x), prefix)   causal inside the segment; the tokens memory adds its kept tokens as a
                                           prefix, read through the attention's own key/value projections
-    x += memory.read(x)                   the slots and delta memories' residual read
+    x += memory.read(x)                   the slots, delta and neural (mag) memories' residual read
     x += FeedForward(norm(x))             SwiGLU
     memory.write(entries of the segment)  once the segment is complete (from norm(x), the state after attention,
                                           or the block output: the kind's `writes`)
@@ -15,8 +16,9 @@ information flows only through each layer's memory (ltm_core/memory/: one module
 Execution. Inside one BPTT window (`bptt_segments` segments) the model runs layer by layer over all the window's
 segments at once (Infini-attention's layer-major order): norms, projections, the short convolution, the FFN and the
 segment attention run batched as [B * segments, S, C]; only the memory recurrence steps through the segments
-(`Memory.scan`), and the read is one batched attention over (memory + segment). A kind that writes the block's own
-output (`slots`) cannot take that order and runs segment by segment, as do streaming calls that start or end
+(`Memory.scan`), and the read is one batched attention over (memory + segment). A kind whose write depends on its
+own read (`slots`, which writes the block's output; the neural memory's mac, which writes the output of the
+attention that read it) cannot take that order and runs segment by segment, as do streaming calls that start or end
 inside a segment (generation). `window_parallel = False` on a model forces the segment-by-segment path everywhere:
 it is the reference the layer-major pass is tested against. Between windows the state is detached (truncated BPTT).
 
@@ -149,11 +151,13 @@ class Block(nn.Module):
         x, shift = self._short_conv(x, past.shift)
         normed = self.attn_norm(x)  # [B, T, C]
         mem, state = self.memory, past.memory
+        written = {"normed": normed}  # the hidden states a kind may write (else the block output)
+        x, h = self._read_before(x, normed, state)
         prefix = mem.prefix(state) if mem is not None else None
         kv = None if past.keys is None else (past.keys, past.values)
-        a, k, v = self.attn(normed, cos, sin, kv, prefix, self.cfg.kernels)
+        a, k, v = self.attn(h, cos, sin, kv, prefix, self.cfg.kernels)
         x = x + a
-        written = {"normed": normed, "attended": x}  # the hidden states a kind may write (else the block output)
+        written["attended"] = x
         if mem is not None:
             read = mem.read(x, state)
             if read is not None:
@@ -176,6 +180,8 @@ class Block(nn.Module):
         if mem is not None and mem.writes == "normed":  # every segment's memory is known before the attention
             with record_function(RECURRENCE):
                 scan = mem.scan(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise)
+        if scan is not None:
+            h, normed = self._read_before(h, normed, scan.before)
         prefix = mem.prefix(scan.before) if scan is not None else None
         projected = prefix_kv = None
         if prefix is not None and scan.rows is not None:  # kept tokens: gather their keys/values, do not project them
@@ -192,6 +198,15 @@ class Block(nn.Module):
                 h = h + read
         h = h + self.ffn(self.ffn_norm(h))
         return h.unflatten(0, (B, W)), scan, shift
+
+    def _read_before(self, x: torch.Tensor, normed: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's read before the attention, if it has one: x [B, T, C], its norm -> (x + the read, the
+        attention's input norm(x + read)); else (x, normed) unchanged."""
+        read = self.memory.read_before(normed, state) if self.memory is not None else None
+        if read is None:
+            return x, normed
+        x = x + read
+        return x, self.attn_norm(x)
 
     def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]):
         """x: [B, T, C], before: [B, K - 1, C] the inputs before it in the segment, or carried from the previous

@@ -39,6 +39,7 @@ from ltm_core.console import StepProgressBar, generate_command, quiet_lightning
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, TextDataModule, load_corpus, unigram_bpb
 from ltm_core.errors import CheckpointError, ConfigError, Interrupted, LtmError, RunStopped
+from ltm_core.migration import complete_stored_config
 from ltm_core.model import TitanModel
 from ltm_core.resources import check_fits_machine, check_threads, cpu_budget, set_threads, worker_threads
 from ltm_core.tasks import is_task
@@ -128,8 +129,8 @@ def _saved_model_config(saved: Path):
         raise ConfigError(str(saved), f"is not valid YAML ({' '.join(str(exc).split())[:160]})") from None
     if not isinstance(before, DictConfig) or not isinstance(before.get("model"), DictConfig):
         raise ConfigError(str(saved), "has no model section; restore it or choose another output_dir")
-    try:
-        return model_config(before)
+    try:  # options added since the run started take the value it was trained with
+        return model_config({"model": complete_stored_config(OmegaConf.to_container(before.model, resolve=True))})
     except ConfigError as exc:
         raise ConfigError(f"{saved}: {exc.key}", str(exc).split(": ", 2)[-1]) from None
     except Exception as exc:  # an unresolvable interpolation, a wrong type

@@ -26,6 +26,9 @@ KIND_MEMORY = {
     "tokens_dedup": dict(kind="tokens", slots=8, select_dedup=0.9, importance_detach=False),
     "slots": dict(kind="slots", slots=8, dim=16),
     "delta": dict(kind="delta", slots=8, dim=16),
+    "neural": dict(kind="neural", placement="mac", slots=8, dim=16, chunk=4, retrieved=4, persistent=2),
+    "neural_mag": dict(kind="neural", placement="mag", slots=8, dim=16, chunk=5),
+    "neural_mal": dict(kind="neural", placement="mal", slots=8, dim=16, chunk=16, depth=1, persistent=2),
 }
 
 

@@ -18,13 +18,15 @@ SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidde
 
 def test_variants_share_the_backbone():
     base = TitanConfig(hidden_size=64, num_attention_heads=2, segment_length=32, memory=TokensMemoryConfig(slots=16))
-    mem, slots, delta, local, full = (variant_config(base, v, 256)
-                                      for v in ("memory", "slots", "delta", "segment_local", "full_causal"))
-    assert mem.use_memory and slots.use_memory and delta.use_memory and not local.use_memory and not full.use_memory
-    assert (mem.memory.kind, slots.memory.kind, delta.memory.kind) == ("tokens", "slots", "delta")
-    assert mem.memory.slots == slots.memory.slots == delta.memory.slots == 16
+    mem, slots, delta, neural, local, full = (variant_config(base, v, 256) for v in (
+        "memory", "slots", "delta", "neural", "segment_local", "full_causal"))
+    assert mem.use_memory and slots.use_memory and delta.use_memory and neural.use_memory
+    assert not local.use_memory and not full.use_memory
+    assert (mem.memory.kind, slots.memory.kind, delta.memory.kind, neural.memory.kind) == ("tokens", "slots", "delta",
+                                                                                           "neural")
+    assert mem.memory.slots == slots.memory.slots == delta.memory.slots == neural.memory.slots == 16
     assert local.segment_length == 32 and full.segment_length == 256 and full.bptt_segments == 1
-    assert {c.hidden_size for c in (mem, slots, delta, local, full)} == {64}
+    assert {c.hidden_size for c in (mem, slots, delta, neural, local, full)} == {64}
     with pytest.raises(ValueError):
         variant_config(base, "bogus", 256)
 

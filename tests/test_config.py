@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ltm_core.config import DeltaMemoryConfig, SlotsMemoryConfig, TokensMemoryConfig
+from ltm_core.config import DeltaMemoryConfig, NeuralMemoryConfig, SlotsMemoryConfig, TokensMemoryConfig
 from ltm_core.configuration import compose, model_config
 from ltm_core.errors import ConfigError
 
@@ -27,7 +27,7 @@ from ltm_core.errors import ConfigError
     (["model.memory.slots=-1"], "model.memory.slots", "positive"),
     (["model.memory.slots=0"], "model.memory.slots", "positive"),
     (["model.bptt_segments=0"], "model.bptt_segments", "positive"),
-    (["model/memory=cross"], "model/memory", "choose one of delta, slots, tokens"),
+    (["model/memory=cross"], "model/memory", "choose one of delta, neural, slots, tokens"),
     (["model.memory.dim=16"], "model.memory.dim", "unknown key"),
     (["model/memory=slots", "model.memory.select_noise=0.5"], "model.memory.select_noise", "unknown key"),
     (["model/memory=delta", "model.memory.heads=2"], "model.memory.heads", "unknown key"),
@@ -35,6 +35,12 @@ from ltm_core.errors import ConfigError
     (["model.memory.select_dedup=1.5"], "model.memory.select_dedup", "cosine"),
     (["model/memory=slots", "model.memory.heads=3"], "model.memory.heads", "must divide"),
     (["model.memory_read=tokens"], "model.memory_read", "model.memory.*"),
+    (["model/memory=neural", "model.memory.placement=mem"], "model.memory.placement", "mac, mag, mal"),
+    (["model/memory=neural", "model.memory.depth=3"], "model.memory.depth", "1 (a linear map)"),
+    (["model/memory=neural", "model.memory.chunk=0"], "model.memory.chunk", "positive"),
+    (["model/memory=neural", "model.memory.lr=0"], "model.memory.lr", "> 0"),
+    (["model/memory=neural", "model.memory.persistent=-1"], "model.memory.persistent", ">= 0"),
+    (["model/memory=neural", "model.memory.select_noise=0.5"], "model.memory.select_noise", "unknown key"),
     (["model.kernels=cuda"], "model.kernels", "auto, triton, torch"),
     (["model.compile_mode=fast"], "model.compile_mode", "default, reduce-overhead"),
     (["model.compile=true", "model.kernels=triton"], "model.kernels", "model.compile=true"),
@@ -85,11 +91,13 @@ def test_the_memory_kind_is_a_config_group_with_its_own_schema():
     assert slots.memory == SlotsMemoryConfig(slots=256, dim=32)
     delta = model_config(compose(["model/memory=delta"]))
     assert delta.memory == DeltaMemoryConfig(slots=64)
+    neural = model_config(compose(["model=small", "model/memory=neural", "model.memory.placement=mag"]))
+    assert neural.memory == NeuralMemoryConfig(slots=256, placement="mag")
     assert model_config(compose([])).memory == TokensMemoryConfig(slots=64)
 
 
 @pytest.mark.parametrize("kind, cls", [("tokens", TokensMemoryConfig), ("slots", SlotsMemoryConfig),
-                                       ("delta", DeltaMemoryConfig)])
+                                       ("delta", DeltaMemoryConfig), ("neural", NeuralMemoryConfig)])
 def test_each_memory_yaml_lists_its_dataclass_defaults(kind, cls):
     """conf/model/memory/<kind>.yaml shows every key of its dataclass, with the dataclass's default and a comment."""
     path = Path(__file__).resolve().parents[1] / "conf" / "model" / "memory" / f"{kind}.yaml"

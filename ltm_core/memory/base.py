@@ -6,15 +6,17 @@ only ever reads what earlier segments wrote. What the block needs from a kind:
     initial_state(B)              the state before any segment
     entries(h)                    what each token writes, from the hidden state the kind writes (`writes`)
     write(state, entries, noise)  one complete segment into the state -> Write(state, aux loss, kept indices)
-    prefix(state)                 the read as extra tokens of the self-attention (tokens), or None
-    read(h, state)                the read as a residual after the self-attention (slots, delta), or None
+    prefix(state)                 the read as extra tokens of the self-attention (tokens, neural mac), or None
+    read_before(h, state)         the read as a residual before the self-attention (neural mal), or None
+    read(h, state)                the read as a residual after the self-attention (slots, delta, neural mag), or None
     scan(state, entries, noise)   the states before each segment of a window, from all its segments' entries
 
-`writes` names the hidden state a segment writes: "normed" (the self-attention's input), "attended" (the state
-after the self-attention, before the memory read) or "block" (the block's output). With "normed" or "attended" the
-write does not depend on the memory's own read, so a BPTT window runs layer by layer over all its segments at once
-(`TitanModel`'s layer-major pass) and only the recurrence itself (`scan`) steps through the segments; with
-"block" the window runs segment by segment.
+`writes` names the hidden state a segment writes: "normed" (the block's normed input, before any read), "attended"
+(the state after the self-attention, before the residual read) or "block" (the block's output). With "normed" or
+"attended" the write does not depend on the memory's own read, so a BPTT window runs layer by layer over all its
+segments at once (`TitanModel`'s layer-major pass) and only the recurrence itself (`scan`) steps through the
+segments; with "block" the window runs segment by segment, as does a kind whose `window_parallel` says so (one that
+writes "attended" and is read before the attention, through `prefix` or `read_before`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ class Memory(nn.Module):
         raise TypeError(f"{type(self).__name__} must define write")
 
     def prefix(self, state: State) -> Optional[Prefix]:
+        return None
+
+    def read_before(self, h: torch.Tensor, state: State) -> Optional[torch.Tensor]:
+        """h: [B, T, C] the block's normed input -> a residual [B, T, C] added before the self-attention, or None."""
         return None
 
     def read(self, h: torch.Tensor, state: State) -> Optional[torch.Tensor]:

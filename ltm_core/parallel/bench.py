@@ -77,7 +77,7 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
         out["dp"] = dp * W * (P * gbytes + used_map) if dp > 1 else 0.0
         return out
 
-    kind = mc.memory_kind  # None (no memory), tokens, slots or delta
+    kind = mc.memory_kind  # None (no memory), tokens, slots, delta or neural
     # ---- tensor parallel, per rank, for one layer, over the whole batch of its dp group
     if tp > 1:
         per_layer = 0.0
@@ -93,6 +93,9 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
                 per_layer += B * M * abytes
                 if mc.memory.read_importance:
                     per_layer += B * M * 4
+            elif kind == "neural":  # its persistent and (mac) retrieved tokens through attn.qkv_proj: input gradient
+                prefix = mc.memory.persistent + (mc.memory.retrieved if mc.memory.placement == "mac" else 0)
+                per_layer += B * prefix * C * abytes
             elif kind == "slots":
                 mem_grad = s > 0 or w == 0  # the memory of the window's first segment is detached (or learned)
                 if mem_grad:

@@ -17,6 +17,8 @@ plus the memory kind's own entries (MEMORY_PLANS):
     tokens  nothing: its importance weights are replicated; the read bias log sigmoid(importance) is read by every
             head, so its gradient is summed over the tp group (`TokensMemory.shared_by_heads`)
     delta   nothing: the map, its write and its read stay replicated
+    neural  nothing: the MLP's weights, its write and its read stay replicated (MAC's retrieved and persistent
+            tokens go through attn.qkv_proj, whose input gradient is summed over the tp group)
 
 Embeddings, norms, the short convolution and the LM head stay replicated (the vocabulary is 259 bytes). Every name
 in the plan must exist in the block: a plan naming a missing module is an error, not a silent skip.
@@ -97,8 +99,10 @@ MEMORY_PLANS = {
               **{f"memory.{n}": lambda: ColwiseParallel(output_layouts=Replicate())
                  for n in ("query", "key", "value", "update")}},
     "delta": {},
+    "neural": {},
 }
-HEADED = {"tokens": (), "slots": ("memory.reader",), "delta": ()}  # modules whose `heads` the split divides
+HEADED = {"tokens": (), "slots": ("memory.reader",), "delta": (),  # modules whose `heads` the split divides
+          "neural": ()}
 
 
 def block_plan(block: nn.Module) -> dict[str, ParallelStyle]:

@@ -124,8 +124,10 @@ def test_window_parallel_equals_the_sequential_reference(case):
 
 
 def test_kinds_that_write_their_own_read_run_segment_by_segment():
-    """The slots memory writes the block's output, which depends on its own read: it cannot take the layer-major
-    order, and the model runs it segment by segment whatever `window_parallel` says."""
-    assert not TitanModel(kind_config("slots")).blocks[0].memory.window_parallel
-    for kind in ("tokens", "delta"):
+    """The slots memory writes the block's output, and the neural memory's mac the output of the attention that read
+    its retrieved tokens: both depend on their own read, so they cannot take the layer-major order, and the model
+    runs them segment by segment whatever `window_parallel` says."""
+    for kind in ("slots", "neural"):
+        assert not TitanModel(kind_config(kind)).blocks[0].memory.window_parallel
+    for kind in ("tokens", "delta", "neural_mag", "neural_mal"):
         assert TitanModel(kind_config(kind)).blocks[0].memory.window_parallel

@@ -2,7 +2,8 @@
 through a key migration and compute what they computed; a retired memory is refused in one line.
 
 tests/data/legacy/*.ckpt were written by the code of commit a2928ad (tests/data/legacy/make_legacy.py), with the
-logits that code computed."""
+logits that code computed; neural_free_values.ckpt by the neural memory's code before `normalize_values` existed
+(make_neural_free_values.py): options added since a checkpoint was written take the value it was trained with."""
 
 from __future__ import annotations
 
@@ -67,3 +68,38 @@ def test_legacy_configs_with_a_retired_option_name_it(legacy, key):
 def test_a_legacy_override_says_where_the_key_went():
     with pytest.raises(ConfigError, match=r"model.memory_slots: unknown key .*under model.memory"):
         compose(["model.memory_slots=16"])
+
+
+def test_a_neural_checkpoint_from_before_normalize_values_computes_what_it_computed():
+    """Its values were free: loaded with today's default (unit values) the same weights compute another function,
+    which is how a passkey checkpoint with validation answer loss 1e-9 once scored 0 exact matches."""
+    model = load_model(LEGACY / "neural_free_values.ckpt")
+    assert model.config.memory.kind == "neural" and model.config.memory.normalize_values is False
+    expected = torch.load(LEGACY / "neural_free_values_logits.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits[..., :32]
+        unit = load_model(LEGACY / "neural_free_values.ckpt", ["model.memory.normalize_values=true"])
+        unit_logits = unit(expected["input_ids"]).logits[..., :32]
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    assert (unit_logits - expected["logits"]).abs().max() > 1e-2  # the option matters for these weights
+
+
+def test_a_neural_run_from_before_normalize_values_resumes_with_free_values(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ltm_core.train import _saved_model_config
+
+    saved = tmp_path / "config.yaml"
+    OmegaConf.save(OmegaConf.create(read_checkpoint(LEGACY / "neural_free_values.ckpt")["hyper_parameters"]["config"]),
+                   saved)
+    assert _saved_model_config(saved).memory.normalize_values is False
+
+
+def test_a_new_neural_config_stores_normalize_values_and_keeps_it():
+    from ltm_core.checkpoint import stored_model_config
+    from ltm_core.configuration import to_dict
+
+    model = to_dict(compose(["model/memory=neural"]))["model"]
+    assert model["memory"]["normalize_values"] is True
+    ckpt = {"hyper_parameters": {"config": {"model": model}}}
+    assert stored_model_config(ckpt)["memory"]["normalize_values"] is True

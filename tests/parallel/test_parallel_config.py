@@ -91,11 +91,11 @@ def test_split_layers_and_stage_placement():
     assert stage_ids(1, 2, 2) == [1, 3]  # interleaved: loop-style placement
 
 
-@pytest.mark.parametrize("kind", ["slots", "tokens", "delta"])
+@pytest.mark.parametrize("kind", ["slots", "tokens", "delta", "neural"])
 def test_bench_parallel_measures_the_analytic_volume(tmp_path, kind):
     """`ltm bench parallel` library function: the collectives counted in a tp2 training step add up to the
     analytic formula (TP all-reduces and all-gathers, exactly); only the slots memory has write projections to
-    shard."""
+    shard (the neural memory, mac: its retrieved tokens' gradient through the attention's projection)."""
     from ltm_core.parallel.bench import bench_parallel, rows_table
 
     calls = []

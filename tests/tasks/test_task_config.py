@@ -233,3 +233,17 @@ def test_lm_recipes_and_their_baselines_are_matched(name):
     assert not full.use_memory and full.segment_length == L and full.bptt_segments == 1
     same = {"hidden_size", "num_attention_heads", "num_hidden_layers", "short_conv", "rope_theta"}
     assert all(getattr(m, k) == getattr(memory, k) for m in (baseline, full) for k in same)
+
+
+@pytest.mark.parametrize("name", ["passkey", "mqar", "babi_facts"])
+def test_neural_recipes_differ_from_their_task_recipe_only_in_the_memory(name):
+    """experiment=NAME_neural is experiment=NAME with model/memory=neural: the task recipe's memory options are
+    another kind's keys, which the neural schema refuses, so it cannot inherit the file; this checks that it copies
+    everything else (backbone, data, task, steps, optimiser, seed)."""
+    neural, base = compose([f"experiment={name}_neural"]), compose([f"experiment={name}"])
+    assert neural.model.memory.kind == "neural" and base.model.memory.kind != "neural"
+    for group in ("data", "task", "trainer", "optim", "precision", "parallel"):
+        assert neural[group] == base[group], group
+    assert neural.seed == base.seed
+    assert {k: v for k, v in neural.model.items() if k != "memory"} == {k: v for k, v in base.model.items()
+                                                                        if k != "memory"}
