@@ -113,7 +113,7 @@ class NeuralMemoryConfig:
     by M(q); `placement` is the paper's mac | mag | mal (ltm_core/memory/neural.py)."""
 
     kind: str = "neural"
-    placement: str = "mac"  # mac: retrieved tokens prefix the attention, the memory is written with its output
+    placement: str = "mag"  # mac: retrieved tokens prefix the attention, the memory is written with its output
     # (retrieve -> attend -> update; segment by segment) | mag: a gated residual after the attention | mal: a
     # residual layer before the attention (mag, mal: written from the block's normed input; layer by layer)
     slots: int = 64  # H: hidden width of the memory MLP (depth 2)
