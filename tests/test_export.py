@@ -299,3 +299,17 @@ def test_state_tensors_are_found_by_structure():
     assert isinstance(rebuilt[0].memory, tuple) and rebuilt[0].steps == 3 and rebuilt[1].memory is None
     assert torch.equal(rebuilt[0].memory[1], torch.full((2, 4, 4), 2.0))
     assert torch.equal(rebuilt[0].pending["keys"], torch.ones(2, 1, 5))
+
+
+def test_hf_export_after_loading_an_exported_folder_keeps_the_folders_auto_map(hf_folder, trained_tiny, tmp_path):
+    """Loading a folder with trust_remote_code registers ltm_core's classes for the auto classes; a later export in
+    the same process must still point config.json's auto_map at the folder's own files, not at ltm_core."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(hf_folder, trust_remote_code=True)
+    again = tmp_path / "again"
+    result = invoke("export", "-c", str(trained_tiny), "--format", "hf", "--out", str(again))
+    assert result.returncode == 0, result.stderr
+    auto_map = json.loads((again / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_ltm.LtmConfig",
+                        "AutoModelForCausalLM": "modeling_ltm.LtmForCausalLM"}, auto_map

@@ -445,7 +445,7 @@ def stand_ins(monkeypatch):
     def fit(cfg, corpus=None):
         raise Reached()
 
-    def evaluate(model, data, corpus=None):
+    def evaluate(model, data, corpus=None, progress=None):
         load_corpus(data)
         raise Reached()
 

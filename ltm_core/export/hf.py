@@ -19,6 +19,8 @@ every segment cannot do: they are refused with a clear error, as transformers' s
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,6 +53,21 @@ CONFIGURATION = '''"""LtmConfig for transformers (trust_remote_code=True), from 
 
 from ltm_core.export.hf import LtmConfig  # noqa: F401
 '''
+@contextlib.contextmanager
+def _unregistered(*classes):
+    """Save without the auto-class registration that loading an exported folder with trust_remote_code leaves on
+    these classes (the folder's modules import them from ltm_core): registered, save_pretrained would rewrite
+    config.json's auto_map to ltm_core's module instead of the folder's configuration_ltm / modeling_ltm."""
+    saved = [cls.__dict__.get("_auto_class") for cls in classes]
+    for cls in classes:
+        cls._auto_class = None
+    try:
+        yield
+    finally:
+        for cls, value in zip(classes, saved):
+            cls._auto_class = value
+
+
 AUTO_MAP = {"AutoConfig": "configuration_ltm.LtmConfig", "AutoModelForCausalLM": "modeling_ltm.LtmForCausalLM"}
 
 
@@ -260,7 +277,7 @@ def export_hf(checkpoint: str | Path, ckpt: dict[str, Any], out: Path, overwrite
     hf.model = model  # the loaded weights themselves
     hf.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=True,
                                             temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=200)
-    with output_folder(out, overwrite) as staging:
+    with output_folder(out, overwrite) as staging, _unregistered(LtmConfig, LtmForCausalLM):
         hf.save_pretrained(staging, max_shard_size=max_shard_bytes or DEFAULT_SHARD_BYTES)
         byte_tokenizer().save_pretrained(staging)
         (staging / "modeling_ltm.py").write_text(MODELING)
