@@ -22,10 +22,27 @@ def config_groups() -> dict[str, tuple[list[str], str | None]]:
     groups = {}
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
     for name in sorted(folders, key=lambda g: (list(defaults).index(g) if g in defaults else len(defaults), g)):
-        options = sorted(p.name[:-5] for p in root.joinpath(name).iterdir() if p.name.endswith(".yaml"))
+        folder = root.joinpath(name)
+        options = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
         if options:
             groups[name] = (options, defaults.get(name))
+        for sub in sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+            nested = sorted(p.name[:-5] for p in folder.joinpath(sub).iterdir() if p.name.endswith(".yaml"))
+            if nested:  # e.g. model/memory: its default is the one the parent's default option picks
+                groups[f"{name}/{sub}"] = (nested, _nested_default(folder, defaults.get(name), sub))
     return groups
+
+
+def _nested_default(folder, option: str | None, sub: str) -> str | None:
+    """The option of the nested group `sub` that the parent group's option file picks in its defaults list."""
+    if option is None or not folder.joinpath(f"{option}.yaml").is_file():
+        return None
+    for entry in yaml.safe_load(folder.joinpath(f"{option}.yaml").read_text()).get("defaults", []) or []:
+        if isinstance(entry, dict):
+            (key, value), = entry.items()
+            if key.split()[-1] == sub:
+                return value
+    return None
 
 
 def groups_epilog(width: int = 78) -> str:

@@ -155,9 +155,12 @@ def test_help_keeps_bracketed_text_and_lists_the_config_groups():
     assert "Usage: ltm train [OPTIONS] [OVERRIDES]..." in shown
     lines = shown.splitlines()
     conf = Path(__file__).resolve().parents[1] / "conf"
-    for group in (p for p in conf.iterdir() if p.is_dir() and list(p.glob("*.yaml"))):
-        at = next((i for i, ln in enumerate(lines) if ln.split()[:1] == [group.name]), None)
-        assert at is not None, group.name
+    groups = [p for p in conf.iterdir() if p.is_dir() and list(p.glob("*.yaml"))]
+    groups += [p for g in list(groups) for p in g.iterdir() if p.is_dir() and list(p.glob("*.yaml"))]  # model/memory
+    for group in groups:
+        name = group.relative_to(conf).as_posix()
+        at = next((i for i, ln in enumerate(lines) if ln.split()[:1] == [name]), None)
+        assert at is not None, name
         indent = len(lines[at]) - len(lines[at].lstrip())
         block = [lines[at]]  # the group's line and the lines wrapped under it
         for line in lines[at + 1:]:
@@ -166,7 +169,7 @@ def test_help_keeps_bracketed_text_and_lists_the_config_groups():
             block.append(line)
         for option in group.glob("*.yaml"):
             assert re.search(rf"(?<![\w-]){re.escape(option.stem)}(?![\w-])", " ".join(block)), option
-    assert "tiny (default)" in shown and "kjv (default)" in shown
+    assert "tiny (default)" in shown and "kjv (default)" in shown and "tokens (default)" in shown
     shown = runner.invoke(app, ["config", "show", "--help"], prog_name="ltm").output
     assert "ltm config show [OPTIONS] [OVERRIDES]..." in shown and "ltm train [overrides]" in shown
     assert "Example: `ltm config show model=small" in shown
