@@ -30,15 +30,21 @@ def _mlp(weights, k: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bj->bi", w2, F.silu(torch.einsum("bij,bj->bi", w1, k))) / math.sqrt(w1.shape[1])
 
 
+def _gates(memory, entries: torch.Tensor) -> tuple:
+    """entries [B, T, 2D + 3] -> the rule's keys, values (l2-normed) and its step, momentum and decay per token."""
+    D = memory.dim
+    k = F.normalize(F.silu(entries[..., :D]), dim=-1)
+    v = F.normalize(F.silu(entries[..., D:2 * D]), dim=-1)
+    theta = memory.config.lr * torch.sigmoid(entries[..., 2 * D])
+    return k, v, theta, torch.sigmoid(entries[..., 2 * D + 1]), torch.sigmoid(entries[..., 2 * D + 2])
+
+
 def naive_write(memory, state: tuple, entries: torch.Tensor, chunk: int) -> tuple:
     """The Titans rule token by token, each gradient by autograd at the weights of its chunk's start (chunk 1: at
     the previous token's weights, the rule itself):
     S_t = eta_t S_{t-1} - theta_t grad ||M(k_t) - v_t||^2,  M_t = (1 - alpha_t) M_{t-1} + S_t."""
-    D, n = memory.dim, len(memory.initial)
-    k = F.normalize(F.silu(entries[..., :D]), dim=-1)
-    v = F.normalize(F.silu(entries[..., D:2 * D]), dim=-1)
-    theta = memory.config.lr * torch.sigmoid(entries[..., 2 * D])
-    eta, alpha = torch.sigmoid(entries[..., 2 * D + 1]), torch.sigmoid(entries[..., 2 * D + 2])
+    n = len(memory.initial)
+    k, v, theta, eta, alpha = _gates(memory, entries)
     weights, momenta = list(state[:n]), list(state[n:])
     for t in range(entries.shape[1]):
         if t % chunk == 0:
@@ -103,11 +109,8 @@ def test_the_write_is_differentiable_as_the_token_rule():
 
 def naive_write_graph(memory, state, entries):
     """`naive_write` at chunk 1 whose autograd gradients stay in the graph (create_graph), for second derivatives."""
-    D, n = memory.dim, len(memory.initial)
-    k = F.normalize(F.silu(entries[..., :D]), dim=-1)
-    v = F.normalize(F.silu(entries[..., D:2 * D]), dim=-1)
-    theta = memory.config.lr * torch.sigmoid(entries[..., 2 * D])
-    eta, alpha = torch.sigmoid(entries[..., 2 * D + 1]), torch.sigmoid(entries[..., 2 * D + 2])
+    n = len(memory.initial)
+    k, v, theta, eta, alpha = _gates(memory, entries)
     weights, momenta = list(state[:n]), list(state[n:])
     for t in range(entries.shape[1]):
         loss = (_mlp(weights, k[:, t]) - v[:, t]).square().sum()
