@@ -89,12 +89,16 @@ def test_hf_export_needs_the_extra(trained_tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.fixture(scope="module")
-def hf_folder(trained_tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf") / "model"
-    result = invoke("export", "-c", str(trained_tiny), "--format", "hf", "--out", str(out))
+def exported(checkpoint, fmt: str, out):
+    """`ltm export -c CHECKPOINT --format FMT --out OUT`, which must succeed -> OUT."""
+    result = invoke("export", "-c", str(checkpoint), "--format", fmt, "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_folder(trained_tiny, tmp_path_factory):
+    return exported(trained_tiny, "hf", tmp_path_factory.mktemp("hf") / "model")
 
 
 def test_hf_folder_imports_ltm_core_and_loads_with_auto_classes(hf_folder, trained_tiny):
@@ -182,10 +186,7 @@ def test_hf_cache_is_the_bounded_memory_state(hf_folder, trained_tiny):
 
 @pytest.fixture(scope="module")
 def onnx_folder(trained_tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "model"
-    result = invoke("export", "-c", str(trained_tiny), "--format", "onnx", "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    return out
+    return exported(trained_tiny, "onnx", tmp_path_factory.mktemp("onnx") / "model")
 
 
 def test_onnx_generation_over_segments_matches_pytorch(onnx_folder, trained_tiny):
@@ -307,9 +308,7 @@ def test_hf_export_after_loading_an_exported_folder_keeps_the_folders_auto_map(h
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(hf_folder, trust_remote_code=True)
-    again = tmp_path / "again"
-    result = invoke("export", "-c", str(trained_tiny), "--format", "hf", "--out", str(again))
-    assert result.returncode == 0, result.stderr
+    again = exported(trained_tiny, "hf", tmp_path / "again")
     auto_map = json.loads((again / "config.json").read_text())["auto_map"]
     assert auto_map == {"AutoConfig": "configuration_ltm.LtmConfig",
                         "AutoModelForCausalLM": "modeling_ltm.LtmForCausalLM"}, auto_map

@@ -144,7 +144,7 @@ def _fake_stdlib(root: Path) -> None:
     """A standard-library folder: modules, a package, and the folders data=pystdlib leaves out."""
     for name, text in {"zeta.py": "import os\n" * 50, "abc.py": "class A:\n    pass\n" * 40,
                        "email/__init__.py": "from email.parser import parse\n" * 5, "email/parser.py": "def parse(x):\n    return x\n" * 30,
-                       "test/test_abc.py": "assert True\n", "email/tests/t.py": "x = 1\n", "pydoc_data/topics.py": "{}",
+                       "test/test_abc.py": "import abc\n", "email/tests/t.py": "x = 1\n", "pydoc_data/topics.py": "{}",
                        "encodings/cp1252.py": "table = ()\n", "site-packages/pkg/mod.py": "y = 2\n",
                        "README.txt": "not python"}.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
