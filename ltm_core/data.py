@@ -1,4 +1,4 @@
-"""Corpora, token caches and the Lightning data module.
+"""Corpora, token caches, and the training and validation windows (the Lightning side: ltm_core.datamodule).
 
 A corpus is a 1-D array of byte-token ids (uint16) split into train and validation. Text files are tokenized
 once and cached on disk as a memory-mapped `.npy`, keyed by the files' paths, sizes and modification times, so
@@ -20,10 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ltm_core.config import DataConfig
 from ltm_core.errors import ConfigError, DataError
@@ -289,36 +288,6 @@ class EvenWindows(Dataset):
 
     def __getitem__(self, i: int):
         return window(self.tokens, int(self.offsets[i]), self.seq_len)
-
-
-class TextDataModule(L.LightningDataModule):
-    """Training batches from `RandomWindows`, validation from `EvenWindows`.
-
-    Training restarts at the sample counter that the LightningModule keeps in its checkpoint
-    (`samples_seen`), so a resumed run sees exactly the batches an uninterrupted one would.
-    """
-
-    def __init__(self, cfg: DataConfig, corpus: Optional[Corpus] = None):
-        super().__init__()
-        self.cfg = cfg
-        self.corpus = corpus
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.corpus is None:
-            self.corpus = load_corpus(self.cfg)
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        start = int(getattr(module, "samples_seen", 0))
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        data = RandomWindows(self.corpus.train, self.cfg.seq_len, self.cfg.seed, start * world, rank, world,
-                             batch_size=self.cfg.batch_size)
-        return DataLoader(data, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        data = EvenWindows(self.corpus.val, self.cfg.seq_len, self.cfg.val_samples)
-        return DataLoader(data, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)
 
 
 def unigram_bpb(corpus: Corpus) -> float:

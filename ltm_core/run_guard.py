@@ -1,14 +1,14 @@
 """Keeping a run's work safe whatever happens to its process (docs/reliability.md).
 
 - `atomic_save`: a checkpoint file is either the old one or the whole new one (temporary file, fsync, rename), and a
-  failed write (a full disk) leaves the old one and raises one line. `AtomicCheckpointIO` is Lightning's checkpoint
-  IO plugin doing so, and reading checkpoints back with `torch.load(weights_only=True)` and checked tensors.
+  failed write (a full disk) leaves the old one and raises one line. `ltm_core.lit.AtomicCheckpointIO` is
+  Lightning's checkpoint IO plugin doing so, and reading checkpoints back with `torch.load(weights_only=True)`.
 - `RunLock`: one `ltm train` per output folder (a kernel lock on OUTPUT_DIR/.lock, released however the process dies).
 - `Interrupts`: SIGINT / SIGTERM set a flag; the training loop saves a checkpoint after the current optimizer step and
   stops with one line naming the checkpoint and the command that continues the run (`resume_command`).
 - `TrainingStream`: the random numbers the training steps draw (the select write's Gumbel noise) come from a stream of
   their own that checkpoints carry, so a resumed run draws exactly what an uninterrupted one would.
-- `GuardCallback`: the Lightning side of the last two, plus the wall-clock checkpoint interval.
+- `ltm_core.lit.GuardCallback`: the Lightning side of the last two, plus the wall-clock checkpoint interval.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -149,34 +149,6 @@ def add_missing_metrics_row(path: Path, row: dict[str, Any]) -> None:
     writer.writerows([*rows, {"epoch": 0, **row}])
     with atomic_file(path) as f:
         f.write(text.getvalue().encode())
-
-
-def _checkpoint_io_base():
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    return TorchCheckpointIO
-
-
-class AtomicCheckpointIO(_checkpoint_io_base()):
-    """Lightning's checkpoint IO with atomic, fsynced writes (`atomic_save`) and checked reads: `torch.load` with
-    `weights_only=True` (a pickled object that would run code is refused), then `check(ckpt, path)` (tensor names,
-    shapes and dtypes against the model being trained), each failure one CheckpointError line."""
-
-    def __init__(self, check: Optional[Callable[[dict, Path], None]] = None):
-        super().__init__()
-        self.check = check
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(checkpoint, Path(path))
-
-    def load_checkpoint(self, path, map_location=None, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        from ltm_core.checkpoint import read_checkpoint
-
-        ckpt = read_checkpoint(path)
-        if self.check is not None:
-            self.check(ckpt, Path(path))
-        return ckpt
 
 
 # ------------------------------------------------------------------------------------------------------ lock
@@ -416,60 +388,3 @@ def resume_command(cfg) -> str:
                      "resume=auto"])
 
 
-# --------------------------------------------------------------------------------------- the Lightning side
-def _callback_base():
-    from lightning.pytorch.callbacks import Callback
-
-    return Callback
-
-
-class GuardCallback(_callback_base()):
-    """Saves OUTPUT_DIR/checkpoints/last.ckpt after an optimizer step when a signal came (then stops the run) or when
-    `every_minutes` of training passed since the last save. Every rank takes the same decision (one all-reduce of a
-    flag per batch in a multi-process run). Saves land on optimizer-step boundaries only, never inside gradient
-    accumulation (which Lightning's own `train_time_interval` does not know about under manual optimization)."""
-
-    def __init__(self, last: Path, interrupts: Interrupts, every_minutes: Optional[float], accumulate: int):
-        self.last, self.interrupts, self.accumulate = Path(last), interrupts, accumulate
-        self.interval = 60.0 * every_minutes if every_minutes else None
-        self._last_save = time.monotonic()
-        self.saved_step: Optional[int] = None  # global step of the newest save of this run
-        self.stopped_at: Optional[int] = None  # global step at which a signal stopped the run
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.interrupts.install()  # over Lightning's own SIGTERM handler, registered when fit started
-        self._last_save = time.monotonic()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        micro = pl_module.samples_seen // max(1, batch[0].shape[0])
-        if micro % self.accumulate:
-            return
-        due = self.interval is not None and time.monotonic() - self._last_save >= self.interval
-        signalled = trainer.strategy.reduce_boolean_decision(self.interrupts.requested, all=False)
-        if signalled or trainer.strategy.reduce_boolean_decision(due, all=False):
-            trainer.save_checkpoint(self.last, weights_only=False)
-        if signalled:
-            self.stopped_at = trainer.global_step
-            trainer.should_stop = True
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        """metrics.csv must hold every step the checkpoint holds: the rows Lightning buffers are written now, and
-        this step's row, which Lightning logs only after the batch-end hooks that save, travels in the checkpoint."""
-        self._last_save = time.monotonic()
-        self.saved_step = trainer.global_step
-        for logger in trainer.loggers:
-            logger.save()
-        # the logging step: one per micro-batch (manual optimization), not yet advanced past this batch
-        logged = trainer.fit_loop.epoch_loop._batches_that_stepped
-        checkpoint["metrics_row"] = {"step": logged, **{
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}}
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if trainer.is_global_zero and trainer.loggers:
-            path = Path(trainer.loggers[0].log_dir) / "metrics.csv"
-            row = checkpoint.get("metrics_row")
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] >= 0:
-                drop_metrics_from(path, row["step"] + 1)
-                add_missing_metrics_row(path, row)
-            else:  # a checkpoint without the row: one logging step per optimizer step
-                drop_metrics_from(path, int(checkpoint.get("global_step", 0)))

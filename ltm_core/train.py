@@ -13,63 +13,28 @@ moment loses at most the steps since the last one (docs/reliability.md).
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
-import signal
 import socket
 import sys
 import uuid
-import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from rich.console import Console
 
 from ltm_core import run_guard
 from ltm_core.config import DataConfig
-from ltm_core.console import StepProgressBar, generate_command, quiet_lightning
 from ltm_core.configuration import model_config, to_dict, validate
-from ltm_core.data import Corpus, TextDataModule, load_corpus, unigram_bpb
+from ltm_core.data import Corpus, load_corpus
 from ltm_core.errors import CheckpointError, ConfigError, Interrupted, LtmError, RunStopped
 from ltm_core.migration import complete_stored_config
 from ltm_core.model import TitanModel
-from ltm_core.resources import check_fits_machine, check_threads, cpu_budget, set_threads, worker_threads
+from ltm_core.resources import check_fits_machine, check_threads, set_threads, worker_threads
 from ltm_core.tasks import is_task
-from ltm_core.tasks.datamodule import TaskDataModule, task_config
-from ltm_core.training import Diverged, TitanLightning, check_resumable
-
-console = Console()
-# Lightning notes that do not apply: checkpoints are taken after the optimizer step on purpose (manual
-# optimization with one backward per BPTT window), and a torch pytree deprecation inside Lightning itself.
-warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-
-
-class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that a resumed run appends to OUTPUT_DIR/metrics.csv instead of deleting it."""
-
-    @property
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
-class _AppendingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):  # keep the earlier rows and their columns
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])
-
 
 def default_output_dir() -> str:
     """A fresh folder per run; under torchrun/SLURM every rank derives the same name from the job id."""
@@ -224,170 +189,23 @@ def _launch_local(cfg: DictConfig, nproc: int) -> None:
             os.environ[run_guard.RESUME_COMMAND_ENV] = command
 
 
-def _fit_guarded(cfg: DictConfig, trainer: L.Trainer, module: TitanLightning, datamodule, ckpt_path: Optional[str],
-                 guard: run_guard.GuardCallback) -> None:
-    """trainer.fit, with the one line of a run that stopped early: which checkpoint holds its work, how to go on."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule=None, model: Optional[TitanModel] = None) -> Path:
+    """Train in this process (one rank of a distributed run, or the only one): the native loop for the FSDP2 /
+    tensor / pipeline parallel presets, Lightning otherwise (`ltm_core.lit`, imported only then).
 
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:  # a SIGTERM before training started reached Lightning's handler too; we saved
-        if guard.stopped_at is None:
-            raise
-    except Diverged as err:
-        last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
-        if guard.saved_step is not None:
-            good = f"the last good checkpoint is {last} (step {guard.saved_step})"
-        elif ckpt_path:
-            good = f"the last good checkpoint is {ckpt_path}, which this run resumed from"
-        else:
-            good = "no checkpoint was written yet"
-        err.args = (f"{err}; {good}: lower optim.lr, then continue with: {run_guard.resume_command(cfg)}",)
-        raise
-    except run_guard.SaveFailed as err:
-        err.args = (f"{err}; the run stopped: free space, then continue with: {run_guard.resume_command(cfg)}",)
-        raise
-    except OSError as err:  # another file of the run (metrics.csv, hparams.yaml) could not be written
-        if err.filename is None:
-            raise
-        raise run_guard.SaveFailed(
-            f"output error: cannot write {err.filename} ({err.strerror}); the checkpoints in "
-            f"{Path(cfg.output_dir) / 'checkpoints'} are intact; the run stopped: free space, then continue with: "
-            f"{run_guard.resume_command(cfg)}") from None
-
-
-def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule: Optional[L.LightningDataModule] = None,
-        model: Optional[TitanModel] = None) -> Path:
-    """Run Lightning training in this process (one rank of a distributed run, or the only one).
-
-    `datamodule` replaces the one `cfg.data` describes (the Trainer API's datasets; with `has_validation = False`
-    there is no validation and no best.ckpt); `model` is trained instead of a new one from `cfg.model`."""
-    quiet_lightning()
+    `datamodule` (a LightningDataModule) replaces the one `cfg.data` describes (the Trainer API's datasets; with
+    `has_validation = False` there is no validation and no best.ckpt); `model` is trained instead of a new one from
+    `cfg.model`."""
     threads = set_threads(cfg.trainer.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    # --- parallel (ltm_core.parallel): FSDP2 / tensor / pipeline parallel presets run the native loop
-    from ltm_core.parallel.layout import devices_per_node, uses_native
+    from ltm_core.parallel.layout import uses_native
 
     if uses_native(cfg):
         from ltm_core.parallel import fit_parallel
 
         return fit_parallel(cfg, corpus)
-    # --- end parallel
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data_cfg = DataConfig(**to_dict(cfg.data))
-    task_cfg = task_config(cfg)  # data=<task> (ltm_core.tasks): generated samples instead of a corpus
-    if datamodule is not None:
-        corpus = None
-    elif task_cfg is not None:
-        corpus, datamodule = None, TaskDataModule(data_cfg, task_cfg, int(cfg.model.segment_length))
-    else:
-        corpus = corpus if corpus is not None else load_corpus(data_cfg)
-        datamodule = TextDataModule(data_cfg, corpus)
-    validates = getattr(datamodule, "has_validation", True)
-    module = TitanLightning(to_dict(cfg), model=model)
-    ckpt_path = resume_path(cfg, out)
-    interrupts = run_guard.Interrupts()
-    if cfg.precision.lightning == "16-mixed" and not torch.cuda.is_available():
-        raise ConfigError("precision", "fp16-mixed needs a CUDA GPU; use precision=bf16-mixed on CPU")
+    from ltm_core.lit import fit_lightning
 
-    model = module.model
-    rank_zero = is_rank_zero()
-    if rank_zero:
-        console.print(f"[bold]ltm train[/] -> {out}")
-        if corpus is None:  # task data, or the Trainer API's datasets
-            console.print(f"data: {datamodule.describe()}")
-        else:
-            console.print(f"data: {corpus.description}; train {len(corpus.train):,} tokens, val {len(corpus.val):,}")
-        console.print(f"model: {model.num_parameters():,} parameters, "
-                      f"{model.flops_per_token(data_cfg.seq_len) / 1e6:.2f} MFLOP/token (6N + attention + memory), "
-                      f"memory={'on' if model.config.use_memory else 'off'}, segment={model.config.segment_length}, "
-                      f"bptt_segments={model.config.bptt_segments}")
-        cpus = cpu_budget().describe(threads)
-        console.print(f"threads: {threads} per process ({cpus}; trainer.threads sets it)", soft_wrap=True)
-        if ckpt_path:
-            console.print(f"resuming from {ckpt_path}")
-        elif cfg.resume == "auto":
-            console.print(f"resume=auto: no checkpoint in {ckpt_dir}; starting at step 0")
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    accumulate = int(cfg.trainer.accumulate_grad_batches)
-    interval = int(cfg.trainer.val_check_interval)
-    save_every = int(cfg.trainer.save_every_n_steps or interval)
-    guard = run_guard.GuardCallback(ckpt_dir / "last.ckpt", interrupts, cfg.trainer.checkpoint_every_minutes,
-                                    accumulate)
-    callbacks = [
-        guard,
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=save_every, save_top_k=1,
-                        enable_version_counter=False),
-    ]
-    if validates:
-        callbacks.insert(1, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
-                                            save_top_k=1, enable_version_counter=False))
-    if cfg.trainer.progress:
-        callbacks.append(StepProgressBar(console))
-    loggers = [ResumableCSVLogger(save_dir=str(out), name="", version="")]
-    if cfg.trainer.tensorboard:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
-    strategy = cfg.parallel.strategy
-    if strategy == "ddp" and model.config.use_memory:
-        # each window has its own backward: windows after the first do not use the learned initial memory, and
-        # with bptt_segments=1 no window uses the memory-write weights (every write is detached)
-        strategy = "ddp_find_unused_parameters_true"
-    trainer = L.Trainer(
-        max_steps=int(cfg.trainer.max_steps), max_epochs=-1, accelerator=cfg.trainer.accelerator,
-        devices=devices_per_node(cfg), num_nodes=int(cfg.parallel.num_nodes), strategy=strategy,
-        precision=cfg.precision.lightning, val_check_interval=interval * accumulate, check_val_every_n_epoch=None,
-        log_every_n_steps=int(cfg.trainer.log_every_n_steps), callbacks=callbacks, logger=loggers,
-        enable_progress_bar=bool(cfg.trainer.progress), enable_model_summary=False, num_sanity_val_steps=0,
-        deterministic=bool(cfg.trainer.deterministic), use_distributed_sampler=False,
-        plugins=[run_guard.AtomicCheckpointIO(lambda ckpt, path: check_resumable(ckpt, module, path))],
-        limit_val_batches=None if validates else 0,
-    )
-    last = ckpt_dir / "last.ckpt"
-    if rank_zero and not ckpt_path:  # rows of a run killed before its first checkpoint are logged again
-        run_guard.drop_metrics_from(out / "metrics.csv", 0)
-    with interrupts:  # from here SIGINT/SIGTERM save at the end of the current step (GuardCallback)
-        _fit_guarded(cfg, trainer, module, datamodule, ckpt_path, guard)
-    if guard.stopped_at is not None:
-        signum = interrupts.signum or int(signal.SIGTERM)  # another rank received it
-        raise Interrupted(run_guard.interrupted_message(signum, guard.stopped_at, last, run_guard.resume_command(cfg)),
-                          signum)
-    unvalidated = validates and trainer.global_step % interval
-    if unvalidated or trainer.global_step % save_every:  # the run did not end on a validation/save step
-        if unvalidated:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.save_checkpoint(last, weights_only=False)
-    if rank_zero:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if task_cfg is None and corpus is None and "val/bpb" in metrics:  # the Trainer API's datasets
-            console.print(f"validation: loss {metrics['val/loss']:.4f}, {metrics['val/bpb']:.3f} bits/byte")
-        elif corpus is None and "val/loss" in metrics:  # task data: the loss is on the answer tokens
-            console.print(f"validation: answer loss {metrics['val/loss']:.4f}; "
-                          f"score it with: ltm eval --checkpoint {last} task={cfg.data.name}", soft_wrap=True)
-        elif "val/bpb" in metrics:
-            baseline = unigram_bpb(corpus)
-            console.print(f"validation: loss {metrics['val/loss']:.4f}, {metrics['val/bpb']:.3f} bits/byte "
-                          f"(byte-unigram baseline {baseline:.3f} bits/byte)")
-        console.print(f"checkpoint: {last}")
-        console.print(generate_command(last, _prompt_ids(corpus, datamodule)), soft_wrap=True, highlight=False)
-    return last
-
-
-def _prompt_ids(corpus: Optional[Corpus], datamodule) -> list[int]:
-    """The run's own data for the printed `generate` prompt: its validation split, else its first validation (or,
-    without validation, training) sample."""
-    if corpus is not None:
-        return corpus.val
-    from ltm_core.trainer import as_pair
-
-    for samples in (datamodule.val_dataloader().dataset, getattr(datamodule, "train", [])):
-        if len(samples):
-            return as_pair(samples[0])[0].tolist()
-    return []
+    return fit_lightning(cfg, threads, corpus, datamodule, model)
 
 
 if __name__ == "__main__":  # a worker process started by _launch_local: python -m ltm_core.train CONFIG

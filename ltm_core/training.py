@@ -1,4 +1,5 @@
-"""Training: the windowed backward, the LightningModule, and `train(cfg)` (what `ltm train` runs).
+"""The training step without Lightning: the windowed backward, the optimizer and its schedule (used by the
+Lightning module `ltm_core.lit.TitanLightning`, the native-parallel loop and `ltm bench`).
 
 Backpropagation runs window by window: `bptt_segments` segments form a window, gradients flow through the
 memory writes inside a window, the memory is detached between windows, and backward is called once per window
@@ -8,18 +9,14 @@ with gradients accumulating. Peak activation memory is therefore set by the wind
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from ltm_core.config import OptimConfig, TitanConfig
-from ltm_core.errors import CheckpointError, RunStopped
+from ltm_core.errors import RunStopped
 from ltm_core.model import TitanModel
-from ltm_core.run_guard import TrainingStream, check_rng_state
 
 LN2 = math.log(2)
 
@@ -83,122 +80,3 @@ class Diverged(RunStopped):
                          "gradient (none was applied)")
 
 
-class TitanLightning(L.LightningModule):
-    """Lightning wrapper: manual optimization so that each BPTT window gets its own backward.
-
-    A step whose loss or gradient is not finite is skipped (no optimizer or schedule step, the batch is dropped; the
-    count is logged as train/bad_steps); `trainer.max_bad_steps` of them in a row raise `Diverged`. The random numbers
-    the steps draw come from a `TrainingStream` that checkpoints carry (exact resume with select noise)."""
-
-    def __init__(self, config: dict[str, Any], model: Optional[TitanModel] = None):
-        """`model`: train this model (its weights are the start, e.g. `Trainer(model=...)`); None: a new one."""
-        super().__init__()
-        self.save_hyperparameters({"config": config})
-        self.run_config = config
-        self.model = model if model is not None else TitanModel(TitanConfig.from_dict(config["model"]))
-        self.optim_cfg = OptimConfig(**config["optim"])
-        self.max_steps = int(self.optim_cfg.schedule_steps or config["trainer"]["max_steps"])
-        self.accumulate = int(config["trainer"]["accumulate_grad_batches"])
-        self.model.aux_weight = 1.0 / self.accumulate  # the writes' auxiliary losses, scaled as the token loss
-        self.automatic_optimization = False
-        self.samples_seen = 0  # per rank; restored on resume so the data continues where it stopped
-        self.max_bad_steps = int(config["trainer"].get("max_bad_steps", 3))
-        self.bad_steps = 0  # skipped steps of the whole run (restored on resume)
-        self.bad_in_a_row = 0
-        self._bad_window = False  # a micro-batch of the current step had a non-finite loss
-        # fp16-mixed: the GradScaler skips steps with inf gradients itself (and lowers its scale): only the loss counts
-        self._check_grads = config["precision"]["lightning"] != "16-mixed"
-        self.random_stream = TrainingStream()
-        self._tick: Optional[float] = None
-
-    def forward(self, input_ids: torch.Tensor, memory=None):
-        return self.model(input_ids, memory=memory)
-
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optim_cfg)
-        scheduler = build_scheduler(optimizer, self.optim_cfg, self.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def training_step(self, batch, batch_idx: int):
-        input_ids, labels = batch  # [B, L] each
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        if self._tick is None:
-            self._tick = time.perf_counter()
-        with self.random_stream.active(self.device):
-            loss, aux = windowed_backward(self.model, input_ids, labels, self.manual_backward, 1.0 / self.accumulate)
-        self._bad_window |= not bool(torch.isfinite(loss))
-        self.samples_seen += input_ids.shape[0]
-        micro_step = self.samples_seen // input_ids.shape[0]
-        if micro_step % self.accumulate == 0:
-            bad = self._bad_window or (self._check_grads and not self._grads_finite())
-            self._bad_window = False
-            if self.trainer.strategy.reduce_boolean_decision(bad, all=False):  # every rank skips together
-                optimizer.zero_grad(set_to_none=True)
-                self.bad_steps += 1
-                self.bad_in_a_row += 1
-                if self.bad_in_a_row >= self.max_bad_steps:
-                    raise Diverged(self.trainer.global_step + 1, self.bad_in_a_row)
-            else:
-                self.bad_in_a_row = 0
-                if self.optim_cfg.grad_clip > 0:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.grad_clip,
-                                        gradient_clip_algorithm="norm")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-        now = time.perf_counter()
-        tokens_per_s = input_ids.numel() * self.trainer.world_size / max(now - self._tick, 1e-9)
-        self._tick = now
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over data-parallel ranks
-        self.log("train/tokens_per_s", tokens_per_s, prog_bar=True)
-        self.log("train/lr", scheduler.get_last_lr()[0])
-        self.log("train/bad_steps", float(self.bad_steps))
-        if aux is not None:  # the memory's auxiliary loss (e.g. the tokens memory's importance penalty)
-            self.log("train/aux_loss", aux, sync_dist=True)
-        return loss
-
-    def _grads_finite(self) -> bool:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-
-    def validation_step(self, batch, batch_idx: int):
-        input_ids, labels = batch
-        out = self.model(input_ids, labels=labels)
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)
-        self.log("val/bpb", out.loss / LN2, prog_bar=True, sync_dist=True)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["samples_seen"] = self.samples_seen
-        checkpoint["bad_steps"] = self.bad_steps
-        if self.random_stream.state is not None:
-            checkpoint["random_state"] = self.random_stream.state
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.samples_seen = int(checkpoint.get("samples_seen", 0))
-        self.bad_steps = int(checkpoint.get("bad_steps", 0))
-        # a checkpoint from before random states were saved: the stream starts from the global state, as seeded
-        self.random_stream.state = checkpoint.get("random_state")
-
-
-def check_resumable(ckpt: dict[str, Any], module: TitanLightning, path: Path) -> None:
-    """A checkpoint that `module` can resume from: the weights' names, shapes and dtypes, the AdamW state's shapes
-    and the random state. One CheckpointError line otherwise (Lightning would raise deep inside its restore)."""
-    from ltm_core.checkpoint import check_tensors
-
-    check_tensors(ckpt["state_dict"], module.state_dict(), path)
-    params = [p for g in build_optimizer(module.model, module.optim_cfg).param_groups for p in g["params"]]
-    states = ckpt.get("optimizer_states")
-    groups = states[0].get("param_groups") if isinstance(states, list) and states and isinstance(states[0], dict) else None
-    if (not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups)
-            or sum(len(g.get("params", ())) for g in groups) != len(params)):
-        raise CheckpointError(f"checkpoint error: {path} holds no optimizer state for this model")
-    for index, state in (states[0].get("state") or {}).items():
-        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
-            raise CheckpointError(f"checkpoint error: {path}: optimizer state {index!r} belongs to no parameter")
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = state.get(key)
-            if not isinstance(t, torch.Tensor) or t.shape != params[index].shape or not t.is_floating_point():
-                raise CheckpointError(f"checkpoint error: {path}: optimizer state {key} of parameter {index} does "
-                                      f"not fit the model (shape {list(params[index].shape)})")
-    if "random_state" in ckpt:
-        check_rng_state(ckpt["random_state"], str(path))

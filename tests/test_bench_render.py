@@ -37,12 +37,15 @@ def result(speedup_8k: float, mem_8k: float, local_8k: float = 1.1, speedup_32k:
 def test_cpu_target_verdicts():
     """The window-parallel targets: step <= 1.25x segment-local at 8K and 32K; tokens/s >= 3x / 10x full causal
     (tiny) or 2.5x / 6x (small) at 8K / 32K; 8K peak memory <= 0.25x full causal's. Runs of the earlier memory
-    (no `memory` kind in their config) keep only their own sections."""
+    (no `memory` kind in their config) and runs with `model.*` overrides (experiments) keep only their own sections."""
     render = load_render()
     old = result(9.0, 0.1)
     del old["config"]
+    changed = result(9.0, 0.1)
+    changed["meta"]["command"] += " model.bptt_segments=16"
     table = render.cpu_targets({"fast": result(3.5, 0.1), "slow": result(2.9, 0.3, local_8k=1.3, speedup_32k=9.0),
-                                "small": result(2.6, 0.2, speedup_32k=6.5, preset="small"), "old": old})
+                                "small": result(2.6, 0.2, speedup_32k=6.5, preset="small"), "old": old,
+                                "changed": changed})
     rows = {line.split("`")[1]: line for line in table.splitlines() if line.startswith("| `")}
     assert set(rows) == {"fast", "slow", "small"}
     assert "1.10× (met) / 1.20× (met)" in rows["fast"] and "3.50× (met) (≥ 3×)" in rows["fast"]

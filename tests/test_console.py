@@ -12,7 +12,7 @@ import warnings
 import pytest
 from rich.console import Console
 
-from ltm_core import train as train_module
+from ltm_core import lit, train as train_module
 from ltm_core.configuration import compose
 from ltm_core.console import LIGHTNING_LOGGERS, generate_command
 from ltm_core.tokenizer import ByteTokenizer, prompt_from
@@ -41,7 +41,7 @@ def test_prompt_from_takes_the_first_words_of_a_document_or_line():
 def screen(monkeypatch):
     """The run's console as an 80-column terminal, and Lightning's log lines written into the same stream."""
     out = io.StringIO()
-    monkeypatch.setattr(train_module, "console", Console(file=out, force_terminal=True, width=80,
+    monkeypatch.setattr(lit, "console", Console(file=out, force_terminal=True, width=80,
                                                           color_system=None))
     handler = logging.StreamHandler(out)
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
@@ -101,7 +101,7 @@ def test_bar_holds_warnings_and_log_lines_until_it_stops(monkeypatch):
     """A warning or a Lightning log line raised while the bar draws is printed after it, not inside the line."""
     from types import SimpleNamespace
 
-    from ltm_core.console import StepProgressBar
+    from ltm_core.lit import StepProgressBar
 
     out = io.StringIO()
     handler = logging.StreamHandler(out)

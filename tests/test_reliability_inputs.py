@@ -68,9 +68,9 @@ def trained(tmp_path_factory, text_file) -> Path:
 # ------------------------------------------------------------------------------------------------ 2. divergence
 def _inject_nan(monkeypatch, bad_calls: set[int] | None, after: int | None = None) -> None:
     """The training step's loss and gradients become NaN on the given calls (1-based), or on every call after `after`."""
-    import ltm_core.training as training
+    import ltm_core.lit as lit
 
-    real, calls = training.windowed_backward, [0]
+    real, calls = lit.windowed_backward, [0]
 
     def windowed_backward(model, *args, **kwargs):
         calls[0] += 1
@@ -82,7 +82,7 @@ def _inject_nan(monkeypatch, bad_calls: set[int] | None, after: int | None = Non
             return loss * float("nan"), aux
         return loss, aux
 
-    monkeypatch.setattr(training, "windowed_backward", windowed_backward)
+    monkeypatch.setattr(lit, "windowed_backward", windowed_backward)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, text_file):

@@ -25,6 +25,7 @@ import lightning  # noqa: E402,F401  (imported once, before any fork)
 import torch  # noqa: E402,F401
 
 import ltm_cli.app  # noqa: E402
+import ltm_core.lit  # noqa: E402,F401
 import ltm_core.parallel.trainer  # noqa: E402,F401
 import ltm_core.train  # noqa: E402,F401
 

@@ -79,10 +79,15 @@ class ParallelModel:
 
 
 def reference_state(model_cfg: TitanConfig, seed: int) -> dict[str, torch.Tensor]:
-    """The single-process initial weights (Lightning's `seed_everything(seed)` then `TitanModel(cfg)`)."""
-    import lightning as L
+    """The single-process initial weights: the random states Lightning's `seed_everything(seed)` sets (Python's,
+    NumPy's and torch's; not imported here: the native-parallel ranks run without Lightning), then `TitanModel(cfg)`."""
+    import random
 
-    L.seed_everything(seed, workers=True, verbose=False)
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     with torch.device("cpu"):
         model = TitanModel(model_cfg)
     return model.state_dict()

@@ -183,7 +183,7 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 def consolidate(path: Path, target: Path, config: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> Path:
     """Write the single-device checkpoint `target` from the DCP checkpoint `path` (no process group needed)."""
-    import lightning as L
+    from importlib.metadata import version
 
     tensors = read_model_state(path)
     with torch.device("meta"):
@@ -196,7 +196,7 @@ def consolidate(path: Path, target: Path, config: dict[str, Any], extra: Optiona
             raise CheckpointError(f"checkpoint error: {path} has no tensor {name}")
         state[f"model.{name}"] = t.detach().reshape(ref.shape).cpu().contiguous()
     train_state = json.loads((path / "train_state.json").read_text()) if (path / "train_state.json").exists() else {}
-    ckpt = {"epoch": 0, "global_step": int(train_state.get("step", 0)), "pytorch-lightning_version": L.__version__,
+    ckpt = {"epoch": 0, "global_step": int(train_state.get("step", 0)), "pytorch-lightning_version": version("lightning"),
             "state_dict": state, "hyper_parameters": {"config": config},
             "samples_seen": int(train_state.get("samples_seen", 0)), "dcp_checkpoint": str(path)}
     ckpt.update(extra or {})

@@ -58,7 +58,7 @@ class ValidationSamples(Dataset):
 
 
 class TaskDataModule(L.LightningDataModule):
-    """The task counterpart of `ltm_core.data.TextDataModule` (same resume contract: `samples_seen`)."""
+    """The task counterpart of `ltm_core.datamodule.TextDataModule` (same resume contract: `samples_seen`)."""
 
     def __init__(self, cfg: DataConfig, task_cfg: TaskConfig, segment_length: int):
         super().__init__()
