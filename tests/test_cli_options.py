@@ -173,3 +173,18 @@ def test_help_keeps_bracketed_text_and_lists_the_config_groups():
     shown = runner.invoke(app, ["config", "show", "--help"], prog_name="ltm").output
     assert "ltm config show [OPTIONS] [OVERRIDES]..." in shown and "ltm train [overrides]" in shown
     assert "Example: `ltm config show model=small" in shown
+
+
+def test_only_training_with_lightning_imports_lightning():
+    """Lightning's import takes most of a CLI call's start-up (about 6 of `ltm eval`'s 10 s before it was isolated):
+    the driver of `ltm train`, generation, evaluation, the benchmarks, quantization, export and the native-parallel
+    loop import none of it; `ltm_core.lit` (the Lightning fit) does."""
+    code = ("import sys\n"
+            "import ltm_cli.app, ltm_core.train, ltm_core.evaluate, ltm_core.inference, ltm_core.checkpoint\n"
+            "import ltm_core.bench, ltm_core.quantize, ltm_core.export, ltm_core.tasks.evaluate, ltm_core.parallel.trainer\n"
+            "print('lightning' in sys.modules)\n"
+            "import ltm_core.lit\n"
+            "print('lightning' in sys.modules)")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split() == ["False", "True"], probe.stdout
