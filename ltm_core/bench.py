@@ -136,7 +136,10 @@ def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int
         step()
         peak = torch.cuda.max_memory_allocated(dev) - base_mem
     else:
-        extra["peak_rss_bytes"] = _peak_rss_bytes() - base_rss  # resident-set growth, warm-up included
+        # resident-set growth, warm-up included; 0 when the step fits in memory the process already holds (the
+        # kernel's high-water mark and the resident count it is compared with are kept by lagging per-thread
+        # counters, so "no growth" can read as a few pages below zero)
+        extra["peak_rss_bytes"] = max(0, _peak_rss_bytes() - base_rss)
         peak = cpu_peak_tensor_bytes(step)
     tokens_per_s = batch_size * context / statistics.median(times)
     share = recurrence_share(step, dev)
