@@ -80,7 +80,7 @@ def test_windowed_memory_step_holds_less_than_full_causal():
                       memory=TokensMemoryConfig(slots=8))
     rows = {v: train_step_row(cfg, v, 1024, batch_size=1, device="cpu", dtype="float32", warmup=1, repeats=1)
             for v in ("memory", "full_causal")}
-    assert all(r["peak_mem_bytes"] > 0 and r["peak_rss_bytes"] >= 0 for r in rows.values())
+    assert all(r["peak_mem_bytes"] > 0 and r["peak_rss_bytes"] >= 0 for r in rows.values()), rows
     assert rows["memory"]["peak_mem_bytes"] < 0.5 * rows["full_causal"]["peak_mem_bytes"], rows
 
 
