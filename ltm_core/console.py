@@ -4,10 +4,6 @@
 available`, `LOCAL_RANK ... CUDA_VISIBLE_DEVICES`), its two restore lines (ltm prints `resuming from ...`) and the
 `Checkpoint directory ... exists and is not empty` warning of a resumed run (ltm refuses to reuse a folder unless
 resume=auto or overwrite=true: that folder is expected). Everything else Lightning says still prints.
-
-`ltm_core.lit.StepProgressBar` counts optimizer steps (trainer.global_step of trainer.max_steps, so a resumed run starts where
-it stopped), fits one line at 80 columns (the metrics column is cut before the line wraps), and holds Lightning's
-log lines and Python warnings while it draws, printing them after it stops instead of gluing them to the bar.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ a CLI call's start-up time):
   (`ltm_core.training.windowed_backward`);
 - `AtomicCheckpointIO` and `GuardCallback`: Lightning's side of `ltm_core.run_guard` (atomic checked checkpoints,
   saves on signals and on a wall-clock interval);
-- `StepProgressBar`: one progress line;
+- `StepProgressBar`: one progress line; it counts optimizer steps (trainer.global_step of trainer.max_steps, so a
+  resumed run starts where it stopped), fits one line at 80 columns (the metrics column is cut before the line
+  wraps), and holds Lightning's log lines and Python warnings while it draws, printing them after it stops;
 - `fit_lightning`: the Trainer, its callbacks and loggers, and the lines a run prints.
 """
 
