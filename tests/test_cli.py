@@ -1,4 +1,7 @@
-"""The `ltm` console script end to end, in subprocesses, as a user runs it."""
+"""The `ltm` console script end to end, in subprocesses, as a user runs it. Each command runs at least once as a
+subprocess (the console script, its exit code, a fresh interpreter); the further calls of a test, error paths
+above all, go through the same Typer app in this process (`support.invoke`): the same code without the seconds
+of imports a new interpreter pays."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from support import TINY, run_ltm
+from support import TINY, invoke, one_error_line, run_ltm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,8 +71,8 @@ def test_eval_reports_loss_and_bpb(trained, tmp_path):
     assert abs(metrics["bpb"] - metrics["loss"] / 0.6931471805599453) < 1e-9
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    result = run_ltm("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "data=textfile",
-                     f"data.path={text}", "data.seq_len=64")
+    result = invoke("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "data=textfile",
+                    f"data.path={text}", "data.seq_len=64")
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -77,16 +80,16 @@ def test_eval_by_position_compares_checkpoints_on_one_table_json_and_plot(traine
     """`--by-position` with two runs (the memory model and a no-memory one trained on shorter samples): the same
     validation windows once data.seq_len is given, one curve each; the plot holds both."""
     baseline = tmp_path / "baseline"
-    result = run_ltm("train", *TINY, "model.use_memory=false", "data.seq_len=32", "trainer.max_steps=2",
-                     f"output_dir={baseline}")
+    result = invoke("train", *TINY, "model.use_memory=false", "data.seq_len=32", "trainer.max_steps=2",
+                    f"output_dir={baseline}")
     assert result.returncode == 0, result.stderr[-2000:]
     memory, local = str(trained / "checkpoints" / "last.ckpt"), str(baseline / "checkpoints" / "last.ckpt")
-    _one_error_line(run_ltm("eval", "-c", memory, "-c", local, "--by-position"), "data.seq_len", "same windows")
-    _one_error_line(run_ltm("eval", "-c", memory, "-c", local), "--checkpoint", "--by-position")
-    _one_error_line(run_ltm("eval", "-c", memory, "--by-position", "task=passkey"), "--by-position", "not on a task")
+    one_error_line(invoke("eval", "-c", memory, "-c", local, "--by-position"), "data.seq_len", "same windows")
+    one_error_line(invoke("eval", "-c", memory, "-c", local), "--checkpoint", "--by-position")
+    one_error_line(invoke("eval", "-c", memory, "--by-position", "task=passkey"), "--by-position", "not on a task")
     out, image = tmp_path / "positions.json", tmp_path / "positions.png"
     plot = ["--plot", str(image)] if importlib.util.find_spec("matplotlib") else []
-    result = run_ltm("eval", "-c", memory, "-c", local, "--by-position", "data.seq_len=64", "--json", str(out), *plot)
+    result = invoke("eval", "-c", memory, "-c", local, "--by-position", "data.seq_len=64", "--json", str(out), *plot)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bits/byte by token position" in result.stdout
     results = json.loads(out.read_text())
@@ -116,24 +119,24 @@ def test_bad_overrides_exit_2_with_one_line(tmp_path):
 
 
 def test_bad_checkpoints_exit_2(trained, tmp_path):
-    _one_error_line(run_ltm("generate", "--checkpoint", str(tmp_path / "missing.ckpt")), "does not exist")
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(os.urandom(4096))
     _one_error_line(run_ltm("generate", "--checkpoint", str(junk)), "junk.ckpt", "not a readable checkpoint")
+    one_error_line(invoke("generate", "--checkpoint", str(tmp_path / "missing.ckpt")), "does not exist")
     _one_error_line(run_ltm("eval", "--checkpoint", str(junk)), "not a readable checkpoint")
-    _one_error_line(run_ltm("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"),
-                            "model.hidden_size=64"), "does not fit the model config")
+    one_error_line(invoke("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "model.hidden_size=64"),
+                   "does not fit the model config")
 
 
 def test_bad_data_and_existing_run_exit_2_and_lose_nothing(trained, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     out = tmp_path / "new"
-    _one_error_line(run_ltm("train", *TINY, "data=textfile", f"data.path={empty}", f"output_dir={out}"),
-                    "empty.txt", "empty")
+    one_error_line(invoke("train", *TINY, "data=textfile", f"data.path={empty}", f"output_dir={out}"),
+                   "empty.txt", "empty")
     assert not out.exists()  # nothing written for a run that could not start
     before = (trained / "checkpoints" / "last.ckpt").read_bytes()
-    _one_error_line(run_ltm("train", *TINY, f"output_dir={trained}"), "already holds a run", "resume=auto")
+    one_error_line(invoke("train", *TINY, f"output_dir={trained}"), "already holds a run", "resume=auto")
     assert (trained / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
