@@ -1,17 +1,23 @@
-"""`ltm train data=passkey` and `ltm eval task=...` as a user runs them (subprocess), on a tiny checkpoint."""
+"""`ltm train data=passkey` and `ltm eval task=...` as a user runs them (subprocess), on a tiny checkpoint. Each command
+and script runs once as a subprocess; the further calls (error paths, the second checkpoint) go through the same
+code in this process (the Typer app, the script's `main`), without the seconds of imports of a new interpreter."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from support import TINY, run_ltm
+from support import TINY, invoke, run_ltm
 
 SHAPE = [o for o in TINY if not o.startswith("data.seq_len")] + ["data.seq_len=96", "trainer.max_steps=2"]
 
@@ -19,7 +25,7 @@ SHAPE = [o for o in TINY if not o.startswith("data.seq_len")] + ["data.seq_len=9
 @pytest.fixture(scope="module")
 def passkey_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("passkey-run")
-    result = run_ltm("train", "data=passkey", *SHAPE, f"output_dir={out}")
+    result = invoke("train", "data=passkey", *SHAPE, f"output_dir={out}")  # the subprocess: test_cli.py
     assert result.returncode == 0, result.stderr[-2000:]
     assert "answer loss" in result.stdout
     # the printed `generate` command is prompted with the run's own first validation sample, not a fixed text
@@ -63,15 +69,31 @@ def test_eval_task_json_schema_and_plot(passkey_ckpt, tmp_path):
 
 
 def test_eval_task_errors_are_one_line(passkey_ckpt):
-    result = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task=passkey", "task.filler=news")
+    result = invoke("eval", "--checkpoint", str(passkey_ckpt), "task=passkey", "task.filler=news")
     assert result.returncode == 2 and "task.filler" in result.stderr and "Traceback" not in result.stderr
+
+
+def run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in this process: its `main` under `__main__`, its exit status, stdout and stderr (the
+    scripts set the thread count: restored after)."""
+    out, err, threads, argv, code = io.StringIO(), io.StringIO(), torch.get_num_threads(), sys.argv, 0
+    try:
+        sys.argv = [str(script), *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([str(script), *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
 def delta_ckpt(tmp_path_factory):
     """A checkpoint with another memory kind than tokens (the diagnostics read the tokens memory)."""
     out = tmp_path_factory.mktemp("delta-run")
-    train = run_ltm("train", "data=passkey", *SHAPE, "model/memory=delta", f"output_dir={out}")
+    train = invoke("train", "data=passkey", *SHAPE, "model/memory=delta", f"output_dir={out}")
     assert train.returncode == 0, train.stderr[-2000:]
     return out / "checkpoints" / "last.ckpt"
 
@@ -81,11 +103,11 @@ def test_passkey_importance_probe(passkey_ckpt, delta_ckpt, tmp_path):
     and layer, the filler's top importance never below its M-th; other checkpoints and missing files: exit 2."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "passkey_importance_probe.py"
 
-    def probe(ckpt):
-        return subprocess.run([sys.executable, str(script), str(ckpt), "--lengths", "96", "200", "--samples", "3"],
-                              capture_output=True, text=True, timeout=300)
+    def probe(ckpt, run=run_script):
+        return run(script, str(ckpt), "--lengths", "96", "200", "--samples", "3")
 
-    result = probe(passkey_ckpt)
+    result = probe(passkey_ckpt, run=lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True,
+                                                               text=True, timeout=300))  # the script as a user runs it
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["length 96 layer 0", "length 200 layer 0"]
@@ -103,11 +125,12 @@ def test_memory_contents_script(passkey_ckpt, delta_ckpt, tmp_path):
     scores it; `model.*` overrides after the options; other checkpoints and missing files: exit 2."""
     script = Path(__file__).resolve().parents[2] / "scripts" / "memory_contents.py"
 
-    def contents(ckpt, *more):
-        return subprocess.run([sys.executable, str(script), str(ckpt), "--lengths", "96", "--samples", "2", *more],
-                              capture_output=True, text=True, timeout=300)
+    def contents(ckpt, *more, run=run_script):
+        return run(script, str(ckpt), "--lengths", "96", "--samples", "2", *more)
 
-    result = contents(passkey_ckpt, "model.memory.select_dedup=0.97")
+    result = contents(passkey_ckpt, "model.memory.select_dedup=0.97",  # the script as a user runs it
+                      run=lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True,
+                                                    timeout=300))
     assert result.returncode == 0, result.stderr[-2000:]
     *wrong, summary = result.stdout.strip().splitlines()
     match = re.fullmatch(r"96: (\d+\.\d) % exact match \(24 samples\)", summary)  # 12 cells x 2 samples
@@ -116,8 +139,8 @@ def test_memory_contents_script(passkey_ckpt, delta_ckpt, tmp_path):
     for line in wrong:
         held = re.search(r"key digits held per layer \['([x.]{5})'\]; memory \['(.*)'\]$", line)
         assert line.startswith("96 ") and held, line
-    evaluation = run_ltm("eval", "--checkpoint", str(passkey_ckpt), "task.samples=2", "task.lengths=[96]",
-                         "model.memory.select_dedup=0.97", "--json", str(tmp_path / "eval.json"))
+    evaluation = invoke("eval", "--checkpoint", str(passkey_ckpt), "task.samples=2", "task.lengths=[96]",
+                        "model.memory.select_dedup=0.97", "--json", str(tmp_path / "eval.json"))
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert float(match.group(1)) == round(100 * sum(r["exact_match"] for r in rows) / len(rows), 1)
