@@ -195,14 +195,14 @@ def test_wheel_install_works_from_another_directory(tmp_path):
             if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
                 assert f"{package}/{path.relative_to(ROOT / folder).as_posix()}" in packed, path  # subpackages too
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=False, with_pip=True)
+    venv.create(env_dir, system_site_packages=False, with_pip=False)  # installed into by this environment's pip
     py = env_dir / "bin" / "python"
     nested_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                  capture_output=True, text=True, check=True).stdout.strip()
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (Path(nested_site) / "test_env.pth").write_text("\n".join(sorted(ours)) + "\n")  # appended after its own site
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
