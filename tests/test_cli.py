@@ -141,8 +141,8 @@ def test_bad_data_and_existing_run_exit_2_and_lose_nothing(trained, tmp_path):
 
 
 def test_multirun_sweep_one_folder_per_job(tmp_path):
-    result = run_ltm("train", "-m", *TINY, "model.hidden_size=32,64", "trainer.max_steps=2",
-                     f"output_dir={tmp_path / 'sweep'}")
+    result = invoke("train", "-m", *TINY, "model.hidden_size=32,64", "trainer.max_steps=2",
+                    f"output_dir={tmp_path / 'sweep'}")  # a sweep in a subprocess: test_ddp_two_processes_inside_a_sweep
     assert result.returncode == 0, result.stderr[-3000:]
     for job, hidden in (("0", 32), ("1", 64)):
         assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file()
