@@ -195,6 +195,8 @@ class TitanConfig:
     # segment recurrence
     segment_length: int = 64  # attention is causal inside a segment of this many tokens
     bptt_segments: int = 4  # segments per backprop window; memory is detached between windows
+    windows_per_pass: int = 1  # BPTT windows run in one layer-major pass and one backward (gradients still stop
+    # at every window boundary): fewer, larger calls when windows are short; peak activation memory grows with it
     # backbone details
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -227,7 +229,7 @@ class TitanConfig:
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "segment_length",
-                     "bptt_segments"):
+                     "bptt_segments", "windows_per_pass"):
             _positive_int(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("model.hidden_size", f"{self.hidden_size} is not divisible by "

@@ -91,9 +91,10 @@ class SelfAttention(nn.Module):
         return k, v
 
     def gathered_kv(self, state: torch.Tensor, projected: tuple, rows: torch.Tensor):
-        """The keys and values of a window's kept tokens, without projecting them again: state [B, M, C] the
-        tokens held before the window, projected: the window's (q, k, v) [B W, H, S, hd], rows [B, W, M] rows of
-        [state; the window's tokens] held before each segment -> keys, values [B W, H, M, hd]."""
+        """The keys and values of the kept tokens before each segment, without projecting the scanned ones again:
+        state [B, R, C] the tokens held before the scan (`Scan.row_tokens`), projected: the scanned segments' (q, k,
+        v) [B W, H, S, hd], rows [B, W, M] rows of [state; the segments' tokens] held before each segment -> keys,
+        values [B W, H, M, hd]."""
         B, W, M = rows.shape
         mk, mv = self.kv(state)  # [B, H, M0, hd]
         index = rows.flatten(1)[:, None, :, None].expand(-1, mk.shape[1], -1, mk.shape[3])  # [B, H, W M, hd]
@@ -167,31 +168,33 @@ class Block(nn.Module):
         return x, k, v, entries, shift
 
     def forward_window(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: LayerState,
-                       noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[Scan], Optional[torch.Tensor]]:
-        """W complete segments at once (the layer-major path; the memory must write "normed" or "attended").
-        x: [B, W, S, C], past: the state before the first, noise: [W, ...] the writes' training noise or None ->
-        (x [B, W, S, C], the memory's scan over the segments or None, the block inputs of the window's last K - 1
+                       noise: Optional[torch.Tensor], windows: tuple[int, ...]
+                       ) -> tuple[torch.Tensor, Optional[Scan], Optional[torch.Tensor]]:
+        """W complete segments at once (the layer-major path; the memory must write "normed" or "attended"), in
+        BPTT windows of `windows` segments each (sum W; gradients stop at each boundary: the state that crosses it
+        is detached). x: [B, W, S, C], past: the state before the first, noise: [W, ...] the writes' training noise
+        or None -> (x [B, W, S, C], the memory's scan over the segments or None, the block inputs of the last K - 1
         tokens [B, K - 1, C] when they are carried, else None)."""
         B, W, S, C = x.shape
-        x, shift = self._short_conv_window(x, past.shift)
+        x, shift = self._short_conv_window(x, past.shift, windows)
         h = x.flatten(0, 1)  # [B W, S, C]: every segment is a batch element
         normed = self.attn_norm(h)
         mem, scan = self.memory, None
         if mem is not None and mem.writes == "normed":  # every segment's memory is known before the attention
             with record_function(RECURRENCE):
-                scan = mem.scan(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise)
+                scan = mem.scan_windows(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise, windows)
         if scan is not None:
             h, normed = self._read_before(h, normed, scan.before)
         prefix = mem.prefix(scan.before) if scan is not None else None
         projected = prefix_kv = None
         if prefix is not None and scan.rows is not None:  # kept tokens: gather their keys/values, do not project them
             projected = self.attn.project(normed)  # [B W, H, S, hd]
-            prefix_kv = self.attn.gathered_kv(past.memory, projected, scan.rows)
+            prefix_kv = self.attn.gathered_kv(scan.row_tokens, projected, scan.rows)
         a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels, projected, prefix_kv)
         h = h + a
         if mem is not None and mem.writes == "attended":
             with record_function(RECURRENCE):
-                scan = mem.scan(past.memory, mem.entries(h).unflatten(0, (B, W)), noise)
+                scan = mem.scan_windows(past.memory, mem.entries(h).unflatten(0, (B, W)), noise, windows)
         if scan is not None:
             read = mem.read(h, scan.before)
             if read is not None:
@@ -219,17 +222,38 @@ class Block(nn.Module):
         y = causal_conv(x, self.short_conv.unsqueeze(1), before)  # [B, T, C]
         return x + y, torch.cat([before.to(x.dtype), x], dim=1)[:, T:]  # T may be shorter than K - 1
 
-    def _short_conv_window(self, x: torch.Tensor, before: Optional[torch.Tensor]):
-        """x: [B, W, S, C] -> (x + the convolution: over the whole window from `before` when it is carried,
-        else restarting at every segment; the carried inputs of the window's last K - 1 tokens, or None)."""
+    def _short_conv_window(self, x: torch.Tensor, before: Optional[torch.Tensor], windows: tuple[int, ...]):
+        """x: [B, W, S, C] -> (x + the convolution: over each BPTT window from the inputs before it when they are
+        carried (`before` for the first window, the previous window's last K - 1 inputs, detached, for the others),
+        else restarting at every segment; the carried inputs of the last K - 1 tokens, or None)."""
         if not self.cfg.short_conv:
             return x, None
         B, W, S, C = x.shape
-        if self.carry:
+        if not self.carry:
+            y, _ = self._short_conv(x.flatten(0, 1), None)
+            return y.view(B, W, S, C), None
+        if len(windows) == 1:
             y, shift = self._short_conv(x.flatten(1, 2), before)
             return y.view(B, W, S, C), shift
-        y, _ = self._short_conv(x.flatten(0, 1), None)
-        return y.view(B, W, S, C), None
+        # several windows: the previous window's last inputs reach each window's first tokens without a gradient
+        # path back; equal windows run as one batch [B G, n S, C], others one by one
+        K1 = self.short_conv.shape[1] - 1
+        if before is None:
+            before = x.new_zeros(B, K1, C)
+        if len(set(windows)) == 1 and windows[0] * S >= K1:
+            G, T = len(windows), windows[0] * S
+            xw = x.view(B, G, T, C)
+            befores = torch.cat([before.unsqueeze(1).to(x.dtype), xw[:, :-1, T - K1:].detach()], dim=1)  # [B, G, K1, C]
+            y, _ = self._short_conv(xw.flatten(0, 1), befores.flatten(0, 1))  # [B G, T, C]
+            return y.view(B, W, S, C), xw[:, -1, T - K1:]
+        out, start, shift = [], 0, before
+        for i, n in enumerate(windows):
+            if i:
+                shift = shift.detach()
+            y, shift = self._short_conv(x[:, start:start + n].flatten(1, 2), shift)
+            out.append(y.view(B, n, S, C))
+            start += n
+        return torch.cat(out, dim=1), shift
 
 
 @dataclass
@@ -283,7 +307,9 @@ class SegmentRecurrence(nn.Module):
         while pos < L:
             whole = (L - pos) // S if state.offset == 0 else 0  # complete segments from here
             if layer_major and whole:
-                n = whole if memory is None else min(whole, cfg.bptt_segments - state.segments % cfg.bptt_segments)
+                # the rest of the current BPTT window, and up to windows_per_pass - 1 more
+                n = whole if memory is None else min(whole, cfg.bptt_segments * cfg.windows_per_pass
+                                                     - state.segments % cfg.bptt_segments)
                 h, state = self._window(x[:, pos:pos + n * S], state, n, aux)
             else:
                 h, state = self._step(x[:, pos:pos + min(S - state.offset, L - pos)], state, aux)
@@ -297,14 +323,18 @@ class SegmentRecurrence(nn.Module):
         """The current window's training noise for every write [bptt_segments, layers, ...] (None if the memory draws
         none): drawn once, at the window's first write, so the layer-major and the segment-by-segment paths read
         the same numbers."""
+        if state.noise is None or state.segments % self.config.bptt_segments == 0:
+            return self._draw_noise(batch_size, device)
+        return state.noise
+
+    def _draw_noise(self, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
+        """A fresh window's noise [bptt_segments, layers, ...], or None (no noise: not training, or a kind without)."""
         memory = next(iter(self.blocks)).memory
         shape = None if memory is None or not self.training else memory.noise_shape(batch_size,
                                                                                   self.config.segment_length)
         if shape is None:
             return None
-        if state.noise is None or state.segments % self.config.bptt_segments == 0:
-            return torch.empty(self.config.bptt_segments, len(self.blocks), *shape, device=device).exponential_()
-        return state.noise
+        return torch.empty(self.config.bptt_segments, len(self.blocks), *shape, device=device).exponential_()
 
     def _advance(self, state: MemoryState, layers: list, complete: int, offset: int, noise) -> MemoryState:
         """The state after `complete` more segments (and `offset` tokens into the next); detached at a window end."""
@@ -318,15 +348,24 @@ class SegmentRecurrence(nn.Module):
         return (state.segments + i) % self.config.bptt_segments < self.config.bptt_segments - 1
 
     def _window(self, x: torch.Tensor, state: MemoryState, n: int, aux: list):
-        """n complete segments x: [B, n S, C] inside one BPTT window, layer by layer."""
+        """n complete segments x: [B, n S, C], the rest of the current BPTT window and possibly more windows,
+        layer by layer."""
         cfg = self.config
-        B, S = x.shape[0], cfg.segment_length
+        B, S, bptt = x.shape[0], cfg.segment_length, cfg.bptt_segments
         cos, sin = rotary_tables(torch.arange(S, device=x.device), cfg.head_dim, cfg.rope_theta)
+        p = state.segments % bptt
+        windows = [min(n, bptt - p)]  # segments of each BPTT window in this pass
+        while sum(windows) < n:
+            windows.append(min(bptt, n - sum(windows)))
         noise = self._noise(state, B, x.device)
-        p = state.segments % cfg.bptt_segments
-        window_noise = None if noise is None else noise[p:p + n]  # [n, layers, ...]
+        parts = None if noise is None else [noise[p:p + windows[0]]]
+        for size in windows[1:]:  # each later window draws its own, in order, as the sequential path does
+            noise = self._draw_noise(B, x.device)
+            if parts is not None:
+                parts.append(noise[:size])
+        window_noise = None if parts is None else torch.cat(parts)  # [n, layers, ...]
         run = self._compiled_window if self._compiled_window is not None else self._window_layers
-        h, layers, scans = run(x.view(B, n, S, -1), cos, sin, tuple(state.layers), window_noise)
+        h, layers, scans = run(x.view(B, n, S, -1), cos, sin, tuple(state.layers), window_noise, tuple(windows))
         if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
             # a CUDA-graph replay overwrites the outputs of the previous one: the state and the window's output
             # outlive the call, so they are copied out of the graph's memory pool
@@ -349,17 +388,19 @@ class SegmentRecurrence(nn.Module):
         aux.append(total)
         return AddLoss.apply(h, total * self.aux_weight) if torch.is_grad_enabled() else h
 
-    def _window_layers(self, x: torch.Tensor, cos, sin, pasts: tuple, noise: Optional[torch.Tensor]):
-        """x: [B, n, S, C] through every block (the unit `model.compile` compiles) -> (x, the layers' states after
-        the window, each layer's memory scan or None)."""
+    def _window_layers(self, x: torch.Tensor, cos, sin, pasts: tuple, noise: Optional[torch.Tensor],
+                       windows: tuple[int, ...]):
+        """x: [B, n, S, C] through every block, in BPTT windows of `windows` segments (the unit `model.compile`
+        compiles) -> (x, the layers' states after the last segment, each layer's memory scan or None)."""
         layers, scans = [], []
         for l, block in enumerate(self.blocks):
             past = pasts[l]
             layer_noise = None if noise is None else noise[:, l]
             if self.config.activation_checkpointing and self.training:
-                x, scan, shift = checkpoint(block.forward_window, x, cos, sin, past, layer_noise, use_reentrant=False)
+                x, scan, shift = checkpoint(block.forward_window, x, cos, sin, past, layer_noise, windows,
+                                            use_reentrant=False)
             else:
-                x, scan, shift = block.forward_window(x, cos, sin, past, layer_noise)
+                x, scan, shift = block.forward_window(x, cos, sin, past, layer_noise, windows)
             layers.append(LayerState(None if scan is None else scan.after, shift=shift))
             scans.append(scan)
         return x, tuple(layers), scans

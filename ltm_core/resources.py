@@ -241,7 +241,8 @@ def check_fits_machine(cfg: Any, world: int, params: int, on_cpu: bool) -> None:
     model = cfg.model
     per_process = estimate_process_bytes(
         params, shards=layout.tp * layout.pp * (layout.dp if fsdp else 1), batch=int(cfg.data.batch_size),
-        window=int(model.segment_length) * int(model.bptt_segments) if model.use_memory else int(cfg.data.seq_len),
+        window=int(model.segment_length) * int(model.bptt_segments) * int(model.get("windows_per_pass", 1))
+        if model.use_memory else int(cfg.data.seq_len),  # the tokens of one backward (at most)
         hidden=int(model.hidden_size),
         layers=math.ceil(int(model.num_hidden_layers) / layout.pp), tp=layout.tp)
     need = world * per_process

@@ -2,8 +2,9 @@
 Lightning module `ltm_core.lit.TitanLightning`, the native-parallel loop and `ltm bench`).
 
 Backpropagation runs window by window: `bptt_segments` segments form a window, gradients flow through the
-memory writes inside a window, the memory is detached between windows, and backward is called once per window
-with gradients accumulating. Peak activation memory is therefore set by the window, not the sequence length.
+memory writes inside a window, the memory is detached between windows, and backward is called once per
+`windows_per_pass` windows with gradients accumulating. Peak activation memory is therefore set by the windows of
+one pass, not the sequence length.
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ LN2 = math.log(2)
 
 
 def window_span(cfg: TitanConfig, seq_len: int) -> int:
-    """Tokens per backward: one BPTT window (`segment_length * bptt_segments`) with a memory; without one (the
-    segment-local and full-causal baselines) nothing is carried, and the whole sequence is one batched call."""
-    return cfg.segment_length * cfg.bptt_segments if cfg.use_memory else max(seq_len, 1)
+    """Tokens per backward. With a memory: up to `windows_per_pass` BPTT windows (of `segment_length *
+    bptt_segments` tokens), as many as divide the sequence's windows evenly (every pass has the same shape);
+    without one (the segment-local and full-causal baselines) nothing is carried, and the whole sequence is one
+    batched call."""
+    if not cfg.use_memory:
+        return max(seq_len, 1)
+    window = cfg.segment_length * cfg.bptt_segments
+    windows = max(1, -(-seq_len // window))
+    per_pass = max(d for d in range(1, min(cfg.windows_per_pass, windows) + 1) if windows % d == 0)
+    return window * per_pass
 
 
 def windowed_backward(model: TitanModel, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -59,11 +59,13 @@ def test_gradient_flow_through_memory_follows_bptt(tiny_cfg, bptt, reaches):
     assert (grad_segment1 > 0) == reaches
 
 
-def test_windowed_backward_matches_one_backward(tiny_cfg):
-    """One backward per window gives the gradients of the mean loss over the sequence."""
-    ids = _ids(4 * tiny_cfg.segment_length + 1)
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_windowed_backward_matches_one_backward(tiny_cfg, per_pass):
+    """One backward per window (per pass of two windows) gives the gradients of the mean loss over the sequence."""
+    ids = _ids(6 * tiny_cfg.segment_length + 1)
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    cfg = dataclasses.replace(tiny_cfg, memory=dataclasses.replace(tiny_cfg.memory, select_noise=0.0))
+    cfg = dataclasses.replace(tiny_cfg, memory=dataclasses.replace(tiny_cfg.memory, select_noise=0.0),
+                              windows_per_pass=per_pass)
     a, b = tiny_model(cfg, perturb=True), tiny_model(cfg, perturb=True)
     loss_a, aux = windowed_backward(a, inputs, labels)
     assert aux is not None and aux > 0  # the importance penalty, reported beside the loss
@@ -110,14 +112,20 @@ def _peak_activation_bytes(model, L, windowed):
     return tracker.peak
 
 
-def test_peak_training_memory_flat_in_sequence_length(tiny_cfg):
-    model = tiny_model(tiny_cfg)
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_peak_training_memory_flat_in_sequence_length(tiny_cfg, per_pass):
+    """From 2 to 16 BPTT windows (of 2 segments), run one or two windows per pass: the activations saved for
+    backward stay those of one pass, and two windows per pass hold about twice one."""
+    model = tiny_model(dataclasses.replace(tiny_cfg, windows_per_pass=per_pass))
     S = tiny_cfg.segment_length
     short, long = (_peak_activation_bytes(model, n * S, windowed=True) for n in (4, 32))
     assert long <= short * 1.05, (short, long)
     # the tracker does see growth when the whole sequence is one backward
     whole = _peak_activation_bytes(model, 32 * S, windowed=False)
     assert whole > 4 * long
+    if per_pass == 2:
+        one = _peak_activation_bytes(tiny_model(tiny_cfg), 32 * S, windowed=True)
+        assert 1.6 * one < long < 2.4 * one, (one, long)
 
 
 def test_without_memory_is_segment_local_and_full_causal_when_one_segment(tiny_cfg):
@@ -240,8 +248,8 @@ def test_compile_switch_matches_eager(tiny_cfg):
 
 @pytest.mark.parametrize("kind", ["tokens", "delta"])
 def test_the_window_step_compiles_to_one_graph(kind):
-    """No graph breaks in the compiled unit, in training (the tokens memory's noise and penalty): one graph per
-    window is what lets CUDA graphs (compile_mode=reduce-overhead) replay it."""
+    """No graph breaks in the compiled unit, in training (the tokens memory's noise and penalty), over two BPTT
+    windows in one pass: one graph per pass is what lets CUDA graphs (compile_mode=reduce-overhead) replay it."""
     model = tiny_model(kind_config(kind), perturb=True).train()
     S = model.config.segment_length
     state = model.initial_state(2)
@@ -249,7 +257,7 @@ def test_the_window_step_compiles_to_one_graph(kind):
     cos, sin = torch.ones(S, model.config.head_dim // 2), torch.zeros(S, model.config.head_dim // 2)
     noise = model._noise(state, 2, x.device)
     noise = None if noise is None else noise[:2]
-    explained = torch._dynamo.explain(model._window_layers)(x, cos, sin, tuple(state.layers), noise)
+    explained = torch._dynamo.explain(model._window_layers)(x, cos, sin, tuple(state.layers), noise, (1, 1))
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 

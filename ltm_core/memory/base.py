@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ltm_core.config import TitanConfig
-from ltm_core.memory.state import State, stack_states
+from ltm_core.memory.state import State, map_state, stack_states
 
 WRITES = ("normed", "attended", "block")
 
@@ -54,9 +54,31 @@ class Scan:
     aux: list  # per write: its auxiliary loss or None
     entries: Optional[torch.Tensor] = None  # [B, W, S, D] what the segments wrote
     kept: Optional[torch.Tensor] = None  # [B, W, M] each write's kept candidates, as Write.kept (kinds that select)
-    rows: Optional[torch.Tensor] = None  # [B, W, M] for a prefix of kept tokens: the rows, in [the state before the
-    # window; the window's tokens], that the memory before each segment holds (so their keys and values are
+    rows: Optional[torch.Tensor] = None  # [B, W, M] for a prefix of kept tokens: the rows, in [row_tokens; the
+    # scanned tokens], that the memory before each segment holds (so the keys and values of the scanned tokens are
     # gathered from what the attention projects anyway, not projected again)
+    row_tokens: Optional[torch.Tensor] = None  # [B, R, C] the tokens that rows < R name: those held before the
+    # scan (and, over several BPTT windows, those held at each later window's start, detached)
+
+
+def join_scans(scans: list[Scan], batch_size: int) -> Scan:
+    """The scans of consecutive BPTT windows (each from the state the previous one left, detached) as one Scan over
+    all their segments (for kinds without `rows`)."""
+    if len(scans) == 1:
+        return scans[0]
+    assert scans[0].rows is None, "a kind whose scan gives rows joins its windows itself (scan_windows)"
+
+    def cat(parts: list) -> Optional[torch.Tensor]:  # [B, W_i, ...] -> [B, sum W_i, ...]
+        return None if parts[0] is None else torch.cat(parts, dim=1)
+
+    def before(states: list) -> State:  # batch B W_i each -> batch B sum(W_i), b-major
+        first = states[0]
+        if isinstance(first, torch.Tensor):
+            return torch.cat([s.unflatten(0, (batch_size, -1)) for s in states], dim=1).flatten(0, 1)
+        return tuple(before([s[j] for s in states]) for j in range(len(first)))
+
+    return Scan(before([s.before for s in scans]), scans[-1].after, [a for s in scans for a in s.aux],
+                cat([s.entries for s in scans]), cat([s.kept for s in scans]))
 
 
 class Memory(nn.Module):
@@ -117,6 +139,19 @@ class Memory(nn.Module):
             kept.append(w.kept)
         return Scan(stack_states(states[:-1]), states[-1], aux, entries,
                     None if kept[0] is None else torch.stack(kept, dim=1))
+
+    def scan_windows(self, state: State, entries: torch.Tensor, noise: Optional[torch.Tensor],
+                     windows: tuple[int, ...]) -> Scan:
+        """`scan` over consecutive BPTT windows of `windows` segments each (entries [B, sum W, S, D]): each window
+        starts from the state the previous one left, detached (truncated BPTT), so gradients stop at every window
+        boundary. This default scans window by window; a kind may do all at once."""
+        scans, start = [], 0
+        for n in windows:
+            if scans:
+                state = map_state(scans[-1].after, torch.Tensor.detach)
+            scans.append(self.scan(state, entries[:, start:start + n], None if noise is None else noise[start:start + n]))
+            start += n
+        return join_scans(scans, entries.shape[0])
 
     def flops_per_token(self, segment_length: int) -> float:
         """Training FLOPs per token that the memory adds beyond 6 x its parameters (one layer)."""

@@ -133,9 +133,16 @@ class TokensMemory(Memory):
         return Write(kept, self.penalty(entries), keep)
 
     def scan(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Scan:
-        """The W writes of a window at once: every write only chooses indices into one pool of candidates (the
-        memory before the window, then the window's tokens in order), from ranks computed once; the memories are
-        then gathered from the pool in one step. Makes exactly the choices of W calls of `write`."""
+        """The W writes of one window at once (see `scan_windows`)."""
+        return self.scan_windows(state, entries, noise, (entries.shape[1],))
+
+    def scan_windows(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor],
+                     windows: tuple[int, ...]) -> Scan:
+        """The writes of W segments in BPTT windows of `windows` segments, at once: every write only chooses indices
+        into one pool of candidates (the memory before the scan, then the tokens in order), from ranks computed
+        once; the memories are then gathered from the pool in one step. Makes exactly the choices of W calls of
+        `write`. A token kept from before its reader's window is read detached (truncated BPTT): through the pool's
+        detached copy, and in `rows` as one of the tokens held at that window's start (`row_tokens`)."""
         B, M, C = state.shape
         W, S = entries.shape[1], entries.shape[2]
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
@@ -153,10 +160,31 @@ class TokensMemory(Memory):
             held.append(index)
             keeps.append(keep)
         kept = torch.stack(held, dim=1)  # [B, W + 1, M]: before each segment, then after the last
-        memories = pool.gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
         aux = self.penalty(entries)  # [W] or None
-        return Scan(memories[:, :W].flatten(0, 1), memories[:, W], [None] * W if aux is None else list(aux.unbind(0)),
-                    entries, torch.stack(keeps, dim=1), kept[:, :W])
+        aux = [None] * W if aux is None else list(aux.unbind(0))
+        if len(windows) == 1:
+            memories = pool.gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
+            return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, torch.stack(keeps, dim=1),
+                        kept[:, :W], state)
+        G = len(windows)
+        starts = torch.tensor([sum(windows[:g]) for g in range(G)], device=pool.device)  # [G] first segments
+        # the window of each segment, and of the state after the last one (the last window's)
+        window = torch.tensor([g for g, n in enumerate(windows) for _ in range(n)] + [G - 1], device=pool.device)
+        first = (M + starts * S)[window][None, :, None]  # [1, W + 1, 1] each window's first token row
+        own = (kept >= first) | (window == 0)[None, :, None]  # rows this window reads with their gradient
+        grad_rows = pool.gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
+        cut_rows = pool.detach().gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
+        memories = torch.where(own.unsqueeze(-1), grad_rows, cut_rows)  # [B, W + 1, M, C]
+        # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
+        # later ones detached), G M rows; the scanned tokens]
+        row_tokens = torch.cat([state.unsqueeze(1), cut_rows[:, starts[1:]]], dim=1)  # [B, G, M, C]
+        at_start = kept[:, starts][:, window[:W]]  # [B, W, M] the rows held at each segment's window start (sorted)
+        before = kept[:, :W]
+        slot = torch.searchsorted(at_start.contiguous(), before.contiguous())  # where a held-over row sits there
+        mine = before >= first[:, :W]  # the segment's own window's tokens
+        rows = torch.where(mine, before - M + G * M, window[:W][None, :, None] * M + slot)
+        return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, torch.stack(keeps, dim=1), rows,
+                    row_tokens.flatten(1, 2))
 
     # ------------------------------------------------------------------------------------------------- read
     def prefix(self, state: torch.Tensor) -> Prefix:

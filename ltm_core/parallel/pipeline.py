@@ -5,7 +5,8 @@ Every stage is a `StageModel` holding the TitanModel submodules it owns under th
 state-dict keys are those of the single-device model and checkpoints are layout-independent.
 
 The recurrent memory: a stage keeps, per microbatch, the `MemoryState` of its own layers. A batch is processed
-window by window (`segment_length × bptt_segments` tokens, one `schedule.step` each); inside a window gradients
+window by window (`segment_length × bptt_segments` tokens, one `schedule.step` each, whatever `windows_per_pass`
+says: the stages' shapes are fixed); inside a window gradients
 flow through the memory writes, between windows the state is carried detached - the same truncated BPTT as
 `ltm_core.training.windowed_backward`. Schedules run the forwards of one stage in microbatch order, so the k-th
 forward call of a window is microbatch k.

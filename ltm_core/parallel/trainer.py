@@ -60,7 +60,7 @@ def pipeline_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Ten
     pm.loss_ctx.update(scale=loss_scale / n_tokens, sums=[])
     for part in pm.parts:
         part.reset(clear_memory=True)
-    span = _window_span(pm, input_ids.shape[1])
+    span = pm.config.segment_length * pm.config.bptt_segments  # one window per step: the stages' fixed shapes
     for start in range(0, input_ids.shape[1], span):
         for part in pm.parts:
             part.reset(clear_memory=False)

@@ -75,14 +75,16 @@ def test_streaming_split_anywhere_equals_one_call(case):
 
 def test_gradients_reach_an_earlier_segment_inside_a_window_only(case):
     """bptt_segments=2: a loss on segment 1 reaches segment 0 (the same window) through the memory; a loss on
-    segment 2 (the next window) reaches neither. Without memory no loss reaches another segment. (Evaluation mode:
+    segment 2 (the next window) reaches neither, also when both windows run in one pass (`windows_per_pass=2`).
+    Without memory no loss reaches another segment. (Evaluation mode:
     the training-only importance penalty is applied by every backward that passes through its window, whatever the
     loss, so it would blur what the read itself carries.)"""
     name, cfg = case
     S = cfg.segment_length
-    model = tiny_model(cfg, perturb=True).eval()
+    model = tiny_model(dataclasses.replace(cfg), perturb=True).eval()
     tokens = ids(3 * S)
-    for segment, reaches in ((1, cfg.use_memory), (2, False)):
+    for segment, reaches, per_pass in ((1, cfg.use_memory, 1), (2, False, 1), (2, False, 2)):
+        model.config.windows_per_pass = per_pass  # 2: both windows in one layer-major pass
         embeds = []
         handle = model.embed_tokens.register_forward_hook(lambda m, a, out: out.retain_grad() or embeds.append(out))
         model.zero_grad()
@@ -96,21 +98,28 @@ def test_gradients_reach_an_earlier_segment_inside_a_window_only(case):
 
 def test_window_parallel_equals_the_sequential_reference(case):
     """The layer-major pass and the segment-by-segment path, from the same seed: the same logits, loss, auxiliary
-    loss and gradients (training mode, so the tokens memory's write noise is drawn, once per window)."""
+    loss and gradients (training mode, so the tokens memory's write noise is drawn, once per window), with one BPTT
+    window per pass, two (windows of 3 and 3 segments, then 1 and 3 tokens) and three (3, 3 and 1 segments, then 3
+    tokens): gradients stop between them."""
     name, cfg = case
     cfg = dataclasses.replace(cfg, bptt_segments=3)
     S = cfg.segment_length
     tokens = ids(7 * S + 3)
     results = []
-    for parallel in (True, False):
-        model = tiny_model(cfg, perturb=True).train()
+    for parallel, per_pass in ((False, 1), (True, 1), (True, 2), (True, 3)):
+        model = tiny_model(dataclasses.replace(cfg, windows_per_pass=per_pass), perturb=True).train()
         model.window_parallel = parallel
         torch.manual_seed(5)
         out = model(tokens, labels=tokens)
         loss = out.loss + (0 if out.aux_loss is None else 0 * out.aux_loss)
         loss.backward()
         results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (par, par_grads), (seq, seq_grads) = results
+    for result in results[1:]:
+        _assert_same_step(result, results[0])
+
+
+def _assert_same_step(mine: tuple, reference: tuple) -> None:
+    (par, par_grads), (seq, seq_grads) = mine, reference
     torch.testing.assert_close(par.logits, seq.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(par.loss, seq.loss, rtol=0, atol=1e-6)
     assert (par.aux_loss is None) == (seq.aux_loss is None)
