@@ -232,11 +232,8 @@ class Block(nn.Module):
         if not self.carry:
             y, _ = self._short_conv(x.flatten(0, 1), None)
             return y.view(B, W, S, C), None
-        if len(windows) == 1:
-            y, shift = self._short_conv(x.flatten(1, 2), before)
-            return y.view(B, W, S, C), shift
-        # several windows: the previous window's last inputs reach each window's first tokens without a gradient
-        # path back; equal windows run as one batch [B G, n S, C], others one by one
+        # the previous window's last inputs reach each window's first tokens without a gradient path back; equal
+        # windows run as one batch [B G, n S, C], others one by one
         K1 = self.short_conv.shape[1] - 1
         if before is None:
             before = x.new_zeros(B, K1, C)

@@ -162,8 +162,9 @@ class TokensMemory(Memory):
         kept = torch.stack(held, dim=1)  # [B, W + 1, M]: before each segment, then after the last
         aux = self.penalty(entries)  # [W] or None
         aux = [None] * W if aux is None else list(aux.unbind(0))
+        held_rows = kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)  # [B, (W + 1) M, C]
         if len(windows) == 1:
-            memories = pool.gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
+            memories = pool.gather(1, held_rows).view(B, W + 1, M, C)
             return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, torch.stack(keeps, dim=1),
                         kept[:, :W], state)
         G = len(windows)
@@ -172,8 +173,8 @@ class TokensMemory(Memory):
         window = torch.tensor([g for g, n in enumerate(windows) for _ in range(n)] + [G - 1], device=pool.device)
         first = (M + starts * S)[window][None, :, None]  # [1, W + 1, 1] each window's first token row
         own = (kept >= first) | (window == 0)[None, :, None]  # rows this window reads with their gradient
-        grad_rows = pool.gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
-        cut_rows = pool.detach().gather(1, kept.flatten(1, 2).unsqueeze(-1).expand(-1, -1, C)).view(B, W + 1, M, C)
+        grad_rows = pool.gather(1, held_rows).view(B, W + 1, M, C)
+        cut_rows = pool.detach().gather(1, held_rows).view(B, W + 1, M, C)
         memories = torch.where(own.unsqueeze(-1), grad_rows, cut_rows)  # [B, W + 1, M, C]
         # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
         # later ones detached), G M rows; the scanned tokens]
