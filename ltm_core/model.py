@@ -242,7 +242,8 @@ class Block(nn.Module):
             xw = x.view(B, G, T, C)
             befores = torch.cat([before.unsqueeze(1).to(x.dtype), xw[:, :-1, T - K1:].detach()], dim=1)  # [B, G, K1, C]
             y, _ = self._short_conv(xw.flatten(0, 1), befores.flatten(0, 1))  # [B G, T, C]
-            return y.view(B, W, S, C), xw[:, -1, T - K1:]
+            # the carried inputs are a copy: x may be a buffer its caller reuses (a pipeline stage's receive buffer)
+            return y.view(B, W, S, C), xw[:, -1, T - K1:].clone()
         out, start, shift = [], 0, before
         for i, n in enumerate(windows):
             if i:
