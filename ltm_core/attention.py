@@ -9,7 +9,9 @@ Key layout: the first `prefix_len` keys (memory slots) are visible to every quer
 so a KV cache with Lq < Lk works). `causal` applies to the segment part; `window=w` lets a query at segment
 position p see segment keys in (p - w, p]. `key_bias` [B, Lb] adds a score to each of the first Lb keys (the
 memory slots), for every query and head; it is folded into one extra head dimension (`with_key_bias`), so every
-backend computes it.
+backend computes it. `key_through` [B, Lb] is a straight-through weight s of the same keys: their keys and values
+are used unchanged, and s gets the gradient that a factor (1 + s - s.detach()) = 1 on them would get (how the
+tokens memory's importance learns from the reads), without another copy of the keys and values saved for backward.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from ltm_core.ops import use_kernels
 from ltm_extensions.reference import attention_mask  # the one statement of the mask rule
 
-__all__ = ["attention", "attention_mask", "with_key_bias"]
+__all__ = ["attention", "attention_mask", "straight_through", "with_key_bias"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -41,13 +43,45 @@ def with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (F.pad(q, (0, 1), value=1.0), torch.cat([k, extra], dim=-1), F.pad(v, (0, 1)))
 
 
+class _StraightThrough(torch.autograd.Function):
+    """(k, v [B, H, L, d'], s [B, Lb], d) -> k, v unchanged; s's gradient: that of a factor on the first d dims of
+    the first Lb keys and values, sum_{h, j < d} (dk k + dv v). Saves k and v, which the attention saves anyway."""
+
+    @staticmethod
+    def forward(ctx, k, v, s, d):
+        ctx.save_for_backward(k, v)
+        ctx.Lb, ctx.d, ctx.s_dtype = s.shape[1], d, s.dtype
+        return k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, dk, dv):
+        k, v = ctx.saved_tensors
+        Lb, d = ctx.Lb, ctx.d
+        ds = sum((g[:, :, :Lb, :d].float() * t[:, :, :Lb, :d].float()).sum(dim=(1, 3))
+                 for g, t in ((dk, k), (dv, v)) if g is not None)  # [B, Lb]
+        return dk, dv, ds.to(ctx.s_dtype), None
+
+
+def straight_through(k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, d: Optional[int] = None):
+    """k, v: [B, H, Lk, d'], s: [B, Lb] -> k, v (the same values); under autograd s gets the gradient of a factor
+    (1 + s - s.detach()) on the first `d` (default all) dims of the first Lb keys and values."""
+    if not (torch.is_grad_enabled() and s.requires_grad):
+        return k, v
+    return _StraightThrough.apply(k, v, s, k.shape[-1] if d is None else d)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, prefix_len: int = 0,
               window: Optional[int] = None, scale: Optional[float] = None, backend: str = "auto",
-              key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Softmax attention. q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; key_bias: [B, Lb] or None -> [B, H, Lq, d]."""
+              key_bias: Optional[torch.Tensor] = None, key_through: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax attention. q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; key_bias, key_through: [B, Lb] or None ->
+    [B, H, Lq, d]."""
+    hd = q.shape[-1]
     if key_bias is not None:
-        hd = q.shape[-1]
-        y = attention(*with_key_bias(q, k, v, key_bias), causal=causal, prefix_len=prefix_len, window=window,
+        q, k, v = with_key_bias(q, k, v, key_bias)  # head dim hd + 1
+    if key_through is not None:
+        k, v = straight_through(k, v, key_through, hd)
+    if key_bias is not None:
+        y = attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window,
                       scale=hd ** -0.5 if scale is None else scale, backend=backend)
         return y[..., :hd]  # [B, H, Lq, d]
     if backend not in BACKENDS:

@@ -68,15 +68,13 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is not None:  # tokens already seen in this segment
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        keys, values, prefix_len, bias = k, v, 0, None
+        keys, values, prefix_len, bias, through = k, v, 0, None, None
         if prefix is not None:  # the memory's tokens: a non-causal prefix, through this attention's projections
             pk, pv = prefix_kv if prefix_kv is not None else self.kv(prefix.tokens)  # [B, H, M, hd]
-            if prefix.scale is not None:
-                scale = prefix.scale[:, None, :, None]  # [B, 1, M, 1]
-                pk, pv = pk * scale, pv * scale
             keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            prefix_len, bias = pk.shape[2], prefix.bias
-        y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend, key_bias=bias)
+            prefix_len, bias, through = pk.shape[2], prefix.bias, prefix.through
+        y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend, key_bias=bias,
+                      key_through=through)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # [B, T, C]; -1: local heads under TP
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,11 +95,13 @@ class SelfAttention(nn.Module):
         values [B W, H, M, hd]."""
         B, W, M = rows.shape
         mk, mv = self.kv(state)  # [B, H, M0, hd]
-        index = rows.flatten(1)[:, None, :, None].expand(-1, mk.shape[1], -1, mk.shape[3])  # [B, H, W M, hd]
+        batch = torch.arange(B, device=rows.device)[:, None]  # [B, 1]
         out = []
         for before, window in ((mk, projected[1]), (mv, projected[2])):
-            pool = torch.cat([before, window.unflatten(0, (B, W)).transpose(1, 2).flatten(2, 3)], dim=2)  # [B,H,P,hd]
-            out.append(pool.gather(2, index).unflatten(2, (W, M)).transpose(1, 2).flatten(0, 1))  # [B W, H, M, hd]
+            pool = torch.cat([before.transpose(1, 2), window.unflatten(0, (B, W)).transpose(2, 3).flatten(1, 2)],
+                             dim=1)  # [B, P, H, hd]
+            # indexing, not gather: its backward keeps the indices, not the pool
+            out.append(pool[batch, rows.flatten(1)].unflatten(1, (W, M)).flatten(0, 1).transpose(1, 2))  # [BW,H,M,hd]
         return tuple(out)
 
 

@@ -44,7 +44,8 @@ class Write:
 class Prefix:
     tokens: torch.Tensor  # [B, M, C] tokens the self-attention reads beside the segment (through its own projections)
     bias: Optional[torch.Tensor] = None  # [B, M] added to every query's score of each of them
-    scale: Optional[torch.Tensor] = None  # [B, M] multiplies each token's key and value (as it would the token)
+    through: Optional[torch.Tensor] = None  # [B, M] a straight-through weight s of each token's key and value:
+    # used unchanged, s gets the gradient of a factor (1 + s - s.detach()) on them (`attention(key_through=)`)
 
 
 @dataclass

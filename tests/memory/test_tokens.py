@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ltm_core.attention import attention
 from ltm_core.config import TokensMemoryConfig
 from ltm_core.layers import rotary_tables
 from support import ids, kind_config, tiny_model
@@ -225,6 +226,32 @@ def test_the_read_teaches_the_ranking_through_the_kept_tokens(tiny_cfg):
         model(tokens, labels=labels).loss.backward()
         assert embeds[0].grad[:, :S].abs().sum() > 0  # through the kept tokens
         assert model.blocks[0].memory.importance.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_key_through_gives_the_gradients_of_the_straight_through_factor(with_bias):
+    """attention(key_through=s) == the attention over the first Lb keys and values times 1 + s - s.detach(): the
+    same output, and the same gradients to q, k, v, s and the key bias."""
+    torch.manual_seed(0)
+    B, H, Lq, Lb, hd = 2, 3, 5, 4, 8
+    leaves = [torch.randn(B, H, Lq, hd), torch.randn(B, H, Lb + Lq, hd), torch.randn(B, H, Lb + Lq, hd),
+              torch.rand(B, Lb), torch.randn(B, Lb)]
+    target = torch.randn(B, H, Lq, hd)
+
+    def grads(explicit: bool):
+        q, k, v, s, bias = (t.clone().requires_grad_() for t in leaves)
+        kw = {"prefix_len": Lb, "key_bias": bias if with_bias else None}
+        if explicit:
+            factor = F.pad(1 + (s - s.detach()), (0, Lq), value=1.0)[:, None, :, None]  # [B, 1, Lb + Lq, 1]
+            y = attention(q, k * factor, v * factor, **kw)
+        else:
+            y = attention(q, k, v, key_through=s, **kw)
+        ((y - target) ** 2).sum().backward()
+        return [y.detach()] + [t.grad for t in (q, k, v, s)] + ([bias.grad] if with_bias else [])
+
+    for got, want in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert grads(False)[4].abs().sum() > 0  # s learns
 
 
 def test_scan_makes_the_choices_of_one_write_per_segment():
