@@ -7,7 +7,27 @@ import os
 import pytest
 
 from ltm_core import TitanConfig
+from ltm_core.resources import available_cpus
 from support import kind_config
+
+
+def _share_the_cores_among_xdist_workers() -> None:
+    """Under pytest-xdist (`-n 2` in pyproject's addopts), each worker gets its share of the cores for torch's
+    intra-op threads: 1 each with 2 workers on the 2-core CI machine, where two workers of 2 threads would spin on
+    each other's cores. Set as OMP_NUM_THREADS, so that `ltm train` in this process (`set_threads`) and every
+    subprocess and launched rank (which inherit it) use the same count; a count the user exported is kept. Serial
+    runs (`-n 0`) are unchanged. Tests of the thread choice itself set or clear OMP_NUM_THREADS with monkeypatch."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or workers < 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    threads = max(1, available_cpus() // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+_share_the_cores_among_xdist_workers()
 
 
 @pytest.fixture(autouse=True, scope="session")

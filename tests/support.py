@@ -92,12 +92,21 @@ def assert_causal(model: TitanModel, tokens: torch.Tensor, positions: Iterable[i
         assert (model(changed).logits[:, reaches_from:] - base[:, reaches_from:]).abs().amax() > 1e-6
 
 
+# The page width of `ltm`'s output in these tests: the width it gives itself when writing to a pipe or a file
+# (ltm_cli/__init__.py), whatever COLUMNS the tests run with. pytest's capture plugin imports readline, which (with
+# TERM set) writes COLUMNS=80 and LINES=24 into the C environment of the pytest process: the pytest-xdist workers
+# start with them in os.environ, and at 80 columns rich wraps the long paths of the temporary folders (a worker's
+# are longer: .../popen-gw0/...) inside the lines the tests look for.
+PAGE_COLUMNS = "160"
+
+
 def run_ltm(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `ltm ARGS` as a user would (the console script of this interpreter's environment)."""
+    """Run `ltm ARGS` as a user would (the console script of this interpreter's environment), its output a pipe
+    PAGE_COLUMNS wide."""
     exe = Path(sys.executable).with_name("ltm")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ltm_cli"]
     return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": PAGE_COLUMNS})
 
 
 def invoke(*args: str):

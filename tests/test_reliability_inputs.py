@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from support import TINY, run_ltm
+from support import PAGE_COLUMNS, TINY, run_ltm
 from ltm_cli.app import app
 from ltm_core.checkpoint import read_checkpoint
 from ltm_core.configuration import compose
@@ -520,7 +520,14 @@ def test_checkpoints_are_also_saved_on_a_wall_clock_interval(tmp_path, text_file
     assert len(saves) >= 6  # every step's end (the interval is 6 ms); without it, only the final save
 
 
-def test_resume_auto_says_whether_it_found_a_checkpoint(tmp_path, text_file, capsys):
+def test_resume_auto_says_whether_it_found_a_checkpoint(tmp_path, text_file, capsys, monkeypatch):
+    from rich.console import Console
+
+    from ltm_core import lit
+
+    # `ltm train`'s console at the width of ltm's piped output (rich fixed it at import from COLUMNS, which is 80 in
+    # a pytest-xdist worker: the lines below, with their temporary paths, would wrap)
+    monkeypatch.setattr(lit, "console", Console(width=int(PAGE_COLUMNS)))
     out = tmp_path / "run"
     train(_cfg(out, text_file, "trainer.max_steps=2", "resume=auto"))
     assert f"resume=auto: no checkpoint in {out / 'checkpoints'}; starting at step 0" in capsys.readouterr().out
