@@ -57,9 +57,10 @@ class _StraightThrough(torch.autograd.Function):
     def backward(ctx, dk, dv):
         k, v = ctx.saved_tensors
         Lb, d = ctx.Lb, ctx.d
-        ds = sum((g[:, :, :Lb, :d].float() * t[:, :, :Lb, :d].float()).sum(dim=(1, 3))
-                 for g, t in ((dk, k), (dv, v)) if g is not None)  # [B, Lb]
-        return dk, dv, ds.to(ctx.s_dtype), None
+        terms = [(g[:, :, :Lb, :d].float() * t[:, :, :Lb, :d].float()).sum(dim=(1, 3))
+                 for g, t in ((dk, k), (dv, v)) if g is not None]  # [B, Lb] each
+        ds = sum(terms).to(ctx.s_dtype) if terms and ctx.needs_input_grad[2] else None
+        return dk, dv, ds, None
 
 
 def straight_through(k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, d: Optional[int] = None):
