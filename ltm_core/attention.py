@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ltm_core.ops import use_kernels
 from ltm_extensions.reference import attention_mask  # the one statement of the mask rule
 
-__all__ = ["attention", "attention_mask", "straight_through", "with_key_bias"]
+__all__ = ["attention", "attention_mask", "with_key_bias"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -63,12 +63,12 @@ class _StraightThrough(torch.autograd.Function):
         return dk, dv, ds, None
 
 
-def straight_through(k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, d: Optional[int] = None):
+def _straight_through(k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, d: int):
     """k, v: [B, H, Lk, d'], s: [B, Lb] -> k, v (the same values); under autograd s gets the gradient of a factor
-    (1 + s - s.detach()) on the first `d` (default all) dims of the first Lb keys and values."""
+    (1 + s - s.detach()) on the first d dims of the first Lb keys and values."""
     if not (torch.is_grad_enabled() and s.requires_grad):
         return k, v
-    return _StraightThrough.apply(k, v, s, k.shape[-1] if d is None else d)
+    return _StraightThrough.apply(k, v, s, d)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, prefix_len: int = 0,
@@ -80,7 +80,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if key_bias is not None:
         q, k, v = with_key_bias(q, k, v, key_bias)  # head dim hd + 1
     if key_through is not None:
-        k, v = straight_through(k, v, key_through, hd)
+        k, v = _straight_through(k, v, key_through, hd)
     if key_bias is not None:
         y = attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window,
                       scale=hd ** -0.5 if scale is None else scale, backend=backend)

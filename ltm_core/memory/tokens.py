@@ -147,7 +147,20 @@ class TokensMemory(Memory):
         W, S = entries.shape[1], entries.shape[2]
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
         ranks, vacant = self.ranks(pool), self.empty(pool)  # [B, P]
-        kept, keeps = self._choose(pool, ranks, vacant, noise, M, S)
+        dedup = self.config.select_dedup is not None
+        index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
+        held, keeps = [index], []
+        for i in range(W):
+            segment = torch.arange(M + i * S, M + (i + 1) * S, device=pool.device).expand(B, S)
+            candidates = torch.cat([index, segment], dim=1)  # [B, M + S] pool rows
+            rows = pool.gather(1, candidates.unsqueeze(-1).expand(-1, -1, C)) if dedup else None
+            keep = self.keep(ranks.gather(1, candidates), vacant.gather(1, index), None if noise is None else noise[i],
+                             rows)
+            index = candidates.gather(1, keep)  # [B, M]
+            held.append(index)
+            keeps.append(keep)
+        kept, keeps = torch.stack(held, dim=1), torch.stack(keeps, dim=1)  # [B, W + 1, M] (before each segment,
+        # then after the last), [B, W, M]
         aux = self.penalty(entries)  # [W] or None
         aux = [None] * W if aux is None else list(aux.unbind(0))
         # indexing, not gather: its backward keeps the indices, not the pool
@@ -162,7 +175,7 @@ class TokensMemory(Memory):
         first = (M + starts * S)[window][None, :, None]  # [1, W + 1, 1] each window's first token row
         own = (kept >= first) | (window == 0)[None, :, None]  # rows this window reads with their gradient
         grad_rows = pool[batch, held_rows].view(B, W + 1, M, C)
-        cut_rows = pool.detach()[batch, held_rows].view(B, W + 1, M, C)
+        cut_rows = grad_rows.detach()
         memories = torch.where(own.unsqueeze(-1), grad_rows, cut_rows)  # [B, W + 1, M, C]
         # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
         # later ones detached), G M rows; the scanned tokens]
@@ -173,25 +186,6 @@ class TokensMemory(Memory):
         mine = before >= first[:, :W]  # the segment's own window's tokens
         rows = torch.where(mine, before - M + G * M, window[:W][None, :, None] * M + slot)
         return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, rows, row_tokens.flatten(1, 2))
-
-    def _choose(self, pool: torch.Tensor, ranks: torch.Tensor, vacant: torch.Tensor, noise: Optional[torch.Tensor],
-                M: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scan's choices, one `keep` per segment: pool [B, P, C], ranks and vacant [B, P] of its rows, noise
-        [W, B, M + S] or None -> the pool rows held before each segment and after the last [B, W + 1, M], each
-        write's kept candidates [B, W, M]."""
-        B, P, C = pool.shape
-        index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
-        held, keeps = [index], []
-        for i in range((P - M) // S):
-            segment = torch.arange(M + i * S, M + (i + 1) * S, device=pool.device).expand(B, S)
-            candidates = torch.cat([index, segment], dim=1)  # [B, M + S] pool rows
-            rows = pool.gather(1, candidates.unsqueeze(-1).expand(-1, -1, C)) if self.config.select_dedup is not None else None
-            keep = self.keep(ranks.gather(1, candidates), vacant.gather(1, index), None if noise is None else noise[i],
-                             rows)
-            index = candidates.gather(1, keep)  # [B, M]
-            held.append(index)
-            keeps.append(keep)
-        return torch.stack(held, dim=1), torch.stack(keeps, dim=1)
 
     # ------------------------------------------------------------------------------------------------- read
     def prefix(self, state: torch.Tensor) -> Prefix:
@@ -211,4 +205,3 @@ class TokensMemory(Memory):
         computed for them)."""
         C, M, T = self.model_config.hidden_size, self.slots, segment_length
         return 12 * C * M + 6 * 3 * C * C * M / (T * self.model_config.bptt_segments)
-
