@@ -27,6 +27,10 @@ from ltm_extensions.reference import attention_mask  # the one statement of the 
 __all__ = ["attention", "attention_mask", "with_key_bias"]
 
 BACKENDS = ("auto", "triton", "torch")
+# On CPU a prefix read with at most this many scores per (batch, head) (the tokens memory's M kept tokens beside a
+# segment) writes its scores out (`_explicit_scores`): faster there than SDPA's fused CPU kernel with a mask, e.g.
+# 0.69x the time at model=tiny's 64 x 128 and 0.90x at model=small's 256 x 512 (docs/benchmarks.md, "CPU").
+MATH_MAX_SCORES = 256 * 512
 
 
 def with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -76,20 +80,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               key_bias: Optional[torch.Tensor] = None, key_through: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention. q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; key_bias, key_through: [B, Lb] or None ->
     [B, H, Lq, d]."""
-    hd = q.shape[-1]
-    if key_bias is not None:
-        q, k, v = with_key_bias(q, k, v, key_bias)  # head dim hd + 1
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    hd, lq, lk = q.shape[-1], q.shape[-2], k.shape[-2]
+    if causal and lq > lk - prefix_len:
+        raise ValueError(f"{lq} queries need at least as many segment keys, got {lk - prefix_len}")
     if key_through is not None:
         k, v = _straight_through(k, v, key_through, hd)
+    if prefix_len and q.device.type == "cpu" and not use_kernels(backend, q) and lq * lk <= MATH_MAX_SCORES:
+        return _explicit_scores(q, k, v, causal=causal, prefix_len=prefix_len, window=window, scale=scale,
+                                key_bias=key_bias)
     if key_bias is not None:
+        q, k, v = with_key_bias(q, k, v, key_bias)  # head dim hd + 1
         y = attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window,
                       scale=hd ** -0.5 if scale is None else scale, backend=backend)
         return y[..., :hd]  # [B, H, Lq, d]
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    lq, lk = q.shape[-2], k.shape[-2]
-    if causal and lq > lk - prefix_len:
-        raise ValueError(f"{lq} queries need at least as many segment keys, got {lk - prefix_len}")
     if use_kernels(backend, q):
         from ltm_extensions import flash_attention
 
@@ -100,3 +105,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and lq > 1, scale=scale)
     mask = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _explicit_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, prefix_len: int,
+                     window: Optional[int], scale: Optional[float], key_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q k^T * scale + mask + key bias) v with the scores [B, H, Lq, Lk] written out (and kept for backward):
+    the CPU path of a prefix read up to MATH_MAX_SCORES scores per head, where it is faster than SDPA's fused kernel
+    with a mask and the key bias folded into a head dimension. The prefix keys are visible to every query, so no
+    row is fully masked."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    visible = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
+    add = torch.zeros(lq, lk, device=q.device).masked_fill_(~visible, float("-inf"))  # [Lq, Lk] (fp32)
+    if key_bias is not None:
+        add = add + F.pad(key_bias.float(), (0, lk - key_bias.shape[1]))[:, None, None, :]  # [B, 1, Lq, Lk]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale) + add
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, H, Lq, d]

@@ -368,12 +368,12 @@ class SegmentRecurrence(nn.Module):
             # a CUDA-graph replay overwrites the outputs of the previous one: the state and the window's output
             # outlive the call, so they are copied out of the graph's memory pool
             h, layers = h.clone(), tuple(ls.map(torch.clone) for ls in layers)
-        counted = []
+        counted, hooked = [], bool(self.__dict__.get("_write_hooks"))
         for l, scan in enumerate(scans):
             if scan is None:
                 continue
             counted.extend(a for i, a in enumerate(scan.aux) if a is not None and self._counted(state, i))
-            for i in range(n):
+            for i in range(n if hooked else 0):
                 self._call_write_hooks(l, scan.entries[:, i], None if scan.kept is None else scan.kept[:, i])
         return self._add_aux(h.flatten(1, 2), counted, aux), self._advance(state, list(layers), n, 0, noise)
 

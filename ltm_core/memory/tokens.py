@@ -85,20 +85,19 @@ class TokensMemory(Memory):
         return t
 
     # ------------------------------------------------------------------------------------------------ write
-    def keep(self, ranks: torch.Tensor, vacant: torch.Tensor, noise: Optional[torch.Tensor],
+    def keep(self, ranks: torch.Tensor, vacancy: torch.Tensor, gumbel: Optional[torch.Tensor],
              candidates: Optional[torch.Tensor]) -> torch.Tensor:
         """The candidates one write keeps: ranks [B, M + S] (the memory's M entries, then the segment's S tokens),
-        vacant [B, M] (empty slots), noise [B, M + S] standard exponential samples or None, candidates
-        [B, M + S, C] (for select_dedup) -> indices [B, M] into the candidates, in arrival order."""
-        M = vacant.shape[1]
+        vacancy [B, M + S] (VACANT_RANK for an empty slot, else 0), gumbel [B, M + S] standard Gumbel samples or None,
+        candidates [B, M + S, C] (for select_dedup) -> indices [B, M] into the candidates, in arrival order."""
         rank = ranks
-        if noise is not None:  # Gumbel-top-k: sample M entries without replacement
+        if gumbel is not None:  # Gumbel-top-k: sample M entries without replacement
             scale = self.config.select_noise * rank.std(dim=1, keepdim=True)  # [B, 1]: relative to the spread
-            rank = rank - scale * noise.double().log()  # + scale * Gumbel(0, 1)
-        rank = torch.cat([rank[:, :M] - VACANT_RANK * vacant, rank[:, M:]], dim=1)
+            rank = rank + scale * gumbel
+        rank = rank - vacancy
         if self.config.select_dedup is not None:
             rank = self._suppress_duplicates(candidates, rank)
-        return rank.topk(M, dim=1).indices.sort(dim=1).values  # [B, M]
+        return rank.topk(self.slots, dim=1).indices.sort(dim=1).values  # [B, M]
 
     def _suppress_duplicates(self, candidates: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
         """candidates [B, N, C], rank [B, N] -> rank with every candidate whose cosine similarity to a higher-ranked
@@ -112,6 +111,11 @@ class TokensMemory(Memory):
         duplicate = (similar & higher).any(dim=2)  # [B, N]
         spread = rank.amax(dim=1, keepdim=True) - rank.amin(dim=1, keepdim=True) + 1  # [B, 1]
         return rank - duplicate * spread
+
+    @staticmethod
+    def gumbel(noise: torch.Tensor) -> torch.Tensor:
+        """noise: standard exponential samples (the model draws them) -> standard Gumbel samples -log(noise), float64."""
+        return -noise.double().log()
 
     def penalty(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """tokens: [..., S, C] written segments -> importance_penalty * mean sigmoid(importance) per segment [...]
@@ -127,7 +131,8 @@ class TokensMemory(Memory):
         """state: [B, M, C], entries: [B, S, C] one complete segment -> the M entries kept, in arrival order."""
         B, M, C = state.shape
         candidates = torch.cat([state, entries.to(state.dtype)], dim=1)  # [B, M + S, C]
-        keep = self.keep(self.ranks(candidates), self.empty(state), noise,
+        vacancy = F.pad(VACANT_RANK * self.empty(state).double(), (0, entries.shape[1]))  # [B, M + S]
+        keep = self.keep(self.ranks(candidates), vacancy, None if noise is None else self.gumbel(noise),
                          candidates if self.config.select_dedup is not None else None)
         kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))  # [B, M, C]
         return Write(kept, self.penalty(entries), keep)
@@ -146,17 +151,20 @@ class TokensMemory(Memory):
         B, M, C = state.shape
         W, S = entries.shape[1], entries.shape[2]
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
-        ranks, vacant = self.ranks(pool), self.empty(pool)  # [B, P]
+        ranks, gumbel = self.ranks(pool), None if noise is None else self.gumbel(noise)  # [B, P], [W, B, M + S]
         dedup = self.config.select_dedup is not None
+        vacancy = VACANT_RANK * self.empty(pool).double()  # [B, P]: an all-zero row is an empty slot once held
         index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
+        segments = torch.arange(M, M + W * S, device=pool.device).view(1, W, S).expand(B, W, S)  # pool rows
+        no_vacancy = ranks.new_zeros(B, S)  # a candidate token is never vacant
+        batch = torch.arange(B, device=pool.device)[:, None]  # [B, 1]
         held, keeps = [index], []
         for i in range(W):
-            segment = torch.arange(M + i * S, M + (i + 1) * S, device=pool.device).expand(B, S)
-            candidates = torch.cat([index, segment], dim=1)  # [B, M + S] pool rows
-            rows = pool.gather(1, candidates.unsqueeze(-1).expand(-1, -1, C)) if dedup else None
-            keep = self.keep(ranks.gather(1, candidates), vacant.gather(1, index), None if noise is None else noise[i],
-                             rows)
-            index = candidates.gather(1, keep)  # [B, M]
+            candidates = torch.cat([index, segments[:, i]], dim=1)  # [B, M + S] pool rows
+            rows = pool[batch, candidates] if dedup else None
+            held_vacancy = torch.cat([vacancy.gather(1, index), no_vacancy], dim=1)  # [B, M + S]
+            keep = self.keep(ranks.gather(1, candidates), held_vacancy, None if gumbel is None else gumbel[i], rows)
+            index = candidates.gather(1, keep)
             held.append(index)
             keeps.append(keep)
         kept, keeps = torch.stack(held, dim=1), torch.stack(keeps, dim=1)  # [B, W + 1, M] (before each segment,
@@ -164,7 +172,7 @@ class TokensMemory(Memory):
         aux = self.penalty(entries)  # [W] or None
         aux = [None] * W if aux is None else list(aux.unbind(0))
         # indexing, not gather: its backward keeps the indices, not the pool
-        batch, held_rows = torch.arange(B, device=pool.device)[:, None], kept.flatten(1, 2)  # [B, 1], [B, (W + 1) M]
+        held_rows = kept.flatten(1, 2)  # [B, (W + 1) M]
         if len(windows) == 1:
             memories = pool[batch, held_rows].view(B, W + 1, M, C)
             return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, kept[:, :W], state)
