@@ -9,7 +9,8 @@ Key layout: the first `prefix_len` keys (memory slots) are visible to every quer
 so a KV cache with Lq < Lk works). `causal` applies to the segment part; `window=w` lets a query at segment
 position p see segment keys in (p - w, p]. `key_bias` [B, Lb] adds a score to each of the first Lb keys (the
 memory slots), for every query and head; it is folded into one extra head dimension (`with_key_bias`), so every
-backend computes it. `key_through` [B, Lb] is a straight-through weight s of the same keys: their keys and values
+backend computes it, except on CPU for a prefix read of at most MATH_MAX_SCORES scores per head, which writes its
+scores out and adds it to them (`_explicit_scores`: faster there). `key_through` [B, Lb] is a straight-through weight s of the same keys: their keys and values
 are used unchanged, and s gets the gradient that a factor (1 + s - s.detach()) = 1 on them would get (how the
 tokens memory's importance learns from the reads), without another copy of the keys and values saved for backward.
 """
@@ -27,10 +28,11 @@ from ltm_extensions.reference import attention_mask  # the one statement of the 
 __all__ = ["attention", "attention_mask", "with_key_bias"]
 
 BACKENDS = ("auto", "triton", "torch")
-# On CPU a prefix read with at most this many scores per (batch, head) (the tokens memory's M kept tokens beside a
-# segment) writes its scores out (`_explicit_scores`): faster there than SDPA's fused CPU kernel with a mask, e.g.
-# 0.69x the time at model=tiny's 64 x 128 and 0.90x at model=small's 256 x 512 (docs/benchmarks.md, "CPU").
-MATH_MAX_SCORES = 256 * 512
+# On CPU a prefix read with at most this many scores per (batch, head) writes its scores out (`_explicit_scores`):
+# model=tiny's 64 queries x (64 kept + 64 segment keys) takes 0.96-1.02x the training step of SDPA's fused kernel
+# with the key bias folded into a head dimension (four interleaved runs, docs/benchmarks.md), model=small's
+# 256 x 512 no less than 1.00x: the largest read measured faster.
+MATH_MAX_SCORES = 64 * 128
 
 
 def with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -2,8 +2,11 @@
 
 The variants share one backbone: `memory` (the model's memory kind, windowed backward), `tokens` / `slots` / `delta`
 (the memory model with that kind, the same slot count), `segment_local` (same segments, no memory) and
-`full_causal` (no memory, one segment spanning the context). Each (variant, context) row is measured in a fresh
-process on CPU. Timings: warm-up, then the median of repeats (synchronised on CUDA).
+`full_causal` (no memory, one segment spanning the context). Timings: warm-up, then the median of repeats
+(synchronised on CUDA). On CPU each (variant, context) row runs in a fresh process of its own, and the rows of one
+context take their timed steps in turn (one step of each row per round): the load of a shared machine changes
+over seconds, and a row timed after another would meet a different machine (`rows_interleaved`). On CUDA the rows
+run one after the other in this process.
 
 Peak memory (`peak_mem_bytes`) is tensor memory, the same quantity on both devices: the most that one training step
 after warm-up (forward, backward, optimizer step) holds allocated beyond what was allocated when it began
@@ -102,51 +105,68 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
     return 2 * n ** 3 / (median_ms(lambda: a @ b, device, warmup=1, repeats=repeats) * 1e-3)
 
 
+class TrainStepRow:
+    """One (variant, context) row measured in this process: its model and optimizer, warm-up steps, timed steps,
+    then the row's measurements. Peak memory is this process's."""
+
+    def __init__(self, cfg: TitanConfig, variant: str, context: int, batch_size: int, device: str, dtype: str):
+        self.variant, self.context, self.batch_size = variant, context, batch_size
+        self.dev, self.dt = torch.device(device), getattr(torch, dtype)
+        torch.manual_seed(0)
+        self.model = TitanModel(variant_config(cfg, variant, context)).to(self.dev, self.dt).train()
+        self.optimizer = build_optimizer(self.model, OptimConfig())
+        self.ids = torch.randint(0, 256, (batch_size, context + 1), device=self.dev)
+        self.times: list[float] = []
+        _sync(self.dev)
+        if self.dev.type == "cpu":
+            _reset_peak_rss()
+            self.base_rss = _rss_bytes()
+
+    def step(self) -> None:
+        windowed_backward(self.model, self.ids[:, :-1], self.ids[:, 1:])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def timed_step(self) -> None:
+        _sync(self.dev)
+        start = time.perf_counter()
+        self.step()
+        _sync(self.dev)
+        self.times.append(time.perf_counter() - start)
+
+    def result(self) -> dict[str, Any]:
+        """The row: the median of the timed steps, then the peak memory of one more step, the recurrence share of
+        another and the peak FLOP/s."""
+        dev, extra = self.dev, {}
+        if dev.type == "cuda":  # one more step, its tensor peak above what it started with
+            torch.cuda.reset_peak_memory_stats(dev)
+            base_mem = torch.cuda.memory_allocated(dev)
+            self.step()
+            peak = torch.cuda.max_memory_allocated(dev) - base_mem
+        else:
+            # resident-set growth, warm-up included; 0 when the step fits in memory the process already holds (the
+            # kernel's high-water mark and the resident count it is compared with are kept by lagging per-thread
+            # counters, so "no growth" can read as a few pages below zero)
+            extra["peak_rss_bytes"] = max(0, _peak_rss_bytes() - self.base_rss)
+            peak = cpu_peak_tensor_bytes(self.step)
+        step_s = statistics.median(self.times)
+        share = recurrence_share(self.step, dev)
+        peak_flops = measure_peak_flops(dev, self.dt, n=8192 if dev.type == "cuda" else 1024)  # the row's conditions
+        return {"model": self.variant, "context": self.context, "tokens_per_s": self.batch_size * self.context / step_s,
+                "peak_mem_bytes": int(peak), **extra, "step_s": step_s, "recurrence_share": share,
+                "params": self.model.num_parameters(), "flops_per_token": self.model.flops_per_token(self.context),
+                "peak_flops": peak_flops}
+
+
 def train_step_row(cfg: TitanConfig, variant: str, context: int, batch_size: int, device: str, dtype: str,
                    warmup: int, repeats: int) -> dict[str, Any]:
-    """Time one (variant, context) training step in this process; peak memory is this process's."""
-    dev, dt = torch.device(device), getattr(torch, dtype)
-    torch.manual_seed(0)
-    model = TitanModel(variant_config(cfg, variant, context)).to(dev, dt).train()
-    optimizer = build_optimizer(model, OptimConfig())
-    ids = torch.randint(0, 256, (batch_size, context + 1), device=dev)
-
-    def step():
-        windowed_backward(model, ids[:, :-1], ids[:, 1:])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    _sync(dev)
-    if dev.type == "cpu":
-        _reset_peak_rss()
-        base_rss = _rss_bytes()
+    """Time one (variant, context) training step in this process: warm-up, then `repeats` timed steps."""
+    row = TrainStepRow(cfg, variant, context, batch_size, device, dtype)
     for _ in range(warmup):
-        step()
-    times = []
+        row.step()
     for _ in range(repeats):
-        _sync(dev)
-        start = time.perf_counter()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - start)
-    extra = {}
-    if dev.type == "cuda":  # one more step, its tensor peak above what it started with
-        torch.cuda.reset_peak_memory_stats(dev)
-        base_mem = torch.cuda.memory_allocated(dev)
-        step()
-        peak = torch.cuda.max_memory_allocated(dev) - base_mem
-    else:
-        # resident-set growth, warm-up included; 0 when the step fits in memory the process already holds (the
-        # kernel's high-water mark and the resident count it is compared with are kept by lagging per-thread
-        # counters, so "no growth" can read as a few pages below zero)
-        extra["peak_rss_bytes"] = max(0, _peak_rss_bytes() - base_rss)
-        peak = cpu_peak_tensor_bytes(step)
-    tokens_per_s = batch_size * context / statistics.median(times)
-    share = recurrence_share(step, dev)
-    peak_flops = measure_peak_flops(dev, dt, n=8192 if dev.type == "cuda" else 1024)  # same conditions as the row
-    return {"model": variant, "context": context, "tokens_per_s": tokens_per_s, "peak_mem_bytes": int(peak),
-            **extra, "step_s": statistics.median(times), "recurrence_share": share, "params": model.num_parameters(),
-            "flops_per_token": model.flops_per_token(context), "peak_flops": peak_flops}
+        row.timed_step()
+    return row.result()
 
 
 def recurrence_share(step, device: torch.device) -> float:
@@ -171,18 +191,79 @@ def recurrence_share(step, device: torch.device) -> float:
     return min(inside / total, 1.0)
 
 
-def _row_in_subprocess(args: dict[str, Any]) -> dict[str, Any]:
-    code = "import json,sys; from ltm_core.bench import _child; _child(json.loads(sys.argv[1]))"
-    result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"model": args["variant"], "context": args["context"], "error": result.stderr.strip()[-300:]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+CHILD = "from ltm_core.bench import _child; _child()"  # a row's process
 
 
-def _child(args: dict[str, Any]) -> None:
+def rows_interleaved(arg_sets: list[dict[str, Any]], warmup: int, repeats: int,
+                     preludes: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """CPU rows, each in a fresh process of its own, with their timed steps taken in turn: every row warms up, then
+    each round times one step of every row, so a load that changes during the run weighs on all rows alike and the
+    ratios between them hold. A row whose process fails reports its error; the others go on. preludes: Python code
+    run first in each row's process (an A/B of a module setting: scripts/bench_prefix_read.py)."""
+    rows: list[Optional[dict[str, Any]]] = [None] * len(arg_sets)
+    children = []
+    try:
+        for i, args in enumerate(arg_sets):
+            log = tempfile.TemporaryFile(mode="w+")  # stderr: a pipe nobody reads could fill and block the child
+            code = CHILD if preludes is None else preludes[i] + "\n" + CHILD
+            proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=log, text=True)
+            children.append((proc, log))
+        for i, args in enumerate(arg_sets):
+            _ask(children[i], rows, i, args, json.dumps({"warmup": warmup, **args}))
+        for _ in range(repeats):
+            for i, args in enumerate(arg_sets):
+                _ask(children[i], rows, i, args, "step")
+        for i, args in enumerate(arg_sets):
+            reply = _ask(children[i], rows, i, args, "result")
+            if reply is not None:
+                rows[i] = json.loads(reply)
+    finally:
+        for proc, log in children:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            log.close()
+    return rows  # type: ignore[return-value]
+
+
+def _ask(child, rows: list, i: int, args: dict[str, Any], command: str) -> Optional[str]:
+    """Send one command line to row i's process and return its one-line reply; if the process has failed, record
+    the error in rows[i] (once) and return None."""
+    proc, log = child
+    if rows[i] is not None:
+        return None
+    try:
+        proc.stdin.write(command + "\n")
+        proc.stdin.flush()
+        reply = proc.stdout.readline()
+    except (BrokenPipeError, OSError):
+        reply = ""
+    if reply:
+        return reply.strip()
+    proc.wait()
+    log.seek(0)
+    rows[i] = {"model": args["variant"], "context": args["context"], "error": log.read().strip()[-300:]}
+    return None
+
+
+def _child() -> None:
+    """A row's process (`rows_interleaved`): a first line with the row's arguments (warm-up included), then "step"
+    lines (one timed step each) and a final "result"; one reply line per command."""
+    args = json.loads(sys.stdin.readline())
     torch.set_num_threads(args.pop("threads"))
-    cfg = TitanConfig.from_dict(args.pop("cfg"))
-    print(json.dumps(train_step_row(cfg, **args)))
+    warmup, cfg = args.pop("warmup"), TitanConfig.from_dict(args.pop("cfg"))
+    row = TrainStepRow(cfg, **args)
+    for _ in range(warmup):
+        row.step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            row.timed_step()
+            print("ok", flush=True)
+        else:
+            print(json.dumps(row.result()), flush=True)
+            return
 
 
 def generation_row(cfg: TitanConfig, variant: str, length: int, device: str,
@@ -217,8 +298,9 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
                 progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, Any]:
     """All rows of `ltm bench model`, measured side by side in this run. rows: a list the training-step rows are
     appended to as they are measured (what a caller keeps if the run is interrupted). warmup: untimed steps per
-    row, None: `default_warmup(cfg)`. progress(done, total, label): called before each row (training step and
-    generation) with the rows done so far and the row about to be measured, and once at the end."""
+    row, None: `default_warmup(cfg)`. progress(done, total, label): called before each row (on CPU before the rows
+    of each context, which are measured together; and before each generation row) with the rows done so far and
+    the rows about to be measured, and once at the end."""
     contexts, variants, gen_lengths = list(contexts), list(variants), list(gen_lengths)
     if any(n <= 0 for n in (*contexts, *gen_lengths)):  # a zero-length row would time nothing
         raise ValueError(f"context and generation lengths must be positive, got {contexts} and {gen_lengths}")
@@ -230,18 +312,23 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
     rows = [] if rows is None else rows
     first = len(rows)
     for context in contexts:
-        for variant in variants:
-            report(len(rows) - first, total, f"{variant} @ {context:,} tokens")
-            args = dict(cfg=dataclasses.asdict(cfg), variant=variant, context=context, batch_size=batch_size,
-                        device=device, dtype=dtype, warmup=warmup, repeats=repeats)
-            if dev.type == "cpu":
-                row = _row_in_subprocess({**args, "threads": threads or torch.get_num_threads()})
-            else:
+        arg_sets = [dict(variant=v, context=context, batch_size=batch_size, device=device, dtype=dtype)
+                    for v in variants]
+        if dev.type == "cpu":  # a process per row, their timed steps in turn
+            report(len(rows) - first, total, f"{', '.join(variants)} @ {context:,} tokens")
+            child = {"cfg": dataclasses.asdict(cfg), "threads": threads or torch.get_num_threads()}
+            measured = rows_interleaved([{**a, **child} for a in arg_sets], warmup, repeats)
+        else:
+            measured = []
+            for a in arg_sets:
+                report(len(rows) + len(measured) - first, total, f"{a['variant']} @ {context:,} tokens")
                 try:
-                    row = train_step_row(cfg, **{k: v for k, v in args.items() if k != "cfg"})
+                    measured.append(train_step_row(cfg, **a, warmup=warmup, repeats=repeats))
                 except Exception as e:  # e.g. out of memory: report it in the row, measure the others
-                    row = {"model": variant, "context": context, "error": f"{type(e).__name__}: {e}"[:300]}
+                    measured.append({"model": a["variant"], "context": context,
+                                     "error": f"{type(e).__name__}: {e}"[:300]})
                 torch.cuda.empty_cache()
+        for row in measured:
             if "tokens_per_s" in row:
                 row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / row["peak_flops"]
             rows.append(row)

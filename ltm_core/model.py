@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, rotary_tables
+from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, gather_rows, rotary_tables
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
@@ -95,13 +95,12 @@ class SelfAttention(nn.Module):
         values [B W, H, M, hd]."""
         B, W, M = rows.shape
         mk, mv = self.kv(state)  # [B, H, M0, hd]
-        batch = torch.arange(B, device=rows.device)[:, None]  # [B, 1]
         out = []
         for before, window in ((mk, projected[1]), (mv, projected[2])):
             pool = torch.cat([before.transpose(1, 2), window.unflatten(0, (B, W)).transpose(2, 3).flatten(1, 2)],
                              dim=1)  # [B, P, H, hd]
-            # indexing, not gather: its backward keeps the indices, not the pool
-            out.append(pool[batch, rows.flatten(1)].unflatten(1, (W, M)).flatten(0, 1).transpose(1, 2))  # [BW,H,M,hd]
+            kept = gather_rows(pool, rows.flatten(1))  # [B, W M, H, hd]
+            out.append(kept.unflatten(1, (W, M)).flatten(0, 1).transpose(1, 2))  # [B W, H, M, hd]
         return tuple(out)
 
 

@@ -149,7 +149,7 @@ def test_bench_model_warms_compiled_models_up_longer(tmp_path, monkeypatch, args
     seen = []
     fake = {"model": "full_causal", "context": 64, "tokens_per_s": 1.0, "peak_mem_bytes": 1, "step_s": 1.0,
             "recurrence_share": 0.0, "params": 1, "flops_per_token": 1.0, "peak_flops": 1e9}
-    monkeypatch.setattr(bench, "_row_in_subprocess", lambda a: seen.append(a["warmup"]) or dict(fake))
+    monkeypatch.setattr(bench, "rows_interleaved", lambda sets, warmup, repeats: seen.append(warmup) or [dict(fake)])
     out = tmp_path / "r.json"
     result = CliRunner().invoke(app, ["bench", "model", "--context", "64", "--variant", "full_causal", "--device",
                                       "cpu", "--json", str(out), *args])
@@ -170,3 +170,30 @@ def test_bench_kernels_reports_progress_per_case():
     assert [c[:2] for c in calls] == [(0, 2), (1, 2), (2, 2)]
     assert calls[0][2].startswith("rms_norm rows=8") and calls[1][2].startswith("swiglu rows=8") and not calls[2][2]
     assert {r["kernel"] for r in rows} == {"rms_norm", "swiglu"}
+
+
+def test_cpu_rows_take_their_timed_steps_in_turn(tmp_path, monkeypatch):
+    """On CPU each row runs in its own process, and the rows of a context are timed in rounds (one step of each row
+    per round), not one row after the other; a row whose process fails reports its error and the others go on."""
+    import ltm_core.bench as bench
+
+    log = tmp_path / "log"
+    monkeypatch.setattr(bench, "CHILD", f"""
+import json, sys
+args = json.loads(sys.stdin.readline())
+say = lambda what: open({str(log)!r}, "a").write(args["variant"] + " " + what + "\\n")
+if args["variant"] == "full_causal":
+    sys.exit("no memory left")
+say("warmup %d" % args["warmup"]); print("ready", flush=True)
+for line in sys.stdin:
+    say(line.strip())
+    print("ok" if line.strip() == "step" else json.dumps({{"model": args["variant"], "context": args["context"]}}),
+          flush=True)
+""")
+    sets = [{"variant": v, "context": 64} for v in ("memory", "segment_local", "full_causal")]
+    rows = bench.rows_interleaved(sets, warmup=1, repeats=2)
+    assert log.read_text().splitlines() == [
+        "memory warmup 1", "segment_local warmup 1", "memory step", "segment_local step", "memory step",
+        "segment_local step", "memory result", "segment_local result"]
+    assert rows[:2] == [{"model": "memory", "context": 64}, {"model": "segment_local", "context": 64}]
+    assert rows[2]["model"] == "full_causal" and "no memory left" in rows[2]["error"]

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltm_core.config import TitanConfig
+from ltm_core.layers import gather_rows
 from ltm_core.memory.base import Memory, Prefix, Scan, Write
 
 EMPTY_SLOT_SCORE = -1e3  # added to an empty slot's read scores (exp(-1000) = 0 in any precision)
@@ -114,7 +115,7 @@ class TokensMemory(Memory):
 
     @staticmethod
     def gumbel(noise: torch.Tensor) -> torch.Tensor:
-        """noise: standard exponential samples (the model draws them) -> standard Gumbel samples -log(noise), float64."""
+        """noise: standard exponential samples (the model draws them) -> standard Gumbel samples -log(noise) (fp64)."""
         return -noise.double().log()
 
     def penalty(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
@@ -157,11 +158,10 @@ class TokensMemory(Memory):
         index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
         segments = torch.arange(M, M + W * S, device=pool.device).view(1, W, S).expand(B, W, S)  # pool rows
         no_vacancy = ranks.new_zeros(B, S)  # a candidate token is never vacant
-        batch = torch.arange(B, device=pool.device)[:, None]  # [B, 1]
         held, keeps = [index], []
         for i in range(W):
             candidates = torch.cat([index, segments[:, i]], dim=1)  # [B, M + S] pool rows
-            rows = pool[batch, candidates] if dedup else None
+            rows = gather_rows(pool, candidates) if dedup else None
             held_vacancy = torch.cat([vacancy.gather(1, index), no_vacancy], dim=1)  # [B, M + S]
             keep = self.keep(ranks.gather(1, candidates), held_vacancy, None if gumbel is None else gumbel[i], rows)
             index = candidates.gather(1, keep)
@@ -171,10 +171,9 @@ class TokensMemory(Memory):
         # then after the last), [B, W, M]
         aux = self.penalty(entries)  # [W] or None
         aux = [None] * W if aux is None else list(aux.unbind(0))
-        # indexing, not gather: its backward keeps the indices, not the pool
         held_rows = kept.flatten(1, 2)  # [B, (W + 1) M]
         if len(windows) == 1:
-            memories = pool[batch, held_rows].view(B, W + 1, M, C)
+            memories = gather_rows(pool, held_rows).view(B, W + 1, M, C)
             return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, kept[:, :W], state)
         G = len(windows)
         starts = torch.tensor([sum(windows[:g]) for g in range(G)], device=pool.device)  # [G] first segments
@@ -182,7 +181,7 @@ class TokensMemory(Memory):
         window = torch.tensor([g for g, n in enumerate(windows) for _ in range(n)] + [G - 1], device=pool.device)
         first = (M + starts * S)[window][None, :, None]  # [1, W + 1, 1] each window's first token row
         own = (kept >= first) | (window == 0)[None, :, None]  # rows this window reads with their gradient
-        grad_rows = pool[batch, held_rows].view(B, W + 1, M, C)
+        grad_rows = gather_rows(pool, held_rows).view(B, W + 1, M, C)
         cut_rows = grad_rows.detach()
         memories = torch.where(own.unsqueeze(-1), grad_rows, cut_rows)  # [B, W + 1, M, C]
         # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,

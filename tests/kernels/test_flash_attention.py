@@ -190,3 +190,34 @@ def test_default_scale_is_inverse_sqrt_d(device):
     a = flash_attention(q, k, v, backend="triton")
     b = flash_attention(q, k, v, scale=1 / math.sqrt(32), backend="triton")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatch, window):
+    """On CPU a prefix read up to MATH_MAX_SCORES scores per head writes its scores out (`_explicit_scores`): the same
+    output and gradients (q, k, v, key bias, straight-through weight) as SDPA's kernel with the key bias folded into a
+    head dimension, which larger reads still take."""
+    import ltm_core.attention as A
+
+    B, H, lq, prefix, d = 2, 3, 6, 4, 8
+    q, k, v, do = _inputs(B, H, lq, prefix + lq, d, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(1)
+    bias, through = torch.randn(B, prefix, generator=g), torch.rand(B, prefix, generator=g)
+    bias[0, 1] = -1e3  # an empty slot
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bias, through)]
+        o = attention(*leaves[:3], causal=True, prefix_len=prefix, window=window, key_bias=leaves[3],
+                      key_through=leaves[4])
+        return [o, *torch.autograd.grad(o, leaves, do)]
+
+    calls, explicit = [], A._explicit_scores
+    monkeypatch.setattr(A, "_explicit_scores", lambda *a, **kw: calls.append(1) or explicit(*a, **kw))
+    written_out = run()
+    assert calls == [1]  # this small read took the explicit scores
+    monkeypatch.setattr(A, "MATH_MAX_SCORES", 0)  # larger than the threshold: SDPA's fused kernel
+    fused = run()
+    assert calls == [1]
+    for got, want in zip(written_out, fused, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert fused[4].abs().sum() > 0 and fused[5].abs().sum() > 0  # the bias and the weight learn
