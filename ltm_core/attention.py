@@ -9,10 +9,11 @@ Key layout: the first `prefix_len` keys (memory slots) are visible to every quer
 so a KV cache with Lq < Lk works). `causal` applies to the segment part; `window=w` lets a query at segment
 position p see segment keys in (p - w, p]. `key_bias` [B, Lb] adds a score to each of the first Lb keys (the
 memory slots), for every query and head; it is folded into one extra head dimension (`with_key_bias`), so every
-backend computes it, except on CPU for a prefix read of at most MATH_MAX_SCORES scores per head, which writes its
-scores out and adds it to them (`_explicit_scores`: faster there). `key_through` [B, Lb] is a straight-through weight s of the same keys: their keys and values
-are used unchanged, and s gets the gradient that a factor (1 + s - s.detach()) = 1 on them would get (how the
-tokens memory's importance learns from the reads), without another copy of the keys and values saved for backward.
+backend computes it (on CPU a prefix read of at most MATH_MAX_SCORES scores per head writes its scores out and adds
+it to them instead: `_explicit_scores`). `key_through` [B, Lb] is a straight-through weight s of the same keys: their
+keys and values are used unchanged, and s gets the gradient that a factor (1 + s - s.detach()) = 1 on them would
+get (how the tokens memory's importance learns from the reads), without another copy of the keys and values saved
+for backward.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 def _explicit_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, prefix_len: int,
                      window: Optional[int], scale: Optional[float], key_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """softmax(q k^T * scale + mask + key bias) v with the scores [B, H, Lq, Lk] written out (and kept for backward):
-    the CPU path of a prefix read up to MATH_MAX_SCORES scores per head, where it is faster than SDPA's fused kernel
-    with a mask and the key bias folded into a head dimension. The prefix keys are visible to every query, so no
+    the CPU path of a prefix read up to MATH_MAX_SCORES scores per head (there no slower than SDPA's fused kernel
+    with a mask and the key bias folded into a head dimension). The prefix keys are visible to every query, so no
     row is fully masked."""
     lq, lk = q.shape[-2], k.shape[-2]
     visible = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)

@@ -152,7 +152,8 @@ class TrainStepRow:
         step_s = statistics.median(self.times)
         share = recurrence_share(self.step, dev)
         peak_flops = measure_peak_flops(dev, self.dt, n=8192 if dev.type == "cuda" else 1024)  # the row's conditions
-        return {"model": self.variant, "context": self.context, "tokens_per_s": self.batch_size * self.context / step_s,
+        tokens_per_s = self.batch_size * self.context / step_s
+        return {"model": self.variant, "context": self.context, "tokens_per_s": tokens_per_s,
                 "peak_mem_bytes": int(peak), **extra, "step_s": step_s, "recurrence_share": share,
                 "params": self.model.num_parameters(), "flops_per_token": self.model.flops_per_token(self.context),
                 "peak_flops": peak_flops}
