@@ -66,9 +66,17 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> No
             dist.barrier()
             fit_parallel(cfg)
     finally:
-        gc.collect()  # gloo teardown is flaky with live tensors and without a barrier
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_gloo_group()
+
+
+def leave_gloo_group() -> None:
+    """Leave the gloo group: gloo's teardown is flaky with live tensors and without a barrier (a rank aborted with
+    "terminate called without an active exception" in about 1 run of 10 of the tp noise test before it used this)."""
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn_jobs(world: int, jobs: list[dict[str, Any]]) -> None:
@@ -85,31 +93,36 @@ def tp_memory_banks_agree(rank: int, world: int, port: int, model_cfg: dict, ste
     """One tp rank: `steps` training steps of a tp=`world` model on the same random batch, then every layer's
     replicated memory bank and every replicated parameter must be bitwise the same on all tp ranks (the select
     write's Gumbel noise is drawn on each rank: the ranks must draw the same). Raises on a mismatch."""
+    from ltm_core.config import TitanConfig
+
+    join_gloo_group(rank, world, port)
+    try:
+        _tp_memory_banks_agree(world, TitanConfig.from_dict(model_cfg), steps)
+    finally:
+        leave_gloo_group()
+
+
+def _tp_memory_banks_agree(world: int, cfg, steps: int) -> None:
+    """The body of `tp_memory_banks_agree`, in a frame of its own: its tensors are gone before the group is left."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from ltm_core.config import TitanConfig
     from ltm_core.parallel.build import build_parallel_model
     from ltm_core.parallel.layout import Layout
 
-    join_gloo_group(rank, world, port)
-    try:
-        cfg = TitanConfig.from_dict(model_cfg)
-        pm = build_parallel_model(cfg, Layout(dp=1, tp=world, pp=1), torch.device("cpu"), "32-true", 0, 2)
-        model = pm.parts[0].train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        ids = torch.randint(0, 256, (2, 3 * cfg.segment_length + 1), generator=torch.Generator().manual_seed(0))
-        for _ in range(steps):
-            out = model(ids[:, :-1], labels=ids[:, 1:])
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad()
-        mine = [t.detach() for t in out.memory.tensors()]
-        mine += [p.detach() for p in model.parameters() if not isinstance(p, DTensor)]
-        for t in mine:
-            gathered = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(gathered, t.contiguous())
-            assert all(torch.equal(g, gathered[0]) for g in gathered), "tp ranks diverged"
-    finally:
-        dist.destroy_process_group()
+    pm = build_parallel_model(cfg, Layout(dp=1, tp=world, pp=1), torch.device("cpu"), "32-true", 0, 2)
+    model = pm.parts[0].train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 256, (2, 3 * cfg.segment_length + 1), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    mine = [t.detach() for t in out.memory.tensors()]
+    mine += [p.detach() for p in model.parameters() if not isinstance(p, DTensor)]
+    for t in mine:
+        gathered = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(gathered, t.contiguous())
+        assert all(torch.equal(g, gathered[0]) for g in gathered), "tp ranks diverged"
