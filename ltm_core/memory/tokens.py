@@ -130,12 +130,11 @@ class TokensMemory(Memory):
 
     def write(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Write:
         """state: [B, M, C], entries: [B, S, C] one complete segment -> the M entries kept, in arrival order."""
-        B, M, C = state.shape
         candidates = torch.cat([state, entries.to(state.dtype)], dim=1)  # [B, M + S, C]
         vacancy = F.pad(VACANT_RANK * self.empty(state).double(), (0, entries.shape[1]))  # [B, M + S]
         keep = self.keep(self.ranks(candidates), vacancy, None if noise is None else self.gumbel(noise),
                          candidates if self.config.select_dedup is not None else None)
-        kept = candidates.gather(1, keep.unsqueeze(-1).expand(-1, -1, C))  # [B, M, C]
+        kept = gather_rows(candidates, keep)  # [B, M, C]
         return Write(kept, self.penalty(entries), keep)
 
     def scan(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Scan:
