@@ -10,7 +10,7 @@ so a KV cache with Lq < Lk works). `causal` applies to the segment part; `window
 position p see segment keys in (p - w, p]. `key_bias` [B, Lb] adds a score to each of the first Lb keys (the
 memory slots), for every query and head; it is folded into one extra head dimension (`with_key_bias`), so every
 backend computes it (on CPU a prefix read of at most MATH_MAX_SCORES scores per head writes its scores out and adds
-it to them instead: `_explicit_scores`). `key_through` [B, Lb] is a straight-through weight s of the same keys: their
+it to them instead, in one autograd node: `_ExplicitScores`). `key_through` [B, Lb] is a straight-through weight s of the same keys: their
 keys and values are used unchanged, and s gets the gradient that a factor (1 + s - s.detach()) = 1 on them would
 get (how the tokens memory's importance learns from the reads), without another copy of the keys and values saved
 for backward.
@@ -29,7 +29,7 @@ from ltm_extensions.reference import attention_mask  # the one statement of the 
 __all__ = ["attention", "attention_mask", "with_key_bias"]
 
 BACKENDS = ("auto", "triton", "torch")
-# On CPU a prefix read with at most this many scores per (batch, head) writes its scores out (`_explicit_scores`):
+# On CPU a prefix read with at most this many scores per (batch, head) writes its scores out (`_ExplicitScores`):
 # model=tiny's 64 queries x (64 kept + 64 segment keys) takes 0.96-1.02x the training step of SDPA's fused kernel
 # with the key bias folded into a head dimension (four interleaved runs, docs/benchmarks.md), model=small's
 # 256 x 512 no less than 1.00x: the largest read measured faster.
@@ -88,11 +88,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     hd, lq, lk = q.shape[-1], q.shape[-2], k.shape[-2]
     if causal and lq > lk - prefix_len:
         raise ValueError(f"{lq} queries need at least as many segment keys, got {lk - prefix_len}")
+    if prefix_len and q.device.type == "cpu" and not use_kernels(backend, q) and lq * lk <= MATH_MAX_SCORES:
+        visible = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
+        return _ExplicitScores.apply(q, k, v, key_bias, key_through, visible,
+                                     q.shape[-1] ** -0.5 if scale is None else scale)
     if key_through is not None:
         k, v = _straight_through(k, v, key_through, hd)
-    if prefix_len and q.device.type == "cpu" and not use_kernels(backend, q) and lq * lk <= MATH_MAX_SCORES:
-        return _explicit_scores(q, k, v, causal=causal, prefix_len=prefix_len, window=window, scale=scale,
-                                key_bias=key_bias)
     if key_bias is not None:
         q, k, v = with_key_bias(q, k, v, key_bias)  # head dim hd + 1
         y = attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window,
@@ -110,16 +111,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _explicit_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, prefix_len: int,
-                     window: Optional[int], scale: Optional[float], key_bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """softmax(q k^T * scale + mask + key bias) v with the scores [B, H, Lq, Lk] written out (and kept for backward):
-    the CPU path of a prefix read up to MATH_MAX_SCORES scores per head (there no slower than SDPA's fused kernel
-    with a mask and the key bias folded into a head dimension). The prefix keys are visible to every query, so no
-    row is fully masked."""
-    lq, lk = q.shape[-2], k.shape[-2]
-    visible = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
-    add = torch.zeros(lq, lk, device=q.device).masked_fill_(~visible, float("-inf"))  # [Lq, Lk] (fp32)
-    if key_bias is not None:
-        add = add + F.pad(key_bias.float(), (0, lk - key_bias.shape[1]))[:, None, None, :]  # [B, 1, Lq, Lk]
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5 if scale is None else scale) + add
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, H, Lq, d]
+class _ExplicitScores(torch.autograd.Function):
+    """softmax(q k^T * scale + mask + key bias) v with the scores [B, H, Lq, Lk] written out and kept for backward, in
+    one autograd node: the CPU path of a prefix read up to MATH_MAX_SCORES scores per head (there faster than SDPA's
+    fused kernel with the key bias folded into a head dimension). The key bias's gradient is the scores' summed over
+    heads and queries, the straight-through weight's that of a factor on the first Lb keys and values (as
+    `_straight_through`). The prefix keys are visible to every query, so no row is fully masked.
+
+    q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; bias, through: [B, Lb] or None; visible: [Lq, Lk] bool -> [B, H, Lq, d]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, through, visible, scale):
+        dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 scores for half inputs
+        scores = torch.matmul(q, k.transpose(-1, -2)).to(dtype).mul_(scale)  # [B, H, Lq, Lk]
+        scores.masked_fill_(~visible, float("-inf"))
+        if bias is not None:
+            scores[..., :bias.shape[1]] += bias.to(dtype)[:, None, None, :]
+        p = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.scale, ctx.lb = scale, None if bias is None and through is None else (bias if bias is not None
+                                                                                 else through).shape[1]
+        ctx.dtypes = (None if bias is None else bias.dtype, None if through is None else through.dtype)
+        return torch.matmul(p.to(v.dtype), v)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, p = ctx.saved_tensors
+        dv = torch.matmul(p.to(dy.dtype).transpose(-1, -2), dy)  # [B, H, Lk, d]
+        dscores = torch._softmax_backward_data(torch.matmul(dy, v.transpose(-1, -2)).to(p.dtype), p, -1, p.dtype)
+        dbias = dthrough = None
+        lb, (bias_dtype, through_dtype) = ctx.lb, ctx.dtypes
+        if ctx.needs_input_grad[3]:
+            dbias = dscores[..., :lb].sum(dim=(1, 2)).to(bias_dtype)  # [B, Lb]
+        dscores = dscores.mul_(ctx.scale).to(q.dtype)
+        dq = torch.matmul(dscores, k)
+        dk = torch.matmul(dscores.transpose(-1, -2), q)
+        if ctx.needs_input_grad[4]:
+            dthrough = sum((g[:, :, :lb].to(p.dtype) * t[:, :, :lb].to(p.dtype)).sum(dim=(1, 3))
+                           for g, t in ((dk, k), (dv, v))).to(through_dtype)  # [B, Lb]
+        return dq, dk, dv, dbias, dthrough, None, None

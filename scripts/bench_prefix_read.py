@@ -1,5 +1,5 @@
 """The tokens memory's prefix read on CPU, end to end: a training step of the memory model with the read's scores
-written out (`ltm_core.attention._explicit_scores`, up to MATH_MAX_SCORES scores per head) against the same step with
+written out (`ltm_core.attention._ExplicitScores`, up to MATH_MAX_SCORES scores per head) against the same step with
 SDPA's fused kernel (the key bias folded into a head dimension), each in its own process, timed in turn
 (`ltm_core.bench.rows_interleaved`), like `ltm bench model`'s rows.
 

@@ -194,7 +194,7 @@ def test_default_scale_is_inverse_sqrt_d(device):
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatch, window):
-    """On CPU a prefix read up to MATH_MAX_SCORES scores per head writes its scores out (`_explicit_scores`): the same
+    """On CPU a prefix read up to MATH_MAX_SCORES scores per head writes its scores out (`_ExplicitScores`): the same
     output and gradients (q, k, v, key bias, straight-through weight) as SDPA's kernel with the key bias folded into a
     head dimension, which larger reads still take."""
     import ltm_core.attention as A
@@ -211,8 +211,15 @@ def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatc
                       key_through=leaves[4])
         return [o, *torch.autograd.grad(o, leaves, do)]
 
-    calls, explicit = [], A._explicit_scores
-    monkeypatch.setattr(A, "_explicit_scores", lambda *a, **kw: calls.append(1) or explicit(*a, **kw))
+    calls, explicit = [], A._ExplicitScores
+
+    class Counted:
+        @staticmethod
+        def apply(*args):
+            calls.append(1)
+            return explicit.apply(*args)
+
+    monkeypatch.setattr(A, "_ExplicitScores", Counted)
     written_out = run()
     assert calls == [1]  # this small read took the explicit scores
     monkeypatch.setattr(A, "MATH_MAX_SCORES", 0)  # larger than the threshold: SDPA's fused kernel

@@ -228,10 +228,16 @@ def test_the_read_teaches_the_ranking_through_the_kept_tokens(tiny_cfg):
         assert model.blocks[0].memory.importance.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("scores", ["explicit", "fused"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_key_through_gives_the_gradients_of_the_straight_through_factor(with_bias):
+def test_key_through_gives_the_gradients_of_the_straight_through_factor(with_bias, scores, monkeypatch):
     """attention(key_through=s) == the attention over the first Lb keys and values times 1 + s - s.detach(): the
-    same output, and the same gradients to q, k, v, s and the key bias."""
+    same output, and the same gradients to q, k, v, s and the key bias; on CPU both with the scores written out
+    (`_ExplicitScores`, this read's size) and through SDPA's kernel (`_straight_through`)."""
+    import ltm_core.attention as A
+
+    if scores == "fused":
+        monkeypatch.setattr(A, "MATH_MAX_SCORES", 0)
     torch.manual_seed(0)
     B, H, Lq, Lb, hd = 2, 3, 5, 4, 8
     leaves = [torch.randn(B, H, Lq, hd), torch.randn(B, H, Lb + Lq, hd), torch.randn(B, H, Lb + Lq, hd),
