@@ -30,6 +30,7 @@ from ltm_core.errors import CheckpointError, ConfigError, LtmError
 METHODS = ("bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq")
 INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (litgpt's too)
 BLOCKSIZE = 64  # weights per 4-bit absmax block
+CPU_PACK_ROWS = 32  # rows per group of bitsandbytes' AVX512-BF16 CPU layout of 4-bit weights
 
 
 class _Fp16CastNote(logging.Filter):
@@ -130,6 +131,11 @@ def _build(in_features: int, out_features: int, bias: Optional[torch.Tensor], me
                                   quant_type=quant_type, device="meta")
         quant_stats = {k[len("weight."):]: v for k, v in stats.items()}
         layer.weight = bnb.nn.Params4bit.from_prequantized(data, quant_stats, device=device, module=layer)
+        if out_features % CPU_PACK_ROWS or in_features % BLOCKSIZE:
+            # bitsandbytes (0.49-0.50) repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first inference
+            # call, in groups of 32 rows of whole blocks, and fails on other shapes (the 259-row lm_head, a 32-wide
+            # layer): such a layer keeps the portable kernel
+            layer.support_avx512bf16_for_cpu = False
     if has_bias:
         layer.bias = nn.Parameter(bias.detach().to(device), requires_grad=False)
     return layer.eval()
