@@ -88,20 +88,23 @@ class SelfAttention(nn.Module):
         _, k, v = self.project(h)
         return k, v
 
-    def gathered_kv(self, state: torch.Tensor, projected: tuple, rows: torch.Tensor):
-        """The keys and values of the kept tokens before each segment, without projecting the scanned ones again:
-        state [B, R, C] the tokens held before the scan (`Scan.row_tokens`), projected: the scanned segments' (q, k,
-        v) [B W, H, S, hd], rows [B, W, M] rows of [state; the segments' tokens] held before each segment -> keys,
-        values [B W, H, M, hd]."""
+    def project_with_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor):
+        """The segments' queries, keys and values, and the keys and values of the tokens kept before each segment,
+        from one projection (the kept tokens that the segments hold are not projected again): h [B W, S, C] the
+        scanned segments, tokens [B, R, C] the tokens held before them (`Scan.row_tokens`), rows [B, W, M] rows of
+        [tokens; the segments' tokens] held before each segment -> ((q, k, v) [B W, H, S, hd], (keys, values)
+        [B W, H, M, hd]), not rotated."""
+        BW, S, C = h.shape
         B, W, M = rows.shape
-        mk, mv = self.kv(state)  # [B, H, M0, hd]
-        out = []
-        for before, window in ((mk, projected[1]), (mv, projected[2])):
-            pool = torch.cat([before.transpose(1, 2), window.unflatten(0, (B, W)).transpose(2, 3).flatten(1, 2)],
-                             dim=1)  # [B, P, H, hd]
-            kept = gather_rows(pool, rows.flatten(1))  # [B, W M, H, hd]
-            out.append(kept.unflatten(1, (W, M)).flatten(0, 1).transpose(1, 2))  # [B W, H, M, hd]
-        return tuple(out)
+        R = tokens.shape[1]
+        x = torch.cat([h.reshape(1, BW * S, C), tokens.reshape(1, B * R, C).to(h.dtype)], dim=1)  # [1, B W S + B R, C]
+        qkv = self.qkv_proj(x).view(BW * S + B * R, 3, self.heads, self.head_dim)  # heads: the local ones under TP
+        q, k, v = qkv[:BW * S].view(BW, S, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B W, H, S, hd]
+        b = torch.arange(B, device=rows.device)[:, None, None]
+        flat = torch.where(rows < R, BW * S + b * R + rows, b * W * S + rows - R).flatten()  # [B W M] rows of x
+        kept = qkv[:, 1:].index_select(0, flat)  # [B W M, 2, H, hd]
+        mk, mv = kept.view(BW, M, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B W, H, M, hd]
+        return (q, k, v), (mk, mv)
 
 
 class FeedForward(nn.Module):
@@ -187,8 +190,7 @@ class Block(nn.Module):
         prefix = mem.prefix(scan.before) if scan is not None else None
         projected = prefix_kv = None
         if prefix is not None and scan.rows is not None:  # kept tokens: gather their keys/values, do not project them
-            projected = self.attn.project(normed)  # [B W, H, S, hd]
-            prefix_kv = self.attn.gathered_kv(scan.row_tokens, projected, scan.rows)
+            projected, prefix_kv = self.attn.project_with_kept(normed, scan.row_tokens, scan.rows)
         a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels, projected, prefix_kv)
         h = h + a
         if mem is not None and mem.writes == "attended":
