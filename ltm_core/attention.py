@@ -123,12 +123,13 @@ class _ExplicitScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, through, visible, scale):
         dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 scores for half inputs
-        scores = torch.matmul(q, k.transpose(-1, -2)).to(dtype).mul_(scale)  # [B, H, Lq, Lk]
-        scores.masked_fill_(~visible, float("-inf"))
-        if bias is not None:
-            scores[..., :bias.shape[1]] += bias.to(dtype)[:, None, None, :]
+        add = torch.zeros(visible.shape, dtype=dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        if bias is not None:  # [B, 1, Lq, Lk]: the mask and the key bias, added to the scores in one pass
+            add = add + F.pad(bias.to(dtype), (0, visible.shape[1] - bias.shape[1]))[:, None, None, :]
+        qs = q * scale  # [B, H, Lq, d]: the scale on the queries, not on the Lk-wide scores
+        scores = torch.matmul(qs, k.transpose(-1, -2)).to(dtype).add_(add)  # [B, H, Lq, Lk]
         p = torch.softmax(scores, dim=-1)
-        ctx.save_for_backward(q, k, v, p)
+        ctx.save_for_backward(qs, k, v, p)
         ctx.scale, ctx.lb = scale, None if bias is None and through is None else (bias if bias is not None
                                                                                  else through).shape[1]
         ctx.dtypes = (None if bias is None else bias.dtype, None if through is None else through.dtype)
@@ -136,16 +137,16 @@ class _ExplicitScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, v, p = ctx.saved_tensors
+        qs, k, v, p = ctx.saved_tensors
         dv = torch.matmul(p.to(dy.dtype).transpose(-1, -2), dy)  # [B, H, Lk, d]
         dscores = torch._softmax_backward_data(torch.matmul(dy, v.transpose(-1, -2)).to(p.dtype), p, -1, p.dtype)
         dbias = dthrough = None
         lb, (bias_dtype, through_dtype) = ctx.lb, ctx.dtypes
         if ctx.needs_input_grad[3]:
             dbias = dscores[..., :lb].sum(dim=(1, 2)).to(bias_dtype)  # [B, Lb]
-        dscores = dscores.mul_(ctx.scale).to(q.dtype)
-        dq = torch.matmul(dscores, k)
-        dk = torch.matmul(dscores.transpose(-1, -2), q)
+        dscores = dscores.to(qs.dtype)
+        dq = torch.matmul(dscores, k).mul_(ctx.scale)
+        dk = torch.matmul(dscores.transpose(-1, -2), qs)
         if ctx.needs_input_grad[4]:
             dthrough = sum((g[:, :, :lb].to(p.dtype) * t[:, :, :lb].to(p.dtype)).sum(dim=(1, 3))
                            for g, t in ((dk, k), (dv, v))).to(through_dtype)  # [B, Lb]
