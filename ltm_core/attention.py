@@ -2,7 +2,8 @@
 
 Every attention in the model (segment self-attention, memory-as-context, memory read) calls `attention()`.
 The default backend is PyTorch's `scaled_dot_product_attention`; the Triton flash kernel from
-`ltm_extensions` plugs in here (`backend="triton"`, or `"auto"` on CUDA when Triton is importable).
+`ltm_extensions` plugs in here (`backend="triton"`, or `"auto"` on CUDA when Triton is importable, for the masks where
+it measured faster than SDPA: `AUTO_CHOICE`).
 
 Key layout: the first `prefix_len` keys (memory slots) are visible to every query; the remaining
 `Lk - prefix_len` keys are the segment, whose last `Lq` positions the queries are (bottom-right alignment,
@@ -34,6 +35,25 @@ BACKENDS = ("auto", "triton", "torch")
 # with the key bias folded into a head dimension (four interleaved runs, docs/benchmarks.md), model=small's
 # 256 x 512 no less than 1.00x: the largest read measured faster.
 MATH_MAX_SCORES = 64 * 128
+# `auto` on CUDA, per mask, the implementation that `ltm bench kernels` measured fastest (forward + backward, bf16,
+# H200, 2026-11-30, benchmarks/results/gpu_kernels_bf16.json; the table in docs/benchmarks.md):
+AUTO_CHOICE = {
+    "plain": "sdpa",     # no prefix, no window, causal over Lq = Lk or full: SDPA's flash kernel, 0.61-0.64x the
+                         # Triton kernel's time at 4K-16K causal, 0.21x at 512 x 64 full
+    "prefix": "triton",  # memory prefix: 0.54x SDPA's (masked) time at 4,096 queries; at 512 queries SDPA took 0.74x
+                         # Triton's without a key bias, the read with its bias folded in was not measured
+    "window": "triton",  # sliding window: 0.14x SDPA's (masked) time
+    "cached": "triton",  # causal over the last Lq < Lk keys (a KV cache): not measured, the kernel kept
+}
+
+
+def mask_kind(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[int]) -> str:
+    """The AUTO_CHOICE row of an attention's mask."""
+    if window is not None:
+        return "window"
+    if prefix_len:
+        return "prefix"
+    return "plain" if lq == lk or not causal else "cached"
 
 
 def with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -99,13 +119,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         y = attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window,
                       scale=hd ** -0.5 if scale is None else scale, backend=backend)
         return y[..., :hd]  # [B, H, Lq, d]
-    if use_kernels(backend, q):
+    kind = mask_kind(lq, lk, causal, prefix_len, window)
+    if use_kernels(backend, q) and (backend == "triton" or AUTO_CHOICE[kind] == "triton"):
         from ltm_extensions import flash_attention
 
         return flash_attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window, scale=scale,
                                backend="triton" if backend == "triton" else "auto")
-    if prefix_len == 0 and window is None and (lq == lk or not causal):
-        # plain case: SDPA's fused kernels (flash / memory-efficient) apply
+    if kind == "plain":  # SDPA's fused kernels (flash / memory-efficient) apply
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and lq > 1, scale=scale)
     mask = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

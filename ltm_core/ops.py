@@ -6,7 +6,8 @@
     auto    Triton on CUDA tensors when Triton is importable, PyTorch otherwise; under torch.compile
             (`model.compile=true`) PyTorch, which Inductor fuses into its own kernels
 
-Attention has its own dispatch with the same rule in `ltm_core.attention`.
+Attention has its own dispatch in `ltm_core.attention`: `auto` there takes the Triton kernel only for the masks where
+it measured faster than SDPA (`AUTO_CHOICE`).
 """
 
 from __future__ import annotations
