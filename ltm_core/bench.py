@@ -199,8 +199,10 @@ def rows_interleaved(arg_sets: list[dict[str, Any]], warmup: int, repeats: int,
                      preludes: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """CPU rows, each in a fresh process of its own, with their timed steps taken in turn: every row warms up, then
     each round times one step of every row, so a load that changes during the run weighs on all rows alike and the
-    ratios between them hold. A row whose process fails reports its error; the others go on. preludes: Python code
-    run first in each row's process (an A/B of a module setting: scripts/bench_prefix_read.py)."""
+    ratios between them hold. Each timed step follows an untimed step of its own row, as in training: a step right
+    after another row's ran up to 20 % slower (the tiny memory step after the full-causal one, 2026-12-04). A row
+    whose process fails reports its error; the others go on. preludes: Python code run first in each row's process
+    (an A/B of a module setting: scripts/bench_prefix_read.py)."""
     rows: list[Optional[dict[str, Any]]] = [None] * len(arg_sets)
     children = []
     try:
@@ -214,6 +216,7 @@ def rows_interleaved(arg_sets: list[dict[str, Any]], warmup: int, repeats: int,
             _ask(children[i], rows, i, args, json.dumps({"warmup": warmup, **args}))
         for _ in range(repeats):
             for i, args in enumerate(arg_sets):
+                _ask(children[i], rows, i, args, "untimed")
                 _ask(children[i], rows, i, args, "step")
         for i, args in enumerate(arg_sets):
             reply = _ask(children[i], rows, i, args, "result")
@@ -250,7 +253,8 @@ def _ask(child, rows: list, i: int, args: dict[str, Any], command: str) -> Optio
 
 def _child() -> None:
     """A row's process (`rows_interleaved`): a first line with the row's arguments (warm-up included), then "step"
-    lines (one timed step each) and a final "result"; one reply line per command."""
+    lines (one timed step each) and "untimed" lines (one step, not timed), and a final "result"; one reply line per
+    command."""
     args = json.loads(sys.stdin.readline())
     torch.set_num_threads(args.pop("threads"))
     warmup, cfg = args.pop("warmup"), TitanConfig.from_dict(args.pop("cfg"))
@@ -259,12 +263,15 @@ def _child() -> None:
         row.step()
     print("ready", flush=True)
     for line in sys.stdin:
-        if line.strip() == "step":
-            row.timed_step()
-            print("ok", flush=True)
-        else:
+        command = line.strip()
+        if command == "result":
             print(json.dumps(row.result()), flush=True)
             return
+        if command == "step":
+            row.timed_step()
+        else:  # "untimed"
+            row.step()
+        print("ok", flush=True)
 
 
 def generation_row(cfg: TitanConfig, variant: str, length: int, device: str,
