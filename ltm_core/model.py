@@ -90,20 +90,23 @@ class SelfAttention(nn.Module):
 
     def project_with_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor):
         """The segments' queries, keys and values, and the keys and values of the tokens kept before each segment,
-        from one projection (the kept tokens that the segments hold are not projected again): h [B W, S, C] the
+        gathered at once from the projections of the segments and of the tokens held before them (the kept tokens
+        that the segments hold are not projected again): h [B W, S, C] the
         scanned segments, tokens [B, R, C] the tokens held before them (`Scan.row_tokens`), rows [B, W, M] rows of
         [tokens; the segments' tokens] held before each segment -> ((q, k, v) [B W, H, S, hd], (keys, values)
         [B W, H, M, hd]), not rotated."""
         BW, S, C = h.shape
         B, W, M = rows.shape
         R = tokens.shape[1]
-        x = torch.cat([h.reshape(1, BW * S, C), tokens.reshape(1, B * R, C).to(h.dtype)], dim=1)  # [1, B W S + B R, C]
-        qkv = self.qkv_proj(x).view(BW * S + B * R, 3, self.heads, self.head_dim)  # heads: the local ones under TP
-        q, k, v = qkv[:BW * S].view(BW, S, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B W, H, S, hd]
+        H, hd = self.heads, self.head_dim  # the local heads under TP
+        qkv = self.qkv_proj(h.reshape(1, BW * S, C)).view(BW * S, 3, H, hd)
+        # the held tokens apart: mostly detached, so under TP no input gradient of theirs is all-reduced
+        held = self.qkv_proj(tokens.reshape(1, B * R, C).to(h.dtype)).view(B * R, 3, H, hd)
+        q, k, v = qkv.view(BW, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # [B W, H, S, hd]
         b = torch.arange(B, device=rows.device)[:, None, None]
-        flat = torch.where(rows < R, BW * S + b * R + rows, b * W * S + rows - R).flatten()  # [B W M] rows of x
-        kept = qkv[:, 1:].index_select(0, flat)  # [B W M, 2, H, hd]
-        mk, mv = kept.view(BW, M, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B W, H, M, hd]
+        flat = torch.where(rows < R, BW * S + b * R + rows, b * W * S + rows - R).flatten()  # [B W M] pool rows
+        pool = torch.cat([qkv[:, 1:], held[:, 1:]])  # [B W S + B R, 2, H, hd]: keys and values
+        mk, mv = pool.index_select(0, flat).view(BW, M, 2, H, hd).permute(2, 0, 3, 1, 4)  # [B W, H, M, hd]
         return (q, k, v), (mk, mv)
 
 
