@@ -31,9 +31,9 @@ __all__ = ["attention", "attention_mask", "with_key_bias"]
 
 BACKENDS = ("auto", "triton", "torch")
 # On CPU a prefix read with at most this many scores per (batch, head) writes its scores out (`_ExplicitScores`):
-# model=tiny's 64 queries x (64 kept + 64 segment keys) takes 0.96-1.02x the training step of SDPA's fused kernel
-# with the key bias folded into a head dimension (four interleaved runs, docs/benchmarks.md), model=small's
-# 256 x 512 no less than 1.00x: the largest read measured faster.
+# model=tiny's 64 queries x (64 kept + 64 segment keys) takes 0.963x the training step of SDPA's fused kernel with
+# the key bias folded into a head dimension, model=small's 256 x 512 0.990x, within the step's noise, at 23 MiB more
+# peak memory (scripts/bench_prefix_read.py, docs/benchmarks.md): the largest read measured faster.
 MATH_MAX_SCORES = 64 * 128
 # `auto` on CUDA, per mask, the implementation that `ltm bench kernels` measured fastest (forward + backward, bf16,
 # H200, 2026-11-30, benchmarks/results/gpu_kernels_bf16.json; the table in docs/benchmarks.md):
