@@ -92,7 +92,8 @@ def bench_model_cmd(
                                        "delta | neural (repeatable; default: memory, segment_local, full_causal)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Sequences per training step."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed steps per row (median reported)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed steps per row (median reported; on CPU the rows of a "
+                                "context take them in turn, each right after an untimed step of its own)."),
     warmup: Optional[int] = typer.Option(None, "--warmup",
                                          help="Untimed steps per row (default: 1, or 3 with model.compile=true)."),
     gen: List[int] = typer.Option([], "--gen", help="Generation lengths to measure (repeatable)."),
