@@ -31,7 +31,9 @@ ROW_KEYS = ("kernel", "case", "impl", "dtype", "device", "fwd_ms", "bwd_ms", "tf
             "gbps_fwd", "gbps_bwd", "pct_peak", "error")
 
 # plain causal at 4K-16K with 16K tokens per batch (the FlashAttention papers' setting), prefix + causal at the
-# head dims of a large and of the base model (prefix = memory slots), a window case and the memory cross-read
+# head dims of a large and of the base model (prefix = memory slots), the base model's tokens-memory read as the
+# model runs it (its key bias folded into a 65th head dim: `ltm_core.attention.with_key_bias`, which decides
+# `kernels=auto`'s prefix choice), a window case and the memory cross-read
 DEFAULT_SHAPES_CUDA: dict[str, list[dict[str, Any]]] = {
     "flash_attention": [
         dict(B=4, H=16, Lq=4096, Lk=4096, d=128, causal=True, prefix_len=0, window=None),
@@ -39,6 +41,7 @@ DEFAULT_SHAPES_CUDA: dict[str, list[dict[str, Any]]] = {
         dict(B=1, H=16, Lq=16384, Lk=16384, d=128, causal=True, prefix_len=0, window=None),
         dict(B=4, H=16, Lq=4096, Lk=4096 + 512, d=128, causal=True, prefix_len=512, window=None),
         dict(B=16, H=12, Lq=512, Lk=512 + 512, d=64, causal=True, prefix_len=512, window=None),
+        dict(B=16, H=12, Lq=512, Lk=512 + 512, d=65, causal=True, prefix_len=512, window=None),
         dict(B=2, H=16, Lq=8192, Lk=8192, d=128, causal=True, prefix_len=0, window=1024),
         dict(B=16, H=12, Lq=512, Lk=64, d=64, causal=False, prefix_len=0, window=None),
     ],

@@ -41,7 +41,8 @@ AUTO_CHOICE = {
     "plain": "sdpa",     # no prefix, no window, causal over Lq = Lk or full: SDPA's flash kernel, 0.61-0.64x the
                          # Triton kernel's time at 4K-16K causal, 0.21x at 512 x 64 full
     "prefix": "triton",  # memory prefix: 0.54x SDPA's (masked) time at 4,096 queries; at 512 queries SDPA took 0.74x
-                         # Triton's without a key bias, the read with its bias folded in was not measured
+                         # Triton's without a key bias, the read with its bias folded in (d=65, a case of `ltm bench
+                         # kernels` since 2026-12-04) not measured yet
     "window": "triton",  # sliding window: 0.14x SDPA's (masked) time
     "cached": "triton",  # causal over the last Lq < Lk keys (a KV cache): not measured, the kernel kept
 }
