@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, gather_rows, rotary_tables
+from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, rotary_tables
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
@@ -91,10 +91,9 @@ class SelfAttention(nn.Module):
     def project_with_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor):
         """The segments' queries, keys and values, and the keys and values of the tokens kept before each segment,
         gathered at once from the projections of the segments and of the tokens held before them (the kept tokens
-        that the segments hold are not projected again): h [B W, S, C] the
-        scanned segments, tokens [B, R, C] the tokens held before them (`Scan.row_tokens`), rows [B, W, M] rows of
-        [tokens; the segments' tokens] held before each segment -> ((q, k, v) [B W, H, S, hd], (keys, values)
-        [B W, H, M, hd]), not rotated."""
+        that the segments hold are not projected again): h [B W, S, C] the scanned segments, tokens [B, R, C] the
+        tokens held before them (`Scan.row_tokens`), rows [B, W, M] rows of [tokens; the segments' tokens] held
+        before each segment -> ((q, k, v) [B W, H, S, hd], (keys, values) [B W, H, M, hd]), not rotated."""
         BW, S, C = h.shape
         B, W, M = rows.shape
         R = tokens.shape[1]
