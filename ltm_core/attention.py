@@ -84,11 +84,16 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dk, dv):
         k, v = ctx.saved_tensors
-        Lb, d = ctx.Lb, ctx.d
-        terms = [(g[:, :, :Lb, :d].float() * t[:, :, :Lb, :d].float()).sum(dim=(1, 3))
-                 for g, t in ((dk, k), (dv, v)) if g is not None]  # [B, Lb] each
-        ds = sum(terms).to(ctx.s_dtype) if terms and ctx.needs_input_grad[2] else None
-        return dk, dv, ds, None
+        ds = _factor_grad(((dk, k), (dv, v)), ctx.Lb, ctx.d, torch.float32) if ctx.needs_input_grad[2] else None
+        return dk, dv, None if ds is None else ds.to(ctx.s_dtype), None
+
+
+def _factor_grad(pairs, lb: int, d: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The gradient of a factor s on the first d dims of the first lb keys and values: pairs ((dk, k), (dv, v)) of
+    [B, H, L, d'] (a gradient may be None) -> sum_{h, j < d} (dk k + dv v) [B, lb] in `dtype`, or None."""
+    terms = [(g[:, :, :lb, :d].to(dtype) * t[:, :, :lb, :d].to(dtype)).sum(dim=(1, 3)) for g, t in pairs
+             if g is not None]
+    return sum(terms) if terms else None
 
 
 def _straight_through(k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, d: int):
@@ -151,8 +156,7 @@ class _ExplicitScores(torch.autograd.Function):
         scores = torch.matmul(qs, k.transpose(-1, -2)).to(dtype).add_(add)  # [B, H, Lq, Lk]
         p = torch.softmax(scores, dim=-1)
         ctx.save_for_backward(qs, k, v, p)
-        ctx.scale, ctx.lb = scale, None if bias is None and through is None else (bias if bias is not None
-                                                                                 else through).shape[1]
+        ctx.scale, ctx.lb = scale, next((t.shape[1] for t in (bias, through) if t is not None), None)
         ctx.dtypes = (None if bias is None else bias.dtype, None if through is None else through.dtype)
         return torch.matmul(p.to(v.dtype), v)
 
@@ -169,6 +173,5 @@ class _ExplicitScores(torch.autograd.Function):
         dq = torch.matmul(dscores, k).mul_(ctx.scale)
         dk = torch.matmul(dscores.transpose(-1, -2), qs)
         if ctx.needs_input_grad[4]:
-            dthrough = sum((g[:, :, :lb].to(p.dtype) * t[:, :, :lb].to(p.dtype)).sum(dim=(1, 3))
-                           for g, t in ((dk, k), (dv, v))).to(through_dtype)  # [B, Lb]
+            dthrough = _factor_grad(((dk, k), (dv, v)), lb, k.shape[-1], p.dtype).to(through_dtype)  # [B, Lb]
         return dq, dk, dv, dbias, dthrough, None, None

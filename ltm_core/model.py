@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, rotary_tables
+from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, gather_rows, rotary_tables
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
@@ -102,10 +102,9 @@ class SelfAttention(nn.Module):
         # the held tokens apart: mostly detached, so under TP no input gradient of theirs is all-reduced
         held = self.qkv_proj(tokens.reshape(1, B * R, C).to(h.dtype)).view(B * R, 3, H, hd)
         q, k, v = qkv.view(BW, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # [B W, H, S, hd]
-        b = torch.arange(B, device=rows.device)[:, None, None]
-        flat = torch.where(rows < R, BW * S + b * R + rows, b * W * S + rows - R).flatten()  # [B W M] pool rows
-        pool = torch.cat([qkv[:, 1:], held[:, 1:]])  # [B W S + B R, 2, H, hd]: keys and values
-        mk, mv = pool.index_select(0, flat).view(BW, M, 2, H, hd).permute(2, 0, 3, 1, 4)  # [B W, H, M, hd]
+        # the keys and values of [tokens; the segments' tokens], as `rows` numbers them: [B, R + W S, 2, H, hd]
+        pool = torch.cat([held[:, 1:].view(B, R, 2, H, hd), qkv[:, 1:].view(B, W * S, 2, H, hd)], dim=1)
+        mk, mv = gather_rows(pool, rows.flatten(1)).view(BW, M, 2, H, hd).permute(2, 0, 3, 1, 4)  # [B W, H, M, hd]
         return (q, k, v), (mk, mv)
 
 
