@@ -10,9 +10,9 @@ Key layout: the first `prefix_len` keys (memory slots) are visible to every quer
 so a KV cache with Lq < Lk works). `causal` applies to the segment part; `window=w` lets a query at segment
 position p see segment keys in (p - w, p]. `key_bias` [B, Lb] adds a score to each of the first Lb keys (the
 memory slots), for every query and head; it is folded into one extra head dimension (`with_key_bias`), so every
-backend computes it (on CPU a prefix read of at most MATH_MAX_SCORES scores per head writes its scores out and adds
-it to them instead, in one autograd node: `_ExplicitScores`). `key_through` [B, Lb] is a straight-through weight s of the same keys: their
-keys and values are used unchanged, and s gets the gradient that a factor (1 + s - s.detach()) = 1 on them would
+backend computes it (on CPU, outside torch.compile, a prefix read of at most MATH_MAX_SCORES scores per head writes
+its scores out and adds it to them instead, in one autograd node: `_ExplicitScores`). `key_through` [B, Lb] is a
+straight-through weight s of the same keys: their keys and values are used unchanged, and s gets the gradient that a factor (1 + s - s.detach()) = 1 on them would
 get (how the tokens memory's importance learns from the reads), without another copy of the keys and values saved
 for backward.
 """
@@ -33,7 +33,9 @@ BACKENDS = ("auto", "triton", "torch")
 # On CPU a prefix read with at most this many scores per (batch, head) writes its scores out (`_ExplicitScores`):
 # model=tiny's 64 queries x (64 kept + 64 segment keys) takes 0.963x the training step of SDPA's fused kernel with
 # the key bias folded into a head dimension, model=small's 256 x 512 0.990x, within the step's noise, at 23 MiB more
-# peak memory (scripts/bench_prefix_read.py, docs/benchmarks.md): the largest read measured faster.
+# peak memory (scripts/bench_prefix_read.py, docs/benchmarks.md): the largest read measured faster. Not under
+# torch.compile (`model.compile`), where Inductor lowered its batched matmuls one batch element at a time: tiny's
+# compiled 8K step took 0.39 s with it, 0.25-0.26 s with SDPA's kernel (docs/benchmarks.md).
 MATH_MAX_SCORES = 64 * 128
 # `auto` on CUDA, per mask, the implementation that `ltm bench kernels` measured fastest (forward + backward, bf16,
 # H200, 2026-11-30, benchmarks/results/gpu_kernels_bf16.json; the table in docs/benchmarks.md):
@@ -114,7 +116,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     hd, lq, lk = q.shape[-1], q.shape[-2], k.shape[-2]
     if causal and lq > lk - prefix_len:
         raise ValueError(f"{lq} queries need at least as many segment keys, got {lk - prefix_len}")
-    if prefix_len and q.device.type == "cpu" and not use_kernels(backend, q) and lq * lk <= MATH_MAX_SCORES:
+    if (prefix_len and q.device.type == "cpu" and not use_kernels(backend, q) and lq * lk <= MATH_MAX_SCORES
+            and not torch.compiler.is_compiling()):
         visible = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
         return _ExplicitScores.apply(q, k, v, key_bias, key_through, visible,
                                      q.shape[-1] ** -0.5 if scale is None else scale)

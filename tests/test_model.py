@@ -13,6 +13,7 @@ from support import ids as _ids, kind_config, tiny_model
 from ltm_core import TitanModel
 from ltm_core.attention import attention, attention_mask
 from ltm_core.training import windowed_backward
+from ltm_core.layers import rotary_tables
 
 
 def test_memory_state_api(tiny_cfg):
@@ -254,7 +255,7 @@ def test_the_window_step_compiles_to_one_graph(kind):
     S = model.config.segment_length
     state = model.initial_state(2)
     x = model.embed_tokens(_ids(2 * S)).view(2, 2, S, -1)
-    cos, sin = torch.ones(S, model.config.head_dim // 2), torch.zeros(S, model.config.head_dim // 2)
+    cos, sin = rotary_tables(torch.arange(S), model.config.head_dim, model.config.rope_theta)
     noise = model._noise(state, 2, x.device)
     noise = None if noise is None else noise[:2]
     explained = torch._dynamo.explain(model._window_layers)(x, cos, sin, tuple(state.layers), noise, (1, 1))

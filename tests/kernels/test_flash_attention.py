@@ -194,9 +194,9 @@ def test_default_scale_is_inverse_sqrt_d(device):
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatch, window):
-    """On CPU a prefix read up to MATH_MAX_SCORES scores per head writes its scores out (`_ExplicitScores`): the same
-    output and gradients (q, k, v, key bias, straight-through weight) as SDPA's kernel with the key bias folded into a
-    head dimension, which larger reads still take."""
+    """On CPU a prefix read up to MATH_MAX_SCORES scores per head writes its scores out (`_ExplicitScores`), but not
+    under torch.compile: the same output and gradients (q, k, v, key bias, straight-through weight) as SDPA's kernel
+    with the key bias folded into a head dimension, which larger reads still take."""
     import ltm_core.attention as A
 
     B, H, lq, prefix, d = 2, 3, 6, 4, 8
@@ -222,6 +222,11 @@ def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatc
     monkeypatch.setattr(A, "_ExplicitScores", Counted)
     written_out = run()
     assert calls == [1]  # this small read took the explicit scores
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    run()
+    assert calls == [1]  # not under torch.compile
+    monkeypatch.undo()
+    monkeypatch.setattr(A, "_ExplicitScores", Counted)
     monkeypatch.setattr(A, "MATH_MAX_SCORES", 0)  # larger than the threshold: SDPA's fused kernel
     fused = run()
     assert calls == [1]

@@ -15,9 +15,9 @@ from ltm_core.layers import rotary_tables
 from support import ids, kind_config, tiny_model
 
 
-def _memory(noise: float = 0.0, **options):
+def _memory(noise: float = 0.0, slots: int = 8, **options):
     """Layer 0's tokens memory whose importance is a token's first channel."""
-    cfg = kind_config("tokens", memory=TokensMemoryConfig(slots=8, select_noise=noise, **options))
+    cfg = kind_config("tokens", memory=TokensMemoryConfig(slots=slots, select_noise=noise, **options))
     memory = tiny_model(cfg).blocks[0].memory
     with torch.no_grad():
         memory.importance.weight.zero_()
@@ -111,6 +111,7 @@ def test_a_later_segment_attends_to_the_kept_tokens(tiny_cfg, read_importance):
     q, k, v = block.attn.qkv_proj(h).view(S, 3, H, hd).permute(1, 2, 0, 3)  # [H, S, hd]
     _, km, vm = block.attn.qkv_proj(mem).view(-1, 3, H, hd).permute(1, 2, 0, 3)  # [H, M, hd]
     cos, sin = rotary_tables(torch.arange(S), hd, cfg.rope_theta)
+    cos, sin = cos[:, :hd // 2], sin[:, hd // 2:]  # the angles' cosines and sines
     rot = lambda x: torch.cat([x[..., :hd // 2] * cos - x[..., hd // 2:] * sin,
                                x[..., hd // 2:] * cos + x[..., :hd // 2] * sin], -1)
     scores = rot(q) @ torch.cat([km, rot(k)], 1).transpose(1, 2) / hd ** 0.5  # [H, S, M + S]
@@ -260,26 +261,32 @@ def test_key_through_gives_the_gradients_of_the_straight_through_factor(with_bia
     assert grads(False)[4].abs().sum() > 0  # s learns
 
 
-def test_scan_makes_the_choices_of_one_write_per_segment():
+@pytest.mark.parametrize("slots", [8, 24])  # fewer slots than a segment's 16 tokens, and more (empty slots stay)
+@pytest.mark.parametrize("options", [{"noise": 0.5, "select_dedup": 0.95}, {"noise": 0.0}], ids=["noise", "exact"])
+def test_scan_makes_the_choices_of_one_write_per_segment(options, slots):
     """The layer-major recurrence: the memories before each segment and after the last, the kept indices and the
-    aux losses equal those of W calls of `write`, with the same noise."""
-    memory, cfg = _memory(noise=0.5, select_dedup=0.95, importance_penalty=1.0)
+    aux losses equal those of W calls of `write`, with the same noise, also with equal ranks and over two BPTT
+    windows."""
+    memory, cfg = _memory(importance_penalty=1.0, slots=slots, **options)
     memory.train()
     g = torch.Generator().manual_seed(3)
     B, W, S, C, M = 2, 4, cfg.segment_length, cfg.hidden_size, memory.slots
     entries = torch.randn(B, W, S, C, generator=g)
     entries[:, 2, :3] = entries[:, 1, :3]  # exact repeats across segments, for the suppression
-    noise = torch.empty(W, B, M + S).exponential_(generator=g)
-    state = memory.initial_state(B)
-    scan = memory.scan(state, entries, noise)
-    before = scan.before.view(B, W, M, C)
-    for i in range(W):
-        torch.testing.assert_close(before[:, i], state, rtol=0, atol=0)
-        write = memory.write(state, entries[:, i], noise[i])
-        assert torch.equal(scan.kept[:, i], write.kept)
-        torch.testing.assert_close(scan.aux[i], write.aux)
-        state = write.state
-    torch.testing.assert_close(scan.after, state, rtol=0, atol=0)
+    entries[:, 0, 5] = entries[:, 0, 4]  # ... and inside a segment
+    entries[:, 3, 0, 0] = entries[:, 0, 7, 0]  # the same rank, another token
+    noise = torch.empty(W, B, M + S).exponential_(generator=g) if options["noise"] else None
+    for windows in ((W,), (2, 2)):
+        state = memory.initial_state(B)
+        scan = memory.scan_windows(state, entries, noise, windows)
+        before = scan.before.view(B, W, M, C)
+        for i in range(W):
+            torch.testing.assert_close(before[:, i], state, rtol=0, atol=0)
+            write = memory.write(state, entries[:, i], None if noise is None else noise[i])
+            assert torch.equal(scan.kept[:, i], write.kept), (windows, i)
+            torch.testing.assert_close(scan.aux[i], write.aux)
+            state = write.state
+        torch.testing.assert_close(scan.after, state, rtol=0, atol=0)
 
 
 def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
