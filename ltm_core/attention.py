@@ -12,9 +12,9 @@ position p see segment keys in (p - w, p]. `key_bias` [B, Lb] adds a score to ea
 memory slots), for every query and head; it is folded into one extra head dimension (`with_key_bias`), so every
 backend computes it (on CPU, outside torch.compile, a prefix read of at most MATH_MAX_SCORES scores per head writes
 its scores out and adds it to them instead, in one autograd node: `_ExplicitScores`). `key_through` [B, Lb] is a
-straight-through weight s of the same keys: their keys and values are used unchanged, and s gets the gradient that a factor (1 + s - s.detach()) = 1 on them would
-get (how the tokens memory's importance learns from the reads), without another copy of the keys and values saved
-for backward.
+straight-through weight s of the same keys: their keys and values are used unchanged, and s gets the gradient that
+a factor (1 + s - s.detach()) = 1 on them would get (how the tokens memory's importance learns from the reads),
+without another copy of the keys and values saved for backward.
 """
 
 from __future__ import annotations
