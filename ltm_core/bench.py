@@ -135,7 +135,8 @@ class TrainStepRow:
         self.times.append(time.perf_counter() - start)
 
     def result(self) -> dict[str, Any]:
-        """The row: the median of the timed steps, then the peak memory of one more step, the recurrence share of
+        """The row: the median of the timed steps (each kept: on a shared machine their spread says how far to trust the
+        median), then the peak memory of one more step, the recurrence share of
         another and the peak FLOP/s."""
         dev, extra = self.dev, {}
         if dev.type == "cuda":  # one more step, its tensor peak above what it started with
@@ -154,7 +155,8 @@ class TrainStepRow:
         peak_flops = measure_peak_flops(dev, self.dt, n=8192 if dev.type == "cuda" else 1024)  # the row's conditions
         tokens_per_s = self.batch_size * self.context / step_s
         return {"model": self.variant, "context": self.context, "tokens_per_s": tokens_per_s,
-                "peak_mem_bytes": int(peak), **extra, "step_s": step_s, "recurrence_share": share,
+                "peak_mem_bytes": int(peak), **extra, "step_s": step_s, "step_times_s": list(self.times),
+                "recurrence_share": share,
                 "params": self.model.num_parameters(), "flops_per_token": self.model.flops_per_token(self.context),
                 "peak_flops": peak_flops}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -87,7 +88,7 @@ def test_windowed_memory_step_holds_less_than_full_causal():
 def test_bench_model_cli_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / "model.json", tmp_path / "model.png"
-    result = run_ltm("bench", "model", "--context", "64", "--repeats", "1", "--gen", "40",
+    result = run_ltm("bench", "model", "--context", "64", "--repeats", "2", "--gen", "40",
                      "--json", str(out), "--plot", str(png), *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -96,6 +97,7 @@ def test_bench_model_cli_json_and_plot(tmp_path):
     assert keys == {(m, c) for m in ("memory", "segment_local", "full_causal") for c in (64,)}
     for row in data["rows"]:
         assert row["tokens_per_s"] > 0 and row["peak_mem_bytes"] > 0 and 0 < row["mfu"] < 1
+        assert len(row["step_times_s"]) == 2 and row["step_s"] == statistics.median(row["step_times_s"])
     gen = {g["model"]: g for g in data["generation"]}
     assert gen["memory"]["state_bytes"] > 0 and gen["full_causal"]["ms_per_token"] > 0
     assert png.stat().st_size > 10_000 and "memory model / baselines" in result.stdout
