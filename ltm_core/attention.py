@@ -35,7 +35,7 @@ BACKENDS = ("auto", "triton", "torch")
 # the key bias folded into a head dimension, model=small's 256 x 512 0.990x, within the step's noise, at 23 MiB more
 # peak memory (scripts/bench_prefix_read.py, docs/benchmarks.md): the largest read measured faster. Not under
 # torch.compile (`model.compile`), where Inductor lowered its batched matmuls one batch element at a time: tiny's
-# compiled 8K step took 0.39 s with it, 0.25-0.26 s with SDPA's kernel (docs/benchmarks.md).
+# compiled 8K step took 0.38-0.39 s with it, 0.25-0.26 s with SDPA's kernel (docs/benchmarks.md).
 MATH_MAX_SCORES = 64 * 128
 # `auto` on CUDA, per mask, the implementation that `ltm bench kernels` measured fastest (forward + backward, bf16,
 # H200, 2026-11-30, benchmarks/results/gpu_kernels_bf16.json; the table in docs/benchmarks.md):

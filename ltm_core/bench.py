@@ -135,9 +135,8 @@ class TrainStepRow:
         self.times.append(time.perf_counter() - start)
 
     def result(self) -> dict[str, Any]:
-        """The row: the median of the timed steps (each kept: on a shared machine their spread says how far to trust the
-        median), then the peak memory of one more step, the recurrence share of
-        another and the peak FLOP/s."""
+        """The row: the median of the timed steps (each kept: on a shared machine their spread says how far to trust
+        the median), then the peak memory of one more step, the recurrence share of another and the peak FLOP/s."""
         dev, extra = self.dev, {}
         if dev.type == "cuda":  # one more step, its tensor peak above what it started with
             torch.cuda.reset_peak_memory_stats(dev)
