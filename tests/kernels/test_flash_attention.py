@@ -222,11 +222,10 @@ def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatc
     monkeypatch.setattr(A, "_ExplicitScores", Counted)
     written_out = run()
     assert calls == [1]  # this small read took the explicit scores
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    run()
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        run()
     assert calls == [1]  # not under torch.compile
-    monkeypatch.undo()
-    monkeypatch.setattr(A, "_ExplicitScores", Counted)
     monkeypatch.setattr(A, "MATH_MAX_SCORES", 0)  # larger than the threshold: SDPA's fused kernel
     fused = run()
     assert calls == [1]
