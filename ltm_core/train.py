@@ -204,8 +204,17 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule=None, model
 
         return fit_parallel(cfg, corpus)
     from ltm_core.lit import fit_lightning
+    from ltm_core.parallel.env import end_group
 
-    return fit_lightning(cfg, threads, corpus, datamodule, model)
+    owns_group = not torch.distributed.is_initialized()  # Lightning's DDP creates one and leaves it to the exit
+    ok = False
+    try:
+        last = fit_lightning(cfg, threads, corpus, datamodule, model)
+        ok = True
+        return last
+    finally:
+        if owns_group:
+            end_group(clean=ok)
 
 
 if __name__ == "__main__":  # a worker process started by _launch_local: python -m ltm_core.train CONFIG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -200,3 +201,34 @@ def test_pystdlib_of_this_python():
     assert len(corpus.train) > 2_000_000 and len(corpus.val) > 50_000  # megabytes of code, a held-out share
     head = bytes(np.asarray(corpus.val[1:2000], dtype=np.uint8)).decode(errors="replace")
     assert "def " in head or "class " in head or "import " in head
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_fit_ends_the_process_group_lightning_created(tmp_path, monkeypatch, fails):
+    """Lightning's DDP leaves its gloo group to the interpreter's exit, whose teardown sometimes aborts a worker after
+    a run that succeeded (exit -6): `fit` destroys a group that appeared during the run, and never one that was there
+    before it."""
+    import torch.distributed as dist
+
+    import ltm_core.lit
+    from ltm_core.train import fit
+
+    def fake_fit_lightning(cfg, threads, corpus=None, datamodule=None, model=None):
+        if not dist.is_initialized():  # as Lightning's DDP strategy does in each worker
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if fails:
+            raise RuntimeError("a rank failed")
+        return tmp_path / "last.ckpt"
+
+    monkeypatch.setattr(ltm_core.lit, "fit_lightning", fake_fit_lightning)
+    cfg = compose(TINY + [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        fit(cfg)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    try:  # a group the caller made stays the caller's
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            fit(cfg)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -73,10 +73,21 @@ def init_distributed(accelerator: str = "auto", timeout_s: float = 1800) -> Dist
 
 
 def shutdown(env: DistEnv) -> None:
-    """Tear down a process group this process created (gc and a barrier first: gloo teardown is flaky otherwise)."""
+    """Tear down a process group this process created, once every rank got here."""
+    if env.created_group:
+        end_group(clean=True)
+
+
+def end_group(clean: bool) -> None:
+    """Destroy this process's default group, if any. `clean` (every rank finished): gc and a barrier first. Left to
+    the interpreter's exit, gloo's teardown sometimes aborts the process ("terminate called without an active
+    exception") after a run that succeeded."""
     import gc
 
-    if not env.created_group or not dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if not clean:
+        dist.destroy_process_group()
         return
     gc.collect()
     try:

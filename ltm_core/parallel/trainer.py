@@ -37,7 +37,7 @@ from ltm_core import run_guard
 from ltm_core.errors import CheckpointError, ConfigError, Interrupted
 from ltm_core.parallel import checkpoint as pckpt
 from ltm_core.parallel.build import ParallelModel, build_parallel_model
-from ltm_core.parallel.env import DistEnv, init_distributed, shutdown
+from ltm_core.parallel.env import DistEnv, end_group, init_distributed
 from ltm_core.parallel.grads import LossScaler, clip_grads_, grad_norm, sync_tied_embeddings
 from ltm_core.parallel.layout import resolve_layout
 from ltm_core.training import LN2, Diverged, build_optimizer, build_scheduler, window_span, windowed_backward
@@ -203,10 +203,8 @@ def fit_parallel(cfg: DictConfig, corpus: Optional[Corpus] = None) -> Path:
         ok = True
         return result
     finally:
-        if ok:
-            shutdown(env)
-        elif env.created_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if env.created_group:
+            end_group(clean=ok)
 
 
 def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: run_guard.Interrupts) -> Path:
