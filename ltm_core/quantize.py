@@ -33,14 +33,22 @@ BLOCKSIZE = 64  # weights per 4-bit absmax block
 CPU_PACK_ROWS = 32  # rows per group of bitsandbytes' AVX512-BF16 CPU layout of 4-bit weights
 
 
-class _Fp16CastNote(logging.Filter):
-    """bitsandbytes logs on every int8 call that fp32 inputs go through fp16: that is the method, not a problem."""
+class _DropNote(logging.Filter):
+    """Drops one of bitsandbytes' log lines that is not a problem for ltm's use (by its start)."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+        return not record.getMessage().startswith(self.start)
 
 
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Fp16CastNote())
+# on every int8 call: fp32 inputs go through fp16 (that is the method)
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropNote("MatMul8bitLt: inputs will be cast"))
+# at import on AVX512-BF16 CPUs where `kernels` (a transformers dependency) is installed: the Hub's 4-bit kernel is
+# not trusted without trust_remote_code, so bitsandbytes' own CPU kernel runs (ltm does not load remote code)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropNote("Failed to load CPU gemm_4bit_forward"))
 
 
 def check_method(method: str, option: str = "--method") -> str:

@@ -100,13 +100,16 @@ def assert_causal(model: TitanModel, tokens: torch.Tensor, positions: Iterable[i
 PAGE_COLUMNS = "160"
 
 
-def run_ltm(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_ltm(*args: str, cwd: Path | None = None, timeout: int = 300, warnings: bool = False
+            ) -> subprocess.CompletedProcess:
     """Run `ltm ARGS` as a user would (the console script of this interpreter's environment), its output a pipe
-    PAGE_COLUMNS wide."""
+    PAGE_COLUMNS wide; Python's warnings ignored unless `warnings` (then as a user sees them)."""
     exe = Path(sys.executable).with_name("ltm")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ltm_cli"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} if warnings else {
+        **os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": PAGE_COLUMNS})
+                          env={**env, "COLUMNS": PAGE_COLUMNS})
 
 
 def invoke(*args: str):

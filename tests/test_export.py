@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from support import invoke, one_error_line
+from support import invoke, one_error_line, run_ltm
 from ltm_core.checkpoint import checkpoint_config, load_model, read_checkpoint
 from ltm_core.errors import LtmError
 from ltm_core.export import export_checkpoint
@@ -185,8 +185,28 @@ def test_hf_cache_is_the_bounded_memory_state(hf_folder, trained_tiny):
 
 
 @pytest.fixture(scope="module")
-def onnx_folder(trained_tiny, tmp_path_factory):
-    return exported(trained_tiny, "onnx", tmp_path_factory.mktemp("onnx") / "model")
+def onnx_export(trained_tiny, tmp_path_factory):
+    """`ltm export --format onnx` as a user runs it, warnings shown -> (the process, its folder)."""
+    out = tmp_path_factory.mktemp("onnx") / "model"
+    result = run_ltm("export", "-c", str(trained_tiny), "--format", "onnx", "--out", str(out), timeout=600,
+                     warnings=True)
+    assert result.returncode == 0, result.stderr
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(onnx_export):
+    return onnx_export[1]
+
+
+def test_onnx_export_prints_only_its_result(onnx_export):
+    """torch.onnx's notes that are not about the user's export (skipped torchvision ops, shared axis names, its own
+    deprecations, a wrapper module's training flag) stay off the terminal (each by its words: another torch or
+    onnxscript release may add notes of its own)."""
+    result, out = onnx_export
+    for note in ("torchvision is not installed", "The axis name", "LeafSpec", "in training mode"):
+        assert note not in result.stderr, result.stderr
+    assert f"wrote {out}" in " ".join(result.stdout.split())
 
 
 def test_onnx_generation_over_segments_matches_pytorch(onnx_folder, trained_tiny):

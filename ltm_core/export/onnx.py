@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -163,11 +166,29 @@ def _example_state(model: TitanModel, layout: StateLayout, ids: torch.Tensor, bo
     return out, layout.from_state(out.memory, ids.shape[0])
 
 
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx's notes that are not about this export: torchvision's ops it skips, a dynamic axis name shared by
+    several inputs (the graphs name theirs in onnx.json), torch's own deprecations."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: ")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def _export(module: _Step, args: tuple, path: Path, dynamic_shapes) -> None:
-    torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
-                      input_names=["input_ids", *module.layout.names("state")],
-                      output_names=["logits", *module.layout.names("next")], external_data=False,
-                      verbose=False, report=False)
+    with _quiet_exporter():
+        torch.onnx.export(module.eval(), args, str(path), dynamo=True, opset_version=OPSET,
+                          dynamic_shapes=dynamic_shapes, input_names=["input_ids", *module.layout.names("state")],
+                          output_names=["logits", *module.layout.names("next")], external_data=False,
+                          verbose=False, report=False)
 
 
 def export_graphs(model: TitanModel, folder: Path) -> dict[str, Any]:
