@@ -36,6 +36,7 @@ import torch
 
 from ltm_core.config import OptimConfig, TitanConfig, memory_config
 from ltm_core.model import RECURRENCE, TitanModel
+from ltm_core.resources import keep_freed_memory
 from ltm_core.training import build_optimizer, windowed_backward
 from ltm_extensions.bench import median_ms
 
@@ -112,6 +113,7 @@ class TrainStepRow:
     def __init__(self, cfg: TitanConfig, variant: str, context: int, batch_size: int, device: str, dtype: str):
         self.variant, self.context, self.batch_size = variant, context, batch_size
         self.dev, self.dt = torch.device(device), getattr(torch, dtype)
+        self.kept_freed_memory = self.dev.type == "cpu" and keep_freed_memory()  # as `ltm train` on CPU
         torch.manual_seed(0)
         self.model = TitanModel(variant_config(cfg, variant, context)).to(self.dev, self.dt).train()
         self.optimizer = build_optimizer(self.model, OptimConfig())
@@ -148,6 +150,7 @@ class TrainStepRow:
             # kernel's high-water mark and the resident count it is compared with are kept by lagging per-thread
             # counters, so "no growth" can read as a few pages below zero)
             extra["peak_rss_bytes"] = max(0, _peak_rss_bytes() - self.base_rss)
+            extra["keeps_freed_memory"] = self.kept_freed_memory
             peak = cpu_peak_tensor_bytes(self.step)
         step_s = statistics.median(self.times)
         share = recurrence_share(self.step, dev)

@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from ltm_core.errors import ConfigError
 
@@ -199,6 +199,39 @@ def worker_threads(requested: Optional[int], processes: int) -> Iterator[int]:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = before
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEPT_ALLOCATION_BYTES = 2**30  # allocations up to this size come from the heap, and are reused there
+TRIM_THRESHOLD_BYTES = 2**31 - 1  # the heap gives memory back to the kernel only past this much free at its top
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep what a CPU training step frees for the next step, as CUDA's caching allocator does on
+    a GPU, instead of giving it back to the kernel and faulting it in again page by page: allocations up to
+    KEPT_ALLOCATION_BYTES come from the heap (by default glibc maps each one above an adaptive threshold of at
+    most 32 MiB afresh), and the heap is trimmed only past TRIM_THRESHOLD_BYTES free. The process then keeps its
+    peak resident size. A training step of `model=small` at 8K tokens faulted 300,000 pages in without it
+    (docs/benchmarks.md has the measured speed-up).
+
+    Does nothing where the C library is not glibc, or where the user chose malloc's behaviour: GLIBC_TUNABLES with
+    a glibc.malloc setting, a MALLOC_*_ variable, or another allocator in LD_PRELOAD (jemalloc, tcmalloc). Returns
+    whether the settings were applied."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or malloc_chosen(os.environ):
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEPT_ALLOCATION_BYTES)
+                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def malloc_chosen(env: Mapping[str, str]) -> bool:
+    """Whether `env` sets malloc's behaviour: glibc tunables, MALLOC_*_ variables, or a preloaded allocator."""
+    return bool("glibc.malloc" in env.get("GLIBC_TUNABLES", "") or env.get("LD_PRELOAD")
+                or any(k.startswith("MALLOC_") and k.endswith("_") for k in env))
 
 
 def set_threads(requested: Optional[int], processes: int = 1) -> int:

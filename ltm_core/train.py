@@ -33,7 +33,7 @@ from ltm_core.data import Corpus, load_corpus
 from ltm_core.errors import CheckpointError, ConfigError, Interrupted, LtmError, RunStopped
 from ltm_core.migration import complete_stored_config
 from ltm_core.model import TitanModel
-from ltm_core.resources import check_fits_machine, check_threads, set_threads, worker_threads
+from ltm_core.resources import check_fits_machine, check_threads, keep_freed_memory, set_threads, worker_threads
 from ltm_core.tasks import is_task
 
 def default_output_dir() -> str:
@@ -197,6 +197,8 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule=None, model
     `has_validation = False` there is no validation and no best.ckpt); `model` is trained instead of a new one from
     `cfg.model`."""
     threads = set_threads(cfg.trainer.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if _on_cpu(cfg):
+        keep_freed_memory()
     from ltm_core.parallel.layout import uses_native
 
     if uses_native(cfg):

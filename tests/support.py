@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import torch
 
 from ltm_core import TitanConfig, TitanModel
 from ltm_core.config import memory_config
+
+# glibc's malloc (Linux): where `ltm_core.resources.keep_freed_memory` applies
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 # Tiny settings for CLI runs: a few seconds each on 2 CPU cores.
 TINY = ["model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidden_layers=1", "model.memory.slots=8",

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
 
-from support import run_ltm
+from support import GLIBC, run_ltm
 import torch
 
 from ltm_core.bench import cpu_peak_tensor_bytes, ratios, train_step_row, variant_config
 from ltm_core.config import TitanConfig, TokensMemoryConfig
+from ltm_core.resources import malloc_chosen
 
 SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.num_hidden_layers=1",
          "model.memory.slots=8", "model.segment_length=32"]
@@ -98,6 +100,8 @@ def test_bench_model_cli_json_and_plot(tmp_path):
     for row in data["rows"]:
         assert row["tokens_per_s"] > 0 and row["peak_mem_bytes"] > 0 and 0 < row["mfu"] < 1
         assert len(row["step_times_s"]) == 2 and row["step_s"] == statistics.median(row["step_times_s"])
+        # as `ltm train` on CPU (ltm_core.resources.keep_freed_memory)
+        assert row["keeps_freed_memory"] is (GLIBC and not malloc_chosen(os.environ))
     gen = {g["model"]: g for g in data["generation"]}
     assert gen["memory"]["state_bytes"] > 0 and gen["full_causal"]["ms_per_token"] > 0
     assert png.stat().st_size > 10_000 and "memory model / baselines" in result.stdout

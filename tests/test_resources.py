@@ -4,6 +4,8 @@ launch the machine cannot run (`parallel.force=true` overrides it)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from ltm_core.errors import ConfigError
 from ltm_core.resources import (CpuBudget, available_cpus, available_memory, busy_cpus, cgroup_cpu_limit,
                                 check_fits_machine, choose_threads, cpu_budget, estimate_process_bytes, worker_threads)
 
-from support import TINY, run_ltm
+from support import GLIBC, TINY, run_ltm
 
 
 def _cgroup(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -168,3 +170,50 @@ def test_cli_refuses_more_processes_than_cores_before_writing(tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and f"starts {cores + 1} processes" in lines[0] and "parallel.force=true" in lines[0], lines
     assert not out.exists()
+
+# a 64 MiB tensor freed: how much of it the process still holds resident (MiB), and whether the setting applied
+FREED = """
+import os, sys, torch
+from ltm_core.resources import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+x = torch.ones(2 ** 24)  # 64 MiB, above glibc's largest adaptive mmap threshold (32 MiB)
+held = resident()
+del x
+print(applied, held - resident())
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
+def test_keep_freed_memory_holds_what_a_step_frees_unless_the_user_chose():
+    """With the setting a freed 64 MiB tensor stays in the heap for the next step (a training step reuses it without
+    faulting its pages in again); glibc's default gives it back to the kernel; a user's own malloc settings win."""
+    clean = {k: v for k, v in os.environ.items()
+             if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))}
+
+    def run(mode: str, **env: str) -> tuple[bool, float]:
+        out = subprocess.run([sys.executable, "-c", FREED, mode], capture_output=True, text=True, check=True,
+                             env={**clean, **env}).stdout.split()
+        return out[0] == "True", float(out[1])
+
+    applied, given_back = run("keep")
+    assert applied and given_back < 8, given_back
+    applied, given_back = run("default")
+    assert not applied and given_back > 56, given_back
+    for env in ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}, {"MALLOC_ARENA_MAX_": "2"}):
+        applied, given_back = run("keep", **env)
+        assert not applied and given_back > 56, (env, given_back)
+
+
+def test_cpu_training_keeps_freed_memory(tmp_path, monkeypatch):
+    """`fit` on CPU applies the setting before the run (ltm bench model's CPU rows do too: their keeps_freed_memory)."""
+    import ltm_core.lit
+    import ltm_core.train
+
+    calls = []
+    monkeypatch.setattr(ltm_core.train, "keep_freed_memory", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(ltm_core.lit, "fit_lightning", lambda cfg, *a, **k: calls.append("fit") or tmp_path)
+    ltm_core.train.fit(compose(TINY + [f"output_dir={tmp_path / 'run'}"]))
+    assert calls == ["kept", "fit"]
