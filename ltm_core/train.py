@@ -195,7 +195,8 @@ def fit(cfg: DictConfig, corpus: Optional[Corpus] = None, datamodule=None, model
 
     `datamodule` (a LightningDataModule) replaces the one `cfg.data` describes (the Trainer API's datasets; with
     `has_validation = False` there is no validation and no best.ckpt); `model` is trained instead of a new one from
-    `cfg.model`."""
+    `cfg.model`. Sets this process's torch threads and, on CPU, lets malloc keep freed memory for the next step
+    (`ltm_core.resources.keep_freed_memory`)."""
     threads = set_threads(cfg.trainer.get("threads"), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if _on_cpu(cfg):
         keep_freed_memory()
