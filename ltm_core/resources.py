@@ -203,21 +203,22 @@ def worker_threads(requested: Optional[int], processes: int) -> Iterator[int]:
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-KEPT_ALLOCATION_BYTES = 2**30  # allocations up to this size come from the heap, and are reused there
+KEPT_ALLOCATION_BYTES = 32 * 2**20  # blocks up to this size come from the heap and are reused there (glibc's
+# largest adaptive mmap threshold; 1 GiB kept `small`'s 32K-token segment-local steps 2.4x faster but its resident
+# size 33 % larger, and three bench rows of it no longer fitted in 24 GiB)
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # the heap gives memory back to the kernel only past this much free at its top
 
 
 def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep what a CPU training step frees for the next step, as CUDA's caching allocator does on
-    a GPU, instead of giving it back to the kernel and faulting it in again page by page: allocations up to
-    KEPT_ALLOCATION_BYTES come from the heap (by default glibc maps each one above an adaptive threshold of at
-    most 32 MiB afresh), and the heap is trimmed only past TRIM_THRESHOLD_BYTES free. The process then keeps its
-    peak resident size. A training step of `model=small` at 8K tokens faulted 300,000 pages in without it
-    (docs/benchmarks.md has the measured speed-up).
+    """Let glibc's malloc keep what a CPU training step frees for the next step, instead of giving it back to the
+    kernel and faulting it in again page by page: blocks up to KEPT_ALLOCATION_BYTES come from the heap from the
+    first step on (glibc's threshold adapts up to that size only as large blocks are freed), and the heap is trimmed
+    only past TRIM_THRESHOLD_BYTES free (by default every step's freed activations at its top went back). Larger
+    blocks are still mapped and unmapped each time, so the resident size stays that of the live tensors plus the
+    heap's free blocks (measured in docs/cli.md and docs/benchmarks.md).
 
-    Does nothing where the C library is not glibc, or where the user chose malloc's behaviour: GLIBC_TUNABLES with
-    a glibc.malloc setting, a MALLOC_*_ variable, or another allocator in LD_PRELOAD (jemalloc, tcmalloc). Returns
-    whether the settings were applied."""
+    Does nothing where the C library is not glibc, or where the user chose malloc's behaviour (`malloc_chosen`).
+    Returns whether the settings were applied."""
     import ctypes
     import platform
 

@@ -171,7 +171,8 @@ def test_cli_refuses_more_processes_than_cores_before_writing(tmp_path):
     assert len(lines) == 1 and f"starts {cores + 1} processes" in lines[0] and "parallel.force=true" in lines[0], lines
     assert not out.exists()
 
-# a 64 MiB tensor freed: how much of it the process still holds resident (MiB), and whether the setting applied
+# tensors of 16 and 64 MiB freed: how much of each the process still holds resident (MiB), and whether the
+# setting applied
 FREED = """
 import os, sys, torch
 from ltm_core.resources import keep_freed_memory
@@ -179,32 +180,37 @@ applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 def resident():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-x = torch.ones(2 ** 24)  # 64 MiB, above glibc's largest adaptive mmap threshold (32 MiB)
-held = resident()
-del x
-print(applied, held - resident())
+given_back = []
+for mib in (16, 64):
+    x = torch.ones(mib * 2**18)
+    held = resident()
+    del x
+    given_back.append(held - resident())
+print(applied, *given_back)
 """
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
 def test_keep_freed_memory_holds_what_a_step_frees_unless_the_user_chose():
-    """With the setting a freed 64 MiB tensor stays in the heap for the next step (a training step reuses it without
-    faulting its pages in again); glibc's default gives it back to the kernel; a user's own malloc settings win."""
+    """With the setting a freed 16 MiB tensor stays in the heap for the next step (a training step reuses it without
+    faulting its pages in again), while a 64 MiB one, above KEPT_ALLOCATION_BYTES, still goes back to the kernel;
+    glibc's default gives both back; a user's own malloc settings win."""
     clean = {k: v for k, v in os.environ.items()
              if not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"))}
 
-    def run(mode: str, **env: str) -> tuple[bool, float]:
+    def run(mode: str, **env: str) -> tuple[bool, float, float]:
         out = subprocess.run([sys.executable, "-c", FREED, mode], capture_output=True, text=True, check=True,
                              env={**clean, **env}).stdout.split()
-        return out[0] == "True", float(out[1])
+        return out[0] == "True", float(out[1]), float(out[2])
 
-    applied, given_back = run("keep")
-    assert applied and given_back < 8, given_back
-    applied, given_back = run("default")
-    assert not applied and given_back > 56, given_back
+    assert resources.KEPT_ALLOCATION_BYTES == 32 * 2**20
+    applied, small, large = run("keep")
+    assert applied and small < 2 and large > 60, (small, large)
+    applied, small, large = run("default")
+    assert not applied and small > 14 and large > 60, (small, large)
     for env in ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}, {"MALLOC_ARENA_MAX_": "2"}):
-        applied, given_back = run("keep", **env)
-        assert not applied and given_back > 56, (env, given_back)
+        applied, small, large = run("keep", **env)
+        assert not applied and small > 14, (env, small)
 
 
 def test_cpu_training_keeps_freed_memory(tmp_path, monkeypatch):
