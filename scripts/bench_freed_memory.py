@@ -1,7 +1,7 @@
 """CPU training steps with glibc's malloc keeping freed memory (`ltm_core.resources.keep_freed_memory`, what `ltm
 train` and `ltm bench model` do on CPU) against glibc's default, for the memory model and both baselines: each
 (variant, setting) row in its own process, all timed in turn (`ltm_core.bench.rows_interleaved`), so the ratios
-hold on a shared machine. Each row also reports the page faults of one step.
+hold on a shared machine. Each row also reports its timed steps' page faults (the median).
 
     python scripts/bench_freed_memory.py --model tiny --context 8192 [--repeats 5] [--json out.json]
 """
