@@ -204,8 +204,8 @@ def worker_threads(requested: Optional[int], processes: int) -> Iterator[int]:
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEPT_ALLOCATION_BYTES = 32 * 2**20  # blocks up to this size come from the heap and are reused there (glibc's
-# largest adaptive mmap threshold; 1 GiB kept `small`'s 32K-token segment-local steps 2.4x faster but its resident
-# size 33 % larger, and three bench rows of it no longer fitted in 24 GiB)
+# largest adaptive mmap threshold; with 1 GiB `model=small`'s full-causal step at 32K tokens grew its resident size
+# by 9.9 GiB instead of 7.2, and the segment-local row of that bench run was OOM-killed on a 24 GiB machine)
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # the heap gives memory back to the kernel only past this much free at its top
 
 
