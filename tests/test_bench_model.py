@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +207,19 @@ for line in sys.stdin:
                                                        "segment_local step"] * 2, "memory result", "segment_local result"]
     assert rows[:2] == [{"model": "memory", "context": 64}, {"model": "segment_local", "context": 64}]
     assert rows[2]["model"] == "full_causal" and "no memory left" in rows[2]["error"]
+
+
+def test_the_overrides_script_times_each_set_in_its_own_process(tmp_path):
+    """scripts/bench_overrides.py (an A/B of config options): one row per set of overrides, each built with its
+    overrides (here the tokens memory's CPU choice loop compiled and in PyTorch), ratios against the first."""
+    out = tmp_path / "ab.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_overrides.py"
+    run = subprocess.run([sys.executable, str(script), "--model", "tiny", "--context", "256", "--repeats", "1",
+                          "--set", "model.kernels=torch model.memory.slots=16", "--set", "", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["overrides"] for r in rows] == ["model.kernels=torch model.memory.slots=16", ""]
+    assert all(r["model"] == "memory" and r["context"] == 256 and r["step_s"] > 0 for r in rows)
+    assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"]  # 16 kept tokens read, not the preset's 64
+    assert "1.000x the first" in run.stdout and run.stdout.count("step ") == 2

@@ -132,11 +132,42 @@ class TokensMemory(Memory):
     def write(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Write:
         """state: [B, M, C], entries: [B, S, C] one complete segment -> the M entries kept, in arrival order."""
         candidates = torch.cat([state, entries.to(state.dtype)], dim=1)  # [B, M + S, C]
-        vacancy = F.pad(VACANT_RANK * self.empty(state).double(), (0, entries.shape[1]))  # [B, M + S]
-        keep = self.keep(self.ranks(candidates), vacancy, None if noise is None else self.gumbel(noise),
-                         candidates if self.config.select_dedup is not None else None)
-        kept = gather_rows(candidates, keep)  # [B, M, C]
-        return Write(kept, self.penalty(entries), keep)
+        held, keeps = self.choose(candidates, entries.shape[1], None if noise is None else noise.unsqueeze(0))
+        return Write(gather_rows(candidates, held[:, 1]), self.penalty(entries), keeps[:, 0])
+
+    def choose(self, pool: torch.Tensor, segment: int, noise: Optional[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The choices of W writes in a row, from one pool of candidates: pool [B, P = M + W S, C] (the M entries
+        held before the first write, then the W segments of S = `segment` tokens, in order), noise [W, B, M + S]
+        the writes' training noise or None -> (held [B, W + 1, M]: the pool rows held before each write and after
+        the last; keeps [B, W, M]: each write's kept candidates, indices into [held; segment]). Every write only
+        chooses indices, from ranks computed once. On CPU (outside torch.compile, without select_dedup, unless
+        `model.kernels=torch`) the loop runs compiled (`ltm_core.memory.choice`); this PyTorch loop is its
+        reference, and runs everywhere else."""
+        B, P, _ = pool.shape
+        M, S = self.slots, segment
+        W = (P - M) // S
+        ranks, gumbel = self.ranks(pool), None if noise is None else self.gumbel(noise)  # [B, P], [W, B, M + S]
+        vacancy = VACANT_RANK * self.empty(pool).double()  # [B, P]: an all-zero row is an empty slot once held
+        dedup = self.config.select_dedup is not None
+        if (pool.device.type == "cpu" and not dedup and self.model_config.kernels != "torch"
+                and not torch.compiler.is_compiling()):
+            from ltm_core.memory import choice
+
+            return choice.choose(ranks, vacancy, gumbel, self.config.select_noise, M, S)
+        index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
+        segments = torch.arange(M, P, device=pool.device).view(1, W, S).expand(B, W, S)  # pool rows
+        no_vacancy = ranks.new_zeros(B, S)  # a candidate token is never vacant
+        held, keeps = [index], []
+        for i in range(W):
+            candidates = torch.cat([index, segments[:, i]], dim=1)  # [B, M + S] pool rows
+            rows = gather_rows(pool, candidates) if dedup else None
+            held_vacancy = torch.cat([vacancy.gather(1, index), no_vacancy], dim=1)  # [B, M + S]
+            keep = self.keep(ranks.gather(1, candidates), held_vacancy, None if gumbel is None else gumbel[i], rows)
+            index = candidates.gather(1, keep)
+            held.append(index)
+            keeps.append(keep)
+        return torch.stack(held, dim=1), torch.stack(keeps, dim=1)
 
     def scan(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Scan:
         """The W writes of one window at once (see `scan_windows`)."""
@@ -152,23 +183,8 @@ class TokensMemory(Memory):
         B, M, C = state.shape
         W, S = entries.shape[1], entries.shape[2]
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
-        ranks, gumbel = self.ranks(pool), None if noise is None else self.gumbel(noise)  # [B, P], [W, B, M + S]
-        dedup = self.config.select_dedup is not None
-        vacancy = VACANT_RANK * self.empty(pool).double()  # [B, P]: an all-zero row is an empty slot once held
-        index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
-        segments = torch.arange(M, M + W * S, device=pool.device).view(1, W, S).expand(B, W, S)  # pool rows
-        no_vacancy = ranks.new_zeros(B, S)  # a candidate token is never vacant
-        held, keeps = [index], []
-        for i in range(W):
-            candidates = torch.cat([index, segments[:, i]], dim=1)  # [B, M + S] pool rows
-            rows = gather_rows(pool, candidates) if dedup else None
-            held_vacancy = torch.cat([vacancy.gather(1, index), no_vacancy], dim=1)  # [B, M + S]
-            keep = self.keep(ranks.gather(1, candidates), held_vacancy, None if gumbel is None else gumbel[i], rows)
-            index = candidates.gather(1, keep)
-            held.append(index)
-            keeps.append(keep)
-        kept, keeps = torch.stack(held, dim=1), torch.stack(keeps, dim=1)  # [B, W + 1, M] (before each segment,
-        # then after the last), [B, W, M]
+        kept, keeps = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the last),
+        # [B, W, M]
         aux = self.penalty(entries)  # [W] or None
         aux = [None] * W if aux is None else list(aux.unbind(0))
         held_rows = kept.flatten(1, 2)  # [B, (W + 1) M]

@@ -100,14 +100,18 @@ def test_window_parallel_equals_the_sequential_reference(case):
     """The layer-major pass and the segment-by-segment path, from the same seed: the same logits, loss, auxiliary
     loss and gradients (training mode, so the tokens memory's write noise is drawn, once per window), with one BPTT
     window per pass, two (windows of 3 and 3 segments, then 1 and 3 tokens) and three (3, 3 and 1 segments, then 3
-    tokens): gradients stop between them."""
+    tokens): gradients stop between them. The tokens memory also with its writes' compiled CPU loop
+    (`model.kernels=auto`, ltm_core/memory/choice.py) in both orders."""
     name, cfg = case
     cfg = dataclasses.replace(cfg, bptt_segments=3)
     S = cfg.segment_length
     tokens = ids(7 * S + 3)
+    runs = [(False, 1, "torch"), (True, 1, "torch"), (True, 2, "torch"), (True, 3, "torch")]
+    if cfg.memory.kind == "tokens":
+        runs += [(False, 1, "auto"), (True, 3, "auto")]
     results = []
-    for parallel, per_pass in ((False, 1), (True, 1), (True, 2), (True, 3)):
-        model = tiny_model(dataclasses.replace(cfg, windows_per_pass=per_pass), perturb=True).train()
+    for parallel, per_pass, kernels in runs:
+        model = tiny_model(dataclasses.replace(cfg, windows_per_pass=per_pass, kernels=kernels), perturb=True).train()
         model.window_parallel = parallel
         torch.manual_seed(5)
         out = model(tokens, labels=tokens)

@@ -289,6 +289,48 @@ def test_scan_makes_the_choices_of_one_write_per_segment(options, slots):
         torch.testing.assert_close(scan.after, state, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("slots", [8, 24])
+@pytest.mark.parametrize("noise", [0.5, 0.0], ids=["noise", "exact"])
+def test_the_compiled_choice_makes_the_reference_choices(noise, slots):
+    """On CPU the writes' loop runs compiled (ltm_core/memory/choice.py; `model.kernels=auto`): over five writes in
+    a row, from a memory half of empty slots and with an all-zero token (an empty slot once held), it holds and
+    keeps what the PyTorch loop does (`model.kernels=torch`), with and without the training noise."""
+    reference, cfg = _memory(noise=noise, slots=slots)
+    compiled = tiny_model(dataclasses.replace(cfg, kernels="auto")).blocks[0].memory
+    compiled.load_state_dict(reference.state_dict())
+    reference.train(), compiled.train()
+    g = torch.Generator().manual_seed(0)
+    B, W, S, C, M = 3, 5, cfg.segment_length, cfg.hidden_size, slots
+    pool = torch.randn(B, M + W * S, C, generator=g)
+    pool[:, M // 2:M] = 0  # empty slots
+    pool[1, M + 2] = 0
+    pool[1, M + 2 + S, 0] = 50.0  # kept ahead of everything
+    noise_samples = torch.empty(W, B, M + S).exponential_(generator=g) if noise else None
+    held, keeps = compiled.choose(pool, S, noise_samples)
+    want_held, want_keeps = reference.choose(pool, S, noise_samples)
+    assert held.shape == (B, W + 1, M) and keeps.shape == (B, W, M)
+    assert torch.equal(held, want_held) and torch.equal(keeps, want_keeps)
+    assert (held[1, 1:] == M + 2 + S).sum() == W - 1  # the strong token, from its write on
+    assert not ((held[:, 1:] >= M // 2) & (held[:, 1:] < M)).any()  # the empty slots go at the first write
+
+
+def test_the_compiled_choice_keeps_the_earlier_of_equal_candidates():
+    """Of candidates with equal ranks the compiled loop keeps the earlier (the memory's entries before the segment's
+    tokens, earlier tokens before later ones); PyTorch's topk breaks ties in no stated order."""
+    memory, cfg = _memory(slots=8)
+    memory = tiny_model(dataclasses.replace(cfg, kernels="auto")).blocks[0].memory
+    with torch.no_grad():
+        memory.importance.weight.zero_()
+    memory.eval()
+    S, M, C = cfg.segment_length, 8, cfg.hidden_size
+    pool = torch.randn(2, M + 3 * S, C, generator=torch.Generator().manual_seed(1))  # every rank the bias
+    held, keeps = memory.choose(pool, S, None)
+    assert torch.equal(held, torch.arange(M).expand(2, 4, M))
+    pool[:, :M] = 0  # empty slots: the first segment's first M tokens take them, then hold
+    held, _ = memory.choose(pool, S, None)
+    assert torch.equal(held[:, 1:], (M + torch.arange(M)).expand(2, 3, M))
+
+
 def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
     model = tiny_model(tiny_cfg)
     C, M, S, L = tiny_cfg.hidden_size, 8, tiny_cfg.segment_length, tiny_cfg.num_hidden_layers

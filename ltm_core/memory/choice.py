@@ -1,0 +1,90 @@
+"""The tokens memory's writes on CPU as one compiled loop (Numba).
+
+A write keeps the M best of M + S candidates (the memory's M entries, then the segment's S tokens); a window's W
+writes follow one another, each from the entries the previous one kept. In PyTorch every write is a dozen ops on
+vectors of M + S numbers (`TokensMemory.choose`, the reference), and on CPU their dispatch costs more than their
+arithmetic: `model=tiny`'s scan of 16 writes took 1.26 ms in PyTorch, 0.72 ms with this loop, 0.06 ms of which in it
+(docs/benchmarks.md). Numba compiles the loop once per process (cached on disk after the first run).
+
+The same steps as the reference, on the same float64 ranks and Gumbel samples:
+
+    rank  = ranks of the candidates                                  [M + S]
+    rank += tau * std(rank) * gumbel            (training noise; std unbiased, as torch.std)
+    rank -= VACANT_RANK for held candidates that are empty slots
+    keep  = the M highest, in candidate order
+
+Ties go to the earlier candidate (a stable sort); PyTorch's `topk` breaks them in no stated order, so the two agree
+on everything but which of several equal candidates is kept (equal ranks: empty slots, or identical tokens without
+noise, whose kept rows hold the same values either way). The noise's spread is summed in another order than
+`torch.std`'s, so it may differ in the last bits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def _choose(ranks, vacancy, gumbel, tau, M, S):
+    """The loop (compiled by `choose` on first use): see `choose` for the arguments."""
+    B, P = ranks.shape
+    W = (P - M) // S
+    N = M + S
+    held = np.empty((B, W + 1, M), np.int64)
+    keeps = np.empty((B, W, M), np.int64)
+    cand = np.empty(N, np.int64)
+    rank = np.empty(N, np.float64)
+    for b in range(B):
+        for j in range(M):
+            held[b, 0, j] = j
+        for i in range(W):
+            for j in range(M):
+                cand[j] = held[b, i, j]
+            for j in range(S):
+                cand[M + j] = M + i * S + j
+            for j in range(N):
+                rank[j] = ranks[b, cand[j]]
+            if tau > 0:
+                mean = 0.0
+                for j in range(N):
+                    mean += rank[j]
+                mean /= N
+                var = 0.0
+                for j in range(N):
+                    var += (rank[j] - mean) ** 2
+                scale = tau * np.sqrt(var / (N - 1))
+                for j in range(N):
+                    rank[j] = rank[j] + scale * gumbel[i, b, j]
+            for j in range(M):  # only held candidates can be empty slots
+                rank[j] = rank[j] - vacancy[b, cand[j]]
+            order = np.sort(np.argsort(-rank, kind="mergesort")[:M])  # the M best, ties to the earlier candidate
+            for j in range(M):
+                keeps[b, i, j] = order[j]
+                held[b, i + 1, j] = cand[order[j]]
+    return held, keeps
+
+
+_kernel = None  # the compiled `_choose`
+
+
+def choose(ranks: torch.Tensor, vacancy: torch.Tensor, gumbel: Optional[torch.Tensor], tau: float, slots: int,
+           segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The W writes of a pool: ranks [B, P] float64 (the M = `slots` entries held before the first write, then W
+    segments of S = `segment` tokens, in order), vacancy [B, P] float64 (VACANT_RANK for a row that is an empty
+    slot, counted only while held, else 0), gumbel [W, B, M + S] float64 standard Gumbel samples or None, tau the
+    noise scale -> (held [B, W + 1, M]: the pool rows held before each write and after the last, keeps [B, W, M]:
+    each write's kept candidates, indices into [held; segment]), int64 CPU tensors."""
+    global _kernel
+    if _kernel is None:
+        import numba
+
+        try:
+            _kernel = numba.njit(cache=True, nogil=True)(_choose)
+        except RuntimeError:  # nowhere to cache it (a read-only install without a writable home): compile each run
+            _kernel = numba.njit(nogil=True)(_choose)
+    noise = np.zeros((0, 0, 0)) if gumbel is None else gumbel.contiguous().numpy()
+    held, keeps = _kernel(ranks.contiguous().numpy(), vacancy.contiguous().numpy(), noise, 0.0 if gumbel is None else float(tau), slots,
+                          segment)
+    return torch.from_numpy(held), torch.from_numpy(keeps)
