@@ -331,6 +331,30 @@ def test_the_compiled_choice_keeps_the_earlier_of_equal_candidates():
     assert torch.equal(held[:, 1:], (M + torch.arange(M)).expand(2, 3, M))
 
 
+def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
+    """Numba refuses `cache=True` where it finds no writable place (a read-only install without a writable home):
+    the loop is then compiled for the process alone, and makes the same choices."""
+    import numba
+
+    from ltm_core.memory import choice
+
+    njit, calls = numba.njit, []
+
+    def refusing(*args, **kwargs):
+        calls.append(kwargs.get("cache", False))
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function '_choose': no locator available")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", refusing)
+    monkeypatch.setattr(choice, "_kernel", None)
+    ranks = torch.randn(2, 8 + 3 * 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    held, keeps = choice.choose(ranks, torch.zeros_like(ranks), None, 0.0, 8, 16)
+    assert calls[:2] == [True, False]  # (numba compiles some of its own functions through njit too)
+    want = [ranks[b, :8 + 16].topk(8).indices.sort().values for b in range(2)]  # the first write: the top 8
+    assert torch.equal(held[:, 1], torch.stack(want))
+
+
 def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
     model = tiny_model(tiny_cfg)
     C, M, S, L = tiny_cfg.hidden_size, 8, tiny_cfg.segment_length, tiny_cfg.num_hidden_layers
