@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
+import sys
 
 import torch
 
 from ltm_core.bench import rows_interleaved
 from ltm_core.configuration import compose, model_config
+from ltm_cli.bench import run_meta
 
 
 def main() -> None:
@@ -36,8 +39,10 @@ def main() -> None:
         arg_sets.append(dict(variant=args.variant, context=args.context, batch_size=1, device="cpu",
                              dtype="float32", cfg=dataclasses.asdict(cfg), threads=torch.get_num_threads()))
     rows = rows_interleaved(arg_sets, warmup=1, repeats=args.repeats)
+    command = " ".join(["python scripts/bench_overrides.py", *map(shlex.quote, sys.argv[1:])])
     result = {"model": args.model, "context": args.context, "variant": args.variant, "repeats": args.repeats,
-              "rows": [{"overrides": overrides, **row} for overrides, row in zip(args.sets, rows)]}
+              "rows": [{"overrides": overrides, **row} for overrides, row in zip(args.sets, rows)],
+              "meta": {**run_meta(), "command": command}}
     base = rows[0].get("step_s")
     for r in result["rows"]:
         if "error" in r:

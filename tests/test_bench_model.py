@@ -218,7 +218,9 @@ def test_the_overrides_script_times_each_set_in_its_own_process(tmp_path):
                           "--set", "model.kernels=torch model.memory.slots=16", "--set", "", "--json", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["meta"]["command"].startswith("python scripts/bench_overrides.py --model tiny")
     assert [r["overrides"] for r in rows] == ["model.kernels=torch model.memory.slots=16", ""]
     assert all(r["model"] == "memory" and r["context"] == 256 and r["step_s"] > 0 for r in rows)
     assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"]  # 16 kept tokens read, not the preset's 64
