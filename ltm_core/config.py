@@ -206,7 +206,8 @@ class TitanConfig:
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each layer's window step, reused every window
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
-    kernels: str = "auto"  # attention/fused-op backend: auto (Triton on CUDA when available), triton, torch
+    kernels: str = "auto"  # attention/fused-op backend: auto (Triton on CUDA when available, the tokens memory's
+    # write loop compiled with Numba on CPU), triton, torch (PyTorch ops everywhere)
 
     def __post_init__(self) -> None:
         self.memory = memory_config({} if self.memory is None else self.memory)

@@ -1,7 +1,8 @@
 """Dispatch of the fused ops (RMSNorm, SwiGLU, compression gate, gated memory update) to the Triton kernels of
 `ltm_extensions` or to plain PyTorch, by `model.kernels`:
 
-    torch   PyTorch ops everywhere
+    torch   PyTorch ops everywhere (also the tokens memory's write loop, which the others run compiled with Numba on
+            CPU: ltm_core/memory/choice.py)
     triton  the Triton kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for tests)
     auto    Triton on CUDA tensors when Triton is importable, PyTorch otherwise; under torch.compile
             (`model.compile=true`) PyTorch, which Inductor fuses into its own kernels
