@@ -84,7 +84,6 @@ def choose(ranks: torch.Tensor, vacancy: torch.Tensor, gumbel: Optional[torch.Te
             _kernel = numba.njit(cache=True, nogil=True)(_choose)
         except RuntimeError:  # nowhere to cache it (a read-only install without a writable home): compile each run
             _kernel = numba.njit(nogil=True)(_choose)
-    noise = np.zeros((0, 0, 0)) if gumbel is None else gumbel.contiguous().numpy()
-    held, keeps = _kernel(ranks.contiguous().numpy(), vacancy.contiguous().numpy(), noise, 0.0 if gumbel is None else float(tau), slots,
-                          segment)
+    noise, scale = (np.zeros((0, 0, 0)), 0.0) if gumbel is None else (gumbel.contiguous().numpy(), float(tau))
+    held, keeps = _kernel(ranks.contiguous().numpy(), vacancy.contiguous().numpy(), noise, scale, slots, segment)
     return torch.from_numpy(held), torch.from_numpy(keeps)

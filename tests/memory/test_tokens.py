@@ -317,14 +317,14 @@ def test_the_compiled_choice_makes_the_reference_choices(noise, slots):
 def test_the_compiled_choice_keeps_the_earlier_of_equal_candidates():
     """Of candidates with equal ranks the compiled loop keeps the earlier (the memory's entries before the segment's
     tokens, earlier tokens before later ones); PyTorch's topk breaks ties in no stated order."""
-    memory, cfg = _memory(slots=8)
+    _, cfg = _memory(slots=8)
     memory = tiny_model(dataclasses.replace(cfg, kernels="auto")).blocks[0].memory
     with torch.no_grad():
         memory.importance.weight.zero_()
     memory.eval()
     S, M, C = cfg.segment_length, 8, cfg.hidden_size
     pool = torch.randn(2, M + 3 * S, C, generator=torch.Generator().manual_seed(1))  # every rank the bias
-    held, keeps = memory.choose(pool, S, None)
+    held, _ = memory.choose(pool, S, None)
     assert torch.equal(held, torch.arange(M).expand(2, 4, M))
     pool[:, :M] = 0  # empty slots: the first segment's first M tokens take them, then hold
     held, _ = memory.choose(pool, S, None)
