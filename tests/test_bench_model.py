@@ -225,3 +225,29 @@ def test_the_overrides_script_times_each_set_in_its_own_process(tmp_path):
     assert all(r["model"] == "memory" and r["context"] == 256 and r["step_s"] > 0 for r in rows)
     assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"]  # 16 kept tokens read, not the preset's 64
     assert "1.000x the first" in run.stdout and run.stdout.count("step ") == 2
+
+
+def test_the_step_costs_script_splits_both_steps(tmp_path):
+    """scripts/step_costs.py: the memory and segment-local steps timed in turn, each split into its backward and the
+    forward's parts; the memory's own parts (scan, prefix, kept keys and values) appear only in the memory row, and
+    every part's time stays inside its step and the functions that call it."""
+    out = tmp_path / "costs.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "step_costs.py"
+    run = subprocess.run([sys.executable, str(script), "--model", "tiny", "--context", "512", "--steps", "2",
+                          "--set", "model.memory.slots=16", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["meta"]["command"].startswith("python scripts/step_costs.py --model tiny")
+    memory, local = result["rows"]
+    assert (memory["model"], local["model"]) == ("memory", "segment_local")
+    for row in (memory, local):
+        parts = row["forward_parts_ms"]
+        assert len(row["step_times_ms"]) == 2 and 0 < row["backward_ms"] < max(row["step_times_ms"]) * 2
+        assert 0 < parts["blocks"] <= parts["forward"] < 2 * row["step_ms"]
+        assert 0 < parts["attention"] <= parts["self_attention"] <= parts["blocks"]
+        assert 0 < parts["ffn"] and 0 < parts["norms"] and 0 < parts["short_conv"]
+    mp, lp = memory["forward_parts_ms"], local["forward_parts_ms"]
+    assert mp["memory_scan"] > 0 and mp["memory_prefix"] > 0 and mp["qkv_projection_with_kept"] > 0
+    assert lp["memory_scan"] == lp["memory_prefix"] == lp["qkv_projection_with_kept"] == 0 < lp["qkv_projection"]
+    assert "forward: memory_scan" in run.stdout and "backward" in run.stdout

@@ -1,0 +1,140 @@
+"""Where a CPU training step's time goes: the memory model's step and the segment-local model's, in one process, their
+steps timed in turn, each split into its backward and the forward's parts (perf_counter around the model's
+functions; inclusive times: a part's time includes the parts it calls, e.g. `attention` inside `self_attention`).
+
+    python scripts/step_costs.py --model tiny --context 8192 [--steps 6] [--set "model.kernels=torch"] [--json out.json]
+
+The parts' sum is not the step: the forward also runs the embedding, the output head and the loss, and the step the
+optimizer. Every row runs in this one process, so the two models share its allocator and threads (as a training run
+would not); `ltm bench model` gives the step ratios that count, this script where the difference between them goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+import ltm_core.bench as bench
+from ltm_cli.bench import run_meta
+from ltm_core import model as modeling
+from ltm_core.configuration import compose, model_config
+from ltm_core.layers import RMSNorm
+from ltm_core.memory import build_memory
+
+VARIANTS = ("memory", "segment_local")
+
+
+def parts(memory_class: type) -> dict[str, tuple[object, str]]:
+    """The timed parts: name -> (owner, attribute) of the function timed (`memory_class`: the preset's memory kind)."""
+    return {
+        "forward": (modeling.TitanModel, "forward"),
+        "blocks": (modeling.Block, "forward_window"),
+        "short_conv": (modeling.Block, "_short_conv_window"),
+        "norms": (RMSNorm, "forward"),
+        "memory_scan": (memory_class, "scan_windows"),
+        "memory_prefix": (memory_class, "prefix"),
+        "qkv_projection": (modeling.SelfAttention, "project"),
+        "qkv_projection_with_kept": (modeling.SelfAttention, "project_with_kept"),
+        "self_attention": (modeling.SelfAttention, "forward"),
+        "attention": (modeling, "attention"),
+        "ffn": (modeling.FeedForward, "forward"),
+    }
+
+
+@contextlib.contextmanager
+def timed(targets: dict[str, tuple[object, str]], totals: dict[str, float]):
+    """Wrap each target function so its calls add their wall time to totals[name]; restored on exit. A function
+    that calls itself (or another name's function) is counted at every level: inclusive times."""
+    saved = []
+    for name, (owner, attr) in targets.items():
+        fn = getattr(owner, attr)
+
+        def wrapper(*args, __fn=fn, __name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                totals[__name] += time.perf_counter() - start
+
+        saved.append((owner, attr, fn))
+        setattr(owner, attr, wrapper)
+    try:
+        yield
+    finally:
+        for owner, attr, fn in reversed(saved):
+            setattr(owner, attr, fn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per row (after 2 warm-up steps)")
+    parser.add_argument("--set", dest="overrides", default="", help="config overrides, space-separated")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    cfg = model_config(compose([f"model={args.model}", *args.overrides.split()]))
+    rows = {v: bench.TrainStepRow(cfg, v, args.context, 1, "cpu", "float32") for v in VARIANTS}
+    targets = parts(type(build_memory(cfg)))
+    totals = {v: defaultdict(float) for v in VARIANTS}
+    steps = {v: [] for v in VARIANTS}
+    backward = {v: 0.0 for v in VARIANTS}
+    for row in rows.values():
+        for _ in range(2):
+            row.step()
+    for _ in range(args.steps):
+        for variant, row in rows.items():
+            row.step()  # untimed: each timed step follows one of its own row (`rows_interleaved`)
+            with timed(targets, totals[variant]), timed_backward(backward, variant):
+                start = time.perf_counter()
+                row.step()
+                steps[variant].append(time.perf_counter() - start)
+    n = args.steps
+    result = {"model": args.model, "context": args.context, "steps": n, "overrides": args.overrides, "rows": []}
+    for variant in VARIANTS:
+        ms = {name: 1e3 * totals[variant].get(name, 0.0) / n for name in targets}
+        result["rows"].append({"model": variant, "step_ms": 1e3 * statistics.median(steps[variant]),
+                               "step_times_ms": [1e3 * t for t in steps[variant]],
+                               "backward_ms": 1e3 * backward[variant] / n, "forward_parts_ms": ms})
+    result["meta"] = {**run_meta(), "command": " ".join(["python scripts/step_costs.py", *map(shlex.quote, sys.argv[1:])])}
+    mem, local = result["rows"]
+    print(f"{'ms per step':>34} {'memory':>9} {'seg-local':>9} {'difference':>10}")
+    for label, a, b in [("step (median)", mem["step_ms"], local["step_ms"]),
+                        ("backward", mem["backward_ms"], local["backward_ms"]),
+                        *[(f"forward: {k}", mem["forward_parts_ms"][k], local["forward_parts_ms"][k]) for k in targets]]:
+        print(f"{label:>34} {a:9.1f} {b:9.1f} {a - b:+10.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+@contextlib.contextmanager
+def timed_backward(backward: dict[str, float], variant: str):
+    """Time the backward calls of the training steps inside the block (`TrainStepRow.step` calls
+    `ltm_core.bench.windowed_backward`, looked up at call time)."""
+    windowed = bench.windowed_backward
+
+    def timed_call(loss: torch.Tensor) -> None:
+        start = time.perf_counter()
+        try:
+            loss.backward()
+        finally:
+            backward[variant] += time.perf_counter() - start
+
+    bench.windowed_backward = lambda model, input_ids, labels: windowed(model, input_ids, labels, backward=timed_call)
+    try:
+        yield
+    finally:
+        bench.windowed_backward = windowed
+
+
+if __name__ == "__main__":
+    main()
