@@ -33,13 +33,14 @@ __all__ = [
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, prefix_len: int = 0,
-                    window: Optional[int] = None, scale: Optional[float] = None,
-                    backend: str = "auto") -> torch.Tensor:
+                    window: Optional[int] = None, scale: Optional[float] = None, backend: str = "auto",
+                    key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention with a non-causal memory prefix. q: [B, H, Lq, d]; k, v: [B, H, Lk, d] -> [B, H, Lq, d].
 
     Keys [0, prefix_len) are visible to every query; keys [prefix_len, Lk) are the segment, whose last Lq
     positions are the queries (bottom-right alignment). `causal` masks future segment keys; `window=w` lets the
     query at segment position p see segment keys in (p - w, p]. Same rule as `ltm_core.attention.attention_mask`.
+    `key_bias` [B, prefix_len] adds to the prefix keys' scores, for every head and query (with its gradient).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected q, k, v of shape [B, H, L, d], got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -57,8 +58,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"window must be >= 1, got {window}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_bias is not None and tuple(key_bias.shape) != (B, prefix_len):
+        raise ValueError(f"key_bias must be [B, prefix_len] = [{B}, {prefix_len}], got {tuple(key_bias.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
+    reference = dict(causal=causal, prefix_len=prefix_len, window=window, scale=scale, key_bias=key_bias)
     if use_triton(backend, q, k, v):
         unsupported = None
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -68,13 +72,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if unsupported is not None:
             if backend == "triton":
                 raise ValueError(unsupported)
-            return flash_attention_ref(q, k, v, causal=causal, prefix_len=prefix_len, window=window, scale=scale)
+            return flash_attention_ref(q, k, v, **reference)
         if lq == 0 or lk == 0 or B * H == 0:
-            return flash_attention_ref(q, k, v, causal=causal, prefix_len=prefix_len, window=window, scale=scale)
+            return flash_attention_ref(q, k, v, **reference)
         from ._triton_attention import flash_attention_triton
 
-        return flash_attention_triton(q, k, v, bool(causal), int(prefix_len), window, float(scale))
-    return flash_attention_ref(q, k, v, causal=causal, prefix_len=prefix_len, window=window, scale=scale)
+        return flash_attention_triton(q, k, v, bool(causal), int(prefix_len), window, float(scale), key_bias)
+    return flash_attention_ref(q, k, v, **reference)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float] = None,

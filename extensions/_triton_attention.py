@@ -7,7 +7,9 @@ qpos = i + (seg_len - Lq); segment key kpos is visible iff (not causal or kpos <
 
 Forward: one program per (query block, batch*head); one online softmax, first over the prefix blocks (never
 masked but for the tail), then over the segment blocks that can be visible to the query block (blocks entirely
-above the diagonal or left of the window are never visited). The logsumexp (base 2) is saved.
+above the diagonal or left of the window are never visited). The logsumexp (base 2) is saved. An optional bias
+[B, prefix_len] adds to the prefix keys' scores (every head and query; the tokens memory's importance), with its
+gradient summed over the queries in the dK/dV kernel (per head; the host sums the heads).
 Backward: delta = rowsum(dO * O); one kernel for dK/dV (one program per key block, looping over the query blocks
 that can see it) and one for dQ (one program per query block, looping like the forward). No atomics.
 
@@ -73,7 +75,7 @@ def _prune(configs, nargs, **kwargs):
 _PRUNE = {"early_config_prune": _prune}
 
 
-_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "DOT_PREC"]
+_KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_BIAS", "DOT_PREC"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,13 +83,17 @@ _KEY = ["LQ_KEY", "LK_KEY", "BLOCK_D", "CAUSAL", "HAS_WINDOW", "DOT_PREC"]
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, kv_mask_d, key_valid, qpos, qk_scale, window,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One key block of the online softmax. offs_n: key index (prefix) or segment position (segment)."""
+def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, bias_ptrs, offs_n, kv_mask_d, key_valid, qpos, qk_scale, window,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr, HAS_BIAS: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """One key block of the online softmax. offs_n: key index (prefix) or segment position (segment); bias_ptrs:
+    the keys' score bias in base 2 (HAS_BIAS, prefix blocks only)."""
     kmask = key_valid[:, None] & kv_mask_d
     k = tl.load(k_ptrs, mask=kmask, other=0.0)
     v = tl.load(v_ptrs, mask=kmask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], base-2 logits
+    if HAS_BIAS:
+        s = s + tl.load(bias_ptrs, mask=key_valid, other=0.0)[None, :]
     visible = key_valid[None, :]
     if SEGMENT:
         if CAUSAL:
@@ -106,11 +112,11 @@ def _fwd_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, kv_mask_d, key_valid, q
 
 @triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
-              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+def _attn_fwd(Q, K, V, O, LSE, BIAS,
+              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, sbb, sbn,
               H, Lq, Lk, prefix_len, window, qk_scale, LQ_KEY, LK_KEY,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -119,6 +125,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     K += off_b * skb + off_h * skh
     V += off_b * svb + off_h * svh
     O += off_b * sob + off_h * soh
+    BIAS += off_b * sbb
     LSE += pid_bh.to(tl.int64) * Lq
 
     seg_len = Lk - prefix_len
@@ -144,8 +151,9 @@ def _attn_fwd(Q, K, V, O, LSE,
             acc, m_i, l_i, q,
             K + offs_n[:, None] * skn + offs_d[None, :] * skd,
             V + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            BIAS + offs_n * sbn,
             offs_n, kv_mask_d, offs_n < prefix_len, qpos, qk_scale, window,
-            CAUSAL, HAS_WINDOW, False, DOT_PREC)
+            CAUSAL, HAS_WINDOW, False, HAS_BIAS, DOT_PREC)
 
     # segment: only the key positions some query of this block can see
     qpos_lo = m0 + seg_off
@@ -164,8 +172,9 @@ def _attn_fwd(Q, K, V, O, LSE,
             acc, m_i, l_i, q,
             Ks + offs_n[:, None] * skn + offs_d[None, :] * skd,
             Vs + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            BIAS,
             offs_n, kv_mask_d, offs_n < hi, qpos, qk_scale, window,
-            CAUSAL, HAS_WINDOW, True, DOT_PREC)
+            CAUSAL, HAS_WINDOW, True, False, DOT_PREC)
 
     empty = l_i == 0.0  # fully masked row: output 0, lse +inf (so the backward's p is 0)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -198,9 +207,12 @@ def _bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Lq,
 
 
 @triton.jit
-def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, kpos, key_valid, Lq, seg_off,
+def _bwd_kv_block(dk, dv, db, k, v, bias, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, kpos, key_valid, Lq, seg_off,
                   qk_scale, window, sqm, sqd, sdm, sdd,
-                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr, DOT_PREC: tl.constexpr):
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """One query block's share of a key block's dK, dV and (HAS_BIAS) its bias gradient db [BN]; bias: the key
+    block's score bias in base 2 [BN]."""
     row_valid = offs_m < Lq
     qmask = row_valid[:, None] & d_valid[None, :]
     q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
@@ -208,6 +220,8 @@ def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, kpos
     lse = tl.load(LSE + offs_m, mask=row_valid, other=float("inf"))
     delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
     st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
+    if HAS_BIAS:
+        st = st + bias[:, None]
     visible = key_valid[:, None] & row_valid[None, :]
     if SEGMENT:
         qpos = offs_m + seg_off
@@ -218,18 +232,20 @@ def _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, kpos
     pt = tl.where(visible, tl.math.exp2(st - lse[None, :]), 0.0)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BN, BM]
-    dst = pt * (dpt - delta[None, :])
+    dst = pt * (dpt - delta[None, :])  # the scores' gradient (natural units)
     dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
-    return dk, dv
+    if HAS_BIAS:
+        db += tl.sum(dst, 1)
+    return dk, dv, db
 
 
 @triton.autotune(configs=_configs("kv"), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _attn_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV,
-                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+def _attn_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, DB,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, sbb, sbn,
                  H, Lq, Lk, prefix_len, window, qk_scale, sm_scale, LQ_KEY, LK_KEY,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # key blocks never straddle the prefix/segment boundary: first cdiv(prefix_len, BN) prefix blocks, then
     # the segment blocks
     pid_n = tl.program_id(0)
@@ -242,6 +258,8 @@ def _attn_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV,
     DO += off_b * sdb + off_h * sdh
     DK += pid_bh.to(tl.int64) * Lk * HEAD_DIM
     DV += pid_bh.to(tl.int64) * Lk * HEAD_DIM
+    BIAS += off_b * sbb
+    DB += pid_bh.to(tl.int64) * prefix_len
     LSE += pid_bh.to(tl.int64) * Lq
     DELTA += pid_bh.to(tl.int64) * Lq
 
@@ -252,6 +270,7 @@ def _attn_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV,
     d_valid = offs_d < HEAD_DIM
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
 
     if pid_n < n_prefix_blocks:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -259,11 +278,16 @@ def _attn_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV,
         kmask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
+        bias = db
+        if HAS_BIAS:
+            bias = tl.load(BIAS + offs_n * sbn, mask=key_valid, other=0.0)
         for start_m in range(0, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            dk, dv = _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, offs_n, key_valid,
-                                   Lq, seg_off, qk_scale, window, sqm, sqd, sdm, sdd,
-                                   CAUSAL, HAS_WINDOW, False, DOT_PREC)
+            dk, dv, db = _bwd_kv_block(dk, dv, db, k, v, bias, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, offs_n,
+                                       key_valid, Lq, seg_off, qk_scale, window, sqm, sqd, sdm, sdd,
+                                       CAUSAL, HAS_WINDOW, False, HAS_BIAS, DOT_PREC)
+        if HAS_BIAS:
+            tl.store(DB + offs_n, db, mask=key_valid)
     else:
         kpos = (pid_n - n_prefix_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)  # segment positions
         offs_n = prefix_len + kpos
@@ -281,9 +305,9 @@ def _attn_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV,
             m_hi = tl.maximum(tl.minimum(kpos_hi + window - seg_off, Lq), m_lo)
         for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            dk, dv = _bwd_kv_block(dk, dv, k, v, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, kpos, key_valid,
-                                   m_hi, seg_off, qk_scale, window, sqm, sqd, sdm, sdd,
-                                   CAUSAL, HAS_WINDOW, True, DOT_PREC)
+            dk, dv, db = _bwd_kv_block(dk, dv, db, k, v, db, Q, DO, LSE, DELTA, offs_m, offs_d, d_valid, kpos,
+                                       key_valid, m_hi, seg_off, qk_scale, window, sqm, sqd, sdm, sdd,
+                                       CAUSAL, HAS_WINDOW, True, False, DOT_PREC)
 
     out_mask = key_valid[:, None] & d_valid[None, :]
     dk = dk * sm_scale
@@ -292,12 +316,15 @@ def _attn_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_q_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, kv_mask_d, key_valid, qpos, qk_scale, window,
-                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_q_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, bias_ptrs, offs_n, kv_mask_d, key_valid, qpos, qk_scale,
+                 window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SEGMENT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     kmask = key_valid[:, None] & kv_mask_d
     k = tl.load(k_ptrs, mask=kmask, other=0.0)
     v = tl.load(v_ptrs, mask=kmask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        s = s + tl.load(bias_ptrs, mask=key_valid, other=0.0)[None, :]
     visible = key_valid[None, :]
     if SEGMENT:
         if CAUSAL:
@@ -313,11 +340,11 @@ def _bwd_q_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs_n, kv_mask_d, key_v
 
 @triton.autotune(configs=_configs("q"), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def _attn_bwd_q(Q, K, V, DO, LSE, DELTA, DQ,
-                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+def _attn_bwd_q(Q, K, V, DO, LSE, DELTA, DQ, BIAS,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd, sbb, sbn,
                 H, Lq, Lk, prefix_len, window, qk_scale, sm_scale, LQ_KEY, LK_KEY,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -327,6 +354,7 @@ def _attn_bwd_q(Q, K, V, DO, LSE, DELTA, DQ,
     V += off_b * svb + off_h * svh
     DO += off_b * sdb + off_h * sdh
     DQ += pid_bh.to(tl.int64) * Lq * HEAD_DIM
+    BIAS += off_b * sbb
     LSE += pid_bh.to(tl.int64) * Lq
     DELTA += pid_bh.to(tl.int64) * Lq
 
@@ -351,8 +379,9 @@ def _attn_bwd_q(Q, K, V, DO, LSE, DELTA, DQ,
         dq = _bwd_q_block(dq, q, do, lse, delta,
                           K + offs_n[:, None] * skn + offs_d[None, :] * skd,
                           V + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                          BIAS + offs_n * sbn,
                           offs_n, kv_mask_d, offs_n < prefix_len, qpos, qk_scale, window,
-                          CAUSAL, HAS_WINDOW, False, DOT_PREC)
+                          CAUSAL, HAS_WINDOW, False, HAS_BIAS, DOT_PREC)
 
     qpos_lo = m0 + seg_off
     qpos_hi = tl.minimum(m0 + BLOCK_M, Lq) - 1 + seg_off
@@ -369,8 +398,9 @@ def _attn_bwd_q(Q, K, V, DO, LSE, DELTA, DQ,
         dq = _bwd_q_block(dq, q, do, lse, delta,
                           Ks + offs_n[:, None] * skn + offs_d[None, :] * skd,
                           Vs + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                          BIAS,
                           offs_n, kv_mask_d, offs_n < hi, qpos, qk_scale, window,
-                          CAUSAL, HAS_WINDOW, True, DOT_PREC)
+                          CAUSAL, HAS_WINDOW, True, False, DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
@@ -395,18 +425,28 @@ def _common(q, k, window):
         HAS_WINDOW=window is not None, DOT_PREC=_dot_precision(q.dtype))
 
 
-def attn_forward(q, k, v, causal: bool, prefix_len: int, window, scale: float):
+def _bias_args(bias, dummy):
+    """The bias pointer and strides: bias [B, prefix_len] as base-2 fp32 logits, or a dummy pointer."""
+    if bias is None:
+        return dummy, (0, 0)
+    return bias, bias.stride()
+
+
+def attn_forward(q, k, v, causal: bool, prefix_len: int, window, scale: float, bias=None):
+    """bias: None or [B, prefix_len] fp32 in base 2 (the score bias times log2(e): `FlashAttentionTriton`)."""
     B, H, Lq, Lk, d, block_d, meta = _common(q, k, window)
     o = torch.empty((B, H, Lq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    bias_ptr, bias_strides = _bias_args(bias, lse)
     grid = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+    _attn_fwd[grid](q, k, v, o, lse, bias_ptr, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *bias_strides,
                     H, Lq, Lk, prefix_len, 0 if window is None else int(window), scale * LOG2E,
-                    CAUSAL=bool(causal), **meta)
+                    CAUSAL=bool(causal), HAS_BIAS=bias is not None, **meta)
     return o, lse
 
 
-def attn_backward(do, q, k, v, o, lse, causal: bool, prefix_len: int, window, scale: float):
+def attn_backward(do, q, k, v, o, lse, causal: bool, prefix_len: int, window, scale: float, bias=None):
+    """-> dq, dk, dv and the bias gradient [B, prefix_len] (fp32, natural units; None without a bias)."""
     B, H, Lq, Lk, d, block_d, meta = _common(q, k, window)
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     bm = 32 if interpreting() else 64
@@ -415,32 +455,37 @@ def attn_backward(do, q, k, v, o, lse, causal: bool, prefix_len: int, window, sc
     dq = torch.empty((B, H, Lq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H, Lk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, Lk, d), dtype=v.dtype, device=v.device)
+    db = None if bias is None else torch.empty((B, H, prefix_len), dtype=torch.float32, device=q.device)  # per head
+    bias_ptr, bias_strides = _bias_args(bias, delta)
     seg_len = Lk - prefix_len
     args = (H, Lq, Lk, prefix_len, 0 if window is None else int(window), scale * LOG2E, scale)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *bias_strides)
     grid_kv = lambda META: (triton.cdiv(prefix_len, META["BLOCK_N"]) + triton.cdiv(seg_len, META["BLOCK_N"]),  # noqa
                             B * H)
-    _attn_bwd_kv[grid_kv](q, k, v, do, lse, delta, dk, dv, *strides, *args, CAUSAL=bool(causal), **meta)
+    _attn_bwd_kv[grid_kv](q, k, v, do, lse, delta, dk, dv, bias_ptr, delta if db is None else db, *strides, *args,
+                          CAUSAL=bool(causal), HAS_BIAS=bias is not None, **meta)
     grid_q = lambda META: (triton.cdiv(Lq, META["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_q[grid_q](q, k, v, do, lse, delta, dq, *strides, *args, CAUSAL=bool(causal), **meta)
-    return dq, dk, dv
+    _attn_bwd_q[grid_q](q, k, v, do, lse, delta, dq, bias_ptr, *strides, *args, CAUSAL=bool(causal),
+                        HAS_BIAS=bias is not None, **meta)
+    return dq, dk, dv, None if db is None else db.sum(dim=1)
 
 
 class FlashAttentionTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, prefix_len: int, window, scale: float):
-        o, lse = attn_forward(q, k, v, causal, prefix_len, window, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+    def forward(ctx, q, k, v, bias, causal: bool, prefix_len: int, window, scale: float):
+        bias2 = None if bias is None else (bias.float() * LOG2E).contiguous()  # base-2 logits, as the scores
+        o, lse = attn_forward(q, k, v, causal, prefix_len, window, scale, bias2)
+        ctx.save_for_backward(q, k, v, o, lse, bias2)
         ctx.args = (causal, prefix_len, window, scale)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attn_backward(do, q, k, v, o, lse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, o, lse, bias2 = ctx.saved_tensors
+        dq, dk, dv, dbias = attn_backward(do, q, k, v, o, lse, *ctx.args, bias2)
+        return dq, dk, dv, None if dbias is None else dbias.to(ctx.bias_dtype), None, None, None, None
 
 
-def flash_attention_triton(q, k, v, causal: bool, prefix_len: int, window, scale: float):
-    return FlashAttentionTriton.apply(q, k, v, causal, prefix_len, window, scale)
-
+def flash_attention_triton(q, k, v, causal: bool, prefix_len: int, window, scale: float, bias=None):
+    return FlashAttentionTriton.apply(q, k, v, bias, causal, prefix_len, window, scale)

@@ -1,9 +1,11 @@
 """Ahead-of-time compilation of the attention kernels for a GPU target, on a machine without a GPU.
 
     python -m ltm_extensions.aot [--arch 90] [--dtype bfloat16] [--head-dim 64 --head-dim 128] [--configs all]
+                                 [--window both|on|off] [--key-bias both|on|off]
 
 compiles the forward, dK/dV and dQ kernels for each launch config (`--configs default`: the one used when
-`LTM_TRITON_AUTOTUNE=0`; `all`: every autotune candidate), causal with and without a window, and prints each
+`LTM_TRITON_AUTOTUNE=0`; `all`: every autotune candidate), causal with and without a window (`--window`), with and
+without the prefix keys' score bias (`--key-bias`), and prints each
 config's registers per thread, stack (spilled registers live there) and shared memory. It catches compile errors,
 bf16 included (the CPU interpreter cannot run bf16 dots), and configs that spill, before any device time is spent.
 Register counts come from this machine's Triton and ptxas: a GPU machine with another Triton version can allocate
@@ -31,20 +33,20 @@ from ._backend import next_pow2
 
 KERNELS = {"fwd": attn._attn_fwd, "kv": attn._attn_bwd_kv, "q": attn._attn_bwd_q}
 _DATA = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}  # tensors in the input dtype
-_FP32 = {"LSE", "DELTA"}  # fp32 tensors
+_FP32 = {"LSE", "DELTA", "BIAS", "DB"}  # fp32 tensors (the key bias in base 2, its gradient)
 _FLOATS = {"qk_scale", "sm_scale"}
 _TRITON_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def compile_attention(kind: str, config: tuple[int, int, int, int], *, dtype: str = "bfloat16", head_dim: int = 64,
-                      causal: bool = True, window: bool = False, arch: int = 90):
+                      causal: bool = True, window: bool = False, bias: bool = False, arch: int = 90):
     """Compile kernel `kind` (fwd | kv | q) for sm_<arch> with config (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     jit = KERNELS[kind].fn  # the autotuner's JITFunction
     if not hasattr(jit, "params"):
         raise RuntimeError("the Triton interpreter is on (TRITON_INTERPRET=1): unset it to compile for a GPU")
     bm, bn, warps, stages = config
     block_d = max(16, next_pow2(head_dim))  # as the launcher pads it
-    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window,
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window, HAS_BIAS=bias,
                       DOT_PREC="ieee" if dtype == "float32" else "tf32", BLOCK_M=bm, BLOCK_N=bn)
     signature = {}
     for p in jit.params:
@@ -73,23 +75,25 @@ def resource_usage(compiled) -> dict[str, int]:
     return {"registers": usage["reg"], "stack_bytes": usage.get("stack", 0), "shared_bytes": compiled.metadata.shared}
 
 
-def report(dtype: str, head_dims: list[int], which: str, arch: int,
-           windows: tuple[bool, ...] = (False, True)) -> list[dict[str, Any]]:
+def report(dtype: str, head_dims: list[int], which: str, arch: int, windows: tuple[bool, ...] = (False, True),
+           biases: tuple[bool, ...] = (False, True)) -> list[dict[str, Any]]:
     rows = []
     for kind in KERNELS:
         spec = attn.CUDA_CONFIGS[kind]
         configs = [spec["default"]] if which == "default" else spec["tuned"] + [spec["default"]]
         for head_dim in head_dims:
             for window in windows:
-                for config in configs:
-                    row = dict(kernel=kind, dtype=dtype, head_dim=head_dim, window=window, config=list(config))
-                    try:
-                        row.update(resource_usage(compile_attention(kind, config, dtype=dtype, head_dim=head_dim,
-                                                                    window=window, arch=arch)))
-                    except Exception as e:  # report, go on with the others
-                        row["error"] = f"{type(e).__name__}: {e}"[:300]
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                for bias in biases:
+                    for config in configs:
+                        row = dict(kernel=kind, dtype=dtype, head_dim=head_dim, window=window, key_bias=bias,
+                                   config=list(config))
+                        try:
+                            row.update(resource_usage(compile_attention(kind, config, dtype=dtype, head_dim=head_dim,
+                                                                        window=window, bias=bias, arch=arch)))
+                        except Exception as e:  # report, go on with the others
+                            row["error"] = f"{type(e).__name__}: {e}"[:300]
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -101,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="default", choices=("default", "all"))
     parser.add_argument("--window", default="both", choices=("both", "on", "off"),
                         help="causal kernels with a sliding window (on: every code path), without, or both")
+    parser.add_argument("--key-bias", default="both", choices=("both", "on", "off"),
+                        help="kernels with the prefix keys' score bias (the tokens memory's read), without, or both")
     args = parser.parse_args(argv)
-    windows = {"both": (False, True), "on": (True,), "off": (False,)}[args.window]
-    rows = report(args.dtype, args.head_dim or [64, 128], args.configs, args.arch, windows)
+    both = {"both": (False, True), "on": (True,), "off": (False,)}
+    rows = report(args.dtype, args.head_dim or [64, 128], args.configs, args.arch, both[args.window],
+                  both[args.key_bias])
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -32,7 +32,8 @@ ROW_KEYS = ("kernel", "case", "impl", "dtype", "device", "fwd_ms", "bwd_ms", "tf
 
 # plain causal at 4K-16K with 16K tokens per batch (the FlashAttention papers' setting), prefix + causal at the
 # head dims of a large and of the base model (prefix = memory slots), the base model's tokens-memory read as the
-# model runs it (its key bias folded into a 65th head dim: `ltm_core.attention.with_key_bias`, which decides
+# model runs it (`key_bias`: a learned score bias on the prefix keys; the Triton kernel and FlexAttention add it to
+# the scores, SDPA gets it folded into a 65th head dim as `ltm_core.attention.with_key_bias` does; this row decides
 # `kernels=auto`'s prefix choice), a window case and the memory cross-read
 DEFAULT_SHAPES_CUDA: dict[str, list[dict[str, Any]]] = {
     "flash_attention": [
@@ -41,7 +42,7 @@ DEFAULT_SHAPES_CUDA: dict[str, list[dict[str, Any]]] = {
         dict(B=1, H=16, Lq=16384, Lk=16384, d=128, causal=True, prefix_len=0, window=None),
         dict(B=4, H=16, Lq=4096, Lk=4096 + 512, d=128, causal=True, prefix_len=512, window=None),
         dict(B=16, H=12, Lq=512, Lk=512 + 512, d=64, causal=True, prefix_len=512, window=None),
-        dict(B=16, H=12, Lq=512, Lk=512 + 512, d=65, causal=True, prefix_len=512, window=None),
+        dict(B=16, H=12, Lq=512, Lk=512 + 512, d=64, causal=True, prefix_len=512, window=None, key_bias=True),
         dict(B=2, H=16, Lq=8192, Lk=8192, d=128, causal=True, prefix_len=0, window=1024),
         dict(B=16, H=12, Lq=512, Lk=64, d=64, causal=False, prefix_len=0, window=None),
     ],
@@ -168,16 +169,28 @@ def _flex_fn(s: dict[str, Any], device: torch.device, compile_flex: bool):
         return visible | (kpos < 0)
 
     block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=lq, KV_LEN=lk, device=str(device))
-    if compile_flex:
-        fn = torch.compile(flex_attention, dynamic=False)
-        return lambda q, k, v: fn(q, k, v, block_mask=block_mask)
+    attend = torch.compile(flex_attention, dynamic=False) if compile_flex else flex_attention
 
-    def eager(q, k, v):
+    def run(q, k, v, bias=None):
+        score_mod = None
+        if bias is not None:  # the prefix keys' score bias (kv_idx < prefix_len), with its gradient
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + torch.where(kv_idx < prefix_len, bias[b, torch.clamp(kv_idx, max=prefix_len - 1)], 0.0)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "called without torch.compile()": known, intended
-            return flex_attention(q, k, v, block_mask=block_mask)
+            warnings.simplefilter("ignore", UserWarning)  # eager: "called without torch.compile()": known, intended
+            return attend(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
-    return eager
+    return run
+
+
+def _sdpa_folded(q, k, v, bias, mask):
+    """SDPA with a score bias on the first bias.shape[1] keys folded into one more head dim (q gets a 1, the keys
+    bias / scale, the values a 0), at the original head dim's scale; -> [B, H, Lq, d]."""
+    B, H, lk, d = k.shape
+    extra = F.pad(bias.to(k.dtype) * d ** 0.5, (0, lk - bias.shape[1]))[:, None, :, None].expand(B, H, lk, 1)
+    y = F.scaled_dot_product_attention(F.pad(q, (0, 1), value=1.0), torch.cat([k, extra], dim=-1), F.pad(v, (0, 1)),
+                                       attn_mask=mask, scale=d ** -0.5)
+    return y[..., :d]
 
 
 def _bench_attention(s: dict[str, Any], device, dtype, impls, peaks, warmup, repeats, compile_flex):
@@ -190,6 +203,8 @@ def _bench_attention(s: dict[str, Any], device, dtype, impls, peaks, warmup, rep
         case += f" prefix={prefix_len}"
     if window is not None:
         case += f" window={window}"
+    if s["key_bias"]:
+        case += " key_bias"
     mask = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=device)
     visible = int(mask.sum().item())
     flops_fwd = 4.0 * B * H * d * visible
@@ -197,6 +212,9 @@ def _bench_attention(s: dict[str, Any], device, dtype, impls, peaks, warmup, rep
     q = torch.randn(B, H, lq, d, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(B, H, lk, d, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(B, H, lk, d, device=device, dtype=dtype, requires_grad=True)
+    inputs = [q, k, v]
+    if s["key_bias"]:  # [B, prefix_len], as the tokens memory's read bias (fp32)
+        inputs.append(torch.randn(B, prefix_len, device=device, requires_grad=True))
     plain = prefix_len == 0 and window is None and (lq == lk or not causal)
     scores = B * H * lq * lk
 
@@ -211,16 +229,18 @@ def _bench_attention(s: dict[str, Any], device, dtype, impls, peaks, warmup, rep
         try:
             if impl in ("triton", "torch_ref"):
                 backend = "triton" if impl == "triton" else "torch"
-                fwd = lambda q, k, v: flash_attention(q, k, v, causal=causal,  # noqa: E731
-                                                      prefix_len=prefix_len, window=window, backend=backend)
+                fwd = lambda q, k, v, bias=None: flash_attention(  # noqa: E731
+                    q, k, v, causal=causal, prefix_len=prefix_len, window=window, backend=backend, key_bias=bias)
             elif impl == "sdpa":
-                if plain:
+                if s["key_bias"]:
+                    fwd = lambda q, k, v, bias: _sdpa_folded(q, k, v, bias, mask)  # noqa: E731
+                elif plain:
                     fwd = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                 else:
                     fwd = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
             else:
                 fwd = _flex_fn(s, device, compile_flex)
-            fwd_ms, bwd_ms, error = _time_fwd_bwd(fwd, [q, k, v], device, warmup, repeats)
+            fwd_ms, bwd_ms, error = _time_fwd_bwd(fwd, inputs, device, warmup, repeats)
         except Exception as e:  # report, keep benchmarking the others
             rows.append(_row("flash_attention", case, impl, dtype, device, error=_err(e)))
             continue
@@ -362,7 +382,7 @@ def bench_kernels(device: torch.device | str, dtype: torch.dtype,
     report = progress or (lambda done, total, label: None)
     done = 0
     for s in shapes.get("flash_attention", []):
-        s = {"causal": True, "prefix_len": 0, "window": None, **s}
+        s = {"causal": True, "prefix_len": 0, "window": None, "key_bias": False, **s}
         report(done, total, "flash_attention " + ", ".join(f"{k}={v}" for k, v in s.items()))
         done += 1
         rows += [dict(r, shape=s) for r in _bench_attention(s, device, dtype, impls, peaks, warmup, repeats,

@@ -36,43 +36,51 @@ def attention_mask(lq: int, lk: int, *, causal: bool, prefix_len: int = 0, windo
 
 
 class AttentionRef(torch.autograd.Function):
-    """Softmax attention with the prefix/causal/window mask; saves the logsumexp and recomputes P in backward."""
+    """Softmax attention with the prefix/causal/window mask and an optional score bias on the prefix keys (bias
+    [B, prefix_len], the same for every head and query); saves the logsumexp and recomputes P in backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, prefix_len: int, window: Optional[int], scale: float):
+    def forward(ctx, q, k, v, bias, causal: bool, prefix_len: int, window: Optional[int], scale: float):
         lq, lk = q.shape[-2], k.shape[-2]
         mask = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        s = s.masked_fill(~mask, float("-inf"))
+        s = _scores(q, k, bias, scale).masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(s, dim=-1, keepdim=True)  # -inf on fully masked rows
         lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse)  # -> p = 0 there
         p = torch.exp(s - lse)
         o = torch.matmul(p, v.float()).to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, bias, o, lse)
         ctx.mask, ctx.scale = mask, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, bias, o, lse = ctx.saved_tensors
         scale = ctx.scale
         do32 = do.float()
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        p = torch.exp(s - lse).masked_fill(~ctx.mask, 0.0)
+        p = torch.exp(_scores(q, k, bias, scale) - lse).masked_fill(~ctx.mask, 0.0)
         dv = torch.matmul(p.transpose(-1, -2), do32)
         dp = torch.matmul(do32, v.float().transpose(-1, -2))
         delta = (do32 * o.float()).sum(-1, keepdim=True)
         ds = p * (dp - delta)
         dq = torch.matmul(ds, k.float()) * scale
         dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dbias = None if bias is None else ds[..., :bias.shape[1]].sum(dim=(1, 2)).to(bias.dtype)  # [B, prefix_len]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None
+
+
+def _scores(q, k, bias, scale: float) -> torch.Tensor:
+    """fp32 scores q k^T * scale [B, H, Lq, Lk], plus bias [B, P] on the first P keys when given."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        s[..., :bias.shape[1]] += bias.float()[:, None, None, :]
+    return s
 
 
 def flash_attention_ref(q, k, v, *, causal: bool = True, prefix_len: int = 0, window: Optional[int] = None,
-                        scale: Optional[float] = None) -> torch.Tensor:
+                        scale: Optional[float] = None, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return AttentionRef.apply(q, k, v, causal, prefix_len, window, float(scale))
+    return AttentionRef.apply(q, k, v, key_bias, causal, prefix_len, window, float(scale))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ Key layout: the first `prefix_len` keys (memory slots) are visible to every quer
 `Lk - prefix_len` keys are the segment, whose last `Lq` positions the queries are (bottom-right alignment,
 so a KV cache with Lq < Lk works). `causal` applies to the segment part; `window=w` lets a query at segment
 position p see segment keys in (p - w, p]. `key_bias` [B, Lb] adds a score to each of the first Lb keys (the
-memory slots), for every query and head; it is folded into one extra head dimension (`with_key_bias`), so every
-backend computes it (on CPU, outside torch.compile, a prefix read of at most MATH_MAX_SCORES scores per head writes
-its scores out and adds it to them instead, in one autograd node: `_ExplicitScores`). `key_through` [B, Lb] is a
+memory slots), for every query and head: the Triton kernel adds it to the prefix keys' scores itself; for SDPA it
+is folded into one extra head dimension (`with_key_bias`: SDPA's fused kernels give no gradient to a score bias;
+on CPU, outside torch.compile, a prefix read of at most MATH_MAX_SCORES scores per head writes its scores out and
+adds it to them instead, in one autograd node: `_ExplicitScores`). `key_through` [B, Lb] is a
 straight-through weight s of the same keys: their keys and values are used unchanged, and s gets the gradient that
 a factor (1 + s - s.detach()) = 1 on them would get (how the tokens memory's importance learns from the reads),
 without another copy of the keys and values saved for backward.
@@ -43,8 +44,9 @@ AUTO_CHOICE = {
     "plain": "sdpa",     # no prefix, no window, causal over Lq = Lk or full: SDPA's flash kernel, 0.61-0.64x the
                          # Triton kernel's time at 4K-16K causal, 0.21x at 512 x 64 full
     "prefix": "triton",  # memory prefix: 0.54x SDPA's (masked) time at 4,096 queries; at 512 queries SDPA took 0.74x
-                         # Triton's without a key bias, the read with its bias folded in (d=65, a case of `ltm bench
-                         # kernels` since 2026-12-04) not measured yet
+                         # Triton's without a key bias; the model's read with its key bias (the kernel adds it at
+                         # head dim 64, SDPA needs it folded into a 65th: `ltm bench kernels`' key_bias case) not
+                         # measured yet
     "window": "triton",  # sliding window: 0.14x SDPA's (masked) time
     "cached": "triton",  # causal over the last Lq < Lk keys (a KV cache): not measured, the kernel kept
 }
@@ -123,17 +125,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                                      q.shape[-1] ** -0.5 if scale is None else scale)
     if key_through is not None:
         k, v = _straight_through(k, v, key_through, hd)
-    if key_bias is not None:
+    kind = mask_kind(lq, lk, causal, prefix_len, window)
+    triton = use_kernels(backend, q) and (backend == "triton" or AUTO_CHOICE[kind] == "triton")
+    if key_bias is not None and not (triton and key_bias.shape[1] == prefix_len):
         q, k, v = with_key_bias(q, k, v, key_bias)  # head dim hd + 1
         y = attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window,
                       scale=hd ** -0.5 if scale is None else scale, backend=backend)
         return y[..., :hd]  # [B, H, Lq, d]
-    kind = mask_kind(lq, lk, causal, prefix_len, window)
-    if use_kernels(backend, q) and (backend == "triton" or AUTO_CHOICE[kind] == "triton"):
+    if triton:  # the kernel adds a key bias on the prefix keys itself, at the head dim as it is
         from ltm_extensions import flash_attention
 
         return flash_attention(q, k, v, causal=causal, prefix_len=prefix_len, window=window, scale=scale,
-                               backend="triton" if backend == "triton" else "auto")
+                               backend="triton" if backend == "triton" else "auto", key_bias=key_bias)
     if kind == "plain":  # SDPA's fused kernels (flash / memory-efficient) apply
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and lq > 1, scale=scale)
     mask = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)

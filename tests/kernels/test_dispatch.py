@@ -116,3 +116,22 @@ def test_attention_auto_takes_the_kernel_measured_fastest_per_mask(monkeypatch, 
         assert set(took.values()) == {"triton"}
     else:
         assert took == {"plain": "sdpa", "full": "sdpa", "prefix": "triton", "window": "triton", "cached": "triton"}
+
+
+def test_the_kernel_takes_the_key_bias_at_the_head_dim_as_it_is(monkeypatch):
+    """Where the Triton kernel reads a memory prefix, the tokens memory's key bias goes to the kernel as it is (head
+    dim d, not folded into a (d + 1)th that its launcher would pad to the next power of two); a bias over other than
+    the prefix keys, or a mask the kernel does not take under `auto`, is still folded (SDPA)."""
+    import ltm_core.attention as A
+    import ltm_extensions as ext
+
+    calls = []
+    monkeypatch.setattr(A, "use_kernels", lambda b, x: True)  # as on CUDA with Triton importable
+    monkeypatch.setattr(ext, "flash_attention", lambda q, k, v, **kw: calls.append((q.shape[-1], kw))
+                        or torch.zeros_like(q))
+    q, kv = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 12, 16)
+    A.attention(q, kv, kv, causal=True, prefix_len=4, key_bias=torch.randn(1, 4))
+    (d, kw), = calls
+    assert d == 16 and kw["key_bias"].shape == (1, 4) and kw["prefix_len"] == 4
+    A.attention(q, kv, kv, causal=True, prefix_len=4, key_bias=torch.randn(1, 3), backend="triton")
+    assert calls[1][0] == 17 and calls[1][1]["key_bias"] is None  # folded: a bias on 3 of the 4 prefix keys

@@ -232,3 +232,59 @@ def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatc
     for got, want in zip(written_out, fused, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert fused[4].abs().sum() > 0 and fused[5].abs().sum() > 0  # the bias and the weight learn
+
+
+# (B, H, Lq, Lk, d, causal, prefix_len, window): memory reads with a key bias on the prefix keys
+BIAS_CASES = [
+    (2, 2, 45, 45 + 37, 32, True, 37, None),  # a prefix block straddling the block size
+    (1, 2, 64, 64 + 64, 64, True, 64, None),  # every length a multiple of the block
+    (2, 1, 20, 30 + 50, 16, True, 50, 9),  # KV cache (Lq < segment) and a window
+    (1, 2, 33, 33 + 5, 16, False, 5, None),  # non-causal
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", BIAS_CASES, ids=_case_id)
+def test_flash_attention_key_bias(case, dtype, device):
+    """The kernel's own key bias (added to the prefix keys' scores, its gradient summed over heads and queries):
+    the Triton kernel and the reference against float64 SDPA with the bias folded into one more head dim, values
+    and the gradients of q, k, v and the bias; an empty slot's -1e3 included."""
+    B, H, lq, lk, d, causal, prefix_len, window = case
+    q, k, v, do = _inputs(B, H, lq, lk, d, dtype, device, seed=8)
+    g = torch.Generator().manual_seed(9)
+    bias = torch.randn(B, prefix_len, generator=g).to(device)
+    bias[0, 1] = -1e3
+
+    def run(fn, q, k, v, bias, do):
+        bias = bias.detach().clone().requires_grad_()
+        o = fn(q, k, v, bias)
+        grads = torch.autograd.grad(o, (q, k, v, bias), do.to(o.dtype))
+        return [o.double(), *(t.double() for t in grads)]
+
+    kw = dict(causal=causal, prefix_len=prefix_len, window=window)
+    tri = run(lambda a, b, c, e: flash_attention(a, b, c, backend="triton", key_bias=e, **kw), q, k, v, bias, do)
+    refr = run(lambda a, b, c, e: flash_attention(a, b, c, backend="torch", key_bias=e, **kw), q, k, v, bias, do)
+    mask = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=device)
+    hi = [t.detach().double().requires_grad_() for t in (q, k, v)]
+
+    def folded(a, b, c, e):  # SDPA has no score bias with a gradient: one more head dim carries it
+        extra = F.pad(e * d ** 0.5, (0, lk - prefix_len))[:, None, :, None].expand(B, H, lk, 1)
+        y = F.scaled_dot_product_attention(F.pad(a, (0, 1), value=1.0), torch.cat([b, extra], -1), F.pad(c, (0, 1)),
+                                           attn_mask=mask, scale=d ** -0.5)
+        return y[..., :d]
+
+    truth = run(folded, *hi, bias.double(), do.double())
+    tol = (1e-4 if (device == "cpu" or torch.get_float32_matmul_precision() == "highest") else 2e-2) \
+        if dtype == torch.float32 else 1e-2
+    for name, a, b, c in zip(("out", "dq", "dk", "dv", "dbias"), tri, refr, truth):
+        bound = tol * (1.0 + c.abs().max().item())
+        assert (a - c).abs().max().item() <= bound, f"triton {name}"
+        assert (b - c).abs().max().item() <= bound, f"reference {name}"
+    assert truth[4].abs().sum() > 0
+
+
+def test_flash_attention_key_bias_shape_error():
+    q = torch.randn(2, 1, 8, 16)
+    k = torch.randn(2, 1, 12, 16)
+    with pytest.raises(ValueError, match=r"key_bias must be \[B, prefix_len\] = \[2, 4\]"):
+        flash_attention(q, k, k, prefix_len=4, key_bias=torch.randn(2, 3), backend="torch")

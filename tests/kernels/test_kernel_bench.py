@@ -8,6 +8,7 @@ TINY = {
     "flash_attention": [
         dict(B=1, H=2, Lq=32, Lk=32, d=32, causal=True, prefix_len=0, window=None),
         dict(B=1, H=2, Lq=24, Lk=40, d=32, causal=True, prefix_len=8, window=10),
+        dict(B=2, H=2, Lq=16, Lk=32, d=16, causal=True, prefix_len=16, window=None, key_bias=True),
     ],
     "rms_norm": [dict(rows=16, N=32, residual=True)],
     "swiglu": [dict(rows=16, N=32)],
@@ -51,3 +52,35 @@ def test_bench_kernels_cpu_tiny():
     for row in rows:
         if row["impl"] in ("torch_ref", "sdpa"):
             assert row["error"] is None and row["bwd_ms"] > 0, row
+
+
+def test_the_key_bias_read_is_the_same_attention_in_every_impl():
+    """The bench's key-bias read (the tokens memory's): the reference adds the bias to the prefix keys' scores,
+    SDPA gets it folded into one more head dim, FlexAttention as a score_mod; all give the same output and
+    gradients (q, k, v and the bias), so their times compare the same work."""
+    from ltm_extensions import flash_attention
+    from ltm_extensions.bench import _flex_fn, _sdpa_folded
+    from ltm_extensions.reference import attention_mask
+
+    g = torch.Generator().manual_seed(0)
+    B, H, lq, prefix, d = 2, 2, 16, 12, 16
+    q, k, v = (torch.randn(B, H, n, d, generator=g).requires_grad_() for n in (lq, prefix + lq, prefix + lq))
+    bias = torch.randn(B, prefix, generator=g).requires_grad_()
+    do = torch.randn(B, H, lq, d, generator=g)
+    mask = attention_mask(lq, prefix + lq, causal=True, prefix_len=prefix)
+    shape = dict(B=B, H=H, Lq=lq, Lk=prefix + lq, d=d, causal=True, prefix_len=prefix, window=None, key_bias=True)
+    impls = {"reference": lambda *t: flash_attention(*t[:3], prefix_len=prefix, backend="torch", key_bias=t[3]),
+             "sdpa": lambda *t: _sdpa_folded(*t, mask), "flex": _flex_fn(shape, torch.device("cpu"), False)}
+    results = {}
+    for name, fn in impls.items():
+        try:
+            out = fn(q, k, v, bias)
+        except Exception:  # FlexAttention may not run eagerly here (the bench reports the error)
+            assert name == "flex"
+            continue
+        results[name] = [out, *torch.autograd.grad(out, (q, k, v, bias), do)]
+    assert "reference" in results and "sdpa" in results
+    for name, got in results.items():
+        for a, b in zip(got, results["reference"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert results["reference"][4].abs().sum() > 0
