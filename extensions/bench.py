@@ -170,15 +170,17 @@ def _flex_fn(s: dict[str, Any], device: torch.device, compile_flex: bool):
 
     block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=lq, KV_LEN=lk, device=str(device))
     attend = torch.compile(flex_attention, dynamic=False) if compile_flex else flex_attention
+    current = {}  # the call's key bias: one score_mod for every call, so the compiled kernel is reused
+
+    def add_bias(score, b, h, q_idx, kv_idx):  # the prefix keys' score bias (kv_idx < prefix_len), with its gradient
+        bias = current["bias"]
+        return score + torch.where(kv_idx < prefix_len, bias[b, torch.clamp(kv_idx, max=prefix_len - 1)], 0.0)
 
     def run(q, k, v, bias=None):
-        score_mod = None
-        if bias is not None:  # the prefix keys' score bias (kv_idx < prefix_len), with its gradient
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + torch.where(kv_idx < prefix_len, bias[b, torch.clamp(kv_idx, max=prefix_len - 1)], 0.0)
+        current["bias"] = bias
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # eager: "called without torch.compile()": known, intended
-            return attend(q, k, v, score_mod=score_mod, block_mask=block_mask)
+            return attend(q, k, v, score_mod=None if bias is None else add_bias, block_mask=block_mask)
 
     return run
 
