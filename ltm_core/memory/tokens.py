@@ -37,6 +37,7 @@ The ranking is computed in float64 from the entries alone, so the sequential pat
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -49,6 +50,17 @@ from ltm_core.memory.base import Memory, Prefix, Scan, Write
 
 EMPTY_SLOT_SCORE = -1e3  # added to an empty slot's read scores (exp(-1000) = 0 in any precision)
 VACANT_RANK = 1e4  # subtracted from an empty slot's rank: any token beats it
+
+
+@functools.lru_cache(maxsize=64)
+def window_index(windows: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """BPTT windows of `windows` segments -> (the first segment of each window [G], the window of each segment and
+    of the state after the last one, the last window's [W + 1]). Made once per (windows, device): on CUDA a tensor
+    made from a Python list is a copy from pageable memory, which waits for the GPU's queued work."""
+    G = len(windows)
+    starts = torch.tensor([sum(windows[:g]) for g in range(G)], device=device)
+    window = torch.tensor([g for g, n in enumerate(windows) for _ in range(n)] + [G - 1], device=device)
+    return starts, window
 
 
 class TokensMemory(Memory):
@@ -192,9 +204,7 @@ class TokensMemory(Memory):
             memories = gather_rows(pool, held_rows).view(B, W + 1, M, C)
             return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, kept[:, :W], state)
         G = len(windows)
-        starts = torch.tensor([sum(windows[:g]) for g in range(G)], device=pool.device)  # [G] first segments
-        # the window of each segment, and of the state after the last one (the last window's)
-        window = torch.tensor([g for g, n in enumerate(windows) for _ in range(n)] + [G - 1], device=pool.device)
+        starts, window = window_index(windows, pool.device)  # [G] first segments, [W + 1] windows
         first = (M + starts * S)[window][None, :, None]  # [1, W + 1, 1] each window's first token row
         own = (kept >= first) | (window == 0)[None, :, None]  # rows this window reads with their gradient
         grad_rows = gather_rows(pool, held_rows).view(B, W + 1, M, C)

@@ -361,3 +361,15 @@ def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
     n = model.num_parameters()
     expected = 6 * n + 12 * L * C * S + L * (12 * C * M + 6 * 3 * C * C * M / (S * tiny_cfg.bptt_segments))
     assert model.flops_per_token(seq_len=4 * S) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_window_index_is_made_once_per_windows_and_device():
+    """The scan's window bookkeeping: each window's first segment and each segment's window (the state after the
+    last one in the last window), made once per (windows, device) and reused (on CUDA a tensor made from a list
+    waits for the GPU's queued work)."""
+    from ltm_core.memory.tokens import window_index
+
+    starts, window = window_index((3, 4, 4), torch.device("cpu"))
+    assert starts.tolist() == [0, 3, 7] and window.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2]
+    again = window_index((3, 4, 4), torch.device("cpu"))
+    assert again[0] is starts and again[1] is window
