@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import triton_importable
-from .reference import attention_mask
+from .reference import attention_mask, with_key_bias
 
 ROW_KEYS = ("kernel", "case", "impl", "dtype", "device", "fwd_ms", "bwd_ms", "tflops_fwd", "tflops_bwd",
             "gbps_fwd", "gbps_bwd", "pct_peak", "error")
@@ -33,8 +33,8 @@ ROW_KEYS = ("kernel", "case", "impl", "dtype", "device", "fwd_ms", "bwd_ms", "tf
 # plain causal at 4K-16K with 16K tokens per batch (the FlashAttention papers' setting), prefix + causal at the
 # head dims of a large and of the base model (prefix = memory slots), the base model's tokens-memory read as the
 # model runs it (`key_bias`: a learned score bias on the prefix keys; the Triton kernel and FlexAttention add it to
-# the scores, SDPA gets it folded into a 65th head dim as `ltm_core.attention.with_key_bias` does; this row decides
-# `kernels=auto`'s prefix choice), a window case and the memory cross-read
+# the scores, SDPA gets it folded into a 65th head dim, `reference.with_key_bias`, as the model does; this row
+# decides `kernels=auto`'s prefix choice), a window case and the memory cross-read
 DEFAULT_SHAPES_CUDA: dict[str, list[dict[str, Any]]] = {
     "flash_attention": [
         dict(B=4, H=16, Lq=4096, Lk=4096, d=128, causal=True, prefix_len=0, window=None),
@@ -186,13 +186,10 @@ def _flex_fn(s: dict[str, Any], device: torch.device, compile_flex: bool):
 
 
 def _sdpa_folded(q, k, v, bias, mask):
-    """SDPA with a score bias on the first bias.shape[1] keys folded into one more head dim (q gets a 1, the keys
-    bias / scale, the values a 0), at the original head dim's scale; -> [B, H, Lq, d]."""
-    B, H, lk, d = k.shape
-    extra = F.pad(bias.to(k.dtype) * d ** 0.5, (0, lk - bias.shape[1]))[:, None, :, None].expand(B, H, lk, 1)
-    y = F.scaled_dot_product_attention(F.pad(q, (0, 1), value=1.0), torch.cat([k, extra], dim=-1), F.pad(v, (0, 1)),
-                                       attn_mask=mask, scale=d ** -0.5)
-    return y[..., :d]
+    """SDPA with a score bias on the first bias.shape[1] keys folded into one more head dim (`with_key_bias`, as
+    `ltm_core.attention` runs it), at the original head dim's scale; -> [B, H, Lq, d]."""
+    d = q.shape[-1]
+    return F.scaled_dot_product_attention(*with_key_bias(q, k, v, bias), attn_mask=mask, scale=d ** -0.5)[..., :d]
 
 
 def _bench_attention(s: dict[str, Any], device, dtype, impls, peaks, warmup, repeats, compile_flex):

@@ -9,6 +9,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def attention_mask(lq: int, lk: int, *, causal: bool, prefix_len: int = 0, window: Optional[int] = None,
@@ -33,6 +34,21 @@ def attention_mask(lq: int, lk: int, *, causal: bool, prefix_len: int = 0, windo
 
 # ----------------------------------------------------------------------------------------------------------------
 # attention
+
+
+def with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold a per-key score bias into one extra head dimension, so an attention without a score bias of its own
+    (SDPA, whose fused kernels give a bias no gradient) computes softmax(q.k * scale + bias) with scale = hd ** -0.5
+    of the original head dim (`ltm_core.attention.attention`'s fold; the Triton kernel takes the bias itself).
+
+    q: [B, H, Lq, hd]; k, v: [B, H, Lk, hd]; bias: [B, Lb] for the first Lb <= Lk keys (the memory slots; the
+    keys after them get none) -> q, k, v with head dim hd + 1: q gets a 1, k gets bias / scale, v a 0 (the output's
+    last dimension is 0; drop it)."""
+    B, H, Lk, hd = k.shape
+    extra = bias.to(k.dtype) * hd ** 0.5  # [B, Lb]
+    extra = F.pad(extra, (0, Lk - extra.shape[1]))[:, None, :, None].expand(B, H, Lk, 1)  # [B, H, Lk, 1]
+    return (F.pad(q, (0, 1), value=1.0), torch.cat([k, extra], dim=-1), F.pad(v, (0, 1)))
 
 
 class AttentionRef(torch.autograd.Function):

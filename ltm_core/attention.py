@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ltm_core.ops import use_kernels
-from ltm_extensions.reference import attention_mask  # the one statement of the mask rule
+from ltm_extensions.reference import attention_mask, with_key_bias  # the one statement of the mask rule, and
+# of the key bias's fold
 
 __all__ = ["attention", "attention_mask", "with_key_bias"]
 
@@ -59,20 +60,6 @@ def mask_kind(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[
     if prefix_len:
         return "prefix"
     return "plain" if lq == lk or not causal else "cached"
-
-
-def with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fold a per-key score bias into one extra head dimension, so the one attention dispatch (and its kernels)
-    computes softmax(q.k * scale + bias) with scale = hd ** -0.5 of the original head dim.
-
-    q: [B, H, Lq, hd]; k, v: [B, H, Lk, hd]; bias: [B, Lb] for the first Lb <= Lk keys (the memory slots; the
-    keys after them get none) -> q, k, v with head dim hd + 1: q gets a 1, k gets bias / scale, v a 0 (the output's
-    last dimension is 0; drop it)."""
-    B, H, Lk, hd = k.shape
-    extra = bias.to(k.dtype) * hd ** 0.5  # [B, Lb]
-    extra = F.pad(extra, (0, Lk - extra.shape[1]))[:, None, :, None].expand(B, H, Lk, 1)  # [B, H, Lk, 1]
-    return (F.pad(q, (0, 1), value=1.0), torch.cat([k, extra], dim=-1), F.pad(v, (0, 1)))
 
 
 class _StraightThrough(torch.autograd.Function):

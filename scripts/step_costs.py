@@ -104,12 +104,14 @@ def main() -> None:
         result["rows"].append({"model": variant, "step_ms": 1e3 * statistics.median(steps[variant]),
                                "step_times_ms": [1e3 * t for t in steps[variant]],
                                "backward_ms": 1e3 * backward[variant] / n, "forward_parts_ms": ms})
-    result["meta"] = {**run_meta(), "command": " ".join(["python scripts/step_costs.py", *map(shlex.quote, sys.argv[1:])])}
+    command = " ".join(["python scripts/step_costs.py", *map(shlex.quote, sys.argv[1:])])
+    result["meta"] = {**run_meta(), "command": command}
     mem, local = result["rows"]
     print(f"{'ms per step':>34} {'memory':>9} {'seg-local':>9} {'difference':>10}")
-    for label, a, b in [("step (median)", mem["step_ms"], local["step_ms"]),
-                        ("backward", mem["backward_ms"], local["backward_ms"]),
-                        *[(f"forward: {k}", mem["forward_parts_ms"][k], local["forward_parts_ms"][k]) for k in targets]]:
+    lines = [("step (median)", mem["step_ms"], local["step_ms"]),
+             ("backward", mem["backward_ms"], local["backward_ms"]),
+             *[(f"forward: {k}", mem["forward_parts_ms"][k], local["forward_parts_ms"][k]) for k in targets]]
+    for label, a, b in lines:
         print(f"{label:>34} {a:9.1f} {b:9.1f} {a - b:+10.1f}")
     if args.json:
         with open(args.json, "w") as f:
