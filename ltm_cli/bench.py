@@ -32,6 +32,14 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB"
 
 
+def script_meta(script: str) -> dict[str, str]:
+    """`run_meta` for a script of the repository (`scripts/...`): its command line as typed."""
+    import shlex
+    import sys
+
+    return {**run_meta(), "command": " ".join([f"python {script}", *map(shlex.quote, sys.argv[1:])])}
+
+
 def run_meta() -> dict[str, str]:
     """What a reader needs to reproduce a measurement: command, machine, date and commit."""
     import os

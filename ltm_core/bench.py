@@ -199,6 +199,12 @@ def recurrence_share(step, device: torch.device) -> float:
 CHILD = "from ltm_core.bench import _child; _child()"  # a row's process
 
 
+def cpu_row(cfg: TitanConfig, variant: str, context: int, threads: Optional[int] = None) -> dict[str, Any]:
+    """The arguments of one fp32, batch-1 CPU training-step row for `rows_interleaved` (the scripts' A/Bs)."""
+    return dict(variant=variant, context=context, batch_size=1, device="cpu", dtype="float32",
+                cfg=dataclasses.asdict(cfg), threads=threads or torch.get_num_threads())
+
+
 def rows_interleaved(arg_sets: list[dict[str, Any]], warmup: int, repeats: int,
                      preludes: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """CPU rows, each in a fresh process of its own, with their timed steps taken in turn: every row warms up, then

@@ -9,12 +9,9 @@ hold on a shared machine. Each row also reports its timed steps' page faults (th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
-import torch
-
-from ltm_core.bench import VARIANTS, rows_interleaved
+from ltm_core.bench import VARIANTS, cpu_row, rows_interleaved
 from ltm_core.configuration import compose, model_config
 
 # run first in a row's process: both count the timed steps' page faults (the median is reported); the default
@@ -45,8 +42,7 @@ def main() -> None:
     arg_sets, preludes, labels = [], [], []
     for variant in VARIANTS:
         for setting, prelude in SETTINGS.items():
-            arg_sets.append(dict(variant=variant, context=args.context, batch_size=1, device="cpu", dtype="float32",
-                                 cfg=dataclasses.asdict(cfg), threads=torch.get_num_threads()))
+            arg_sets.append(cpu_row(cfg, variant, args.context))
             preludes.append(prelude)
             labels.append(setting)
     rows = rows_interleaved(arg_sets, warmup=1, repeats=args.repeats, preludes=preludes)

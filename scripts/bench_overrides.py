@@ -11,16 +11,11 @@ shared machine. The first set is the baseline of the printed ratios.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import shlex
-import sys
 
-import torch
-
-from ltm_core.bench import rows_interleaved
+from ltm_core.bench import cpu_row, rows_interleaved
 from ltm_core.configuration import compose, model_config
-from ltm_cli.bench import run_meta
+from ltm_cli.bench import script_meta
 
 
 def main() -> None:
@@ -33,16 +28,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    arg_sets = []
-    for overrides in args.sets:
-        cfg = model_config(compose([f"model={args.model}", *overrides.split()]))
-        arg_sets.append(dict(variant=args.variant, context=args.context, batch_size=1, device="cpu",
-                             dtype="float32", cfg=dataclasses.asdict(cfg), threads=torch.get_num_threads()))
+    arg_sets = [cpu_row(model_config(compose([f"model={args.model}", *overrides.split()])), args.variant,
+                        args.context) for overrides in args.sets]
     rows = rows_interleaved(arg_sets, warmup=1, repeats=args.repeats)
-    command = " ".join(["python scripts/bench_overrides.py", *map(shlex.quote, sys.argv[1:])])
     result = {"model": args.model, "context": args.context, "variant": args.variant, "repeats": args.repeats,
               "rows": [{"overrides": overrides, **row} for overrides, row in zip(args.sets, rows)],
-              "meta": {**run_meta(), "command": command}}
+              "meta": script_meta("scripts/bench_overrides.py")}
     base = rows[0].get("step_s")
     for r in result["rows"]:
         if "error" in r:

@@ -9,12 +9,9 @@ SDPA's fused kernel (the key bias folded into a head dimension), each in its own
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
-import torch
-
-from ltm_core.bench import rows_interleaved
+from ltm_core.bench import cpu_row, rows_interleaved
 from ltm_core.configuration import compose, model_config
 
 
@@ -26,8 +23,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     cfg = model_config(compose([f"model={args.model}"]))
-    row = dict(variant="memory", context=args.context, batch_size=1, device="cpu", dtype="float32",
-               cfg=dataclasses.asdict(cfg), threads=torch.get_num_threads())
+    row = cpu_row(cfg, "memory", args.context)
     impls = {"explicit": "10 ** 12", "fused": "0"}  # MATH_MAX_SCORES: every read written out / none
     preludes = [f"import ltm_core.attention as A; A.MATH_MAX_SCORES = {n}" for n in impls.values()]
     rows = rows_interleaved([row, row], warmup=1, repeats=args.repeats, preludes=preludes)

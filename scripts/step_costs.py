@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shlex
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import torch
 
 import ltm_core.bench as bench
-from ltm_cli.bench import run_meta
+from ltm_cli.bench import script_meta
 from ltm_core import model as modeling
 from ltm_core.configuration import compose, model_config
 from ltm_core.layers import RMSNorm
@@ -104,8 +102,7 @@ def main() -> None:
         result["rows"].append({"model": variant, "step_ms": 1e3 * statistics.median(steps[variant]),
                                "step_times_ms": [1e3 * t for t in steps[variant]],
                                "backward_ms": 1e3 * backward[variant] / n, "forward_parts_ms": ms})
-    command = " ".join(["python scripts/step_costs.py", *map(shlex.quote, sys.argv[1:])])
-    result["meta"] = {**run_meta(), "command": command}
+    result["meta"] = script_meta("scripts/step_costs.py")
     mem, local = result["rows"]
     print(f"{'ms per step':>34} {'memory':>9} {'seg-local':>9} {'difference':>10}")
     lines = [("step (median)", mem["step_ms"], local["step_ms"]),
