@@ -1,6 +1,8 @@
 """Where a CPU training step's time goes: the memory model's step and the segment-local model's, in one process, their
 steps timed in turn, each split into its backward and the forward's parts (perf_counter around the model's
-functions; inclusive times: a part's time includes the parts it calls, e.g. `attention` inside `self_attention`).
+functions; inclusive times: a part's time includes the parts it calls, e.g. `attention` inside `self_attention`),
+and one more step of each counted in the operators it dispatches (ATen kernels, views apart) in its forward, backward
+and optimizer step: where a step's time goes to per-operator cost rather than arithmetic, the count says so.
 
     python scripts/step_costs.py --model tiny --context 8192 [--steps 6] [--set "model.kernels=torch"] [--json out.json]
 
@@ -16,9 +18,10 @@ import contextlib
 import json
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ltm_core.bench as bench
 from ltm_cli.bench import script_meta
@@ -101,7 +104,8 @@ def main() -> None:
         ms = {name: 1e3 * totals[variant].get(name, 0.0) / n for name in targets}
         result["rows"].append({"model": variant, "step_ms": 1e3 * statistics.median(steps[variant]),
                                "step_times_ms": [1e3 * t for t in steps[variant]],
-                               "backward_ms": 1e3 * backward[variant] / n, "forward_parts_ms": ms})
+                               "backward_ms": 1e3 * backward[variant] / n, "forward_parts_ms": ms,
+                               "operators": operator_counts(rows[variant])})
     result["meta"] = script_meta("scripts/step_costs.py")
     mem, local = result["rows"]
     print(f"{'ms per step':>34} {'memory':>9} {'seg-local':>9} {'difference':>10}")
@@ -110,9 +114,59 @@ def main() -> None:
              *[(f"forward: {k}", mem["forward_parts_ms"][k], local["forward_parts_ms"][k]) for k in targets]]
     for label, a, b in lines:
         print(f"{label:>34} {a:9.1f} {b:9.1f} {a - b:+10.1f}")
+    print(f"{'operators per step (views)':>34}")
+    for phase in PHASES:
+        (a, av), (b, bv) = ((r["operators"][phase]["operators"], r["operators"][phase]["views"]) for r in (mem, local))
+        print(f"{phase:>34} {a:>9,} {b:>9,} {a - b:>+10,}   ({av:,} / {bv:,})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+PHASES = ("forward", "backward", "optimizer")  # forward: the model's and the loss's, every window's
+
+
+class _OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched under it into counts[(phase(), is_view)]: what runs as kernels, after
+    autograd (composite operators counted as the operators they decompose into). A view (an operator returning an
+    alias of an input, not in place) is counted apart: it moves no data."""
+
+    def __init__(self, counts: Counter, phase):
+        super().__init__()
+        self.counts, self.phase = counts, phase
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        schema = func._schema
+        view = bool(schema.returns) and schema.returns[0].alias_info is not None and not schema.is_mutable
+        self.counts[(self.phase(), view)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operator_counts(row: bench.TrainStepRow) -> dict[str, dict[str, int]]:
+    """One more training step of `row`, counted: {phase: {"operators": n, "views": n}} for PHASES."""
+    phase, counts = ["forward"], Counter()
+    step = row.optimizer.step
+
+    def in_phase(name, fn):
+        def call(*args, **kwargs):
+            phase.append(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phase.pop()
+        return call
+
+    windowed = bench.windowed_backward
+    bench.windowed_backward = lambda model, input_ids, labels: windowed(
+        model, input_ids, labels, backward=in_phase("backward", torch.Tensor.backward))
+    row.optimizer.step = in_phase("optimizer", step)
+    try:
+        with _OperatorCount(counts, lambda: phase[-1]):
+            row.step()
+    finally:
+        bench.windowed_backward = windowed
+        del row.optimizer.step  # the instance attribute: the class's method again
+    return {p: {"operators": counts[(p, False)], "views": counts[(p, True)]} for p in PHASES}
 
 
 @contextlib.contextmanager

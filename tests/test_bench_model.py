@@ -230,7 +230,8 @@ def test_the_overrides_script_times_each_set_in_its_own_process(tmp_path):
 def test_the_step_costs_script_splits_both_steps(tmp_path):
     """scripts/step_costs.py: the memory and segment-local steps timed in turn, each split into its backward and the
     forward's parts; the memory's own parts (scan, prefix, kept keys and values) appear only in the memory row, and
-    every part's time stays inside its step and the functions that call it."""
+    every part's time stays inside its step and the functions that call it. Each row's operator counts cover its
+    three phases, and the memory's forward and backward dispatch more operators than the segment-local ones."""
     out = tmp_path / "costs.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "step_costs.py"
     run = subprocess.run([sys.executable, str(script), "--model", "tiny", "--context", "512", "--steps", "2",
@@ -251,3 +252,10 @@ def test_the_step_costs_script_splits_both_steps(tmp_path):
     assert mp["memory_scan"] > 0 and mp["memory_prefix"] > 0 and mp["qkv_projection_with_kept"] > 0
     assert lp["memory_scan"] == lp["memory_prefix"] == lp["qkv_projection_with_kept"] == 0 < lp["qkv_projection"]
     assert "forward: memory_scan" in run.stdout and "backward" in run.stdout
+    counts = {row["model"]: row["operators"] for row in (memory, local)}
+    for phases in counts.values():
+        assert set(phases) == {"forward", "backward", "optimizer"}
+        assert all(phases[p]["operators"] > 0 for p in phases) and phases["optimizer"]["views"] == 0
+    for phase in ("forward", "backward"):
+        assert counts["memory"][phase]["operators"] > counts["segment_local"][phase]["operators"]
+    assert "operators per step" in run.stdout
