@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ltm_core.layers import constant_tensors
 from ltm_core.ops import use_kernels
 from ltm_extensions.reference import attention_mask, with_key_bias  # the one statement of the mask rule, and
 # of the key bias's fold
@@ -107,8 +108,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError(f"{lq} queries need at least as many segment keys, got {lk - prefix_len}")
     if (prefix_len and q.device.type == "cpu" and not use_kernels(backend, q) and lq * lk <= MATH_MAX_SCORES
             and not torch.compiler.is_compiling()):
-        visible = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
-        return _ExplicitScores.apply(q, k, v, key_bias, key_through, visible,
+        blocked = _blocked_scores(lq, lk, causal, prefix_len, window, q.device, torch.promote_types(q.dtype,
+                                                                                                  torch.float32))
+        return _ExplicitScores.apply(q, k, v, key_bias, key_through, blocked,
                                      q.shape[-1] ** -0.5 if scale is None else scale)
     if key_through is not None:
         k, v = _straight_through(k, v, key_through, hd)
@@ -126,8 +128,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                                backend="triton" if backend == "triton" else "auto", key_bias=key_bias)
     if kind == "plain":  # SDPA's fused kernels (flash / memory-efficient) apply
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and lq > 1, scale=scale)
-    mask = attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=q.device)
+    mask = _visible(lq, lk, causal, prefix_len, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@constant_tensors
+def _visible(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[int],
+             device: torch.device) -> torch.Tensor:
+    """`attention_mask`, made once per arguments."""
+    return attention_mask(lq, lk, causal=causal, prefix_len=prefix_len, window=window, device=device)
+
+
+@constant_tensors
+def _blocked_scores(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[int], device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The mask as scores to add: [lq, lk] of 0 where a query sees a key, -inf where not (`dtype`), made once."""
+    visible = _visible(lq, lk, causal, prefix_len, window, device)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
 class _ExplicitScores(torch.autograd.Function):
@@ -137,14 +154,14 @@ class _ExplicitScores(torch.autograd.Function):
     heads and queries, the straight-through weight's that of a factor on the first Lb keys and values (as
     `_straight_through`). The prefix keys are visible to every query, so no row is fully masked.
 
-    q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; bias, through: [B, Lb] or None; visible: [Lq, Lk] bool -> [B, H, Lq, d]."""
+    q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; bias, through: [B, Lb] or None; blocked: [Lq, Lk] the mask as scores
+    (0 or -inf, in the scores' dtype: fp32 for half inputs) -> [B, H, Lq, d]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, through, visible, scale):
-        dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 scores for half inputs
-        add = torch.zeros(visible.shape, dtype=dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    def forward(ctx, q, k, v, bias, through, blocked, scale):
+        dtype, add = blocked.dtype, blocked
         if bias is not None:  # [B, 1, Lq, Lk]: the mask and the key bias, added to the scores in one pass
-            add = add + F.pad(bias.to(dtype), (0, visible.shape[1] - bias.shape[1]))[:, None, None, :]
+            add = add + F.pad(bias.to(dtype), (0, blocked.shape[1] - bias.shape[1]))[:, None, None, :]
         qs = q * scale  # [B, H, Lq, d]: the scale on the queries, not on the Lk-wide scores
         scores = torch.matmul(qs, k.transpose(-1, -2)).to(dtype).add_(add)  # [B, H, Lq, Lk]
         p = torch.softmax(scores, dim=-1)

@@ -1,9 +1,10 @@
 """Building blocks shared by the backbone and the memory kinds: RMSNorm, rotary embeddings, the causal
-depthwise convolution, row gathering."""
+depthwise convolution, row gathering, the cache of constant tensors."""
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,33 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps, self.backend)
+
+
+def constant_tensors(fn: Callable) -> Callable:
+    """Cache a function of hashable arguments (sizes, flags, a device) that builds constant tensors (masks, tables,
+    indices): each result is built once per arguments, as ordinary tensors (outside inference mode and autograd, so a
+    training step may save one for backward after a generation built it), and shared: callers never modify it. On CPU
+    each build is several small ops per call that a training pass repeats per layer; on CUDA as many launches. Under
+    torch.compile the function runs uncached (traced into the graph)."""
+    cached = functools.lru_cache(maxsize=128)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return cached(*args)
+        return cached(*args)
+
+    call.cache_clear = cached.cache_clear
+    return call
+
+
+@constant_tensors
+def rotary_positions(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_tables` of the positions 0 .. length - 1 (a whole segment's), made once per arguments."""
+    return rotary_tables(torch.arange(length, device=device), head_dim, theta)
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

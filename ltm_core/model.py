@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, gather_rows, rotary_tables
+from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, gather_rows, rotary_positions
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
@@ -222,7 +222,9 @@ class Block(nn.Module):
         if before is None:
             before = x.new_zeros(x.shape[0], self.short_conv.shape[1] - 1, x.shape[2])
         y = causal_conv(x, self.short_conv.unsqueeze(1), before)  # [B, T, C]
-        return x + y, torch.cat([before.to(x.dtype), x], dim=1)[:, T:]  # T may be shorter than K - 1
+        K1 = before.shape[1]  # the inputs of the last K - 1 tokens, a copy (T may be shorter than K - 1)
+        tail = torch.cat([before.to(x.dtype), x[:, max(T - K1, 0):]], dim=1)  # [B, <= 2 (K - 1), C]
+        return x + y, tail[:, tail.shape[1] - K1:]
 
     def _short_conv_window(self, x: torch.Tensor, before: Optional[torch.Tensor], windows: tuple[int, ...]):
         """x: [B, W, S, C] -> (x + the convolution: over each BPTT window from the inputs before it when they are
@@ -352,7 +354,7 @@ class SegmentRecurrence(nn.Module):
         layer by layer."""
         cfg = self.config
         B, S, bptt = x.shape[0], cfg.segment_length, cfg.bptt_segments
-        cos, sin = rotary_tables(torch.arange(S, device=x.device), cfg.head_dim, cfg.rope_theta)
+        cos, sin = rotary_positions(S, cfg.head_dim, cfg.rope_theta, x.device)
         p = state.segments % bptt
         windows = [min(n, bptt - p)]  # segments of each BPTT window in this pass
         while sum(windows) < n:
@@ -410,8 +412,8 @@ class SegmentRecurrence(nn.Module):
         cfg = self.config
         offset = state.offset
         complete = offset + x.shape[1] == cfg.segment_length
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device)  # positions inside the segment
-        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = (t[offset:offset + x.shape[1]]  # the positions inside the segment
+                    for t in rotary_positions(cfg.segment_length, cfg.head_dim, cfg.rope_theta, x.device))
         noise = self._noise(state, x.shape[0], x.device) if complete else state.noise
         p = state.segments % cfg.bptt_segments
         layers, counted = [], []

@@ -247,6 +247,33 @@ def test_compile_switch_matches_eager(tiny_cfg):
     assert calls == [1]  # only the whole segment read from its start went through the compiled step
 
 
+def test_constant_tensors_are_built_once_and_train_after_inference():
+    """`constant_tensors` (rotary tables, attention masks, window indices): one build per arguments, shared; a build
+    made under inference mode (a generation's) is an ordinary tensor that a training step can save for backward;
+    under torch.compile the function is traced, not cached."""
+    from ltm_core.layers import constant_tensors, rotary_positions
+
+    builds = []
+
+    @constant_tensors
+    def table(n: int, device: torch.device) -> torch.Tensor:
+        builds.append(n)
+        return torch.arange(n, dtype=torch.float32, device=device)
+
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        made = table(4, cpu)
+    assert not made.is_inference() and table(4, cpu) is made and builds == [4]
+    assert table(5, cpu) is not made and builds == [4, 5]
+    x = torch.ones(4, requires_grad=True)
+    (x * made).pow(2).sum().backward()  # `made` saved for backward
+    assert torch.equal(x.grad, 2 * made ** 2)
+    compiled = torch.compile(lambda y: y * table(6, cpu), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(torch.ones(6)), torch.arange(6.0)) and 6 in builds
+    cos, sin = rotary_positions(16, 8, 10000.0, cpu)
+    assert all(torch.equal(a, b) for a, b in zip((cos, sin), rotary_tables(torch.arange(16), 8, 10000.0)))
+
+
 @pytest.mark.parametrize("kind", ["tokens", "delta"])
 def test_the_window_step_compiles_to_one_graph(kind):
     """No graph breaks in the compiled unit, in training (the tokens memory's noise and penalty), over two BPTT

@@ -66,7 +66,40 @@ def _choose(ranks, vacancy, gumbel, tau, M, S):
     return held, keeps
 
 
+def _window_rows(held, first, window, starts, M, G):
+    """The bookkeeping of a scan over G BPTT windows (compiled by `window_rows` on first use): see there."""
+    B, W1, _ = held.shape
+    own = np.empty((B, W1, M), np.bool_)
+    rows = np.empty((B, W1 - 1, M), np.int64)
+    for b in range(B):
+        for i in range(W1):
+            for j in range(M):
+                own[b, i, j] = window[i] == 0 or held[b, i, j] >= first[i]
+        for i in range(W1 - 1):
+            g = window[i]
+            k = 0  # where the next held-over row sits among the rows held at the window's start (both ascending)
+            for j in range(M):
+                row = held[b, i, j]
+                if row >= first[i]:  # a token of the segment's own window
+                    rows[b, i, j] = row - M + G * M
+                else:
+                    while k < M and held[b, starts[g], k] < row:
+                        k += 1
+                    rows[b, i, j] = g * M + k
+    return own, rows
+
+
 _kernel = None  # the compiled `_choose`
+_rows_kernel = None  # the compiled `_window_rows`
+
+
+def _compiled(fn):
+    import numba
+
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # nowhere to cache it (a read-only install without a writable home): compile each run
+        return numba.njit(nogil=True)(fn)
 
 
 def choose(ranks: torch.Tensor, vacancy: torch.Tensor, gumbel: Optional[torch.Tensor], tau: float, slots: int,
@@ -78,12 +111,27 @@ def choose(ranks: torch.Tensor, vacancy: torch.Tensor, gumbel: Optional[torch.Te
     each write's kept candidates, indices into [held; segment]), int64 CPU tensors."""
     global _kernel
     if _kernel is None:
-        import numba
-
-        try:
-            _kernel = numba.njit(cache=True, nogil=True)(_choose)
-        except RuntimeError:  # nowhere to cache it (a read-only install without a writable home): compile each run
-            _kernel = numba.njit(nogil=True)(_choose)
+        _kernel = _compiled(_choose)
     noise, scale = (np.zeros((0, 0, 0)), 0.0) if gumbel is None else (gumbel.contiguous().numpy(), float(tau))
     held, keeps = _kernel(ranks.contiguous().numpy(), vacancy.contiguous().numpy(), noise, scale, slots, segment)
     return torch.from_numpy(held), torch.from_numpy(keeps)
+
+
+def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bookkeeping of a scan over BPTT windows of `windows` segments (`TokensMemory.scan_windows`; its PyTorch
+    form is the reference): held [B, W + 1, M] the pool rows held before each segment and after the last (ascending;
+    the pool: the M = `slots` rows held before the scan, then the segments of S = `segment` tokens) -> (own [B, W + 1,
+    M] bool: the rows each memory reads with their gradient (its window's own tokens; everything in the first
+    window), rows [B, W, M] int64: each held row's place in [the M rows held at each window's start, G M rows; the
+    scanned tokens])."""
+    global _rows_kernel
+    if _rows_kernel is None:
+        _rows_kernel = _compiled(_window_rows)
+    G = len(windows)
+    starts = np.cumsum((0,) + tuple(windows[:-1]))  # [G] each window's first segment
+    window = np.repeat(np.arange(G), windows)  # [W] each segment's window
+    window = np.append(window, G - 1)  # [W + 1]: the state after the last segment counts in the last window
+    first = slots + starts[window] * segment  # [W + 1] the first pool row of each segment's window
+    own, rows = _rows_kernel(held.contiguous().numpy(), first, window, starts, slots, G)
+    return torch.from_numpy(own), torch.from_numpy(rows)

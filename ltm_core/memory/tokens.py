@@ -37,7 +37,6 @@ The ranking is computed in float64 from the entries alone, so the sequential pat
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -45,14 +44,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltm_core.config import TitanConfig
-from ltm_core.layers import gather_rows
+from ltm_core.layers import constant_tensors, gather_rows
 from ltm_core.memory.base import Memory, Prefix, Scan, Write
 
 EMPTY_SLOT_SCORE = -1e3  # added to an empty slot's read scores (exp(-1000) = 0 in any precision)
 VACANT_RANK = 1e4  # subtracted from an empty slot's rank: any token beats it
 
 
-@functools.lru_cache(maxsize=64)
+@constant_tensors
 def window_index(windows: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """BPTT windows of `windows` segments -> (the first segment of each window [G], the window of each segment and
     of the state after the last one, the last window's [W + 1]). Made once per (windows, device): on CUDA a tensor
@@ -147,6 +146,11 @@ class TokensMemory(Memory):
         held, keeps = self.choose(candidates, entries.shape[1], None if noise is None else noise.unsqueeze(0))
         return Write(gather_rows(candidates, held[:, 1]), self.penalty(entries), keeps[:, 0])
 
+    def compiled_loops(self, t: torch.Tensor) -> bool:
+        """Whether the writes' loop and a scan's bookkeeping run compiled (`ltm_core.memory.choice`) for tensors like
+        t: on CPU, outside torch.compile, unless `model.kernels=torch`."""
+        return t.device.type == "cpu" and self.model_config.kernels != "torch" and not torch.compiler.is_compiling()
+
     def choose(self, pool: torch.Tensor, segment: int, noise: Optional[torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The choices of W writes in a row, from one pool of candidates: pool [B, P = M + W S, C] (the M entries
@@ -162,8 +166,7 @@ class TokensMemory(Memory):
         ranks, gumbel = self.ranks(pool), None if noise is None else self.gumbel(noise)  # [B, P], [W, B, M + S]
         vacancy = VACANT_RANK * self.empty(pool).double()  # [B, P]: an all-zero row is an empty slot once held
         dedup = self.config.select_dedup is not None
-        if (pool.device.type == "cpu" and not dedup and self.model_config.kernels != "torch"
-                and not torch.compiler.is_compiling()):
+        if self.compiled_loops(pool) and not dedup:
             from ltm_core.memory import choice
 
             return choice.choose(ranks, vacancy, gumbel, self.config.select_noise, M, S)
@@ -203,22 +206,38 @@ class TokensMemory(Memory):
         if len(windows) == 1:
             memories = gather_rows(pool, held_rows).view(B, W + 1, M, C)
             return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, kept[:, :W], state)
-        G = len(windows)
         starts, window = window_index(windows, pool.device)  # [G] first segments, [W + 1] windows
-        first = (M + starts * S)[window][None, :, None]  # [1, W + 1, 1] each window's first token row
-        own = (kept >= first) | (window == 0)[None, :, None]  # rows this window reads with their gradient
+        if self.compiled_loops(pool):
+            from ltm_core.memory import choice
+
+            own, rows = choice.window_rows(kept, M, S, windows)
+        else:
+            own, rows = self.window_rows(kept, S, windows)
         grad_rows = gather_rows(pool, held_rows).view(B, W + 1, M, C)
         cut_rows = grad_rows.detach()
         memories = torch.where(own.unsqueeze(-1), grad_rows, cut_rows)  # [B, W + 1, M, C]
         # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
         # later ones detached), G M rows; the scanned tokens]
         row_tokens = torch.cat([state.unsqueeze(1), cut_rows[:, starts[1:]]], dim=1)  # [B, G, M, C]
+        return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, rows, row_tokens.flatten(1, 2))
+
+    def window_rows(self, kept: torch.Tensor, segment: int, windows: tuple[int, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A scan's bookkeeping over BPTT windows of `windows` segments: kept [B, W + 1, M] the pool rows held before
+        each segment and after the last (ascending) -> (own [B, W + 1, M]: the rows each memory reads with their
+        gradient, rows [B, W, M]: where each held row sits in [the M rows held at each window's start, G M rows;
+        the scanned tokens]). The reference of `choice.window_rows`, which runs instead where the loops run
+        compiled."""
+        M, S, G, W = self.slots, segment, len(windows), kept.shape[1] - 1
+        starts, window = window_index(windows, kept.device)  # [G] first segments, [W + 1] windows
+        first = (M + starts * S)[window][None, :, None]  # [1, W + 1, 1] each window's first token row
+        own = (kept >= first) | (window == 0)[None, :, None]  # rows this window reads with their gradient
         at_start = kept[:, starts][:, window[:W]]  # [B, W, M] the rows held at each segment's window start (sorted)
         before = kept[:, :W]
         slot = torch.searchsorted(at_start.contiguous(), before.contiguous())  # where a held-over row sits there
         mine = before >= first[:, :W]  # the segment's own window's tokens
         rows = torch.where(mine, before - M + G * M, window[:W][None, :, None] * M + slot)
-        return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, rows, row_tokens.flatten(1, 2))
+        return own, rows
 
     # ------------------------------------------------------------------------------------------------- read
     def prefix(self, state: torch.Tensor) -> Prefix:

@@ -355,6 +355,29 @@ def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
     assert torch.equal(held[:, 1], torch.stack(want))
 
 
+@pytest.mark.parametrize("windows", [(4, 4, 4, 4), (1, 4, 3), (2, 2)], ids=str)
+def test_the_compiled_window_rows_match_the_reference(windows):
+    """A scan over several BPTT windows numbers the rows each memory holds (which it reads with their gradient, and
+    where each sits among the rows held at its window's start or the scanned tokens): on CPU compiled
+    (`choice.window_rows`), elsewhere in PyTorch (`TokensMemory.window_rows`), the same numbers from the same
+    choices (noisy ones, from a memory half of empty slots)."""
+    from ltm_core.memory import choice
+
+    memory, cfg = _memory(noise=0.5, slots=8)
+    memory.train()
+    g = torch.Generator().manual_seed(3)
+    B, W, S, M = 2, sum(windows), cfg.segment_length, 8
+    pool = torch.randn(B, M + W * S, cfg.hidden_size, generator=g)
+    pool[:, M // 2:M] = 0
+    kept, _ = memory.choose(pool, S, torch.empty(W, B, M + S).exponential_(generator=g))
+    own, rows = choice.window_rows(kept, M, S, windows)
+    want_own, want_rows = memory.window_rows(kept, S, windows)
+    assert own.dtype == torch.bool and rows.dtype == torch.int64
+    assert torch.equal(own, want_own) and torch.equal(rows, want_rows)
+    assert own[:, :windows[0] + (len(windows) == 1)].all()  # the first window reads everything with its gradient
+    assert (rows < len(windows) * M).any() and (rows >= len(windows) * M).any()  # held-over rows and own tokens
+
+
 def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
     model = tiny_model(tiny_cfg)
     C, M, S, L = tiny_cfg.hidden_size, 8, tiny_cfg.segment_length, tiny_cfg.num_hidden_layers
