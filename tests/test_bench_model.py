@@ -227,6 +227,32 @@ def test_the_overrides_script_times_each_set_in_its_own_process(tmp_path):
     assert "1.000x the first" in run.stdout and run.stdout.count("step ") == 2
 
 
+def test_the_overrides_script_compares_the_code_of_another_commit(tmp_path):
+    """scripts/bench_overrides.py --base REV (an A/B of a change): each set runs on REV's code, checked out into a
+    temporary git worktree that its row's process imports (the prelude checks where `ltm_core` came from), and on the
+    working tree's, with the paired ratios against the first row; the worktree is gone afterwards. A REV that is no
+    commit: one line, exit code 2."""
+    repo = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    script = repo / "scripts" / "bench_overrides.py"
+    out = tmp_path / "ab.json"
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
+    run = subprocess.run([sys.executable, str(script), "--model", "tiny", "--context", "256", "--repeats", "2",
+                          "--base", "HEAD", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["code"], r["overrides"]) for r in rows] == [("HEAD", ""), ("working tree", "")]
+    assert all(r["step_s"] > 0 and len(r["step_times_s"]) == 2 for r in rows)
+    assert rows[0]["paired_ratio"]["mean"] == 1.0 and rows[1]["paired_ratio"]["mean"] > 0
+    assert "on HEAD" in run.stdout and "on working tree" in run.stdout and "paired" in run.stdout
+    assert subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout == worktrees
+    bad = subprocess.run([sys.executable, str(script), "--context", "256", "--base", "no-such-commit"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("--base no-such-commit: not a commit")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_the_step_costs_script_splits_both_steps(tmp_path):
     """scripts/step_costs.py: the memory and segment-local steps timed in turn, each split into its backward and the
     forward's parts; the memory's own parts (scan, prefix, kept keys and values) appear only in the memory row, and
