@@ -48,7 +48,8 @@ def constant_tensors(fn: Callable) -> Callable:
 
 
 @constant_tensors
-def rotary_positions(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_positions(length: int, head_dim: int, theta: float,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_tables` of the positions 0 .. length - 1 (a whole segment's), made once per arguments."""
     return rotary_tables(torch.arange(length, device=device), head_dim, theta)
 
