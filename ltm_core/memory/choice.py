@@ -6,28 +6,31 @@ vectors of M + S numbers (`TokensMemory.choose`, the reference), and on CPU thei
 arithmetic: with this loop the `model=tiny` training step at 8K took 0.935x the time, `small`'s 0.973x
 (`scripts/bench_overrides.py`, docs/benchmarks.md). Numba compiles it on first use (cached on disk after that).
 
-The same steps as the reference, on the same float64 ranks and Gumbel samples:
+The same steps as the reference, on the same float64 ranks, empty-slot flags and exponential samples:
 
     rank  = ranks of the candidates                                  [M + S]
-    rank += tau * std(rank) * gumbel            (training noise; std unbiased, as torch.std)
+    rank += tau * std(rank) * -log(noise)       (training noise, Gumbel samples; std unbiased, as torch.std)
     rank -= VACANT_RANK for held candidates that are empty slots
     keep  = the M highest, in candidate order
 
 Ties go to the earlier candidate (a stable sort); PyTorch's `topk` breaks them in no stated order, so the two agree
 on everything but which of several equal candidates is kept (equal ranks: empty slots, or identical tokens without
 noise, whose kept rows hold the same values either way). The noise's spread is summed in another order than
-`torch.std`'s, so it may differ in the last bits.
+`torch.std`'s, and NumPy's log is not PyTorch's, so both may differ in the last bit (a choice could differ only
+between two candidates whose noisy ranks are that close). The Gumbel samples and empty-slot flags are made here, not
+as PyTorch ops between the model's large ones, where each small op costs more in cold caches than in arithmetic.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
 import torch
 
 
-def _choose(ranks, vacancy, gumbel, tau, M, S):
+def _choose(ranks, empty, noise, tau, vacant, M, S):
     """The loop (compiled by `choose` on first use): see `choose` for the arguments."""
     B, P = ranks.shape
     W = (P - M) // S
@@ -55,10 +58,11 @@ def _choose(ranks, vacancy, gumbel, tau, M, S):
                 for j in range(N):
                     var += (rank[j] - mean) ** 2
                 scale = tau * np.sqrt(var / (N - 1))
-                for j in range(N):
-                    rank[j] = rank[j] + scale * gumbel[i, b, j]
+                for j in range(N):  # a standard Gumbel sample from each exponential one
+                    rank[j] = rank[j] + scale * -np.log(np.float64(noise[i, b, j]))
             for j in range(M):  # only held candidates can be empty slots
-                rank[j] = rank[j] - vacancy[b, cand[j]]
+                if empty[b, cand[j]]:
+                    rank[j] = rank[j] - vacant
             order = np.sort(np.argsort(-rank, kind="mergesort")[:M])  # the M best, ties to the earlier candidate
             for j in range(M):
                 keeps[b, i, j] = order[j]
@@ -102,18 +106,20 @@ def _compiled(fn):
         return numba.njit(nogil=True)(fn)
 
 
-def choose(ranks: torch.Tensor, vacancy: torch.Tensor, gumbel: Optional[torch.Tensor], tau: float, slots: int,
-           segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+def choose(ranks: torch.Tensor, empty: torch.Tensor, noise: Optional[torch.Tensor], tau: float, vacant: float,
+           slots: int, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The W writes of a pool: ranks [B, P] float64 (the M = `slots` entries held before the first write, then W
-    segments of S = `segment` tokens, in order), vacancy [B, P] float64 (VACANT_RANK for a row that is an empty
-    slot, counted only while held, else 0), gumbel [W, B, M + S] float64 standard Gumbel samples or None, tau the
-    noise scale -> (held [B, W + 1, M]: the pool rows held before each write and after the last, keeps [B, W, M]:
-    each write's kept candidates, indices into [held; segment]), int64 CPU tensors."""
+    segments of S = `segment` tokens, in order), empty [B, P] bool (a row that is an empty slot: its rank loses
+    `vacant` while held), noise [W, B, M + S] the writes' standard exponential samples (the Gumbel samples are their
+    -log) or None, tau the noise scale -> (held [B, W + 1, M]: the pool rows held before each write and after the
+    last, keeps [B, W, M]: each write's kept candidates, indices into [held; segment]), int64 CPU tensors."""
     global _kernel
     if _kernel is None:
         _kernel = _compiled(_choose)
-    noise, scale = (np.zeros((0, 0, 0)), 0.0) if gumbel is None else (gumbel.contiguous().numpy(), float(tau))
-    held, keeps = _kernel(ranks.contiguous().numpy(), vacancy.contiguous().numpy(), noise, scale, slots, segment)
+    samples, scale = ((np.ones((0, 0, 0), np.float32), 0.0) if noise is None
+                      else (noise.contiguous().numpy(), float(tau)))
+    held, keeps = _kernel(ranks.contiguous().numpy(), empty.contiguous().numpy(), samples, scale, float(vacant), slots,
+                          segment)
     return torch.from_numpy(held), torch.from_numpy(keeps)
 
 
@@ -128,10 +134,21 @@ def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int
     global _rows_kernel
     if _rows_kernel is None:
         _rows_kernel = _compiled(_window_rows)
+    first, window, starts = _window_layout(windows, slots, segment)
+    own, rows = _rows_kernel(held.contiguous().numpy(), first, window, starts, slots, len(windows))
+    return torch.from_numpy(own), torch.from_numpy(rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_layout(windows: tuple[int, ...], slots: int, segment: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the first pool row of each segment's window [W + 1], each segment's window [W + 1], each window's first
+    segment [G]), made once per layout (read-only): between a pass's large tensor ops these few NumPy calls took
+    ~100 µs of cold caches per scan, against ~7 µs in a loop of their own."""
     G = len(windows)
     starts = np.cumsum((0,) + tuple(windows[:-1]))  # [G] each window's first segment
-    window = np.repeat(np.arange(G), windows)  # [W] each segment's window
-    window = np.append(window, G - 1)  # [W + 1]: the state after the last segment counts in the last window
-    first = slots + starts[window] * segment  # [W + 1] the first pool row of each segment's window
-    own, rows = _rows_kernel(held.contiguous().numpy(), first, window, starts, slots, G)
-    return torch.from_numpy(own), torch.from_numpy(rows)
+    window = np.append(np.repeat(np.arange(G), windows), G - 1)  # [W + 1]: the state after the last segment counts
+    # in the last window
+    first = slots + starts[window] * segment  # [W + 1]
+    for a in (first, window, starts):
+        a.flags.writeable = False
+    return first, window, starts

@@ -349,7 +349,7 @@ def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
     monkeypatch.setattr(numba, "njit", refusing)
     monkeypatch.setattr(choice, "_kernel", None)
     ranks = torch.randn(2, 8 + 3 * 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    held, keeps = choice.choose(ranks, torch.zeros_like(ranks), None, 0.0, 8, 16)
+    held, keeps = choice.choose(ranks, torch.zeros_like(ranks, dtype=torch.bool), None, 0.0, 1e4, 8, 16)
     assert calls[:2] == [True, False]  # (numba compiles some of its own functions through njit too)
     want = [ranks[b, :8 + 16].topk(8).indices.sort().values for b in range(2)]  # the first write: the top 8
     assert torch.equal(held[:, 1], torch.stack(want))
