@@ -6,19 +6,20 @@ vectors of M + S numbers (`TokensMemory.choose`, the reference), and on CPU thei
 arithmetic: with this loop the `model=tiny` training step at 8K took 0.935x the time, `small`'s 0.973x
 (`scripts/bench_overrides.py`, docs/benchmarks.md). Numba compiles it on first use (cached on disk after that).
 
-The same steps as the reference, on the same float64 ranks, empty-slot flags and exponential samples:
+The same steps as the reference, from the same pool and exponential samples:
 
-    rank  = ranks of the candidates                                  [M + S]
+    rank  = w . x + b of the candidates x, in float64                [M + S]
     rank += tau * std(rank) * -log(noise)       (training noise, Gumbel samples; std unbiased, as torch.std)
     rank -= VACANT_RANK for held candidates that are empty slots
     keep  = the M highest, in candidate order
 
 Ties go to the earlier candidate (a stable sort); PyTorch's `topk` breaks them in no stated order, so the two agree
 on everything but which of several equal candidates is kept (equal ranks: empty slots, or identical tokens without
-noise, whose kept rows hold the same values either way). The noise's spread is summed in another order than
-`torch.std`'s, and NumPy's log is not PyTorch's, so both may differ in the last bit (a choice could differ only
-between two candidates whose noisy ranks are that close). The Gumbel samples and empty-slot flags are made here, not
-as PyTorch ops between the model's large ones, where each small op costs more in cold caches than in arithmetic.
+noise, whose kept rows hold the same values either way). The ranks and the noise's spread are summed in another order
+than PyTorch's, and NumPy's log is not PyTorch's, so they may differ in the last bit (a choice could differ only
+between two candidates whose ranks are that close). The ranks, empty-slot flags and Gumbel samples are made here, in
+one pass over the pool, not as PyTorch ops between the model's large ones, where each small op costs more in cold
+caches than in arithmetic.
 """
 
 from __future__ import annotations
@@ -30,11 +31,23 @@ import numpy as np
 import torch
 
 
-def _choose(ranks, empty, noise, tau, vacant, M, S):
+def _choose(pool, weight, bias, noise, tau, vacant, M, S):
     """The loop (compiled by `choose` on first use): see `choose` for the arguments."""
-    B, P = ranks.shape
+    B, P, C = pool.shape
     W = (P - M) // S
     N = M + S
+    ranks = np.empty((B, P), np.float64)
+    empty = np.empty((B, P), np.bool_)
+    for b in range(B):  # each row's rank, in float64 from its entries alone, and whether it is all zeros
+        for p in range(P):
+            acc = 0.0
+            filled = False
+            for c in range(C):
+                x = np.float64(pool[b, p, c])
+                acc += x * weight[c]
+                filled = filled or x != 0
+            ranks[b, p] = acc + bias
+            empty[b, p] = not filled
     held = np.empty((B, W + 1, M), np.int64)
     keeps = np.empty((B, W, M), np.int64)
     cand = np.empty(N, np.int64)
@@ -106,20 +119,24 @@ def _compiled(fn):
         return numba.njit(nogil=True)(fn)
 
 
-def choose(ranks: torch.Tensor, empty: torch.Tensor, noise: Optional[torch.Tensor], tau: float, vacant: float,
-           slots: int, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The W writes of a pool: ranks [B, P] float64 (the M = `slots` entries held before the first write, then W
-    segments of S = `segment` tokens, in order), empty [B, P] bool (a row that is an empty slot: its rank loses
-    `vacant` while held), noise [W, B, M + S] the writes' standard exponential samples (the Gumbel samples are their
-    -log) or None, tau the noise scale -> (held [B, W + 1, M]: the pool rows held before each write and after the
-    last, keeps [B, W, M]: each write's kept candidates, indices into [held; segment]), int64 CPU tensors."""
+def choose(pool: torch.Tensor, weight: torch.Tensor, bias: float, noise: Optional[torch.Tensor], tau: float,
+           vacant: float, slots: int, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The W writes of a pool: pool [B, P, C] (the M = `slots` entries held before the first write, then W segments
+    of S = `segment` tokens, in order), ranked by weight [C] and bias (the importance w . x + b, in float64; an
+    all-zero row is an empty slot, whose rank loses `vacant` while held), noise [W, B, M + S] the writes' standard
+    exponential samples (the Gumbel samples are their -log) or None, tau the noise scale -> (held [B, W + 1, M]:
+    the pool rows held before each write and after the last, keeps [B, W, M]: each write's kept candidates, indices
+    into [held; segment]), int64 CPU tensors."""
     global _kernel
     if _kernel is None:
         _kernel = _compiled(_choose)
+    rows = pool.detach()
+    if rows.dtype not in (torch.float32, torch.float64):  # NumPy has no bfloat16
+        rows = rows.float()
     samples, scale = ((np.ones((0, 0, 0), np.float32), 0.0) if noise is None
                       else (noise.contiguous().numpy(), float(tau)))
-    held, keeps = _kernel(ranks.contiguous().numpy(), empty.contiguous().numpy(), samples, scale, float(vacant), slots,
-                          segment)
+    held, keeps = _kernel(rows.contiguous().numpy(), weight.detach().double().contiguous().numpy(), float(bias),
+                          samples, scale, float(vacant), slots, segment)
     return torch.from_numpy(held), torch.from_numpy(keeps)
 
 

@@ -163,14 +163,14 @@ class TokensMemory(Memory):
         B, P, _ = pool.shape
         M, S = self.slots, segment
         W = (P - M) // S
-        ranks, empty = self.ranks(pool), self.empty(pool)  # [B, P]; an all-zero row is an empty slot once held
         dedup = self.config.select_dedup is not None
         if self.compiled_loops(pool) and not dedup:
             from ltm_core.memory import choice
 
-            return choice.choose(ranks, empty, noise, self.config.select_noise, VACANT_RANK, M, S)
-        gumbel = None if noise is None else self.gumbel(noise)  # [W, B, M + S]
-        vacancy = VACANT_RANK * empty.double()  # [B, P]
+            w, b = self.importance.weight[0], self.importance.bias[0].item()
+            return choice.choose(pool, w, b, noise, self.config.select_noise, VACANT_RANK, M, S)
+        ranks, gumbel = self.ranks(pool), None if noise is None else self.gumbel(noise)  # [B, P], [W, B, M + S]
+        vacancy = VACANT_RANK * self.empty(pool).double()  # [B, P]: an all-zero row is an empty slot once held
         index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
         segments = torch.arange(M, P, device=pool.device).view(1, W, S).expand(B, W, S)  # pool rows
         no_vacancy = ranks.new_zeros(B, S)  # a candidate token is never vacant

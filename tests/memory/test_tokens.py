@@ -348,10 +348,11 @@ def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
 
     monkeypatch.setattr(numba, "njit", refusing)
     monkeypatch.setattr(choice, "_kernel", None)
-    ranks = torch.randn(2, 8 + 3 * 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    held, keeps = choice.choose(ranks, torch.zeros_like(ranks, dtype=torch.bool), None, 0.0, 1e4, 8, 16)
+    pool = torch.randn(2, 8 + 3 * 16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weight = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # the importance: a row's first channel
+    held, keeps = choice.choose(pool, weight, 0.0, None, 0.0, 1e4, 8, 16)
     assert calls[:2] == [True, False]  # (numba compiles some of its own functions through njit too)
-    want = [ranks[b, :8 + 16].topk(8).indices.sort().values for b in range(2)]  # the first write: the top 8
+    want = [pool[b, :8 + 16, 0].topk(8).indices.sort().values for b in range(2)]  # the first write: the top 8
     assert torch.equal(held[:, 1], torch.stack(want))
 
 
