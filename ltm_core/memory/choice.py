@@ -159,8 +159,8 @@ def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int
 @functools.lru_cache(maxsize=64)
 def _window_layout(windows: tuple[int, ...], slots: int, segment: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(the first pool row of each segment's window [W + 1], each segment's window [W + 1], each window's first
-    segment [G]), made once per layout (read-only): between a pass's large tensor ops these few NumPy calls took
-    ~100 µs of cold caches per scan, against ~7 µs in a loop of their own."""
+    segment [G]), made once per layout (read-only): between a pass's large tensor ops these few NumPy calls ran many
+    times slower than in a loop of their own (cold caches)."""
     G = len(windows)
     starts = np.cumsum((0,) + tuple(windows[:-1]))  # [G] each window's first segment
     window = np.append(np.repeat(np.arange(G), windows), G - 1)  # [W + 1]: the state after the last segment counts
