@@ -130,14 +130,17 @@ def choose(pool: torch.Tensor, weight: torch.Tensor, bias: float, noise: Optiona
     global _kernel
     if _kernel is None:
         _kernel = _compiled(_choose)
-    rows = pool.detach()
-    if rows.dtype not in (torch.float32, torch.float64):  # NumPy has no bfloat16
-        rows = rows.float()
-    samples, scale = ((np.ones((0, 0, 0), np.float32), 0.0) if noise is None
-                      else (noise.contiguous().numpy(), float(tau)))
-    held, keeps = _kernel(rows.contiguous().numpy(), weight.detach().double().contiguous().numpy(), float(bias),
-                          samples, scale, float(vacant), slots, segment)
+    rows = _numpy_float(pool)
+    samples, scale = (np.ones((0, 0, 0), np.float32), 0.0) if noise is None else (_numpy_float(noise), float(tau))
+    held, keeps = _kernel(rows, weight.detach().double().contiguous().numpy(), float(bias), samples, scale,
+                          float(vacant), slots, segment)
     return torch.from_numpy(held), torch.from_numpy(keeps)
+
+
+def _numpy_float(t: torch.Tensor) -> np.ndarray:
+    """A float tensor's values as a NumPy array (no copy for float32 / float64 on CPU; NumPy has no bfloat16)."""
+    t = t.detach()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).contiguous().numpy()
 
 
 def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int, ...]

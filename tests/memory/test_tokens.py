@@ -314,6 +314,24 @@ def test_the_compiled_choice_makes_the_reference_choices(noise, slots):
     assert not ((held[:, 1:] >= M // 2) & (held[:, 1:] < M)).any()  # the empty slots go at the first write
 
 
+def test_the_compiled_choice_takes_half_precision_pools_and_noise():
+    """A bfloat16 model's pool (and noise) reach the compiled loop as float32 (exact): the choices are those the
+    PyTorch loop makes from the same bfloat16 values."""
+    reference, cfg = _memory(noise=0.5, slots=8)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # every channel ranks: no two bfloat16 rows tie
+        reference.importance.weight.copy_(torch.randn(reference.importance.weight.shape, generator=g))
+    compiled = tiny_model(dataclasses.replace(cfg, kernels="auto")).blocks[0].memory
+    compiled.load_state_dict(reference.state_dict())
+    reference.train(), compiled.train()
+    B, W, S, M = 2, 3, cfg.segment_length, 8
+    pool = torch.randn(B, M + W * S, cfg.hidden_size, generator=g).bfloat16()
+    noise = torch.empty(W, B, M + S).exponential_(generator=g).bfloat16()
+    held, keeps = compiled.choose(pool, S, noise)
+    want_held, want_keeps = reference.choose(pool, S, noise)
+    assert torch.equal(held, want_held) and torch.equal(keeps, want_keeps)
+
+
 def test_the_compiled_choice_keeps_the_earlier_of_equal_candidates():
     """Of candidates with equal ranks the compiled loop keeps the earlier (the memory's entries before the segment's
     tokens, earlier tokens before later ones); PyTorch's topk breaks ties in no stated order."""
