@@ -158,8 +158,9 @@ class TokensMemory(Memory):
         the writes' training noise or None -> (held [B, W + 1, M]: the pool rows held before each write and after
         the last; keeps [B, W, M]: each write's kept candidates, indices into [held; segment]). Every write only
         chooses indices, from ranks computed once. On CPU (outside torch.compile, without select_dedup, unless
-        `model.kernels=torch`) the loop runs compiled (`ltm_core.memory.choice`); this PyTorch loop is its
-        reference, and runs everywhere else."""
+        `model.kernels=torch`) the loop runs compiled (`ltm_core.memory.choice`, which ranks the pool, flags its
+        empty slots and draws the Gumbel samples itself); this PyTorch loop is its reference, and runs everywhere
+        else."""
         B, P, _ = pool.shape
         M, S = self.slots, segment
         W = (P - M) // S
