@@ -156,24 +156,29 @@ def operator_counts(row: bench.TrainStepRow) -> dict[str, dict[str, int]]:
                 phase.pop()
         return call
 
-    windowed = bench.windowed_backward
-    bench.windowed_backward = lambda model, input_ids, labels: windowed(
-        model, input_ids, labels, backward=in_phase("backward", torch.Tensor.backward))
     row.optimizer.step = in_phase("optimizer", step)
     try:
-        with _OperatorCount(counts, lambda: phase[-1]):
+        with backward_through(in_phase("backward", torch.Tensor.backward)), _OperatorCount(counts, lambda: phase[-1]):
             row.step()
     finally:
-        bench.windowed_backward = windowed
         del row.optimizer.step  # the instance attribute: the class's method again
     return {p: {"operators": counts[(p, False)], "views": counts[(p, True)]} for p in PHASES}
 
 
 @contextlib.contextmanager
-def timed_backward(backward: dict[str, float], variant: str):
-    """Time the backward calls of the training steps inside the block (`TrainStepRow.step` calls
+def backward_through(call):
+    """Inside the block the training steps' backward calls go through `call(loss)` (`TrainStepRow.step` calls
     `ltm_core.bench.windowed_backward`, looked up at call time)."""
     windowed = bench.windowed_backward
+    bench.windowed_backward = lambda model, input_ids, labels: windowed(model, input_ids, labels, backward=call)
+    try:
+        yield
+    finally:
+        bench.windowed_backward = windowed
+
+
+def timed_backward(backward: dict[str, float], variant: str):
+    """Time the backward calls of the training steps inside the block, into backward[variant]."""
 
     def timed_call(loss: torch.Tensor) -> None:
         start = time.perf_counter()
@@ -182,11 +187,7 @@ def timed_backward(backward: dict[str, float], variant: str):
         finally:
             backward[variant] += time.perf_counter() - start
 
-    bench.windowed_backward = lambda model, input_ids, labels: windowed(model, input_ids, labels, backward=timed_call)
-    try:
-        yield
-    finally:
-        bench.windowed_backward = windowed
+    return backward_through(timed_call)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ class TokensMemory(Memory):
         if len(windows) == 1:
             memories = gather_rows(pool, held_rows).view(B, W + 1, M, C)
             return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, kept[:, :W], state)
-        starts, window = window_index(windows, pool.device)  # [G] first segments, [W + 1] windows
+        starts, _ = window_index(windows, pool.device)  # [G] each window's first segment
         if self.compiled_loops(pool):
             from ltm_core.memory import choice
 
