@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from support import ids as _ids, kind_config, tiny_model
 from ltm_core import TitanModel
 from ltm_core.attention import attention, attention_mask
-from ltm_core.training import windowed_backward
+from ltm_core.training import window_span, windowed_backward
 from ltm_core.layers import rotary_tables
 
 
@@ -60,21 +60,34 @@ def test_gradient_flow_through_memory_follows_bptt(tiny_cfg, bptt, reaches):
     assert (grad_segment1 > 0) == reaches
 
 
-@pytest.mark.parametrize("per_pass", [1, 2])
-def test_windowed_backward_matches_one_backward(tiny_cfg, per_pass):
-    """One backward per window (per pass of two windows) gives the gradients of the mean loss over the sequence."""
-    ids = _ids(6 * tiny_cfg.segment_length + 1)
+@pytest.mark.parametrize("per_pass, passes", [(1, 3), (2, 2), (3, 1)])
+def test_windowed_backward_matches_one_backward(tiny_cfg, per_pass, passes):
+    """One backward per window, per pass of two windows (then one: the rest) or per pass of all three gives the
+    gradients of the mean loss over the sequence."""
+    ids = _ids(6 * tiny_cfg.segment_length + 1)  # 3 windows of 2 segments
     inputs, labels = ids[:, :-1], ids[:, 1:]
     cfg = dataclasses.replace(tiny_cfg, memory=dataclasses.replace(tiny_cfg.memory, select_noise=0.0),
                               windows_per_pass=per_pass)
     a, b = tiny_model(cfg, perturb=True), tiny_model(cfg, perturb=True)
-    loss_a, aux = windowed_backward(a, inputs, labels)
+    calls = []
+    loss_a, aux = windowed_backward(a, inputs, labels, lambda loss: calls.append(loss.backward()))
+    assert len(calls) == passes
     assert aux is not None and aux > 0  # the importance penalty, reported beside the loss
     out = b(inputs, labels=labels)  # the forward detaches memory between windows too
     out.loss.backward()
     torch.testing.assert_close(loss_a, out.loss.detach(), rtol=1e-6, atol=1e-6)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_window_span_runs_windows_per_pass_and_the_rest_last(tiny_cfg):
+    """Tokens per backward: `windows_per_pass` windows, fewer when the sequence has fewer, the whole sequence
+    without a memory (the baselines carry nothing)."""
+    cfg = dataclasses.replace(tiny_cfg, segment_length=64, bptt_segments=4, windows_per_pass=6)  # `tiny`'s shape
+    assert window_span(cfg, 8192) == 6 * 256  # 32 windows: passes of 6, 6, 6, 6, 6 and 2
+    assert window_span(cfg, 1024) == 1024  # 4 windows: one pass
+    assert window_span(cfg, 300) == 512  # a partial window counts as one
+    assert window_span(dataclasses.replace(cfg, use_memory=False), 8192) == 8192
 
 
 class SavedTensorBytes:
