@@ -83,9 +83,9 @@ class _StraightThrough(torch.autograd.Function):
 def _factor_grad(pairs, lb: int, d: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The gradient of a factor s on the first d dims of the first lb keys and values: pairs ((dk, k), (dv, v)) of
     [B, H, L, d'] (a gradient may be None) -> sum_{h, j < d} (dk k + dv v) [B, lb] in `dtype`, or None."""
-    terms = [(g[:, :, :lb, :d].to(dtype) * t[:, :, :lb, :d].to(dtype)).sum(dim=(1, 3)) for g, t in pairs
-             if g is not None]
-    return sum(terms) if terms else None
+    terms = [torch.linalg.vecdot(g[:, :, :lb, :d].to(dtype), t[:, :, :lb, :d].to(dtype)) for g, t in pairs
+             if g is not None]  # [B, H, lb] each: a dot product per key and head, no [B, H, lb, d] product
+    return sum(terms).sum(dim=1) if terms else None
 
 
 def _straight_through(k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, d: int):

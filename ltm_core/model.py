@@ -42,11 +42,24 @@ from torch.utils.hooks import RemovableHandle
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.layers import RMSNorm, apply_rotary, causal_conv, gather_rows, rotary_positions
+from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, gather_rows,
+                             rotary_positions)
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
 RECURRENCE = "ltm.memory.recurrence"  # the profiler range of the memory's writes and scans (`ltm bench model`)
+
+
+def write_counts(segment: int, bptt: int) -> bool:
+    """Whether the write ending segment number `segment` (counted from a window start) is read later in its BPTT
+    window of `bptt` segments: its auxiliary loss counts (the last write of a window is read only detached)."""
+    return segment % bptt < bptt - 1
+
+
+@constant_tensors
+def counted_writes(first: int, n: int, bptt: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[n] for n writes in a row from segment number `first`: 1 where `write_counts`, else 0."""
+    return torch.tensor([float(write_counts(first + i, bptt)) for i in range(n)], device=device, dtype=dtype)
 
 
 class SelfAttention(nn.Module):
@@ -345,10 +358,6 @@ class SegmentRecurrence(nn.Module):
         new = MemoryState(layers, offset, segments, state.batch_size, None if window_end else noise)
         return new.detach() if window_end else new  # truncated BPTT: gradients stop at window boundaries
 
-    def _counted(self, state: MemoryState, i: int) -> bool:
-        """Whether the write ending the i-th segment from `state` is read later in its window (its aux loss counts)."""
-        return (state.segments + i) % self.config.bptt_segments < self.config.bptt_segments - 1
-
     def _window(self, x: torch.Tensor, state: MemoryState, n: int, aux: list):
         """n complete segments x: [B, n S, C], the rest of the current BPTT window and possibly more windows,
         layer by layer."""
@@ -376,7 +385,9 @@ class SegmentRecurrence(nn.Module):
         for l, scan in enumerate(scans):
             if scan is None:
                 continue
-            counted.extend(a for i, a in enumerate(scan.aux) if a is not None and self._counted(state, i))
+            if scan.aux is not None:  # [n] the writes' losses, those a later read in their window uses
+                counted.append((scan.aux * counted_writes(state.segments % cfg.bptt_segments, n, cfg.bptt_segments,
+                                                          scan.aux.device, scan.aux.dtype)).sum())
             for i in range(n if hooked else 0):
                 self._call_write_hooks(l, scan.entries[:, i], None if scan.kept is None else scan.kept[:, i])
         return self._add_aux(h.flatten(1, 2), counted, aux), self._advance(state, list(layers), n, 0, noise)
@@ -430,7 +441,7 @@ class SegmentRecurrence(nn.Module):
                 with record_function(RECURRENCE):
                     write = block.memory.write(past.memory, entries, None if noise is None else noise[p, l])
                 self._call_write_hooks(l, entries, write.kept)
-                if write.aux is not None and self._counted(state, 0):
+                if write.aux is not None and write_counts(state.segments, cfg.bptt_segments):
                     counted.append(write.aux)
                 layers.append(LayerState(write.state, shift=shift if block.carry else None))
             else:  # the next segment's convolution starts from zeros, as its attention from nothing

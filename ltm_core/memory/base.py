@@ -52,7 +52,7 @@ class Prefix:
 class Scan:
     before: State  # the state before each segment, batch B * W (segment i of sample b at b * W + i)
     after: State  # the state after the last segment, batch B
-    aux: list  # per write: its auxiliary loss or None
+    aux: Optional[torch.Tensor]  # [W] each write's auxiliary loss, or None (a kind or mode without one)
     entries: Optional[torch.Tensor] = None  # [B, W, S, D] what the segments wrote
     kept: Optional[torch.Tensor] = None  # [B, W, M] each write's kept candidates, as Write.kept (kinds that select)
     rows: Optional[torch.Tensor] = None  # [B, W, M] for a prefix of kept tokens: the rows, in [row_tokens; the
@@ -69,8 +69,8 @@ def join_scans(scans: list[Scan], batch_size: int) -> Scan:
         return scans[0]
     assert scans[0].rows is None, "a kind whose scan gives rows joins its windows itself (scan_windows)"
 
-    def cat(parts: list) -> Optional[torch.Tensor]:  # [B, W_i, ...] -> [B, sum W_i, ...]
-        return None if parts[0] is None else torch.cat(parts, dim=1)
+    def cat(parts: list, dim: int = 1) -> Optional[torch.Tensor]:  # [B, W_i, ...] -> [B, sum W_i, ...]
+        return None if parts[0] is None else torch.cat(parts, dim=dim)
 
     def before(states: list) -> State:  # batch B W_i each -> batch B sum(W_i), b-major
         first = states[0]
@@ -78,7 +78,7 @@ def join_scans(scans: list[Scan], batch_size: int) -> Scan:
             return torch.cat([s.unflatten(0, (batch_size, -1)) for s in states], dim=1).flatten(0, 1)
         return tuple(before([s[j] for s in states]) for j in range(len(first)))
 
-    return Scan(before([s.before for s in scans]), scans[-1].after, [a for s in scans for a in s.aux],
+    return Scan(before([s.before for s in scans]), scans[-1].after, cat([s.aux for s in scans], dim=0),
                 cat([s.entries for s in scans]), cat([s.kept for s in scans]))
 
 
@@ -138,7 +138,7 @@ class Memory(nn.Module):
             states.append(w.state)
             aux.append(w.aux)
             kept.append(w.kept)
-        return Scan(stack_states(states[:-1]), states[-1], aux, entries,
+        return Scan(stack_states(states[:-1]), states[-1], None if aux[0] is None else torch.stack(aux), entries,
                     None if kept[0] is None else torch.stack(kept, dim=1))
 
     def scan_windows(self, state: State, entries: torch.Tensor, noise: Optional[torch.Tensor],

@@ -203,7 +203,6 @@ class TokensMemory(Memory):
         kept, keeps = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the last),
         # [B, W, M]
         aux = self.penalty(entries)  # [W] or None
-        aux = [None] * W if aux is None else list(aux.unbind(0))
         held_rows = kept.flatten(1, 2)  # [B, (W + 1) M]
         if len(windows) == 1:
             memories = gather_rows(pool, held_rows).view(B, W + 1, M, C)
