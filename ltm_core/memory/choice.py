@@ -13,11 +13,14 @@ The same steps as the reference, from the same pool and exponential samples:
     rank -= VACANT_RANK for held candidates that are empty slots
     keep  = the M highest, in candidate order
 
-Ties go to the earlier candidate (a stable sort); PyTorch's `topk` breaks them in no stated order, so the two agree
-on everything but which of several equal candidates is kept (equal ranks: empty slots, or identical tokens without
-noise, whose kept rows hold the same values either way). The ranks and the noise's spread are summed in another order
-than PyTorch's, and NumPy's log is not PyTorch's, so they may differ in the last bit (a choice could differ only
-between two candidates whose ranks are that close). The ranks, empty-slot flags and Gumbel samples are made here, in
+Ties go to the earlier candidate (the M-th highest rank found by a partial partition, then the candidates taken in
+order); PyTorch's `topk` breaks them in no stated order, so the two agree on everything but which of several equal
+candidates is kept (equal ranks: empty slots, or identical tokens without noise, whose kept rows hold the same values
+either way). A rank that is NaN (a diverged model) loses to every number here, where `topk` ranks it highest. The
+ranks and the noise's spread are summed in another order than PyTorch's (vectorised: the loop is compiled with
+reassociation, one fixed order for every row and call, so a write and a window's scan rank a token alike), and NumPy's
+log is not PyTorch's, so they may differ in the last bit (a choice could differ only between two candidates whose
+ranks are that close). The ranks, empty-slot flags and Gumbel samples are made here, in
 one pass over the pool, not as PyTorch ops between the model's large ones, where each small op costs more in cold
 caches than in arithmetic.
 """
@@ -31,6 +34,10 @@ import numpy as np
 import torch
 
 
+REASSOCIATE = {"reassoc", "contract"}  # the loop's floating-point freedom: sums in a vectorised order (the same for
+# every call), fused multiply-adds; NaN and infinity keep their meaning
+
+
 def _choose(pool, weight, bias, noise, tau, vacant, M, S):
     """The loop (compiled by `choose` on first use): see `choose` for the arguments."""
     B, P, C = pool.shape
@@ -41,17 +48,20 @@ def _choose(pool, weight, bias, noise, tau, vacant, M, S):
     for b in range(B):  # each row's rank, in float64 from its entries alone, and whether it is all zeros
         for p in range(P):
             acc = 0.0
+            for c in range(C):  # compiled with reassociation: a vectorised sum, in one fixed order for every row
+                acc += np.float64(pool[b, p, c]) * weight[c]
+            ranks[b, p] = acc + bias
             filled = False
             for c in range(C):
-                x = np.float64(pool[b, p, c])
-                acc += x * weight[c]
-                filled = filled or x != 0
-            ranks[b, p] = acc + bias
+                if pool[b, p, c] != 0:
+                    filled = True
+                    break
             empty[b, p] = not filled
     held = np.empty((B, W + 1, M), np.int64)
     keeps = np.empty((B, W, M), np.int64)
     cand = np.empty(N, np.int64)
     rank = np.empty(N, np.float64)
+    order = np.empty(M, np.int64)
     for b in range(B):
         for j in range(M):
             held[b, 0, j] = j
@@ -76,7 +86,23 @@ def _choose(pool, weight, bias, noise, tau, vacant, M, S):
             for j in range(M):  # only held candidates can be empty slots
                 if empty[b, cand[j]]:
                     rank[j] = rank[j] - vacant
-            order = np.sort(np.argsort(-rank, kind="mergesort")[:M])  # the M best, ties to the earlier candidate
+            # the M best in candidate order, ties to the earlier candidate: the M-th highest rank by a partial
+            # partition, then one pass in order (ranks with a NaN, a diverged model's: a stable sort ranking NaN last)
+            if np.isnan(rank).any():
+                order = np.sort(np.argsort(-rank, kind="mergesort")[:M])
+            else:
+                threshold = np.partition(rank, N - M)[N - M]
+                ties = M  # how many of the candidates equal to the threshold are kept, the earliest
+                for j in range(N):
+                    if rank[j] > threshold:
+                        ties -= 1
+                k = 0
+                for j in range(N):
+                    if rank[j] > threshold or (rank[j] == threshold and ties > 0):
+                        if rank[j] == threshold:
+                            ties -= 1
+                        order[k] = j
+                        k += 1
             for j in range(M):
                 keeps[b, i, j] = order[j]
                 held[b, i + 1, j] = cand[order[j]]
@@ -110,13 +136,13 @@ _kernel = None  # the compiled `_choose`
 _rows_kernel = None  # the compiled `_window_rows`
 
 
-def _compiled(fn):
+def _compiled(fn, fastmath=False):
     import numba
 
     try:
-        return numba.njit(cache=True, nogil=True)(fn)
+        return numba.njit(cache=True, nogil=True, fastmath=fastmath)(fn)
     except RuntimeError:  # nowhere to cache it (a read-only install without a writable home): compile each run
-        return numba.njit(nogil=True)(fn)
+        return numba.njit(nogil=True, fastmath=fastmath)(fn)
 
 
 def choose(pool: torch.Tensor, weight: torch.Tensor, bias: float, noise: Optional[torch.Tensor], tau: float,
@@ -129,7 +155,7 @@ def choose(pool: torch.Tensor, weight: torch.Tensor, bias: float, noise: Optiona
     into [held; segment]), int64 CPU tensors."""
     global _kernel
     if _kernel is None:
-        _kernel = _compiled(_choose)
+        _kernel = _compiled(_choose, fastmath=REASSOCIATE)
     rows = _numpy_float(pool)
     samples, scale = (np.ones((0, 0, 0), np.float32), 0.0) if noise is None else (_numpy_float(noise), float(tau))
     held, keeps = _kernel(rows, weight.detach().double().contiguous().numpy(), float(bias), samples, scale,

@@ -349,6 +349,27 @@ def test_the_compiled_choice_keeps_the_earlier_of_equal_candidates():
     assert torch.equal(held[:, 1:], (M + torch.arange(M)).expand(2, 3, M))
 
 
+def test_the_compiled_choice_ranks_a_nan_token_last():
+    """A token whose rank is NaN (a diverged model's) is kept only if nothing else is left: every write still keeps
+    M distinct candidates, the best of the others."""
+    _, cfg = _memory(slots=8)
+    memory = tiny_model(dataclasses.replace(cfg, kernels="auto")).blocks[0].memory.eval()
+    S, M, C = cfg.segment_length, 8, cfg.hidden_size
+    pool = torch.randn(2, M + 2 * S, C, generator=torch.Generator().manual_seed(3))
+    pool[:, M + 1, 0] = float("nan")
+    held, keeps = memory.choose(pool, S, None)
+    ranks = memory.ranks(pool)
+    for b in range(2):
+        for i in range(1, 3):
+            rows = held[b, i]
+            assert len(set(rows.tolist())) == M and (M + 1) not in rows.tolist()
+        # the first write: the M best of [the memory; segment 1] without the NaN token
+        candidates = torch.cat([torch.arange(M), M + torch.arange(S)])
+        finite = candidates[~ranks[b, candidates].isnan()]
+        want = finite[ranks[b, finite].topk(M).indices].sort().values
+        assert torch.equal(held[b, 1], want)
+
+
 def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
     """Numba refuses `cache=True` where it finds no writable place (a read-only install without a writable home):
     the loop is then compiled for the process alone, and makes the same choices."""
