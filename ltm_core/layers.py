@@ -85,5 +85,5 @@ def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     One `index_select` over the flattened batch: its backward is an `index_add` that keeps only the indices (not the
     pool, as `gather`'s does), and on CPU it runs faster than the `index_put` behind advanced indexing."""
     B, P = pool.shape[:2]
-    flat = (rows + P * torch.arange(B, device=rows.device)[:, None]).flatten()  # [B R]
+    flat = rows.flatten() if B == 1 else (rows + P * torch.arange(B, device=rows.device)[:, None]).flatten()  # [B R]
     return pool.flatten(0, 1).index_select(0, flat).view(B, rows.shape[1], *pool.shape[2:])

@@ -13,7 +13,7 @@ from support import ids as _ids, kind_config, tiny_model
 from ltm_core import TitanModel
 from ltm_core.attention import attention, attention_mask
 from ltm_core.training import window_span, windowed_backward
-from ltm_core.layers import rotary_tables
+from ltm_core.layers import gather_rows, rotary_tables
 
 
 def test_memory_state_api(tiny_cfg):
@@ -88,6 +88,19 @@ def test_window_span_runs_windows_per_pass_and_the_rest_last(tiny_cfg):
     assert window_span(cfg, 1024) == 1024  # 4 windows: one pass
     assert window_span(cfg, 300) == 512  # a partial window counts as one
     assert window_span(dataclasses.replace(cfg, use_memory=False), 8192) == 8192
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gather_rows_takes_each_batch_elements_rows(batch):
+    """gather_rows(pool, rows)[b, r] == pool[b, rows[b, r]], values and gradients (one batch element: no offsets)."""
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(batch, 7, 2, 3, generator=g, requires_grad=True)
+    rows = torch.randint(0, 7, (batch, 5), generator=g)
+    out = gather_rows(pool, rows)
+    want = pool[torch.arange(batch)[:, None], rows]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    grad = torch.randn(out.shape, generator=g)
+    torch.testing.assert_close(torch.autograd.grad(out, pool, grad)[0], torch.autograd.grad(want, pool, grad)[0])
 
 
 class SavedTensorBytes:
