@@ -201,7 +201,7 @@ class Block(nn.Module):
                 scan = mem.scan_windows(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise, windows)
         if scan is not None:
             h, normed = self._read_before(h, normed, scan.before)
-        prefix = mem.prefix(scan.before) if scan is not None else None
+        prefix = mem.scan_prefix(scan) if scan is not None else None
         projected = prefix_kv = None
         if prefix is not None and scan.rows is not None:  # kept tokens: gather their keys/values, do not project them
             projected, prefix_kv = self.attn.project_with_kept(normed, scan.row_tokens, scan.rows)

@@ -60,6 +60,8 @@ class Scan:
     # gathered from what the attention projects anyway, not projected again)
     row_tokens: Optional[torch.Tensor] = None  # [B, R, C] the tokens that rows < R name: those held before the
     # scan (and, over several BPTT windows, those held at each later window's start, detached)
+    importance: Optional[torch.Tensor] = None  # [B W, M] (tokens) the importance of each slot of `before`, with the
+    # gradients the read gives it; `before` itself is then detached (the layer-major read needs only this of it)
 
 
 def join_scans(scans: list[Scan], batch_size: int) -> Scan:
@@ -116,6 +118,11 @@ class Memory(nn.Module):
 
     def prefix(self, state: State) -> Optional[Prefix]:
         return None
+
+    def scan_prefix(self, scan: Scan) -> Optional[Prefix]:
+        """The prefix each scanned segment reads (batch B W): `prefix` of the states before them; a kind may use
+        what its scan computed."""
+        return self.prefix(scan.before)
 
     def read_before(self, h: torch.Tensor, state: State) -> Optional[torch.Tensor]:
         """h: [B, T, C] the block's normed input -> a residual [B, T, C] added before the self-attention, or None."""

@@ -20,9 +20,8 @@ either way). A rank that is NaN (a diverged model) loses to every number here, w
 ranks and the noise's spread are summed in another order than PyTorch's (vectorised: the loop is compiled with
 reassociation, one fixed order for every row and call, so a write and a window's scan rank a token alike), and NumPy's
 log is not PyTorch's, so they may differ in the last bit (a choice could differ only between two candidates whose
-ranks are that close). The ranks, empty-slot flags and Gumbel samples are made here, in
-one pass over the pool, not as PyTorch ops between the model's large ones, where each small op costs more in cold
-caches than in arithmetic.
+ranks are that close). The ranks, empty-slot flags and Gumbel samples are made here, in one pass over the pool, not
+as PyTorch ops between the model's large ones, where each small op costs more in cold caches than in arithmetic.
 """
 
 from __future__ import annotations

@@ -130,15 +130,19 @@ class TokensMemory(Memory):
         """noise: standard exponential samples (the model draws them) -> standard Gumbel samples -log(noise) (fp64)."""
         return -noise.double().log()
 
-    def penalty(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    def penalizes(self) -> bool:
+        """Whether the writes have an auxiliary loss now (`penalty`): training, with gradients, a positive weight."""
+        return self.training and torch.is_grad_enabled() and self.config.importance_penalty > 0
+
+    def penalty(self, tokens: torch.Tensor, z: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """tokens: [..., S, C] written segments -> importance_penalty * mean sigmoid(importance) per segment [...]
-        (training with gradients only; None otherwise)."""
-        weight = self.config.importance_penalty
-        if not (self.training and torch.is_grad_enabled() and weight > 0):
+        (training with gradients only; None otherwise). z [..., S]: the tokens' importance when already computed,
+        with the gradients this gives it (to w and b only under importance_detach)."""
+        if not self.penalizes():
             return None
-        if self.config.importance_detach:  # trains the importance weights, not the tokens
-            tokens = tokens.detach()
-        return weight * torch.sigmoid(self.importance(tokens).squeeze(-1).float()).mean(dim=(0, -1))
+        if z is None:
+            z = self.importance(tokens.detach() if self.config.importance_detach else tokens).squeeze(-1)
+        return self.config.importance_penalty * torch.sigmoid(z.float()).mean(dim=(0, -1))
 
     def write(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Write:
         """state: [B, M, C], entries: [B, S, C] one complete segment -> the M entries kept, in arrival order."""
@@ -202,11 +206,21 @@ class TokensMemory(Memory):
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
         kept, keeps = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the last),
         # [B, W, M]
-        aux = self.penalty(entries)  # [W] or None
-        held_rows = kept.flatten(1, 2)  # [B, (W + 1) M]
-        if len(windows) == 1:
-            memories = gather_rows(pool, held_rows).view(B, W + 1, M, C)
-            return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, kept[:, :W], state)
+        # every pool row's importance once: with gradients to w, b and the row; and to w, b only (the rows a read
+        # holds over from an earlier BPTT window, and the penalty's tokens under importance_detach)
+        z = self.importance(pool).squeeze(-1)  # [B, P]
+        detach = self.config.importance_detach and self.penalizes()
+        z_cut = self.importance(pool.detach()).squeeze(-1) if len(windows) > 1 or detach else None
+        aux = self.penalty(entries, (z_cut if detach else z)[:, M:].view(B, W, S))  # [W] or None
+        # the memories without gradient [B, W + 1, M, C] (the read takes their importance, with its gradients, from
+        # z) and the state after the last segment with gradient
+        cut = gather_rows(pool.detach(), kept.flatten(1, 2)).view(B, W + 1, M, C)
+        after = gather_rows(pool, kept[:, W])  # [B, M, C]
+        held = kept[:, :W].flatten(1)  # [B, W M]
+        importance = z.gather(1, held)  # [B, W M]
+        if len(windows) == 1:  # every memory reads its tokens with their gradient
+            return Scan(cut[:, :W].flatten(0, 1), after, aux, entries, keeps, kept[:, :W], state,
+                        importance.view(B * W, M))
         starts, _ = window_index(windows, pool.device)  # [G] each window's first segment
         if self.compiled_loops(pool):
             from ltm_core.memory import choice
@@ -214,13 +228,13 @@ class TokensMemory(Memory):
             own, rows = choice.window_rows(kept, M, S, windows)
         else:
             own, rows = self.window_rows(kept, S, windows)
-        grad_rows = gather_rows(pool, held_rows).view(B, W + 1, M, C)
-        cut_rows = grad_rows.detach()
-        memories = torch.where(own.unsqueeze(-1), grad_rows, cut_rows)  # [B, W + 1, M, C]
+        after = torch.where(own[:, W, :, None], after, cut[:, W])
+        importance = torch.where(own[:, :W].flatten(1), importance, z_cut.gather(1, held))  # held over: detached
         # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
         # later ones detached), G M rows; the scanned tokens]
-        row_tokens = torch.cat([state.unsqueeze(1), cut_rows[:, starts[1:]]], dim=1)  # [B, G, M, C]
-        return Scan(memories[:, :W].flatten(0, 1), memories[:, W], aux, entries, keeps, rows, row_tokens.flatten(1, 2))
+        row_tokens = torch.cat([state.unsqueeze(1), cut[:, starts[1:]]], dim=1)  # [B, G, M, C]
+        return Scan(cut[:, :W].flatten(0, 1), after, aux, entries, keeps, rows, row_tokens.flatten(1, 2),
+                    importance.view(B * W, M))
 
     def window_rows(self, kept: torch.Tensor, segment: int, windows: tuple[int, ...]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,16 +255,21 @@ class TokensMemory(Memory):
         return own, rows
 
     # ------------------------------------------------------------------------------------------------- read
-    def prefix(self, state: torch.Tensor) -> Prefix:
+    def prefix(self, state: torch.Tensor, importance: Optional[torch.Tensor] = None) -> Prefix:
         """state: [B, M, C] -> the kept tokens, their straight-through weight s = sigmoid(importance) (the tokens'
         keys and values are unchanged, and the importance learns from the reads through it) and their score bias:
-        empty slots masked, plus log sigmoid(importance) with read_importance."""
-        z = self.importance(state).squeeze(-1).float()  # [B, M]
+        empty slots masked, plus log sigmoid(importance) with read_importance. `importance` [B, M]: the slots'
+        importance when already computed (a scan's, with its gradients), else scored here."""
+        z = (self.importance(state).squeeze(-1) if importance is None else importance).float()  # [B, M]
         s = torch.sigmoid(z)
         bias = self.empty(state).float() * EMPTY_SLOT_SCORE
         if self.config.read_importance:
             bias = bias + self.shared_by_heads(F.logsigmoid(z))
         return Prefix(state, bias, self.shared_by_heads(s))
+
+    def scan_prefix(self, scan: Scan) -> Prefix:
+        """The prefix of each scanned segment, from the importance its scan computed once per pool row."""
+        return self.prefix(scan.before, scan.importance)
 
     def flops_per_token(self, segment_length: int) -> float:
         """The read over M more keys (12 C M), and the q|k|v projection of the M tokens held at each window's start
