@@ -62,6 +62,7 @@ class Scan:
     # scan (and, over several BPTT windows, those held at each later window's start, detached)
     importance: Optional[torch.Tensor] = None  # [B W, M] (tokens) the importance of each slot of `before`, with the
     # gradients the read gives it; `before` itself is then detached (the layer-major read needs only this of it)
+    empty: Optional[torch.Tensor] = None  # [B W, M] bool (tokens) which slots of `before` are empty
 
 
 def join_scans(scans: list[Scan], batch_size: int) -> Scan:

@@ -58,12 +58,14 @@ def _choose(pool, weight, bias, noise, tau, vacant, M, S):
             empty[b, p] = not filled
     held = np.empty((B, W + 1, M), np.int64)
     keeps = np.empty((B, W, M), np.int64)
+    held_empty = np.empty((B, W + 1, M), np.bool_)
     cand = np.empty(N, np.int64)
     rank = np.empty(N, np.float64)
     order = np.empty(M, np.int64)
     for b in range(B):
         for j in range(M):
             held[b, 0, j] = j
+            held_empty[b, 0, j] = empty[b, j]
         for i in range(W):
             for j in range(M):
                 cand[j] = held[b, i, j]
@@ -105,7 +107,8 @@ def _choose(pool, weight, bias, noise, tau, vacant, M, S):
             for j in range(M):
                 keeps[b, i, j] = order[j]
                 held[b, i + 1, j] = cand[order[j]]
-    return held, keeps
+                held_empty[b, i + 1, j] = empty[b, held[b, i + 1, j]]
+    return held, keeps, held_empty
 
 
 def _window_rows(held, first, window, starts, M, G):
@@ -145,21 +148,21 @@ def _compiled(fn, fastmath=False):
 
 
 def choose(pool: torch.Tensor, weight: torch.Tensor, bias: float, noise: Optional[torch.Tensor], tau: float,
-           vacant: float, slots: int, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+           vacant: float, slots: int, segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The W writes of a pool: pool [B, P, C] (the M = `slots` entries held before the first write, then W segments
     of S = `segment` tokens, in order), ranked by weight [C] and bias (the importance w . x + b, in float64; an
     all-zero row is an empty slot, whose rank loses `vacant` while held), noise [W, B, M + S] the writes' standard
     exponential samples (the Gumbel samples are their -log) or None, tau the noise scale -> (held [B, W + 1, M]:
     the pool rows held before each write and after the last, keeps [B, W, M]: each write's kept candidates, indices
-    into [held; segment]), int64 CPU tensors."""
+    into [held; segment], int64; empty [B, W + 1, M] bool: which held rows are empty slots), CPU tensors."""
     global _kernel
     if _kernel is None:
         _kernel = _compiled(_choose, fastmath=REASSOCIATE)
     rows = _numpy_float(pool)
     samples, scale = (np.ones((0, 0, 0), np.float32), 0.0) if noise is None else (_numpy_float(noise), float(tau))
-    held, keeps = _kernel(rows, weight.detach().double().contiguous().numpy(), float(bias), samples, scale,
-                          float(vacant), slots, segment)
-    return torch.from_numpy(held), torch.from_numpy(keeps)
+    held, keeps, empty = _kernel(rows, weight.detach().double().contiguous().numpy(), float(bias), samples, scale,
+                                 float(vacant), slots, segment)
+    return torch.from_numpy(held), torch.from_numpy(keeps), torch.from_numpy(empty)
 
 
 def _numpy_float(t: torch.Tensor) -> np.ndarray:

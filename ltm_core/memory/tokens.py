@@ -147,7 +147,7 @@ class TokensMemory(Memory):
     def write(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Write:
         """state: [B, M, C], entries: [B, S, C] one complete segment -> the M entries kept, in arrival order."""
         candidates = torch.cat([state, entries.to(state.dtype)], dim=1)  # [B, M + S, C]
-        held, keeps = self.choose(candidates, entries.shape[1], None if noise is None else noise.unsqueeze(0))
+        held, keeps, _ = self.choose(candidates, entries.shape[1], None if noise is None else noise.unsqueeze(0))
         return Write(gather_rows(candidates, held[:, 1]), self.penalty(entries), keeps[:, 0])
 
     def compiled_loops(self, t: torch.Tensor) -> bool:
@@ -156,11 +156,12 @@ class TokensMemory(Memory):
         return t.device.type == "cpu" and self.model_config.kernels != "torch" and not torch.compiler.is_compiling()
 
     def choose(self, pool: torch.Tensor, segment: int, noise: Optional[torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The choices of W writes in a row, from one pool of candidates: pool [B, P = M + W S, C] (the M entries
         held before the first write, then the W segments of S = `segment` tokens, in order), noise [W, B, M + S]
         the writes' training noise or None -> (held [B, W + 1, M]: the pool rows held before each write and after
-        the last; keeps [B, W, M]: each write's kept candidates, indices into [held; segment]). Every write only
+        the last; keeps [B, W, M]: each write's kept candidates, indices into [held; segment]; empty [B, W + 1, M]:
+        which held rows are empty slots, all zeros, which the read masks). Every write only
         chooses indices, from ranks computed once. On CPU (outside torch.compile, without select_dedup, unless
         `model.kernels=torch`) the loop runs compiled (`ltm_core.memory.choice`, which ranks the pool, flags its
         empty slots and draws the Gumbel samples itself); this PyTorch loop is its reference, and runs everywhere
@@ -175,7 +176,8 @@ class TokensMemory(Memory):
             w, b = self.importance.weight[0], self.importance.bias[0].item()
             return choice.choose(pool, w, b, noise, self.config.select_noise, VACANT_RANK, M, S)
         ranks, gumbel = self.ranks(pool), None if noise is None else self.gumbel(noise)  # [B, P], [W, B, M + S]
-        vacancy = VACANT_RANK * self.empty(pool).double()  # [B, P]: an all-zero row is an empty slot once held
+        empty = self.empty(pool)  # [B, P]: an all-zero row is an empty slot once held
+        vacancy = VACANT_RANK * empty.double()
         index = torch.arange(M, device=pool.device).expand(B, M)  # [B, M] pool rows held by the memory
         segments = torch.arange(M, P, device=pool.device).view(1, W, S).expand(B, W, S)  # pool rows
         no_vacancy = ranks.new_zeros(B, S)  # a candidate token is never vacant
@@ -188,7 +190,8 @@ class TokensMemory(Memory):
             index = candidates.gather(1, keep)
             held.append(index)
             keeps.append(keep)
-        return torch.stack(held, dim=1), torch.stack(keeps, dim=1)
+        held = torch.stack(held, dim=1)  # [B, W + 1, M]
+        return held, torch.stack(keeps, dim=1), empty.gather(1, held.flatten(1)).view_as(held)
 
     def scan(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Scan:
         """The W writes of one window at once (see `scan_windows`)."""
@@ -207,8 +210,8 @@ class TokensMemory(Memory):
         B, M, C = state.shape
         W, S = entries.shape[1], entries.shape[2]
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
-        kept, keeps = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the last),
-        # [B, W, M]
+        kept, keeps, empty = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the
+        # last), [B, W, M], [B, W + 1, M]
         # every pool row's importance once: with gradients to w, b and the row; and to w, b only (the rows a read
         # holds over from an earlier BPTT window, and the penalty's tokens under importance_detach)
         z = self.importance(pool).squeeze(-1)  # [B, P]
@@ -223,7 +226,7 @@ class TokensMemory(Memory):
         importance = z.gather(1, held)  # [B, W M]
         if len(windows) == 1:  # every memory reads its tokens with their gradient
             return Scan(cut[:, :W].flatten(0, 1), after, aux, entries, keeps, kept[:, :W], state,
-                        importance.view(B * W, M))
+                        importance.view(B * W, M), empty[:, :W].flatten(0, 1))
         starts, _ = window_index(windows, pool.device)  # [G] each window's first segment
         if self.compiled_loops(pool):
             from ltm_core.memory import choice
@@ -237,7 +240,7 @@ class TokensMemory(Memory):
         # later ones detached), G M rows; the scanned tokens]
         row_tokens = torch.cat([state.unsqueeze(1), cut[:, starts[1:]]], dim=1)  # [B, G, M, C]
         return Scan(cut[:, :W].flatten(0, 1), after, aux, entries, keeps, rows, row_tokens.flatten(1, 2),
-                    importance.view(B * W, M))
+                    importance.view(B * W, M), empty[:, :W].flatten(0, 1))
 
     def window_rows(self, kept: torch.Tensor, segment: int, windows: tuple[int, ...]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,21 +261,24 @@ class TokensMemory(Memory):
         return own, rows
 
     # ------------------------------------------------------------------------------------------------- read
-    def prefix(self, state: torch.Tensor, importance: Optional[torch.Tensor] = None) -> Prefix:
+    def prefix(self, state: torch.Tensor, importance: Optional[torch.Tensor] = None,
+               empty: Optional[torch.Tensor] = None) -> Prefix:
         """state: [B, M, C] -> the kept tokens, their straight-through weight s = sigmoid(importance) (the tokens'
         keys and values are unchanged, and the importance learns from the reads through it) and their score bias:
-        empty slots masked, plus log sigmoid(importance) with read_importance. `importance` [B, M]: the slots'
-        importance when already computed (a scan's, with its gradients), else scored here."""
+        empty slots masked, plus log sigmoid(importance) with read_importance. `importance` [B, M] and `empty`
+        [B, M] (bool): the slots' importance (with its gradients) and which are empty, when a scan already has them
+        (else computed here)."""
         z = (self.importance(state).squeeze(-1) if importance is None else importance).float()  # [B, M]
         s = torch.sigmoid(z)
-        bias = self.empty(state).float() * EMPTY_SLOT_SCORE
+        bias = (self.empty(state) if empty is None else empty).float() * EMPTY_SLOT_SCORE
         if self.config.read_importance:
             bias = bias + self.shared_by_heads(F.logsigmoid(z))
         return Prefix(state, bias, self.shared_by_heads(s))
 
     def scan_prefix(self, scan: Scan) -> Prefix:
-        """The prefix of each scanned segment, from the importance its scan computed once per pool row."""
-        return self.prefix(scan.before, scan.importance)
+        """The prefix of each scanned segment, from the importance its scan computed once per pool row and the
+        empty slots its loop flagged."""
+        return self.prefix(scan.before, scan.importance, scan.empty)
 
     def flops_per_token(self, segment_length: int) -> float:
         """The read over M more keys (12 C M), and the q|k|v projection of the M tokens held at each window's start

@@ -306,10 +306,12 @@ def test_the_compiled_choice_makes_the_reference_choices(noise, slots):
     pool[1, M + 2] = 0
     pool[1, M + 2 + S, 0] = 50.0  # kept ahead of everything
     noise_samples = torch.empty(W, B, M + S).exponential_(generator=g) if noise else None
-    held, keeps = compiled.choose(pool, S, noise_samples)
-    want_held, want_keeps = reference.choose(pool, S, noise_samples)
+    held, keeps, empty = compiled.choose(pool, S, noise_samples)
+    want_held, want_keeps, want_empty = reference.choose(pool, S, noise_samples)
     assert held.shape == (B, W + 1, M) and keeps.shape == (B, W, M)
-    assert torch.equal(held, want_held) and torch.equal(keeps, want_keeps)
+    assert torch.equal(held, want_held) and torch.equal(keeps, want_keeps) and torch.equal(empty, want_empty)
+    assert torch.equal(empty, (pool.gather(1, held.flatten(1)[..., None].expand(-1, -1, C)) == 0).all(-1).view_as(held))
+    assert empty[:, 0, M // 2:].all() and not empty[:, 0, :M // 2].any()  # the empty slots before the first write
     assert (held[1, 1:] == M + 2 + S).sum() == W - 1  # the strong token, from its write on
     assert not ((held[:, 1:] >= M // 2) & (held[:, 1:] < M)).any()  # the empty slots go at the first write
 
@@ -327,8 +329,8 @@ def test_the_compiled_choice_takes_half_precision_pools_and_noise():
     B, W, S, M = 2, 3, cfg.segment_length, 8
     pool = torch.randn(B, M + W * S, cfg.hidden_size, generator=g).bfloat16()
     noise = torch.empty(W, B, M + S).exponential_(generator=g).bfloat16()
-    held, keeps = compiled.choose(pool, S, noise)
-    want_held, want_keeps = reference.choose(pool, S, noise)
+    held, keeps, _ = compiled.choose(pool, S, noise)
+    want_held, want_keeps, _ = reference.choose(pool, S, noise)
     assert torch.equal(held, want_held) and torch.equal(keeps, want_keeps)
 
 
@@ -342,10 +344,10 @@ def test_the_compiled_choice_keeps_the_earlier_of_equal_candidates():
     memory.eval()
     S, M, C = cfg.segment_length, 8, cfg.hidden_size
     pool = torch.randn(2, M + 3 * S, C, generator=torch.Generator().manual_seed(1))  # every rank the bias
-    held, _ = memory.choose(pool, S, None)
+    held, _, _ = memory.choose(pool, S, None)
     assert torch.equal(held, torch.arange(M).expand(2, 4, M))
     pool[:, :M] = 0  # empty slots: the first segment's first M tokens take them, then hold
-    held, _ = memory.choose(pool, S, None)
+    held, _, _ = memory.choose(pool, S, None)
     assert torch.equal(held[:, 1:], (M + torch.arange(M)).expand(2, 3, M))
 
 
@@ -357,7 +359,7 @@ def test_the_compiled_choice_ranks_a_nan_token_last():
     S, M, C = cfg.segment_length, 8, cfg.hidden_size
     pool = torch.randn(2, M + 2 * S, C, generator=torch.Generator().manual_seed(3))
     pool[:, M + 1, 0] = float("nan")
-    held, keeps = memory.choose(pool, S, None)
+    held, keeps, _ = memory.choose(pool, S, None)
     ranks = memory.ranks(pool)
     for b in range(2):
         for i in range(1, 3):
@@ -389,7 +391,7 @@ def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
     monkeypatch.setattr(choice, "_kernel", None)
     pool = torch.randn(2, 8 + 3 * 16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     weight = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # the importance: a row's first channel
-    held, keeps = choice.choose(pool, weight, 0.0, None, 0.0, 1e4, 8, 16)
+    held, keeps, _ = choice.choose(pool, weight, 0.0, None, 0.0, 1e4, 8, 16)
     assert calls[:2] == [True, False]  # (numba compiles some of its own functions through njit too)
     want = [pool[b, :8 + 16, 0].topk(8).indices.sort().values for b in range(2)]  # the first write: the top 8
     assert torch.equal(held[:, 1], torch.stack(want))
@@ -409,7 +411,7 @@ def test_the_compiled_window_rows_match_the_reference(windows):
     B, W, S, M = 2, sum(windows), cfg.segment_length, 8
     pool = torch.randn(B, M + W * S, cfg.hidden_size, generator=g)
     pool[:, M // 2:M] = 0
-    kept, _ = memory.choose(pool, S, torch.empty(W, B, M + S).exponential_(generator=g))
+    kept, _, _ = memory.choose(pool, S, torch.empty(W, B, M + S).exponential_(generator=g))
     own, rows = choice.window_rows(kept, M, S, windows)
     want_own, want_rows = memory.window_rows(kept, S, windows)
     assert own.dtype == torch.bool and rows.dtype == torch.int64
