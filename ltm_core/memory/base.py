@@ -42,7 +42,8 @@ class Write:
 
 @dataclass
 class Prefix:
-    tokens: torch.Tensor  # [B, M, C] tokens the self-attention reads beside the segment (through its own projections)
+    tokens: Optional[torch.Tensor]  # [B, M, C] tokens the self-attention reads beside the segment (through its own
+    # projections); None where the caller has their keys and values already (the layer-major pass)
     bias: Optional[torch.Tensor] = None  # [B, M] added to every query's score of each of them
     through: Optional[torch.Tensor] = None  # [B, M] a straight-through weight s of each token's key and value:
     # used unchanged, s gets the gradient of a factor (1 + s - s.detach()) on them (`attention(key_through=)`)
@@ -50,7 +51,9 @@ class Prefix:
 
 @dataclass
 class Scan:
-    before: State  # the state before each segment, batch B * W (segment i of sample b at b * W + i)
+    before: Optional[State]  # the state before each segment, batch B * W (segment i of sample b at b * W + i); None
+    # where the kind's read needs only what its scan gives apart (tokens: `importance`, `empty`, `rows`), so the states
+    # are not gathered: `Memory.states_before` makes them
     after: State  # the state after the last segment, batch B
     aux: Optional[torch.Tensor]  # [W] each write's auxiliary loss, or None (a kind or mode without one)
     entries: Optional[torch.Tensor] = None  # [B, W, S, D] what the segments wrote
@@ -60,9 +63,9 @@ class Scan:
     # gathered from what the attention projects anyway, not projected again)
     row_tokens: Optional[torch.Tensor] = None  # [B, R, C] the tokens that rows < R name: those held before the
     # scan (and, over several BPTT windows, those held at each later window's start, detached)
-    importance: Optional[torch.Tensor] = None  # [B W, M] (tokens) the importance of each slot of `before`, with the
-    # gradients the read gives it; `before` itself is then detached (the layer-major read needs only this of it)
-    empty: Optional[torch.Tensor] = None  # [B W, M] bool (tokens) which slots of `before` are empty
+    importance: Optional[torch.Tensor] = None  # [B W, M] (tokens) the importance of each slot of the states before
+    # each segment, with the gradients the read gives it
+    empty: Optional[torch.Tensor] = None  # [B W, M] bool (tokens) which of those slots are empty
 
 
 def join_scans(scans: list[Scan], batch_size: int) -> Scan:
@@ -119,6 +122,11 @@ class Memory(nn.Module):
 
     def prefix(self, state: State) -> Optional[Prefix]:
         return None
+
+    def states_before(self, scan: Scan) -> State:
+        """The state before each segment of a scan (batch B W), as `write` would leave it (values; a kind may give
+        them without gradient)."""
+        return scan.before
 
     def scan_prefix(self, scan: Scan) -> Optional[Prefix]:
         """The prefix each scanned segment reads (batch B W): `prefix` of the states before them; a kind may use

@@ -202,11 +202,11 @@ class TokensMemory(Memory):
         """The writes of W segments in BPTT windows of `windows` segments, at once: every write only chooses indices
         into one pool of candidates (the memory before the scan, then the tokens in order), from ranks computed
         once; the memories are then gathered from the pool in one step. Makes exactly the choices of W calls of
-        `write`. The memories before each segment (`Scan.before`) come without gradient: what the read takes of
-        them with its gradients is their importance (`Scan.importance`, scored once per pool row) and their keys and
-        values (`rows`). A token kept from before its reader's window is read detached (truncated BPTT): its
-        importance from the pool's detached copy, its keys and values as one of the tokens held at that window's
-        start (`row_tokens`)."""
+        `write`. The memories before each segment are not gathered (`Scan.before` is None; `states_before` makes
+        them): what the read takes of them is their importance with its gradients (`Scan.importance`, scored once
+        per pool row), their empty slots (`Scan.empty`) and their keys and values (`rows`). A token kept from before
+        its reader's window is read detached (truncated BPTT): its importance from the pool's detached copy, its keys
+        and values as one of the tokens held at that window's start (`row_tokens`)."""
         B, M, C = state.shape
         W, S = entries.shape[1], entries.shape[2]
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
@@ -218,15 +218,12 @@ class TokensMemory(Memory):
         detach = self.config.importance_detach and self.penalizes()
         z_cut = self.importance(pool.detach()).squeeze(-1) if len(windows) > 1 or detach else None
         aux = self.penalty(entries, (z_cut if detach else z)[:, M:].view(B, W, S))  # [W] or None
-        # the memories without gradient [B, W + 1, M, C] (the read takes their importance, with its gradients, from
-        # z) and the state after the last segment with gradient
-        cut = gather_rows(pool.detach(), kept.flatten(1, 2)).view(B, W + 1, M, C)
-        after = gather_rows(pool, kept[:, W])  # [B, M, C]
+        after = gather_rows(pool, kept[:, W])  # [B, M, C] the state after the last segment
         held = kept[:, :W].flatten(1)  # [B, W M]
         importance = z.gather(1, held)  # [B, W M]
         if len(windows) == 1:  # every memory reads its tokens with their gradient
-            return Scan(cut[:, :W].flatten(0, 1), after, aux, entries, keeps, kept[:, :W], state,
-                        importance.view(B * W, M), empty[:, :W].flatten(0, 1))
+            return Scan(None, after, aux, entries, keeps, kept[:, :W], state, importance.view(B * W, M),
+                        empty[:, :W].flatten(0, 1))
         starts, _ = window_index(windows, pool.device)  # [G] each window's first segment
         if self.compiled_loops(pool):
             from ltm_core.memory import choice
@@ -234,13 +231,21 @@ class TokensMemory(Memory):
             own, rows = choice.window_rows(kept, M, S, windows)
         else:
             own, rows = self.window_rows(kept, S, windows)
-        after = torch.where(own[:, W, :, None], after, cut[:, W])
+        after = torch.where(own[:, W, :, None], after, after.detach())  # held over from an earlier window: detached
         importance = torch.where(own[:, :W].flatten(1), importance, z_cut.gather(1, held))  # held over: detached
         # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
         # later ones detached), G M rows; the scanned tokens]
-        row_tokens = torch.cat([state.unsqueeze(1), cut[:, starts[1:]]], dim=1)  # [B, G, M, C]
-        return Scan(cut[:, :W].flatten(0, 1), after, aux, entries, keeps, rows, row_tokens.flatten(1, 2),
-                    importance.view(B * W, M), empty[:, :W].flatten(0, 1))
+        later = gather_rows(pool.detach(), kept[:, starts[1:]].flatten(1, 2)).view(B, len(windows) - 1, M, C)
+        row_tokens = torch.cat([state.unsqueeze(1), later], dim=1)  # [B, G, M, C]
+        return Scan(None, after, aux, entries, keeps, rows, row_tokens.flatten(1, 2), importance.view(B * W, M),
+                    empty[:, :W].flatten(0, 1))
+
+    def states_before(self, scan: Scan) -> torch.Tensor:
+        """The memories before each scanned segment [B W, M, C] (values, without gradient): the rows each holds, from
+        [the tokens held at each window's start; the scanned tokens]."""
+        tokens = torch.cat([scan.row_tokens, scan.entries.flatten(1, 2).to(scan.row_tokens.dtype)], dim=1).detach()
+        B, W, M = scan.rows.shape
+        return gather_rows(tokens, scan.rows.flatten(1)).view(B * W, M, -1)
 
     def window_rows(self, kept: torch.Tensor, segment: int, windows: tuple[int, ...]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +275,7 @@ class TokensMemory(Memory):
         (else computed here)."""
         z = (self.importance(state).squeeze(-1) if importance is None else importance).float()  # [B, M]
         s = torch.sigmoid(z)
-        bias = (self.empty(state) if empty is None else empty).float() * EMPTY_SLOT_SCORE
+        bias = (self.empty(state) if empty is None else empty).float() * EMPTY_SLOT_SCORE  # state: None if both given
         if self.config.read_importance:
             bias = bias + self.shared_by_heads(F.logsigmoid(z))
         return Prefix(state, bias, self.shared_by_heads(s))

@@ -279,7 +279,8 @@ def test_scan_makes_the_choices_of_one_write_per_segment(options, slots):
     for windows in ((W,), (2, 2)):
         state = memory.initial_state(B)
         scan = memory.scan_windows(state, entries, noise, windows)
-        before = scan.before.view(B, W, M, C)
+        assert scan.before is None  # not gathered: the read takes importance, empty slots and rows apart
+        before = memory.states_before(scan).view(B, W, M, C)
         for i in range(W):
             torch.testing.assert_close(before[:, i], state, rtol=0, atol=0)
             write = memory.write(state, entries[:, i], None if noise is None else noise[i])
