@@ -159,11 +159,11 @@ class _ExplicitScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, through, blocked, scale):
-        dtype, add = blocked.dtype, blocked
-        if bias is not None:  # [B, 1, Lq, Lk]: the mask and the key bias, added to the scores in one pass
-            add = add + F.pad(bias.to(dtype), (0, blocked.shape[1] - bias.shape[1]))[:, None, None, :]
+        dtype = blocked.dtype
         qs = q * scale  # [B, H, Lq, d]: the scale on the queries, not on the Lk-wide scores
-        scores = torch.matmul(qs, k.transpose(-1, -2)).to(dtype).add_(add)  # [B, H, Lq, Lk]
+        scores = torch.matmul(qs, k.transpose(-1, -2)).to(dtype).add_(blocked)  # [B, H, Lq, Lk]
+        if bias is not None:  # on the first Lb keys, in place: no [B, 1, Lq, Lk] sum of the mask and the bias
+            scores[..., :bias.shape[1]].add_(bias.to(dtype)[:, None, None, :])
         p = torch.softmax(scores, dim=-1)
         ctx.save_for_backward(qs, k, v, p)
         ctx.scale, ctx.lb = scale, next((t.shape[1] for t in (bias, through) if t is not None), None)
