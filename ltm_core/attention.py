@@ -160,28 +160,32 @@ class _ExplicitScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, through, blocked, scale):
         dtype = blocked.dtype
-        qs = q * scale  # [B, H, Lq, d]: the scale on the queries, not on the Lk-wide scores
-        scores = torch.matmul(qs, k.transpose(-1, -2)).to(dtype).add_(blocked)  # [B, H, Lq, Lk]
+        B, H, Lq, d = q.shape
+        # [B, H, Lq, Lk]: the scale and the mask inside the batched GEMM (no scaled copy of the queries)
+        scores = torch.baddbmm(blocked.to(q.dtype), q.reshape(B * H, Lq, d), k.reshape(B * H, -1, d).transpose(1, 2),
+                               alpha=scale).view(B, H, Lq, -1).to(dtype)
         if bias is not None:  # on the first Lb keys, in place: no [B, 1, Lq, Lk] sum of the mask and the bias
             scores[..., :bias.shape[1]].add_(bias.to(dtype)[:, None, None, :])
         p = torch.softmax(scores, dim=-1)
-        ctx.save_for_backward(qs, k, v, p)
+        ctx.save_for_backward(q, k, v, p)
         ctx.scale, ctx.lb = scale, next((t.shape[1] for t in (bias, through) if t is not None), None)
         ctx.dtypes = (None if bias is None else bias.dtype, None if through is None else through.dtype)
         return torch.matmul(p.to(v.dtype), v)
 
     @staticmethod
     def backward(ctx, dy):
-        qs, k, v, p = ctx.saved_tensors
+        q, k, v, p = ctx.saved_tensors
         dv = torch.matmul(p.to(dy.dtype).transpose(-1, -2), dy)  # [B, H, Lk, d]
         dscores = torch._softmax_backward_data(torch.matmul(dy, v.transpose(-1, -2)).to(p.dtype), p, -1, p.dtype)
         dbias = dthrough = None
         lb, (bias_dtype, through_dtype) = ctx.lb, ctx.dtypes
         if ctx.needs_input_grad[3]:
             dbias = dscores[..., :lb].sum(dim=(1, 2)).to(bias_dtype)  # [B, Lb]
-        dscores = dscores.to(qs.dtype)
-        dq = torch.matmul(dscores, k).mul_(ctx.scale)
-        dk = torch.matmul(dscores.transpose(-1, -2), qs)
+        B, H, Lq, Lk = dscores.shape
+        ds = dscores.to(q.dtype).view(B * H, Lq, Lk)
+        zero = q.new_zeros(())  # beta=0: the scale inside the GEMMs, the added input ignored
+        dq = torch.baddbmm(zero, ds, k.reshape(B * H, Lk, -1), beta=0, alpha=ctx.scale).view(q.shape)
+        dk = torch.baddbmm(zero, ds.transpose(1, 2), q.reshape(B * H, Lq, -1), beta=0, alpha=ctx.scale).view(k.shape)
         if ctx.needs_input_grad[4]:
             dthrough = _factor_grad(((dk, k), (dv, v)), lb, k.shape[-1], p.dtype).to(through_dtype)  # [B, Lb]
         return dq, dk, dv, dbias, dthrough, None, None

@@ -234,6 +234,25 @@ def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatc
     assert fused[4].abs().sum() > 0 and fused[5].abs().sum() > 0  # the bias and the weight learn
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
+def test_cpu_prefix_read_with_explicit_scores_in_half_precision(dtype, tol):
+    """The explicit-scores read of half-precision inputs (scores and softmax in fp32, the products in the inputs'
+    precision) follows the fp32 read: output and gradients (q, k, v, key bias, straight-through weight)."""
+    B, H, lq, prefix, d = 2, 3, 6, 4, 8
+    q, k, v, do = _inputs(B, H, lq, prefix + lq, d, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(2)
+    bias, through = torch.randn(B, prefix, generator=g), torch.rand(B, prefix, generator=g)
+
+    def run(dt):
+        leaves = [t.to(dt).detach().clone().requires_grad_() for t in (q, k, v, bias, through)]
+        o = attention(*leaves[:3], causal=True, prefix_len=prefix, key_bias=leaves[3], key_through=leaves[4])
+        return [o, *torch.autograd.grad(o, leaves, do.to(dt))]
+
+    for got, want in zip(run(dtype), run(torch.float32), strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
 # (B, H, Lq, Lk, d, causal, prefix_len, window): memory reads with a key bias on the prefix keys
 BIAS_CASES = [
     (2, 2, 45, 45 + 37, 32, True, 37, None),  # a prefix block straddling the block size
