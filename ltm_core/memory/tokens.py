@@ -201,12 +201,12 @@ class TokensMemory(Memory):
                      windows: tuple[int, ...]) -> Scan:
         """The writes of W segments in BPTT windows of `windows` segments, at once: every write only chooses indices
         into one pool of candidates (the memory before the scan, then the tokens in order), from ranks computed
-        once; the memories are then gathered from the pool in one step. Makes exactly the choices of W calls of
-        `write`. The memories before each segment are not gathered (`Scan.before` is None; `states_before` makes
-        them): what the read takes of them is their importance with its gradients (`Scan.importance`, scored once
-        per pool row), their empty slots (`Scan.empty`) and their keys and values (`rows`). A token kept from before
-        its reader's window is read detached (truncated BPTT): its importance from the pool's detached copy, its keys
-        and values as one of the tokens held at that window's start (`row_tokens`)."""
+        once. Makes exactly the choices of W calls of `write`. The memories before each segment are not gathered
+        (`Scan.before` is None; `states_before` makes them): what the read takes of them is their importance with
+        its gradients (`Scan.importance`, scored once per pool row), their empty slots (`Scan.empty`) and their keys
+        and values (`rows`). A token kept from before its reader's window is read detached (truncated BPTT): its
+        importance from the pool's detached copy, its keys and values as one of the tokens held at that window's
+        start (`row_tokens`)."""
         B, M, C = state.shape
         W, S = entries.shape[1], entries.shape[2]
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
