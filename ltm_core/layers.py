@@ -70,6 +70,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), sin).type_as(x)
 
 
+def rotary_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient of `apply_rotary`'s input from its output's dy [..., T, hd]: dy * [cos, cos] + roll(dy * [-sin,
+    sin]) (rolling by half a head is its own inverse)."""
+    df = dy.float()
+    return torch.add(df * cos, (df * sin).roll(dy.shape[-1] // 2, dims=-1)).type_as(dy)
+
+
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
     """x: [B, S, C], weight: [C, 1, K] (depthwise), before: [B, K - 1, C] what precedes x (None: zeros)
     -> the causal convolution [B, S, C]: output t mixes inputs t - K + 1 .. t."""
@@ -79,11 +86,26 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Te
     return F.conv1d(x, weight.to(x.dtype), groups=x.shape[1]).transpose(1, 2)
 
 
+def project_rows(linear: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
+    """linear(cat(parts, dim=1)): parts [B, n_i, C] -> [B, sum n_i, out], one projection. A tensor-parallel linear
+    (`ltm_core.parallel.tensor_parallel`) has its own `project_rows`, which all-reduces each part's input gradient
+    apart: a part without gradient (the tokens memory's held tokens, detached) sends none."""
+    own = getattr(linear, "project_rows", None)
+    return own(parts) if own is not None else linear(torch.cat(parts, dim=1))
+
+
 def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """pool: [B, P, ...], rows: [B, R] indices into each batch element's P rows -> pool's rows [B, R, ...].
 
     One `index_select` over the flattened batch: its backward is an `index_add` that keeps only the indices (not the
     pool, as `gather`'s does), and on CPU it runs faster than the `index_put` behind advanced indexing."""
     B, P = pool.shape[:2]
-    flat = rows.flatten() if B == 1 else (rows + P * torch.arange(B, device=rows.device)[:, None]).flatten()  # [B R]
-    return pool.flatten(0, 1).index_select(0, flat).view(B, rows.shape[1], *pool.shape[2:])
+    return pool.flatten(0, 1).index_select(0, flat_rows(rows, P)).view(B, rows.shape[1], *pool.shape[2:])
+
+
+def flat_rows(rows: torch.Tensor, pool_rows: int) -> torch.Tensor:
+    """rows: [B, ...] indices into each batch element's `pool_rows` rows -> [B ...] indices into the B pools' rows
+    flattened (batch-major)."""
+    B = rows.shape[0]
+    return rows.flatten() if B == 1 else (rows.flatten(1) + pool_rows * torch.arange(B, device=rows.device)[:, None]
+                                          ).flatten()

@@ -42,8 +42,8 @@ from torch.utils.hooks import RemovableHandle
 from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
-from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, gather_rows,
-                             rotary_positions)
+from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows,
+                             project_rows, rotary_backward, rotary_positions)
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
@@ -70,25 +70,36 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                past: Optional[tuple[torch.Tensor, torch.Tensor]], prefix: Optional[Prefix], backend: str,
-                projected: Optional[tuple] = None, prefix_kv: Optional[tuple] = None):
+                past: Optional[tuple[torch.Tensor, torch.Tensor]], prefix: Optional[Prefix], backend: str):
         """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd]). `past`: the
-        keys/values of the segment's earlier tokens; `prefix`: tokens every query also reads (no position);
-        `projected`: `project(h)` when already computed; `prefix_kv`: the prefix tokens' keys and values when
-        already computed (else they go through this attention's projections here)."""
-        B, T, C = h.shape
-        q, k, v = projected if projected is not None else self.project(h)  # [B, H, T, hd]
+        keys/values of the segment's earlier tokens; `prefix`: tokens every query also reads (no position), through
+        this attention's projections."""
+        q, k, v = self.project(h)  # [B, H, T, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past is not None:  # tokens already seen in this segment
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        keys, values, prefix_len, bias, through = k, v, 0, None, None
-        if prefix is not None:  # the memory's tokens: a non-causal prefix, through this attention's projections
-            pk, pv = prefix_kv if prefix_kv is not None else self.kv(prefix.tokens)  # [B, H, M, hd]
-            keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            prefix_len, bias, through = pk.shape[2], prefix.bias, prefix.through
+        keys, values, prefix_len = k, v, 0
+        if prefix is not None:  # the memory's tokens: a non-causal prefix
+            pk, pv = self.kv(prefix.tokens)  # [B, H, M, hd]
+            keys, values, prefix_len = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), pk.shape[2]
+        return self.attend(q, keys, values, prefix_len, prefix, backend), k, v
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix_len: int,
+               prefix: Optional[Prefix], backend: str) -> torch.Tensor:
+        """Queries q [B, H, T, hd] over keys and values [B, H, prefix_len + t, hd] (the prefix first, then the
+        segment, causal) -> the output projection [B, T, C]."""
+        B, _, T, _ = q.shape
+        bias, through = (None, None) if prefix is None else (prefix.bias, prefix.through)
         y = attention(q, keys, values, causal=True, prefix_len=prefix_len, backend=backend, key_bias=bias,
                       key_through=through)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), k, v  # [B, T, C]; -1: local heads under TP
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # -1: the local heads under TP
+
+    def read_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, prefix: Prefix, backend: str) -> torch.Tensor:
+        """The layer-major pass's attention: every segment over the tokens kept before it and its own (see
+        `project_with_kept`) -> out [B W, S, C]."""
+        q, keys, values = self.project_with_kept(h, tokens, rows, cos, sin)
+        return self.attend(q, keys, values, rows.shape[2], prefix, backend)
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [B, T, C] -> queries, keys and values [B, H, T, hd], not rotated."""
@@ -101,24 +112,61 @@ class SelfAttention(nn.Module):
         _, k, v = self.project(h)
         return k, v
 
-    def project_with_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor):
-        """The segments' queries, keys and values, and the keys and values of the tokens kept before each segment,
-        gathered at once from the projections of the segments and of the tokens held before them (the kept tokens
-        that the segments hold are not projected again): h [B W, S, C] the scanned segments, tokens [B, R, C] the
-        tokens held before them (`Scan.row_tokens`), rows [B, W, M] rows of [tokens; the segments' tokens] held
-        before each segment -> ((q, k, v) [B W, H, S, hd], (keys, values) [B W, H, M, hd]), not rotated."""
+    def project_with_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The read's inputs for W segments at once: h [B W, S, C] the scanned segments, tokens [B, R, C] the tokens
+        held before them (`Scan.row_tokens`), rows [B, W, M] rows of [tokens; the segments' tokens] held before each
+        segment -> (queries [B W, H, S, hd] rotated, keys and values [B W, H, M + S, hd]: the kept tokens' (no
+        position) then the segment's). One projection of [tokens; segments] (the kept tokens that the segments hold
+        are not projected again), assembled by `_KeptKeysValues`. Under tensor parallelism the projection's input
+        gradient is all-reduced per part: none for the held tokens where they are detached."""
         BW, S, C = h.shape
         B, W, M = rows.shape
-        R = tokens.shape[1]
-        H, hd = self.heads, self.head_dim  # the local heads under TP
-        qkv = self.qkv_proj(h.reshape(1, BW * S, C)).view(BW * S, 3, H, hd)
-        # the held tokens apart: mostly detached, so under TP no input gradient of theirs is all-reduced
-        held = self.qkv_proj(tokens.reshape(1, B * R, C).to(h.dtype)).view(B * R, 3, H, hd)
-        q, k, v = qkv.view(BW, S, 3, H, hd).permute(2, 0, 3, 1, 4)  # [B W, H, S, hd]
-        # the keys and values of [tokens; the segments' tokens], as `rows` numbers them: [B, R + W S, 2, H, hd]
-        pool = torch.cat([held[:, 1:].view(B, R, 2, H, hd), qkv[:, 1:].view(B, W * S, 2, H, hd)], dim=1)
-        mk, mv = gather_rows(pool, rows.flatten(1)).view(BW, M, 2, H, hd).permute(2, 0, 3, 1, 4)  # [B W, H, M, hd]
-        return (q, k, v), (mk, mv)
+        proj = project_rows(self.qkv_proj, [tokens.to(h.dtype), h.reshape(B, W * S, C)])  # [B, R + W S, 3 H hd]
+        return _KeptKeysValues.apply(proj, rows, cos, sin, self.heads, S)
+
+
+class _KeptKeysValues(torch.autograd.Function):
+    """proj [B, R + W S, 3 H hd]: the q|k|v projection of [R held tokens; W segments of S tokens], rows [B, W, M]:
+    the rows of it held before each segment, cos, sin: [S, hd] -> (q [B W, H, S, hd], keys, values [B W, H, M + S,
+    hd]; contiguous): the segments' queries and keys rotated, each segment's kept tokens' keys and values (not rotated)
+    before its own. One autograd node: its backward writes the gradient of the projection in place (the segments' q,
+    k, v and the held tokens' zeros, then the kept rows' keys and values added), where the ops it replaces (a cat of
+    the keys and values to gather from, the gather, rotations, the cats before the read) each took a gradient of
+    their own."""
+
+    @staticmethod
+    def forward(ctx, proj, rows, cos, sin, heads, segment):
+        B, W, M = rows.shape
+        P, S, H = proj.shape[1], segment, heads
+        R, hd = P - W * S, proj.shape[2] // (3 * heads)
+        qkv = proj[:, R:].view(B, W, S, 3, H, hd)
+        q = apply_rotary(qkv[:, :, :, 0].transpose(2, 3), cos, sin).contiguous().view(B * W, H, S, hd)
+        keys, values = (proj.new_empty(B, W, H, M + S, hd) for _ in range(2))
+        keys[..., M:, :] = apply_rotary(qkv[:, :, :, 1].transpose(2, 3), cos, sin)
+        values[..., M:, :] = qkv[:, :, :, 2].transpose(2, 3)
+        flat = flat_rows(rows, P)  # [B W M] rows of proj's B P
+        kept = proj.view(B * P, 3, H, hd)[:, 1:].index_select(0, flat).view(B, W, M, 2, H, hd)
+        keys[..., :M, :] = kept[..., 0, :, :].transpose(2, 3)
+        values[..., :M, :] = kept[..., 1, :, :].transpose(2, 3)
+        ctx.save_for_backward(flat, cos, sin)
+        ctx.sizes = (B, W, M, P, S, H, hd, R)
+        return q, keys.view(B * W, H, M + S, hd), values.view(B * W, H, M + S, hd)
+
+    @staticmethod
+    def backward(ctx, dq, dkeys, dvalues):
+        flat, cos, sin = ctx.saved_tensors
+        B, W, M, P, S, H, hd, R = ctx.sizes
+        dproj = dq.new_empty(B, P, 3, H, hd)
+        dproj[:, :R] = 0  # the held tokens' rows: only what the kept rows add
+        dqkv = dproj[:, R:].view(B, W, S, 3, H, hd)
+        dkeys, dvalues = dkeys.view(B, W, H, M + S, hd), dvalues.view(B, W, H, M + S, hd)
+        dqkv[:, :, :, 0] = rotary_backward(dq.view(B, W, H, S, hd), cos, sin).transpose(2, 3)
+        dqkv[:, :, :, 1] = rotary_backward(dkeys[..., M:, :], cos, sin).transpose(2, 3)
+        dqkv[:, :, :, 2] = dvalues[..., M:, :].transpose(2, 3)
+        dkept = torch.stack([dkeys[..., :M, :].transpose(2, 3), dvalues[..., :M, :].transpose(2, 3)], dim=3)
+        dproj.view(B * P, 3, H, hd)[:, 1:].index_add_(0, flat, dkept.view(-1, 2, H, hd))  # dkept [B, W, M, 2, H, hd]
+        return dproj.view(B, P, 3 * H * hd), None, None, None, None, None
 
 
 class FeedForward(nn.Module):
@@ -202,10 +250,10 @@ class Block(nn.Module):
         if scan is not None:
             h, normed = self._read_before(h, normed, scan.before)
         prefix = mem.scan_prefix(scan) if scan is not None else None
-        projected = prefix_kv = None
         if prefix is not None and scan.rows is not None:  # kept tokens: gather their keys/values, do not project them
-            projected, prefix_kv = self.attn.project_with_kept(normed, scan.row_tokens, scan.rows)
-        a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels, projected, prefix_kv)
+            a = self.attn.read_kept(normed, scan.row_tokens, scan.rows, cos, sin, prefix, self.cfg.kernels)
+        else:
+            a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels)
         h = h + a
         if mem is not None and mem.writes == "attended":
             with record_function(RECURRENCE):

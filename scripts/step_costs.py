@@ -1,6 +1,6 @@
 """Where a CPU training step's time goes: the memory model's step and the segment-local model's, in one process, their
 steps timed in turn, each split into its backward and the forward's parts (perf_counter around the model's
-functions; inclusive times: a part's time includes the parts it calls, e.g. `attention` inside `self_attention`),
+functions; inclusive times: a part's time includes the parts it calls, e.g. `attention` inside `attend`),
 and one more step of each counted in the operators it dispatches (ATen kernels, views apart) in its forward, backward
 and optimizer step: where a step's time goes to per-operator cost rather than arithmetic, the count says so.
 
@@ -43,8 +43,9 @@ def parts(memory_class: type) -> dict[str, tuple[object, str]]:
         "memory_scan": (memory_class, "scan_windows"),
         "memory_prefix": (memory_class, "prefix"),
         "qkv_projection": (modeling.SelfAttention, "project"),
-        "qkv_projection_with_kept": (modeling.SelfAttention, "project_with_kept"),
-        "self_attention": (modeling.SelfAttention, "forward"),
+        "qkv_projection_with_kept": (modeling.SelfAttention, "project_with_kept"),  # with the rotations and the
+        # kept tokens' keys and values (the segment-local model rotates in `SelfAttention.forward`)
+        "attend": (modeling.SelfAttention, "attend"),  # the attention and its output projection
         "attention": (modeling, "attention"),
         "ffn": (modeling.FeedForward, "forward"),
     }

@@ -61,7 +61,14 @@ def _reduce_grad(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def _fused_colwise_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    x = _reduce_grad(x, self._tp_group)
+    return _fused_colwise_rows(self, [x])
+
+
+def _fused_colwise_rows(self: nn.Linear, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The projection of parts [B, n_i, in] concatenated along dim 1 (`ltm_core.layers.project_rows`), each part's
+    input gradient all-reduced on its own (none for a part without gradient)."""
+    reduced = [_reduce_grad(x, self._tp_group) for x in parts]
+    x = reduced[0] if len(reduced) == 1 else torch.cat(reduced, dim=1)
     weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight  # [chunks, out/tp/chunks, in]
     return F.linear(x, weight.reshape(-1, weight.shape[-1]))
 
@@ -87,6 +94,7 @@ class FusedColwiseParallel(ParallelStyle):
                                      requires_grad=weight.requires_grad)
         module._tp_group = device_mesh.get_group()
         module.forward = types.MethodType(_fused_colwise_forward, module)
+        module.project_rows = types.MethodType(_fused_colwise_rows, module)
         return module
 
 

@@ -120,9 +120,43 @@ def test_a_later_segment_attends_to_the_kept_tokens(tiny_cfg, read_importance):
     scores[:, :, 8:] = scores[:, :, 8:].masked_fill(torch.ones(S, S).triu(1).bool(), -torch.inf)
     y = (scores.softmax(-1) @ torch.cat([vm, v], 1)).transpose(0, 1).reshape(S, -1)  # [S, C]
     captured = {}
-    block.attn.register_forward_hook(lambda mod, args, out: captured.update(y=out[0]))
+    block.attn.o_proj.register_forward_hook(lambda mod, args, out: captured.update(y=out))  # the attention's output
     model(tokens[:, S:], memory=first.memory)
     torch.testing.assert_close(captured["y"][0], block.attn.o_proj(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_cfg, dtype):
+    """`SelfAttention.project_with_kept` (one projection, one autograd node) gives what projecting each segment and
+    each segment's kept tokens apart gives: rotated queries, [kept keys; rotated segment keys], [kept values;
+    segment values], and the same gradients to the segments, the held tokens and the projection's weight (batch 2:
+    each batch element's rows number its own [held tokens; segments]). In bfloat16 against the same computed in
+    float32, to within bfloat16's rounding of the largest value."""
+    from ltm_core.layers import apply_rotary, gather_rows, rotary_positions
+    from ltm_core.model import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(tiny_cfg)
+    B, W, S, M, R, C = 2, 3, 8, 5, 10, tiny_cfg.hidden_size
+    h = torch.randn(B * W, S, C, requires_grad=True)
+    tokens = torch.randn(B, R, C, requires_grad=True)
+    rows = torch.stack([torch.randperm(R + W * S)[:M].sort().values for _ in range(B * W)]).view(B, W, M)
+    cos, sin = rotary_positions(S, tiny_cfg.head_dim, tiny_cfg.rope_theta, h.device)
+    q, k, v = attn.project(h)  # [B W, H, S, hd]
+    kept = gather_rows(torch.cat([tokens, h.view(B, W * S, C)], dim=1), rows.flatten(1)).view(B * W, M, C)
+    pk, pv = attn.kv(kept)  # [B W, H, M, hd]
+    want = (apply_rotary(q, cos, sin), torch.cat([pk, apply_rotary(k, cos, sin)], 2), torch.cat([pv, v], 2))
+    grads = [torch.randn_like(t) for t in want]
+    inputs = (h, tokens, attn.qkv_proj.weight)
+    want_grads = torch.autograd.grad(want, inputs, grads)
+    attn.to(dtype)
+    low = [t.detach().to(dtype).requires_grad_() for t in (h, tokens)]
+    got = attn.project_with_kept(*low, rows, cos, sin)
+    assert all(t.is_contiguous() and t.dtype == dtype for t in got)  # the read views them as [B W H, L, hd]
+    got_grads = torch.autograd.grad(got, (*low, attn.qkv_proj.weight), [g.to(dtype) for g in grads])
+    for a, b in zip((*got, *got_grads), (*want, *want_grads)):
+        scale = 1.0 if dtype == torch.float32 else 2 ** -7 * b.abs().max().item()  # bfloat16: 8 significant bits
+        torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5 * scale if dtype == torch.float32 else 2 * scale)
 
 
 def test_select_dedup_keeps_a_needle_against_any_number_of_copies_of_a_stronger_token():
