@@ -72,9 +72,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def rotary_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The gradient of `apply_rotary`'s input from its output's dy [..., T, hd]: dy * [cos, cos] + roll(dy * [-sin,
-    sin]) (rolling by half a head is its own inverse)."""
-    df = dy.float()
-    return torch.add(df * cos, (df * sin).roll(dy.shape[-1] // 2, dims=-1)).type_as(dy)
+    sin]) = the rotation by the opposite angles (rolling by half a head is its own inverse, and roll([-sin, sin]) =
+    -[-sin, sin])."""
+    return apply_rotary(dy, cos, -sin)
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:

@@ -131,9 +131,9 @@ class _KeptKeysValues(torch.autograd.Function):
     the rows of it held before each segment, cos, sin: [S, hd] -> (q [B W, H, S, hd], keys, values [B W, H, M + S,
     hd]; contiguous): the segments' queries and keys rotated, each segment's kept tokens' keys and values (not rotated)
     before its own. One autograd node: its backward writes the gradient of the projection in place (the segments' q,
-    k, v and the held tokens' zeros, then the kept rows' keys and values added), where the ops it replaces (a cat of
-    the keys and values to gather from, the gather, rotations, the cats before the read) each took a gradient of
-    their own."""
+    k, v and the held tokens' zeros, the kept rows' keys and values added), where the ops it replaces (a cat of the
+    keys and values to gather from, the gather, rotations, the cats before the read) each took a gradient of their
+    own."""
 
     @staticmethod
     def forward(ctx, proj, rows, cos, sin, heads, segment):
@@ -157,15 +157,20 @@ class _KeptKeysValues(torch.autograd.Function):
     def backward(ctx, dq, dkeys, dvalues):
         flat, cos, sin = ctx.saved_tensors
         B, W, M, P, S, H, hd, R = ctx.sizes
-        dproj = dq.new_empty(B, P, 3, H, hd)
-        dproj[:, :R] = 0  # the held tokens' rows: only what the kept rows add
-        dqkv = dproj[:, R:].view(B, W, S, 3, H, hd)
         dkeys, dvalues = dkeys.view(B, W, H, M + S, hd), dvalues.view(B, W, H, M + S, hd)
-        dqkv[:, :, :, 0] = rotary_backward(dq.view(B, W, H, S, hd), cos, sin).transpose(2, 3)
-        dqkv[:, :, :, 1] = rotary_backward(dkeys[..., M:, :], cos, sin).transpose(2, 3)
-        dqkv[:, :, :, 2] = dvalues[..., M:, :].transpose(2, 3)
+        # the keys' and values' gradient first in a buffer of its own [B, P, 2, H, hd]: index_add_ into a contiguous
+        # tensor (the kept rows') runs about 6x faster on CPU than into the k|v columns of the q|k|v rows
+        dkv = dq.new_empty(B, P, 2, H, hd)
+        dkv[:, :R] = 0  # the held tokens' rows: only what the kept rows add
+        dseg = dkv[:, R:].view(B, W, S, 2, H, hd)
+        dseg[:, :, :, 0] = rotary_backward(dkeys[..., M:, :], cos, sin).transpose(2, 3)
+        dseg[:, :, :, 1] = dvalues[..., M:, :].transpose(2, 3)
         dkept = torch.stack([dkeys[..., :M, :].transpose(2, 3), dvalues[..., :M, :].transpose(2, 3)], dim=3)
-        dproj.view(B * P, 3, H, hd)[:, 1:].index_add_(0, flat, dkept.view(-1, 2, H, hd))  # dkept [B, W, M, 2, H, hd]
+        dkv.view(B * P, 2, H, hd).index_add_(0, flat, dkept.view(-1, 2, H, hd))  # dkept [B, W, M, 2, H, hd]
+        dproj = dq.new_empty(B, P, 3, H, hd)
+        dproj[:, :, 1:] = dkv
+        dproj[:, :R, 0] = 0
+        dproj[:, R:, 0].view(B, W, S, H, hd).copy_(rotary_backward(dq.view(B, W, H, S, hd), cos, sin).transpose(2, 3))
         return dproj.view(B, P, 3 * H * hd), None, None, None, None, None
 
 

@@ -273,6 +273,22 @@ def test_compile_switch_matches_eager(tiny_cfg):
     assert calls == [1]  # only the whole segment read from its start went through the compiled step
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rotary_backward_is_the_rotations_gradient(dtype):
+    """`rotary_backward` (the rotation by the opposite angles) is the gradient autograd takes through
+    `apply_rotary`, for a strided input as the attention rotates (a view of the q|k|v projection)."""
+    from ltm_core.layers import apply_rotary, rotary_backward
+
+    cos, sin = rotary_tables(torch.arange(16), 8, 10000.0)
+    x = torch.randn(2, 16, 3, 4, 8, dtype=dtype)[:, :, 1].transpose(1, 2).requires_grad_()  # [B, H, T, hd] strided
+    dy = torch.randn(2, 4, 16, 8, dtype=dtype)
+    want, = torch.autograd.grad(apply_rotary(x, cos, sin), x, dy)
+    got = rotary_backward(dy, cos, sin)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # the same products, summed in another order
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 def test_constant_tensors_are_built_once_and_train_after_inference():
     """`constant_tensors` (rotary tables, attention masks, window indices): one build per arguments, shared; a build
     made under inference mode (a generation's) is an ordinary tensor that a training step can save for backward;
