@@ -7,9 +7,13 @@ the steps timed in the same round (paired, so a load that changes during the run
     python scripts/bench_overrides.py --model tiny --context 8192 --set model.kernels=torch --set "" \
         [--variant memory] [--repeats 12] [--json out.json]
     python scripts/bench_overrides.py --model tiny --context 8192 --base HEAD~1 [--set ""] [--repeats 40]
+    python scripts/bench_overrides.py --model tiny --context 8192 --variant segment_local --span 8192 --span 1536
 
 (`--set ""`: the preset as it is, the default; several overrides in one set are separated by spaces. With `--base`
-every set runs twice, first on REV's code, checked out into a temporary git worktree, then on the working tree's.)
+every set runs twice, first on REV's code, checked out into a temporary git worktree, then on the working tree's.
+With `--span` every set runs once per span: the tokens per backward call, instead of the model's own
+`ltm_core.training.window_span`; e.g. the segment-local baseline, one batched call by default, in the memory model's
+passes.)
 """
 
 from __future__ import annotations
@@ -68,6 +72,14 @@ def code_prelude(tree: Optional[Path]) -> str:
     ])
 
 
+def span_prelude(span: Optional[int]) -> str:
+    """Python run next in a row's process: every backward call of its training steps over `span` tokens (None: the
+    model's own, `ltm_core.training.window_span`, which `windowed_backward` looks up at each call)."""
+    if span is None:
+        return ""
+    return f"\nimport ltm_core.training\nltm_core.training.window_span = lambda cfg, seq_len: {span}"
+
+
 def paired(base: list[float], other: list[float]) -> dict[str, float]:
     """The ratios other / base of the steps timed in the same round: mean, standard deviation and standard error."""
     ratios = [b / a for a, b in zip(base, other)]
@@ -83,26 +95,34 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=None,
                         help="overrides of one row, space-separated (repeat for each row; default: one row, \"\")")
     parser.add_argument("--base", default=None, help="a commit whose code each set also runs on, first")
+    parser.add_argument("--span", dest="spans", type=int, action="append", default=None,
+                        help="tokens per backward call (repeat for a row of each; default: the model's own)")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sets = args.sets if args.sets is not None else [""]
+    spans = args.spans if args.spans is not None else [None]
+    if any(span is not None and span <= 0 for span in spans):
+        print(f"--span must be a positive number of tokens, got {min(spans)}", file=sys.stderr)
+        sys.exit(2)
     configs = [cpu_row(model_config(compose([f"model={args.model}", *overrides.split()])), args.variant,
                        args.context) for overrides in sets]
     with contextlib.ExitStack() as stack:
         trees: list[tuple[str, Optional[Path]]] = [(WORKING_TREE, None)]
         if args.base is not None:
             trees.insert(0, (args.base, stack.enter_context(checkout(args.base))))
-        labels = [(code, overrides) for code, _ in trees for overrides in sets]
-        rows = rows_interleaved([c for _ in trees for c in configs], warmup=1, repeats=args.repeats,
-                                preludes=[code_prelude(tree) for _, tree in trees for _ in configs])
+        cells = [(code, tree, overrides, config, span) for code, tree in trees
+                 for overrides, config in zip(sets, configs) for span in spans]
+        rows = rows_interleaved([config for *_, config, _ in cells], warmup=1, repeats=args.repeats,
+                                preludes=[code_prelude(tree) + span_prelude(span) for _, tree, _, _, span in cells])
     result = {"model": args.model, "context": args.context, "variant": args.variant, "repeats": args.repeats,
-              "base": args.base, "rows": [{"code": code, "overrides": overrides, **row}
-                                          for (code, overrides), row in zip(labels, rows)],
+              "base": args.base, "rows": [{"code": code, "overrides": overrides, "span": span, **row}
+                                          for (code, _, overrides, _, span), row in zip(cells, rows)],
               "meta": script_meta("scripts/bench_overrides.py")}
     first = rows[0] if "error" not in rows[0] else None
     for r in result["rows"]:
-        name = f"[{r['overrides']}]" + ("" if args.base is None else f" on {r['code']}")
+        name = (f"[{r['overrides']}]" + ("" if args.base is None else f" on {r['code']}")
+                + ("" if r["span"] is None else f" in spans of {r['span']}"))
         if "error" in r:
             print(f"{name}: {r['error']}")
             continue

@@ -227,6 +227,25 @@ def test_the_overrides_script_times_each_set_in_its_own_process(tmp_path):
     assert "1.000x the first" in run.stdout and run.stdout.count("step ") == 2
 
 
+def test_the_overrides_script_runs_a_row_per_span(tmp_path):
+    """scripts/bench_overrides.py --span: each set runs once per number of tokens per backward call (here the
+    segment-local baseline, one call by default, in passes of 128 tokens, which hold less at their peak); a span that
+    is not positive: one line, exit code 2."""
+    out = tmp_path / "spans.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_overrides.py"
+    run = subprocess.run([sys.executable, str(script), "--model", "tiny", "--context", "512", "--repeats", "1",
+                          "--variant", "segment_local", "--span", "512", "--span", "128", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["span"]) for r in rows] == [("segment_local", 512), ("segment_local", 128)]
+    assert 0 < rows[1]["peak_mem_bytes"] < rows[0]["peak_mem_bytes"]
+    assert "in spans of 128" in run.stdout
+    bad = subprocess.run([sys.executable, str(script), "--context", "256", "--span", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "--span must be a positive number of tokens, got 0"
+
+
 def test_the_overrides_script_compares_the_code_of_another_commit(tmp_path):
     """scripts/bench_overrides.py --base REV (an A/B of a change): each set runs on REV's code, checked out into a
     temporary git worktree that its row's process imports (the prelude checks where `ltm_core` came from), and on the
