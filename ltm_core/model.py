@@ -28,6 +28,7 @@ in one batched call), and a full-causal one when `segment_length >= sequence len
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -98,7 +99,7 @@ class SelfAttention(nn.Module):
                   sin: torch.Tensor, prefix: Prefix, backend: str) -> torch.Tensor:
         """The layer-major pass's attention: every segment over the tokens kept before it and its own (see
         `project_with_kept`) -> out [B W, S, C]."""
-        q, keys, values = self.project_with_kept(h, tokens, rows, cos, sin)
+        q, keys, values = self.project_with_kept(h, tokens, rows, cos, sin, backend)
         return self.attend(q, keys, values, rows.shape[2], prefix, backend)
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,7 +114,7 @@ class SelfAttention(nn.Module):
         return k, v
 
     def project_with_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          sin: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The read's inputs for W segments at once: h [B W, S, C] the scanned segments, tokens [B, R, C] the tokens
         held before them (`Scan.row_tokens`), rows [B, W, M] rows of [tokens; the segments' tokens] held before each
         segment -> (queries [B W, H, S, hd] rotated, keys and values [B W, H, M + S, hd]: the kept tokens' (no
@@ -123,7 +124,7 @@ class SelfAttention(nn.Module):
         BW, S, C = h.shape
         B, W, M = rows.shape
         proj = project_rows(self.qkv_proj, [tokens.to(h.dtype), h.reshape(B, W * S, C)])  # [B, R + W S, 3 H hd]
-        return _KeptKeysValues.apply(proj, rows, cos, sin, self.heads, S)
+        return _KeptKeysValues.apply(proj, rows, cos, sin, self.heads, S, backend)
 
 
 class _KeptKeysValues(torch.autograd.Function):
@@ -133,30 +134,40 @@ class _KeptKeysValues(torch.autograd.Function):
     before its own. One autograd node: its backward writes the gradient of the projection in place (the segments' q,
     k, v and the held tokens' zeros, the kept rows' keys and values added), where the ops it replaces (a cat of the
     keys and values to gather from, the gather, rotations, the cats before the read) each took a gradient of their
-    own."""
+    own. In float32 on CPU both directions run as one compiled pass each (`ltm_core.kept_rows`; these ops are its
+    reference)."""
 
     @staticmethod
-    def forward(ctx, proj, rows, cos, sin, heads, segment):
+    def forward(ctx, proj, rows, cos, sin, heads, segment, backend):
         B, W, M = rows.shape
         P, S, H = proj.shape[1], segment, heads
         R, hd = P - W * S, proj.shape[2] // (3 * heads)
+        flat = flat_rows(rows, P)  # [B W M] rows of proj's B P
+        ctx.save_for_backward(flat, cos, sin)
+        ctx.sizes = (B, W, M, P, S, H, hd, R)
+        ctx.compiled = _compiled_kept_rows(proj, backend)
+        if ctx.compiled:
+            from ltm_core import kept_rows
+
+            return kept_rows.forward(proj, flat, cos, sin, R, W, H, M)
         qkv = proj[:, R:].view(B, W, S, 3, H, hd)
         q = apply_rotary(qkv[:, :, :, 0].transpose(2, 3), cos, sin).contiguous().view(B * W, H, S, hd)
         keys, values = (proj.new_empty(B, W, H, M + S, hd) for _ in range(2))
         keys[..., M:, :] = apply_rotary(qkv[:, :, :, 1].transpose(2, 3), cos, sin)
         values[..., M:, :] = qkv[:, :, :, 2].transpose(2, 3)
-        flat = flat_rows(rows, P)  # [B W M] rows of proj's B P
         kept = proj.view(B * P, 3, H, hd)[:, 1:].index_select(0, flat).view(B, W, M, 2, H, hd)
         keys[..., :M, :] = kept[..., 0, :, :].transpose(2, 3)
         values[..., :M, :] = kept[..., 1, :, :].transpose(2, 3)
-        ctx.save_for_backward(flat, cos, sin)
-        ctx.sizes = (B, W, M, P, S, H, hd, R)
         return q, keys.view(B * W, H, M + S, hd), values.view(B * W, H, M + S, hd)
 
     @staticmethod
     def backward(ctx, dq, dkeys, dvalues):
         flat, cos, sin = ctx.saved_tensors
         B, W, M, P, S, H, hd, R = ctx.sizes
+        if ctx.compiled:
+            from ltm_core import kept_rows
+
+            return kept_rows.backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B), None, None, None, None, None, None
         dkeys, dvalues = dkeys.view(B, W, H, M + S, hd), dvalues.view(B, W, H, M + S, hd)
         # the keys' and values' gradient first in a buffer of its own [B, P, 2, H, hd]: index_add_ into a contiguous
         # tensor (the kept rows') runs about 6x faster on CPU than into the k|v columns of the q|k|v rows
@@ -171,7 +182,26 @@ class _KeptKeysValues(torch.autograd.Function):
         dproj[:, :, 1:] = dkv
         dproj[:, :R, 0] = 0
         dproj[:, R:, 0].view(B, W, S, H, hd).copy_(rotary_backward(dq.view(B, W, H, S, hd), cos, sin).transpose(2, 3))
-        return dproj.view(B, P, 3 * H * hd), None, None, None, None, None
+        return dproj.view(B, P, 3 * H * hd), None, None, None, None, None, None
+
+
+_forked = False  # set in a process forked from this one: OpenMP threads (Numba's, as PyTorch's) hang there
+
+
+def _set_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_set_forked)
+
+
+def _compiled_kept_rows(proj: torch.Tensor, backend: str) -> bool:
+    """Whether `ltm_core.kept_rows`'s compiled pass builds the read's inputs from a projection like proj: float32
+    on CPU, outside torch.compile, unless `model.kernels=torch`; not in a forked process (a data loader's worker:
+    there PyTorch's own ops run, one thread each)."""
+    return (proj.device.type == "cpu" and proj.dtype == torch.float32 and backend != "torch"
+            and not torch.compiler.is_compiling() and not _forked)
 
 
 class FeedForward(nn.Module):

@@ -4,6 +4,7 @@ through the self-attention's own projections."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -125,15 +126,23 @@ def test_a_later_segment_attends_to_the_kept_tokens(tiny_cfg, read_importance):
     torch.testing.assert_close(captured["y"][0], block.attn.o_proj(y), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_cfg, dtype):
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "auto"), (torch.float32, "torch"),
+                                            (torch.bfloat16, "auto")], ids=str)
+def test_the_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_cfg, dtype, backend, monkeypatch):
     """`SelfAttention.project_with_kept` (one projection, one autograd node) gives what projecting each segment and
     each segment's kept tokens apart gives: rotated queries, [kept keys; rotated segment keys], [kept values;
     segment values], and the same gradients to the segments, the held tokens and the projection's weight (batch 2:
-    each batch element's rows number its own [held tokens; segments]). In bfloat16 against the same computed in
-    float32, to within bfloat16's rounding of the largest value."""
+    each batch element's rows number its own [held tokens; segments]). In float32 on CPU through the compiled pass
+    (`ltm_core.kept_rows`) and through the PyTorch ops (`model.kernels=torch`, as on GPUs); in bfloat16 (PyTorch's
+    ops) against the same computed in float32, to within bfloat16's rounding of the largest value."""
+    from ltm_core import kept_rows
     from ltm_core.layers import apply_rotary, gather_rows, rotary_positions
     from ltm_core.model import SelfAttention
+
+    calls = []
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(kept_rows, name, lambda *a, fn=getattr(kept_rows, name), name=name:
+                            calls.append(name) or fn(*a))
 
     torch.manual_seed(0)
     attn = SelfAttention(tiny_cfg)
@@ -151,12 +160,54 @@ def test_the_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_cfg, dtype):
     want_grads = torch.autograd.grad(want, inputs, grads)
     attn.to(dtype)
     low = [t.detach().to(dtype).requires_grad_() for t in (h, tokens)]
-    got = attn.project_with_kept(*low, rows, cos, sin)
+    got = attn.project_with_kept(*low, rows, cos, sin, backend)
     assert all(t.is_contiguous() and t.dtype == dtype for t in got)  # the read views them as [B W H, L, hd]
     got_grads = torch.autograd.grad(got, (*low, attn.qkv_proj.weight), [g.to(dtype) for g in grads])
+    assert calls == (["forward", "backward"] if (dtype, backend) == (torch.float32, "auto") else [])
     for a, b in zip((*got, *got_grads), (*want, *want_grads)):
         scale = 1.0 if dtype == torch.float32 else 2 ** -7 * b.abs().max().item()  # bfloat16: 8 significant bits
         torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5 * scale if dtype == torch.float32 else 2 * scale)
+
+
+def _kept_gradient(attn, backend: str) -> torch.Tensor:
+    """The projection weight's gradient through `project_with_kept` on fixed inputs (batch 1, 3 segments of 8)."""
+    g = torch.Generator().manual_seed(0)
+    C, hd = attn.qkv_proj.in_features, attn.head_dim
+    h, tokens = torch.randn(3, 8, C, generator=g), torch.randn(1, 5, C, generator=g)
+    rows = torch.stack([torch.randperm(5 + 8 * w, generator=g)[:5].sort().values for w in range(3)])[None]
+    cos, sin = rotary_tables(torch.arange(8), hd, 10000.0)
+    attn.zero_grad()
+    out = attn.project_with_kept(h, tokens, rows, cos, sin, backend)
+    sum((t * torch.randn(t.shape, generator=g)).sum() for t in out).backward()
+    return attn.qkv_proj.weight.grad.clone()
+
+
+def _forked_kept_gradient(attn, queue) -> None:
+    torch.set_num_threads(1)  # as a data loader's worker
+    queue.put(_kept_gradient(attn, "auto").numpy())  # (a tensor would travel in shared memory, gone with the process)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX's")
+def test_a_forked_process_builds_the_kept_keys_and_values_with_pytorchs_ops(tiny_cfg):
+    """OpenMP threads (Numba's, as PyTorch's) hang or abort in a process forked from one that ran them: a forked
+    process (a data loader's worker) builds the read's inputs with PyTorch's ops instead of the compiled pass, and
+    gets the same gradient."""
+    import multiprocessing
+
+    from ltm_core.model import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(tiny_cfg)
+    want = _kept_gradient(attn, "auto")  # the compiled pass: Numba's threads started here
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_forked_kept_gradient, args=(attn, queue))
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, f"the forked process {'hung' if child.exitcode is None else 'failed'}"
+    torch.testing.assert_close(torch.from_numpy(queue.get(timeout=10)), want, rtol=1e-5, atol=1e-6)
 
 
 def test_select_dedup_keeps_a_needle_against_any_number_of_copies_of_a_stronger_token():
