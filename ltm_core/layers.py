@@ -86,12 +86,17 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Te
     return F.conv1d(x, weight.to(x.dtype), groups=x.shape[1]).transpose(1, 2)
 
 
-def project_rows(linear: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
-    """linear(cat(parts, dim=1)): parts [B, n_i, C] -> [B, sum n_i, out], one projection. A tensor-parallel linear
-    (`ltm_core.parallel.tensor_parallel`) has its own `project_rows`, which all-reduces each part's input gradient
-    apart: a part without gradient (the tokens memory's held tokens, detached) sends none."""
-    own = getattr(linear, "project_rows", None)
-    return own(parts) if own is not None else linear(torch.cat(parts, dim=1))
+def project_chunks(linear: nn.Module, x: torch.Tensor, first: int, chunks: int) -> torch.Tensor:
+    """The columns of linear(x) from chunk `first` on, of `chunks` equal ones side by side (q|k|v: first=1 -> k|v):
+    x [B, n, in] -> [B, n, (chunks - first) out / chunks], with only those columns' weights multiplied. A
+    tensor-parallel linear (`ltm_core.parallel.tensor_parallel`) has its own `project_chunks` (its local columns of
+    those chunks, the input gradient all-reduced)."""
+    own = getattr(linear, "project_chunks", None)
+    if own is not None:
+        return own(x, first)
+    weight = linear.weight.view(chunks, -1, linear.in_features)[first:].reshape(-1, linear.in_features)
+    bias = None if linear.bias is None else linear.bias.view(chunks, -1)[first:].reshape(-1)
+    return F.linear(x, weight, bias)
 
 
 def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
 from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows,
-                             project_rows, rotary_backward, rotary_positions)
+                             project_chunks, rotary_backward, rotary_positions)
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
@@ -116,46 +116,48 @@ class SelfAttention(nn.Module):
     def project_with_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The read's inputs for W segments at once: h [B W, S, C] the scanned segments, tokens [B, R, C] the tokens
-        held before them (`Scan.row_tokens`), rows [B, W, M] rows of [tokens; the segments' tokens] held before each
-        segment -> (queries [B W, H, S, hd] rotated, keys and values [B W, H, M + S, hd]: the kept tokens' (no
-        position) then the segment's). One projection of [tokens; segments] (the kept tokens that the segments hold
-        are not projected again), assembled by `_KeptKeysValues`. Under tensor parallelism the projection's input
-        gradient is all-reduced per part: none for the held tokens where they are detached."""
+        held before them (`Scan.row_tokens`, detached), rows [B, W, M] rows of [tokens; the segments' tokens] held
+        before each segment -> (queries [B W, H, S, hd] rotated, keys and values [B W, H, M + S, hd]: the kept
+        tokens' (no position) then the segment's). The segments' q|k|v projection and the held tokens' k|v one (the
+        kept tokens that the segments hold are not projected again; the held ones need no query), assembled by
+        `_KeptKeysValues`."""
         BW, S, C = h.shape
         B, W, M = rows.shape
-        proj = project_rows(self.qkv_proj, [tokens.to(h.dtype), h.reshape(B, W * S, C)])  # [B, R + W S, 3 H hd]
-        return _KeptKeysValues.apply(proj, rows, cos, sin, self.heads, S, backend)
+        proj = self.qkv_proj(h.reshape(B, W * S, C))  # [B, W S, 3 H hd]
+        held = project_chunks(self.qkv_proj, tokens.to(h.dtype), 1, 3)  # [B, R, 2 H hd]
+        return _KeptKeysValues.apply(proj, held, rows, cos, sin, self.heads, backend)
 
 
 class _KeptKeysValues(torch.autograd.Function):
-    """proj [B, R + W S, 3 H hd]: the q|k|v projection of [R held tokens; W segments of S tokens], rows [B, W, M]:
-    the rows of it held before each segment, cos, sin: [S, hd] -> (q [B W, H, S, hd], keys, values [B W, H, M + S,
-    hd]; contiguous): the segments' queries and keys rotated, each segment's kept tokens' keys and values (not rotated)
-    before its own. One autograd node: its backward writes the gradient of the projection in place (the segments' q,
-    k, v and the held tokens' zeros, the kept rows' keys and values added), where the ops it replaces (a cat of the
-    keys and values to gather from, the gather, rotations, the cats before the read) each took a gradient of their
-    own. In float32 on CPU both directions run as one compiled pass each (`ltm_core.kept_rows`; these ops are its
-    reference)."""
+    """proj [B, W S, 3 H hd]: the q|k|v projection of W segments of S tokens, held [B, R, 2 H hd]: the k|v projection
+    of the R tokens held before them, rows [B, W, M]: the rows of [held; proj] held before each segment, cos, sin:
+    [S, hd] -> (q [B W, H, S, hd], keys, values [B W, H, M + S, hd]; contiguous): the segments' queries and keys
+    rotated, each segment's kept tokens' keys and values (not rotated) before its own. One autograd node: its
+    backward writes the gradients of both projections (the segments' q, k, v, the kept rows' keys and values added),
+    where the ops it replaces (a cat of the keys and values to gather from, the gather, rotations, the cats before
+    the read) each took a gradient of their own. In float32 on CPU both directions run as one compiled pass each
+    (`ltm_core.kept_rows`; these ops are its reference)."""
 
     @staticmethod
-    def forward(ctx, proj, rows, cos, sin, heads, segment, backend):
+    def forward(ctx, proj, held, rows, cos, sin, heads, backend):
         B, W, M = rows.shape
-        P, S, H = proj.shape[1], segment, heads
-        R, hd = P - W * S, proj.shape[2] // (3 * heads)
-        flat = flat_rows(rows, P)  # [B W M] rows of proj's B P
+        S, H, R = cos.shape[0], heads, held.shape[1]
+        P, hd = R + W * S, proj.shape[2] // (3 * heads)
+        flat = flat_rows(rows, P)  # [B W M] rows of the B pools [held; segments]
         ctx.save_for_backward(flat, cos, sin)
         ctx.sizes = (B, W, M, P, S, H, hd, R)
         ctx.compiled = _compiled_kept_rows(proj, backend)
         if ctx.compiled:
             from ltm_core import kept_rows
 
-            return kept_rows.forward(proj, flat, cos, sin, R, W, H, M)
-        qkv = proj[:, R:].view(B, W, S, 3, H, hd)
+            return kept_rows.forward(proj, held, flat, cos, sin, W, H, M)
+        qkv = proj.view(B, W, S, 3, H, hd)
         q = apply_rotary(qkv[:, :, :, 0].transpose(2, 3), cos, sin).contiguous().view(B * W, H, S, hd)
         keys, values = (proj.new_empty(B, W, H, M + S, hd) for _ in range(2))
         keys[..., M:, :] = apply_rotary(qkv[:, :, :, 1].transpose(2, 3), cos, sin)
         values[..., M:, :] = qkv[:, :, :, 2].transpose(2, 3)
-        kept = proj.view(B * P, 3, H, hd)[:, 1:].index_select(0, flat).view(B, W, M, 2, H, hd)
+        pool = torch.cat([held.view(B, R, 2, H, hd), qkv.view(B, W * S, 3, H, hd)[:, :, 1:]], 1)  # [B, P, 2, H, hd]
+        kept = pool.view(B * P, 2, H, hd).index_select(0, flat).view(B, W, M, 2, H, hd)
         keys[..., :M, :] = kept[..., 0, :, :].transpose(2, 3)
         values[..., :M, :] = kept[..., 1, :, :].transpose(2, 3)
         return q, keys.view(B * W, H, M + S, hd), values.view(B * W, H, M + S, hd)
@@ -167,7 +169,7 @@ class _KeptKeysValues(torch.autograd.Function):
         if ctx.compiled:
             from ltm_core import kept_rows
 
-            return kept_rows.backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B), None, None, None, None, None, None
+            return (*kept_rows.backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B), None, None, None, None, None)
         dkeys, dvalues = dkeys.view(B, W, H, M + S, hd), dvalues.view(B, W, H, M + S, hd)
         # the keys' and values' gradient first in a buffer of its own [B, P, 2, H, hd]: index_add_ into a contiguous
         # tensor (the kept rows') runs about 6x faster on CPU than into the k|v columns of the q|k|v rows
@@ -178,11 +180,11 @@ class _KeptKeysValues(torch.autograd.Function):
         dseg[:, :, :, 1] = dvalues[..., M:, :].transpose(2, 3)
         dkept = torch.stack([dkeys[..., :M, :].transpose(2, 3), dvalues[..., :M, :].transpose(2, 3)], dim=3)
         dkv.view(B * P, 2, H, hd).index_add_(0, flat, dkept.view(-1, 2, H, hd))  # dkept [B, W, M, 2, H, hd]
-        dproj = dq.new_empty(B, P, 3, H, hd)
-        dproj[:, :, 1:] = dkv
-        dproj[:, :R, 0] = 0
-        dproj[:, R:, 0].view(B, W, S, H, hd).copy_(rotary_backward(dq.view(B, W, H, S, hd), cos, sin).transpose(2, 3))
-        return dproj.view(B, P, 3 * H * hd), None, None, None, None, None, None
+        dproj = dq.new_empty(B, W * S, 3, H, hd)
+        dproj[:, :, 1:] = dkv[:, R:]
+        dproj[:, :, 0].view(B, W, S, H, hd).copy_(rotary_backward(dq.view(B, W, H, S, hd), cos, sin).transpose(2, 3))
+        return (dproj.view(B, W * S, 3 * H * hd), dkv[:, :R].reshape(B, R, 2 * H * hd), None, None, None, None,
+                None)
 
 
 _forked = False  # set in a process forked from this one: OpenMP threads (Numba's, as PyTorch's) hang there

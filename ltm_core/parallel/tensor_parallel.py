@@ -61,16 +61,15 @@ def _reduce_grad(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def _fused_colwise_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _fused_colwise_rows(self, [x])
+    return _fused_colwise_chunks(self, x, 0)
 
 
-def _fused_colwise_rows(self: nn.Linear, parts: list[torch.Tensor]) -> torch.Tensor:
-    """The projection of parts [B, n_i, in] concatenated along dim 1 (`ltm_core.layers.project_rows`), each part's
-    input gradient all-reduced on its own (none for a part without gradient)."""
-    reduced = [_reduce_grad(x, self._tp_group) for x in parts]
-    x = reduced[0] if len(reduced) == 1 else torch.cat(reduced, dim=1)
+def _fused_colwise_chunks(self: nn.Linear, x: torch.Tensor, first: int) -> torch.Tensor:
+    """The local columns of the chunks from `first` on (`ltm_core.layers.project_chunks`; 0: the whole projection),
+    x's gradient all-reduced (none where it has none)."""
     weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight  # [chunks, out/tp/chunks, in]
-    return F.linear(x, weight.reshape(-1, weight.shape[-1]))
+    weight = weight.reshape(self._tp_chunks, -1, weight.shape[-1])[first:].reshape(-1, weight.shape[-1])
+    return F.linear(_reduce_grad(x, self._tp_group), weight)
 
 
 class FusedColwiseParallel(ParallelStyle):
@@ -93,8 +92,9 @@ class FusedColwiseParallel(ParallelStyle):
         module.weight = nn.Parameter(distribute_tensor(view, device_mesh, [Shard(1)], src_data_rank=None),
                                      requires_grad=weight.requires_grad)
         module._tp_group = device_mesh.get_group()
+        module._tp_chunks = self.chunks
         module.forward = types.MethodType(_fused_colwise_forward, module)
-        module.project_rows = types.MethodType(_fused_colwise_rows, module)
+        module.project_chunks = types.MethodType(_fused_colwise_chunks, module)
         return module
 
 
