@@ -1,9 +1,10 @@
 """Building blocks shared by the backbone and the memory kinds: RMSNorm, rotary embeddings, the causal
-depthwise convolution, row gathering, the cache of constant tensors."""
+depthwise convolution, row gathering, the cache of constant tensors, when the CPU kernels apply."""
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Optional
 
 import torch
@@ -77,13 +78,59 @@ def rotary_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return apply_rotary(dy, cos, -sin)
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
-    """x: [B, S, C], weight: [C, 1, K] (depthwise), before: [B, K - 1, C] what precedes x (None: zeros)
-    -> the causal convolution [B, S, C]: output t mixes inputs t - K + 1 .. t."""
-    kernel = weight.shape[-1]
-    x = x.transpose(1, 2)  # [B, C, S]
-    x = F.pad(x, (kernel - 1, 0)) if before is None else torch.cat([before.to(x.dtype).transpose(1, 2), x], 2)
-    return F.conv1d(x, weight.to(x.dtype), groups=x.shape[1]).transpose(1, 2)
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor], backend: str = "auto"
+                ) -> torch.Tensor:
+    """x: [B, S, C], weight: [C, K] (one weight per channel and tap), before: [B, K - 1, C] what precedes x (None:
+    zeros) -> the causal depthwise convolution [B, S, C]: output t mixes inputs t - K + 1 .. t. In float32 on CPU
+    (`use_cpu_kernels`) one compiled pass each way over the [B, S, C] rows (`ltm_core.cpu_kernels`), where `conv1d`
+    needs the channels first (two transposed copies) and its CPU backward is slow at batch 1; `conv1d` is the
+    reference."""
+    if before is None:
+        before = x.new_zeros(x.shape[0], weight.shape[1] - 1, x.shape[2])
+    if use_cpu_kernels(x, backend) and weight.dtype == before.dtype == torch.float32:
+        return _CausalConv.apply(x, weight, before)
+    xt = torch.cat([before.to(x.dtype), x], 1).transpose(1, 2)  # [B, C, K - 1 + S]
+    return F.conv1d(xt, weight.to(x.dtype).unsqueeze(1), groups=x.shape[2]).transpose(1, 2)
+
+
+class _CausalConv(torch.autograd.Function):
+    """`causal_conv` through the compiled CPU kernels: the gradients of x, the weight and the inputs before x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, before):
+        from ltm_core import cpu_kernels
+
+        xin = torch.cat([before, x], 1)  # [B, K - 1 + S, C]
+        ctx.save_for_backward(xin, weight)
+        return cpu_kernels.causal_conv_forward(xin, weight.contiguous())
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ltm_core import cpu_kernels
+
+        xin, weight = ctx.saved_tensors
+        dxin, dweight = cpu_kernels.causal_conv_backward(dy.contiguous(), xin, weight.contiguous())
+        K1 = weight.shape[1] - 1
+        return dxin[:, K1:], dweight, dxin[:, :K1]
+
+
+_forked = False  # set in a process forked from this one: OpenMP threads (Numba's, as PyTorch's) hang there
+
+
+def _set_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_set_forked)
+
+
+def use_cpu_kernels(t: torch.Tensor, backend: str) -> bool:
+    """Whether `ltm_core.cpu_kernels`' compiled passes replace PyTorch's ops for tensors like t: float32 on CPU,
+    outside torch.compile, unless `model.kernels=torch`; not in a process forked from another (a data loader's
+    worker, where OpenMP threads hang: PyTorch's own ops run there, one thread each)."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and backend != "torch"
+            and not torch.compiler.is_compiling() and not _forked)
 
 
 def project_chunks(linear: nn.Module, x: torch.Tensor, first: int, chunks: int) -> torch.Tensor:

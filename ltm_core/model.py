@@ -28,7 +28,6 @@ in one batched call), and a full-causal one when `segment_length >= sequence len
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -44,7 +43,8 @@ from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
 from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows,
-                             project_chunks, rotary_backward, rotary_positions)
+                             project_chunks, rotary_backward, rotary_positions,
+                             use_cpu_kernels)
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 
@@ -136,7 +136,7 @@ class _KeptKeysValues(torch.autograd.Function):
     backward writes the gradients of both projections (the segments' q, k, v, the kept rows' keys and values added),
     where the ops it replaces (a cat of the keys and values to gather from, the gather, rotations, the cats before
     the read) each took a gradient of their own. In float32 on CPU both directions run as one compiled pass each
-    (`ltm_core.kept_rows`; these ops are its reference)."""
+    (`ltm_core.cpu_kernels`; these ops are its reference)."""
 
     @staticmethod
     def forward(ctx, proj, held, rows, cos, sin, heads, backend):
@@ -146,11 +146,11 @@ class _KeptKeysValues(torch.autograd.Function):
         flat = flat_rows(rows, P)  # [B W M] rows of the B pools [held; segments]
         ctx.save_for_backward(flat, cos, sin)
         ctx.sizes = (B, W, M, P, S, H, hd, R)
-        ctx.compiled = _compiled_kept_rows(proj, backend)
+        ctx.compiled = use_cpu_kernels(proj, backend)
         if ctx.compiled:
-            from ltm_core import kept_rows
+            from ltm_core import cpu_kernels
 
-            return kept_rows.forward(proj, held, flat, cos, sin, W, H, M)
+            return cpu_kernels.kept_rows_forward(proj, held, flat, cos, sin, W, H, M)
         qkv = proj.view(B, W, S, 3, H, hd)
         q = apply_rotary(qkv[:, :, :, 0].transpose(2, 3), cos, sin).contiguous().view(B * W, H, S, hd)
         keys, values = (proj.new_empty(B, W, H, M + S, hd) for _ in range(2))
@@ -167,9 +167,9 @@ class _KeptKeysValues(torch.autograd.Function):
         flat, cos, sin = ctx.saved_tensors
         B, W, M, P, S, H, hd, R = ctx.sizes
         if ctx.compiled:
-            from ltm_core import kept_rows
+            from ltm_core import cpu_kernels
 
-            return (*kept_rows.backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B), None, None, None, None, None)
+            return (*cpu_kernels.kept_rows_backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B), None, None, None, None, None)
         dkeys, dvalues = dkeys.view(B, W, H, M + S, hd), dvalues.view(B, W, H, M + S, hd)
         # the keys' and values' gradient first in a buffer of its own [B, P, 2, H, hd]: index_add_ into a contiguous
         # tensor (the kept rows') runs about 6x faster on CPU than into the k|v columns of the q|k|v rows
@@ -185,25 +185,6 @@ class _KeptKeysValues(torch.autograd.Function):
         dproj[:, :, 0].view(B, W, S, H, hd).copy_(rotary_backward(dq.view(B, W, H, S, hd), cos, sin).transpose(2, 3))
         return (dproj.view(B, W * S, 3 * H * hd), dkv[:, :R].reshape(B, R, 2 * H * hd), None, None, None, None,
                 None)
-
-
-_forked = False  # set in a process forked from this one: OpenMP threads (Numba's, as PyTorch's) hang there
-
-
-def _set_forked() -> None:
-    global _forked
-    _forked = True
-
-
-os.register_at_fork(after_in_child=_set_forked)
-
-
-def _compiled_kept_rows(proj: torch.Tensor, backend: str) -> bool:
-    """Whether `ltm_core.kept_rows`'s compiled pass builds the read's inputs from a projection like proj: float32
-    on CPU, outside torch.compile, unless `model.kernels=torch`; not in a forked process (a data loader's worker:
-    there PyTorch's own ops run, one thread each)."""
-    return (proj.device.type == "cpu" and proj.dtype == torch.float32 and backend != "torch"
-            and not torch.compiler.is_compiling() and not _forked)
 
 
 class FeedForward(nn.Module):
@@ -319,7 +300,7 @@ class Block(nn.Module):
         T = x.shape[1]
         if before is None:
             before = x.new_zeros(x.shape[0], self.short_conv.shape[1] - 1, x.shape[2])
-        y = causal_conv(x, self.short_conv.unsqueeze(1), before)  # [B, T, C]
+        y = causal_conv(x, self.short_conv, before, self.cfg.kernels)  # [B, T, C]
         K1 = before.shape[1]  # the inputs of the last K - 1 tokens, a copy (T may be shorter than K - 1)
         tail = torch.cat([before.to(x.dtype), x[:, max(T - K1, 0):]], dim=1)  # [B, <= 2 (K - 1), C]
         return x + y, tail[:, tail.shape[1] - K1:]

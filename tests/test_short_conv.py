@@ -37,6 +37,30 @@ def test_the_convolution_is_causal_depthwise_and_carries_its_predecessors(tiny_c
     torch.testing.assert_close(short, torch.cat([before[:, 1:], x[:, :1]], dim=1))
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 48, 4), (3, 17, 8, 3), (2, 2, 8, 4)], ids=str)  # (B, T, C, K); T < K - 1
+def test_the_compiled_convolution_gives_conv1ds_values_and_gradients(shape, monkeypatch):
+    """In float32 on CPU `causal_conv` runs as `ltm_core.cpu_kernels`' compiled passes; they give what `conv1d`
+    (`model.kernels=torch`, the reference) gives: the output and the gradients of x, the weight and the inputs
+    before x."""
+    from ltm_core import cpu_kernels
+    from ltm_core.layers import causal_conv
+
+    calls = []
+    for name in ("causal_conv_forward", "causal_conv_backward"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
+                            calls.append(name) or fn(*a))
+    B, T, C, K = shape
+    g = torch.Generator().manual_seed(0)
+    x, weight, before = (torch.randn(*s, generator=g, requires_grad=True) for s in ((B, T, C), (C, K), (B, K - 1, C)))
+    dy = torch.randn(B, T, C, generator=g)
+    got, want = ((causal_conv(x, weight, before, backend), *torch.autograd.grad(causal_conv(x, weight, before, backend),
+                                                                                 (x, weight, before), dy))
+                 for backend in ("auto", "torch"))
+    assert calls == ["causal_conv_forward", "causal_conv_forward", "causal_conv_backward"]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_at_init_so_the_model_starts_as_without_it(tiny_cfg):
     plain = tiny_model(dataclasses.replace(tiny_cfg, short_conv=0, short_conv_carry=False)).eval()
     conv = tiny_model(dataclasses.replace(tiny_cfg, short_conv=4)).eval()

@@ -133,15 +133,15 @@ def test_the_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_cfg, dtype, 
     each segment's kept tokens apart gives: rotated queries, [kept keys; rotated segment keys], [kept values;
     segment values], and the same gradients to the segments, the held tokens and the projection's weight (batch 2:
     each batch element's rows number its own [held tokens; segments]). In float32 on CPU through the compiled pass
-    (`ltm_core.kept_rows`) and through the PyTorch ops (`model.kernels=torch`, as on GPUs); in bfloat16 (PyTorch's
+    (`ltm_core.cpu_kernels`) and through the PyTorch ops (`model.kernels=torch`, as on GPUs); in bfloat16 (PyTorch's
     ops) against the same computed in float32, to within bfloat16's rounding of the largest value."""
-    from ltm_core import kept_rows
+    from ltm_core import cpu_kernels
     from ltm_core.layers import apply_rotary, gather_rows, rotary_positions
     from ltm_core.model import SelfAttention
 
     calls = []
-    for name in ("forward", "backward"):
-        monkeypatch.setattr(kept_rows, name, lambda *a, fn=getattr(kept_rows, name), name=name:
+    for name in ("kept_rows_forward", "kept_rows_backward"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
                             calls.append(name) or fn(*a))
 
     torch.manual_seed(0)
@@ -163,7 +163,8 @@ def test_the_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_cfg, dtype, 
     got = attn.project_with_kept(*low, rows, cos, sin, backend)
     assert all(t.is_contiguous() and t.dtype == dtype for t in got)  # the read views them as [B W H, L, hd]
     got_grads = torch.autograd.grad(got, (*low, attn.qkv_proj.weight), [g.to(dtype) for g in grads])
-    assert calls == (["forward", "backward"] if (dtype, backend) == (torch.float32, "auto") else [])
+    assert calls == (["kept_rows_forward", "kept_rows_backward"] if (dtype, backend) == (torch.float32, "auto")
+                     else [])
     for a, b in zip((*got, *got_grads), (*want, *want_grads)):
         scale = 1.0 if dtype == torch.float32 else 2 ** -7 * b.abs().max().item()  # bfloat16: 8 significant bits
         torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5 * scale if dtype == torch.float32 else 2 * scale)

@@ -1,13 +1,11 @@
-"""The window read's keys and values on CPU as one compiled pass (Numba), forward and backward.
+"""Compiled CPU passes (Numba) of two hot spots of the layer-major pass, each with its PyTorch reference.
 
-`_KeptKeysValues` (ltm_core/model.py) turns the q|k|v projection of the pass's segments and the k|v projection of
-the tokens held at each window's start into the read's inputs: rotated queries, and for every segment [its kept
-tokens' keys; its own keys rotated] and the same of the values. In PyTorch that is a dozen strided copies and rotations, each writing a
-temporary (the rotation alone three), whose backward adds a dozen more; here each direction is one pass over the
-rows, split over segments between as many threads as PyTorch's. The PyTorch ops in `_KeptKeysValues` are the
-reference, and the path for half precision, GPUs, torch.compile and forked processes (where OpenMP threads hang);
-`tests/memory/test_tokens.py` checks that the two agree. `model=tiny`'s training step at 8K takes 0.93x the time
-with this pass (docs/benchmarks.md).
+**The window read's keys and values** (`kept_rows_forward` / `_backward`). `_KeptKeysValues` (ltm_core/model.py)
+turns the q|k|v projection of the pass's segments and the k|v projection of the tokens held at each window's start
+into the read's inputs: rotated queries, and for every segment [its kept tokens' keys; its own keys rotated] and the
+same of the values. In PyTorch that is a dozen strided copies and rotations, each writing a temporary (the rotation
+alone three), whose backward adds a dozen more; here each direction is one pass over the rows, split over segments.
+`model=tiny`'s training step at 8K takes 0.93x the time with this pass (docs/benchmarks.md).
 
     forward:   q[s]       = rotate(q row s)                        per segment, head
                keys[:M]   = k rows of the kept tokens;  keys[M:]   = rotate(k rows of the segment)
@@ -16,6 +14,16 @@ with this pass (docs/benchmarks.md).
                segment's dkeys / dvalues of its kept tokens added to their rows (held or segment rows)
 
 The rotation is `ltm_core.layers.apply_rotary`'s: y = x * [cos, cos] + [x2, x1] * [-sin, sin] over a head's halves.
+
+**The short causal depthwise convolution** (`causal_conv_forward` / `_backward`, for `ltm_core.layers.causal_conv`):
+over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy each way), vectorised over channels:
+
+    y[t]  = sum_k w[:, k] * xin[t + k]                 xin = [the K - 1 inputs before x; x]
+    dxin[j] = sum_k w[:, k] * dy[j - k]                dw[:, k] = sum_t dy[t] * xin[t + k]
+
+The PyTorch ops are the reference, and the path for half precision, GPUs, torch.compile, `model.kernels=torch` and
+forked processes, where OpenMP threads hang (`ltm_core.layers.use_cpu_kernels`); tests compare the two. Every
+parallel loop splits between as many threads as PyTorch's.
 """
 
 from __future__ import annotations
@@ -118,7 +126,7 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             segments: int, heads: int, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """proj [B, W S, 3 H hd] and held [B, R, 2 H hd] float32, flat [B W M] the kept rows of [held; segments]
     (`layers.flat_rows`), cos, sin [S, hd] -> q [B W, H, S, hd], keys, values [B W, H, M + S, hd], contiguous."""
@@ -133,9 +141,9 @@ def forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor, cos: tor
     return q, keys, values
 
 
-def backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor,
+def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor, held: int, segments: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of `forward`'s outputs (`held`: its R) -> those of its proj [B, W S, 3 H hd] and held [B, R,
+    """The gradients of `kept_rows_forward`'s outputs (`held`: its R) -> those of its proj [B, W S, 3 H hd] and held [B, R,
     2 H hd]."""
     BW, H, S, hd = dq.shape
     dproj = dq.new_empty(BW * S, 3, H, hd)
@@ -144,6 +152,71 @@ def backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Tensor, flat:
     _backward_kernel(dq.contiguous().numpy(), dkeys.contiguous().numpy(), dvalues.contiguous().numpy(), flat.numpy(),
                      cos.numpy(), sin.numpy(), segments, dproj.numpy(), dheld.numpy())
     return dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
+
+
+def _conv_forward(xin, w, y):
+    """xin [B, K - 1 + T, C], w [C, K] -> writes y [B, T, C]."""
+    B, T, C = y.shape
+    K = w.shape[1]
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for c in range(C):
+            y[b, t, c] = 0.0
+        for k in range(K):
+            for c in range(C):
+                y[b, t, c] += w[c, k] * xin[b, t + k, c]
+
+
+def _conv_backward(dy, xin, w, dxin, dw_parts):
+    """dy [B, T, C], xin [B, K - 1 + T, C], w [C, K] -> writes dxin [B, K - 1 + T, C] and dw_parts [n, K, C] (the
+    weight's gradient summed over n blocks of rows apart: their sum is dw transposed)."""
+    B, T, C = dy.shape
+    K = w.shape[1]
+    L = T + K - 1
+    for bj in prange(B * L):
+        b, j = bj // L, bj % L
+        for c in range(C):
+            dxin[b, j, c] = 0.0
+        for k in range(K):
+            t = j - k
+            if 0 <= t < T:
+                for c in range(C):
+                    dxin[b, j, c] += w[c, k] * dy[b, t, c]
+    n = dw_parts.shape[0]
+    for p in prange(n):  # block p of the B T output rows
+        for k in range(K):
+            for c in range(C):
+                dw_parts[p, k, c] = 0.0
+        for bt in range(p * B * T // n, (p + 1) * B * T // n):
+            b, t = bt // T, bt % T
+            for k in range(K):
+                for c in range(C):
+                    dw_parts[p, k, c] += dy[b, t, c] * xin[b, t + k, c]
+
+
+_conv_forward_kernel = compiled(_conv_forward, fastmath=True, parallel=True)
+_conv_backward_kernel = compiled(_conv_backward, fastmath=True, parallel=True)
+CONV_WEIGHT_BLOCKS = 16  # row blocks whose weight gradients are summed apart (then added: a fixed order)
+
+
+def causal_conv_forward(xin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """xin [B, K - 1 + T, C] (the K - 1 inputs before x, then x), weight [C, K], float32, contiguous -> y [B, T,
+    C]."""
+    B, L, C = xin.shape
+    y = xin.new_empty(B, L - weight.shape[1] + 1, C)
+    _threads()
+    _conv_forward_kernel(xin.detach().numpy(), weight.detach().numpy(), y.numpy())
+    return y
+
+
+def causal_conv_backward(dy: torch.Tensor, xin: torch.Tensor, weight: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of `causal_conv_forward`'s output -> those of its xin and weight."""
+    dxin = torch.empty_like(xin)
+    parts = dy.new_empty(CONV_WEIGHT_BLOCKS, weight.shape[1], weight.shape[0])
+    _threads()
+    _conv_backward_kernel(dy.numpy(), xin.detach().numpy(), weight.detach().numpy(), dxin.numpy(), parts.numpy())
+    return dxin, parts.sum(0).t()
 
 
 def _rows(t: torch.Tensor, chunks: int, heads: int, head_dim: int):
