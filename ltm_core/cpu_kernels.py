@@ -141,10 +141,11 @@ def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor
     return q, keys, values
 
 
-def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor,
-             sin: torch.Tensor, held: int, segments: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of `kept_rows_forward`'s outputs (`held`: its R) -> those of its proj [B, W S, 3 H hd] and held [B, R,
-    2 H hd]."""
+def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Tensor, flat: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, held: int, segments: int, batch: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `kept_rows_forward`'s outputs (`held`: its R) -> those of its proj [B, W S, 3 H hd] and
+    held [B, R, 2 H hd]."""
     BW, H, S, hd = dq.shape
     dproj = dq.new_empty(BW * S, 3, H, hd)
     dheld = dq.new_empty(batch * held, 2, H, hd)

@@ -141,6 +141,9 @@ def project_chunks(linear: nn.Module, x: torch.Tensor, first: int, chunks: int) 
     own = getattr(linear, "project_chunks", None)
     if own is not None:
         return own(x, first)
+    if not linear.weight.is_floating_point():  # a quantized projection (bitsandbytes): all columns, then those
+        y = linear(x)
+        return y[..., y.shape[-1] // chunks * first:]
     weight = linear.weight.view(chunks, -1, linear.in_features)[first:].reshape(-1, linear.in_features)
     bias = None if linear.bias is None else linear.bias.view(chunks, -1)[first:].reshape(-1)
     return F.linear(x, weight, bias)

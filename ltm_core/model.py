@@ -169,7 +169,8 @@ class _KeptKeysValues(torch.autograd.Function):
         if ctx.compiled:
             from ltm_core import cpu_kernels
 
-            return (*cpu_kernels.kept_rows_backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B), None, None, None, None, None)
+            dproj, dheld = cpu_kernels.kept_rows_backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B)
+            return dproj, dheld, None, None, None, None, None
         dkeys, dvalues = dkeys.view(B, W, H, M + S, hd), dvalues.view(B, W, H, M + S, hd)
         # the keys' and values' gradient first in a buffer of its own [B, P, 2, H, hd]: index_add_ into a contiguous
         # tensor (the kept rows') runs about 6x faster on CPU than into the k|v columns of the q|k|v rows

@@ -289,6 +289,24 @@ def test_rotary_backward_is_the_rotations_gradient(dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_project_chunks_gives_those_columns_of_the_projection(bias):
+    """`project_chunks(linear, x, first, chunks)`: the columns of linear(x) from chunk `first` on (q|k|v -> k|v),
+    with the gradient of those columns' weights (and bias) only."""
+    from ltm_core.layers import project_chunks
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 3 * 4, bias=bias)
+    x = torch.randn(2, 5, 6)
+    got = project_chunks(linear, x, 1, 3)
+    torch.testing.assert_close(got, linear(x)[..., 4:])
+    got.sum().backward()
+    assert linear.weight.grad[:4].eq(0).all() and linear.weight.grad[4:].ne(0).all()
+    torch.testing.assert_close(linear.weight.grad[4:], x.flatten(0, 1).sum(0).expand(8, 6))
+    if bias:
+        torch.testing.assert_close(linear.bias.grad, torch.tensor([0.0] * 4 + [10.0] * 8))
+
+
 def test_constant_tensors_are_built_once_and_train_after_inference():
     """`constant_tensors` (rotary tables, attention masks, window indices): one build per arguments, shared; a build
     made under inference mode (a generation's) is an ordinary tensor that a training step can save for backward;
