@@ -121,9 +121,15 @@ _forward_kernel = compiled(_forward, fastmath=True, parallel=True)
 _backward_kernel = compiled(_backward, fastmath=True, parallel=True)
 
 
-def _threads() -> None:
-    """Numba's threads for the next call: as many as PyTorch's (`torch.set_num_threads`), within Numba's pool."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _launch(kernel, *args) -> None:
+    """kernel(*args) on as many threads as PyTorch's (`torch.set_num_threads`), within Numba's pool. Numba's first
+    parallel launch starts its OpenMP pool, which sets the thread count of the OpenMP runtime PyTorch shares (a
+    process at 1 thread went on at 2): PyTorch's count is put back."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    kernel(*args)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -135,9 +141,8 @@ def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor
     BW, M = B * segments, slots
     q = proj.new_empty(BW, heads, S, hd)
     keys, values = (proj.new_empty(BW, heads, M + S, hd) for _ in range(2))
-    _threads()
-    _forward_kernel(_rows(proj, 3, heads, hd), _rows(held, 2, heads, hd), flat.numpy(), cos.numpy(), sin.numpy(),
-                    segments, q.numpy(), keys.numpy(), values.numpy())
+    _launch(_forward_kernel, _rows(proj, 3, heads, hd), _rows(held, 2, heads, hd), flat.numpy(), cos.numpy(),
+            sin.numpy(), segments, q.numpy(), keys.numpy(), values.numpy())
     return q, keys, values
 
 
@@ -149,9 +154,8 @@ def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Ten
     BW, H, S, hd = dq.shape
     dproj = dq.new_empty(BW * S, 3, H, hd)
     dheld = dq.new_empty(batch * held, 2, H, hd)
-    _threads()
-    _backward_kernel(dq.contiguous().numpy(), dkeys.contiguous().numpy(), dvalues.contiguous().numpy(), flat.numpy(),
-                     cos.numpy(), sin.numpy(), segments, dproj.numpy(), dheld.numpy())
+    _launch(_backward_kernel, dq.contiguous().numpy(), dkeys.contiguous().numpy(), dvalues.contiguous().numpy(),
+            flat.numpy(), cos.numpy(), sin.numpy(), segments, dproj.numpy(), dheld.numpy())
     return dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
 
 
@@ -205,8 +209,7 @@ def causal_conv_forward(xin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     C]."""
     B, L, C = xin.shape
     y = xin.new_empty(B, L - weight.shape[1] + 1, C)
-    _threads()
-    _conv_forward_kernel(xin.detach().numpy(), weight.detach().numpy(), y.numpy())
+    _launch(_conv_forward_kernel, xin.detach().numpy(), weight.detach().numpy(), y.numpy())
     return y
 
 
@@ -215,8 +218,8 @@ def causal_conv_backward(dy: torch.Tensor, xin: torch.Tensor, weight: torch.Tens
     """The gradient of `causal_conv_forward`'s output -> those of its xin and weight."""
     dxin = torch.empty_like(xin)
     parts = dy.new_empty(CONV_WEIGHT_BLOCKS, weight.shape[1], weight.shape[0])
-    _threads()
-    _conv_backward_kernel(dy.numpy(), xin.detach().numpy(), weight.detach().numpy(), dxin.numpy(), parts.numpy())
+    _launch(_conv_backward_kernel, dy.numpy(), xin.detach().numpy(), weight.detach().numpy(), dxin.numpy(),
+            parts.numpy())
     return dxin, parts.sum(0).t()
 
 

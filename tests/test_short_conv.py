@@ -61,6 +61,20 @@ def test_the_compiled_convolution_gives_conv1ds_values_and_gradients(shape, monk
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_the_compiled_passes_leave_pytorchs_thread_count_as_it_was():
+    """Numba's first parallel launch starts its OpenMP pool, which set the thread count of the runtime PyTorch
+    shares (a process at 1 thread went on at 2, so two runs of one training differed bitwise); the compiled passes put
+    PyTorch's count back. In a fresh process, where that first launch happens."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from ltm_core.layers import causal_conv; torch.set_num_threads(1); "
+            "causal_conv(torch.randn(1, 8, 4), torch.randn(4, 3), None); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1"]
+
+
 def test_zero_at_init_so_the_model_starts_as_without_it(tiny_cfg):
     plain = tiny_model(dataclasses.replace(tiny_cfg, short_conv=0, short_conv_carry=False)).eval()
     conv = tiny_model(dataclasses.replace(tiny_cfg, short_conv=4)).eval()
