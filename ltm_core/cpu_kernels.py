@@ -35,16 +35,13 @@ from numba import prange
 from ltm_core.memory.choice import compiled
 
 
-def _forward(proj, held, flat, cos, sin, segments, q, keys, values):
+def _forward(proj, held, flat, cos, sin, segments, slots, q, keys, values):
     """proj [B W S, 3, H, hd] the segments' q|k|v rows, held [B R, 2, H, hd] the held tokens' k|v rows, flat [B W M]
     each segment's kept rows (into the B pools [held; segments] of P = R + W S rows), cos, sin [S, hd] -> writes
-    q [B W, H, S, hd], keys, values [B W, H, M + S, hd]."""
+    q [B W, H, S, hd], keys, values [B W, H, M + S, hd] (W = `segments`, M = `slots`)."""
     BW, H, S, hd = q.shape
-    M = keys.shape[2] - S
-    B = BW // segments
-    R = held.shape[0] // B
-    P = R + segments * S
-    half = hd // 2
+    M, R = slots, held.shape[0] * segments // BW
+    P, half = R + segments * S, hd // 2
     for bw in prange(BW):  # one segment per iteration, split between the threads
         for h in range(H):
             for m in range(M):
@@ -73,15 +70,12 @@ def _forward(proj, held, flat, cos, sin, segments, q, keys, values):
                     values[bw, h, M + s, d] = proj[row, 2, h, d]
 
 
-def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, dproj, dheld):
+def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld):
     """The gradients of `_forward`'s outputs -> writes dproj [B W S, 3, H, hd] and dheld [B R, 2, H, hd], those of
     its proj and held."""
     BW, H, S, hd = dq.shape
-    M = dkeys.shape[2] - S
-    B = BW // segments
-    R = dheld.shape[0] // B
-    P = R + segments * S
-    half = hd // 2
+    M, R = slots, dheld.shape[0] * segments // BW
+    P, half = R + segments * S, hd // 2
     for r in prange(dheld.shape[0]):  # the held tokens' rows: only what the kept rows add
         for j in range(2):
             for h in range(H):
@@ -142,7 +136,7 @@ def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor
     q = proj.new_empty(BW, heads, S, hd)
     keys, values = (proj.new_empty(BW, heads, M + S, hd) for _ in range(2))
     _launch(_forward_kernel, _rows(proj, 3, heads, hd), _rows(held, 2, heads, hd), flat.numpy(), cos.numpy(),
-            sin.numpy(), segments, q.numpy(), keys.numpy(), values.numpy())
+            sin.numpy(), segments, M, q.numpy(), keys.numpy(), values.numpy())
     return q, keys, values
 
 
@@ -155,7 +149,7 @@ def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Ten
     dproj = dq.new_empty(BW * S, 3, H, hd)
     dheld = dq.new_empty(batch * held, 2, H, hd)
     _launch(_backward_kernel, dq.contiguous().numpy(), dkeys.contiguous().numpy(), dvalues.contiguous().numpy(),
-            flat.numpy(), cos.numpy(), sin.numpy(), segments, dproj.numpy(), dheld.numpy())
+            flat.numpy(), cos.numpy(), sin.numpy(), segments, dkeys.shape[2] - S, dproj.numpy(), dheld.numpy())
     return dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
 
 
