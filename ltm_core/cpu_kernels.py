@@ -126,8 +126,9 @@ def _launch(kernel, *args) -> None:
         torch.set_num_threads(threads)
 
 
-def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            segments: int, heads: int, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, segments: int, heads: int, slots: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """proj [B, W S, 3 H hd] and held [B, R, 2 H hd] float32, flat [B W M] the kept rows of [held; segments]
     (`layers.flat_rows`), cos, sin [S, hd] -> q [B W, H, S, hd], keys, values [B W, H, M + S, hd], contiguous."""
     B, R, _ = held.shape
@@ -202,7 +203,7 @@ def causal_conv_forward(xin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     """xin [B, K - 1 + T, C] (the K - 1 inputs before x, then x), weight [C, K], float32, contiguous -> y [B, T,
     C]."""
     B, L, C = xin.shape
-    y = xin.new_empty(B, L - weight.shape[1] + 1, C)
+    y = xin.new_empty(B, L - weight.shape[1] + 1, C)  # [B, T, C]
     _launch(_conv_forward_kernel, xin.detach().numpy(), weight.detach().numpy(), y.numpy())
     return y
 
