@@ -32,7 +32,15 @@ import numba
 import torch
 from numba import prange
 
-from ltm_core.memory.choice import compiled
+
+def compiled(fn, fastmath=False, parallel=False):
+    """fn compiled by Numba (nopython, the GIL released; `parallel`: its `numba.prange` loops split between threads),
+    cached on disk where Numba finds a writable place, else for the process alone (a read-only install without a
+    writable home)."""
+    try:
+        return numba.njit(cache=True, nogil=True, fastmath=fastmath, parallel=parallel)(fn)
+    except RuntimeError:  # nowhere to cache it
+        return numba.njit(nogil=True, fastmath=fastmath, parallel=parallel)(fn)
 
 
 def _forward(proj, held, flat, cos, sin, segments, slots, q, keys, values):

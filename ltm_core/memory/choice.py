@@ -138,18 +138,6 @@ _kernel = None  # the compiled `_choose`
 _rows_kernel = None  # the compiled `_window_rows`
 
 
-def compiled(fn, fastmath=False, parallel=False):
-    """fn compiled by Numba (nopython, the GIL released; `parallel`: its `numba.prange` loops split between threads),
-    cached on disk where Numba finds a writable place, else for the process alone (a read-only install without a
-    writable home)."""
-    import numba
-
-    try:
-        return numba.njit(cache=True, nogil=True, fastmath=fastmath, parallel=parallel)(fn)
-    except RuntimeError:  # nowhere to cache it
-        return numba.njit(nogil=True, fastmath=fastmath, parallel=parallel)(fn)
-
-
 def choose(pool: torch.Tensor, weight: torch.Tensor, bias: float, noise: Optional[torch.Tensor], tau: float,
            vacant: float, slots: int, segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The W writes of a pool: pool [B, P, C] (the M = `slots` entries held before the first write, then W segments
@@ -160,6 +148,8 @@ def choose(pool: torch.Tensor, weight: torch.Tensor, bias: float, noise: Optiona
     into [held; segment], int64; empty [B, W + 1, M] bool: which held rows are empty slots), CPU tensors."""
     global _kernel
     if _kernel is None:
+        from ltm_core.cpu_kernels import compiled
+
         _kernel = compiled(_choose, fastmath=REASSOCIATE)
     rows = _numpy_float(pool)
     samples, scale = (np.ones((0, 0, 0), np.float32), 0.0) if noise is None else (_numpy_float(noise), float(tau))
@@ -184,6 +174,8 @@ def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int
     scanned tokens])."""
     global _rows_kernel
     if _rows_kernel is None:
+        from ltm_core.cpu_kernels import compiled
+
         _rows_kernel = compiled(_window_rows)
     first, window, starts = _window_layout(windows, slots, segment)
     own, rows = _rows_kernel(held.contiguous().numpy(), first, window, starts, slots, len(windows))
