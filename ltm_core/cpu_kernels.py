@@ -43,13 +43,35 @@ def compiled(fn, fastmath=False, parallel=False):
         return numba.njit(nogil=True, fastmath=fastmath, parallel=parallel)(fn)
 
 
+def _rotate(x, c, s, y):
+    """y = x rotated by one position's angles (`ltm_core.layers.apply_rotary`'s rotation): x, c, s, y [hd]."""
+    half = x.shape[0] // 2
+    for d in range(half):  # y1 = x1 c1 + x2 s1, y2 = x2 c2 + x1 s2
+        x1, x2 = x[d], x[d + half]
+        y[d] = x1 * c[d] + x2 * s[d]
+        y[d + half] = x2 * c[d + half] + x1 * s[d + half]
+
+
+def _unrotate(g, c, s, dx):
+    """dx = the gradient of `_rotate`'s x from its y's gradient g: the rotation by the opposite angles."""
+    half = g.shape[0] // 2
+    for d in range(half):
+        g1, g2 = g[d], g[d + half]
+        dx[d] = g1 * c[d] + g2 * s[d + half]
+        dx[d + half] = g1 * s[d] + g2 * c[d + half]
+
+
+_rotate = numba.njit(inline="always", fastmath=True)(_rotate)  # inlined into the kernels below
+_unrotate = numba.njit(inline="always", fastmath=True)(_unrotate)
+
+
 def _forward(proj, held, flat, cos, sin, segments, slots, q, keys, values):
     """proj [B W S, 3, H, hd] the segments' q|k|v rows, held [B R, 2, H, hd] the held tokens' k|v rows, flat [B W M]
     each segment's kept rows (into the B pools [held; segments] of P = R + W S rows), cos, sin [S, hd] -> writes
     q [B W, H, S, hd], keys, values [B W, H, M + S, hd] (W = `segments`, M = `slots`)."""
     BW, H, S, hd = q.shape
     M, R = slots, held.shape[0] * segments // BW
-    P, half = R + segments * S, hd // 2
+    P = R + segments * S
     for bw in prange(BW):  # one segment per iteration, split between the threads
         for h in range(H):
             for m in range(M):
@@ -66,14 +88,8 @@ def _forward(proj, held, flat, cos, sin, segments, slots, q, keys, values):
                         values[bw, h, m, d] = proj[row, 2, h, d]
             for s in range(S):
                 row = bw * S + s
-                for d in range(half):
-                    c1, s1, c2, s2 = cos[s, d], sin[s, d], cos[s, d + half], sin[s, d + half]
-                    x1, x2 = proj[row, 0, h, d], proj[row, 0, h, d + half]
-                    q[bw, h, s, d] = x1 * c1 + x2 * s1
-                    q[bw, h, s, d + half] = x2 * c2 + x1 * s2
-                    x1, x2 = proj[row, 1, h, d], proj[row, 1, h, d + half]
-                    keys[bw, h, M + s, d] = x1 * c1 + x2 * s1
-                    keys[bw, h, M + s, d + half] = x2 * c2 + x1 * s2
+                _rotate(proj[row, 0, h], cos[s], sin[s], q[bw, h, s])
+                _rotate(proj[row, 1, h], cos[s], sin[s], keys[bw, h, M + s])
                 for d in range(hd):
                     values[bw, h, M + s, d] = proj[row, 2, h, d]
 
@@ -83,7 +99,7 @@ def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld)
     its proj and held."""
     BW, H, S, hd = dq.shape
     M, R = slots, dheld.shape[0] * segments // BW
-    P, half = R + segments * S, hd // 2
+    P = R + segments * S
     for r in prange(dheld.shape[0]):  # the held tokens' rows: only what the kept rows add
         for j in range(2):
             for h in range(H):
@@ -93,14 +109,8 @@ def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld)
         for s in range(S):
             row = bw * S + s
             for h in range(H):
-                for d in range(half):  # y1 = x1 c1 + x2 s1, y2 = x2 c2 + x1 s2
-                    c1, s1, c2, s2 = cos[s, d], sin[s, d], cos[s, d + half], sin[s, d + half]
-                    g1, g2 = dq[bw, h, s, d], dq[bw, h, s, d + half]
-                    dproj[row, 0, h, d] = g1 * c1 + g2 * s2
-                    dproj[row, 0, h, d + half] = g1 * s1 + g2 * c2
-                    g1, g2 = dkeys[bw, h, M + s, d], dkeys[bw, h, M + s, d + half]
-                    dproj[row, 1, h, d] = g1 * c1 + g2 * s2
-                    dproj[row, 1, h, d + half] = g1 * s1 + g2 * c2
+                _unrotate(dq[bw, h, s], cos[s], sin[s], dproj[row, 0, h])
+                _unrotate(dkeys[bw, h, M + s], cos[s], sin[s], dproj[row, 1, h])
                 for d in range(hd):
                     dproj[row, 2, h, d] = dvalues[bw, h, M + s, d]
     for bw in range(BW):  # one thread: segments keep rows in common
@@ -119,8 +129,34 @@ def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld)
                         dproj[row, 2, h, d] += dvalues[bw, h, m, d]
 
 
+def _qkv_forward(proj, cos, sin, q, k, v):
+    """proj [B, T, 3, H, hd] q|k|v rows, cos, sin [T, hd] -> writes q, k rotated and v [B, H, T, hd]."""
+    B, H, T, hd = q.shape
+    for bh in prange(B * H):  # one head of one sequence per iteration
+        b, h = bh // H, bh % H
+        for t in range(T):
+            _rotate(proj[b, t, 0, h], cos[t], sin[t], q[b, h, t])
+            _rotate(proj[b, t, 1, h], cos[t], sin[t], k[b, h, t])
+            for d in range(hd):
+                v[b, h, t, d] = proj[b, t, 2, h, d]
+
+
+def _qkv_backward(dq, dk, dv, cos, sin, dproj):
+    """The gradients of `_qkv_forward`'s outputs -> writes dproj [B, T, 3, H, hd], that of its proj."""
+    B, H, T, hd = dq.shape
+    for bh in prange(B * H):
+        b, h = bh // H, bh % H
+        for t in range(T):
+            _unrotate(dq[b, h, t], cos[t], sin[t], dproj[b, t, 0, h])
+            _unrotate(dk[b, h, t], cos[t], sin[t], dproj[b, t, 1, h])
+            for d in range(hd):
+                dproj[b, t, 2, h, d] = dv[b, h, t, d]
+
+
 _forward_kernel = compiled(_forward, fastmath=True, parallel=True)
 _backward_kernel = compiled(_backward, fastmath=True, parallel=True)
+_qkv_forward_kernel = compiled(_qkv_forward, fastmath=True, parallel=True)
+_qkv_backward_kernel = compiled(_qkv_backward, fastmath=True, parallel=True)
 
 
 def _launch(kernel, *args) -> None:
@@ -160,6 +196,28 @@ def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Ten
     _launch(_backward_kernel, dq.contiguous().numpy(), dkeys.contiguous().numpy(), dvalues.contiguous().numpy(),
             flat.numpy(), cos.numpy(), sin.numpy(), segments, dkeys.shape[2] - S, dproj.numpy(), dheld.numpy())
     return dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
+
+
+def rotated_qkv_forward(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """proj [B, T, 3 H hd] float32 (a q|k|v projection), cos, sin [T, hd] -> q, k rotated and v [B, H, T, hd],
+    contiguous."""
+    B, T, _ = proj.shape
+    hd = cos.shape[1]
+    q, k, v = (proj.new_empty(B, heads, T, hd) for _ in range(3))
+    _launch(_qkv_forward_kernel, _rows(proj, 3, heads, hd).reshape(B, T, 3, heads, hd), cos.contiguous().numpy(),
+            sin.contiguous().numpy(), q.numpy(), k.numpy(), v.numpy())
+    return q, k, v
+
+
+def rotated_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> torch.Tensor:
+    """The gradients of `rotated_qkv_forward`'s outputs [B, H, T, hd] -> that of its proj [B, T, 3 H hd]."""
+    B, H, T, hd = dq.shape
+    dproj = dq.new_empty(B, T, 3, H, hd)
+    _launch(_qkv_backward_kernel, dq.contiguous().numpy(), dk.contiguous().numpy(), dv.contiguous().numpy(),
+            cos.contiguous().numpy(), sin.contiguous().numpy(), dproj.numpy())
+    return dproj.view(B, T, 3 * H * hd)
 
 
 def _conv_forward(xin, w, y):

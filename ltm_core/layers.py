@@ -1,5 +1,5 @@
-"""Building blocks shared by the backbone and the memory kinds: RMSNorm, rotary embeddings, the causal
-depthwise convolution, row gathering, the cache of constant tensors, when the CPU kernels apply."""
+"""Building blocks shared by the backbone and the memory kinds: RMSNorm, rotary embeddings (and the rotated q|k|v of a
+projection), the causal depthwise convolution, row gathering, the cache of constant tensors, when the CPU kernels apply."""
 
 from __future__ import annotations
 
@@ -76,6 +76,37 @@ def rotary_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     sin]) = the rotation by the opposite angles (rolling by half a head is its own inverse, and roll([-sin, sin]) =
     -[-sin, sin])."""
     return apply_rotary(dy, cos, -sin)
+
+
+def rotated_qkv(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, backend: str = "auto"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """proj: [B, T, 3 H hd] a q|k|v projection, cos, sin: [T, hd] (`rotary_tables`) -> q, k rotated, v [B, H, T, hd].
+    In float32 on CPU (`use_cpu_kernels`) one compiled pass each way (`ltm_core.cpu_kernels`), writing contiguous
+    heads, where the rotations' PyTorch ops (the reference, and the path everywhere else) write three temporaries each
+    way per tensor."""
+    if use_cpu_kernels(proj, backend):
+        return _RotatedQKV.apply(proj, cos, sin, heads)
+    B, T, _ = proj.shape
+    q, k, v = proj.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+class _RotatedQKV(torch.autograd.Function):
+    """`rotated_qkv` through the compiled CPU kernels."""
+
+    @staticmethod
+    def forward(ctx, proj, cos, sin, heads):
+        from ltm_core import cpu_kernels
+
+        ctx.save_for_backward(cos, sin)
+        return cpu_kernels.rotated_qkv_forward(proj, cos, sin, heads)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        from ltm_core import cpu_kernels
+
+        cos, sin = ctx.saved_tensors
+        return cpu_kernels.rotated_qkv_backward(dq, dk, dv, cos, sin), None, None, None
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor], backend: str = "auto"

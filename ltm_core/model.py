@@ -43,7 +43,7 @@ from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
 from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows,
-                             project_chunks, rotary_backward, rotary_positions,
+                             project_chunks, rotary_backward, rotary_positions, rotated_qkv,
                              use_cpu_kernels)
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
@@ -75,8 +75,7 @@ class SelfAttention(nn.Module):
         """h: [B, T, C] -> (out [B, T, C], keys and values of the segment so far [B, H, t + T, hd]). `past`: the
         keys/values of the segment's earlier tokens; `prefix`: tokens every query also reads (no position), through
         this attention's projections."""
-        q, k, v = self.project(h)  # [B, H, T, hd]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project_rotated(h, cos, sin, backend)  # [B, H, T, hd]
         if past is not None:  # tokens already seen in this segment
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         keys, values, prefix_len = k, v, 0
@@ -107,6 +106,11 @@ class SelfAttention(nn.Module):
         B, T, _ = h.shape
         q, k, v = self.qkv_proj(h).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
+
+    def project_rotated(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h: [B, T, C], cos, sin: [T, hd] its positions' -> queries and keys rotated, values [B, H, T, hd]."""
+        return rotated_qkv(self.qkv_proj(h), cos, sin, self.heads, backend)
 
     def kv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: [B, M, C] -> keys and values through this attention's projections [B, H, M, hd], not rotated."""

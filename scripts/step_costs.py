@@ -42,9 +42,9 @@ def parts(memory_class: type) -> dict[str, tuple[object, str]]:
         "norms": (RMSNorm, "forward"),
         "memory_scan": (memory_class, "scan_windows"),
         "memory_prefix": (memory_class, "prefix"),
-        "qkv_projection": (modeling.SelfAttention, "project"),
+        "qkv_projection": (modeling.SelfAttention, "project_rotated"),  # with the rotations
         "qkv_projection_with_kept": (modeling.SelfAttention, "project_with_kept"),  # with the rotations and the
-        # kept tokens' keys and values (the segment-local model rotates in `SelfAttention.forward`)
+        # kept tokens' keys and values
         "attend": (modeling.SelfAttention, "attend"),  # the attention and its output projection
         "attention": (modeling, "attention"),
         "ffn": (modeling.FeedForward, "forward"),

@@ -289,6 +289,34 @@ def test_rotary_backward_is_the_rotations_gradient(dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("shape", [(2, 16, 4, 8), (1, 5, 3, 6), (3, 1, 2, 4)], ids=str)  # (B, T, H, hd); T = 1 decodes
+def test_rotated_qkv_gives_the_rotated_heads_and_their_gradient(shape, backend, monkeypatch):
+    """`rotated_qkv` (the segment attention's q|k|v) gives the projection's heads, q and k rotated by `apply_rotary`,
+    and the projection's gradient autograd takes through them; in float32 on CPU through the compiled passes
+    (`ltm_core.cpu_kernels`, spied), with `model.kernels=torch` through PyTorch's ops."""
+    from ltm_core import cpu_kernels
+    from ltm_core.layers import apply_rotary, rotated_qkv
+
+    calls = []
+    for name in ("rotated_qkv_forward", "rotated_qkv_backward"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
+                            calls.append(name) or fn(*a))
+    B, T, H, hd = shape
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(B, T, 3 * H * hd, generator=g, requires_grad=True)
+    cos, sin = rotary_tables(torch.arange(7, 7 + T), hd, 10000.0)  # positions 7.. as a cache's new tokens
+    heads = proj.view(B, T, 3, H, hd).permute(0, 2, 3, 1, 4)  # [B, 3, H, T, hd]
+    want = (apply_rotary(heads[:, 0], cos, sin), apply_rotary(heads[:, 1], cos, sin), heads[:, 2])
+    got = rotated_qkv(proj, cos, sin, H, backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    dy = [torch.randn(B, H, T, hd, generator=g) for _ in range(3)]
+    torch.testing.assert_close(torch.autograd.grad(got, proj, dy)[0], torch.autograd.grad(want, proj, dy)[0],
+                               rtol=1e-6, atol=1e-6)
+    assert calls == (["rotated_qkv_forward", "rotated_qkv_backward"] if backend == "auto" else [])
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_project_chunks_gives_those_columns_of_the_projection(bias):
     """`project_chunks(linear, x, first, chunks)`: the columns of linear(x) from chunk `first` on (q|k|v -> k|v),
