@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ltm_core.layers import constant_tensors
+from ltm_core.layers import constant_tensors, use_cpu_kernels
 from ltm_core.ops import use_kernels
 from ltm_extensions.reference import attention_mask, with_key_bias  # the one statement of the mask rule, and
 # of the key bias's fold
@@ -111,7 +111,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         blocked = _blocked_scores(lq, lk, causal, prefix_len, window, q.device, torch.promote_types(q.dtype,
                                                                                                   torch.float32))
         return _ExplicitScores.apply(q, k, v, key_bias, key_through, blocked,
-                                     q.shape[-1] ** -0.5 if scale is None else scale)
+                                     q.shape[-1] ** -0.5 if scale is None else scale, use_cpu_kernels(q, backend))
     if key_through is not None:
         k, v = _straight_through(k, v, key_through, hd)
     kind = mask_kind(lq, lk, causal, prefix_len, window)
@@ -155,10 +155,11 @@ class _ExplicitScores(torch.autograd.Function):
     `_straight_through`). The prefix keys are visible to every query, so no row is fully masked.
 
     q: [B, H, Lq, d]; k, v: [B, H, Lk, d]; bias, through: [B, Lb] or None; blocked: [Lq, Lk] the mask as scores
-    (0 or -inf, in the scores' dtype: fp32 for half inputs) -> [B, H, Lq, d]."""
+    (0 or -inf, in the scores' dtype: fp32 for half inputs); compiled: whether `_prefix_grads` runs compiled
+    (`use_cpu_kernels`) -> [B, H, Lq, d]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, through, blocked, scale):
+    def forward(ctx, q, k, v, bias, through, blocked, scale, compiled):
         dtype = blocked.dtype
         B, H, Lq, d = q.shape
         # [B, H, Lq, Lk]: the scale and the mask inside the batched GEMM (no scaled copy of the queries)
@@ -170,6 +171,7 @@ class _ExplicitScores(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, p)
         ctx.scale, ctx.lb = scale, next((t.shape[1] for t in (bias, through) if t is not None), None)
         ctx.dtypes = (None if bias is None else bias.dtype, None if through is None else through.dtype)
+        ctx.compiled = compiled  # the key bias's and the weight's gradients as one compiled pass (`_prefix_grads`)
         return torch.matmul(p.to(v.dtype), v)
 
     @staticmethod
@@ -177,15 +179,28 @@ class _ExplicitScores(torch.autograd.Function):
         q, k, v, p = ctx.saved_tensors
         dv = torch.matmul(p.to(dy.dtype).transpose(-1, -2), dy)  # [B, H, Lk, d]
         dscores = torch._softmax_backward_data(torch.matmul(dy, v.transpose(-1, -2)).to(p.dtype), p, -1, p.dtype)
-        dbias = dthrough = None
-        lb, (bias_dtype, through_dtype) = ctx.lb, ctx.dtypes
-        if ctx.needs_input_grad[3]:
-            dbias = dscores[..., :lb].sum(dim=(1, 2)).to(bias_dtype)  # [B, Lb]
         B, H, Lq, Lk = dscores.shape
         ds = dscores.to(q.dtype).view(B * H, Lq, Lk)
         zero = q.new_zeros(())  # beta=0: the scale inside the GEMMs, the added input ignored
         dq = torch.baddbmm(zero, ds, k.reshape(B * H, Lk, -1), beta=0, alpha=ctx.scale).view(q.shape)
         dk = torch.baddbmm(zero, ds.transpose(1, 2), q.reshape(B * H, Lq, -1), beta=0, alpha=ctx.scale).view(k.shape)
-        if ctx.needs_input_grad[4]:
-            dthrough = _factor_grad(((dk, k), (dv, v)), lb, k.shape[-1], p.dtype).to(through_dtype)  # [B, Lb]
-        return dq, dk, dv, dbias, dthrough, None, None
+        dbias, dthrough = _prefix_grads(ctx, dscores, dk, k, dv, v)
+        return dq, dk, dv, dbias, dthrough, None, None, None
+
+
+def _prefix_grads(ctx, dscores, dk, k, dv, v) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`_ExplicitScores`' gradients of the key bias (the scores' summed over heads and queries) and of the
+    straight-through weight (that of a factor on the first Lb keys and values), those its inputs need: [B, Lb] or
+    None each. In float32 on CPU one compiled pass for both (`ltm_core.cpu_kernels.prefix_grads`)."""
+    want_bias, want_through = ctx.needs_input_grad[3:5]
+    (bias_dtype, through_dtype), lb = ctx.dtypes, ctx.lb
+    if not (want_bias or want_through):
+        return None, None
+    if ctx.compiled:
+        from ltm_core import cpu_kernels
+
+        dbias, dthrough = cpu_kernels.prefix_grads(dscores, dk, k, dv, v, lb)
+    else:
+        dbias = dscores[..., :lb].sum(dim=(1, 2)) if want_bias else None  # [B, Lb]
+        dthrough = _factor_grad(((dk, k), (dv, v)), lb, k.shape[-1], dscores.dtype) if want_through else None
+    return (dbias.to(bias_dtype) if want_bias else None), (dthrough.to(through_dtype) if want_through else None)

@@ -113,11 +113,11 @@ def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld)
                 _unrotate(dkeys[bw, h, M + s], cos[s], sin[s], dproj[row, 1, h])
                 for d in range(hd):
                     dproj[row, 2, h, d] = dvalues[bw, h, M + s, d]
-    for bw in range(BW):  # one thread: segments keep rows in common
-        for m in range(M):
-            r = flat[bw * M + m]
-            b, i = r // P, r % P
-            for h in range(H):
+    for h in prange(H):  # the kept rows' gradients added, a head per thread: segments keep rows in common, heads not
+        for bw in range(BW):
+            for m in range(M):
+                r = flat[bw * M + m]
+                b, i = r // P, r % P
                 if i < R:
                     for d in range(hd):
                         dheld[b * R + i, 0, h, d] += dkeys[bw, h, m, d]
@@ -218,6 +218,43 @@ def rotated_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, c
     _launch(_qkv_backward_kernel, dq.contiguous().numpy(), dk.contiguous().numpy(), dv.contiguous().numpy(),
             cos.contiguous().numpy(), sin.contiguous().numpy(), dproj.numpy())
     return dproj.view(B, T, 3 * H * hd)
+
+
+def _prefix_grads(dscores, dk, k, dv, v, dbias, dthrough):
+    """dscores [B, H, Lq, Lk] a read's score gradients, dk, k, dv, v [B, H, Lk, d] its keys and values and their
+    gradients -> writes, over its first Lb keys, dbias [B, Lb] = sum_{h, i} dscores and dthrough [B, Lb] =
+    sum_{h, e} (dk k + dv v)."""
+    B, H, Lq, _ = dscores.shape
+    Lb, d = dbias.shape[1], k.shape[3]
+    for b in prange(B):
+        for j in range(Lb):
+            dbias[b, j] = 0.0
+            dthrough[b, j] = 0.0
+        for h in range(H):
+            for i in range(Lq):
+                for j in range(Lb):
+                    dbias[b, j] += dscores[b, h, i, j]
+            for j in range(Lb):
+                acc = 0.0
+                for e in range(d):
+                    acc += dk[b, h, j, e] * k[b, h, j, e] + dv[b, h, j, e] * v[b, h, j, e]
+                dthrough[b, j] += acc
+
+
+_prefix_grads_kernel = compiled(_prefix_grads, fastmath=True, parallel=True)
+
+
+def prefix_grads(dscores: torch.Tensor, dk: torch.Tensor, k: torch.Tensor, dv: torch.Tensor, v: torch.Tensor,
+                 prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix read's gradients of its key bias and of its keys' straight-through weight (`ltm_core.attention`'s
+    `_prefix_grads`, whose PyTorch ops are the reference): dscores [B, H, Lq, Lk], dk, k, dv, v [B, H, Lk, d] float32
+    -> (sum over heads and queries of the first `prefix` keys' score gradients, sum over heads and dims of dk k + dv v
+    on those keys), [B, prefix] each."""
+    B = dscores.shape[0]
+    dbias, dthrough = (dscores.new_empty(B, prefix) for _ in range(2))
+    _launch(_prefix_grads_kernel, *(t.detach().contiguous().numpy() for t in (dscores, dk, k, dv, v)), dbias.numpy(),
+            dthrough.numpy())
+    return dbias, dthrough
 
 
 def _conv_forward(xin, w, y):

@@ -192,12 +192,19 @@ def test_default_scale_is_inverse_sqrt_d(device):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatch, window):
+def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatch, window, backend):
     """On CPU a prefix read up to MATH_MAX_SCORES scores per head writes its scores out (`_ExplicitScores`), but not
     under torch.compile: the same output and gradients (q, k, v, key bias, straight-through weight) as SDPA's kernel
-    with the key bias folded into a head dimension, which larger reads still take."""
+    with the key bias folded into a head dimension, which larger reads still take. The key bias's and the weight's
+    gradients: in float32 one compiled pass (`cpu_kernels.prefix_grads`, spied), with `model.kernels=torch` PyTorch's
+    ops."""
     import ltm_core.attention as A
+    from ltm_core import cpu_kernels
+
+    compiled = []
+    monkeypatch.setattr(cpu_kernels, "prefix_grads", lambda *a, fn=cpu_kernels.prefix_grads: compiled.append(1) or fn(*a))
 
     B, H, lq, prefix, d = 2, 3, 6, 4, 8
     q, k, v, do = _inputs(B, H, lq, prefix + lq, d, torch.float32, "cpu")
@@ -208,7 +215,7 @@ def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatc
     def run():
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, bias, through)]
         o = attention(*leaves[:3], causal=True, prefix_len=prefix, window=window, key_bias=leaves[3],
-                      key_through=leaves[4])
+                      key_through=leaves[4], backend=backend)
         return [o, *torch.autograd.grad(o, leaves, do)]
 
     calls, explicit = [], A._ExplicitScores
@@ -222,6 +229,7 @@ def test_cpu_prefix_read_with_explicit_scores_equals_the_fused_kernel(monkeypatc
     monkeypatch.setattr(A, "_ExplicitScores", Counted)
     written_out = run()
     assert calls == [1]  # this small read took the explicit scores
+    assert compiled == ([1] if backend == "auto" else [])
     with monkeypatch.context() as m:
         m.setattr(torch.compiler, "is_compiling", lambda: True)
         run()
