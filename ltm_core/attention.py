@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ltm_core.layers import constant_tensors, use_cpu_kernels
-from ltm_core.ops import use_kernels
+from ltm_core.layers import constant_tensors
+from ltm_core.ops import use_cpu_kernels, use_kernels
 from ltm_extensions.reference import attention_mask, with_key_bias  # the one statement of the mask rule, and
 # of the key bias's fold
 

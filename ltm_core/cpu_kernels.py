@@ -22,13 +22,14 @@ over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy e
     dxin[j] = sum_k w[:, k] * dy[j - k]                dw[:, k] = sum_t dy[t] * xin[t + k]
 
 The PyTorch ops are the reference, and the path for half precision, GPUs, torch.compile, `model.kernels=torch` and
-forked processes, where OpenMP threads hang (`ltm_core.layers.use_cpu_kernels`); tests compare the two. Every
+forked processes, where OpenMP threads hang (`ltm_core.ops.use_cpu_kernels`); tests compare the two. Every
 parallel loop splits between as many threads as PyTorch's.
 """
 
 from __future__ import annotations
 
 import numba
+import numpy as np
 import torch
 from numba import prange
 
@@ -319,6 +320,65 @@ def causal_conv_backward(dy: torch.Tensor, xin: torch.Tensor, weight: torch.Tens
     _launch(_conv_backward_kernel, dy.numpy(), xin.detach().numpy(), weight.detach().numpy(), dxin.numpy(),
             parts.numpy())
     return dxin, parts.sum(0).t()
+
+
+def _rms_forward(x, w, eps, y, rstd):
+    """x [N, C], w [C] -> writes y [N, C] = x / rms(x) * w and rstd [N] = 1 / rms(x) (rms over each row, eps inside)."""
+    N, C = x.shape
+    for n in prange(N):
+        acc = 0.0
+        for c in range(C):
+            acc += x[n, c] * x[n, c]
+        r = 1.0 / np.sqrt(acc / C + eps)
+        rstd[n] = r
+        for c in range(C):
+            y[n, c] = x[n, c] * r * w[c]
+
+
+def _rms_backward(dy, x, w, rstd, dx, dw_parts):
+    """The gradient dy [N, C] of `_rms_forward`'s y -> writes dx [N, C] = r (g - xhat mean(g xhat)) with xhat = x r,
+    g = dy w, and dw_parts [n, C] (the weight's gradient sum dy xhat over n blocks of rows apart)."""
+    N, C = x.shape
+    for n in prange(N):
+        r = rstd[n]
+        acc = 0.0
+        for c in range(C):
+            acc += dy[n, c] * w[c] * x[n, c]
+        m = acc * r * r / C  # mean(g xhat) / r
+        for c in range(C):
+            dx[n, c] = r * (dy[n, c] * w[c] - x[n, c] * m)
+    parts = dw_parts.shape[0]
+    for p in prange(parts):
+        for c in range(C):
+            dw_parts[p, c] = 0.0
+        for n in range(p * N // parts, (p + 1) * N // parts):
+            r = rstd[n]
+            for c in range(C):
+                dw_parts[p, c] += dy[n, c] * x[n, c] * r
+
+
+_rms_forward_kernel = compiled(_rms_forward, fastmath=True, parallel=True)
+_rms_backward_kernel = compiled(_rms_backward, fastmath=True, parallel=True)
+NORM_WEIGHT_BLOCKS = 16  # row blocks whose weight gradients are summed apart (then added: a fixed order)
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, C], weight [C] float32 -> (x / rms(x) * weight [N, C], each row's 1 / rms [N]) (`ltm_core.ops.rms_norm`,
+    whose PyTorch op is the reference)."""
+    x = x.detach().contiguous()
+    y, rstd = torch.empty_like(x), x.new_empty(x.shape[0])
+    _launch(_rms_forward_kernel, x.numpy(), weight.detach().contiguous().numpy(), float(eps), y.numpy(), rstd.numpy())
+    return y, rstd
+
+
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of `rms_norm_forward`'s output [N, C] -> those of its x [N, C] and weight [C]."""
+    dx = torch.empty_like(x)
+    parts = dy.new_empty(NORM_WEIGHT_BLOCKS, x.shape[1])
+    _launch(_rms_backward_kernel, dy.contiguous().numpy(), x.detach().numpy(), weight.detach().contiguous().numpy(),
+            rstd.numpy(), dx.numpy(), parts.numpy())
+    return dx, parts.sum(0)
 
 
 def _rows(t: torch.Tensor, chunks: int, heads: int, head_dim: int):

@@ -1,10 +1,9 @@
 """Building blocks shared by the backbone and the memory kinds: RMSNorm, rotary embeddings (and the rotated q|k|v of a
-projection), the causal depthwise convolution, row gathering, the cache of constant tensors, when the CPU kernels apply."""
+projection), the causal depthwise convolution, row gathering, the cache of constant tensors."""
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
@@ -12,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltm_core import ops
+from ltm_core.ops import use_cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -143,25 +143,6 @@ class _CausalConv(torch.autograd.Function):
         dxin, dweight = cpu_kernels.causal_conv_backward(dy.contiguous(), xin, weight.contiguous())
         K1 = weight.shape[1] - 1
         return dxin[:, K1:], dweight, dxin[:, :K1]
-
-
-_forked = False  # set in a process forked from this one: OpenMP threads (Numba's, as PyTorch's) hang there
-
-
-def _set_forked() -> None:
-    global _forked
-    _forked = True
-
-
-os.register_at_fork(after_in_child=_set_forked)
-
-
-def use_cpu_kernels(t: torch.Tensor, backend: str) -> bool:
-    """Whether `ltm_core.cpu_kernels`' compiled passes replace PyTorch's ops for tensors like t: float32 on CPU,
-    outside torch.compile, unless `model.kernels=torch`; not in a process forked from another (a data loader's
-    worker, where OpenMP threads hang: PyTorch's own ops run there, one thread each)."""
-    return (t.device.type == "cpu" and t.dtype == torch.float32 and backend != "torch"
-            and not torch.compiler.is_compiling() and not _forked)
 
 
 def project_chunks(linear: nn.Module, x: torch.Tensor, first: int, chunks: int) -> torch.Tensor:

@@ -43,10 +43,10 @@ from ltm_core import ops
 from ltm_core.attention import attention
 from ltm_core.config import TitanConfig
 from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows,
-                             project_chunks, rotary_backward, rotary_positions, rotated_qkv,
-                             use_cpu_kernels)
+                             project_chunks, rotary_backward, rotary_positions, rotated_qkv)
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
+from ltm_core.ops import use_cpu_kernels
 
 RECURRENCE = "ltm.memory.recurrence"  # the profiler range of the memory's writes and scans (`ltm bench model`)
 

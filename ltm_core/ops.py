@@ -1,5 +1,6 @@
 """Dispatch of the fused ops (RMSNorm, SwiGLU, compression gate, gated memory update) to the Triton kernels of
-`ltm_extensions` or to plain PyTorch, by `model.kernels`:
+`ltm_extensions` or to plain PyTorch, by `model.kernels`, and the predicate of the compiled CPU passes
+(`use_cpu_kernels`, `ltm_core.cpu_kernels`: the RMSNorm here, the rotations, convolution and read in their modules):
 
     torch   PyTorch ops everywhere (also the tokens memory's write loop, which the others run compiled with Numba on
             CPU: ltm_core/memory/choice.py)
@@ -12,6 +13,8 @@ it measured faster than SDPA (`AUTO_CHOICE`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +30,56 @@ def use_kernels(backend: str, x: torch.Tensor) -> bool:
     return triton_importable()
 
 
+_forked = False  # set in a process forked from this one: OpenMP threads (Numba's, as PyTorch's) hang there
+
+
+def _set_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_set_forked)
+
+
+def use_cpu_kernels(t: torch.Tensor, backend: str) -> bool:
+    """Whether `ltm_core.cpu_kernels`' compiled passes replace PyTorch's ops for tensors like t: float32 on CPU,
+    outside torch.compile, unless `model.kernels=torch`; not in a process forked from another (a data loader's
+    worker, where OpenMP threads hang: PyTorch's own ops run there, one thread each)."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and backend != "torch"
+            and not torch.compiler.is_compiling() and not _forked)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
-    """x: [..., C] -> x / rms(x) * weight."""
+    """x: [..., C] -> x / rms(x) * weight. In float32 on CPU (`use_cpu_kernels`) one compiled pass each way
+    (`ltm_core.cpu_kernels`), where PyTorch's CPU norm runs as five ops forward and a dozen backward."""
     if use_kernels(backend, x):
         from ltm_extensions import rms_norm as fused
 
         return fused(x, weight, eps, backend=backend)
+    if use_cpu_kernels(x, backend) and weight.dtype == torch.float32:
+        return _RMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """`rms_norm` through the compiled CPU kernels: x [..., C], weight [C] -> y; saves x and each row's 1 / rms."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        from ltm_core import cpu_kernels
+
+        rows = x.reshape(-1, x.shape[-1])  # [N, C]
+        y, rstd = cpu_kernels.rms_norm_forward(rows, weight, eps)
+        ctx.save_for_backward(rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ltm_core import cpu_kernels
+
+        rows, weight, rstd = ctx.saved_tensors
+        dx, dweight = cpu_kernels.rms_norm_backward(dy.reshape(rows.shape), rows, weight, rstd)
+        return dx.view(dy.shape), dweight, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:

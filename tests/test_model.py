@@ -317,6 +317,31 @@ def test_rotated_qkv_gives_the_rotated_heads_and_their_gradient(shape, backend, 
     assert calls == (["rotated_qkv_forward", "rotated_qkv_backward"] if backend == "auto" else [])
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("shape", [(2, 37, 24), (1, 1, 8), (3, 4, 5, 16)], ids=str)
+def test_rms_norm_gives_pytorchs_values_and_gradients(shape, backend, monkeypatch):
+    """`ops.rms_norm` (every RMSNorm of the model): `F.rms_norm`'s output and the gradients of x and the weight; in
+    float32 on CPU through the compiled passes (`ltm_core.cpu_kernels`, spied), with `model.kernels=torch` through
+    PyTorch's op."""
+    from ltm_core import cpu_kernels, ops
+
+    calls = []
+    for name in ("rms_norm_forward", "rms_norm_backward"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
+                            calls.append(name) or fn(*a))
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(*shape, generator=g)
+    x.view(-1, shape[-1])[0] *= 1e-3  # a row whose mean square is near eps: eps counts
+    x.requires_grad_()
+    weight = torch.randn(shape[-1], generator=g, requires_grad=True)
+    dy = torch.randn(*shape, generator=g)
+    got, want = ops.rms_norm(x, weight, 1e-5, backend), F.rms_norm(x, (shape[-1],), weight, 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (x, weight), dy), torch.autograd.grad(want, (x, weight), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert calls == (["rms_norm_forward", "rms_norm_backward"] if backend == "auto" else [])
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_project_chunks_gives_those_columns_of_the_projection(bias):
     """`project_chunks(linear, x, first, chunks)`: the columns of linear(x) from chunk `first` on (q|k|v -> k|v),
