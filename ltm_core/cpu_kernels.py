@@ -381,6 +381,107 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     return dx, parts.sum(0)
 
 
+def _scores_forward(pool, w, bias, held, last, z, importance, after):
+    """pool [B, P, C], w [C], held [B, H] rows of the pool, last [B, M] -> writes z [B, P] = pool . w + bias,
+    importance [B, H] = z of the held rows and after [B, M, C] = the `last` rows."""
+    B, P, C = pool.shape
+    for bp in prange(B * P):
+        b, p = bp // P, bp % P
+        acc = 0.0
+        for c in range(C):
+            acc += pool[b, p, c] * w[c]
+        z[b, p] = acc + bias
+    for b in range(B):
+        for j in range(held.shape[1]):
+            importance[b, j] = z[b, held[b, j]]
+        for m in range(last.shape[1]):
+            for c in range(C):
+                after[b, m, c] = pool[b, last[b, m], c]
+
+
+def _scores_backward(pool, w, held, held_own, last, last_own, dimportance, gentries, first, detach, dafter, gz_own,
+                     gz_cut, dpool, dw_parts, db_parts):
+    """The gradients of `_scores_forward`'s importance [B, H] and after [B, M, C], and gentries [B, P - first] (the
+    penalty's gradient of the z of the rows from `first` on) -> writes dpool [B, P, C] and the weight's and bias's
+    gradients summed over n blocks of rows apart (dw_parts [n, C], db_parts [n]). A held row marked own (and an
+    entry unless `detach`) gives its gradient to its pool row and to w, b; the others to w, b only (gz_own, gz_cut
+    [B, P]: scratch)."""
+    B, P, C = pool.shape
+    for b in range(B):  # one thread: rows are held by many segments
+        for p in range(P):
+            gz_own[b, p] = 0.0
+            gz_cut[b, p] = 0.0
+        for j in range(held.shape[1]):
+            if held_own[b, j]:
+                gz_own[b, held[b, j]] += dimportance[b, j]
+            else:
+                gz_cut[b, held[b, j]] += dimportance[b, j]
+        for p in range(first, P):
+            if detach:
+                gz_cut[b, p] += gentries[b, p - first]
+            else:
+                gz_own[b, p] += gentries[b, p - first]
+    for bp in prange(B * P):
+        b, p = bp // P, bp % P
+        for c in range(C):
+            dpool[b, p, c] = gz_own[b, p] * w[c]
+    for b in range(B):
+        for m in range(last.shape[1]):
+            if last_own[b, m]:
+                for c in range(C):
+                    dpool[b, last[b, m], c] += dafter[b, m, c]
+    n = dw_parts.shape[0]
+    for k in prange(n):  # block k of the B P rows
+        for c in range(C):
+            dw_parts[k, c] = 0.0
+        db_parts[k] = 0.0
+        for bp in range(k * B * P // n, (k + 1) * B * P // n):
+            b, p = bp // P, bp % P
+            g = gz_own[b, p] + gz_cut[b, p]
+            db_parts[k] += g
+            for c in range(C):
+                dw_parts[k, c] += g * pool[b, p, c]
+
+
+_scores_forward_kernel = compiled(_scores_forward, fastmath=True, parallel=True)
+_scores_backward_kernel = compiled(_scores_backward, fastmath=True, parallel=True)
+SCORE_WEIGHT_BLOCKS = 16  # row blocks whose weight gradients are summed apart (then added: a fixed order)
+
+
+def held_scores_forward(pool: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, held: torch.Tensor,
+                        last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokens memory's scan (`ltm_core.memory.tokens`' `_HeldScores`, whose PyTorch ops are the reference): pool
+    [B, P, C] float32, the importance's weight [C] and bias [1], held [B, H] and last [B, M] rows of the pool -> (z
+    [B, P] every row's importance w . x + b, the held rows' [B, H], the last rows [B, M, C])."""
+    B, P, C = pool.shape
+    pool = pool.detach().contiguous()
+    z, importance = pool.new_empty(B, P), pool.new_empty(B, held.shape[1])
+    after = pool.new_empty(B, last.shape[1], C)
+    _launch(_scores_forward_kernel, pool.numpy(), weight.detach().contiguous().numpy(), float(bias.detach()[0]),
+            held.contiguous().numpy(), last.contiguous().numpy(), z.numpy(), importance.numpy(), after.numpy())
+    return z, importance, after
+
+
+def held_scores_backward(pool: torch.Tensor, weight: torch.Tensor, held: torch.Tensor, held_own: torch.Tensor,
+                         last: torch.Tensor, last_own: torch.Tensor, dimportance: torch.Tensor,
+                         gentries: torch.Tensor, detach: bool, dafter: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `held_scores_forward`'s outputs (and gentries [B, E], the gradient of the z of the pool's
+    last E rows, its entries; held_own [B, H] and last_own [B, M] bool: which rows pass their gradient to the pool,
+    else to the weight and bias only; `detach`: the entries' gradient to the weight and bias only) -> those of pool
+    [B, P, C], weight [C] and bias [1]."""
+    B, P, C = pool.shape
+    dpool = torch.empty_like(pool)
+    gz_own, gz_cut = (pool.new_empty(B, P) for _ in range(2))
+    dw_parts, db_parts = pool.new_empty(SCORE_WEIGHT_BLOCKS, C), pool.new_empty(SCORE_WEIGHT_BLOCKS)
+    _launch(_scores_backward_kernel, pool.detach().contiguous().numpy(), weight.detach().contiguous().numpy(),
+            held.contiguous().numpy(), held_own.contiguous().numpy(), last.contiguous().numpy(),
+            last_own.contiguous().numpy(), dimportance.contiguous().numpy(), gentries.contiguous().numpy(),
+            P - gentries.shape[1], detach, dafter.contiguous().numpy(), gz_own.numpy(), gz_cut.numpy(),
+            dpool.numpy(), dw_parts.numpy(), db_parts.numpy())
+    return dpool, dw_parts.sum(0), db_parts.sum(0, keepdim=True)
+
+
 def _rows(t: torch.Tensor, chunks: int, heads: int, head_dim: int):
     """t [B, n, chunks H hd] -> its values as a NumPy array [B n, chunks, H, hd] (no copy when contiguous)."""
     return t.detach().contiguous().view(-1, chunks, heads, head_dim).numpy()

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ltm_core.config import TitanConfig
 from ltm_core.layers import constant_tensors, gather_rows
 from ltm_core.memory.base import Memory, Prefix, Scan, Write
+from ltm_core.ops import use_cpu_kernels
 
 EMPTY_SLOT_SCORE = -1e3  # added to an empty slot's read scores (exp(-1000) = 0 in any precision)
 VACANT_RANK = 1e4  # subtracted from an empty slot's rank: any token beats it
@@ -212,33 +213,58 @@ class TokensMemory(Memory):
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
         kept, keeps, empty = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the
         # last), [B, W, M], [B, W + 1, M]
-        # every pool row's importance once: with gradients to w, b and the row; and to w, b only (the rows a read
-        # holds over from an earlier BPTT window, and the penalty's tokens under importance_detach)
-        z = self.importance(pool).squeeze(-1)  # [B, P]
-        detach = self.config.importance_detach and self.penalizes()
-        z_cut = self.importance(pool.detach()).squeeze(-1) if len(windows) > 1 or detach else None
-        aux = self.penalty(entries, (z_cut if detach else z)[:, M:].view(B, W, S))  # [W] or None
-        after = gather_rows(pool, kept[:, W])  # [B, M, C] the state after the last segment
         held = kept[:, :W].flatten(1)  # [B, W M]
-        importance = z.gather(1, held)  # [B, W M]
-        if len(windows) == 1:  # every memory reads its tokens with their gradient
+        own = rows = None  # one window: every memory reads its tokens with their gradient
+        if len(windows) > 1:
+            if self.compiled_loops(pool):
+                from ltm_core.memory import choice
+
+                own, rows = choice.window_rows(kept, M, S, windows)
+            else:
+                own, rows = self.window_rows(kept, S, windows)
+        importance, after, aux = self._held_scores(pool, entries, held, kept[:, W], own)
+        if len(windows) == 1:
             return Scan(None, after, aux, entries, keeps, kept[:, :W], state, importance.view(B * W, M),
                         empty[:, :W].flatten(0, 1))
         starts, _ = window_index(windows, pool.device)  # [G] each window's first segment
-        if self.compiled_loops(pool):
-            from ltm_core.memory import choice
-
-            own, rows = choice.window_rows(kept, M, S, windows)
-        else:
-            own, rows = self.window_rows(kept, S, windows)
-        after = torch.where(own[:, W, :, None], after, after.detach())  # held over from an earlier window: detached
-        importance = torch.where(own[:, :W].flatten(1), importance, z_cut.gather(1, held))  # held over: detached
         # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
         # later ones detached), G M rows; the scanned tokens]
         later = gather_rows(pool.detach(), kept[:, starts[1:]].flatten(1, 2)).view(B, len(windows) - 1, M, C)
         row_tokens = torch.cat([state.unsqueeze(1), later], dim=1)  # [B, G, M, C]
         return Scan(None, after, aux, entries, keeps, rows, row_tokens.flatten(1, 2), importance.view(B * W, M),
                     empty[:, :W].flatten(0, 1))
+
+    def _held_scores(self, pool: torch.Tensor, entries: torch.Tensor, held: torch.Tensor, last: torch.Tensor,
+                     own: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """A scan's differentiable part: pool [B, P, C] (the M held rows, then the entries [B, W, S, C]), held [B, W
+        M] the rows held before each segment, last [B, M] those after the last, own [B, W + 1, M] which of them are
+        read with their gradient (None: all) -> (their importance [B, W M], the state after [B, M, C], the writes'
+        penalty [W] or None). Every pool row's importance is scored once; a row held over from an earlier BPTT window
+        gives its importance's gradient to w and b only, and its value none (truncated BPTT), as do the penalty's
+        tokens under importance_detach. In float32 on CPU one compiled pass each way (`_HeldScores`); these ops are
+        its reference."""
+        B, W, S, _ = entries.shape
+        M = last.shape[1]
+        detach = self.config.importance_detach and self.penalizes()
+        weight, bias = self.importance.weight, self.importance.bias
+        if use_cpu_kernels(pool, self.model_config.kernels) and weight.dtype == torch.float32:
+            held_own = torch.ones_like(held, dtype=torch.bool) if own is None else own[:, :W].flatten(1)
+            last_own = torch.ones_like(last, dtype=torch.bool) if own is None else own[:, W]
+            penalty = self.config.importance_penalty if self.penalizes() else 0.0
+            importance, after, aux = _HeldScores.apply(pool, weight, bias, held, held_own, last, last_own, penalty,
+                                                       detach, W)
+            return importance, after, aux if penalty else None
+        z = self.importance(pool).squeeze(-1)  # [B, P]: with gradients to w, b and the row
+        # and to w, b only: the rows a read holds over from an earlier BPTT window, the penalty's tokens under
+        # importance_detach
+        z_cut = self.importance(pool.detach()).squeeze(-1) if own is not None or detach else None
+        aux = self.penalty(entries, (z_cut if detach else z)[:, M:].view(B, W, S))  # [W] or None
+        after = gather_rows(pool, last)  # [B, M, C]
+        importance = z.gather(1, held)  # [B, W M]
+        if own is not None:
+            after = torch.where(own[:, W, :, None], after, after.detach())  # held over: detached
+            importance = torch.where(own[:, :W].flatten(1), importance, z_cut.gather(1, held))  # held over: detached
+        return importance, after, aux
 
     def states_before(self, scan: Scan) -> torch.Tensor:
         """The memories before each scanned segment [B W, M, C] (values, without gradient): the rows each holds, from
@@ -291,3 +317,39 @@ class TokensMemory(Memory):
         computed for them)."""
         C, M, T = self.model_config.hidden_size, self.slots, segment_length
         return 12 * C * M + 6 * 3 * C * C * M / (T * self.model_config.bptt_segments)
+
+
+class _HeldScores(torch.autograd.Function):
+    """`TokensMemory._held_scores` through the compiled CPU kernels (`ltm_core.cpu_kernels.held_scores_forward` /
+    `_backward`): pool [B, P, C], the importance's weight [1, C] and bias [1], held [B, H] and held_own [B, H], last
+    [B, M] and last_own [B, M], penalty (lambda, 0: none), detach (the penalty's gradient to w and b only), W (the
+    entries: the pool's last W S rows) -> (importance [B, H], after [B, M, C], the penalty per segment [W] (empty
+    without one))."""
+
+    @staticmethod
+    def forward(ctx, pool, weight, bias, held, held_own, last, last_own, penalty, detach, segments):
+        from ltm_core import cpu_kernels
+
+        z, importance, after = cpu_kernels.held_scores_forward(pool, weight[0], bias, held, last)
+        B = z.shape[0]
+        sig = torch.sigmoid(z[:, last.shape[1]:]) if penalty else z.new_empty(B, 0)  # [B, W S] the entries'
+        aux = penalty * sig.view(B, segments, -1).mean(dim=(0, 2)) if penalty else z.new_empty(0)
+        ctx.save_for_backward(pool, weight, held, held_own, last, last_own, sig)
+        ctx.penalty, ctx.detach = penalty, detach
+        return importance, after, aux
+
+    @staticmethod
+    def backward(ctx, dimportance, dafter, daux):
+        from ltm_core import cpu_kernels
+
+        pool, weight, held, held_own, last, last_own, sig = ctx.saved_tensors
+        B, E = sig.shape
+        if ctx.penalty:  # d(lambda mean sigmoid(z)) over each segment's B S tokens
+            segments = daux.shape[0]
+            scale = (daux * (ctx.penalty * segments / (B * E))).repeat_interleave(E // segments)  # [E]
+            gentries = sig * (1 - sig) * scale
+        else:
+            gentries = sig
+        dpool, dweight, dbias = cpu_kernels.held_scores_backward(pool, weight[0], held, held_own, last, last_own,
+                                                                 dimportance, gentries, ctx.detach, dafter)
+        return dpool, dweight.view_as(weight), dbias, None, None, None, None, None, None, None

@@ -347,6 +347,51 @@ def test_key_through_gives_the_gradients_of_the_straight_through_factor(with_bia
     assert grads(False)[4].abs().sum() > 0  # s learns
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["one_window", "held_over"])
+@pytest.mark.parametrize("penalty, detach", [(0.0, False), (0.5, False), (0.5, True)], ids=["none", "penalty", "detach"])
+def test_the_compiled_scan_scores_give_pytorchs_values_and_gradients(penalty, detach, own, monkeypatch):
+    """`TokensMemory._held_scores` (a scan's importance of the held rows, the state after it and the writes'
+    penalty) in float32 on CPU through the compiled passes (`cpu_kernels.held_scores_*`, spied) gives what its PyTorch
+    ops (`model.kernels=torch`) give: values, and the gradients of the pool, w and b, with rows held over from an
+    earlier window (their gradient to w and b only), the penalty with and without importance_detach, and rows held
+    many times (batch 2)."""
+    import dataclasses
+
+    from ltm_core import cpu_kernels
+
+    calls = []
+    for name in ("held_scores_forward", "held_scores_backward"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
+                            calls.append(name) or fn(*a))
+    memory, cfg = _memory(slots=8, importance_penalty=penalty, importance_detach=detach)
+    memory.train()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        memory.importance.weight.copy_(torch.randn(memory.importance.weight.shape, generator=g))
+        memory.importance.bias.fill_(0.3)
+    B, W, S, C, M = 2, 3, 4, cfg.hidden_size, memory.slots
+    pool = torch.randn(B, M + W * S, C, generator=g)
+    held = torch.randint(0, M + W * S, (B, W * M), generator=g)  # rows held by several segments' memories
+    last = torch.randint(0, M + W * S, (B, M), generator=g)
+    mask = torch.rand(B, W + 1, M, generator=g) > 0.4 if own else None
+    grads = [torch.randn(B, W * M, generator=g), torch.randn(B, M, C, generator=g), torch.randn(W, generator=g)]
+
+    def run(kernels):
+        memory.model_config = dataclasses.replace(cfg, kernels=kernels)
+        x = pool.clone().requires_grad_()
+        out = memory._held_scores(x, x[:, M:].view(B, W, S, C), held, last, mask)
+        assert (out[2] is None) == (penalty == 0)
+        outs, gs = zip(*[(o, d) for o, d in zip(out, grads) if o is not None])
+        params = (x, memory.importance.weight, memory.importance.bias)
+        return [*outs, *torch.autograd.grad(outs, params, gs)]
+
+    got, want = run("auto"), run("torch")
+    assert calls == ["held_scores_forward", "held_scores_backward"]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[-1].abs().sum() > 0  # the bias learns
+
+
 @pytest.mark.parametrize("slots", [8, 24])  # fewer slots than a segment's 16 tokens, and more (empty slots stay)
 @pytest.mark.parametrize("options", [{"noise": 0.5, "select_dedup": 0.95}, {"noise": 0.0}], ids=["noise", "exact"])
 def test_scan_makes_the_choices_of_one_write_per_segment(options, slots):
