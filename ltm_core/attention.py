@@ -36,10 +36,10 @@ BACKENDS = ("auto", "triton", "torch")
 # On CPU a prefix read with at most this many scores per (batch, head) writes its scores out (`_ExplicitScores`):
 # model=tiny's 64 queries x (64 kept + 64 segment keys) takes 0.963x the training step of SDPA's fused kernel with
 # the key bias folded into a head dimension; model=small's 256 x 512, with the key bias's and weight's gradients
-# compiled (`_prefix_grads`), 0.965-0.98x, at 23 MiB more peak memory (scripts/bench_prefix_read.py, docs/benchmarks.md):
-# the largest read measured. Not under torch.compile (`model.compile`), where Inductor lowered its batched matmuls
-# one batch element at a time: tiny's compiled 8K step took 0.38-0.39 s with it, 0.25-0.26 s with SDPA's kernel
-# (docs/benchmarks.md).
+# compiled (`_prefix_grads`), 0.965-0.98x, at 23 MiB more peak memory (scripts/bench_prefix_read.py,
+# docs/benchmarks.md): the largest read measured. Not under torch.compile (`model.compile`), where Inductor lowered
+# its batched matmuls one batch element at a time: tiny's compiled 8K step took 0.38-0.39 s with it, 0.25-0.26 s
+# with SDPA's kernel (docs/benchmarks.md).
 MATH_MAX_SCORES = 256 * 512
 # `auto` on CUDA, per mask, the implementation that `ltm bench kernels` measured fastest (forward + backward, bf16,
 # H200, 2026-11-30, benchmarks/results/gpu_kernels_bf16.json; the table in docs/benchmarks.md):

@@ -1,4 +1,4 @@
-"""Compiled CPU passes (Numba) of two hot spots of the layer-major pass, each with its PyTorch reference.
+"""Compiled CPU passes (Numba) of the model's hot spots in float32, each with its PyTorch reference.
 
 **The window read's keys and values** (`kept_rows_forward` / `_backward`). `_KeptKeysValues` (ltm_core/model.py)
 turns the q|k|v projection of the pass's segments and the k|v projection of the tokens held at each window's start
@@ -14,6 +14,17 @@ alone three), whose backward adds a dozen more; here each direction is one pass 
                segment's dkeys / dvalues of its kept tokens added to their rows (held or segment rows)
 
 The rotation is `ltm_core.layers.apply_rotary`'s: y = x * [cos, cos] + [x2, x1] * [-sin, sin] over a head's halves.
+Every other model's segment attention (the baselines, the segment-by-segment path, generation) takes its rotated
+q|k|v from the same rotation (`rotated_qkv_forward` / `_backward`, for `ltm_core.layers.rotated_qkv`), so the
+baselines rotate as fast as the memory model.
+
+**The prefix read's key-bias and straight-through gradients** (`prefix_grads`, for `ltm_core.attention`'s
+`_ExplicitScores`): the score gradients of the kept keys summed over heads and queries, and sum (dk k + dv v) over
+heads and dims, in one pass. **RMSNorm** (`rms_norm_forward` / `_backward`, for `ltm_core.ops.rms_norm`): one pass
+each way, where PyTorch's CPU norm is five ops forward and a dozen backward. **The tokens memory's scan scores**
+(`held_scores_forward` / `_backward`, for `ltm_core.memory.tokens`' `_HeldScores`): every pool row's importance, the
+held rows' (a row held over from an earlier BPTT window passes its gradient to w and b only), the state after the
+scan, and in backward the gradients of the pool, w and b, the writes' penalty included.
 
 **The short causal depthwise convolution** (`causal_conv_forward` / `_backward`, for `ltm_core.layers.causal_conv`):
 over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy each way), vectorised over channels:
