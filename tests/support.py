@@ -56,6 +56,17 @@ def tiny_model(cfg: TitanConfig, seed: int = 0, perturb: bool = False) -> TitanM
     return model
 
 
+def spy_cpu_kernels(monkeypatch, *names: str) -> list[str]:
+    """Record, in order, the calls of these `ltm_core.cpu_kernels` functions (still run): which compiled passes ran."""
+    from ltm_core import cpu_kernels
+
+    calls: list[str] = []
+    for name in names:
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
+                            calls.append(name) or fn(*a))
+    return calls
+
+
 def ids(length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support import ids as _ids, kind_config, tiny_model
+from support import ids as _ids, kind_config, spy_cpu_kernels, tiny_model
 from ltm_core import TitanModel
 from ltm_core.attention import attention, attention_mask
 from ltm_core.training import window_span, windowed_backward
@@ -295,13 +295,9 @@ def test_rotated_qkv_gives_the_rotated_heads_and_their_gradient(shape, backend, 
     """`rotated_qkv` (the segment attention's q|k|v) gives the projection's heads, q and k rotated by `apply_rotary`,
     and the projection's gradient autograd takes through them; in float32 on CPU through the compiled passes
     (`ltm_core.cpu_kernels`, spied), with `model.kernels=torch` through PyTorch's ops."""
-    from ltm_core import cpu_kernels
     from ltm_core.layers import apply_rotary, rotated_qkv
 
-    calls = []
-    for name in ("rotated_qkv_forward", "rotated_qkv_backward"):
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
-                            calls.append(name) or fn(*a))
+    calls = spy_cpu_kernels(monkeypatch, "rotated_qkv_forward", "rotated_qkv_backward")
     B, T, H, hd = shape
     g = torch.Generator().manual_seed(0)
     proj = torch.randn(B, T, 3 * H * hd, generator=g, requires_grad=True)
@@ -323,12 +319,9 @@ def test_rms_norm_gives_pytorchs_values_and_gradients(shape, backend, monkeypatc
     """`ops.rms_norm` (every RMSNorm of the model): `F.rms_norm`'s output and the gradients of x and the weight; in
     float32 on CPU through the compiled passes (`ltm_core.cpu_kernels`, spied), with `model.kernels=torch` through
     PyTorch's op."""
-    from ltm_core import cpu_kernels, ops
+    from ltm_core import ops
 
-    calls = []
-    for name in ("rms_norm_forward", "rms_norm_backward"):
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
-                            calls.append(name) or fn(*a))
+    calls = spy_cpu_kernels(monkeypatch, "rms_norm_forward", "rms_norm_backward")
     g = torch.Generator().manual_seed(0)
     x = 3 * torch.randn(*shape, generator=g)
     x.view(-1, shape[-1])[0] *= 1e-3  # a row whose mean square is near eps: eps counts

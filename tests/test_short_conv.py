@@ -9,7 +9,7 @@ import torch
 
 from ltm_core import TitanConfig
 from ltm_core.errors import ConfigError
-from support import ids as _ids, tiny_model
+from support import ids as _ids, spy_cpu_kernels, tiny_model
 
 
 def _with_conv(cfg: TitanConfig, K: int = 3, **changes):
@@ -42,13 +42,9 @@ def test_the_compiled_convolution_gives_conv1ds_values_and_gradients(shape, monk
     """In float32 on CPU `causal_conv` runs as `ltm_core.cpu_kernels`' compiled passes; they give what `conv1d`
     (`model.kernels=torch`, the reference) gives: the output and the gradients of x, the weight and the inputs
     before x."""
-    from ltm_core import cpu_kernels
     from ltm_core.layers import causal_conv
 
-    calls = []
-    for name in ("causal_conv_forward", "causal_conv_backward"):
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
-                            calls.append(name) or fn(*a))
+    calls = spy_cpu_kernels(monkeypatch, "causal_conv_forward", "causal_conv_backward")
     B, T, C, K = shape
     g = torch.Generator().manual_seed(0)
     x, weight, before = (torch.randn(*s, generator=g, requires_grad=True) for s in ((B, T, C), (C, K), (B, K - 1, C)))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ltm_core.attention import attention
 from ltm_core.config import TokensMemoryConfig
 from ltm_core.layers import rotary_tables
-from support import ids, kind_config, tiny_model
+from support import ids, kind_config, spy_cpu_kernels, tiny_model
 
 
 def _memory(noise: float = 0.0, slots: int = 8, **options):
@@ -135,14 +135,10 @@ def test_the_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_cfg, dtype, 
     each batch element's rows number its own [held tokens; segments]). In float32 on CPU through the compiled pass
     (`ltm_core.cpu_kernels`) and through the PyTorch ops (`model.kernels=torch`, as on GPUs); in bfloat16 (PyTorch's
     ops) against the same computed in float32, to within bfloat16's rounding of the largest value."""
-    from ltm_core import cpu_kernels
     from ltm_core.layers import apply_rotary, gather_rows, rotary_positions
     from ltm_core.model import SelfAttention
 
-    calls = []
-    for name in ("kept_rows_forward", "kept_rows_backward"):
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
-                            calls.append(name) or fn(*a))
+    calls = spy_cpu_kernels(monkeypatch, "kept_rows_forward", "kept_rows_backward")
 
     torch.manual_seed(0)
     attn = SelfAttention(tiny_cfg)
@@ -357,12 +353,7 @@ def test_the_compiled_scan_scores_give_pytorchs_values_and_gradients(penalty, de
     many times (batch 2)."""
     import dataclasses
 
-    from ltm_core import cpu_kernels
-
-    calls = []
-    for name in ("held_scores_forward", "held_scores_backward"):
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
-                            calls.append(name) or fn(*a))
+    calls = spy_cpu_kernels(monkeypatch, "held_scores_forward", "held_scores_backward")
     memory, cfg = _memory(slots=8, importance_penalty=penalty, importance_detach=detach)
     memory.train()
     g = torch.Generator().manual_seed(5)
