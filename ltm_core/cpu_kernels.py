@@ -171,6 +171,10 @@ _qkv_forward_kernel = compiled(_qkv_forward, fastmath=True, parallel=True)
 _qkv_backward_kernel = compiled(_qkv_backward, fastmath=True, parallel=True)
 
 
+WEIGHT_BLOCKS = 16  # the backward passes sum a weight's gradient over this many row blocks apart, then add them:
+# a fixed order, whatever the thread count
+
+
 def _launch(kernel, *args) -> None:
     """kernel(*args) on as many threads as PyTorch's (`torch.set_num_threads`), within Numba's pool. Numba's first
     parallel launch starts its OpenMP pool, which sets the thread count of the OpenMP runtime PyTorch shares (a
@@ -311,7 +315,6 @@ def _conv_backward(dy, xin, w, dxin, dw_parts):
 
 _conv_forward_kernel = compiled(_conv_forward, fastmath=True, parallel=True)
 _conv_backward_kernel = compiled(_conv_backward, fastmath=True, parallel=True)
-CONV_WEIGHT_BLOCKS = 16  # row blocks whose weight gradients are summed apart (then added: a fixed order)
 
 
 def causal_conv_forward(xin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -327,7 +330,7 @@ def causal_conv_backward(dy: torch.Tensor, xin: torch.Tensor, weight: torch.Tens
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of `causal_conv_forward`'s output -> those of its xin and weight."""
     dxin = torch.empty_like(xin)
-    parts = dy.new_empty(CONV_WEIGHT_BLOCKS, weight.shape[1], weight.shape[0])
+    parts = dy.new_empty(WEIGHT_BLOCKS, weight.shape[1], weight.shape[0])
     _launch(_conv_backward_kernel, dy.numpy(), xin.detach().numpy(), weight.detach().numpy(), dxin.numpy(),
             parts.numpy())
     return dxin, parts.sum(0).t()
@@ -370,7 +373,6 @@ def _rms_backward(dy, x, w, rstd, dx, dw_parts):
 
 _rms_forward_kernel = compiled(_rms_forward, fastmath=True, parallel=True)
 _rms_backward_kernel = compiled(_rms_backward, fastmath=True, parallel=True)
-NORM_WEIGHT_BLOCKS = 16  # row blocks whose weight gradients are summed apart (then added: a fixed order)
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +388,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of `rms_norm_forward`'s output [N, C] -> those of its x [N, C] and weight [C]."""
     dx = torch.empty_like(x)
-    parts = dy.new_empty(NORM_WEIGHT_BLOCKS, x.shape[1])
+    parts = dy.new_empty(WEIGHT_BLOCKS, x.shape[1])
     _launch(_rms_backward_kernel, dy.contiguous().numpy(), x.detach().numpy(), weight.detach().contiguous().numpy(),
             rstd.numpy(), dx.numpy(), parts.numpy())
     return dx, parts.sum(0)
@@ -456,7 +458,6 @@ def _scores_backward(pool, w, held, held_own, last, last_own, dimportance, gentr
 
 _scores_forward_kernel = compiled(_scores_forward, fastmath=True, parallel=True)
 _scores_backward_kernel = compiled(_scores_backward, fastmath=True, parallel=True)
-SCORE_WEIGHT_BLOCKS = 16  # row blocks whose weight gradients are summed apart (then added: a fixed order)
 
 
 def held_scores_forward(pool: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, held: torch.Tensor,
@@ -484,7 +485,7 @@ def held_scores_backward(pool: torch.Tensor, weight: torch.Tensor, held: torch.T
     B, P, C = pool.shape
     dpool = torch.empty_like(pool)
     gz_own, gz_cut = (pool.new_empty(B, P) for _ in range(2))
-    dw_parts, db_parts = pool.new_empty(SCORE_WEIGHT_BLOCKS, C), pool.new_empty(SCORE_WEIGHT_BLOCKS)
+    dw_parts, db_parts = pool.new_empty(WEIGHT_BLOCKS, C), pool.new_empty(WEIGHT_BLOCKS)
     _launch(_scores_backward_kernel, pool.detach().contiguous().numpy(), weight.detach().contiguous().numpy(),
             held.contiguous().numpy(), held_own.contiguous().numpy(), last.contiguous().numpy(),
             last_own.contiguous().numpy(), dimportance.contiguous().numpy(), gentries.contiguous().numpy(),
