@@ -196,8 +196,8 @@ def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor
     BW, M = B * segments, slots
     q = proj.new_empty(BW, heads, S, hd)
     keys, values = (proj.new_empty(BW, heads, M + S, hd) for _ in range(2))
-    _launch(_forward_kernel, _rows(proj, 3, heads, hd), _rows(held, 2, heads, hd), flat.numpy(), cos.numpy(),
-            sin.numpy(), segments, M, q.numpy(), keys.numpy(), values.numpy())
+    _launch(_forward_kernel, _rows(proj, 3, heads, hd), _rows(held, 2, heads, hd), _array(flat), _array(cos),
+            _array(sin), segments, M, q.numpy(), keys.numpy(), values.numpy())
     return q, keys, values
 
 
@@ -209,8 +209,8 @@ def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Ten
     BW, H, S, hd = dq.shape
     dproj = dq.new_empty(BW * S, 3, H, hd)
     dheld = dq.new_empty(batch * held, 2, H, hd)
-    _launch(_backward_kernel, dq.contiguous().numpy(), dkeys.contiguous().numpy(), dvalues.contiguous().numpy(),
-            flat.numpy(), cos.numpy(), sin.numpy(), segments, dkeys.shape[2] - S, dproj.numpy(), dheld.numpy())
+    _launch(_backward_kernel, _array(dq), _array(dkeys), _array(dvalues), _array(flat), _array(cos), _array(sin),
+            segments, dkeys.shape[2] - S, dproj.numpy(), dheld.numpy())
     return dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
 
 
@@ -221,8 +221,8 @@ def rotated_qkv_forward(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     B, T, _ = proj.shape
     hd = cos.shape[1]
     q, k, v = (proj.new_empty(B, heads, T, hd) for _ in range(3))
-    _launch(_qkv_forward_kernel, _rows(proj, 3, heads, hd).reshape(B, T, 3, heads, hd), cos.contiguous().numpy(),
-            sin.contiguous().numpy(), q.numpy(), k.numpy(), v.numpy())
+    _launch(_qkv_forward_kernel, _rows(proj, 3, heads, hd).reshape(B, T, 3, heads, hd), _array(cos), _array(sin),
+            q.numpy(), k.numpy(), v.numpy())
     return q, k, v
 
 
@@ -231,8 +231,7 @@ def rotated_qkv_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, c
     """The gradients of `rotated_qkv_forward`'s outputs [B, H, T, hd] -> that of its proj [B, T, 3 H hd]."""
     B, H, T, hd = dq.shape
     dproj = dq.new_empty(B, T, 3, H, hd)
-    _launch(_qkv_backward_kernel, dq.contiguous().numpy(), dk.contiguous().numpy(), dv.contiguous().numpy(),
-            cos.contiguous().numpy(), sin.contiguous().numpy(), dproj.numpy())
+    _launch(_qkv_backward_kernel, _array(dq), _array(dk), _array(dv), _array(cos), _array(sin), dproj.numpy())
     return dproj.view(B, T, 3 * H * hd)
 
 
@@ -268,8 +267,7 @@ def prefix_grads(dscores: torch.Tensor, dk: torch.Tensor, k: torch.Tensor, dv: t
     on those keys), [B, prefix] each."""
     B = dscores.shape[0]
     dbias, dthrough = (dscores.new_empty(B, prefix) for _ in range(2))
-    _launch(_prefix_grads_kernel, *(t.detach().contiguous().numpy() for t in (dscores, dk, k, dv, v)), dbias.numpy(),
-            dthrough.numpy())
+    _launch(_prefix_grads_kernel, *(_array(t) for t in (dscores, dk, k, dv, v)), dbias.numpy(), dthrough.numpy())
     return dbias, dthrough
 
 
@@ -286,12 +284,14 @@ def _conv_forward(xin, w, y):
                 y[b, t, c] += w[c, k] * xin[b, t + k, c]
 
 
-def _conv_backward(dy, xin, w, dxin, dw_parts):
-    """dy [B, T, C], xin [B, K - 1 + T, C], w [C, K] -> writes dxin [B, K - 1 + T, C] and dw_parts [n, K, C] (the
-    weight's gradient summed over n blocks of rows apart: their sum is dw transposed)."""
+def _conv_backward(dy, xin, w, dxin, dw):
+    """dy [B, T, C], xin [B, K - 1 + T, C], w [C, K] -> writes dxin [B, K - 1 + T, C] and dw [C, K] (summed over
+    WEIGHT_BLOCKS blocks of rows apart, then the blocks in order)."""
     B, T, C = dy.shape
     K = w.shape[1]
     L = T + K - 1
+    n = WEIGHT_BLOCKS
+    dw_parts = np.empty((n, K, C), np.float32)
     for bj in prange(B * L):
         b, j = bj // L, bj % L
         for c in range(C):
@@ -301,7 +301,6 @@ def _conv_backward(dy, xin, w, dxin, dw_parts):
             if 0 <= t < T:
                 for c in range(C):
                     dxin[b, j, c] += w[c, k] * dy[b, t, c]
-    n = dw_parts.shape[0]
     for p in prange(n):  # block p of the B T output rows
         for k in range(K):
             for c in range(C):
@@ -311,6 +310,12 @@ def _conv_backward(dy, xin, w, dxin, dw_parts):
             for k in range(K):
                 for c in range(C):
                     dw_parts[p, k, c] += dy[b, t, c] * xin[b, t + k, c]
+    for c in range(C):
+        for k in range(K):
+            acc = 0.0
+            for p in range(n):
+                acc += dw_parts[p, k, c]
+            dw[c, k] = acc
 
 
 _conv_forward_kernel = compiled(_conv_forward, fastmath=True, parallel=True)
@@ -322,18 +327,16 @@ def causal_conv_forward(xin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     C]."""
     B, L, C = xin.shape
     y = xin.new_empty(B, L - weight.shape[1] + 1, C)  # [B, T, C]
-    _launch(_conv_forward_kernel, xin.detach().numpy(), weight.detach().numpy(), y.numpy())
+    _launch(_conv_forward_kernel, _array(xin), _array(weight), y.numpy())
     return y
 
 
 def causal_conv_backward(dy: torch.Tensor, xin: torch.Tensor, weight: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of `causal_conv_forward`'s output -> those of its xin and weight."""
-    dxin = torch.empty_like(xin)
-    parts = dy.new_empty(WEIGHT_BLOCKS, weight.shape[1], weight.shape[0])
-    _launch(_conv_backward_kernel, dy.numpy(), xin.detach().numpy(), weight.detach().numpy(), dxin.numpy(),
-            parts.numpy())
-    return dxin, parts.sum(0).t()
+    dxin, dw = torch.empty_like(xin), weight.new_empty(weight.shape)
+    _launch(_conv_backward_kernel, _array(dy), _array(xin), _array(weight), dxin.numpy(), dw.numpy())
+    return dxin, dw
 
 
 def _rms_forward(x, w, eps, y, rstd):
@@ -349,9 +352,9 @@ def _rms_forward(x, w, eps, y, rstd):
             y[n, c] = x[n, c] * r * w[c]
 
 
-def _rms_backward(dy, x, w, rstd, dx, dw_parts):
+def _rms_backward(dy, x, w, rstd, dx, dw):
     """The gradient dy [N, C] of `_rms_forward`'s y -> writes dx [N, C] = r (g - xhat mean(g xhat)) with xhat = x r,
-    g = dy w, and dw_parts [n, C] (the weight's gradient sum dy xhat over n blocks of rows apart)."""
+    g = dy w, and dw [C] = sum dy xhat (over WEIGHT_BLOCKS blocks of rows apart, then the blocks in order)."""
     N, C = x.shape
     for n in prange(N):
         r = rstd[n]
@@ -361,7 +364,8 @@ def _rms_backward(dy, x, w, rstd, dx, dw_parts):
         m = acc * r * r / C  # mean(g xhat) / r
         for c in range(C):
             dx[n, c] = r * (dy[n, c] * w[c] - x[n, c] * m)
-    parts = dw_parts.shape[0]
+    parts = WEIGHT_BLOCKS
+    dw_parts = np.empty((parts, C), np.float32)
     for p in prange(parts):
         for c in range(C):
             dw_parts[p, c] = 0.0
@@ -369,6 +373,11 @@ def _rms_backward(dy, x, w, rstd, dx, dw_parts):
             r = rstd[n]
             for c in range(C):
                 dw_parts[p, c] += dy[n, c] * x[n, c] * r
+    for c in range(C):
+        dw[c] = 0.0
+    for p in range(parts):
+        for c in range(C):
+            dw[c] += dw_parts[p, c]
 
 
 _rms_forward_kernel = compiled(_rms_forward, fastmath=True, parallel=True)
@@ -378,20 +387,17 @@ _rms_backward_kernel = compiled(_rms_backward, fastmath=True, parallel=True)
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, C], weight [C] float32 -> (x / rms(x) * weight [N, C], each row's 1 / rms [N]) (`ltm_core.ops.rms_norm`,
     whose PyTorch op is the reference)."""
-    x = x.detach().contiguous()
-    y, rstd = torch.empty_like(x), x.new_empty(x.shape[0])
-    _launch(_rms_forward_kernel, x.numpy(), weight.detach().contiguous().numpy(), float(eps), y.numpy(), rstd.numpy())
+    y, rstd = x.new_empty(x.shape), x.new_empty(x.shape[0])
+    _launch(_rms_forward_kernel, _array(x), _array(weight), float(eps), y.numpy(), rstd.numpy())
     return y, rstd
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient of `rms_norm_forward`'s output [N, C] -> those of its x [N, C] and weight [C]."""
-    dx = torch.empty_like(x)
-    parts = dy.new_empty(WEIGHT_BLOCKS, x.shape[1])
-    _launch(_rms_backward_kernel, dy.contiguous().numpy(), x.detach().numpy(), weight.detach().contiguous().numpy(),
-            rstd.numpy(), dx.numpy(), parts.numpy())
-    return dx, parts.sum(0)
+    dx, dw = torch.empty_like(x), weight.new_empty(weight.shape)
+    _launch(_rms_backward_kernel, _array(dy), _array(x), _array(weight), _array(rstd), dx.numpy(), dw.numpy())
+    return dx, dw
 
 
 def _scores_forward(pool, w, bias, held, last, z, importance, after):
@@ -412,14 +418,17 @@ def _scores_forward(pool, w, bias, held, last, z, importance, after):
                 after[b, m, c] = pool[b, last[b, m], c]
 
 
-def _scores_backward(pool, w, held, held_own, last, last_own, dimportance, gentries, first, detach, dafter, gz_own,
-                     gz_cut, dpool, dw_parts, db_parts):
+def _scores_backward(pool, w, held, held_own, last, last_own, dimportance, gentries, first, detach, dafter, dpool,
+                     dw, db):
     """The gradients of `_scores_forward`'s importance [B, H] and after [B, M, C], and gentries [B, P - first] (the
     penalty's gradient of the z of the rows from `first` on) -> writes dpool [B, P, C] and the weight's and bias's
-    gradients summed over n blocks of rows apart (dw_parts [n, C], db_parts [n]). A held row marked own (and an
-    entry unless `detach`) gives its gradient to its pool row and to w, b; the others to w, b only (gz_own, gz_cut
-    [B, P]: scratch)."""
+    gradients dw [C], db [1] (summed over WEIGHT_BLOCKS blocks of rows apart, then the blocks in order). A held row
+    marked own (and an entry unless `detach`) gives its gradient to its pool row and to w, b; the others to w, b
+    only."""
     B, P, C = pool.shape
+    gz_own, gz_cut = np.empty((B, P), np.float32), np.empty((B, P), np.float32)
+    n = WEIGHT_BLOCKS
+    dw_parts, db_parts = np.empty((n, C), np.float32), np.empty(n, np.float32)
     for b in range(B):  # one thread: rows are held by many segments
         for p in range(P):
             gz_own[b, p] = 0.0
@@ -443,7 +452,6 @@ def _scores_backward(pool, w, held, held_own, last, last_own, dimportance, gentr
             if last_own[b, m]:
                 for c in range(C):
                     dpool[b, last[b, m], c] += dafter[b, m, c]
-    n = dw_parts.shape[0]
     for k in prange(n):  # block k of the B P rows
         for c in range(C):
             dw_parts[k, c] = 0.0
@@ -454,6 +462,13 @@ def _scores_backward(pool, w, held, held_own, last, last_own, dimportance, gentr
             db_parts[k] += g
             for c in range(C):
                 dw_parts[k, c] += g * pool[b, p, c]
+    db[0] = 0.0
+    for c in range(C):
+        dw[c] = 0.0
+    for k in range(n):
+        db[0] += db_parts[k]
+        for c in range(C):
+            dw[c] += dw_parts[k, c]
 
 
 _scores_forward_kernel = compiled(_scores_forward, fastmath=True, parallel=True)
@@ -466,11 +481,10 @@ def held_scores_forward(pool: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     [B, P, C] float32, the importance's weight [C] and bias [1], held [B, H] and last [B, M] rows of the pool -> (z
     [B, P] every row's importance w . x + b, the held rows' [B, H], the last rows [B, M, C])."""
     B, P, C = pool.shape
-    pool = pool.detach().contiguous()
     z, importance = pool.new_empty(B, P), pool.new_empty(B, held.shape[1])
     after = pool.new_empty(B, last.shape[1], C)
-    _launch(_scores_forward_kernel, pool.numpy(), weight.detach().contiguous().numpy(), float(bias.detach()[0]),
-            held.contiguous().numpy(), last.contiguous().numpy(), z.numpy(), importance.numpy(), after.numpy())
+    _launch(_scores_forward_kernel, _array(pool), _array(weight), float(bias.detach()[0]), _array(held), _array(last),
+            z.numpy(), importance.numpy(), after.numpy())
     return z, importance, after
 
 
@@ -483,17 +497,21 @@ def held_scores_backward(pool: torch.Tensor, weight: torch.Tensor, held: torch.T
     else to the weight and bias only; `detach`: the entries' gradient to the weight and bias only) -> those of pool
     [B, P, C], weight [C] and bias [1]."""
     B, P, C = pool.shape
-    dpool = torch.empty_like(pool)
-    gz_own, gz_cut = (pool.new_empty(B, P) for _ in range(2))
-    dw_parts, db_parts = pool.new_empty(WEIGHT_BLOCKS, C), pool.new_empty(WEIGHT_BLOCKS)
-    _launch(_scores_backward_kernel, pool.detach().contiguous().numpy(), weight.detach().contiguous().numpy(),
-            held.contiguous().numpy(), held_own.contiguous().numpy(), last.contiguous().numpy(),
-            last_own.contiguous().numpy(), dimportance.contiguous().numpy(), gentries.contiguous().numpy(),
-            P - gentries.shape[1], detach, dafter.contiguous().numpy(), gz_own.numpy(), gz_cut.numpy(),
-            dpool.numpy(), dw_parts.numpy(), db_parts.numpy())
-    return dpool, dw_parts.sum(0), db_parts.sum(0, keepdim=True)
+    dpool, dw, db = pool.new_empty(pool.shape), weight.new_empty(C), weight.new_empty(1)
+    _launch(_scores_backward_kernel, _array(pool), _array(weight), _array(held), _array(held_own), _array(last),
+            _array(last_own), _array(dimportance), _array(gentries), P - gentries.shape[1], detach, _array(dafter),
+            dpool.numpy(), dw.numpy(), db.numpy())
+    return dpool, dw, db
 
 
 def _rows(t: torch.Tensor, chunks: int, heads: int, head_dim: int):
     """t [B, n, chunks H hd] -> its values as a NumPy array [B n, chunks, H, hd] (no copy when contiguous)."""
-    return t.detach().contiguous().view(-1, chunks, heads, head_dim).numpy()
+    return _array(t).reshape(-1, chunks, heads, head_dim)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """t's values as a NumPy array, without a copy when t is contiguous. Between the model's large ops every PyTorch
+    call costs several microseconds: a tensor is detached (a dispatched op) only when it requires a gradient."""
+    if t.requires_grad:
+        t = t.detach()
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
