@@ -227,6 +227,21 @@ def test_the_overrides_script_times_each_set_in_its_own_process(tmp_path):
     assert "1.000x the first" in run.stdout and run.stdout.count("step ") == 2
 
 
+def test_the_optimizer_script_times_the_fused_step_against_pytorchs_default(tmp_path):
+    """scripts/bench_optimizer.py: the optimizer step of `build_optimizer` (fused) and of PyTorch's default AdamW
+    over one preset's parameters, both timed, in its JSON with the command that made it."""
+    out = tmp_path / "optim.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_optimizer.py"
+    run = subprocess.run([sys.executable, str(script), "--model", "tiny", "--steps", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["meta"]["command"] == "python scripts/bench_optimizer.py --model tiny --steps 2 --json " + str(out)
+    assert set(result["step_ms"]) == {"fused", "default"} and all(v > 0 for v in result["step_ms"].values())
+    assert all(len(t) == 2 for t in result["step_times_ms"].values())
+    assert "ms fused" in run.stdout
+
+
 def test_the_overrides_script_runs_a_row_per_span(tmp_path):
     """scripts/bench_overrides.py --span: each set runs once per number of tokens per backward call (here the
     segment-local baseline, one call by default, in passes of 128 tokens, which hold less at their peak); a span that

@@ -75,6 +75,33 @@ def test_schedule_warmup_then_cosine():
     assert decays == {1: 0.1} or sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]
 
 
+def test_the_optimizer_is_fused_and_steps_as_pytorchs_adamw():
+    """`build_optimizer` fuses AdamW's update into one kernel per parameter (tensor parallelism's DTensors take the
+    default: `tests/parallel`' bench test runs tp2 through it) and steps as PyTorch's unfused AdamW."""
+    from ltm_core.configuration import model_config
+    from ltm_core.model import TitanModel
+
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    models = [TitanModel(model_config(compose(TINY))) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    before = [p.detach().clone() for p in models[0].parameters()]
+    fused = build_optimizer(models[0], cfg)
+    assert fused.defaults["fused"]
+    groups = [{"params": [q for q, p in zip(models[1].parameters(), models[0].parameters()) if p is r],
+               "weight_decay": g["weight_decay"]} for g in fused.param_groups for r in g["params"]]
+    plain = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert all((p - b).abs().max() > 1e-4 for p, b in zip(models[0].parameters(), before))  # every one stepped
+
+
 def test_random_windows_are_a_function_of_seed_and_index():
     tokens = np.arange(1000, dtype=np.uint16)
     a = list(zip(range(6), RandomWindows(tokens, 16, seed=3)))
