@@ -34,7 +34,9 @@ over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy e
 
 The PyTorch ops are the reference, and the path for half precision, GPUs, torch.compile, `model.kernels=torch` and
 forked processes, where OpenMP threads hang (`ltm_core.ops.use_cpu_kernels`); tests compare the two. Every
-parallel loop splits between as many threads as PyTorch's.
+parallel loop splits between as many threads as PyTorch's, on PyTorch's own OpenMP pool (Numba's OpenMP layer binds
+to the libgomp that PyTorch loaded first). Between the model's large ops every PyTorch call costs microseconds, so
+the wrappers make as few as they can (`_array`; the weight gradients' block sums inside the passes).
 """
 
 from __future__ import annotations
@@ -176,9 +178,9 @@ WEIGHT_BLOCKS = 16  # the backward passes sum a weight's gradient over this many
 
 
 def _launch(kernel, *args) -> None:
-    """kernel(*args) on as many threads as PyTorch's (`torch.set_num_threads`), within Numba's pool. Numba's first
-    parallel launch starts its OpenMP pool, which sets the thread count of the OpenMP runtime PyTorch shares (a
-    process at 1 thread went on at 2): PyTorch's count is put back."""
+    """kernel(*args) on as many threads as PyTorch's (`torch.set_num_threads`). Numba's first parallel launch starts
+    its OpenMP layer, which sets the thread count of the OpenMP runtime PyTorch shares (a process at 1 thread went on
+    at 2): PyTorch's count is put back."""
     threads = torch.get_num_threads()
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     kernel(*args)
