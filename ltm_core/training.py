@@ -61,8 +61,9 @@ def windowed_backward(model: TitanModel, input_ids: torch.Tensor, labels: torch.
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms, biases, embeddings' ties are matrices too). Its update is
     fused into one kernel per parameter (PyTorch's default on CPU runs a dozen ops per parameter: `model=small`'s
-    optimizer step took 0.22x the time on the 2-core CPU, `scripts/bench_optimizer.py`), except for sharded parameters
-    (tensor parallelism's DTensors beside plain tensors), which PyTorch's fused kernel does not take."""
+    optimizer step took 0.22x the time on the 2-core CPU, `scripts/bench_optimizer.py`), except where a parameter is
+    a DTensor (sharded by FSDP or tensor parallelism), which keeps PyTorch's default: its fused kernel refused tp2's
+    DTensors beside plain tensors."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
