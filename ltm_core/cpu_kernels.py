@@ -223,7 +223,7 @@ def rotated_qkv_forward(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     B, T, _ = proj.shape
     hd = cos.shape[1]
     q, k, v = (proj.new_empty(B, heads, T, hd) for _ in range(3))
-    _launch(_qkv_forward_kernel, _rows(proj, 3, heads, hd).reshape(B, T, 3, heads, hd), _array(cos), _array(sin),
+    _launch(_qkv_forward_kernel, _array(proj).reshape(B, T, 3, heads, hd), _array(cos), _array(sin),
             q.numpy(), k.numpy(), v.numpy())
     return q, k, v
 
@@ -403,7 +403,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
 
 
 def _scores_forward(pool, w, bias, held, last, z, importance, after):
-    """pool [B, P, C], w [C], held [B, H] rows of the pool, last [B, M] -> writes z [B, P] = pool . w + bias,
+    """pool [B, P, C], w [C], bias [1], held [B, H] rows of the pool, last [B, M] -> writes z [B, P] = pool . w + bias,
     importance [B, H] = z of the held rows and after [B, M, C] = the `last` rows."""
     B, P, C = pool.shape
     for bp in prange(B * P):
@@ -411,7 +411,7 @@ def _scores_forward(pool, w, bias, held, last, z, importance, after):
         acc = 0.0
         for c in range(C):
             acc += pool[b, p, c] * w[c]
-        z[b, p] = acc + bias
+        z[b, p] = acc + bias[0]
     for b in range(B):
         for j in range(held.shape[1]):
             importance[b, j] = z[b, held[b, j]]
@@ -485,7 +485,7 @@ def held_scores_forward(pool: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     B, P, C = pool.shape
     z, importance = pool.new_empty(B, P), pool.new_empty(B, held.shape[1])
     after = pool.new_empty(B, last.shape[1], C)
-    _launch(_scores_forward_kernel, _array(pool), _array(weight), float(bias.detach()[0]), _array(held), _array(last),
+    _launch(_scores_forward_kernel, _array(pool), _array(weight), _array(bias), _array(held), _array(last),
             z.numpy(), importance.numpy(), after.numpy())
     return z, importance, after
 

@@ -87,8 +87,9 @@ def test_the_optimizer_is_fused_and_steps_as_pytorchs_adamw():
     before = [p.detach().clone() for p in models[0].parameters()]
     fused = build_optimizer(models[0], cfg)
     assert fused.defaults["fused"]
-    groups = [{"params": [q for q, p in zip(models[1].parameters(), models[0].parameters()) if p is r],
-               "weight_decay": g["weight_decay"]} for g in fused.param_groups for r in g["params"]]
+    twin = {id(p): q for p, q in zip(models[0].parameters(), models[1].parameters())}
+    groups = [{"params": [twin[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+              for g in fused.param_groups]
     plain = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
