@@ -21,10 +21,12 @@ baselines rotate as fast as the memory model.
 **The prefix read's key-bias and straight-through gradients** (`prefix_grads`, for `ltm_core.attention`'s
 `_ExplicitScores`): the score gradients of the kept keys summed over heads and queries, and sum (dk k + dv v) over
 heads and dims, in one pass. **RMSNorm** (`rms_norm_forward` / `_backward`, for `ltm_core.ops.rms_norm`): one pass
-each way, where PyTorch's CPU norm is five ops forward and a dozen backward. **The tokens memory's scan scores**
-(`held_scores_forward` / `_backward`, for `ltm_core.memory.tokens`' `_HeldScores`): every pool row's importance, the
-held rows' (a row held over from an earlier BPTT window passes its gradient to w and b only), the state after the
-scan, and in backward the gradients of the pool, w and b, the writes' penalty included.
+each way, where PyTorch's CPU norm is five ops forward and a dozen backward. **The tokens memory's scan** (`scan_forward` /
+`_backward`, for `ltm_core.memory.tokens`' `_CompiledScan`), from the choices of its compiled loop
+(`ltm_core.memory.choice`): every pool row's importance, each segment's read prefix from the rows it holds (the
+score bias and the straight-through weight: a row held over from an earlier BPTT window passes its gradient to w and
+b only), the state after the scan, the rows held at each later window's start and the writes' penalty; in backward
+the gradients of the pool, w and b.
 
 **The short causal depthwise convolution** (`causal_conv_forward` / `_backward`, for `ltm_core.layers.causal_conv`):
 over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy each way), vectorised over channels:
@@ -402,65 +404,109 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     return dx, dw
 
 
-def _scores_forward(pool, w, bias, held, last, z, importance, after):
-    """pool [B, P, C], w [C], bias [1], held [B, H] rows of the pool, last [B, M] -> writes z [B, P] = pool . w + bias,
-    importance [B, H] = z of the held rows and after [B, M, C] = the `last` rows."""
+def _sigmoid64(z):
+    """sigmoid(z) in float64 (one exp, no overflow)."""
+    e = np.exp(-abs(z))
+    return 1.0 / (1.0 + e) if z >= 0 else e / (1.0 + e)
+
+
+_sigmoid64 = numba.njit(inline="always")(_sigmoid64)
+
+
+def _scan_forward(pool, w, bias, held, empty, starts, segment, penalty, read_importance, empty_score, z, prefix_bias,
+                  through, after, aux, later):
+    """A scan's differentiable part from its choices: pool [B, P, C] (the M rows held before the scan, then the W
+    segments of S = `segment` tokens), w [C], bias [1], held [B, W + 1, M] the rows held before each segment and after
+    the last, empty [B, W + 1, M] which of them are empty slots, starts [G] each BPTT window's first segment ->
+    writes z [B, P] = pool . w + bias; each segment's read prefix, prefix_bias [B W, M] = `empty_score` on empty
+    slots (+ log sigmoid(z) with `read_importance`) and through [B W, M] = sigmoid(z); after [B, M, C] the rows
+    held after the last segment; aux [W] = `penalty` * the mean sigmoid(z) of each segment's B S tokens (left as
+    0 without one); later [B, G - 1, M, C] the rows held at each later window's start."""
     B, P, C = pool.shape
+    W, M = held.shape[1] - 1, held.shape[2]
+    S = segment
     for bp in prange(B * P):
         b, p = bp // P, bp % P
         acc = 0.0
         for c in range(C):
             acc += pool[b, p, c] * w[c]
         z[b, p] = acc + bias[0]
-    for b in range(B):
-        for j in range(held.shape[1]):
-            importance[b, j] = z[b, held[b, j]]
-        for m in range(last.shape[1]):
+    for bw in prange(B * W):
+        b, i = bw // W, bw % W
+        for m in range(M):
+            zz = np.float64(z[b, held[b, i, m]])
+            through[bw, m] = _sigmoid64(zz)
+            score = empty_score if empty[b, i, m] else np.float32(0.0)
+            if read_importance:  # log sigmoid(z) = min(z, 0) - log1p(exp(-|z|))
+                score += np.float32(min(zz, 0.0) - np.log1p(np.exp(-abs(zz))))
+            prefix_bias[bw, m] = score
+    for bm in prange(B * M):
+        b, m = bm // M, bm % M
+        for c in range(C):
+            after[b, m, c] = pool[b, held[b, W, m], c]
+        for g in range(1, starts.shape[0]):
             for c in range(C):
-                after[b, m, c] = pool[b, last[b, m], c]
+                later[b, g - 1, m, c] = pool[b, held[b, starts[g], m], c]
+    for i in range(W):
+        acc = 0.0
+        if penalty != 0.0:
+            for b in range(B):
+                for t in range(S):
+                    acc += _sigmoid64(np.float64(z[b, M + i * S + t]))
+        aux[i] = penalty * acc / (B * S)
 
 
-def _scores_backward(pool, w, held, held_own, last, last_own, dimportance, gentries, first, detach, dafter, dpool,
-                     dw, db):
-    """The gradients of `_scores_forward`'s importance [B, H] and after [B, M, C], and gentries [B, P - first] (the
-    penalty's gradient of the z of the rows from `first` on) -> writes dpool [B, P, C] and the weight's and bias's
-    gradients dw [C], db [1] (summed over WEIGHT_BLOCKS blocks of rows apart, then the blocks in order). A held row
-    marked own (and an entry unless `detach`) gives its gradient to its pool row and to w, b; the others to w, b
-    only."""
+def _scan_backward(pool, w, z, held, own, dprefix_bias, dthrough, dafter, daux, segment, penalty, detach,
+                   read_importance, dpool, dw, db):
+    """The gradients of `_scan_forward`'s prefix_bias, through [B W, M], after [B, M, C] and aux [W] -> writes dpool
+    [B, P, C] and the weight's and bias's gradients dw [C], db [1] (summed over WEIGHT_BLOCKS blocks of rows apart,
+    then the blocks in order). A held row marked `own` [B, W + 1, M] gives its gradient to its pool row and to w, b;
+    the others (held over from an earlier BPTT window) to w, b only; so do the penalty's tokens under `detach`."""
     B, P, C = pool.shape
-    gz_own, gz_cut = np.empty((B, P), np.float32), np.empty((B, P), np.float32)
+    W, M = held.shape[1] - 1, held.shape[2]
+    S = segment
+    gz_own, gz_cut = np.zeros((B, P), np.float64), np.zeros((B, P), np.float64)
     n = WEIGHT_BLOCKS
     dw_parts, db_parts = np.empty((n, C), np.float32), np.empty(n, np.float32)
     for b in range(B):  # one thread: rows are held by many segments
-        for p in range(P):
-            gz_own[b, p] = 0.0
-            gz_cut[b, p] = 0.0
-        for j in range(held.shape[1]):
-            if held_own[b, j]:
-                gz_own[b, held[b, j]] += dimportance[b, j]
-            else:
-                gz_cut[b, held[b, j]] += dimportance[b, j]
-        for p in range(first, P):
-            if detach:
-                gz_cut[b, p] += gentries[b, p - first]
-            else:
-                gz_own[b, p] += gentries[b, p - first]
+        for i in range(W):
+            for m in range(M):
+                r = held[b, i, m]
+                s = _sigmoid64(np.float64(z[b, r]))
+                g = dthrough[b * W + i, m] * s * (1.0 - s)  # d sigmoid
+                if read_importance:
+                    g += dprefix_bias[b * W + i, m] * (1.0 - s)  # d log sigmoid
+                if own[b, i, m]:
+                    gz_own[b, r] += g
+                else:
+                    gz_cut[b, r] += g
+        if penalty != 0.0:
+            for i in range(W):
+                scale = daux[i] * penalty / (B * S)
+                for t in range(S):
+                    p = M + i * S + t
+                    s = _sigmoid64(np.float64(z[b, p]))
+                    if detach:
+                        gz_cut[b, p] += scale * s * (1.0 - s)
+                    else:
+                        gz_own[b, p] += scale * s * (1.0 - s)
     for bp in prange(B * P):
         b, p = bp // P, bp % P
+        g = np.float32(gz_own[b, p])
         for c in range(C):
-            dpool[b, p, c] = gz_own[b, p] * w[c]
+            dpool[b, p, c] = g * w[c]
     for b in range(B):
-        for m in range(last.shape[1]):
-            if last_own[b, m]:
+        for m in range(M):
+            if own[b, W, m]:
                 for c in range(C):
-                    dpool[b, last[b, m], c] += dafter[b, m, c]
+                    dpool[b, held[b, W, m], c] += dafter[b, m, c]
     for k in prange(n):  # block k of the B P rows
         for c in range(C):
             dw_parts[k, c] = 0.0
         db_parts[k] = 0.0
         for bp in range(k * B * P // n, (k + 1) * B * P // n):
             b, p = bp // P, bp % P
-            g = gz_own[b, p] + gz_cut[b, p]
+            g = np.float32(gz_own[b, p] + gz_cut[b, p])
             db_parts[k] += g
             for c in range(C):
                 dw_parts[k, c] += g * pool[b, p, c]
@@ -473,36 +519,41 @@ def _scores_backward(pool, w, held, held_own, last, last_own, dimportance, gentr
             dw[c] += dw_parts[k, c]
 
 
-_scores_forward_kernel = compiled(_scores_forward, fastmath=True, parallel=True)
-_scores_backward_kernel = compiled(_scores_backward, fastmath=True, parallel=True)
+_scan_forward_kernel = compiled(_scan_forward, fastmath=True, parallel=True)
+_scan_backward_kernel = compiled(_scan_backward, fastmath=True, parallel=True)
 
 
-def held_scores_forward(pool: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, held: torch.Tensor,
-                        last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tokens memory's scan (`ltm_core.memory.tokens`' `_HeldScores`, whose PyTorch ops are the reference): pool
-    [B, P, C] float32, the importance's weight [C] and bias [1], held [B, H] and last [B, M] rows of the pool -> (z
-    [B, P] every row's importance w . x + b, the held rows' [B, H], the last rows [B, M, C])."""
+def scan_forward(pool: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, held: torch.Tensor,
+                 empty: torch.Tensor, starts: np.ndarray, segment: int, penalty: float, read_importance: bool,
+                 empty_score: float) -> tuple[torch.Tensor, ...]:
+    """The tokens memory's scan from its choices (`ltm_core.memory.tokens`' `_CompiledScan`, whose PyTorch ops in
+    `TokensMemory` are the reference; see `_scan_forward`): pool [B, P, C] float32, the importance's weight [C] and
+    bias [1], held, empty [B, W + 1, M] -> (z [B, P], prefix_bias, through [B W, M], after [B, M, C], aux [W],
+    later [B, G - 1, M, C])."""
     B, P, C = pool.shape
-    z, importance = pool.new_empty(B, P), pool.new_empty(B, held.shape[1])
-    after = pool.new_empty(B, last.shape[1], C)
-    _launch(_scores_forward_kernel, _array(pool), _array(weight), _array(bias), _array(held), _array(last),
-            z.numpy(), importance.numpy(), after.numpy())
-    return z, importance, after
+    W, M = held.shape[1] - 1, held.shape[2]
+    z = pool.new_empty(B, P)
+    prefix_bias, through = (pool.new_empty(B * W, M) for _ in range(2))
+    after, aux = pool.new_empty(B, M, C), pool.new_empty(W)
+    later = pool.new_empty(B, starts.shape[0] - 1, M, C)
+    _launch(_scan_forward_kernel, _array(pool), _array(weight), _array(bias), _array(held), _array(empty), starts,
+            segment, float(penalty), read_importance, np.float32(empty_score), z.numpy(), prefix_bias.numpy(),
+            through.numpy(), after.numpy(), aux.numpy(), later.numpy())
+    return z, prefix_bias, through, after, aux, later
 
 
-def held_scores_backward(pool: torch.Tensor, weight: torch.Tensor, held: torch.Tensor, held_own: torch.Tensor,
-                         last: torch.Tensor, last_own: torch.Tensor, dimportance: torch.Tensor,
-                         gentries: torch.Tensor, detach: bool, dafter: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `held_scores_forward`'s outputs (and gentries [B, E], the gradient of the z of the pool's
-    last E rows, its entries; held_own [B, H] and last_own [B, M] bool: which rows pass their gradient to the pool,
-    else to the weight and bias only; `detach`: the entries' gradient to the weight and bias only) -> those of pool
-    [B, P, C], weight [C] and bias [1]."""
+def scan_backward(pool: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, held: torch.Tensor, own: torch.Tensor,
+                  dprefix_bias: torch.Tensor, dthrough: torch.Tensor, dafter: torch.Tensor, daux: torch.Tensor,
+                  segment: int, penalty: float, detach: bool, read_importance: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `scan_forward`'s prefix_bias, through, after and aux (own [B, W + 1, M] bool: which held rows
+    pass their gradient to the pool, else to the weight and bias only) -> those of pool [B, P, C], weight [C] and
+    bias [1]."""
     B, P, C = pool.shape
     dpool, dw, db = pool.new_empty(pool.shape), weight.new_empty(C), weight.new_empty(1)
-    _launch(_scores_backward_kernel, _array(pool), _array(weight), _array(held), _array(held_own), _array(last),
-            _array(last_own), _array(dimportance), _array(gentries), P - gentries.shape[1], detach, _array(dafter),
-            dpool.numpy(), dw.numpy(), db.numpy())
+    _launch(_scan_backward_kernel, _array(pool), _array(weight), _array(z), _array(held), _array(own),
+            _array(dprefix_bias), _array(dthrough), _array(dafter), _array(daux), segment, float(penalty), detach,
+            read_importance, dpool.numpy(), dw.numpy(), db.numpy())
     return dpool, dw, db
 
 

@@ -41,7 +41,7 @@ def parts(memory_class: type) -> dict[str, tuple[object, str]]:
         "short_conv": (modeling.Block, "_short_conv_window"),
         "norms": (RMSNorm, "forward"),
         "memory_scan": (memory_class, "scan_windows"),
-        "memory_prefix": (memory_class, "prefix"),
+        "memory_prefix": (memory_class, "scan_prefix"),  # made by the scan itself where it runs compiled (CPU)
         "qkv_projection": (modeling.SelfAttention, "project_rotated"),  # with the rotations
         "qkv_projection_with_kept": (modeling.SelfAttention, "project_with_kept"),  # with the rotations and the
         # kept tokens' keys and values

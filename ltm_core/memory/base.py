@@ -66,6 +66,8 @@ class Scan:
     importance: Optional[torch.Tensor] = None  # [B W, M] (tokens) the importance of each slot of the states before
     # each segment, with the gradients the read gives it
     empty: Optional[torch.Tensor] = None  # [B W, M] bool (tokens) which of those slots are empty
+    prefix: Optional[Prefix] = None  # (tokens, scanned compiled on CPU) each segment's read prefix [B W, M], made by
+    # the scan instead of `importance` and `empty`
 
 
 def join_scans(scans: list[Scan], batch_size: int) -> Scan:

@@ -177,13 +177,13 @@ def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int
         from ltm_core.cpu_kernels import compiled
 
         _rows_kernel = compiled(_window_rows)
-    first, window, starts = _window_layout(windows, slots, segment)
+    first, window, starts = window_layout(windows, slots, segment)
     own, rows = _rows_kernel(held.contiguous().numpy(), first, window, starts, slots, len(windows))
     return torch.from_numpy(own), torch.from_numpy(rows)
 
 
 @functools.lru_cache(maxsize=64)
-def _window_layout(windows: tuple[int, ...], slots: int, segment: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def window_layout(windows: tuple[int, ...], slots: int, segment: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(the first pool row of each segment's window [W + 1], each segment's window [W + 1], each window's first
     segment [G]), made once per layout (read-only): between a pass's large tensor ops these few NumPy calls ran many
     times slower than in a loop of their own (cold caches)."""

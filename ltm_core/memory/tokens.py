@@ -207,21 +207,19 @@ class TokensMemory(Memory):
         its gradients (`Scan.importance`, scored once per pool row), their empty slots (`Scan.empty`) and their keys
         and values (`rows`). A token kept from before its reader's window is read detached (truncated BPTT): its
         importance from the pool's detached copy, its keys and values as one of the tokens held at that window's
-        start (`row_tokens`)."""
+        start (`row_tokens`). On CPU in float32 (`compiled_scan`) the read's prefix itself is made here
+        (`Scan.prefix`; `_scan_compiled`)."""
         B, M, C = state.shape
         W, S = entries.shape[1], entries.shape[2]
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
+        if self.compiled_scan(pool):
+            return self._scan_compiled(state, pool, entries, noise, windows)
         kept, keeps, empty = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the
         # last), [B, W, M], [B, W + 1, M]
         held = kept[:, :W].flatten(1)  # [B, W M]
         own = rows = None  # one window: every memory reads its tokens with their gradient
         if len(windows) > 1:
-            if self.compiled_loops(pool):
-                from ltm_core.memory import choice
-
-                own, rows = choice.window_rows(kept, M, S, windows)
-            else:
-                own, rows = self.window_rows(kept, S, windows)
+            own, rows = self.window_rows(kept, S, windows)
         importance, after, aux = self._held_scores(pool, entries, held, kept[:, W], own)
         if len(windows) == 1:
             return Scan(None, after, aux, entries, keeps, kept[:, :W], state, importance.view(B * W, M),
@@ -234,6 +232,38 @@ class TokensMemory(Memory):
         return Scan(None, after, aux, entries, keeps, rows, row_tokens.flatten(1, 2), importance.view(B * W, M),
                     empty[:, :W].flatten(0, 1))
 
+    def compiled_scan(self, t: torch.Tensor) -> bool:
+        """Whether a scan of tensors like t runs compiled (`_scan_compiled`): the loops compiled (`compiled_loops`),
+        in float32, without select_dedup."""
+        return (self.compiled_loops(t) and use_cpu_kernels(t, self.model_config.kernels)
+                and self.importance.weight.dtype == torch.float32 and self.config.select_dedup is None)
+
+    def _scan_compiled(self, state: torch.Tensor, pool: torch.Tensor, entries: torch.Tensor,
+                       noise: Optional[torch.Tensor], windows: tuple[int, ...]) -> Scan:
+        """`scan_windows` on CPU in float32: the choices from the compiled loop (`ltm_core.memory.choice`), the rest
+        in one compiled pass each way (`_CompiledScan`), which makes each segment's read prefix (`Scan.prefix`) where
+        the reference keeps the held rows' importance and empty slots for `prefix`. pool: [state; entries]."""
+        from ltm_core.memory import choice
+
+        B, W, S, _ = entries.shape
+        M, w, b = self.slots, self.importance.weight, self.importance.bias
+        kept, keeps, empty = choice.choose(pool, w[0], b[0].item(), noise, self.config.select_noise, VACANT_RANK, M,
+                                           S)  # [B, W + 1, M], [B, W, M], [B, W + 1, M]
+        if len(windows) > 1:
+            own, rows = choice.window_rows(kept, M, S, windows)
+        else:  # one window: every memory reads its tokens with their gradient, as rows of [state; entries]
+            own, rows = torch.ones_like(kept, dtype=torch.bool), kept[:, :W]
+        penalty = self.config.importance_penalty if self.penalizes() else 0.0
+        starts = choice.window_layout(windows, M, S)[2]  # [G] each window's first segment
+        bias, through, after, aux, later = _CompiledScan.apply(
+            pool, w, b, kept, empty, own, starts, S, penalty, self.config.importance_detach and penalty > 0,
+            self.config.read_importance)  # [B W, M] twice, [B, M, C], [W], [B, G - 1, M, C]
+        # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
+        # later ones detached), G M rows; the scanned tokens]
+        row_tokens = state if len(windows) == 1 else torch.cat([state.unsqueeze(1), later], dim=1).flatten(1, 2)
+        prefix = Prefix(None, self.shared_by_heads(bias), self.shared_by_heads(through))
+        return Scan(None, after, aux if penalty else None, entries, keeps, rows, row_tokens, prefix=prefix)
+
     def _held_scores(self, pool: torch.Tensor, entries: torch.Tensor, held: torch.Tensor, last: torch.Tensor,
                      own: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """A scan's differentiable part: pool [B, P, C] (the M held rows, then the entries [B, W, S, C]), held [B, W
@@ -241,19 +271,11 @@ class TokensMemory(Memory):
         read with their gradient (None: all) -> (their importance [B, W M], the state after [B, M, C], the writes'
         penalty [W] or None). Every pool row's importance is scored once; a row held over from an earlier BPTT window
         gives its importance's gradient to w and b only, and its value none (truncated BPTT), as do the penalty's
-        tokens under importance_detach. In float32 on CPU one compiled pass each way (`_HeldScores`); these ops are
-        its reference."""
+        tokens under importance_detach. With `prefix`'s ops, the reference of `_CompiledScan`."""
         B, W, S, _ = entries.shape
         M = last.shape[1]
         detach = self.config.importance_detach and self.penalizes()
         weight, bias = self.importance.weight, self.importance.bias
-        if use_cpu_kernels(pool, self.model_config.kernels) and weight.dtype == torch.float32:
-            held_own = torch.ones_like(held, dtype=torch.bool) if own is None else own[:, :W].flatten(1)
-            last_own = torch.ones_like(last, dtype=torch.bool) if own is None else own[:, W]
-            penalty = self.config.importance_penalty if self.penalizes() else 0.0
-            importance, after, aux = _HeldScores.apply(pool, weight, bias, held, held_own, last, last_own, penalty,
-                                                       detach, W)
-            return importance, after, aux if penalty else None
         z = self.importance(pool).squeeze(-1)  # [B, P]: with gradients to w, b and the row
         # and to w, b only: the rows a read holds over from an earlier BPTT window, the penalty's tokens under
         # importance_detach
@@ -309,6 +331,8 @@ class TokensMemory(Memory):
     def scan_prefix(self, scan: Scan) -> Prefix:
         """The prefix of each scanned segment, from the importance its scan computed once per pool row and the
         empty slots its loop flagged."""
+        if scan.prefix is not None:  # made by the compiled scan
+            return scan.prefix
         return self.prefix(scan.before, scan.importance, scan.empty)
 
     def flops_per_token(self, segment_length: int) -> float:
@@ -319,37 +343,33 @@ class TokensMemory(Memory):
         return 12 * C * M + 6 * 3 * C * C * M / (T * self.model_config.bptt_segments)
 
 
-class _HeldScores(torch.autograd.Function):
-    """`TokensMemory._held_scores` through the compiled CPU kernels (`ltm_core.cpu_kernels.held_scores_forward` /
-    `_backward`): pool [B, P, C], the importance's weight [1, C] and bias [1], held [B, H] and held_own [B, H], last
-    [B, M] and last_own [B, M], penalty (lambda, 0: none), detach (the penalty's gradient to w and b only), W (the
-    entries: the pool's last W S rows) -> (importance [B, H], after [B, M, C], the penalty per segment [W] (empty
-    without one))."""
+class _CompiledScan(torch.autograd.Function):
+    """The differentiable part of `TokensMemory.scan_windows` on CPU in float32, from the compiled loop's choices, as
+    one compiled pass each way (`ltm_core.cpu_kernels.scan_forward` / `_backward`; the reference: `_held_scores` and
+    `prefix`): pool [B, P, C] (the M rows held before the scan, then W segments of S tokens), the importance's
+    weight [1, C] and bias [1], held [B, W + 1, M] the rows held before each segment and after the last, empty
+    [B, W + 1, M] which are empty slots, own [B, W + 1, M] which pass their gradient to the pool (the others, held
+    over from an earlier BPTT window, to w and b only), starts [G] (NumPy) each window's first segment, S, penalty
+    (lambda, 0: none), detach (the penalty's gradient to w and b only), read_importance -> (each segment's read
+    prefix: score bias and straight-through weight [B W, M]; the state after [B, M, C]; the penalty per segment [W];
+    the rows held at each later window's start [B, G - 1, M, C], detached)."""
 
     @staticmethod
-    def forward(ctx, pool, weight, bias, held, held_own, last, last_own, penalty, detach, segments):
+    def forward(ctx, pool, weight, bias, held, empty, own, starts, segment, penalty, detach, read_importance):
         from ltm_core import cpu_kernels
 
-        z, importance, after = cpu_kernels.held_scores_forward(pool, weight[0], bias, held, last)
-        B = z.shape[0]
-        sig = torch.sigmoid(z[:, last.shape[1]:]) if penalty else z.new_empty(B, 0)  # [B, W S] the entries'
-        aux = penalty * sig.view(B, segments, -1).mean(dim=(0, 2)) if penalty else z.new_empty(0)
-        ctx.save_for_backward(pool, weight, held, held_own, last, last_own, sig)
-        ctx.penalty, ctx.detach = penalty, detach
-        return importance, after, aux
+        z, prefix_bias, through, after, aux, later = cpu_kernels.scan_forward(
+            pool, weight[0], bias, held, empty, starts, segment, penalty, read_importance, EMPTY_SLOT_SCORE)
+        ctx.save_for_backward(pool, weight, z, held, own)
+        ctx.options = (segment, penalty, detach, read_importance)
+        ctx.mark_non_differentiable(later)
+        return prefix_bias, through, after, aux, later
 
     @staticmethod
-    def backward(ctx, dimportance, dafter, daux):
+    def backward(ctx, dprefix_bias, dthrough, dafter, daux, _):
         from ltm_core import cpu_kernels
 
-        pool, weight, held, held_own, last, last_own, sig = ctx.saved_tensors
-        B, E = sig.shape
-        if ctx.penalty:  # d(lambda mean sigmoid(z)) over each segment's B S tokens
-            segments = daux.shape[0]
-            scale = (daux * (ctx.penalty * segments / (B * E))).repeat_interleave(E // segments)  # [E]
-            gentries = sig * (1 - sig) * scale
-        else:
-            gentries = sig
-        dpool, dweight, dbias = cpu_kernels.held_scores_backward(pool, weight[0], held, held_own, last, last_own,
-                                                                 dimportance, gentries, ctx.detach, dafter)
-        return dpool, dweight.view_as(weight), dbias, None, None, None, None, None, None, None
+        pool, weight, z, held, own = ctx.saved_tensors
+        dpool, dweight, dbias = cpu_kernels.scan_backward(pool, weight[0], z, held, own, dprefix_bias, dthrough,
+                                                          dafter, daux, *ctx.options)
+        return dpool, dweight.view_as(weight), dbias, None, None, None, None, None, None, None, None

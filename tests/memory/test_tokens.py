@@ -343,44 +343,47 @@ def test_key_through_gives_the_gradients_of_the_straight_through_factor(with_bia
     assert grads(False)[4].abs().sum() > 0  # s learns
 
 
-@pytest.mark.parametrize("own", [False, True], ids=["one_window", "held_over"])
+@pytest.mark.parametrize("read_importance", [True, False], ids=["read_importance", "plain_read"])
+@pytest.mark.parametrize("windows", [(3,), (1, 2)], ids=["one_window", "held_over"])
 @pytest.mark.parametrize("penalty, detach", [(0.0, False), (0.5, False), (0.5, True)], ids=["none", "penalty", "detach"])
-def test_the_compiled_scan_scores_give_pytorchs_values_and_gradients(penalty, detach, own, monkeypatch):
-    """`TokensMemory._held_scores` (a scan's importance of the held rows, the state after it and the writes'
-    penalty) in float32 on CPU through the compiled passes (`cpu_kernels.held_scores_*`, spied) gives what its PyTorch
-    ops (`model.kernels=torch`) give: values, and the gradients of the pool, w and b, with rows held over from an
-    earlier window (their gradient to w and b only), the penalty with and without importance_detach, and rows held
-    many times (batch 2)."""
-    import dataclasses
-
-    calls = spy_cpu_kernels(monkeypatch, "held_scores_forward", "held_scores_backward")
-    memory, cfg = _memory(slots=8, importance_penalty=penalty, importance_detach=detach)
+def test_the_compiled_scan_gives_pytorchs_values_and_gradients(penalty, detach, windows, read_importance,
+                                                               monkeypatch):
+    """A scan in float32 on CPU (`TokensMemory._scan_compiled`: the compiled loop's choices, then
+    `cpu_kernels.scan_forward` / `_backward`, spied) gives what its PyTorch ops (`model.kernels=torch`) give: the
+    choices, each segment's read prefix (score bias with empty slots, straight-through weight), the state after it,
+    the writes' penalty and the rows the read takes keys and values from, and the gradients of the state, the entries,
+    w and b through all of them; with rows held over from an earlier window (their gradient to w and b only), the
+    penalty with and without importance_detach, and rows held many times (batch 2, noise)."""
+    calls = spy_cpu_kernels(monkeypatch, "scan_forward", "scan_backward")
+    memory, cfg = _memory(noise=0.5, slots=8, importance_penalty=penalty, importance_detach=detach,
+                          read_importance=read_importance)
     memory.train()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         memory.importance.weight.copy_(torch.randn(memory.importance.weight.shape, generator=g))
         memory.importance.bias.fill_(0.3)
-    B, W, S, C, M = 2, 3, 4, cfg.hidden_size, memory.slots
-    pool = torch.randn(B, M + W * S, C, generator=g)
-    held = torch.randint(0, M + W * S, (B, W * M), generator=g)  # rows held by several segments' memories
-    last = torch.randint(0, M + W * S, (B, M), generator=g)
-    mask = torch.rand(B, W + 1, M, generator=g) > 0.4 if own else None
-    grads = [torch.randn(B, W * M, generator=g), torch.randn(B, M, C, generator=g), torch.randn(W, generator=g)]
+    B, W, S, C, M = 2, sum(windows), cfg.segment_length, cfg.hidden_size, memory.slots
+    state, entries = torch.randn(B, M, C, generator=g), torch.randn(B, W, S, C, generator=g)
+    state[:, M // 2:] = 0  # empty slots
+    noise = torch.empty(W, B, M + S).exponential_(generator=g)
 
     def run(kernels):
         memory.model_config = dataclasses.replace(cfg, kernels=kernels)
-        x = pool.clone().requires_grad_()
-        out = memory._held_scores(x, x[:, M:].view(B, W, S, C), held, last, mask)
-        assert (out[2] is None) == (penalty == 0)
-        outs, gs = zip(*[(o, d) for o, d in zip(out, grads) if o is not None])
-        params = (x, memory.importance.weight, memory.importance.bias)
-        return [*outs, *torch.autograd.grad(outs, params, gs)]
+        x, e = state.clone().requires_grad_(), entries.clone().requires_grad_()
+        scan = memory.scan_windows(x, e, noise, windows)
+        prefix = memory.scan_prefix(scan)
+        assert (scan.aux is None) == (penalty == 0)
+        outs = [o for o in (prefix.bias, prefix.through, scan.after, scan.aux, scan.row_tokens) if o is not None]
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        params = (x, e, memory.importance.weight, memory.importance.bias)
+        return [scan.kept, scan.rows, *[o.detach() for o in outs], *torch.autograd.grad(loss, params)]
 
     got, want = run("auto"), run("torch")
-    assert calls == ["held_scores_forward", "held_scores_backward"]
+    assert calls == ["scan_forward", "scan_backward"]
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert got[-1].abs().sum() > 0  # the bias learns
+    assert got[-1].abs().sum() > 0 and got[-4].abs().sum() > 0  # the bias learns, and the state
 
 
 @pytest.mark.parametrize("slots", [8, 24])  # fewer slots than a segment's 16 tokens, and more (empty slots stay)
