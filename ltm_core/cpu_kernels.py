@@ -404,15 +404,6 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     return dx, dw
 
 
-def _sigmoid64(z):
-    """sigmoid(z) in float64 (one exp, no overflow)."""
-    e = np.exp(-abs(z))
-    return 1.0 / (1.0 + e) if z >= 0 else e / (1.0 + e)
-
-
-_sigmoid64 = numba.njit(inline="always")(_sigmoid64)
-
-
 def _scan_forward(pool, w, bias, held, empty, starts, segment, penalty, read_importance, empty_score, z, prefix_bias,
                   through, after, aux, later):
     """A scan's differentiable part from its choices: pool [B, P, C] (the M rows held before the scan, then the W
@@ -425,20 +416,25 @@ def _scan_forward(pool, w, bias, held, empty, starts, segment, penalty, read_imp
     B, P, C = pool.shape
     W, M = held.shape[1] - 1, held.shape[2]
     S = segment
+    sig, logsig = np.empty((B, P), np.float32), np.empty((B, P), np.float32)  # each row's, once
     for bp in prange(B * P):
         b, p = bp // P, bp % P
         acc = 0.0
         for c in range(C):
             acc += pool[b, p, c] * w[c]
         z[b, p] = acc + bias[0]
+        zz = np.float64(z[b, p])
+        e = np.exp(-abs(zz))
+        sig[b, p] = 1.0 / (1.0 + e) if zz >= 0 else e / (1.0 + e)
+        logsig[b, p] = min(zz, 0.0) - np.log1p(e)  # log sigmoid(z), without overflow
     for bw in prange(B * W):
         b, i = bw // W, bw % W
         for m in range(M):
-            zz = np.float64(z[b, held[b, i, m]])
-            through[bw, m] = _sigmoid64(zz)
+            r = held[b, i, m]
+            through[bw, m] = sig[b, r]
             score = empty_score if empty[b, i, m] else np.float32(0.0)
-            if read_importance:  # log sigmoid(z) = min(z, 0) - log1p(exp(-|z|))
-                score += np.float32(min(zz, 0.0) - np.log1p(np.exp(-abs(zz))))
+            if read_importance:
+                score += logsig[b, r]
             prefix_bias[bw, m] = score
     for bm in prange(B * M):
         b, m = bm // M, bm % M
@@ -452,7 +448,7 @@ def _scan_forward(pool, w, bias, held, empty, starts, segment, penalty, read_imp
         if penalty != 0.0:
             for b in range(B):
                 for t in range(S):
-                    acc += _sigmoid64(np.float64(z[b, M + i * S + t]))
+                    acc += sig[b, M + i * S + t]
         aux[i] = penalty * acc / (B * S)
 
 
@@ -468,11 +464,17 @@ def _scan_backward(pool, w, z, held, own, dprefix_bias, dthrough, dafter, daux, 
     gz_own, gz_cut = np.zeros((B, P), np.float64), np.zeros((B, P), np.float64)
     n = WEIGHT_BLOCKS
     dw_parts, db_parts = np.empty((n, C), np.float32), np.empty(n, np.float32)
+    sig = np.empty((B, P), np.float64)  # each row's sigmoid(z), once
+    for bp in prange(B * P):
+        b, p = bp // P, bp % P
+        zz = np.float64(z[b, p])
+        e = np.exp(-abs(zz))
+        sig[b, p] = 1.0 / (1.0 + e) if zz >= 0 else e / (1.0 + e)
     for b in range(B):  # one thread: rows are held by many segments
         for i in range(W):
             for m in range(M):
                 r = held[b, i, m]
-                s = _sigmoid64(np.float64(z[b, r]))
+                s = sig[b, r]
                 g = dthrough[b * W + i, m] * s * (1.0 - s)  # d sigmoid
                 if read_importance:
                     g += dprefix_bias[b * W + i, m] * (1.0 - s)  # d log sigmoid
@@ -485,7 +487,7 @@ def _scan_backward(pool, w, z, held, own, dprefix_bias, dthrough, dafter, daux, 
                 scale = daux[i] * penalty / (B * S)
                 for t in range(S):
                     p = M + i * S + t
-                    s = _sigmoid64(np.float64(z[b, p]))
+                    s = sig[b, p]
                     if detach:
                         gz_cut[b, p] += scale * s * (1.0 - s)
                     else:
