@@ -404,24 +404,26 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     return dx, dw
 
 
-def _scan_forward(pool, w, bias, held, empty, starts, segment, penalty, read_importance, empty_score, z, prefix_bias,
-                  through, after, aux, later):
-    """A scan's differentiable part from its choices: pool [B, P, C] (the M rows held before the scan, then the W
-    segments of S = `segment` tokens), w [C], bias [1], held [B, W + 1, M] the rows held before each segment and after
-    the last, empty [B, W + 1, M] which of them are empty slots, starts [G] each BPTT window's first segment ->
-    writes z [B, P] = pool . w + bias; each segment's read prefix, prefix_bias [B W, M] = `empty_score` on empty
-    slots (+ log sigmoid(z) with `read_importance`) and through [B W, M] = sigmoid(z); after [B, M, C] the rows
-    held after the last segment; aux [W] = `penalty` * the mean sigmoid(z) of each segment's B S tokens (left as
-    0 without one); later [B, G - 1, M, C] the rows held at each later window's start."""
-    B, P, C = pool.shape
-    W, M = held.shape[1] - 1, held.shape[2]
-    S = segment
+def _scan_forward(state, entries, w, bias, held, empty, starts, segment, penalty, read_importance, empty_score, z,
+                  prefix_bias, through, after, aux, row_tokens):
+    """A scan's differentiable part from its choices, over the pool [state; entries]: state [B, M, C] the rows held
+    before the scan, entries [B, W S, C] the W segments of S = `segment` tokens; w [C], bias [1], held [B, W + 1, M]
+    the pool rows held before each segment and after the last, empty [B, W + 1, M] which of them are empty slots,
+    starts [G] each BPTT window's first segment -> writes z [B, P] = pool . w + bias; each segment's read prefix,
+    prefix_bias [B W, M] = `empty_score` on empty slots (+ log sigmoid(z) with `read_importance`) and through
+    [B W, M] = sigmoid(z); after [B, M, C] the rows held after the last segment; aux [W] = `penalty` * the mean
+    sigmoid(z) of each segment's B S tokens (0 without one); row_tokens [B, G M, C] the rows held at each window's
+    start (the state, then the rows held at each later window's first segment)."""
+    B, M, C = state.shape
+    P = M + entries.shape[1]
+    W, S, G = held.shape[1] - 1, segment, starts.shape[0]
     sig, logsig = np.empty((B, P), np.float32), np.empty((B, P), np.float32)  # each row's, once
     for bp in prange(B * P):
         b, p = bp // P, bp % P
+        row = state[b, p] if p < M else entries[b, p - M]
         acc = 0.0
         for c in range(C):
-            acc += pool[b, p, c] * w[c]
+            acc += row[c] * w[c]
         z[b, p] = acc + bias[0]
         zz = np.float64(z[b, p])
         e = np.exp(-abs(zz))
@@ -438,11 +440,16 @@ def _scan_forward(pool, w, bias, held, empty, starts, segment, penalty, read_imp
             prefix_bias[bw, m] = score
     for bm in prange(B * M):
         b, m = bm // M, bm % M
+        r = held[b, W, m]
+        row = state[b, r] if r < M else entries[b, r - M]
         for c in range(C):
-            after[b, m, c] = pool[b, held[b, W, m], c]
-        for g in range(1, starts.shape[0]):
+            after[b, m, c] = row[c]
+            row_tokens[b, m, c] = state[b, m, c]
+        for g in range(1, G):
+            r = held[b, starts[g], m]
+            row = state[b, r] if r < M else entries[b, r - M]
             for c in range(C):
-                later[b, g - 1, m, c] = pool[b, held[b, starts[g], m], c]
+                row_tokens[b, g * M + m, c] = row[c]
     for i in range(W):
         acc = 0.0
         if penalty != 0.0:
@@ -452,15 +459,16 @@ def _scan_forward(pool, w, bias, held, empty, starts, segment, penalty, read_imp
         aux[i] = penalty * acc / (B * S)
 
 
-def _scan_backward(pool, w, z, held, own, dprefix_bias, dthrough, dafter, daux, segment, penalty, detach,
-                   read_importance, dpool, dw, db):
-    """The gradients of `_scan_forward`'s prefix_bias, through [B W, M], after [B, M, C] and aux [W] -> writes dpool
-    [B, P, C] and the weight's and bias's gradients dw [C], db [1] (summed over WEIGHT_BLOCKS blocks of rows apart,
-    then the blocks in order). A held row marked `own` [B, W + 1, M] gives its gradient to its pool row and to w, b;
-    the others (held over from an earlier BPTT window) to w, b only; so do the penalty's tokens under `detach`."""
-    B, P, C = pool.shape
-    W, M = held.shape[1] - 1, held.shape[2]
-    S = segment
+def _scan_backward(state, entries, w, z, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, segment,
+                   penalty, detach, read_importance, dstate, dentries, dw, db):
+    """The gradients of `_scan_forward`'s prefix_bias, through [B W, M], after [B, M, C], aux [W] and row_tokens
+    [B, G M, C] (its state rows: the later windows' are detached) -> writes dstate [B, M, C], dentries [B, W S, C]
+    and the weight's and bias's gradients dw [C], db [1] (summed over WEIGHT_BLOCKS blocks of rows apart, then the
+    blocks in order). A held row marked `own` [B, W + 1, M] gives its gradient to its pool row and to w, b; the
+    others (held over from an earlier BPTT window) to w, b only; so do the penalty's tokens under `detach`."""
+    B, M, C = state.shape
+    P = M + entries.shape[1]
+    W, S = held.shape[1] - 1, segment
     gz_own, gz_cut = np.zeros((B, P), np.float64), np.zeros((B, P), np.float64)
     n = WEIGHT_BLOCKS
     dw_parts, db_parts = np.empty((n, C), np.float32), np.empty(n, np.float32)
@@ -495,13 +503,19 @@ def _scan_backward(pool, w, z, held, own, dprefix_bias, dthrough, dafter, daux, 
     for bp in prange(B * P):
         b, p = bp // P, bp % P
         g = np.float32(gz_own[b, p])
-        for c in range(C):
-            dpool[b, p, c] = g * w[c]
+        if p < M:
+            for c in range(C):
+                dstate[b, p, c] = g * w[c] + drow_tokens[b, p, c]
+        else:
+            for c in range(C):
+                dentries[b, p - M, c] = g * w[c]
     for b in range(B):
         for m in range(M):
+            r = held[b, W, m]
             if own[b, W, m]:
+                drow = dstate[b, r] if r < M else dentries[b, r - M]
                 for c in range(C):
-                    dpool[b, held[b, W, m], c] += dafter[b, m, c]
+                    drow[c] += dafter[b, m, c]
     for k in prange(n):  # block k of the B P rows
         for c in range(C):
             dw_parts[k, c] = 0.0
@@ -510,8 +524,9 @@ def _scan_backward(pool, w, z, held, own, dprefix_bias, dthrough, dafter, daux, 
             b, p = bp // P, bp % P
             g = np.float32(gz_own[b, p] + gz_cut[b, p])
             db_parts[k] += g
+            row = state[b, p] if p < M else entries[b, p - M]
             for c in range(C):
-                dw_parts[k, c] += g * pool[b, p, c]
+                dw_parts[k, c] += g * row[c]
     db[0] = 0.0
     for c in range(C):
         dw[c] = 0.0
@@ -525,38 +540,39 @@ _scan_forward_kernel = compiled(_scan_forward, fastmath=True, parallel=True)
 _scan_backward_kernel = compiled(_scan_backward, fastmath=True, parallel=True)
 
 
-def scan_forward(pool: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, held: torch.Tensor,
-                 empty: torch.Tensor, starts: np.ndarray, segment: int, penalty: float, read_importance: bool,
-                 empty_score: float) -> tuple[torch.Tensor, ...]:
+def scan_forward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 held: torch.Tensor, empty: torch.Tensor, starts: np.ndarray, segment: int, penalty: float,
+                 read_importance: bool, empty_score: float) -> tuple[torch.Tensor, ...]:
     """The tokens memory's scan from its choices (`ltm_core.memory.tokens`' `_CompiledScan`, whose PyTorch ops in
-    `TokensMemory` are the reference; see `_scan_forward`): pool [B, P, C] float32, the importance's weight [C] and
-    bias [1], held, empty [B, W + 1, M] -> (z [B, P], prefix_bias, through [B W, M], after [B, M, C], aux [W],
-    later [B, G - 1, M, C])."""
-    B, P, C = pool.shape
-    W, M = held.shape[1] - 1, held.shape[2]
-    z = pool.new_empty(B, P)
-    prefix_bias, through = (pool.new_empty(B * W, M) for _ in range(2))
-    after, aux = pool.new_empty(B, M, C), pool.new_empty(W)
-    later = pool.new_empty(B, starts.shape[0] - 1, M, C)
-    _launch(_scan_forward_kernel, _array(pool), _array(weight), _array(bias), _array(held), _array(empty), starts,
-            segment, float(penalty), read_importance, np.float32(empty_score), z.numpy(), prefix_bias.numpy(),
-            through.numpy(), after.numpy(), aux.numpy(), later.numpy())
-    return z, prefix_bias, through, after, aux, later
+    `TokensMemory` are the reference; see `_scan_forward`): state [B, M, C] and entries [B, W S, C] float32, the
+    importance's weight [C] and bias [1], held, empty [B, W + 1, M], starts [G] -> (z [B, M + W S], prefix_bias,
+    through [B W, M], after [B, M, C], aux [W], row_tokens [B, G M, C])."""
+    B, M, C = state.shape
+    W = held.shape[1] - 1
+    z = state.new_empty(B, M + entries.shape[1])
+    prefix_bias, through = (state.new_empty(B * W, M) for _ in range(2))
+    after, aux, row_tokens = state.new_empty(B, M, C), state.new_empty(W), state.new_empty(B, starts.shape[0] * M, C)
+    _launch(_scan_forward_kernel, _array(state), _array(entries), _array(weight), _array(bias), _array(held),
+            _array(empty), starts, segment, float(penalty), read_importance, np.float32(empty_score), z.numpy(),
+            prefix_bias.numpy(), through.numpy(), after.numpy(), aux.numpy(), row_tokens.numpy())
+    return z, prefix_bias, through, after, aux, row_tokens
 
 
-def scan_backward(pool: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, held: torch.Tensor, own: torch.Tensor,
-                  dprefix_bias: torch.Tensor, dthrough: torch.Tensor, dafter: torch.Tensor, daux: torch.Tensor,
-                  segment: int, penalty: float, detach: bool, read_importance: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `scan_forward`'s prefix_bias, through, after and aux (own [B, W + 1, M] bool: which held rows
-    pass their gradient to the pool, else to the weight and bias only) -> those of pool [B, P, C], weight [C] and
-    bias [1]."""
-    B, P, C = pool.shape
-    dpool, dw, db = pool.new_empty(pool.shape), weight.new_empty(C), weight.new_empty(1)
-    _launch(_scan_backward_kernel, _array(pool), _array(weight), _array(z), _array(held), _array(own),
-            _array(dprefix_bias), _array(dthrough), _array(dafter), _array(daux), segment, float(penalty), detach,
-            read_importance, dpool.numpy(), dw.numpy(), db.numpy())
-    return dpool, dw, db
+def scan_backward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, z: torch.Tensor,
+                  held: torch.Tensor, own: torch.Tensor, dprefix_bias: torch.Tensor, dthrough: torch.Tensor,
+                  dafter: torch.Tensor, daux: torch.Tensor, drow_tokens: torch.Tensor, segment: int, penalty: float,
+                  detach: bool, read_importance: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `scan_forward`'s prefix_bias, through, after, aux and row_tokens (own [B, W + 1, M] bool:
+    which held rows pass their gradient to the pool, else to the weight and bias only) -> those of state [B, M, C],
+    entries [B, W S, C], weight [C] and bias [1]."""
+    C = state.shape[2]
+    dstate, dentries = torch.empty_like(state), torch.empty_like(entries)
+    dw, db = weight.new_empty(C), weight.new_empty(1)
+    _launch(_scan_backward_kernel, _array(state), _array(entries), _array(weight), _array(z), _array(held),
+            _array(own), _array(dprefix_bias), _array(dthrough), _array(dafter), _array(daux), _array(drow_tokens),
+            segment, float(penalty), detach, read_importance, dstate.numpy(), dentries.numpy(), dw.numpy(),
+            db.numpy())
+    return dstate, dentries, dw, db
 
 
 def _rows(t: torch.Tensor, chunks: int, heads: int, head_dim: int):

@@ -401,7 +401,7 @@ class SegmentRecurrence(nn.Module):
                 h, state = self._step(x[:, pos:pos + min(S - state.offset, L - pos)], state, aux)
             chunks.append(h)
             pos += h.shape[1]
-        h = torch.cat(chunks, dim=1) if chunks else x
+        h = x if not chunks else chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)  # one pass: no copy
         aux = [a for a in aux if a is not None]
         return h, state, (torch.stack(aux).sum() if aux else None)
 

@@ -37,22 +37,24 @@ REASSOCIATE = {"reassoc", "contract"}  # the loop's floating-point freedom: sums
 # every call), fused multiply-adds; NaN and infinity keep their meaning
 
 
-def _choose(pool, weight, bias, noise, tau, vacant, M, S):
+def _choose(state, entries, weight, bias, noise, tau, vacant, S):
     """The loop (compiled by `choose` on first use): see `choose` for the arguments."""
-    B, P, C = pool.shape
+    B, M, C = state.shape
+    P = M + entries.shape[1]  # the pool: [state; entries]
     W = (P - M) // S
     N = M + S
     ranks = np.empty((B, P), np.float64)
     empty = np.empty((B, P), np.bool_)
     for b in range(B):  # each row's rank, in float64 from its entries alone, and whether it is all zeros
         for p in range(P):
+            row = state[b, p] if p < M else entries[b, p - M]
             acc = 0.0
             for c in range(C):  # compiled with reassociation: a vectorised sum, in one fixed order for every row
-                acc += np.float64(pool[b, p, c]) * weight[c]
-            ranks[b, p] = acc + bias
+                acc += np.float64(row[c]) * np.float64(weight[c])
+            ranks[b, p] = acc + np.float64(bias[0])
             filled = False
             for c in range(C):
-                if pool[b, p, c] != 0:
+                if row[c] != 0:
                     filled = True
                     break
             empty[b, p] = not filled
@@ -138,29 +140,32 @@ _kernel = None  # the compiled `_choose`
 _rows_kernel = None  # the compiled `_window_rows`
 
 
-def choose(pool: torch.Tensor, weight: torch.Tensor, bias: float, noise: Optional[torch.Tensor], tau: float,
-           vacant: float, slots: int, segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The W writes of a pool: pool [B, P, C] (the M = `slots` entries held before the first write, then W segments
-    of S = `segment` tokens, in order), ranked by weight [C] and bias (the importance w . x + b, in float64; an
-    all-zero row is an empty slot, whose rank loses `vacant` while held), noise [W, B, M + S] the writes' standard
-    exponential samples (the Gumbel samples are their -log) or None, tau the noise scale -> (held [B, W + 1, M]:
-    the pool rows held before each write and after the last, keeps [B, W, M]: each write's kept candidates, indices
-    into [held; segment], int64; empty [B, W + 1, M] bool: which held rows are empty slots), CPU tensors."""
+def choose(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+           noise: Optional[torch.Tensor], tau: float, vacant: float, segment: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The W writes of a pool [state; entries]: state [B, M, C] the M entries held before the first write, entries
+    [B, W S, C] the W segments of S = `segment` tokens, in order; ranked by weight [C] and bias [1] (the importance
+    w . x + b, in float64; an all-zero row is an empty slot, whose rank loses `vacant` while held), noise [W, B,
+    M + S] the writes' standard exponential samples (the Gumbel samples are their -log) or None, tau the noise scale
+    -> (held [B, W + 1, M]: the pool rows held before each write and after the last, keeps [B, W, M]: each write's
+    kept candidates, indices into [held; segment], int64; empty [B, W + 1, M] bool: which held rows are empty
+    slots), CPU tensors."""
     global _kernel
     if _kernel is None:
         from ltm_core.cpu_kernels import compiled
 
         _kernel = compiled(_choose, fastmath=REASSOCIATE)
-    rows = _numpy_float(pool)
     samples, scale = (np.ones((0, 0, 0), np.float32), 0.0) if noise is None else (_numpy_float(noise), float(tau))
-    held, keeps, empty = _kernel(rows, weight.detach().double().contiguous().numpy(), float(bias), samples, scale,
-                                 float(vacant), slots, segment)
+    held, keeps, empty = _kernel(_numpy_float(state), _numpy_float(entries), _numpy_float(weight),
+                                 _numpy_float(bias), samples, scale, float(vacant), segment)
     return torch.from_numpy(held), torch.from_numpy(keeps), torch.from_numpy(empty)
 
 
 def _numpy_float(t: torch.Tensor) -> np.ndarray:
-    """A float tensor's values as a NumPy array (no copy for float32 / float64 on CPU; NumPy has no bfloat16)."""
-    t = t.detach()
+    """A float tensor's values as a NumPy array (no copy for float32 / float64 on CPU; NumPy has no bfloat16). Between
+    the model's large ops every PyTorch call costs microseconds: detached only when it requires a gradient."""
+    if t.requires_grad:
+        t = t.detach()
     return (t if t.dtype in (torch.float32, torch.float64) else t.float()).contiguous().numpy()
 
 

@@ -174,8 +174,8 @@ class TokensMemory(Memory):
         if self.compiled_loops(pool) and not dedup:
             from ltm_core.memory import choice
 
-            w, b = self.importance.weight[0], self.importance.bias[0].item()
-            return choice.choose(pool, w, b, noise, self.config.select_noise, VACANT_RANK, M, S)
+            return choice.choose(pool[:, :M], pool[:, M:], self.importance.weight[0], self.importance.bias, noise,
+                                 self.config.select_noise, VACANT_RANK, S)
         ranks, gumbel = self.ranks(pool), None if noise is None else self.gumbel(noise)  # [B, P], [W, B, M + S]
         empty = self.empty(pool)  # [B, P]: an all-zero row is an empty slot once held
         vacancy = VACANT_RANK * empty.double()
@@ -211,9 +211,9 @@ class TokensMemory(Memory):
         (`Scan.prefix`; `_scan_compiled`)."""
         B, M, C = state.shape
         W, S = entries.shape[1], entries.shape[2]
+        if self.compiled_scan(state) and entries.dtype == state.dtype:
+            return self._scan_compiled(state, entries, noise, windows)
         pool = torch.cat([state, entries.flatten(1, 2).to(state.dtype)], dim=1)  # [B, P = M + W S, C]
-        if self.compiled_scan(pool):
-            return self._scan_compiled(state, pool, entries, noise, windows)
         kept, keeps, empty = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the
         # last), [B, W, M], [B, W + 1, M]
         held = kept[:, :W].flatten(1)  # [B, W M]
@@ -238,16 +238,18 @@ class TokensMemory(Memory):
         return (self.compiled_loops(t) and use_cpu_kernels(t, self.model_config.kernels)
                 and self.importance.weight.dtype == torch.float32 and self.config.select_dedup is None)
 
-    def _scan_compiled(self, state: torch.Tensor, pool: torch.Tensor, entries: torch.Tensor,
-                       noise: Optional[torch.Tensor], windows: tuple[int, ...]) -> Scan:
+    def _scan_compiled(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor],
+                       windows: tuple[int, ...]) -> Scan:
         """`scan_windows` on CPU in float32: the choices from the compiled loop (`ltm_core.memory.choice`), the rest
         in one compiled pass each way (`_CompiledScan`), which makes each segment's read prefix (`Scan.prefix`) where
-        the reference keeps the held rows' importance and empty slots for `prefix`. pool: [state; entries]."""
+        the reference keeps the held rows' importance and empty slots for `prefix`; the pool [state; entries] is
+        never copied into one tensor."""
         from ltm_core.memory import choice
 
         B, W, S, _ = entries.shape
         M, w, b = self.slots, self.importance.weight, self.importance.bias
-        kept, keeps, empty = choice.choose(pool, w[0], b[0].item(), noise, self.config.select_noise, VACANT_RANK, M,
+        tokens = entries.flatten(1, 2)  # [B, W S, C]
+        kept, keeps, empty = choice.choose(state, tokens, w[0], b, noise, self.config.select_noise, VACANT_RANK,
                                            S)  # [B, W + 1, M], [B, W, M], [B, W + 1, M]
         if len(windows) > 1:
             own, rows = choice.window_rows(kept, M, S, windows)
@@ -255,12 +257,9 @@ class TokensMemory(Memory):
             own, rows = torch.ones_like(kept, dtype=torch.bool), kept[:, :W]
         penalty = self.config.importance_penalty if self.penalizes() else 0.0
         starts = choice.window_layout(windows, M, S)[2]  # [G] each window's first segment
-        bias, through, after, aux, later = _CompiledScan.apply(
-            pool, w, b, kept, empty, own, starts, S, penalty, self.config.importance_detach and penalty > 0,
-            self.config.read_importance)  # [B W, M] twice, [B, M, C], [W], [B, G - 1, M, C]
-        # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
-        # later ones detached), G M rows; the scanned tokens]
-        row_tokens = state if len(windows) == 1 else torch.cat([state.unsqueeze(1), later], dim=1).flatten(1, 2)
+        bias, through, after, aux, row_tokens = _CompiledScan.apply(
+            state, tokens, w, b, kept, empty, own, starts, S, penalty, self.config.importance_detach and penalty > 0,
+            self.config.read_importance)  # [B W, M] twice, [B, M, C], [W], [B, G M, C]
         prefix = Prefix(None, self.shared_by_heads(bias), self.shared_by_heads(through))
         return Scan(None, after, aux if penalty else None, entries, keeps, rows, row_tokens, prefix=prefix)
 
@@ -345,31 +344,32 @@ class TokensMemory(Memory):
 
 class _CompiledScan(torch.autograd.Function):
     """The differentiable part of `TokensMemory.scan_windows` on CPU in float32, from the compiled loop's choices, as
-    one compiled pass each way (`ltm_core.cpu_kernels.scan_forward` / `_backward`; the reference: `_held_scores` and
-    `prefix`): pool [B, P, C] (the M rows held before the scan, then W segments of S tokens), the importance's
-    weight [1, C] and bias [1], held [B, W + 1, M] the rows held before each segment and after the last, empty
-    [B, W + 1, M] which are empty slots, own [B, W + 1, M] which pass their gradient to the pool (the others, held
-    over from an earlier BPTT window, to w and b only), starts [G] (NumPy) each window's first segment, S, penalty
-    (lambda, 0: none), detach (the penalty's gradient to w and b only), read_importance -> (each segment's read
-    prefix: score bias and straight-through weight [B W, M]; the state after [B, M, C]; the penalty per segment [W];
-    the rows held at each later window's start [B, G - 1, M, C], detached)."""
+    one compiled pass each way (`ltm_core.cpu_kernels.scan_forward` / `_backward`; the reference: `_held_scores`,
+    `prefix` and the rows' gathers in `scan_windows`): over the pool [state [B, M, C]; entries [B, W S, C]] (the
+    rows held before the scan, then W segments of S tokens), the importance's weight [1, C] and bias [1], held
+    [B, W + 1, M] the rows held before each segment and after the last, empty [B, W + 1, M] which are empty slots, own
+    [B, W + 1, M] which pass their gradient to the pool (the others, held over from an earlier BPTT window, to w and
+    b only), starts [G] (NumPy) each window's first segment, S, penalty (lambda, 0: none), detach (the penalty's
+    gradient to w and b only), read_importance -> (each segment's read prefix: score bias and straight-through
+    weight [B W, M]; the state after [B, M, C]; the penalty per segment [W]; the rows held at each window's start
+    [B, G M, C]: the state, then later windows' rows, detached)."""
 
     @staticmethod
-    def forward(ctx, pool, weight, bias, held, empty, own, starts, segment, penalty, detach, read_importance):
+    def forward(ctx, state, entries, weight, bias, held, empty, own, starts, segment, penalty, detach,
+                read_importance):
         from ltm_core import cpu_kernels
 
-        z, prefix_bias, through, after, aux, later = cpu_kernels.scan_forward(
-            pool, weight[0], bias, held, empty, starts, segment, penalty, read_importance, EMPTY_SLOT_SCORE)
-        ctx.save_for_backward(pool, weight, z, held, own)
+        z, prefix_bias, through, after, aux, row_tokens = cpu_kernels.scan_forward(
+            state, entries, weight[0], bias, held, empty, starts, segment, penalty, read_importance, EMPTY_SLOT_SCORE)
+        ctx.save_for_backward(state, entries, weight, z, held, own)
         ctx.options = (segment, penalty, detach, read_importance)
-        ctx.mark_non_differentiable(later)
-        return prefix_bias, through, after, aux, later
+        return prefix_bias, through, after, aux, row_tokens
 
     @staticmethod
-    def backward(ctx, dprefix_bias, dthrough, dafter, daux, _):
+    def backward(ctx, dprefix_bias, dthrough, dafter, daux, drow_tokens):
         from ltm_core import cpu_kernels
 
-        pool, weight, z, held, own = ctx.saved_tensors
-        dpool, dweight, dbias = cpu_kernels.scan_backward(pool, weight[0], z, held, own, dprefix_bias, dthrough,
-                                                          dafter, daux, *ctx.options)
-        return dpool, dweight.view_as(weight), dbias, None, None, None, None, None, None, None, None
+        state, entries, weight, z, held, own = ctx.saved_tensors
+        dstate, dentries, dweight, dbias = cpu_kernels.scan_backward(
+            state, entries, weight[0], z, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, *ctx.options)
+        return dstate, dentries, dweight.view_as(weight), dbias, None, None, None, None, None, None, None, None

@@ -517,7 +517,8 @@ def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
     monkeypatch.setattr(choice, "_kernel", None)
     pool = torch.randn(2, 8 + 3 * 16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     weight = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # the importance: a row's first channel
-    held, keeps, _ = choice.choose(pool, weight, 0.0, None, 0.0, 1e4, 8, 16)
+    held, keeps, _ = choice.choose(pool[:, :8], pool[:, 8:], weight, torch.zeros(1, dtype=torch.float64), None, 0.0,
+                                   1e4, 16)
     assert calls[:2] == [True, False]  # (numba compiles some of its own functions through njit too)
     want = [pool[b, :8 + 16, 0].topk(8).indices.sort().values for b in range(2)]  # the first write: the top 8
     assert torch.equal(held[:, 1], torch.stack(want))
