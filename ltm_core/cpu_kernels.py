@@ -21,12 +21,12 @@ baselines rotate as fast as the memory model.
 **The prefix read's key-bias and straight-through gradients** (`prefix_grads`, for `ltm_core.attention`'s
 `_ExplicitScores`): the score gradients of the kept keys summed over heads and queries, and sum (dk k + dv v) over
 heads and dims, in one pass. **RMSNorm** (`rms_norm_forward` / `_backward`, for `ltm_core.ops.rms_norm`): one pass
-each way, where PyTorch's CPU norm is five ops forward and a dozen backward. **The tokens memory's scan** (`scan_forward` /
-`_backward`, for `ltm_core.memory.tokens`' `_CompiledScan`), from the choices of its compiled loop
+each way, where PyTorch's CPU norm is five ops forward and a dozen backward. **The tokens memory's scan**
+(`scan_forward` / `_backward`, for `ltm_core.memory.tokens`' `_CompiledScan`), from the choices of its compiled loop
 (`ltm_core.memory.choice`): every pool row's importance, each segment's read prefix from the rows it holds (the
 score bias and the straight-through weight: a row held over from an earlier BPTT window passes its gradient to w and
-b only), the state after the scan, the rows held at each later window's start and the writes' penalty; in backward
-the gradients of the pool, w and b.
+b only), the state after the scan, the rows the read projects at each window's start and the writes' penalty; in
+backward the gradients of the state, the entries, w and b.
 
 **The short causal depthwise convolution** (`causal_conv_forward` / `_backward`, for `ltm_core.layers.causal_conv`):
 over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy each way), vectorised over channels:
