@@ -404,12 +404,13 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     return dx, dw
 
 
-def _scan_forward(state, entries, w, bias, held, empty, starts, segment, penalty, read_importance, empty_score, z,
-                  prefix_bias, through, after, aux, row_tokens):
+def _scan_forward(state, entries, w, bias, held, empty, starts, segment, penalty, read_importance, empty_score,
+                  sig, prefix_bias, through, after, aux, row_tokens):
     """A scan's differentiable part from its choices, over the pool [state; entries]: state [B, M, C] the rows held
     before the scan, entries [B, W S, C] the W segments of S = `segment` tokens; w [C], bias [1], held [B, W + 1, M]
     the pool rows held before each segment and after the last, empty [B, W + 1, M] which of them are empty slots,
-    starts [G] each BPTT window's first segment -> writes z [B, P] = pool . w + bias; each segment's read prefix,
+    starts [G] each BPTT window's first segment -> writes sig [B, P] = sigmoid(z), z = pool . w + bias (for
+    backward); each segment's read prefix,
     prefix_bias [B W, M] = `empty_score` on empty slots (+ log sigmoid(z) with `read_importance`) and through
     [B W, M] = sigmoid(z); after [B, M, C] the rows held after the last segment; aux [W] = `penalty` * the mean
     sigmoid(z) of each segment's B S tokens (0 without one); row_tokens [B, G M, C] the rows held at each window's
@@ -417,15 +418,14 @@ def _scan_forward(state, entries, w, bias, held, empty, starts, segment, penalty
     B, M, C = state.shape
     P = M + entries.shape[1]
     W, S, G = held.shape[1] - 1, segment, starts.shape[0]
-    sig, logsig = np.empty((B, P), np.float32), np.empty((B, P), np.float32)  # each row's, once
+    logsig = np.empty((B, P), np.float32)  # each row's, once
     for bp in prange(B * P):
         b, p = bp // P, bp % P
         row = state[b, p] if p < M else entries[b, p - M]
         acc = 0.0
         for c in range(C):
             acc += row[c] * w[c]
-        z[b, p] = acc + bias[0]
-        zz = np.float64(z[b, p])
+        zz = np.float64(np.float32(acc + bias[0]))  # z, rounded to float32 as the reference's
         e = np.exp(-abs(zz))
         sig[b, p] = 1.0 / (1.0 + e) if zz >= 0 else e / (1.0 + e)
         logsig[b, p] = min(zz, 0.0) - np.log1p(e)  # log sigmoid(z), without overflow
@@ -459,7 +459,7 @@ def _scan_forward(state, entries, w, bias, held, empty, starts, segment, penalty
         aux[i] = penalty * acc / (B * S)
 
 
-def _scan_backward(state, entries, w, z, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, segment,
+def _scan_backward(state, entries, w, sig, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, segment,
                    penalty, detach, read_importance, dstate, dentries, dw, db):
     """The gradients of `_scan_forward`'s prefix_bias, through [B W, M], after [B, M, C], aux [W] and row_tokens
     [B, G M, C] (its state rows: the later windows' are detached) -> writes dstate [B, M, C], dentries [B, W S, C]
@@ -472,17 +472,11 @@ def _scan_backward(state, entries, w, z, held, own, dprefix_bias, dthrough, daft
     gz_own, gz_cut = np.zeros((B, P), np.float64), np.zeros((B, P), np.float64)
     n = WEIGHT_BLOCKS
     dw_parts, db_parts = np.empty((n, C), np.float32), np.empty(n, np.float32)
-    sig = np.empty((B, P), np.float64)  # each row's sigmoid(z), once
-    for bp in prange(B * P):
-        b, p = bp // P, bp % P
-        zz = np.float64(z[b, p])
-        e = np.exp(-abs(zz))
-        sig[b, p] = 1.0 / (1.0 + e) if zz >= 0 else e / (1.0 + e)
     for b in range(B):  # one thread: rows are held by many segments
         for i in range(W):
             for m in range(M):
                 r = held[b, i, m]
-                s = sig[b, r]
+                s = np.float64(sig[b, r])
                 g = dthrough[b * W + i, m] * s * (1.0 - s)  # d sigmoid
                 if read_importance:
                     g += dprefix_bias[b * W + i, m] * (1.0 - s)  # d log sigmoid
@@ -495,7 +489,7 @@ def _scan_backward(state, entries, w, z, held, own, dprefix_bias, dthrough, daft
                 scale = daux[i] * penalty / (B * S)
                 for t in range(S):
                     p = M + i * S + t
-                    s = sig[b, p]
+                    s = np.float64(sig[b, p])
                     if detach:
                         gz_cut[b, p] += scale * s * (1.0 - s)
                     else:
@@ -545,30 +539,30 @@ def scan_forward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tenso
                  read_importance: bool, empty_score: float) -> tuple[torch.Tensor, ...]:
     """The tokens memory's scan from its choices (`ltm_core.memory.tokens`' `_CompiledScan`, whose PyTorch ops in
     `TokensMemory` are the reference; see `_scan_forward`): state [B, M, C] and entries [B, W S, C] float32, the
-    importance's weight [C] and bias [1], held, empty [B, W + 1, M], starts [G] -> (z [B, M + W S], prefix_bias,
-    through [B W, M], after [B, M, C], aux [W], row_tokens [B, G M, C])."""
+    importance's weight [C] and bias [1], held, empty [B, W + 1, M], starts [G] -> (sig [B, M + W S] each pool row's
+    sigmoid(z), prefix_bias, through [B W, M], after [B, M, C], aux [W], row_tokens [B, G M, C])."""
     B, M, C = state.shape
     W = held.shape[1] - 1
-    z = state.new_empty(B, M + entries.shape[1])
+    sig = state.new_empty(B, M + entries.shape[1])
     prefix_bias, through = (state.new_empty(B * W, M) for _ in range(2))
     after, aux, row_tokens = state.new_empty(B, M, C), state.new_empty(W), state.new_empty(B, starts.shape[0] * M, C)
     _launch(_scan_forward_kernel, _array(state), _array(entries), _array(weight), _array(bias), _array(held),
-            _array(empty), starts, segment, float(penalty), read_importance, np.float32(empty_score), z.numpy(),
+            _array(empty), starts, segment, float(penalty), read_importance, np.float32(empty_score), sig.numpy(),
             prefix_bias.numpy(), through.numpy(), after.numpy(), aux.numpy(), row_tokens.numpy())
-    return z, prefix_bias, through, after, aux, row_tokens
+    return sig, prefix_bias, through, after, aux, row_tokens
 
 
-def scan_backward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, z: torch.Tensor,
+def scan_backward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, sig: torch.Tensor,
                   held: torch.Tensor, own: torch.Tensor, dprefix_bias: torch.Tensor, dthrough: torch.Tensor,
                   dafter: torch.Tensor, daux: torch.Tensor, drow_tokens: torch.Tensor, segment: int, penalty: float,
                   detach: bool, read_importance: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `scan_forward`'s prefix_bias, through, after, aux and row_tokens (own [B, W + 1, M] bool:
-    which held rows pass their gradient to the pool, else to the weight and bias only) -> those of state [B, M, C],
-    entries [B, W S, C], weight [C] and bias [1]."""
+    """The gradients of `scan_forward`'s prefix_bias, through, after, aux and row_tokens, from its sig (own [B, W + 1,
+    M] bool: which held rows pass their gradient to the pool, else to the weight and bias only) -> those of state
+    [B, M, C], entries [B, W S, C], weight [C] and bias [1]."""
     C = state.shape[2]
     dstate, dentries = torch.empty_like(state), torch.empty_like(entries)
     dw, db = weight.new_empty(C), weight.new_empty(1)
-    _launch(_scan_backward_kernel, _array(state), _array(entries), _array(weight), _array(z), _array(held),
+    _launch(_scan_backward_kernel, _array(state), _array(entries), _array(weight), _array(sig), _array(held),
             _array(own), _array(dprefix_bias), _array(dthrough), _array(dafter), _array(daux), _array(drow_tokens),
             segment, float(penalty), detach, read_importance, dstate.numpy(), dentries.numpy(), dw.numpy(),
             db.numpy())

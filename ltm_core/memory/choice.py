@@ -162,11 +162,11 @@ def choose(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, bia
 
 
 def _numpy_float(t: torch.Tensor) -> np.ndarray:
-    """A float tensor's values as a NumPy array (no copy for float32 / float64 on CPU; NumPy has no bfloat16). Between
-    the model's large ops every PyTorch call costs microseconds: detached only when it requires a gradient."""
-    if t.requires_grad:
-        t = t.detach()
-    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).contiguous().numpy()
+    """A float tensor's values as a NumPy array (`cpu_kernels._array`: no copy for contiguous float32 / float64 on
+    CPU; NumPy has no bfloat16)."""
+    from ltm_core.cpu_kernels import _array
+
+    return _array(t if t.dtype in (torch.float32, torch.float64) else t.detach().float())
 
 
 def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int, ...]

@@ -359,9 +359,9 @@ class _CompiledScan(torch.autograd.Function):
                 read_importance):
         from ltm_core import cpu_kernels
 
-        z, prefix_bias, through, after, aux, row_tokens = cpu_kernels.scan_forward(
+        sig, prefix_bias, through, after, aux, row_tokens = cpu_kernels.scan_forward(
             state, entries, weight[0], bias, held, empty, starts, segment, penalty, read_importance, EMPTY_SLOT_SCORE)
-        ctx.save_for_backward(state, entries, weight, z, held, own)
+        ctx.save_for_backward(state, entries, weight, sig, held, own)
         ctx.options = (segment, penalty, detach, read_importance)
         return prefix_bias, through, after, aux, row_tokens
 
@@ -369,7 +369,7 @@ class _CompiledScan(torch.autograd.Function):
     def backward(ctx, dprefix_bias, dthrough, dafter, daux, drow_tokens):
         from ltm_core import cpu_kernels
 
-        state, entries, weight, z, held, own = ctx.saved_tensors
+        state, entries, weight, sig, held, own = ctx.saved_tensors
         dstate, dentries, dweight, dbias = cpu_kernels.scan_backward(
-            state, entries, weight[0], z, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, *ctx.options)
+            state, entries, weight[0], sig, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, *ctx.options)
         return dstate, dentries, dweight.view_as(weight), dbias, None, None, None, None, None, None, None, None
