@@ -43,6 +43,8 @@ the wrappers make as few as they can (`_array`; the weight gradients' block sums
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -179,12 +181,19 @@ WEIGHT_BLOCKS = 16  # the backward passes sum a weight's gradient over this many
 # a fixed order, whatever the thread count
 
 
+_numba_threads = threading.local()  # .count: the thread count this thread last gave Numba (Numba's is per thread)
+
+
 def _launch(kernel, *args) -> None:
-    """kernel(*args) on as many threads as PyTorch's (`torch.set_num_threads`). Numba's first parallel launch starts
-    its OpenMP layer, which sets the thread count of the OpenMP runtime PyTorch shares (a process at 1 thread went on
-    at 2): PyTorch's count is put back."""
+    """kernel(*args) on as many threads as PyTorch's (`torch.set_num_threads`); Numba's count is set only when that
+    changes (each setting cost 10-20 us inside a training step). Numba's first parallel launch starts its OpenMP
+    layer, which sets the thread count of the OpenMP runtime PyTorch shares (a process at 1 thread went on at 2):
+    PyTorch's count is put back."""
     threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    count = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    if getattr(_numba_threads, "count", None) != count:
+        numba.set_num_threads(count)
+        _numba_threads.count = count
     kernel(*args)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -57,18 +57,23 @@ def test_the_compiled_convolution_gives_conv1ds_values_and_gradients(shape, monk
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_the_compiled_passes_leave_pytorchs_thread_count_as_it_was():
+def test_the_compiled_passes_leave_pytorchs_thread_count_as_it_was_and_follow_its_changes():
     """Numba's first parallel launch starts its OpenMP pool, which set the thread count of the runtime PyTorch
     shares (a process at 1 thread went on at 2, so two runs of one training differed bitwise); the compiled passes put
-    PyTorch's count back. In a fresh process, where that first launch happens."""
+    PyTorch's count back. Numba's own count is set only when PyTorch's changes (`cpu_kernels._launch`), and follows
+    every change. In a fresh process, where that first launch happens."""
     import subprocess
     import sys
 
-    code = ("import torch; from ltm_core.layers import causal_conv; torch.set_num_threads(1); "
-            "causal_conv(torch.randn(1, 8, 4), torch.randn(4, 3), None); print(torch.get_num_threads())")
+    code = ("import numba, torch; from ltm_core.layers import causal_conv\n"
+            "for n in (1, 2, 1, 2):\n"
+            "    torch.set_num_threads(n); causal_conv(torch.randn(1, 8, 4), torch.randn(4, 3), None)\n"
+            "    print(torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["1"]
+    rows = [tuple(map(int, line.split())) for line in out.stdout.splitlines()]
+    assert [(torch_n, numba_n) for torch_n, numba_n, _ in rows] == [(n, min(n, cap)) for n, (_, _, cap) in
+                                                                    zip((1, 2, 1, 2), rows)]
 
 
 def test_zero_at_init_so_the_model_starts_as_without_it(tiny_cfg):
