@@ -184,8 +184,8 @@ WEIGHT_BLOCKS = 16  # the backward passes sum a weight's gradient over this many
 _numba_threads = threading.local()  # .count: the thread count this thread last gave Numba (Numba's is per thread)
 
 
-def _launch(kernel, *args) -> None:
-    """kernel(*args) on as many threads as PyTorch's (`torch.set_num_threads`); Numba's count is set only when that
+def _launch(kernel, *args):
+    """kernel(*args) (its result) on as many threads as PyTorch's (`torch.set_num_threads`); Numba's count is set only when that
     changes (each setting cost 10-20 us inside a training step). Numba's first parallel launch starts its OpenMP
     layer, which sets the thread count of the OpenMP runtime PyTorch shares (a process at 1 thread went on at 2):
     PyTorch's count is put back."""
@@ -194,9 +194,10 @@ def _launch(kernel, *args) -> None:
     if getattr(_numba_threads, "count", None) != count:
         numba.set_num_threads(count)
         _numba_threads.count = count
-    kernel(*args)
+    result = kernel(*args)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    return result
 
 
 def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor, cos: torch.Tensor,
@@ -413,20 +414,138 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     return dx, dw
 
 
-def _scan_forward(state, entries, w, bias, held, empty, starts, segment, penalty, read_importance, empty_score,
-                  sig, prefix_bias, through, after, aux, row_tokens):
-    """A scan's differentiable part from its choices, over the pool [state; entries]: state [B, M, C] the rows held
-    before the scan, entries [B, W S, C] the W segments of S = `segment` tokens; w [C], bias [1], held [B, W + 1, M]
-    the pool rows held before each segment and after the last, empty [B, W + 1, M] which of them are empty slots,
-    starts [G] each BPTT window's first segment -> writes sig [B, P] = sigmoid(z), z = pool . w + bias (for
-    backward); each segment's read prefix,
-    prefix_bias [B W, M] = `empty_score` on empty slots (+ log sigmoid(z) with `read_importance`) and through
-    [B W, M] = sigmoid(z); after [B, M, C] the rows held after the last segment; aux [W] = `penalty` * the mean
-    sigmoid(z) of each segment's B S tokens (0 without one); row_tokens [B, G M, C] the rows held at each window's
-    start (the state, then the rows held at each later window's first segment)."""
+REASSOCIATE = {"reassoc", "contract"}  # the loop's floating-point freedom: sums in a vectorised order (the same for
+# every call), fused multiply-adds; NaN and infinity keep their meaning
+
+
+def _choose(state, entries, weight, bias, noise, tau, vacant, S):
+    """The tokens memory's writes (`ltm_core.memory.choice`, whose module docstring states the steps; see `choose`
+    there for the arguments) -> (held [B, W + 1, M], keeps [B, W, M], held_empty [B, W + 1, M])."""
+    B, M, C = state.shape
+    P = M + entries.shape[1]  # the pool: [state; entries]
+    W = (P - M) // S
+    N = M + S
+    ranks = np.empty((B, P), np.float64)
+    empty = np.empty((B, P), np.bool_)
+    for b in range(B):  # each row's rank, in float64 from its entries alone, and whether it is all zeros
+        for p in range(P):
+            row = state[b, p] if p < M else entries[b, p - M]
+            acc = 0.0
+            for c in range(C):  # compiled with reassociation: a vectorised sum, in one fixed order for every row
+                acc += np.float64(row[c]) * np.float64(weight[c])
+            ranks[b, p] = acc + np.float64(bias[0])
+            filled = False
+            for c in range(C):
+                if row[c] != 0:
+                    filled = True
+                    break
+            empty[b, p] = not filled
+    held = np.empty((B, W + 1, M), np.int64)
+    keeps = np.empty((B, W, M), np.int64)
+    held_empty = np.empty((B, W + 1, M), np.bool_)
+    cand = np.empty(N, np.int64)
+    rank = np.empty(N, np.float64)
+    order = np.empty(M, np.int64)
+    for b in range(B):
+        for j in range(M):
+            held[b, 0, j] = j
+            held_empty[b, 0, j] = empty[b, j]
+        for i in range(W):
+            for j in range(M):
+                cand[j] = held[b, i, j]
+            for j in range(S):
+                cand[M + j] = M + i * S + j
+            for j in range(N):
+                rank[j] = ranks[b, cand[j]]
+            if tau > 0:
+                mean = 0.0
+                for j in range(N):
+                    mean += rank[j]
+                mean /= N
+                var = 0.0
+                for j in range(N):
+                    var += (rank[j] - mean) ** 2
+                scale = tau * np.sqrt(var / (N - 1))
+                for j in range(N):  # a standard Gumbel sample from each exponential one
+                    rank[j] = rank[j] + scale * -np.log(np.float64(noise[i, b, j]))
+            for j in range(M):  # only held candidates can be empty slots
+                if empty[b, cand[j]]:
+                    rank[j] = rank[j] - vacant
+            # the M best in candidate order, ties to the earlier candidate: the M-th highest rank by a partial
+            # partition, then one pass in order (ranks with a NaN, a diverged model's: a stable sort ranking NaN last)
+            nan = False  # (a loop: np.isnan(rank).any() allocated an array per write)
+            for j in range(N):
+                if rank[j] != rank[j]:
+                    nan = True
+                    break
+            if nan:  # order written in place: rebinding it to the sort's array slowed every write (the call ~1.6x)
+                order[:] = np.sort(np.argsort(-rank, kind="mergesort")[:M])
+            else:
+                threshold = np.partition(rank, N - M)[N - M]
+                ties = M  # how many of the candidates equal to the threshold are kept, the earliest
+                for j in range(N):
+                    if rank[j] > threshold:
+                        ties -= 1
+                k = 0
+                for j in range(N):
+                    if rank[j] > threshold or (rank[j] == threshold and ties > 0):
+                        if rank[j] == threshold:
+                            ties -= 1
+                        order[k] = j
+                        k += 1
+            for j in range(M):
+                keeps[b, i, j] = order[j]
+                held[b, i + 1, j] = cand[order[j]]
+                held_empty[b, i + 1, j] = empty[b, held[b, i + 1, j]]
+    return held, keeps, held_empty
+
+
+def _window_rows(held, first, window, starts, M, G):
+    """The bookkeeping of a scan over G BPTT windows (`ltm_core.memory.choice.window_rows`: see there) -> (own
+    [B, W + 1, M], rows [B, W, M])."""
+    B, W1, _ = held.shape
+    own = np.empty((B, W1, M), np.bool_)
+    rows = np.empty((B, W1 - 1, M), np.int64)
+    for b in range(B):
+        for i in range(W1):
+            for j in range(M):
+                own[b, i, j] = window[i] == 0 or held[b, i, j] >= first[i]
+        for i in range(W1 - 1):
+            g = window[i]
+            k = 0  # where the next held-over row sits among the rows held at the window's start (both ascending)
+            for j in range(M):
+                row = held[b, i, j]
+                if row >= first[i]:  # a token of the segment's own window
+                    rows[b, i, j] = row - M + G * M
+                else:
+                    while k < M and held[b, starts[g], k] < row:
+                        k += 1
+                    rows[b, i, j] = g * M + k
+    return own, rows
+
+
+choose_loop = compiled(_choose, fastmath=REASSOCIATE)  # the loops, also called from the scan's forward pass below
+window_rows_loop = compiled(_window_rows)
+
+
+def _scan_forward(state, entries, w, bias, noise, tau, vacant, first, window, starts, segment, penalty,
+                  read_importance, empty_score, sig, prefix_bias, through, after, aux, row_tokens):
+    """A scan over the pool [state; entries], its choices included, in one call: state [B, M, C] the rows held
+    before the scan, entries [B, W S, C] the W segments of S = `segment` tokens; w [C], bias [1]; noise, tau, vacant:
+    the writes' (`_choose`); first, window [W + 1], starts [G]: the BPTT windows' layout (`_window_rows`) -> the
+    choices (held [B, W + 1, M] the pool rows held before each segment and after the last, keeps [B, W, M], own
+    [B, W + 1, M], rows [B, W, M]: `_choose`'s and `_window_rows`' serial loops), and writes sig [B, P] =
+    sigmoid(z), z = pool . w + bias (for backward); each segment's read prefix, prefix_bias [B W, M] =
+    `empty_score` on empty slots (+ log sigmoid(z) with `read_importance`) and through [B W, M] = sigmoid(z); after
+    [B, M, C] the rows held after the last segment; aux [W] = `penalty` * the mean sigmoid(z) of each segment's B S
+    tokens (0 without one); row_tokens [B, G M, C] the rows held at each window's start (the state, then the rows
+    held at each later window's first segment)."""
     B, M, C = state.shape
     P = M + entries.shape[1]
-    W, S, G = held.shape[1] - 1, segment, starts.shape[0]
+    S, G = segment, starts.shape[0]
+    held, keeps, empty = choose_loop(state, entries, w, bias, noise, tau, vacant, S)
+    own, rows = window_rows_loop(held, first, window, starts, M, G)
+    W = held.shape[1] - 1
     logsig = np.empty((B, P), np.float32)  # each row's, once
     for bp in prange(B * P):
         b, p = bp // P, bp % P
@@ -466,6 +585,7 @@ def _scan_forward(state, entries, w, bias, held, empty, starts, segment, penalty
                 for t in range(S):
                     acc += sig[b, M + i * S + t]
         aux[i] = penalty * acc / (B * S)
+    return held, keeps, own, rows
 
 
 def _scan_backward(state, entries, w, sig, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, segment,
@@ -544,21 +664,24 @@ _scan_backward_kernel = compiled(_scan_backward, fastmath=True, parallel=True)
 
 
 def scan_forward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 held: torch.Tensor, empty: torch.Tensor, starts: np.ndarray, segment: int, penalty: float,
-                 read_importance: bool, empty_score: float) -> tuple[torch.Tensor, ...]:
-    """The tokens memory's scan from its choices (`ltm_core.memory.tokens`' `_CompiledScan`, whose PyTorch ops in
+                 noise: tuple[np.ndarray, float], vacant: float, layout: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 segment: int, penalty: float, read_importance: bool, empty_score: float) -> tuple[torch.Tensor, ...]:
+    """The tokens memory's scan with its choices (`ltm_core.memory.tokens`' `_CompiledScan`, whose PyTorch ops in
     `TokensMemory` are the reference; see `_scan_forward`): state [B, M, C] and entries [B, W S, C] float32, the
-    importance's weight [C] and bias [1], held, empty [B, W + 1, M], starts [G] -> (sig [B, M + W S] each pool row's
-    sigmoid(z), prefix_bias, through [B W, M], after [B, M, C], aux [W], row_tokens [B, G M, C])."""
+    importance's weight [C] and bias [1], noise: the writes' (samples, tau) (`choice.gumbel_source`), layout: the
+    BPTT windows' (`choice.window_layout`) -> (held [B, W + 1, M], keeps [B, W, M], own [B, W + 1, M], rows [B, W,
+    M]; sig [B, M + W S] each pool row's sigmoid(z), prefix_bias, through [B W, M], after [B, M, C], aux [W],
+    row_tokens [B, G M, C])."""
     B, M, C = state.shape
-    W = held.shape[1] - 1
+    W, G = entries.shape[1] // segment, layout[2].shape[0]
     sig = state.new_empty(B, M + entries.shape[1])
     prefix_bias, through = (state.new_empty(B * W, M) for _ in range(2))
-    after, aux, row_tokens = state.new_empty(B, M, C), state.new_empty(W), state.new_empty(B, starts.shape[0] * M, C)
-    _launch(_scan_forward_kernel, _array(state), _array(entries), _array(weight), _array(bias), _array(held),
-            _array(empty), starts, segment, float(penalty), read_importance, np.float32(empty_score), sig.numpy(),
-            prefix_bias.numpy(), through.numpy(), after.numpy(), aux.numpy(), row_tokens.numpy())
-    return sig, prefix_bias, through, after, aux, row_tokens
+    after, aux, row_tokens = state.new_empty(B, M, C), state.new_empty(W), state.new_empty(B, G * M, C)
+    choices = _launch(_scan_forward_kernel, _array(state), _array(entries), _array(weight), _array(bias), *noise,
+                      float(vacant), *layout, segment, float(penalty), read_importance, np.float32(empty_score),
+                      sig.numpy(), prefix_bias.numpy(), through.numpy(), after.numpy(), aux.numpy(),
+                      row_tokens.numpy())
+    return (*(torch.from_numpy(a) for a in choices), sig, prefix_bias, through, after, aux, row_tokens)
 
 
 def scan_backward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, sig: torch.Tensor,

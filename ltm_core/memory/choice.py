@@ -33,118 +33,6 @@ import numpy as np
 import torch
 
 
-REASSOCIATE = {"reassoc", "contract"}  # the loop's floating-point freedom: sums in a vectorised order (the same for
-# every call), fused multiply-adds; NaN and infinity keep their meaning
-
-
-def _choose(state, entries, weight, bias, noise, tau, vacant, S):
-    """The loop (compiled by `choose` on first use): see `choose` for the arguments."""
-    B, M, C = state.shape
-    P = M + entries.shape[1]  # the pool: [state; entries]
-    W = (P - M) // S
-    N = M + S
-    ranks = np.empty((B, P), np.float64)
-    empty = np.empty((B, P), np.bool_)
-    for b in range(B):  # each row's rank, in float64 from its entries alone, and whether it is all zeros
-        for p in range(P):
-            row = state[b, p] if p < M else entries[b, p - M]
-            acc = 0.0
-            for c in range(C):  # compiled with reassociation: a vectorised sum, in one fixed order for every row
-                acc += np.float64(row[c]) * np.float64(weight[c])
-            ranks[b, p] = acc + np.float64(bias[0])
-            filled = False
-            for c in range(C):
-                if row[c] != 0:
-                    filled = True
-                    break
-            empty[b, p] = not filled
-    held = np.empty((B, W + 1, M), np.int64)
-    keeps = np.empty((B, W, M), np.int64)
-    held_empty = np.empty((B, W + 1, M), np.bool_)
-    cand = np.empty(N, np.int64)
-    rank = np.empty(N, np.float64)
-    order = np.empty(M, np.int64)
-    for b in range(B):
-        for j in range(M):
-            held[b, 0, j] = j
-            held_empty[b, 0, j] = empty[b, j]
-        for i in range(W):
-            for j in range(M):
-                cand[j] = held[b, i, j]
-            for j in range(S):
-                cand[M + j] = M + i * S + j
-            for j in range(N):
-                rank[j] = ranks[b, cand[j]]
-            if tau > 0:
-                mean = 0.0
-                for j in range(N):
-                    mean += rank[j]
-                mean /= N
-                var = 0.0
-                for j in range(N):
-                    var += (rank[j] - mean) ** 2
-                scale = tau * np.sqrt(var / (N - 1))
-                for j in range(N):  # a standard Gumbel sample from each exponential one
-                    rank[j] = rank[j] + scale * -np.log(np.float64(noise[i, b, j]))
-            for j in range(M):  # only held candidates can be empty slots
-                if empty[b, cand[j]]:
-                    rank[j] = rank[j] - vacant
-            # the M best in candidate order, ties to the earlier candidate: the M-th highest rank by a partial
-            # partition, then one pass in order (ranks with a NaN, a diverged model's: a stable sort ranking NaN last)
-            nan = False  # (a loop: np.isnan(rank).any() allocated an array per write)
-            for j in range(N):
-                if rank[j] != rank[j]:
-                    nan = True
-                    break
-            if nan:  # order written in place: rebinding it to the sort's array slowed every write (the call ~1.6x)
-                order[:] = np.sort(np.argsort(-rank, kind="mergesort")[:M])
-            else:
-                threshold = np.partition(rank, N - M)[N - M]
-                ties = M  # how many of the candidates equal to the threshold are kept, the earliest
-                for j in range(N):
-                    if rank[j] > threshold:
-                        ties -= 1
-                k = 0
-                for j in range(N):
-                    if rank[j] > threshold or (rank[j] == threshold and ties > 0):
-                        if rank[j] == threshold:
-                            ties -= 1
-                        order[k] = j
-                        k += 1
-            for j in range(M):
-                keeps[b, i, j] = order[j]
-                held[b, i + 1, j] = cand[order[j]]
-                held_empty[b, i + 1, j] = empty[b, held[b, i + 1, j]]
-    return held, keeps, held_empty
-
-
-def _window_rows(held, first, window, starts, M, G):
-    """The bookkeeping of a scan over G BPTT windows (compiled by `window_rows` on first use): see there."""
-    B, W1, _ = held.shape
-    own = np.empty((B, W1, M), np.bool_)
-    rows = np.empty((B, W1 - 1, M), np.int64)
-    for b in range(B):
-        for i in range(W1):
-            for j in range(M):
-                own[b, i, j] = window[i] == 0 or held[b, i, j] >= first[i]
-        for i in range(W1 - 1):
-            g = window[i]
-            k = 0  # where the next held-over row sits among the rows held at the window's start (both ascending)
-            for j in range(M):
-                row = held[b, i, j]
-                if row >= first[i]:  # a token of the segment's own window
-                    rows[b, i, j] = row - M + G * M
-                else:
-                    while k < M and held[b, starts[g], k] < row:
-                        k += 1
-                    rows[b, i, j] = g * M + k
-    return own, rows
-
-
-_kernel = None  # the compiled `_choose`
-_rows_kernel = None  # the compiled `_window_rows`
-
-
 def choose(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
            noise: Optional[torch.Tensor], tau: float, vacant: float, segment: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,15 +43,18 @@ def choose(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, bia
     -> (held [B, W + 1, M]: the pool rows held before each write and after the last, keeps [B, W, M]: each write's
     kept candidates, indices into [held; segment], int64; empty [B, W + 1, M] bool: which held rows are empty
     slots), CPU tensors."""
-    global _kernel
-    if _kernel is None:
-        from ltm_core.cpu_kernels import compiled
+    from ltm_core.cpu_kernels import choose_loop
 
-        _kernel = compiled(_choose, fastmath=REASSOCIATE)
-    samples, scale = (np.ones((0, 0, 0), np.float32), 0.0) if noise is None else (_numpy_float(noise), float(tau))
-    held, keeps, empty = _kernel(_numpy_float(state), _numpy_float(entries), _numpy_float(weight),
-                                 _numpy_float(bias), samples, scale, float(vacant), segment)
+    samples, scale = gumbel_source(noise, tau)
+    held, keeps, empty = choose_loop(_numpy_float(state), _numpy_float(entries), _numpy_float(weight),
+                                     _numpy_float(bias), samples, scale, float(vacant), segment)
     return torch.from_numpy(held), torch.from_numpy(keeps), torch.from_numpy(empty)
+
+
+def gumbel_source(noise: Optional[torch.Tensor], tau: float) -> tuple[np.ndarray, float]:
+    """The loop's noise arguments: (the exponential samples [W, B, M + S] as a NumPy array, tau), or (an empty
+    array, 0) without noise."""
+    return (np.ones((0, 0, 0), np.float32), 0.0) if noise is None else (_numpy_float(noise), float(tau))
 
 
 def _numpy_float(t: torch.Tensor) -> np.ndarray:
@@ -182,13 +73,10 @@ def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int
     M] bool: the rows each memory reads with their gradient (its window's own tokens; everything in the first
     window), rows [B, W, M] int64: each held row's place in [the M rows held at each window's start, G M rows; the
     scanned tokens])."""
-    global _rows_kernel
-    if _rows_kernel is None:
-        from ltm_core.cpu_kernels import compiled
+    from ltm_core.cpu_kernels import window_rows_loop
 
-        _rows_kernel = compiled(_window_rows)
     first, window, starts = window_layout(windows, slots, segment)
-    own, rows = _rows_kernel(held.contiguous().numpy(), first, window, starts, slots, len(windows))
+    own, rows = window_rows_loop(held.contiguous().numpy(), first, window, starts, slots, len(windows))
     return torch.from_numpy(own), torch.from_numpy(rows)
 
 

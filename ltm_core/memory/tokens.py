@@ -240,26 +240,19 @@ class TokensMemory(Memory):
 
     def _scan_compiled(self, state: torch.Tensor, entries: torch.Tensor, noise: Optional[torch.Tensor],
                        windows: tuple[int, ...]) -> Scan:
-        """`scan_windows` on CPU in float32: the choices from the compiled loop (`ltm_core.memory.choice`), the rest
-        in one compiled pass each way (`_CompiledScan`), which makes each segment's read prefix (`Scan.prefix`) where
-        the reference keeps the held rows' importance and empty slots for `prefix`; the pool [state; entries] is
-        never copied into one tensor."""
+        """`scan_windows` on CPU in float32: one compiled pass each way (`_CompiledScan`), the forward's with the
+        choices (the compiled loops of `ltm_core.memory.choice`) and each segment's read prefix (`Scan.prefix`),
+        where the reference keeps the held rows' importance and empty slots for `prefix`; the pool [state; entries]
+        is never copied into one tensor."""
         from ltm_core.memory import choice
 
         B, W, S, _ = entries.shape
         M, w, b = self.slots, self.importance.weight, self.importance.bias
-        tokens = entries.flatten(1, 2)  # [B, W S, C]
-        kept, keeps, empty = choice.choose(state, tokens, w[0], b, noise, self.config.select_noise, VACANT_RANK,
-                                           S)  # [B, W + 1, M], [B, W, M], [B, W + 1, M]
-        if len(windows) > 1:
-            own, rows = choice.window_rows(kept, M, S, windows)
-        else:  # one window: every memory reads its tokens with their gradient, as rows of [state; entries]
-            own, rows = torch.ones_like(kept, dtype=torch.bool), kept[:, :W]
         penalty = self.config.importance_penalty if self.penalizes() else 0.0
-        starts = choice.window_layout(windows, M, S)[2]  # [G] each window's first segment
-        bias, through, after, aux, row_tokens = _CompiledScan.apply(
-            state, tokens, w, b, kept, empty, own, starts, S, penalty, self.config.importance_detach and penalty > 0,
-            self.config.read_importance)  # [B W, M] twice, [B, M, C], [W], [B, G M, C]
+        bias, through, after, aux, row_tokens, keeps, rows = _CompiledScan.apply(
+            state, entries.flatten(1, 2), w, b, choice.gumbel_source(noise, self.config.select_noise),
+            choice.window_layout(windows, M, S), S, penalty, self.config.importance_detach and penalty > 0,
+            self.config.read_importance)  # [B W, M] twice, [B, M, C], [W], [B, G M, C], [B, W, M] twice
         prefix = Prefix(None, self.shared_by_heads(bias), self.shared_by_heads(through))
         return Scan(None, after, aux if penalty else None, entries, keeps, rows, row_tokens, prefix=prefix)
 
@@ -343,33 +336,35 @@ class TokensMemory(Memory):
 
 
 class _CompiledScan(torch.autograd.Function):
-    """The differentiable part of `TokensMemory.scan_windows` on CPU in float32, from the compiled loop's choices, as
-    one compiled pass each way (`ltm_core.cpu_kernels.scan_forward` / `_backward`; the reference: `_held_scores`,
+    """`TokensMemory.scan_windows` on CPU in float32, its choices included, as one compiled pass each way
+    (`ltm_core.cpu_kernels.scan_forward` / `_backward`; the reference: `choose`, `window_rows`, `_held_scores`,
     `prefix` and the rows' gathers in `scan_windows`): over the pool [state [B, M, C]; entries [B, W S, C]] (the
-    rows held before the scan, then W segments of S tokens), the importance's weight [1, C] and bias [1], held
-    [B, W + 1, M] the rows held before each segment and after the last, empty [B, W + 1, M] which are empty slots, own
-    [B, W + 1, M] which pass their gradient to the pool (the others, held over from an earlier BPTT window, to w and
-    b only), starts [G] (NumPy) each window's first segment, S, penalty (lambda, 0: none), detach (the penalty's
-    gradient to w and b only), read_importance -> (each segment's read prefix: score bias and straight-through
-    weight [B W, M]; the state after [B, M, C]; the penalty per segment [W]; the rows held at each window's start
-    [B, G M, C]: the state, then later windows' rows, detached)."""
+    rows held before the scan, then W segments of S tokens), the importance's weight [1, C] and bias [1], noise the
+    writes' (samples, tau) (`choice.gumbel_source`), layout the BPTT windows' (`choice.window_layout`), S, penalty
+    (lambda, 0: none), detach (the penalty's gradient to w and b only), read_importance -> (each segment's read prefix:
+    score bias and straight-through weight [B W, M]; the state after [B, M, C]; the penalty per segment [W]; the rows
+    held at each window's start [B, G M, C]: the state, then later windows' rows, detached; and, without gradients,
+    each write's kept candidates [B, W, M] and where each segment's held rows sit among [the rows held at each
+    window's start; the scanned tokens] [B, W, M]). A held row held over from an earlier BPTT window passes its
+    gradient to w and b only."""
 
     @staticmethod
-    def forward(ctx, state, entries, weight, bias, held, empty, own, starts, segment, penalty, detach,
-                read_importance):
+    def forward(ctx, state, entries, weight, bias, noise, layout, segment, penalty, detach, read_importance):
         from ltm_core import cpu_kernels
 
-        sig, prefix_bias, through, after, aux, row_tokens = cpu_kernels.scan_forward(
-            state, entries, weight[0], bias, held, empty, starts, segment, penalty, read_importance, EMPTY_SLOT_SCORE)
+        held, keeps, own, rows, sig, prefix_bias, through, after, aux, row_tokens = cpu_kernels.scan_forward(
+            state, entries, weight[0], bias, noise, VACANT_RANK, layout, segment, penalty, read_importance,
+            EMPTY_SLOT_SCORE)
         ctx.save_for_backward(state, entries, weight, sig, held, own)
         ctx.options = (segment, penalty, detach, read_importance)
-        return prefix_bias, through, after, aux, row_tokens
+        ctx.mark_non_differentiable(keeps, rows)
+        return prefix_bias, through, after, aux, row_tokens, keeps, rows
 
     @staticmethod
-    def backward(ctx, dprefix_bias, dthrough, dafter, daux, drow_tokens):
+    def backward(ctx, dprefix_bias, dthrough, dafter, daux, drow_tokens, _dkeeps, _drows):
         from ltm_core import cpu_kernels
 
         state, entries, weight, sig, held, own = ctx.saved_tensors
         dstate, dentries, dweight, dbias = cpu_kernels.scan_backward(
             state, entries, weight[0], sig, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, *ctx.options)
-        return dstate, dentries, dweight.view_as(weight), dbias, None, None, None, None, None, None, None, None
+        return dstate, dentries, dweight.view_as(weight), dbias, None, None, None, None, None, None

@@ -503,6 +503,7 @@ def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
     the loop is then compiled for the process alone, and makes the same choices."""
     import numba
 
+    from ltm_core import cpu_kernels
     from ltm_core.memory import choice
 
     njit, calls = numba.njit, []
@@ -514,7 +515,8 @@ def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
         return njit(*args, **kwargs)
 
     monkeypatch.setattr(numba, "njit", refusing)
-    monkeypatch.setattr(choice, "_kernel", None)
+    monkeypatch.setattr(cpu_kernels, "choose_loop", cpu_kernels.compiled(cpu_kernels._choose,
+                                                                          fastmath=cpu_kernels.REASSOCIATE))
     pool = torch.randn(2, 8 + 3 * 16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     weight = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # the importance: a row's first channel
     held, keeps, _ = choice.choose(pool[:, :8], pool[:, 8:], weight, torch.zeros(1, dtype=torch.float64), None, 0.0,
