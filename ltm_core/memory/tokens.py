@@ -358,6 +358,8 @@ class _CompiledScan(torch.autograd.Function):
         ctx.save_for_backward(state, entries, weight, sig, held, own)
         ctx.options = (segment, penalty, detach, read_importance)
         ctx.mark_non_differentiable(keeps, rows)
+        if not ctx.needs_input_grad[0]:  # only the state's rows pass a gradient back (the later windows' are
+            ctx.mark_non_differentiable(row_tokens)  # detached): without it, their projection skips its input's
         return prefix_bias, through, after, aux, row_tokens, keeps, rows
 
     @staticmethod
