@@ -109,7 +109,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError(f"{lq} queries need at least as many segment keys, got {lk - prefix_len}")
     if (prefix_len and q.device.type == "cpu" and not use_kernels(backend, q) and lq * lk <= MATH_MAX_SCORES
             and not torch.compiler.is_compiling()):
-        blocked = _blocked_scores(lq, lk, causal, prefix_len, window, q.device, torch.promote_types(q.dtype,
+        blocked = blocked_scores(lq, lk, causal, prefix_len, window, q.device, torch.promote_types(q.dtype,
                                                                                                   torch.float32))
         return _ExplicitScores.apply(q, k, v, key_bias, key_through, blocked,
                                      q.shape[-1] ** -0.5 if scale is None else scale, use_cpu_kernels(q, backend))
@@ -141,7 +141,7 @@ def _visible(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[i
 
 
 @constant_tensors
-def _blocked_scores(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[int], device: torch.device,
+def blocked_scores(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[int], device: torch.device,
                     dtype: torch.dtype) -> torch.Tensor:
     """The mask as scores to add: [lq, lk] of 0 where a query sees a key, -inf where not (`dtype`), made once."""
     visible = _visible(lq, lk, causal, prefix_len, window, device)
@@ -161,32 +161,49 @@ class _ExplicitScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, through, blocked, scale, compiled):
-        dtype = blocked.dtype
-        B, H, Lq, d = q.shape
-        # [B, H, Lq, Lk]: the scale and the mask inside the batched GEMM (no scaled copy of the queries)
-        scores = torch.baddbmm(blocked.to(q.dtype), q.reshape(B * H, Lq, d), k.reshape(B * H, -1, d).transpose(1, 2),
-                               alpha=scale).view(B, H, Lq, -1).to(dtype)
-        if bias is not None:  # on the first Lb keys, in place: no [B, 1, Lq, Lk] sum of the mask and the bias
-            scores[..., :bias.shape[1]].add_(bias.to(dtype)[:, None, None, :])
-        p = torch.softmax(scores, dim=-1)
+        y, p = explicit_read(q, k, v, bias, blocked, scale)
         ctx.save_for_backward(q, k, v, p)
         ctx.scale, ctx.lb = scale, next((t.shape[1] for t in (bias, through) if t is not None), None)
         ctx.dtypes = (None if bias is None else bias.dtype, None if through is None else through.dtype)
         ctx.compiled = compiled  # the key bias's and the weight's gradients as one compiled pass (`_prefix_grads`)
-        return torch.matmul(p.to(v.dtype), v)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         q, k, v, p = ctx.saved_tensors
-        dv = torch.matmul(p.to(dy.dtype).transpose(-1, -2), dy)  # [B, H, Lk, d]
-        dscores = torch._softmax_backward_data(torch.matmul(dy, v.transpose(-1, -2)).to(p.dtype), p, -1, p.dtype)
-        B, H, Lq, Lk = dscores.shape
-        ds = dscores.to(q.dtype).view(B * H, Lq, Lk)
-        zero = q.new_zeros(())  # beta=0: the scale inside the GEMMs, the added input ignored
-        dq = torch.baddbmm(zero, ds, k.reshape(B * H, Lk, -1), beta=0, alpha=ctx.scale).view(q.shape)
-        dk = torch.baddbmm(zero, ds.transpose(1, 2), q.reshape(B * H, Lq, -1), beta=0, alpha=ctx.scale).view(k.shape)
+        dq, dk, dv, dscores = explicit_read_backward(q, k, v, p, dy, ctx.scale)
         dbias, dthrough = _prefix_grads(ctx, dscores, dk, k, dv, v)
         return dq, dk, dv, dbias, dthrough, None, None, None
+
+
+def explicit_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                  blocked: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_ExplicitScores`' forward arithmetic (also `ltm_core.model._KeptRead`'s): q [B, H, Lq, d], k, v [B, H, Lk,
+    d], bias [B, Lb] or None, blocked [Lq, Lk] the mask as scores -> (the output [B, H, Lq, d], the probabilities
+    [B, H, Lq, Lk] in blocked's dtype, for backward)."""
+    dtype = blocked.dtype
+    B, H, Lq, d = q.shape
+    # [B, H, Lq, Lk]: the scale and the mask inside the batched GEMM (no scaled copy of the queries)
+    scores = torch.baddbmm(blocked.to(q.dtype), q.reshape(B * H, Lq, d), k.reshape(B * H, -1, d).transpose(1, 2),
+                           alpha=scale).view(B, H, Lq, -1).to(dtype)
+    if bias is not None:  # on the first Lb keys, in place: no [B, 1, Lq, Lk] sum of the mask and the bias
+        scores[..., :bias.shape[1]].add_(bias.to(dtype)[:, None, None, :])
+    p = torch.softmax(scores, dim=-1)
+    return torch.matmul(p.to(v.dtype), v), p
+
+
+def explicit_read_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, dy: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`explicit_read`'s backward from its output's gradient dy -> (dq, dk, dv, the scores' gradient [B, H, Lq, Lk]
+    in p's dtype)."""
+    dv = torch.matmul(p.to(dy.dtype).transpose(-1, -2), dy)  # [B, H, Lk, d]
+    dscores = torch._softmax_backward_data(torch.matmul(dy, v.transpose(-1, -2)).to(p.dtype), p, -1, p.dtype)
+    B, H, Lq, Lk = dscores.shape
+    ds = dscores.to(q.dtype).view(B * H, Lq, Lk)
+    zero = q.new_zeros(())  # beta=0: the scale inside the GEMMs, the added input ignored
+    dq = torch.baddbmm(zero, ds, k.reshape(B * H, Lk, -1), beta=0, alpha=scale).view(q.shape)
+    dk = torch.baddbmm(zero, ds.transpose(1, 2), q.reshape(B * H, Lq, -1), beta=0, alpha=scale).view(k.shape)
+    return dq, dk, dv, dscores
 
 
 def _prefix_grads(ctx, dscores, dk, k, dv, v) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -44,6 +44,7 @@ the wrappers make as few as they can (`_array`; the weight gradients' block sums
 from __future__ import annotations
 
 import threading
+from typing import Optional
 
 import numba
 import numpy as np
@@ -112,12 +113,16 @@ def _forward(proj, held, flat, cos, sin, segments, slots, q, keys, values):
                     values[bw, h, M + s, d] = proj[row, 2, h, d]
 
 
-def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld):
+def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld, dscores, keys, values, dbias,
+              dthrough):
     """The gradients of `_forward`'s outputs -> writes dproj [B W S, 3, H, hd] and dheld [B R, 2, H, hd], those of
-    its proj and held."""
+    its proj and held. With the read's score gradients dscores [B W, H, S, M + S] and its keys and values (`_forward`'s
+    outputs), also its prefix's: dbias [B W, M] = sum_{h, i} dscores over the M kept keys, dthrough [B W, M] = sum_{h,
+    e} (dkeys keys + dvalues values) there (`ltm_core.model._KeptRead`); dbias empty [B W, 0]: none."""
     BW, H, S, hd = dq.shape
     M, R = slots, dheld.shape[0] * segments // BW
     P = R + segments * S
+    Lb = dbias.shape[1]
     for r in prange(dheld.shape[0]):  # the held tokens' rows: only what the kept rows add
         for j in range(2):
             for h in range(H):
@@ -131,6 +136,18 @@ def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld)
                 _unrotate(dkeys[bw, h, M + s], cos[s], sin[s], dproj[row, 1, h])
                 for d in range(hd):
                     dproj[row, 2, h, d] = dvalues[bw, h, M + s, d]
+        for m in range(Lb):
+            dbias[bw, m] = 0.0
+            dthrough[bw, m] = 0.0
+        for h in range(H if Lb > 0 else 0):
+            for i in range(S):
+                for m in range(Lb):
+                    dbias[bw, m] += dscores[bw, h, i, m]
+            for m in range(Lb):
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += dkeys[bw, h, m, d] * keys[bw, h, m, d] + dvalues[bw, h, m, d] * values[bw, h, m, d]
+                dthrough[bw, m] += acc
     for h in prange(H):  # the kept rows' gradients added, a head per thread: segments keep rows in common, heads not
         for bw in range(BW):
             for m in range(M):
@@ -216,16 +233,25 @@ def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor
 
 
 def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Tensor, flat: torch.Tensor,
-                       cos: torch.Tensor, sin: torch.Tensor, held: int, segments: int, batch: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       cos: torch.Tensor, sin: torch.Tensor, held: int, segments: int, batch: int,
+                       read: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+                       ) -> tuple[torch.Tensor, ...]:
     """The gradients of `kept_rows_forward`'s outputs (`held`: its R) -> those of its proj [B, W S, 3 H hd] and
-    held [B, R, 2 H hd]."""
+    held [B, R, 2 H hd]. read: (the read's score gradients [B W, H, S, M + S], its keys, values) -> also those of its
+    prefix's key bias and straight-through weight [B W, M] (`ltm_core.model._KeptRead`)."""
     BW, H, S, hd = dq.shape
+    M = dkeys.shape[2] - S
     dproj = dq.new_empty(BW * S, 3, H, hd)
     dheld = dq.new_empty(batch * held, 2, H, hd)
+    dbias, dthrough = (dq.new_empty(BW, M if read is not None else 0) for _ in range(2))
+    dscores, keys, values = (_array(t) for t in read) if read is not None else (_NO_SCORES, _NO_ROWS, _NO_ROWS)
     _launch(_backward_kernel, _array(dq), _array(dkeys), _array(dvalues), _array(flat), _array(cos), _array(sin),
-            segments, dkeys.shape[2] - S, dproj.numpy(), dheld.numpy())
-    return dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
+            segments, M, dproj.numpy(), dheld.numpy(), dscores, keys, values, dbias.numpy(), dthrough.numpy())
+    grads = dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
+    return grads if read is None else (*grads, dbias, dthrough)
+
+
+_NO_SCORES, _NO_ROWS = np.empty((0, 0, 0, 0), np.float32), np.empty((0, 0, 0, 0), np.float32)  # no read's
 
 
 def rotated_qkv_forward(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int

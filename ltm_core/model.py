@@ -39,8 +39,9 @@ from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
+import ltm_core.attention as reads
 from ltm_core import ops
-from ltm_core.attention import attention
+from ltm_core.attention import attention, blocked_scores, explicit_read, explicit_read_backward
 from ltm_core.config import TitanConfig
 from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows,
                              project_chunks, rotary_backward, rotary_positions, rotated_qkv)
@@ -98,8 +99,16 @@ class SelfAttention(nn.Module):
                   sin: torch.Tensor, prefix: Prefix, backend: str) -> torch.Tensor:
         """The layer-major pass's attention: every segment over the tokens kept before it and its own (see
         `project_with_kept`) -> out [B W, S, C]."""
+        BW, S, C = h.shape
+        B, W, M = rows.shape
+        if (use_cpu_kernels(h, backend) and S * (M + S) <= reads.MATH_MAX_SCORES and prefix.bias is not None
+                and prefix.through is not None):  # one autograd node, one compiled pass for the gradients
+            proj = self.qkv_proj(h.reshape(B, W * S, C))  # [B, W S, 3 H hd]
+            held = project_chunks(self.qkv_proj, tokens.to(h.dtype), 1, 3)  # [B, R, 2 H hd]
+            y = _KeptRead.apply(proj, held, rows, cos, sin, prefix.bias, prefix.through, self.heads)
+            return self.o_proj(y.transpose(1, 2).reshape(BW, S, -1))  # [B W, S, C]
         q, keys, values = self.project_with_kept(h, tokens, rows, cos, sin, backend)
-        return self.attend(q, keys, values, rows.shape[2], prefix, backend)
+        return self.attend(q, keys, values, M, prefix, backend)
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [B, T, C] -> queries, keys and values [B, H, T, hd], not rotated."""
@@ -189,6 +198,43 @@ class _KeptKeysValues(torch.autograd.Function):
         dproj[:, :, 1:] = dkv[:, R:]
         dproj[:, :, 0].view(B, W, S, H, hd).copy_(rotary_backward(dq.view(B, W, H, S, hd), cos, sin).transpose(2, 3))
         return (dproj.view(B, W * S, 3 * H * hd), dkv[:, :R].reshape(B, R, 2 * H * hd), None, None, None, None,
+                None)
+
+
+class _KeptRead(torch.autograd.Function):
+    """`_KeptKeysValues` and the explicit-scores prefix read after it (`ltm_core.attention._ExplicitScores`) in one
+    autograd node, on CPU in float32 for reads of at most MATH_MAX_SCORES scores per head: proj, held, rows, cos, sin
+    as `_KeptKeysValues`'; bias, through [B W, M] the prefix's score bias and straight-through weight -> the read's
+    output [B W, H, S, hd]. Its backward runs the read's GEMMs, then one compiled pass for the gradients of the
+    projections and of the bias and the weight (`cpu_kernels.kept_rows_backward`), where the two nodes made two.
+    The two nodes are its reference (`model.kernels=torch`)."""
+
+    @staticmethod
+    def forward(ctx, proj, held, rows, cos, sin, bias, through, heads):
+        from ltm_core import cpu_kernels
+
+        B, W, M = rows.shape
+        S, R = cos.shape[0], held.shape[1]
+        hd = proj.shape[2] // (3 * heads)
+        flat = flat_rows(rows, R + W * S)  # [B W M] rows of the B pools [held; segments]
+        q, keys, values = cpu_kernels.kept_rows_forward(proj, held, flat, cos, sin, W, heads, M)
+        blocked = blocked_scores(S, M + S, True, M, None, proj.device, proj.dtype)
+        y, p = explicit_read(q, keys, values, bias, blocked, hd ** -0.5)
+        ctx.save_for_backward(q, keys, values, p, flat, cos, sin)
+        ctx.sizes = (B, W, R, hd ** -0.5)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ltm_core import cpu_kernels
+
+        q, keys, values, p, flat, cos, sin = ctx.saved_tensors
+        B, W, R, scale = ctx.sizes
+        dq, dkeys, dvalues, dscores = explicit_read_backward(q, keys, values, p, dy, scale)
+        dproj, dheld, dbias, dthrough = cpu_kernels.kept_rows_backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B,
+                                                                      read=(dscores, keys, values))
+        want_bias, want_through = ctx.needs_input_grad[5:7]
+        return (dproj, dheld, None, None, None, dbias if want_bias else None, dthrough if want_through else None,
                 None)
 
 

@@ -62,8 +62,8 @@ def spy_cpu_kernels(monkeypatch, *names: str) -> list[str]:
 
     calls: list[str] = []
     for name in names:
-        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name:
-                            calls.append(name) or fn(*a))
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, fn=getattr(cpu_kernels, name), name=name, **k:
+                            calls.append(name) or fn(*a, **k))
     return calls
 
 

@@ -166,6 +166,43 @@ def test_the_kept_keys_and_values_are_those_of_the_kept_tokens(tiny_cfg, dtype, 
         torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5 * scale if dtype == torch.float32 else 2 * scale)
 
 
+def test_the_kept_read_in_one_node_equals_its_two_nodes(tiny_cfg, monkeypatch):
+    """On CPU in float32 `SelfAttention.read_kept` runs the kept keys and values and the explicit-scores read after
+    them as one autograd node (`_KeptRead`, whose backward makes the projections' and the prefix's gradients in one
+    compiled pass: `cpu_kernels.kept_rows_backward` given the read): the same output and gradients (the segments, the
+    held tokens, both projections' weights, the prefix's score bias and straight-through weight) as the two nodes it
+    replaces, in PyTorch's ops (`model.kernels=torch`); batch 2, with an empty slot."""
+    from ltm_core.layers import rotary_positions
+    from ltm_core.memory import Prefix
+    from ltm_core.memory.tokens import EMPTY_SLOT_SCORE
+    from ltm_core.model import SelfAttention, _KeptRead
+
+    calls = spy_cpu_kernels(monkeypatch, "kept_rows_forward", "kept_rows_backward")
+    applied = []
+    monkeypatch.setattr(_KeptRead, "apply", lambda *a, fn=_KeptRead.apply: applied.append(1) or fn(*a))
+    torch.manual_seed(0)
+    attn = SelfAttention(tiny_cfg)
+    B, W, S, M, R, C = 2, 3, 8, 5, 10, tiny_cfg.hidden_size
+    g = torch.Generator().manual_seed(1)
+    h, tokens, dy = torch.randn(B * W, S, C, generator=g), torch.randn(B, R, C, generator=g), torch.randn(
+        B * W, S, C, generator=g)
+    rows = torch.stack([torch.randperm(R + W * S, generator=g)[:M].sort().values for _ in range(B * W)]).view(B, W, M)
+    bias, through = torch.randn(B * W, M, generator=g), torch.rand(B * W, M, generator=g)
+    bias[1, 2] = EMPTY_SLOT_SCORE
+    cos, sin = rotary_positions(S, tiny_cfg.head_dim, tiny_cfg.rope_theta, h.device)
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_() for t in (h, tokens, bias, through)]
+        y = attn.read_kept(leaves[0], leaves[1], rows, cos, sin, Prefix(None, leaves[2], leaves[3]), backend)
+        return [y, *torch.autograd.grad(y, [*leaves, attn.qkv_proj.weight, attn.o_proj.weight], dy)]
+
+    got, want = run("auto"), run("torch")
+    assert applied == [1] and calls == ["kept_rows_forward", "kept_rows_backward"]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[3].abs().sum() > 0 and got[4].abs().sum() > 0  # the bias and the weight learn
+
+
 def _kept_gradient(attn, backend: str) -> torch.Tensor:
     """The projection weight's gradient through `project_with_kept` on fixed inputs (batch 1, 3 segments of 8)."""
     g = torch.Generator().manual_seed(0)
