@@ -44,7 +44,10 @@ def parts(memory_class: type) -> dict[str, tuple[object, str]]:
         "memory_prefix": (memory_class, "scan_prefix"),  # made by the scan itself where it runs compiled (CPU)
         "qkv_projection": (modeling.SelfAttention, "project_rotated"),  # with the rotations
         "qkv_projection_with_kept": (modeling.SelfAttention, "project_with_kept"),  # with the rotations and the
-        # kept tokens' keys and values
+        # kept tokens' keys and values (where `kept_read` does not run)
+        "read_kept": (modeling.SelfAttention, "read_kept"),  # the window read: projections, kept keys and values,
+        # attention, output projection
+        "kept_read": (modeling._KeptRead, "apply"),  # its kept keys and values and attention in one node (CPU fp32)
         "attend": (modeling.SelfAttention, "attend"),  # the attention and its output projection
         "attention": (modeling, "attention"),
         "ffn": (modeling.FeedForward, "forward"),
