@@ -18,15 +18,21 @@ Every other model's segment attention (the baselines, the segment-by-segment pat
 q|k|v from the same rotation (`rotated_qkv_forward` / `_backward`, for `ltm_core.layers.rotated_qkv`), so the
 baselines rotate as fast as the memory model.
 
-**The prefix read's key-bias and straight-through gradients** (`prefix_grads`, for `ltm_core.attention`'s
-`_ExplicitScores`): the score gradients of the kept keys summed over heads and queries, and sum (dk k + dv v) over
-heads and dims, in one pass. **RMSNorm** (`rms_norm_forward` / `_backward`, for `ltm_core.ops.rms_norm`): one pass
-each way, where PyTorch's CPU norm is five ops forward and a dozen backward. **The tokens memory's scan**
-(`scan_forward` / `_backward`, for `ltm_core.memory.tokens`' `_CompiledScan`), from the choices of its compiled loop
-(`ltm_core.memory.choice`): every pool row's importance, each segment's read prefix from the rows it holds (the
-score bias and the straight-through weight: a row held over from an earlier BPTT window passes its gradient to w and
-b only), the state after the scan, the rows the read projects at each window's start and the writes' penalty; in
-backward the gradients of the state, the entries, w and b.
+**The prefix read's key-bias and straight-through gradients**: the score gradients of the kept keys summed over
+heads and queries, and sum (dk k + dv v) over heads and dims; for the window read in the kept rows' backward pass
+above (`kept_rows_backward` given the read, for `ltm_core.model._KeptRead`, which makes the kept keys and values and
+the read one autograd node), for every other explicit-scores read in one pass of their own (`prefix_grads`, for
+`ltm_core.attention`'s `_ExplicitScores`). **RMSNorm** (`rms_norm_forward` / `_backward`, for
+`ltm_core.ops.rms_norm`): one pass each way, where PyTorch's CPU norm is five ops forward and a dozen backward. **The
+tokens memory's writes and scan**: the writes' choice loop and the scan's bookkeeping over BPTT windows (`_choose`,
+`_window_rows`; `ltm_core.memory.choice` states the steps and calls them for the segment-by-segment path) run
+inside the scan's forward pass (`scan_forward` / `_backward`, for `ltm_core.memory.tokens`' `_CompiledScan`): one
+call per layer and pass makes the choices, every pool row's importance, each segment's read prefix from the rows it
+holds (the score bias and the straight-through weight: a row held over from an earlier BPTT window passes its
+gradient to w and b only), the state after the scan, the rows the read projects at each window's start and the
+writes' penalty; in backward the gradients of the state, the entries, w and b. Inside a training step a small call
+costs several times what it costs alone, and the memory model's extra calls weigh as much as its extra arithmetic
+(docs/benchmarks.md): hence few, large passes.
 
 **The short causal depthwise convolution** (`causal_conv_forward` / `_backward`, for `ltm_core.layers.causal_conv`):
 over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy each way), vectorised over channels:

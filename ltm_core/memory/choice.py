@@ -4,7 +4,9 @@ A write keeps the M best of M + S candidates (the memory's M entries, then the s
 writes follow one another, each from the entries the previous one kept. In PyTorch every write is a dozen ops on
 vectors of M + S numbers (`TokensMemory.choose`, the reference), and on CPU their dispatch costs more than their
 arithmetic: with this loop the `model=tiny` training step at 8K took 0.935x the time, `small`'s 0.973x
-(`scripts/bench_overrides.py`, docs/benchmarks.md). Numba compiles it on first use (cached on disk after that).
+(`scripts/bench_overrides.py`, docs/benchmarks.md). The loop is `ltm_core.cpu_kernels._choose` (compiled on first
+use, cached on disk after that), beside the scan's forward pass that calls it for the layer-major path; this module
+calls it for single writes and states its steps.
 
 The same steps as the reference, from the same pool and exponential samples:
 
