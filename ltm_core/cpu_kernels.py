@@ -208,10 +208,10 @@ _numba_threads = threading.local()  # .count: the thread count this thread last 
 
 
 def _launch(kernel, *args):
-    """kernel(*args) (its result) on as many threads as PyTorch's (`torch.set_num_threads`); Numba's count is set only when that
-    changes (each setting cost 10-20 us inside a training step). Numba's first parallel launch starts its OpenMP
-    layer, which sets the thread count of the OpenMP runtime PyTorch shares (a process at 1 thread went on at 2):
-    PyTorch's count is put back."""
+    """kernel(*args) (its result) on as many threads as PyTorch's (`torch.set_num_threads`); Numba's count is set
+    only when that changes (each setting cost 10-20 us inside a training step, and the step 1.03x: docs/benchmarks.md).
+    Numba's first parallel launch starts its OpenMP layer, which sets the thread count of the OpenMP runtime PyTorch
+    shares (a process at 1 thread went on at 2): PyTorch's count is put back."""
     threads = torch.get_num_threads()
     count = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     if getattr(_numba_threads, "count", None) != count:

@@ -98,7 +98,8 @@ class SelfAttention(nn.Module):
     def read_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, prefix: Prefix, backend: str) -> torch.Tensor:
         """The layer-major pass's attention: every segment over the tokens kept before it and its own (see
-        `project_with_kept`) -> out [B W, S, C]."""
+        `project_with_kept`) -> out [B W, S, C]. On CPU in float32, for reads the explicit scores take, the kept keys
+        and values and the read are one autograd node (`_KeptRead`)."""
         BW, S, C = h.shape
         B, W, M = rows.shape
         if (use_cpu_kernels(h, backend) and S * (M + S) <= reads.MATH_MAX_SCORES and prefix.bias is not None
@@ -206,8 +207,8 @@ class _KeptRead(torch.autograd.Function):
     autograd node, on CPU in float32 for reads of at most MATH_MAX_SCORES scores per head: proj, held, rows, cos, sin
     as `_KeptKeysValues`'; bias, through [B W, M] the prefix's score bias and straight-through weight -> the read's
     output [B W, H, S, hd]. Its backward runs the read's GEMMs, then one compiled pass for the gradients of the
-    projections and of the bias and the weight (`cpu_kernels.kept_rows_backward`), where the two nodes made two.
-    The two nodes are its reference (`model.kernels=torch`)."""
+    projections and of the bias and the weight (`cpu_kernels.kept_rows_backward`; the two nodes took two). The two
+    nodes are its reference (`model.kernels=torch`), and run for larger reads, in half precision and on GPUs."""
 
     @staticmethod
     def forward(ctx, proj, held, rows, cos, sin, bias, through, heads):
@@ -218,10 +219,11 @@ class _KeptRead(torch.autograd.Function):
         hd = proj.shape[2] // (3 * heads)
         flat = flat_rows(rows, R + W * S)  # [B W M] rows of the B pools [held; segments]
         q, keys, values = cpu_kernels.kept_rows_forward(proj, held, flat, cos, sin, W, heads, M)
-        blocked = blocked_scores(S, M + S, True, M, None, proj.device, proj.dtype)
-        y, p = explicit_read(q, keys, values, bias, blocked, hd ** -0.5)
+        blocked = blocked_scores(S, M + S, True, M, None, proj.device, proj.dtype)  # [S, M + S] the mask as scores
+        scale = hd ** -0.5
+        y, p = explicit_read(q, keys, values, bias, blocked, scale)  # [B W, H, S, hd], [B W, H, S, M + S]
         ctx.save_for_backward(q, keys, values, p, flat, cos, sin)
-        ctx.sizes = (B, W, R, hd ** -0.5)
+        ctx.sizes = (B, W, R, scale)
         return y
 
     @staticmethod

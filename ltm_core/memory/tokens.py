@@ -345,8 +345,8 @@ class _CompiledScan(torch.autograd.Function):
     score bias and straight-through weight [B W, M]; the state after [B, M, C]; the penalty per segment [W]; the rows
     held at each window's start [B, G M, C]: the state, then later windows' rows, detached; and, without gradients,
     each write's kept candidates [B, W, M] and where each segment's held rows sit among [the rows held at each
-    window's start; the scanned tokens] [B, W, M]). A held row held over from an earlier BPTT window passes its
-    gradient to w and b only."""
+    window's start; the scanned tokens] [B, W, M]). A row held over from an earlier BPTT window passes its gradient
+    to w and b only."""
 
     @staticmethod
     def forward(ctx, state, entries, weight, bias, noise, layout, segment, penalty, detach, read_importance):
@@ -358,8 +358,8 @@ class _CompiledScan(torch.autograd.Function):
         ctx.save_for_backward(state, entries, weight, sig, held, own)
         ctx.options = (segment, penalty, detach, read_importance)
         ctx.mark_non_differentiable(keeps, rows)
-        if not ctx.needs_input_grad[0]:  # only the state's rows pass a gradient back (the later windows' are
-            ctx.mark_non_differentiable(row_tokens)  # detached): without it, their projection skips its input's
+        if not ctx.needs_input_grad[0]:  # the rows take a gradient only for the state (later windows' rows are
+            ctx.mark_non_differentiable(row_tokens)  # detached): without one, their projection skips its input's
         return prefix_bias, through, after, aux, row_tokens, keeps, rows
 
     @staticmethod
