@@ -292,8 +292,12 @@ class TokensMemory(Memory):
         """A scan's bookkeeping over BPTT windows of `windows` segments: kept [B, W + 1, M] the pool rows held before
         each segment and after the last (ascending) -> (own [B, W + 1, M]: the rows each memory reads with their
         gradient, rows [B, W, M]: where each held row sits in [the M rows held at each window's start, G M rows;
-        the scanned tokens]). The reference of `choice.window_rows`, which runs instead where the loops run
-        compiled."""
+        the scanned tokens]). Where the loops run compiled (`compiled_loops`) the compiled loop runs instead
+        (`choice.window_rows`; the compiled scan calls it inside its own pass); these ops are its reference."""
+        if self.compiled_loops(kept):
+            from ltm_core.memory import choice
+
+            return choice.window_rows(kept, self.slots, segment, windows)
         M, S, G, W = self.slots, segment, len(windows), kept.shape[1] - 1
         starts, window = window_index(windows, kept.device)  # [G] first segments, [W + 1] windows
         first = (M + starts * S)[window][None, :, None]  # [1, W + 1, 1] each window's first token row

@@ -564,13 +564,11 @@ def test_the_compiled_choice_runs_where_numba_cannot_cache_it(monkeypatch):
 
 
 @pytest.mark.parametrize("windows", [(4, 4, 4, 4), (1, 4, 3), (2, 2)], ids=str)
-def test_the_compiled_window_rows_match_the_reference(windows):
+def test_the_compiled_window_rows_match_the_reference(windows, monkeypatch):
     """A scan over several BPTT windows numbers the rows each memory holds (which it reads with their gradient, and
     where each sits among the rows held at its window's start or the scanned tokens): on CPU compiled
-    (`choice.window_rows`), elsewhere in PyTorch (`TokensMemory.window_rows`), the same numbers from the same
-    choices (noisy ones, from a memory half of empty slots)."""
-    from ltm_core.memory import choice
-
+    (`TokensMemory.window_rows` -> `choice.window_rows`), elsewhere (`model.kernels=torch`) in PyTorch, the same
+    numbers from the same choices (noisy ones, from a memory half of empty slots)."""
     memory, cfg = _memory(noise=0.5, slots=8)
     memory.train()
     g = torch.Generator().manual_seed(3)
@@ -578,8 +576,13 @@ def test_the_compiled_window_rows_match_the_reference(windows):
     pool = torch.randn(B, M + W * S, cfg.hidden_size, generator=g)
     pool[:, M // 2:M] = 0
     kept, _, _ = memory.choose(pool, S, torch.empty(W, B, M + S).exponential_(generator=g))
-    own, rows = choice.window_rows(kept, M, S, windows)
+    calls = spy_cpu_kernels(monkeypatch, "window_rows_loop")
+    memory.model_config = dataclasses.replace(cfg, kernels="auto")
+    own, rows = memory.window_rows(kept, S, windows)  # on CPU: the compiled loop
+    assert calls == ["window_rows_loop"]
+    memory.model_config = dataclasses.replace(cfg, kernels="torch")
     want_own, want_rows = memory.window_rows(kept, S, windows)
+    assert calls == ["window_rows_loop"]  # the reference: PyTorch's ops
     assert own.dtype == torch.bool and rows.dtype == torch.int64
     assert torch.equal(own, want_own) and torch.equal(rows, want_rows)
     assert own[:, :windows[0] + (len(windows) == 1)].all()  # the first window reads everything with its gradient
