@@ -90,6 +90,40 @@ _rotate = numba.njit(inline="always", fastmath=True)(_rotate)  # inlined into th
 _unrotate = numba.njit(inline="always", fastmath=True)(_unrotate)
 
 
+def _prefix_sums(dscores, dk, k, dv, v, dbias, dthrough):
+    """One batch row of a prefix read: dscores [H, Lq, Lk] its score gradients, dk, k, dv, v [H, Lk, d] its keys
+    and values and their gradients -> writes, over its first Lb keys, dbias [Lb] = sum_{h, i} dscores and dthrough
+    [Lb] = sum_{h, e} (dk k + dv v): the key bias's and the straight-through weight's gradients."""
+    H, Lq, _ = dscores.shape
+    Lb, d = dbias.shape[0], k.shape[2]
+    for j in range(Lb):
+        dbias[j] = 0.0
+        dthrough[j] = 0.0
+    for h in range(H):
+        for i in range(Lq):
+            for j in range(Lb):
+                dbias[j] += dscores[h, i, j]
+        for j in range(Lb):
+            acc = 0.0
+            for e in range(d):
+                acc += dk[h, j, e] * k[h, j, e] + dv[h, j, e] * v[h, j, e]
+            dthrough[j] += acc
+
+
+def _sum_blocks(parts, out):
+    """parts [n, C] a weight gradient summed over n blocks of rows apart -> writes out [C] = their sum, the blocks
+    in order (a fixed order, whatever the thread count)."""
+    for c in range(out.shape[0]):
+        out[c] = 0.0
+    for p in range(parts.shape[0]):
+        for c in range(out.shape[0]):
+            out[c] += parts[p, c]
+
+
+_prefix_sums = numba.njit(inline="always", fastmath=True)(_prefix_sums)
+_sum_blocks = numba.njit(inline="always", fastmath=True)(_sum_blocks)
+
+
 def _forward(proj, held, flat, cos, sin, segments, slots, q, keys, values):
     """proj [B W S, 3, H, hd] the segments' q|k|v rows, held [B R, 2, H, hd] the held tokens' k|v rows, flat [B W M]
     each segment's kept rows (into the B pools [held; segments] of P = R + W S rows), cos, sin [S, hd] -> writes
@@ -142,18 +176,8 @@ def _backward(dq, dkeys, dvalues, flat, cos, sin, segments, slots, dproj, dheld,
                 _unrotate(dkeys[bw, h, M + s], cos[s], sin[s], dproj[row, 1, h])
                 for d in range(hd):
                     dproj[row, 2, h, d] = dvalues[bw, h, M + s, d]
-        for m in range(Lb):
-            dbias[bw, m] = 0.0
-            dthrough[bw, m] = 0.0
-        for h in range(H if Lb > 0 else 0):
-            for i in range(S):
-                for m in range(Lb):
-                    dbias[bw, m] += dscores[bw, h, i, m]
-            for m in range(Lb):
-                acc = np.float32(0.0)
-                for d in range(hd):
-                    acc += dkeys[bw, h, m, d] * keys[bw, h, m, d] + dvalues[bw, h, m, d] * values[bw, h, m, d]
-                dthrough[bw, m] += acc
+        if Lb > 0:
+            _prefix_sums(dscores[bw], dkeys[bw], keys[bw], dvalues[bw], values[bw], dbias[bw], dthrough[bw])
     for h in prange(H):  # the kept rows' gradients added, a head per thread: segments keep rows in common, heads not
         for bw in range(BW):
             for m in range(M):
@@ -250,14 +274,14 @@ def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Ten
     dproj = dq.new_empty(BW * S, 3, H, hd)
     dheld = dq.new_empty(batch * held, 2, H, hd)
     dbias, dthrough = (dq.new_empty(BW, M if read is not None else 0) for _ in range(2))
-    dscores, keys, values = (_array(t) for t in read) if read is not None else (_NO_SCORES, _NO_ROWS, _NO_ROWS)
+    dscores, keys, values = (_array(t) for t in read) if read is not None else (_NO_READ,) * 3
     _launch(_backward_kernel, _array(dq), _array(dkeys), _array(dvalues), _array(flat), _array(cos), _array(sin),
             segments, M, dproj.numpy(), dheld.numpy(), dscores, keys, values, dbias.numpy(), dthrough.numpy())
     grads = dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
     return grads if read is None else (*grads, dbias, dthrough)
 
 
-_NO_SCORES, _NO_ROWS = np.empty((0, 0, 0, 0), np.float32), np.empty((0, 0, 0, 0), np.float32)  # no read's
+_NO_READ = np.empty((0, 0, 0, 0), np.float32)  # `kept_rows_backward`'s scores, keys and values without a read
 
 
 def rotated_qkv_forward(proj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
@@ -285,21 +309,8 @@ def _prefix_grads(dscores, dk, k, dv, v, dbias, dthrough):
     """dscores [B, H, Lq, Lk] a read's score gradients, dk, k, dv, v [B, H, Lk, d] its keys and values and their
     gradients -> writes, over its first Lb keys, dbias [B, Lb] = sum_{h, i} dscores and dthrough [B, Lb] =
     sum_{h, e} (dk k + dv v)."""
-    B, H, Lq, _ = dscores.shape
-    Lb, d = dbias.shape[1], k.shape[3]
-    for b in prange(B):
-        for j in range(Lb):
-            dbias[b, j] = 0.0
-            dthrough[b, j] = 0.0
-        for h in range(H):
-            for i in range(Lq):
-                for j in range(Lb):
-                    dbias[b, j] += dscores[b, h, i, j]
-            for j in range(Lb):
-                acc = 0.0
-                for e in range(d):
-                    acc += dk[b, h, j, e] * k[b, h, j, e] + dv[b, h, j, e] * v[b, h, j, e]
-                dthrough[b, j] += acc
+    for b in prange(dscores.shape[0]):
+        _prefix_sums(dscores[b], dk[b], k[b], dv[b], v[b], dbias[b], dthrough[b])
 
 
 _prefix_grads_kernel = compiled(_prefix_grads, fastmath=True, parallel=True)
@@ -419,11 +430,7 @@ def _rms_backward(dy, x, w, rstd, dx, dw):
             r = rstd[n]
             for c in range(C):
                 dw_parts[p, c] += dy[n, c] * x[n, c] * r
-    for c in range(C):
-        dw[c] = 0.0
-    for p in range(parts):
-        for c in range(C):
-            dw[c] += dw_parts[p, c]
+    _sum_blocks(dw_parts, dw)
 
 
 _rms_forward_kernel = compiled(_rms_forward, fastmath=True, parallel=True)
@@ -452,7 +459,8 @@ REASSOCIATE = {"reassoc", "contract"}  # the loop's floating-point freedom: sums
 
 def _choose(state, entries, weight, bias, noise, tau, vacant, S):
     """The tokens memory's writes (`ltm_core.memory.choice`, whose module docstring states the steps; see `choose`
-    there for the arguments) -> (held [B, W + 1, M], keeps [B, W, M], held_empty [B, W + 1, M])."""
+    there for the arguments) -> (held [B, W + 1, M], keeps [B, W, M], held_empty [B, W + 1, M], ranks [B, P]: every
+    pool row's importance w . x + b in float64, before noise)."""
     B, M, C = state.shape
     P = M + entries.shape[1]  # the pool: [state; entries]
     W = (P - M) // S
@@ -529,7 +537,7 @@ def _choose(state, entries, weight, bias, noise, tau, vacant, S):
                 keeps[b, i, j] = order[j]
                 held[b, i + 1, j] = cand[order[j]]
                 held_empty[b, i + 1, j] = empty[b, held[b, i + 1, j]]
-    return held, keeps, held_empty
+    return held, keeps, held_empty, ranks
 
 
 def _window_rows(held, first, window, starts, M, G):
@@ -575,17 +583,13 @@ def _scan_forward(state, entries, w, bias, noise, tau, vacant, first, window, st
     B, M, C = state.shape
     P = M + entries.shape[1]
     S, G = segment, starts.shape[0]
-    held, keeps, empty = choose_loop(state, entries, w, bias, noise, tau, vacant, S)
+    held, keeps, empty, ranks = choose_loop(state, entries, w, bias, noise, tau, vacant, S)
     own, rows = window_rows_loop(held, first, window, starts, M, G)
     W = held.shape[1] - 1
     logsig = np.empty((B, P), np.float32)  # each row's, once
     for bp in prange(B * P):
         b, p = bp // P, bp % P
-        row = state[b, p] if p < M else entries[b, p - M]
-        acc = 0.0
-        for c in range(C):
-            acc += row[c] * w[c]
-        zz = np.float64(np.float32(acc + bias[0]))  # z, rounded to float32 as the reference's
+        zz = np.float64(np.float32(ranks[b, p]))  # z: the loop's rank, rounded to float32 as the reference's
         e = np.exp(-abs(zz))
         sig[b, p] = 1.0 / (1.0 + e) if zz >= 0 else e / (1.0 + e)
         logsig[b, p] = min(zz, 0.0) - np.log1p(e)  # log sigmoid(z), without overflow
@@ -682,13 +686,8 @@ def _scan_backward(state, entries, w, sig, held, own, dprefix_bias, dthrough, da
             row = state[b, p] if p < M else entries[b, p - M]
             for c in range(C):
                 dw_parts[k, c] += g * row[c]
-    db[0] = 0.0
-    for c in range(C):
-        dw[c] = 0.0
-    for k in range(n):
-        db[0] += db_parts[k]
-        for c in range(C):
-            dw[c] += dw_parts[k, c]
+    _sum_blocks(dw_parts, dw)
+    _sum_blocks(db_parts.reshape(n, 1), db)
 
 
 _scan_forward_kernel = compiled(_scan_forward, fastmath=True, parallel=True)

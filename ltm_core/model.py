@@ -100,12 +100,11 @@ class SelfAttention(nn.Module):
         """The layer-major pass's attention: every segment over the tokens kept before it and its own (see
         `project_with_kept`) -> out [B W, S, C]. On CPU in float32, for reads the explicit scores take, the kept keys
         and values and the read are one autograd node (`_KeptRead`)."""
-        BW, S, C = h.shape
-        B, W, M = rows.shape
+        BW, S, _ = h.shape
+        _, W, M = rows.shape
         if (use_cpu_kernels(h, backend) and S * (M + S) <= reads.MATH_MAX_SCORES and prefix.bias is not None
                 and prefix.through is not None):  # one autograd node, one compiled pass for the gradients
-            proj = self.qkv_proj(h.reshape(B, W * S, C))  # [B, W S, 3 H hd]
-            held = project_chunks(self.qkv_proj, tokens.to(h.dtype), 1, 3)  # [B, R, 2 H hd]
+            proj, held = self._project_segments_and_held(h, tokens, W)
             y = _KeptRead.apply(proj, held, rows, cos, sin, prefix.bias, prefix.through, self.heads)
             return self.o_proj(y.transpose(1, 2).reshape(BW, S, -1))  # [B W, S, C]
         q, keys, values = self.project_with_kept(h, tokens, rows, cos, sin, backend)
@@ -135,11 +134,16 @@ class SelfAttention(nn.Module):
         tokens' (no position) then the segment's). The segments' q|k|v projection and the held tokens' k|v one (the
         kept tokens that the segments hold are not projected again; the held ones need no query), assembled by
         `_KeptKeysValues`."""
-        BW, S, C = h.shape
-        B, W, M = rows.shape
-        proj = self.qkv_proj(h.reshape(B, W * S, C))  # [B, W S, 3 H hd]
-        held = project_chunks(self.qkv_proj, tokens.to(h.dtype), 1, 3)  # [B, R, 2 H hd]
+        proj, held = self._project_segments_and_held(h, tokens, rows.shape[1])
         return _KeptKeysValues.apply(proj, held, rows, cos, sin, self.heads, backend)
+
+    def _project_segments_and_held(self, h: torch.Tensor, tokens: torch.Tensor, segments: int
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B W, S, C] the W = `segments` segments, tokens [B, R, C] the tokens held before them -> (their q|k|v
+        projection [B, W S, 3 H hd], the held tokens' k|v one [B, R, 2 H hd])."""
+        BW, S, C = h.shape
+        proj = self.qkv_proj(h.reshape(BW // segments, segments * S, C))
+        return proj, project_chunks(self.qkv_proj, tokens.to(h.dtype), 1, 3)
 
 
 class _KeptKeysValues(torch.autograd.Function):

@@ -48,8 +48,8 @@ def choose(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, bia
     from ltm_core.cpu_kernels import choose_loop
 
     samples, scale = gumbel_source(noise, tau)
-    held, keeps, empty = choose_loop(_numpy_float(state), _numpy_float(entries), _numpy_float(weight),
-                                     _numpy_float(bias), samples, scale, float(vacant), segment)
+    held, keeps, empty, _ = choose_loop(_numpy_float(state), _numpy_float(entries), _numpy_float(weight),
+                                        _numpy_float(bias), samples, scale, float(vacant), segment)
     return torch.from_numpy(held), torch.from_numpy(keeps), torch.from_numpy(empty)
 
 
