@@ -540,28 +540,43 @@ def _choose(state, entries, weight, bias, noise, tau, vacant, S):
     return held, keeps, held_empty, ranks
 
 
-def _window_rows(held, first, window, starts, M, G):
-    """The bookkeeping of a scan over G BPTT windows (`ltm_core.memory.choice.window_rows`: see there) -> (own
-    [B, W + 1, M], rows [B, W, M])."""
+def _window_rows(held, first, window, starts, M, G, P):
+    """The bookkeeping of a scan over G BPTT windows (`ltm_core.memory.choice.window_rows`: see there) of a pool of P
+    rows -> (own [B, W + 1, M], rows [B, W, M], later [B, U]): the tokens held at a later window's start, each once
+    (ascending; U the most of any batch row, the others padded with pool row 0), so the read projects each once."""
     B, W1, _ = held.shape
     own = np.empty((B, W1, M), np.bool_)
     rows = np.empty((B, W1 - 1, M), np.int64)
+    marked = np.zeros((B, P), np.bool_)
+    count = np.zeros(B, np.int64)
     for b in range(B):
         for i in range(W1):
             for j in range(M):
                 own[b, i, j] = window[i] == 0 or held[b, i, j] >= first[i]
+        for g in range(1, G):
+            for j in range(M):
+                row = held[b, starts[g], j]
+                if row >= M and not marked[b, row]:  # a scanned token (the state's rows come first as they are)
+                    marked[b, row] = True
+                    count[b] += 1
+    U = count.max() if B else 0
+    later = np.zeros((B, U), np.int64)
+    place = np.empty(P, np.int64)  # each pool row's place among [the state's M rows; later]
+    for b in range(B):
+        k = 0
+        for row in range(P):
+            if row < M:
+                place[row] = row
+            elif marked[b, row]:
+                later[b, k] = row
+                place[row] = M + k
+                k += 1
         for i in range(W1 - 1):
-            g = window[i]
-            k = 0  # where the next held-over row sits among the rows held at the window's start (both ascending)
             for j in range(M):
                 row = held[b, i, j]
-                if row >= first[i]:  # a token of the segment's own window
-                    rows[b, i, j] = row - M + G * M
-                else:
-                    while k < M and held[b, starts[g], k] < row:
-                        k += 1
-                    rows[b, i, j] = g * M + k
-    return own, rows
+                # a token of the segment's own window (after the M + U rows), or one held since a window's start
+                rows[b, i, j] = row + U if row >= first[i] else place[row]
+    return own, rows, later
 
 
 choose_loop = compiled(_choose, fastmath=REASSOCIATE)  # the loops, also called from the scan's forward pass below
@@ -569,23 +584,24 @@ window_rows_loop = compiled(_window_rows)
 
 
 def _scan_forward(state, entries, w, bias, noise, tau, vacant, first, window, starts, segment, penalty,
-                  read_importance, empty_score, sig, prefix_bias, through, after, aux, row_tokens):
+                  read_importance, empty_score, sig, prefix_bias, through, after, aux):
     """A scan over the pool [state; entries], its choices included, in one call: state [B, M, C] the rows held
     before the scan, entries [B, W S, C] the W segments of S = `segment` tokens; w [C], bias [1]; noise, tau, vacant:
     the writes' (`_choose`); first, window [W + 1], starts [G]: the BPTT windows' layout (`_window_rows`) -> the
     choices (held [B, W + 1, M] the pool rows held before each segment and after the last, keeps [B, W, M], own
-    [B, W + 1, M], rows [B, W, M]: `_choose`'s and `_window_rows`' serial loops), and writes sig [B, P] =
+    [B, W + 1, M], rows [B, W, M]: `_choose`'s and `_window_rows`' serial loops; row_tokens [B, M + U, C] the
+    tokens those rows name below M + U: the state, then the U tokens held at a later window's start, each once),
+    and writes sig [B, P] =
     sigmoid(z), z = pool . w + bias (for backward); each segment's read prefix, prefix_bias [B W, M] =
     `empty_score` on empty slots (+ log sigmoid(z) with `read_importance`) and through [B W, M] = sigmoid(z); after
     [B, M, C] the rows held after the last segment; aux [W] = `penalty` * the mean sigmoid(z) of each segment's B S
-    tokens (0 without one); row_tokens [B, G M, C] the rows held at each window's start (the state, then the rows
-    held at each later window's first segment)."""
+    tokens (0 without one)."""
     B, M, C = state.shape
     P = M + entries.shape[1]
     S, G = segment, starts.shape[0]
     held, keeps, empty, ranks = choose_loop(state, entries, w, bias, noise, tau, vacant, S)
-    own, rows = window_rows_loop(held, first, window, starts, M, G)
-    W = held.shape[1] - 1
+    own, rows, later = window_rows_loop(held, first, window, starts, M, G, P)
+    W, U = held.shape[1] - 1, later.shape[1]
     logsig = np.empty((B, P), np.float32)  # each row's, once
     for bp in prange(B * P):
         b, p = bp // P, bp % P
@@ -602,6 +618,7 @@ def _scan_forward(state, entries, w, bias, noise, tau, vacant, first, window, st
             if read_importance:
                 score += logsig[b, r]
             prefix_bias[bw, m] = score
+    row_tokens = np.empty((B, M + U, C), np.float32)
     for bm in prange(B * M):
         b, m = bm // M, bm % M
         r = held[b, W, m]
@@ -609,11 +626,12 @@ def _scan_forward(state, entries, w, bias, noise, tau, vacant, first, window, st
         for c in range(C):
             after[b, m, c] = row[c]
             row_tokens[b, m, c] = state[b, m, c]
-        for g in range(1, G):
-            r = held[b, starts[g], m]
-            row = state[b, r] if r < M else entries[b, r - M]
-            for c in range(C):
-                row_tokens[b, g * M + m, c] = row[c]
+    for bu in prange(B * U):
+        b, u = bu // U, bu % U
+        r = later[b, u]
+        row = state[b, r] if r < M else entries[b, r - M]
+        for c in range(C):
+            row_tokens[b, M + u, c] = row[c]
     for i in range(W):
         acc = 0.0
         if penalty != 0.0:
@@ -621,13 +639,13 @@ def _scan_forward(state, entries, w, bias, noise, tau, vacant, first, window, st
                 for t in range(S):
                     acc += sig[b, M + i * S + t]
         aux[i] = penalty * acc / (B * S)
-    return held, keeps, own, rows
+    return held, keeps, own, rows, row_tokens
 
 
 def _scan_backward(state, entries, w, sig, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, segment,
                    penalty, detach, read_importance, dstate, dentries, dw, db):
     """The gradients of `_scan_forward`'s prefix_bias, through [B W, M], after [B, M, C], aux [W] and row_tokens
-    [B, G M, C] (its state rows: the later windows' are detached) -> writes dstate [B, M, C], dentries [B, W S, C]
+    [B, M + U, C] (its state rows: the later windows' are detached) -> writes dstate [B, M, C], dentries [B, W S, C]
     and the weight's and bias's gradients dw [C], db [1] (summed over WEIGHT_BLOCKS blocks of rows apart, then the
     blocks in order). A held row marked `own` [B, W + 1, M] gives its gradient to its pool row and to w, b; the
     others (held over from an earlier BPTT window) to w, b only; so do the penalty's tokens under `detach`."""
@@ -702,17 +720,17 @@ def scan_forward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tenso
     importance's weight [C] and bias [1], noise: the writes' (samples, tau) (`choice.gumbel_source`), layout: the
     BPTT windows' (`choice.window_layout`) -> (held [B, W + 1, M], keeps [B, W, M], own [B, W + 1, M], rows [B, W,
     M]; sig [B, M + W S] each pool row's sigmoid(z), prefix_bias, through [B W, M], after [B, M, C], aux [W],
-    row_tokens [B, G M, C])."""
+    row_tokens [B, M + U, C])."""
     B, M, C = state.shape
-    W, G = entries.shape[1] // segment, layout[2].shape[0]
+    W = entries.shape[1] // segment
     sig = state.new_empty(B, M + entries.shape[1])
     prefix_bias, through = (state.new_empty(B * W, M) for _ in range(2))
-    after, aux, row_tokens = state.new_empty(B, M, C), state.new_empty(W), state.new_empty(B, G * M, C)
+    after, aux = state.new_empty(B, M, C), state.new_empty(W)
     choices = _launch(_scan_forward_kernel, _array(state), _array(entries), _array(weight), _array(bias), *noise,
                       float(vacant), *layout, segment, float(penalty), read_importance, np.float32(empty_score),
-                      sig.numpy(), prefix_bias.numpy(), through.numpy(), after.numpy(), aux.numpy(),
-                      row_tokens.numpy())
-    return (*(torch.from_numpy(a) for a in choices), sig, prefix_bias, through, after, aux, row_tokens)
+                      sig.numpy(), prefix_bias.numpy(), through.numpy(), after.numpy(), aux.numpy())
+    held, keeps, own, rows, row_tokens = (torch.from_numpy(a) for a in choices)
+    return held, keeps, own, rows, sig, prefix_bias, through, after, aux, row_tokens
 
 
 def scan_backward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, sig: torch.Tensor,

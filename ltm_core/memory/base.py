@@ -62,7 +62,7 @@ class Scan:
     # scanned tokens], that the memory before each segment holds (so the keys and values of the scanned tokens are
     # gathered from what the attention projects anyway, not projected again)
     row_tokens: Optional[torch.Tensor] = None  # [B, R, C] the tokens that rows < R name: those held before the
-    # scan (and, over several BPTT windows, those held at each later window's start, detached)
+    # scan (and, over several BPTT windows, those held at a later window's start, detached; compiled: each once)
     importance: Optional[torch.Tensor] = None  # [B W, M] (tokens) the importance of each slot of the states before
     # each segment, with the gradients the read gives it
     empty: Optional[torch.Tensor] = None  # [B W, M] bool (tokens) which of those slots are empty

@@ -68,18 +68,21 @@ def _numpy_float(t: torch.Tensor) -> np.ndarray:
 
 
 def window_rows(held: torch.Tensor, slots: int, segment: int, windows: tuple[int, ...]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The bookkeeping of a scan over BPTT windows of `windows` segments (`TokensMemory.scan_windows`; its PyTorch
     form is the reference): held [B, W + 1, M] the pool rows held before each segment and after the last (ascending;
     the pool: the M = `slots` rows held before the scan, then the segments of S = `segment` tokens) -> (own [B, W + 1,
     M] bool: the rows each memory reads with their gradient (its window's own tokens; everything in the first
-    window), rows [B, W, M] int64: each held row's place in [the M rows held at each window's start, G M rows; the
-    scanned tokens])."""
+    window), rows [B, W, M] int64: each held row's place in [the M rows held before the scan; the U tokens of later
+    [B, U]; the scanned tokens], later: the scanned tokens held at a later window's start, each once, ascending
+    (where the reference lists the rows held at each later window's start, (G - 1) M, the same token as often as it
+    is held), so the read projects each once)."""
     from ltm_core.cpu_kernels import window_rows_loop
 
     first, window, starts = window_layout(windows, slots, segment)
-    own, rows = window_rows_loop(held.contiguous().numpy(), first, window, starts, slots, len(windows))
-    return torch.from_numpy(own), torch.from_numpy(rows)
+    pool = slots + (held.shape[1] - 1) * segment
+    own, rows, later = window_rows_loop(held.contiguous().numpy(), first, window, starts, slots, len(windows), pool)
+    return torch.from_numpy(own), torch.from_numpy(rows), torch.from_numpy(later)
 
 
 @functools.lru_cache(maxsize=64)

@@ -217,19 +217,17 @@ class TokensMemory(Memory):
         kept, keeps, empty = self.choose(pool, S, noise)  # [B, W + 1, M] (before each segment, then after the
         # last), [B, W, M], [B, W + 1, M]
         held = kept[:, :W].flatten(1)  # [B, W M]
-        own = rows = None  # one window: every memory reads its tokens with their gradient
+        own = rows = later = None  # one window: every memory reads its tokens with their gradient
         if len(windows) > 1:
-            own, rows = self.window_rows(kept, S, windows)
+            own, rows, later = self.window_rows(kept, S, windows)
         importance, after, aux = self._held_scores(pool, entries, held, kept[:, W], own)
         if len(windows) == 1:
             return Scan(None, after, aux, entries, keeps, kept[:, :W], state, importance.view(B * W, M),
                         empty[:, :W].flatten(0, 1))
-        starts, _ = window_index(windows, pool.device)  # [G] each window's first segment
-        # rows for the read's keys and values: [the memory at each window's start (window 0: the state as it is,
-        # later ones detached), G M rows; the scanned tokens]
-        later = gather_rows(pool.detach(), kept[:, starts[1:]].flatten(1, 2)).view(B, len(windows) - 1, M, C)
-        row_tokens = torch.cat([state.unsqueeze(1), later], dim=1)  # [B, G, M, C]
-        return Scan(None, after, aux, entries, keeps, rows, row_tokens.flatten(1, 2), importance.view(B * W, M),
+        # rows for the read's keys and values: [the state as it is; the tokens held at later windows' starts,
+        # detached; the scanned tokens]
+        row_tokens = torch.cat([state, gather_rows(pool.detach(), later)], dim=1)  # [B, M + U, C]
+        return Scan(None, after, aux, entries, keeps, rows, row_tokens, importance.view(B * W, M),
                     empty[:, :W].flatten(0, 1))
 
     def compiled_scan(self, t: torch.Tensor) -> bool:
@@ -252,7 +250,7 @@ class TokensMemory(Memory):
         bias, through, after, aux, row_tokens, keeps, rows = _CompiledScan.apply(
             state, entries.flatten(1, 2), w, b, choice.gumbel_source(noise, self.config.select_noise),
             choice.window_layout(windows, M, S), S, penalty, self.config.importance_detach and penalty > 0,
-            self.config.read_importance)  # [B W, M] twice, [B, M, C], [W], [B, G M, C], [B, W, M] twice
+            self.config.read_importance)  # [B W, M] twice, [B, M, C], [W], [B, M + U, C], [B, W, M] twice
         prefix = Prefix(None, self.shared_by_heads(bias), self.shared_by_heads(through))
         return Scan(None, after, aux if penalty else None, entries, keeps, rows, row_tokens, prefix=prefix)
 
@@ -282,18 +280,20 @@ class TokensMemory(Memory):
 
     def states_before(self, scan: Scan) -> torch.Tensor:
         """The memories before each scanned segment [B W, M, C] (values, without gradient): the rows each holds, from
-        [the tokens held at each window's start; the scanned tokens]."""
+        [the tokens held before the scan and at later windows' starts (`Scan.row_tokens`); the scanned tokens]."""
         tokens = torch.cat([scan.row_tokens, scan.entries.flatten(1, 2).to(scan.row_tokens.dtype)], dim=1).detach()
         B, W, M = scan.rows.shape
         return gather_rows(tokens, scan.rows.flatten(1)).view(B * W, M, -1)
 
     def window_rows(self, kept: torch.Tensor, segment: int, windows: tuple[int, ...]
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A scan's bookkeeping over BPTT windows of `windows` segments: kept [B, W + 1, M] the pool rows held before
         each segment and after the last (ascending) -> (own [B, W + 1, M]: the rows each memory reads with their
-        gradient, rows [B, W, M]: where each held row sits in [the M rows held at each window's start, G M rows;
-        the scanned tokens]). Where the loops run compiled (`compiled_loops`) the compiled loop runs instead
-        (`choice.window_rows`; the compiled scan calls it inside its own pass); these ops are its reference."""
+        gradient, rows [B, W, M]: where each held row sits in [the M rows held before the scan; the U pool rows of
+        later; the scanned tokens], later [B, U]: the pool rows held at each later window's start, (G - 1) M of
+        them). Where the loops run compiled (`compiled_loops`) the compiled loop runs instead (`choice.window_rows`;
+        the compiled scan calls it inside its own pass), which lists each token in later once (fewer rows to
+        project; the same tokens for every held row); these ops are its reference."""
         if self.compiled_loops(kept):
             from ltm_core.memory import choice
 
@@ -306,8 +306,9 @@ class TokensMemory(Memory):
         before = kept[:, :W]
         slot = torch.searchsorted(at_start.contiguous(), before.contiguous())  # where a held-over row sits there
         mine = before >= first[:, :W]  # the segment's own window's tokens
+        # window 0's rows are the state's, in order; a later window's, its block of M in later
         rows = torch.where(mine, before - M + G * M, window[:W][None, :, None] * M + slot)
-        return own, rows
+        return own, rows, kept[:, starts[1:]].flatten(1)
 
     # ------------------------------------------------------------------------------------------------- read
     def prefix(self, state: torch.Tensor, importance: Optional[torch.Tensor] = None,
@@ -334,7 +335,8 @@ class TokensMemory(Memory):
     def flops_per_token(self, segment_length: int) -> float:
         """The read over M more keys (12 C M), and the q|k|v projection of the M tokens held at each window's start
         (6 * 3 C^2 * M / (T * bptt_segments); the window's own kept tokens reuse the keys and values the attention
-        computed for them)."""
+        computed for them). The model's count: the compiled scan projects a token held at several windows' starts
+        once."""
         C, M, T = self.model_config.hidden_size, self.slots, segment_length
         return 12 * C * M + 6 * 3 * C * C * M / (T * self.model_config.bptt_segments)
 
@@ -347,10 +349,10 @@ class _CompiledScan(torch.autograd.Function):
     writes' (samples, tau) (`choice.gumbel_source`), layout the BPTT windows' (`choice.window_layout`), S, penalty
     (lambda, 0: none), detach (the penalty's gradient to w and b only), read_importance -> (each segment's read prefix:
     score bias and straight-through weight [B W, M]; the state after [B, M, C]; the penalty per segment [W]; the rows
-    held at each window's start [B, G M, C]: the state, then later windows' rows, detached; and, without gradients,
-    each write's kept candidates [B, W, M] and where each segment's held rows sit among [the rows held at each
-    window's start; the scanned tokens] [B, W, M]). A row held over from an earlier BPTT window passes its gradient
-    to w and b only."""
+    the reads hold over from a window's start [B, M + U, C]: the state, then the U tokens held at a later window's
+    start, each once, detached; and, without gradients, each write's kept candidates [B, W, M] and where each
+    segment's held rows sit among [those rows; the scanned tokens] [B, W, M]). A row held over from an earlier BPTT
+    window passes its gradient to w and b only."""
 
     @staticmethod
     def forward(ctx, state, entries, weight, bias, noise, layout, segment, penalty, detach, read_importance):

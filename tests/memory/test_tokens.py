@@ -410,11 +410,15 @@ def test_the_compiled_scan_gives_pytorchs_values_and_gradients(penalty, detach, 
         scan = memory.scan_windows(x, e, noise, windows)
         prefix = memory.scan_prefix(scan)
         assert (scan.aux is None) == (penalty == 0)
-        outs = [o for o in (prefix.bias, prefix.through, scan.after, scan.aux, scan.row_tokens) if o is not None]
+        # the state's rows among the held-over ones, with its gradient (the compiled scan lists the later windows'
+        # tokens once each, the reference as often as they are held: compared by the memories they make)
+        state_rows = scan.row_tokens[:, :M]
+        outs = [o for o in (prefix.bias, prefix.through, scan.after, scan.aux, state_rows) if o is not None]
         weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
         loss = sum((o * w).sum() for o, w in zip(outs, weights))
         params = (x, e, memory.importance.weight, memory.importance.bias)
-        return [scan.kept, scan.rows, *[o.detach() for o in outs], *torch.autograd.grad(loss, params)]
+        before = memory.states_before(scan) if scan.rows is not None else None
+        return [scan.kept, before, *[o.detach() for o in outs], *torch.autograd.grad(loss, params)]
 
     got, want = run("auto"), run("torch")
     assert calls == ["scan_forward", "scan_backward"]
@@ -578,15 +582,27 @@ def test_the_compiled_window_rows_match_the_reference(windows, monkeypatch):
     kept, _, _ = memory.choose(pool, S, torch.empty(W, B, M + S).exponential_(generator=g))
     calls = spy_cpu_kernels(monkeypatch, "window_rows_loop")
     memory.model_config = dataclasses.replace(cfg, kernels="auto")
-    own, rows = memory.window_rows(kept, S, windows)  # on CPU: the compiled loop
+    own, rows, later = memory.window_rows(kept, S, windows)  # on CPU: the compiled loop
     assert calls == ["window_rows_loop"]
     memory.model_config = dataclasses.replace(cfg, kernels="torch")
-    want_own, want_rows = memory.window_rows(kept, S, windows)
+    want_own, want_rows, want_later = memory.window_rows(kept, S, windows)
     assert calls == ["window_rows_loop"]  # the reference: PyTorch's ops
-    assert own.dtype == torch.bool and rows.dtype == torch.int64
-    assert torch.equal(own, want_own) and torch.equal(rows, want_rows)
+    assert own.dtype == torch.bool and rows.dtype == torch.int64 and later.dtype == torch.int64
+    assert torch.equal(own, want_own)
     assert own[:, :windows[0] + (len(windows) == 1)].all()  # the first window reads everything with its gradient
-    assert (rows < len(windows) * M).any() and (rows >= len(windows) * M).any()  # held-over rows and own tokens
+
+    def pool_rows(rows, later):  # the pool row each held row names in [the state's M rows; later; the segments]
+        return torch.cat([torch.arange(M).expand(B, M), later, M + torch.arange(W * S).expand(B, W * S)],
+                         dim=1).gather(1, rows.flatten(1)).view_as(rows)
+
+    assert torch.equal(pool_rows(rows, later), kept[:, :W]) and torch.equal(pool_rows(want_rows, want_later),
+                                                                            kept[:, :W])
+    assert (rows < M + later.shape[1]).any() and (rows >= M + later.shape[1]).any()  # held over, and own tokens
+    for b in range(B):  # the compiled loop lists each scanned token held at a later window's start once, ascending
+        tokens = want_later[b][want_later[b] >= M].unique()
+        assert torch.equal(later[b, :len(tokens)], tokens) and not later[b, len(tokens):].any()
+    if len(windows) > 2:
+        assert later.shape[1] < want_later.shape[1]  # tokens held at several windows' starts
 
 
 def test_flops_count_the_read_of_the_kept_tokens(tiny_cfg):
