@@ -196,6 +196,8 @@ def explicit_read_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p:
                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`explicit_read`'s backward from its output's gradient dy -> (dq, dk, dv, the scores' gradient [B, H, Lq, Lk]
     in p's dtype)."""
+    dy = dy.contiguous()  # once: the output projection's gradient arrives [B, Lq, H, d]-ordered, and each GEMM
+    # below would copy it
     dv = torch.matmul(p.to(dy.dtype).transpose(-1, -2), dy)  # [B, H, Lk, d]
     dscores = torch._softmax_backward_data(torch.matmul(dy, v.transpose(-1, -2)).to(p.dtype), p, -1, p.dtype)
     B, H, Lq, Lk = dscores.shape

@@ -682,11 +682,14 @@ def _scan_backward(state, entries, w, sig, held, own, dprefix_bias, dthrough, da
         g = np.float32(gz_own[b, p])
         if p < M:
             for c in range(C):
-                dstate[b, p, c] = g * w[c] + drow_tokens[b, p, c]
+                dstate[b, p, c] = g * w[c]
+            if drow_tokens.shape[0]:  # (empty: none)
+                for c in range(C):
+                    dstate[b, p, c] += drow_tokens[b, p, c]
         else:
             for c in range(C):
                 dentries[b, p - M, c] = g * w[c]
-    for b in range(B):
+    for b in range(B if dafter.shape[0] else 0):  # (empty: none)
         for m in range(M):
             r = held[b, W, m]
             if own[b, W, m]:
@@ -735,19 +738,23 @@ def scan_forward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tenso
 
 def scan_backward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tensor, sig: torch.Tensor,
                   held: torch.Tensor, own: torch.Tensor, dprefix_bias: torch.Tensor, dthrough: torch.Tensor,
-                  dafter: torch.Tensor, daux: torch.Tensor, drow_tokens: torch.Tensor, segment: int, penalty: float,
-                  detach: bool, read_importance: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of `scan_forward`'s prefix_bias, through, after, aux and row_tokens, from its sig (own [B, W + 1,
-    M] bool: which held rows pass their gradient to the pool, else to the weight and bias only) -> those of state
-    [B, M, C], entries [B, W S, C], weight [C] and bias [1]."""
+                  dafter: Optional[torch.Tensor], daux: torch.Tensor, drow_tokens: Optional[torch.Tensor], segment: int,
+                  penalty: float, detach: bool, read_importance: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `scan_forward`'s prefix_bias, through, after, aux and row_tokens (after's and row_tokens'
+    may be None: none), from its sig (own [B, W + 1, M] bool: which held rows pass their gradient to the pool, else
+    to the weight and bias only) -> those of state [B, M, C], entries [B, W S, C], weight [C] and bias [1]."""
     C = state.shape[2]
+    dafter, drow_tokens = (_NO_ROWS if t is None else _array(t) for t in (dafter, drow_tokens))
     dstate, dentries = torch.empty_like(state), torch.empty_like(entries)
     dw, db = weight.new_empty(C), weight.new_empty(1)
     _launch(_scan_backward_kernel, _array(state), _array(entries), _array(weight), _array(sig), _array(held),
-            _array(own), _array(dprefix_bias), _array(dthrough), _array(dafter), _array(daux), _array(drow_tokens),
+            _array(own), _array(dprefix_bias), _array(dthrough), dafter, _array(daux), drow_tokens,
             segment, float(penalty), detach, read_importance, dstate.numpy(), dentries.numpy(), dw.numpy(),
             db.numpy())
     return dstate, dentries, dw, db
+
+
+_NO_ROWS = np.empty((0, 0, 0), np.float32)  # a gradient the scan's backward does not get (its kernel skips it)
 
 
 def _rows(t: torch.Tensor, chunks: int, heads: int, head_dim: int):

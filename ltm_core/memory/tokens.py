@@ -363,6 +363,8 @@ class _CompiledScan(torch.autograd.Function):
             EMPTY_SLOT_SCORE)
         ctx.save_for_backward(state, entries, weight, sig, held, own)
         ctx.options = (segment, penalty, detach, read_importance)
+        ctx.set_materialize_grads(False)  # no zeros made for the outputs without a gradient (the state after a pass,
+        # the rows, the choices)
         ctx.mark_non_differentiable(keeps, rows)
         if not ctx.needs_input_grad[0]:  # the rows take a gradient only for the state (later windows' rows are
             ctx.mark_non_differentiable(row_tokens)  # detached): without one, their projection skips its input's
@@ -373,6 +375,9 @@ class _CompiledScan(torch.autograd.Function):
         from ltm_core import cpu_kernels
 
         state, entries, weight, sig, held, own = ctx.saved_tensors
+        B, W, M = state.shape[0], held.shape[1] - 1, state.shape[1]
+        dprefix_bias, dthrough = (sig.new_zeros(B * W, M) if t is None else t for t in (dprefix_bias, dthrough))
+        daux = sig.new_zeros(W) if daux is None else daux
         dstate, dentries, dweight, dbias = cpu_kernels.scan_backward(
             state, entries, weight[0], sig, held, own, dprefix_bias, dthrough, dafter, daux, drow_tokens, *ctx.options)
         return dstate, dentries, dweight.view_as(weight), dbias, None, None, None, None, None, None

@@ -383,14 +383,16 @@ def test_key_through_gives_the_gradients_of_the_straight_through_factor(with_bia
 @pytest.mark.parametrize("read_importance", [True, False], ids=["read_importance", "plain_read"])
 @pytest.mark.parametrize("windows", [(3,), (1, 2)], ids=["one_window", "held_over"])
 @pytest.mark.parametrize("penalty, detach", [(0.0, False), (0.5, False), (0.5, True)], ids=["none", "penalty", "detach"])
+@pytest.mark.parametrize("reads_only", [False, True], ids=["all_outputs", "reads_only"])
 def test_the_compiled_scan_gives_pytorchs_values_and_gradients(penalty, detach, windows, read_importance,
-                                                               monkeypatch):
+                                                               reads_only, monkeypatch):
     """A scan in float32 on CPU (`TokensMemory._scan_compiled`: the compiled loop's choices, then
     `cpu_kernels.scan_forward` / `_backward`, spied) gives what its PyTorch ops (`model.kernels=torch`) give: the
     choices, each segment's read prefix (score bias with empty slots, straight-through weight), the state after it,
     the writes' penalty and the rows the read takes keys and values from, and the gradients of the state, the entries,
     w and b through all of them; with rows held over from an earlier window (their gradient to w and b only), the
-    penalty with and without importance_detach, and rows held many times (batch 2, noise)."""
+    penalty with and without importance_detach, and rows held many times (batch 2, noise); also when the state after
+    and the rows take no gradient (`reads_only`, as in training, where both are detached)."""
     calls = spy_cpu_kernels(monkeypatch, "scan_forward", "scan_backward")
     memory, cfg = _memory(noise=0.5, slots=8, importance_penalty=penalty, importance_detach=detach,
                           read_importance=read_importance)
@@ -413,7 +415,8 @@ def test_the_compiled_scan_gives_pytorchs_values_and_gradients(penalty, detach, 
         # the state's rows among the held-over ones, with its gradient (the compiled scan lists the later windows'
         # tokens once each, the reference as often as they are held: compared by the memories they make)
         state_rows = scan.row_tokens[:, :M]
-        outs = [o for o in (prefix.bias, prefix.through, scan.after, scan.aux, state_rows) if o is not None]
+        outs = [o for o in (prefix.bias, prefix.through, scan.aux) + (() if reads_only else (scan.after, state_rows))
+                if o is not None]
         weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
         loss = sum((o * w).sum() for o, w in zip(outs, weights))
         params = (x, e, memory.importance.weight, memory.importance.bias)
