@@ -455,7 +455,7 @@ class SegmentRecurrence(nn.Module):
             pos += h.shape[1]
         h = x if not chunks else chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)  # one pass: no copy
         aux = [a for a in aux if a is not None]
-        return h, state, (torch.stack(aux).sum() if aux else None)
+        return h, state, (None if not aux else aux[0] if len(aux) == 1 else torch.stack(aux).sum())
 
     def _noise(self, state: MemoryState, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
         """The current window's training noise for every write [bptt_segments, layers, ...] (None if the memory draws
@@ -504,15 +504,16 @@ class SegmentRecurrence(nn.Module):
             # a CUDA-graph replay overwrites the outputs of the previous one: the state and the window's output
             # outlive the call, so they are copied out of the graph's memory pool
             h, layers = h.clone(), tuple(ls.map(torch.clone) for ls in layers)
-        counted, hooked = [], bool(self.__dict__.get("_write_hooks"))
+        hooked = bool(self.__dict__.get("_write_hooks"))
         for l, scan in enumerate(scans):
-            if scan is None:
-                continue
-            if scan.aux is not None:  # [n] the writes' losses, those a later read in their window uses
-                counted.append((scan.aux * counted_writes(state.segments % cfg.bptt_segments, n, cfg.bptt_segments,
-                                                          scan.aux.device, scan.aux.dtype)).sum())
-            for i in range(n if hooked else 0):
+            for i in range(n if hooked and scan is not None else 0):
                 self._call_write_hooks(l, scan.entries[:, i], None if scan.kept is None else scan.kept[:, i])
+        losses = [scan.aux for scan in scans if scan is not None and scan.aux is not None]  # [n] each layer's writes'
+        counted = []
+        if losses:  # those a later read in their window uses, every layer's in one sum
+            writes = counted_writes(state.segments % cfg.bptt_segments, n, cfg.bptt_segments, losses[0].device,
+                                    losses[0].dtype)  # [n]
+            counted.append(torch.mv(torch.stack(losses), writes).sum())
         return self._add_aux(h.flatten(1, 2), counted, aux), self._advance(state, list(layers), n, 0, noise)
 
     def _add_aux(self, h: torch.Tensor, counted: list, aux: list) -> torch.Tensor:
@@ -520,9 +521,9 @@ class SegmentRecurrence(nn.Module):
         which every backward of their window passes through; they are also collected in `aux` for logging."""
         if not counted:
             return h
-        total = torch.stack(counted).sum()
+        total = counted[0] if len(counted) == 1 else torch.stack(counted).sum()
         aux.append(total)
-        return AddLoss.apply(h, total * self.aux_weight) if torch.is_grad_enabled() else h
+        return AddLoss.apply(h, total, self.aux_weight) if torch.is_grad_enabled() else h
 
     def _window_layers(self, x: torch.Tensor, cos, sin, pasts: tuple, noise: Optional[torch.Tensor],
                        windows: tuple[int, ...]):

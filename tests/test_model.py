@@ -80,6 +80,25 @@ def test_windowed_backward_matches_one_backward(tiny_cfg, per_pass, passes):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_aux_loss_joins_the_gradient_times_the_models_aux_weight(tiny_cfg):
+    """The writes' auxiliary losses reach the parameters through the hidden states (`AddLoss`), times `aux_weight`
+    (the trainers' accumulation scale): at weight 0.25 the loss's gradients are a quarter of weight 1's."""
+    ids = _ids(4 * tiny_cfg.segment_length)
+    cfg = dataclasses.replace(tiny_cfg, memory=dataclasses.replace(tiny_cfg.memory, select_noise=0.0))
+
+    def importance_grad(weight):
+        model = tiny_model(cfg, perturb=True)
+        model.aux_weight = weight
+        out = model(ids)
+        assert out.aux_loss is not None and out.aux_loss > 0
+        (out.logits.sum() * 0).backward()  # only the auxiliary losses give gradients
+        return torch.cat([b.memory.importance.weight.grad.flatten() for b in model.blocks])
+
+    full, quarter = importance_grad(1.0), importance_grad(0.25)
+    assert full.abs().sum() > 0
+    torch.testing.assert_close(quarter, 0.25 * full, rtol=1e-5, atol=1e-8)
+
+
 def test_window_span_runs_windows_per_pass_and_the_rest_last(tiny_cfg):
     """Tokens per backward: `windows_per_pass` windows, fewer when the sequence has fewer, the whole sequence
     without a memory (the baselines carry nothing)."""

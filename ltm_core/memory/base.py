@@ -178,15 +178,16 @@ class Memory(nn.Module):
 
 
 class AddLoss(torch.autograd.Function):
-    """Identity on x whose backward also differentiates `loss` (a scalar) as if it were added to the training loss,
-    whenever a backward passes through x: attached to a window's hidden states, the writes' auxiliary losses reach
-    the optimiser with the window's backward, in any parallel layout (a pipeline stage's output included), without
-    being returned through the model (as Megatron's MoE auxiliary-loss scaler)."""
+    """Identity on x whose backward also differentiates `weight` * `loss` (a scalar) as if it were added to the
+    training loss, whenever a backward passes through x: attached to a window's hidden states, the writes' auxiliary
+    losses reach the optimiser with the window's backward, in any parallel layout (a pipeline stage's output
+    included), without being returned through the model (as Megatron's MoE auxiliary-loss scaler)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        ctx.weight = weight
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grad, torch.ones((), dtype=torch.float32, device=grad.device)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, torch.full((), ctx.weight, dtype=torch.float32, device=grad.device), None
