@@ -141,6 +141,12 @@ def _visible(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[i
 
 
 @constant_tensors
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dim zero, made once (the input a GEMM with beta=0 ignores)."""
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+@constant_tensors
 def blocked_scores(lq: int, lk: int, causal: bool, prefix_len: int, window: Optional[int], device: torch.device,
                     dtype: torch.dtype) -> torch.Tensor:
     """The mask as scores to add: [lq, lk] of 0 where a query sees a key, -inf where not (`dtype`), made once."""
@@ -202,7 +208,7 @@ def explicit_read_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p:
     dscores = torch._softmax_backward_data(torch.matmul(dy, v.transpose(-1, -2)).to(p.dtype), p, -1, p.dtype)
     B, H, Lq, Lk = dscores.shape
     ds = dscores.to(q.dtype).view(B * H, Lq, Lk)
-    zero = q.new_zeros(())  # beta=0: the scale inside the GEMMs, the added input ignored
+    zero = _zero(q.dtype, q.device)  # beta=0: the scale inside the GEMMs, the added input ignored
     dq = torch.baddbmm(zero, ds, k.reshape(B * H, Lk, -1), beta=0, alpha=scale).view(q.shape)
     dk = torch.baddbmm(zero, ds.transpose(1, 2), q.reshape(B * H, Lq, -1), beta=0, alpha=scale).view(k.shape)
     return dq, dk, dv, dscores

@@ -349,15 +349,18 @@ class Block(nn.Module):
         x = x + read
         return x, self.attn_norm(x)
 
-    def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor]):
+    def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor], carried: bool = True):
         """x: [B, T, C], before: [B, K - 1, C] the inputs before it in the segment, or carried from the previous
-        one (None: zeros) -> (x + the causal depthwise convolution of x, the inputs of the last K - 1 tokens)."""
+        one (None: zeros) -> (x + the causal depthwise convolution of x, the inputs of the last K - 1 tokens, or
+        None when not `carried`)."""
         if not self.cfg.short_conv:
             return x, None
         T = x.shape[1]
         if before is None:
             before = x.new_zeros(x.shape[0], self.short_conv.shape[1] - 1, x.shape[2])
         y = causal_conv(x, self.short_conv, before, self.cfg.kernels)  # [B, T, C]
+        if not carried:
+            return x + y, None
         K1 = before.shape[1]  # the inputs of the last K - 1 tokens, a copy (T may be shorter than K - 1)
         tail = torch.cat([before.to(x.dtype), x[:, max(T - K1, 0):]], dim=1)  # [B, <= 2 (K - 1), C]
         return x + y, tail[:, tail.shape[1] - K1:]
@@ -370,7 +373,7 @@ class Block(nn.Module):
             return x, None
         B, W, S, C = x.shape
         if not self.carry:
-            y, _ = self._short_conv(x.flatten(0, 1), None)
+            y, _ = self._short_conv(x.flatten(0, 1), None, carried=False)
             return y.view(B, W, S, C), None
         # the previous window's last inputs reach each window's first tokens without a gradient path back; equal
         # windows run as one batch [B G, n S, C], others one by one
@@ -381,7 +384,7 @@ class Block(nn.Module):
             G, T = len(windows), windows[0] * S
             xw = x.view(B, G, T, C)
             befores = torch.cat([before.unsqueeze(1).to(x.dtype), xw[:, :-1, T - K1:].detach()], dim=1)  # [B, G, K1, C]
-            y, _ = self._short_conv(xw.flatten(0, 1), befores.flatten(0, 1))  # [B G, T, C]
+            y, _ = self._short_conv(xw.flatten(0, 1), befores.flatten(0, 1), carried=False)  # [B G, T, C]
             # the carried inputs are a copy: x may be a buffer its caller reuses (a pipeline stage's receive buffer)
             return y.view(B, W, S, C), xw[:, -1, T - K1:].clone()
         out, start, shift = [], 0, before
@@ -465,14 +468,19 @@ class SegmentRecurrence(nn.Module):
             return self._draw_noise(batch_size, device)
         return state.noise
 
-    def _draw_noise(self, batch_size: int, device: torch.device) -> Optional[torch.Tensor]:
-        """A fresh window's noise [bptt_segments, layers, ...], or None (no noise: not training, or a kind without)."""
+    def _draw_noise(self, batch_size: int, device: torch.device, windows: int = 0) -> Optional[torch.Tensor]:
+        """A fresh window's noise [bptt_segments, layers, ...], or with `windows` > 0 as many windows' [windows,
+        bptt_segments, layers, ...], each drawn in turn into one buffer (the same numbers as one draw per window);
+        None (no noise: not training, or a kind without)."""
         memory = next(iter(self.blocks)).memory
         shape = None if memory is None or not self.training else memory.noise_shape(batch_size,
                                                                                   self.config.segment_length)
         if shape is None:
             return None
-        return torch.empty(self.config.bptt_segments, len(self.blocks), *shape, device=device).exponential_()
+        noise = torch.empty(max(windows, 1), self.config.bptt_segments, len(self.blocks), *shape, device=device)
+        for window in noise:
+            window.exponential_()
+        return noise if windows else noise[0]
 
     def _advance(self, state: MemoryState, layers: list, complete: int, offset: int, noise) -> MemoryState:
         """The state after `complete` more segments (and `offset` tokens into the next); detached at a window end."""
@@ -491,13 +499,18 @@ class SegmentRecurrence(nn.Module):
         windows = [min(n, bptt - p)]  # segments of each BPTT window in this pass
         while sum(windows) < n:
             windows.append(min(bptt, n - sum(windows)))
-        noise = self._noise(state, B, x.device)
-        parts = None if noise is None else [noise[p:p + windows[0]]]
-        for size in windows[1:]:  # each later window draws its own, in order, as the sequential path does
-            noise = self._draw_noise(B, x.device)
-            if parts is not None:
-                parts.append(noise[:size])
-        window_noise = None if parts is None else torch.cat(parts)  # [n, layers, ...]
+        if p == 0:  # every window of the pass starts here: their noise drawn in turn, into one buffer
+            noise = self._draw_noise(B, x.device, len(windows))  # [G, bptt, layers, ...]
+            window_noise = None if noise is None else noise.flatten(0, 1)[:n]  # [n, layers, ...]
+            noise = None if noise is None else noise[-1]
+        else:  # the current window's noise goes on; each later window draws its own, in order, as the sequential
+            noise = self._noise(state, B, x.device)  # path does
+            parts = None if noise is None else [noise[p:p + windows[0]]]
+            for size in windows[1:]:
+                noise = self._draw_noise(B, x.device)
+                if parts is not None:
+                    parts.append(noise[:size])
+            window_noise = None if parts is None else torch.cat(parts)  # [n, layers, ...]
         run = self._compiled_window if self._compiled_window is not None else self._window_layers
         h, layers, scans = run(x.view(B, n, S, -1), cos, sin, tuple(state.layers), window_noise, tuple(windows))
         if cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES:
