@@ -438,18 +438,23 @@ _rms_backward_kernel = compiled(_rms_backward, fastmath=True, parallel=True)
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, C], weight [C] float32 -> (x / rms(x) * weight [N, C], each row's 1 / rms [N]) (`ltm_core.ops.rms_norm`,
-    whose PyTorch op is the reference)."""
-    y, rstd = x.new_empty(x.shape), x.new_empty(x.shape[0])
-    _launch(_rms_forward_kernel, _array(x), _array(weight), float(eps), y.numpy(), rstd.numpy())
+    """x [..., C] (N rows), weight [C] float32 -> (x / rms(x) * weight, shaped as x, each row's 1 / rms [N])
+    (`ltm_core.ops.rms_norm`, whose PyTorch op is the reference). The rows are NumPy's reshapes: no PyTorch view
+    (each is an operator, and one more autograd node, between the model's large ops)."""
+    C = x.shape[-1]
+    y, rstd = x.new_empty(x.shape), x.new_empty(x.numel() // C)
+    _launch(_rms_forward_kernel, _array(x).reshape(-1, C), _array(weight), float(eps), y.numpy().reshape(-1, C),
+            rstd.numpy())
     return y, rstd
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient of `rms_norm_forward`'s output [N, C] -> those of its x [N, C] and weight [C]."""
+    """The gradient of `rms_norm_forward`'s output [..., C] -> those of its x (shaped as x) and weight [C]."""
+    C = x.shape[-1]
     dx, dw = torch.empty_like(x), weight.new_empty(weight.shape)
-    _launch(_rms_backward_kernel, _array(dy), _array(x), _array(weight), _array(rstd), dx.numpy(), dw.numpy())
+    _launch(_rms_backward_kernel, _array(dy).reshape(-1, C), _array(x).reshape(-1, C), _array(weight), _array(rstd),
+            dx.numpy().reshape(-1, C), dw.numpy())
     return dx, dw
 
 

@@ -62,24 +62,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
 
 
 class _RMSNorm(torch.autograd.Function):
-    """`rms_norm` through the compiled CPU kernels: x [..., C], weight [C] -> y; saves x and each row's 1 / rms."""
+    """`rms_norm` through the compiled CPU kernels: x [..., C], weight [C] -> y; saves x (contiguous) and each row's
+    1 / rms."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         from ltm_core import cpu_kernels
 
-        rows = x.reshape(-1, x.shape[-1])  # [N, C]
-        y, rstd = cpu_kernels.rms_norm_forward(rows, weight, eps)
-        ctx.save_for_backward(rows, weight, rstd)
-        return y.view(x.shape)
+        x = x.contiguous()
+        y, rstd = cpu_kernels.rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         from ltm_core import cpu_kernels
 
-        rows, weight, rstd = ctx.saved_tensors
-        dx, dweight = cpu_kernels.rms_norm_backward(dy.reshape(rows.shape), rows, weight, rstd)
-        return dx.view(dy.shape), dweight, None
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = cpu_kernels.rms_norm_backward(dy, x, weight, rstd)
+        return dx, dweight, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:

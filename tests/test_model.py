@@ -334,19 +334,24 @@ def test_rotated_qkv_gives_the_rotated_heads_and_their_gradient(shape, backend, 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("shape", [(2, 37, 24), (1, 1, 8), (3, 4, 5, 16)], ids=str)
-def test_rms_norm_gives_pytorchs_values_and_gradients(shape, backend, monkeypatch):
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_rms_norm_gives_pytorchs_values_and_gradients(shape, backend, strided, monkeypatch):
     """`ops.rms_norm` (every RMSNorm of the model): `F.rms_norm`'s output and the gradients of x and the weight; in
     float32 on CPU through the compiled passes (`ltm_core.cpu_kernels`, spied), with `model.kernels=torch` through
-    PyTorch's op."""
+    PyTorch's op; also for an input and an output gradient whose first two dimensions are transposed views."""
     from ltm_core import ops
 
     calls = spy_cpu_kernels(monkeypatch, "rms_norm_forward", "rms_norm_backward")
     g = torch.Generator().manual_seed(0)
-    x = 3 * torch.randn(*shape, generator=g)
-    x.view(-1, shape[-1])[0] *= 1e-3  # a row whose mean square is near eps: eps counts
+    swap = (1, 0, *range(2, len(shape)))
+    made = (lambda: torch.randn(*[shape[i] for i in swap], generator=g).permute(*swap)) if strided else (
+        lambda: torch.randn(*shape, generator=g))
+    x = 3 * made()
+    x[(0,) * (len(shape) - 1)].mul_(1e-3)  # a row whose mean square is near eps: eps counts
     x.requires_grad_()
     weight = torch.randn(shape[-1], generator=g, requires_grad=True)
-    dy = torch.randn(*shape, generator=g)
+    dy = made()
+    assert x.is_contiguous() != strided or shape[0] == 1 or shape[1] == 1
     got, want = ops.rms_norm(x, weight, 1e-5, backend), F.rms_norm(x, (shape[-1],), weight, 1e-5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(torch.autograd.grad(got, (x, weight), dy), torch.autograd.grad(want, (x, weight), dy)):
