@@ -37,8 +37,10 @@ costs several times what it costs alone, and the memory model's extra calls weig
 **The short causal depthwise convolution** (`causal_conv_forward` / `_backward`, for `ltm_core.layers.causal_conv`):
 over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy each way), vectorised over channels:
 
-    y[t]  = sum_k w[:, k] * xin[t + k]                 xin = [the K - 1 inputs before x; x]
-    dxin[j] = sum_k w[:, k] * dy[j - k]                dw[:, k] = sum_t dy[t] * xin[t + k]
+    y[t]  = (x[t]) + sum_k w[:, k] * xin[t + k]        xin = [the K - 1 inputs before x; x], read in place
+    dxin[j] = (dy[j]) + sum_k w[:, k] * dy[j - k]      dw[:, k] = sum_t dy[t] * xin[t + k]
+
+(the bracketed terms: with the residual, y = x + the convolution, as the model's blocks use it.)
 
 The PyTorch ops are the reference, and the path for half precision, GPUs, torch.compile, `model.kernels=torch` and
 forked processes, where OpenMP threads hang (`ltm_core.ops.use_cpu_kernels`); tests compare the two. Every
@@ -328,36 +330,41 @@ def prefix_grads(dscores: torch.Tensor, dk: torch.Tensor, k: torch.Tensor, dv: t
     return dbias, dthrough
 
 
-def _conv_forward(xin, w, y):
-    """xin [B, K - 1 + T, C], w [C, K] -> writes y [B, T, C]."""
+def _conv_forward(x, before, w, residual, y):
+    """x [B, T, C], before [B, K - 1, C] the inputs before x, w [C, K] -> writes y [B, T, C] (plus x if `residual`)."""
     B, T, C = y.shape
     K = w.shape[1]
+    K1 = K - 1
     for bt in prange(B * T):
         b, t = bt // T, bt % T
         for c in range(C):
-            y[b, t, c] = 0.0
+            y[b, t, c] = x[b, t, c] if residual else 0.0
         for k in range(K):
+            p = t + k  # in [before; x]
+            row = before[b, p] if p < K1 else x[b, p - K1]
             for c in range(C):
-                y[b, t, c] += w[c, k] * xin[b, t + k, c]
+                y[b, t, c] += w[c, k] * row[c]
 
 
-def _conv_backward(dy, xin, w, dxin, dw):
-    """dy [B, T, C], xin [B, K - 1 + T, C], w [C, K] -> writes dxin [B, K - 1 + T, C] and dw [C, K] (summed over
-    WEIGHT_BLOCKS blocks of rows apart, then the blocks in order)."""
+def _conv_backward(dy, x, before, w, residual, dx, dbefore, dw):
+    """dy [B, T, C], x [B, T, C], before [B, K - 1, C], w [C, K] -> writes dx [B, T, C] (plus dy if `residual`),
+    dbefore [B, K - 1, C] and dw [C, K] (summed over WEIGHT_BLOCKS blocks of rows apart, then the blocks in order)."""
     B, T, C = dy.shape
     K = w.shape[1]
-    L = T + K - 1
+    K1 = K - 1
+    L = T + K1
     n = WEIGHT_BLOCKS
     dw_parts = np.empty((n, K, C), np.float32)
-    for bj in prange(B * L):
+    for bj in prange(B * L):  # row j of [before; x]
         b, j = bj // L, bj % L
+        out = dbefore[b, j] if j < K1 else dx[b, j - K1]
         for c in range(C):
-            dxin[b, j, c] = 0.0
+            out[c] = dy[b, j - K1, c] if residual and j >= K1 else 0.0
         for k in range(K):
             t = j - k
             if 0 <= t < T:
                 for c in range(C):
-                    dxin[b, j, c] += w[c, k] * dy[b, t, c]
+                    out[c] += w[c, k] * dy[b, t, c]
     for p in prange(n):  # block p of the B T output rows
         for k in range(K):
             for c in range(C):
@@ -365,8 +372,10 @@ def _conv_backward(dy, xin, w, dxin, dw):
         for bt in range(p * B * T // n, (p + 1) * B * T // n):
             b, t = bt // T, bt % T
             for k in range(K):
+                q = t + k
+                row = before[b, q] if q < K1 else x[b, q - K1]
                 for c in range(C):
-                    dw_parts[p, k, c] += dy[b, t, c] * xin[b, t + k, c]
+                    dw_parts[p, k, c] += dy[b, t, c] * row[c]
     for c in range(C):
         for k in range(K):
             acc = 0.0
@@ -379,21 +388,21 @@ _conv_forward_kernel = compiled(_conv_forward, fastmath=True, parallel=True)
 _conv_backward_kernel = compiled(_conv_backward, fastmath=True, parallel=True)
 
 
-def causal_conv_forward(xin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """xin [B, K - 1 + T, C] (the K - 1 inputs before x, then x), weight [C, K], float32, contiguous -> y [B, T,
-    C]."""
-    B, L, C = xin.shape
-    y = xin.new_empty(B, L - weight.shape[1] + 1, C)  # [B, T, C]
-    _launch(_conv_forward_kernel, _array(xin), _array(weight), y.numpy())
+def causal_conv_forward(x: torch.Tensor, before: torch.Tensor, weight: torch.Tensor, residual: bool) -> torch.Tensor:
+    """x [B, T, C], before [B, K - 1, C] the inputs before x, weight [C, K], float32 -> y [B, T, C]: the causal
+    depthwise convolution of [before; x] (plus x if `residual`), read in place (no concatenated copy)."""
+    y = x.new_empty(x.shape)
+    _launch(_conv_forward_kernel, _array(x), _array(before), _array(weight), residual, y.numpy())
     return y
 
 
-def causal_conv_backward(dy: torch.Tensor, xin: torch.Tensor, weight: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient of `causal_conv_forward`'s output -> those of its xin and weight."""
-    dxin, dw = torch.empty_like(xin), weight.new_empty(weight.shape)
-    _launch(_conv_backward_kernel, _array(dy), _array(xin), _array(weight), dxin.numpy(), dw.numpy())
-    return dxin, dw
+def causal_conv_backward(dy: torch.Tensor, x: torch.Tensor, before: torch.Tensor, weight: torch.Tensor, residual: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of `causal_conv_forward`'s output -> those of its x, before and weight."""
+    dx, dbefore, dw = torch.empty_like(x), torch.empty_like(before), weight.new_empty(weight.shape)
+    _launch(_conv_backward_kernel, _array(dy), _array(x), _array(before), _array(weight), residual, dx.numpy(),
+            dbefore.numpy(), dw.numpy())
+    return dx, dbefore, dw
 
 
 def _rms_forward(x, w, eps, y, rstd):

@@ -109,40 +109,41 @@ class _RotatedQKV(torch.autograd.Function):
         return cpu_kernels.rotated_qkv_backward(dq, dk, dv, cos, sin), None, None, None
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor], backend: str = "auto"
-                ) -> torch.Tensor:
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Tensor], backend: str = "auto",
+                residual: bool = False) -> torch.Tensor:
     """x: [B, S, C], weight: [C, K] (one weight per channel and tap), before: [B, K - 1, C] what precedes x (None:
-    zeros) -> the causal depthwise convolution [B, S, C]: output t mixes inputs t - K + 1 .. t. In float32 on CPU
-    (`use_cpu_kernels`) one compiled pass each way over the [B, S, C] rows (`ltm_core.cpu_kernels`), where `conv1d`
-    needs the channels first (two transposed copies) and its CPU backward is slow at batch 1; `conv1d` is the
-    reference."""
+    zeros) -> the causal depthwise convolution [B, S, C]: output t mixes inputs t - K + 1 .. t; plus x itself with
+    `residual`. In float32 on CPU (`use_cpu_kernels`) one compiled pass each way over the [B, S, C] rows
+    (`ltm_core.cpu_kernels`; the residual inside it), where `conv1d` needs the channels first (two transposed copies)
+    and its CPU backward is slow at batch 1; `conv1d` is the reference."""
     if before is None:
         before = x.new_zeros(x.shape[0], weight.shape[1] - 1, x.shape[2])
     if use_cpu_kernels(x, backend) and weight.dtype == before.dtype == torch.float32:
-        return _CausalConv.apply(x, weight, before)
+        return _CausalConv.apply(x, weight, before, residual)
     xt = torch.cat([before.to(x.dtype), x], 1).transpose(1, 2)  # [B, C, K - 1 + S]
-    return F.conv1d(xt, weight.to(x.dtype).unsqueeze(1), groups=x.shape[2]).transpose(1, 2)
+    y = F.conv1d(xt, weight.to(x.dtype).unsqueeze(1), groups=x.shape[2]).transpose(1, 2)
+    return x + y if residual else y
 
 
 class _CausalConv(torch.autograd.Function):
     """`causal_conv` through the compiled CPU kernels: the gradients of x, the weight and the inputs before x."""
 
     @staticmethod
-    def forward(ctx, x, weight, before):
+    def forward(ctx, x, weight, before, residual):
         from ltm_core import cpu_kernels
 
-        xin = torch.cat([before, x], 1)  # [B, K - 1 + S, C]
-        ctx.save_for_backward(xin, weight)
-        return cpu_kernels.causal_conv_forward(xin, weight.contiguous())
+        x, weight, before = x.contiguous(), weight.contiguous(), before.contiguous()
+        ctx.save_for_backward(x, weight, before)
+        ctx.residual = residual
+        return cpu_kernels.causal_conv_forward(x, before, weight, residual)
 
     @staticmethod
     def backward(ctx, dy):
         from ltm_core import cpu_kernels
 
-        xin, weight = ctx.saved_tensors
-        dxin, dweight = cpu_kernels.causal_conv_backward(dy.contiguous(), xin, weight.contiguous())
-        K1 = weight.shape[1] - 1
-        return dxin[:, K1:], dweight, dxin[:, :K1]
+        x, weight, before = ctx.saved_tensors
+        dx, dbefore, dweight = cpu_kernels.causal_conv_backward(dy, x, before, weight, ctx.residual)
+        return dx, dweight, dbefore, None
 
 
 def project_chunks(linear: nn.Module, x: torch.Tensor, first: int, chunks: int) -> torch.Tensor:

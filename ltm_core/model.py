@@ -358,12 +358,12 @@ class Block(nn.Module):
         T = x.shape[1]
         if before is None:
             before = x.new_zeros(x.shape[0], self.short_conv.shape[1] - 1, x.shape[2])
-        y = causal_conv(x, self.short_conv, before, self.cfg.kernels)  # [B, T, C]
+        y = causal_conv(x, self.short_conv, before, self.cfg.kernels, residual=True)  # [B, T, C]: x + the convolution
         if not carried:
-            return x + y, None
+            return y, None
         K1 = before.shape[1]  # the inputs of the last K - 1 tokens, a copy (T may be shorter than K - 1)
         tail = torch.cat([before.to(x.dtype), x[:, max(T - K1, 0):]], dim=1)  # [B, <= 2 (K - 1), C]
-        return x + y, tail[:, tail.shape[1] - K1:]
+        return y, tail[:, tail.shape[1] - K1:]
 
     def _short_conv_window(self, x: torch.Tensor, before: Optional[torch.Tensor], windows: tuple[int, ...]):
         """x: [B, W, S, C] -> (x + the convolution: over each BPTT window from the inputs before it when they are

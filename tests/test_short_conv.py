@@ -37,20 +37,24 @@ def test_the_convolution_is_causal_depthwise_and_carries_its_predecessors(tiny_c
     torch.testing.assert_close(short, torch.cat([before[:, 1:], x[:, :1]], dim=1))
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["conv", "residual"])
 @pytest.mark.parametrize("shape", [(1, 64, 48, 4), (3, 17, 8, 3), (2, 2, 8, 4)], ids=str)  # (B, T, C, K); T < K - 1
-def test_the_compiled_convolution_gives_conv1ds_values_and_gradients(shape, monkeypatch):
+def test_the_compiled_convolution_gives_conv1ds_values_and_gradients(shape, residual, monkeypatch):
     """In float32 on CPU `causal_conv` runs as `ltm_core.cpu_kernels`' compiled passes; they give what `conv1d`
     (`model.kernels=torch`, the reference) gives: the output and the gradients of x, the weight and the inputs
-    before x."""
+    before x; with the residual (x + the convolution, as the blocks use it) too, and from a strided x."""
     from ltm_core.layers import causal_conv
 
     calls = spy_cpu_kernels(monkeypatch, "causal_conv_forward", "causal_conv_backward")
     B, T, C, K = shape
     g = torch.Generator().manual_seed(0)
-    x, weight, before = (torch.randn(*s, generator=g, requires_grad=True) for s in ((B, T, C), (C, K), (B, K - 1, C)))
+    x, weight, before = (torch.randn(*s, generator=g, requires_grad=True) for s in ((T, B, C), (C, K), (B, K - 1, C)))
     dy = torch.randn(B, T, C, generator=g)
-    got, want = ((causal_conv(x, weight, before, backend), *torch.autograd.grad(causal_conv(x, weight, before, backend),
-                                                                                 (x, weight, before), dy))
+
+    def conv(backend):
+        return causal_conv(x.transpose(0, 1), weight, before, backend, residual=residual)
+
+    got, want = ((conv(backend), *torch.autograd.grad(conv(backend), (x, weight, before), dy))
                  for backend in ("auto", "torch"))
     assert calls == ["causal_conv_forward", "causal_conv_forward", "causal_conv_backward"]
     for a, b in zip(got, want):
