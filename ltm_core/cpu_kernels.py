@@ -346,23 +346,26 @@ def _conv_forward(x, before, w, residual, y):
                 y[b, t, c] += w[c, k] * row[c]
 
 
-def _conv_backward(dy, x, before, w, residual, dx, dbefore, dw):
-    """dy [B, T, C], x [B, T, C], before [B, K - 1, C], w [C, K] -> writes dx [B, T, C] (plus dy if `residual`),
-    dbefore [B, K - 1, C] and dw [C, K] (summed over WEIGHT_BLOCKS blocks of rows apart, then the blocks in order)."""
+def _conv_backward(dy, x, before, w, residual, starts, dx, dbefore, dw):
+    """dy [B, T, C], x [B, T, C], before [B, K - 1, C], w [C, K], starts [T] (or empty: one window) the first token
+    of each output's gradient window -> writes dx [B, T, C] (plus dy if `residual`), dbefore [B, K - 1, C] and dw [C,
+    K] (summed over WEIGHT_BLOCKS blocks of rows apart, then the blocks in order). An input before its output's
+    window passes that output no gradient (it reads it detached); the weight takes every tap's."""
     B, T, C = dy.shape
     K = w.shape[1]
     K1 = K - 1
     L = T + K1
     n = WEIGHT_BLOCKS
+    cut = starts.shape[0] > 0
     dw_parts = np.empty((n, K, C), np.float32)
-    for bj in prange(B * L):  # row j of [before; x]
+    for bj in prange(B * L):  # row j of [before; x]: x's token j - K1
         b, j = bj // L, bj % L
         out = dbefore[b, j] if j < K1 else dx[b, j - K1]
         for c in range(C):
             out[c] = dy[b, j - K1, c] if residual and j >= K1 else 0.0
         for k in range(K):
             t = j - k
-            if 0 <= t < T:
+            if 0 <= t < T and not (cut and j - K1 < starts[t] and (j >= K1 or starts[t] > 0)):
                 for c in range(C):
                     out[c] += w[c, k] * dy[b, t, c]
     for p in prange(n):  # block p of the B T output rows
@@ -389,20 +392,28 @@ _conv_backward_kernel = compiled(_conv_backward, fastmath=True, parallel=True)
 
 
 def causal_conv_forward(x: torch.Tensor, before: torch.Tensor, weight: torch.Tensor, residual: bool) -> torch.Tensor:
-    """x [B, T, C], before [B, K - 1, C] the inputs before x, weight [C, K], float32 -> y [B, T, C]: the causal
-    depthwise convolution of [before; x] (plus x if `residual`), read in place (no concatenated copy)."""
+    """x [B, ..., C] (its T tokens in order), before [B, K - 1, C] the inputs before x, weight [C, K], float32 -> y
+    shaped as x: the causal depthwise convolution of [before; x] (plus x if `residual`), read in place (no
+    concatenated copy; NumPy reshapes the tokens, no PyTorch view)."""
+    B, C = x.shape[0], x.shape[-1]
     y = x.new_empty(x.shape)
-    _launch(_conv_forward_kernel, _array(x), _array(before), _array(weight), residual, y.numpy())
+    _launch(_conv_forward_kernel, _array(x).reshape(B, -1, C), _array(before), _array(weight), residual,
+            y.numpy().reshape(B, -1, C))
     return y
 
 
-def causal_conv_backward(dy: torch.Tensor, x: torch.Tensor, before: torch.Tensor, weight: torch.Tensor, residual: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradient of `causal_conv_forward`'s output -> those of its x, before and weight."""
+def causal_conv_backward(dy: torch.Tensor, x: torch.Tensor, before: torch.Tensor, weight: torch.Tensor, residual: bool,
+                         starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of `causal_conv_forward`'s output -> those of its x, before and weight; starts [T] int64 (or
+    empty) the first token of each token's gradient window: an input passes no gradient to a later window's outputs."""
+    B, C = x.shape[0], x.shape[-1]
     dx, dbefore, dw = torch.empty_like(x), torch.empty_like(before), weight.new_empty(weight.shape)
-    _launch(_conv_backward_kernel, _array(dy), _array(x), _array(before), _array(weight), residual, dx.numpy(),
-            dbefore.numpy(), dw.numpy())
+    _launch(_conv_backward_kernel, _array(dy).reshape(B, -1, C), _array(x).reshape(B, -1, C), _array(before),
+            _array(weight), residual, starts, dx.numpy().reshape(B, -1, C), dbefore.numpy(), dw.numpy())
     return dx, dbefore, dw
+
+
+NO_CUTS = np.empty(0, np.int64)  # `causal_conv_backward`'s starts for one gradient window
 
 
 def _rms_forward(x, w, eps, y, rstd):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -119,22 +120,34 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, before: Optional[torch.Te
     if before is None:
         before = x.new_zeros(x.shape[0], weight.shape[1] - 1, x.shape[2])
     if use_cpu_kernels(x, backend) and weight.dtype == before.dtype == torch.float32:
-        return _CausalConv.apply(x, weight, before, residual)
+        from ltm_core.cpu_kernels import NO_CUTS
+
+        return _CausalConv.apply(x, weight, before, residual, NO_CUTS)
     xt = torch.cat([before.to(x.dtype), x], 1).transpose(1, 2)  # [B, C, K - 1 + S]
     y = F.conv1d(xt, weight.to(x.dtype).unsqueeze(1), groups=x.shape[2]).transpose(1, 2)
     return x + y if residual else y
 
 
+def windowed_conv(x: torch.Tensor, weight: torch.Tensor, before: torch.Tensor, starts: np.ndarray) -> torch.Tensor:
+    """In float32 on CPU (`use_cpu_kernels`): x [B, ..., C] (T tokens in order), weight [C, K], before [B, K - 1, C],
+    starts [T] int64 the first token of each token's BPTT window -> x + the causal depthwise convolution of [before;
+    x], shaped as x, in one compiled pass each way, where an input passes no gradient to a later window's outputs:
+    what a convolution restarted at every window from the previous window's last inputs, detached, gives (its
+    reference, `Block._short_conv_window`'s PyTorch path)."""
+    return _CausalConv.apply(x, weight, before, True, starts)
+
+
 class _CausalConv(torch.autograd.Function):
-    """`causal_conv` through the compiled CPU kernels: the gradients of x, the weight and the inputs before x."""
+    """`causal_conv` / `windowed_conv` through the compiled CPU kernels: the gradients of x, the weight and the
+    inputs before x."""
 
     @staticmethod
-    def forward(ctx, x, weight, before, residual):
+    def forward(ctx, x, weight, before, residual, starts):
         from ltm_core import cpu_kernels
 
         x, weight, before = x.contiguous(), weight.contiguous(), before.contiguous()
         ctx.save_for_backward(x, weight, before)
-        ctx.residual = residual
+        ctx.residual, ctx.starts = residual, starts
         return cpu_kernels.causal_conv_forward(x, before, weight, residual)
 
     @staticmethod
@@ -142,8 +155,8 @@ class _CausalConv(torch.autograd.Function):
         from ltm_core import cpu_kernels
 
         x, weight, before = ctx.saved_tensors
-        dx, dbefore, dweight = cpu_kernels.causal_conv_backward(dy, x, before, weight, ctx.residual)
-        return dx, dweight, dbefore, None
+        dx, dbefore, dweight = cpu_kernels.causal_conv_backward(dy, x, before, weight, ctx.residual, ctx.starts)
+        return dx, dweight, dbefore, None, None
 
 
 def project_chunks(linear: nn.Module, x: torch.Tensor, first: int, chunks: int) -> torch.Tensor:

@@ -28,10 +28,12 @@ in one batched call), and a full-causal one when `segment_length >= sequence len
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,8 +45,8 @@ import ltm_core.attention as reads
 from ltm_core import ops
 from ltm_core.attention import attention, blocked_scores, explicit_read, explicit_read_backward
 from ltm_core.config import TitanConfig
-from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows,
-                             project_chunks, rotary_backward, rotary_positions, rotated_qkv)
+from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows, project_chunks,
+                             rotary_backward, rotary_positions, rotated_qkv, windowed_conv)
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
 from ltm_core.memory.base import AddLoss
 from ltm_core.ops import use_cpu_kernels
@@ -59,6 +61,16 @@ def write_counts(segment: int, bptt: int) -> bool:
 
 
 @constant_tensors
+@functools.lru_cache(maxsize=64)
+def window_token_starts(windows: tuple[int, ...], segment: int) -> np.ndarray:
+    """[sum(windows) S] int64: the first token of each token's BPTT window, for windows of `windows` segments of S =
+    `segment` tokens (read-only; made once per layout)."""
+    sizes = np.array(windows, dtype=np.int64) * segment
+    starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    starts.flags.writeable = False
+    return starts
+
+
 def counted_writes(first: int, n: int, bptt: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[n] for n writes in a row from segment number `first`: 1 where `write_counts`, else 0."""
     return torch.tensor([float(write_counts(first + i, bptt)) for i in range(n)], device=device, dtype=dtype)
@@ -375,11 +387,21 @@ class Block(nn.Module):
         if not self.carry:
             y, _ = self._short_conv(x.flatten(0, 1), None, carried=False)
             return y.view(B, W, S, C), None
-        # the previous window's last inputs reach each window's first tokens without a gradient path back; equal
-        # windows run as one batch [B G, n S, C], others one by one
+        # the previous window's last inputs reach each window's first tokens without a gradient path back; on CPU in
+        # float32 one compiled pass over the whole pass's tokens that cuts those paths in backward, else equal
+        # windows run as one batch [B G, n S, C], others one by one (the reference)
         K1 = self.short_conv.shape[1] - 1
         if before is None:
             before = x.new_zeros(B, K1, C)
+        if use_cpu_kernels(x, self.cfg.kernels) and self.short_conv.dtype == before.dtype == torch.float32:
+            y = windowed_conv(x, self.short_conv, before, window_token_starts(windows, S))  # [B, W, S, C]
+            # the carried inputs, a copy (x may be a buffer its caller reuses: a pipeline stage's), those before the
+            # last window detached (as the reference carries them)
+            tokens, last = x.flatten(1, 2), (W - windows[-1]) * S  # [B, W S, C], the last window's first token
+            if W * S - K1 >= last:
+                return y, tokens[:, -K1:].clone()
+            earlier = torch.cat([before, tokens[:, :last]], 1)[:, -(K1 - (W * S - last)):]  # the rest, before it
+            return y, torch.cat([earlier.detach() if last else earlier, tokens[:, last:]], 1)
         if len(set(windows)) == 1 and windows[0] * S >= K1:
             G, T = len(windows), windows[0] * S
             xw = x.view(B, G, T, C)

@@ -61,6 +61,35 @@ def test_the_compiled_convolution_gives_conv1ds_values_and_gradients(shape, resi
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("windows", [(1, 2, 1), (2, 2), (3,)], ids=str)
+def test_a_pass_convolves_its_windows_in_one_compiled_call_with_the_references_gradients(tiny_cfg, windows,
+                                                                                        monkeypatch):
+    """A layer-major pass over several BPTT windows (`Block._short_conv_window`, carried): on CPU in float32 one
+    compiled call over all its tokens (`layers.windowed_conv`), whose backward cuts each window's gradient path to
+    the inputs before it; it gives what the reference (`model.kernels=torch`: each window restarted from the last
+    inputs of the one before, detached) gives: the output, the carried inputs, and the gradients of x, the weight and
+    the inputs before the pass."""
+    calls = spy_cpu_kernels(monkeypatch, "causal_conv_forward", "causal_conv_backward")
+    model = _with_conv(tiny_cfg, K=4, short_conv_carry=True)
+    block = model.blocks[0]
+    S, C = 2, tiny_cfg.hidden_size  # segments shorter than K - 1: a window's first token reads two windows back
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, sum(windows), S, C, generator=g, requires_grad=True)
+    before = torch.randn(2, 3, C, generator=g, requires_grad=True)
+    dy, dtail = torch.randn(x.shape, generator=g), torch.randn(2, 3, C, generator=g)
+
+    def run(kernels):
+        block.cfg = dataclasses.replace(block.cfg, kernels=kernels)
+        y, tail = block._short_conv_window(x, before, windows)
+        grads = torch.autograd.grad((y * dy).sum() + (tail * dtail).sum(), (x, block.short_conv, before))
+        return y, tail, *grads
+
+    got, want = run("auto"), run("torch")
+    assert calls == ["causal_conv_forward", "causal_conv_backward"]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_the_compiled_passes_leave_pytorchs_thread_count_as_it_was_and_follow_its_changes():
     """Numba's first parallel launch starts its OpenMP pool, which set the thread count of the runtime PyTorch
     shares (a process at 1 thread went on at 2, so two runs of one training differed bitwise); the compiled passes put
