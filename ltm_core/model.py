@@ -112,13 +112,13 @@ class SelfAttention(nn.Module):
         """The layer-major pass's attention: every segment over the tokens kept before it and its own (see
         `project_with_kept`) -> out [B W, S, C]. On CPU in float32, for reads the explicit scores take, the kept keys
         and values and the read are one autograd node (`_KeptRead`)."""
-        BW, S, _ = h.shape
+        S = h.shape[1]
         _, W, M = rows.shape
         if (use_cpu_kernels(h, backend) and S * (M + S) <= reads.MATH_MAX_SCORES and prefix.bias is not None
                 and prefix.through is not None):  # one autograd node, one compiled pass for the gradients
             proj, held = self._project_segments_and_held(h, tokens, W)
-            y = _KeptRead.apply(proj, held, rows, cos, sin, prefix.bias, prefix.through, self.heads)
-            return self.o_proj(y.transpose(1, 2).reshape(BW, S, -1))  # [B W, S, C]
+            y = _KeptRead.apply(proj, held, rows, cos, sin, prefix.bias, prefix.through, self.heads)  # [B W, S, H hd]
+            return self.o_proj(y)  # [B W, S, C]
         q, keys, values = self.project_with_kept(h, tokens, rows, cos, sin, backend)
         return self.attend(q, keys, values, M, prefix, backend)
 
@@ -222,9 +222,10 @@ class _KeptRead(torch.autograd.Function):
     """`_KeptKeysValues` and the explicit-scores prefix read after it (`ltm_core.attention._ExplicitScores`) in one
     autograd node, on CPU in float32 for reads of at most MATH_MAX_SCORES scores per head: proj, held, rows, cos, sin
     as `_KeptKeysValues`'; bias, through [B W, M] the prefix's score bias and straight-through weight -> the read's
-    output [B W, H, S, hd]. Its backward runs the read's GEMMs, then one compiled pass for the gradients of the
-    projections and of the bias and the weight (`cpu_kernels.kept_rows_backward`; the two nodes took two). The two
-    nodes are its reference (`model.kernels=torch`), and run for larger reads, in half precision and on GPUs."""
+    output [B W, S, H hd], the heads side by side (as the output projection takes them: no transpose, copy and view
+    nodes after it). Its backward runs the read's GEMMs, then one compiled pass for the gradients of the projections
+    and of the bias and the weight (`cpu_kernels.kept_rows_backward`; the two nodes took two). The two nodes are its
+    reference (`model.kernels=torch`), and run for larger reads, in half precision and on GPUs."""
 
     @staticmethod
     def forward(ctx, proj, held, rows, cos, sin, bias, through, heads):
@@ -240,7 +241,7 @@ class _KeptRead(torch.autograd.Function):
         y, p = explicit_read(q, keys, values, bias, blocked, scale)  # [B W, H, S, hd], [B W, H, S, M + S]
         ctx.save_for_backward(q, keys, values, p, flat, cos, sin)
         ctx.sizes = (B, W, R, scale)
-        return y
+        return y.transpose(1, 2).reshape(B * W, S, heads * hd)  # [B W, S, H hd]: one copy
 
     @staticmethod
     def backward(ctx, dy):
@@ -248,6 +249,7 @@ class _KeptRead(torch.autograd.Function):
 
         q, keys, values, p, flat, cos, sin = ctx.saved_tensors
         B, W, R, scale = ctx.sizes
+        dy = dy.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)  # [B W, H, S, hd]
         dq, dkeys, dvalues, dscores = explicit_read_backward(q, keys, values, p, dy, scale)
         dproj, dheld, dbias, dthrough = cpu_kernels.kept_rows_backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B,
                                                                       read=(dscores, keys, values))
