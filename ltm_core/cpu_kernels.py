@@ -266,21 +266,22 @@ def kept_rows_forward(proj: torch.Tensor, held: torch.Tensor, flat: torch.Tensor
 
 def kept_rows_backward(dq: torch.Tensor, dkeys: torch.Tensor, dvalues: torch.Tensor, flat: torch.Tensor,
                        cos: torch.Tensor, sin: torch.Tensor, held: int, segments: int, batch: int,
-                       read: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-                       ) -> tuple[torch.Tensor, ...]:
-    """The gradients of `kept_rows_forward`'s outputs (`held`: its R) -> those of its proj [B, W S, 3 H hd] and
-    held [B, R, 2 H hd]. read: (the read's score gradients [B W, H, S, M + S], its keys, values) -> also those of its
-    prefix's key bias and straight-through weight [B W, M] (`ltm_core.model._KeptRead`)."""
+                       read: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                       proj: Optional[tuple[int, ...]] = None) -> tuple[torch.Tensor, ...]:
+    """The gradients of `kept_rows_forward`'s outputs (`held`: its R) -> those of its proj (shaped `proj`, default
+    [B, W S, 3 H hd]) and held [B, R, 2 H hd]. read: (the read's score gradients [B W, H, S, M + S], its keys,
+    values) -> also those of its prefix's key bias and straight-through weight [B W, M] (`ltm_core.model._KeptRead`).
+    The kernel's row views are NumPy's: no PyTorch view."""
     BW, H, S, hd = dq.shape
     M = dkeys.shape[2] - S
-    dproj = dq.new_empty(BW * S, 3, H, hd)
-    dheld = dq.new_empty(batch * held, 2, H, hd)
+    dproj = dq.new_empty(proj if proj is not None else (batch, BW // batch * S, 3 * H * hd))
+    dheld = dq.new_empty(batch, held, 2 * H * hd)
     dbias, dthrough = (dq.new_empty(BW, M if read is not None else 0) for _ in range(2))
     dscores, keys, values = (_array(t) for t in read) if read is not None else (_NO_READ,) * 3
     _launch(_backward_kernel, _array(dq), _array(dkeys), _array(dvalues), _array(flat), _array(cos), _array(sin),
-            segments, M, dproj.numpy(), dheld.numpy(), dscores, keys, values, dbias.numpy(), dthrough.numpy())
-    grads = dproj.view(batch, -1, 3 * H * hd), dheld.view(batch, held, 2 * H * hd)
-    return grads if read is None else (*grads, dbias, dthrough)
+            segments, M, dproj.numpy().reshape(BW * S, 3, H, hd), dheld.numpy().reshape(batch * held, 2, H, hd),
+            dscores, keys, values, dbias.numpy(), dthrough.numpy())
+    return (dproj, dheld) if read is None else (dproj, dheld, dbias, dthrough)
 
 
 _NO_READ = np.empty((0, 0, 0, 0), np.float32)  # `kept_rows_backward`'s scores, keys and values without a read

@@ -110,17 +110,17 @@ class SelfAttention(nn.Module):
     def read_kept(self, h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, prefix: Prefix, backend: str) -> torch.Tensor:
         """The layer-major pass's attention: every segment over the tokens kept before it and its own (see
-        `project_with_kept`) -> out [B W, S, C]. On CPU in float32, for reads the explicit scores take, the kept keys
-        and values and the read are one autograd node (`_KeptRead`)."""
-        S = h.shape[1]
+        `project_with_kept`); h: the W segments' tokens flat [B W S, C] -> out [B W S, C]. On CPU in float32, for
+        reads the explicit scores take, the kept keys and values and the read are one autograd node (`_KeptRead`)."""
+        S, C = cos.shape[0], h.shape[-1]
         _, W, M = rows.shape
         if (use_cpu_kernels(h, backend) and S * (M + S) <= reads.MATH_MAX_SCORES and prefix.bias is not None
                 and prefix.through is not None):  # one autograd node, one compiled pass for the gradients
             proj, held = self._project_segments_and_held(h, tokens, W)
-            y = _KeptRead.apply(proj, held, rows, cos, sin, prefix.bias, prefix.through, self.heads)  # [B W, S, H hd]
-            return self.o_proj(y)  # [B W, S, C]
-        q, keys, values = self.project_with_kept(h, tokens, rows, cos, sin, backend)
-        return self.attend(q, keys, values, M, prefix, backend)
+            y = _KeptRead.apply(proj, held, rows, cos, sin, prefix.bias, prefix.through, self.heads)  # [B W S, H hd]
+            return self.o_proj(y)  # [B W S, C]
+        q, keys, values = self.project_with_kept(h.view(-1, S, C), tokens, rows, cos, sin, backend)
+        return self.attend(q, keys, values, M, prefix, backend).reshape(-1, C)
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [B, T, C] -> queries, keys and values [B, H, T, hd], not rotated."""
@@ -151,11 +151,13 @@ class SelfAttention(nn.Module):
 
     def _project_segments_and_held(self, h: torch.Tensor, tokens: torch.Tensor, segments: int
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B W, S, C] the W = `segments` segments, tokens [B, R, C] the tokens held before them -> (their q|k|v
-        projection [B, W S, 3 H hd], the held tokens' k|v one [B, R, 2 H hd])."""
-        BW, S, C = h.shape
-        proj = self.qkv_proj(h.reshape(BW // segments, segments * S, C))
-        return proj, project_chunks(self.qkv_proj, tokens.to(h.dtype), 1, 3)
+        """h [B W, S, C] the W = `segments` segments (or their tokens flat, [B W S, C]), tokens [B, R, C] the tokens
+        held before them -> (their q|k|v projection [B, W S, 3 H hd] (flat: [B W S, 3 H hd]), the held tokens' k|v one
+        [B, R, 2 H hd])."""
+        if h.dim() == 3:
+            BW, S, C = h.shape
+            h = h.reshape(BW // segments, segments * S, C)
+        return self.qkv_proj(h), project_chunks(self.qkv_proj, tokens.to(h.dtype), 1, 3)
 
 
 class _KeptKeysValues(torch.autograd.Function):
@@ -233,26 +235,26 @@ class _KeptRead(torch.autograd.Function):
 
         B, W, M = rows.shape
         S, R = cos.shape[0], held.shape[1]
-        hd = proj.shape[2] // (3 * heads)
+        hd = proj.shape[-1] // (3 * heads)
         flat = flat_rows(rows, R + W * S)  # [B W M] rows of the B pools [held; segments]
         q, keys, values = cpu_kernels.kept_rows_forward(proj, held, flat, cos, sin, W, heads, M)
         blocked = blocked_scores(S, M + S, True, M, None, proj.device, proj.dtype)  # [S, M + S] the mask as scores
         scale = hd ** -0.5
         y, p = explicit_read(q, keys, values, bias, blocked, scale)  # [B W, H, S, hd], [B W, H, S, M + S]
         ctx.save_for_backward(q, keys, values, p, flat, cos, sin)
-        ctx.sizes = (B, W, R, scale)
-        return y.transpose(1, 2).reshape(B * W, S, heads * hd)  # [B W, S, H hd]: one copy
+        ctx.sizes = (B, W, R, scale, proj.shape)
+        return y.transpose(1, 2).reshape(B * W * S, heads * hd)  # [B W S, H hd]: one copy
 
     @staticmethod
     def backward(ctx, dy):
         from ltm_core import cpu_kernels
 
         q, keys, values, p, flat, cos, sin = ctx.saved_tensors
-        B, W, R, scale = ctx.sizes
+        B, W, R, scale, proj_shape = ctx.sizes
         dy = dy.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)  # [B W, H, S, hd]
         dq, dkeys, dvalues, dscores = explicit_read_backward(q, keys, values, p, dy, scale)
         dproj, dheld, dbias, dthrough = cpu_kernels.kept_rows_backward(dq, dkeys, dvalues, flat, cos, sin, R, W, B,
-                                                                      read=(dscores, keys, values))
+                                                                      read=(dscores, keys, values), proj=proj_shape)
         want_bias, want_through = ctx.needs_input_grad[5:7]
         return (dproj, dheld, None, None, None, dbias if want_bias else None, dthrough if want_through else None,
                 None)
@@ -330,37 +332,44 @@ class Block(nn.Module):
         tokens [B, K - 1, C] when they are carried, else None)."""
         B, W, S, C = x.shape
         x, shift = self._short_conv_window(x, past.shift, windows)
-        h = x.flatten(0, 1)  # [B W, S, C]: every segment is a batch element
+        # the tokens flat, [B W S, C]: the token-wise ops (norms, projections, FFN, residuals) take 2-D tensors, with no
+        # view (an operator and an autograd node each) inside every projection; segments [B W, S, C] and windows [B,
+        # W, S, C] are views where a memory or the attention needs them
+        h = x.reshape(-1, C)
+        segments = (B * W, S, C)
         normed = self.attn_norm(h)
         mem, scan = self.memory, None
         if mem is not None and mem.writes == "normed":  # every segment's memory is known before the attention
             with record_function(RECURRENCE):
-                scan = mem.scan_windows(past.memory, mem.entries(normed).unflatten(0, (B, W)), noise, windows)
+                scan = mem.scan_windows(past.memory, mem.entries(normed.view(B, W, S, C)), noise, windows)
         if scan is not None:
-            h, normed = self._read_before(h, normed, scan.before)
+            h, normed = self._read_before(h, normed, scan.before, segments)
         prefix = mem.scan_prefix(scan) if scan is not None else None
         if prefix is not None and scan.rows is not None:  # kept tokens: gather their keys/values, do not project them
             a = self.attn.read_kept(normed, scan.row_tokens, scan.rows, cos, sin, prefix, self.cfg.kernels)
         else:
-            a, _, _ = self.attn(normed, cos, sin, None, prefix, self.cfg.kernels)
+            a = self.attn(normed.view(segments), cos, sin, None, prefix, self.cfg.kernels)[0].reshape(-1, C)
         h = h + a
         if mem is not None and mem.writes == "attended":
             with record_function(RECURRENCE):
-                scan = mem.scan_windows(past.memory, mem.entries(h).unflatten(0, (B, W)), noise, windows)
+                scan = mem.scan_windows(past.memory, mem.entries(h.view(B, W, S, C)), noise, windows)
         if scan is not None:
-            read = mem.read(h, scan.before)
+            read = mem.read(h.view(segments), scan.before)
             if read is not None:
-                h = h + read
+                h = h + read.reshape(-1, C)
         h = h + self.ffn(self.ffn_norm(h))
-        return h.unflatten(0, (B, W)), scan, shift
+        return h.view(B, W, S, C), scan, shift
 
-    def _read_before(self, x: torch.Tensor, normed: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """The memory's read before the attention, if it has one: x [B, T, C], its norm -> (x + the read, the
-        attention's input norm(x + read)); else (x, normed) unchanged."""
-        read = self.memory.read_before(normed, state) if self.memory is not None else None
+    def _read_before(self, x: torch.Tensor, normed: torch.Tensor, state, segments: Optional[tuple] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's read before the attention, if it has one: x [B, T, C] (or its tokens flat, [B T, C], with
+        `segments` the shape the memory reads them in), its norm -> (x + the read, the attention's input norm(x +
+        read)); else (x, normed) unchanged."""
+        read = self.memory.read_before(normed if segments is None else normed.view(segments), state) if (
+            self.memory is not None) else None
         if read is None:
             return x, normed
-        x = x + read
+        x = x + read.reshape(x.shape)
         return x, self.attn_norm(x)
 
     def _short_conv(self, x: torch.Tensor, before: Optional[torch.Tensor], carried: bool = True):

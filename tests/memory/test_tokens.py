@@ -184,8 +184,8 @@ def test_the_kept_read_in_one_node_equals_its_two_nodes(tiny_cfg, monkeypatch):
     attn = SelfAttention(tiny_cfg)
     B, W, S, M, R, C = 2, 3, 8, 5, 10, tiny_cfg.hidden_size
     g = torch.Generator().manual_seed(1)
-    h, tokens, dy = torch.randn(B * W, S, C, generator=g), torch.randn(B, R, C, generator=g), torch.randn(
-        B * W, S, C, generator=g)
+    h, tokens, dy = torch.randn(B * W * S, C, generator=g), torch.randn(B, R, C, generator=g), torch.randn(
+        B * W * S, C, generator=g)  # the segments' tokens flat, as the layer-major pass gives them
     rows = torch.stack([torch.randperm(R + W * S, generator=g)[:M].sort().values for _ in range(B * W)]).view(B, W, M)
     bias, through = torch.randn(B * W, M, generator=g), torch.rand(B * W, M, generator=g)
     bias[1, 2] = EMPTY_SLOT_SCORE
