@@ -270,8 +270,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return self.down_proj(ops.swiglu(gate, up, self.backend))
+        return self.down_proj(ops.swiglu(self.gate_up_proj(h), self.backend))
 
 
 class Block(nn.Module):

@@ -83,13 +83,40 @@ class _RMSNorm(torch.autograd.Function):
         return dx, dweight, None
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """silu(gate) * up."""
+def swiglu(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """gate_up: [..., 2 F] the gate and up projections side by side -> silu(gate) * up [..., F]. In float32 on CPU
+    (`use_cpu_kernels`) one autograd node (`_SwiGLU`) whose backward writes both gradients into one tensor, where
+    autograd's three nodes concatenate them (a copy of the whole projection's gradient per call)."""
+    gate, up = gate_up.chunk(2, dim=-1)
     if use_kernels(backend, gate):
         from ltm_extensions import swiglu as fused
 
         return fused(gate, up, backend=backend)
+    if use_cpu_kernels(gate_up, backend):
+        return _SwiGLU.apply(gate_up)
     return F.silu(gate) * up
+
+
+class _SwiGLU(torch.autograd.Function):
+    """`swiglu` on CPU in float32: gate_up [..., 2 F] -> silu(gate) * up; saves gate_up and silu(gate) (what the
+    reference's ops save); PyTorch's ops, their gradients written in place into the halves of one tensor."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        s = F.silu(gate)
+        ctx.save_for_backward(gate_up, s)
+        return s * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate_up, s = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        dgate_up = torch.empty_like(gate_up)
+        dgate, dup = dgate_up.chunk(2, dim=-1)
+        torch.mul(dy, s, out=dup)
+        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=dgate)
+        return dgate_up
 
 
 def compress_gate(c: torch.Tensor, importance_logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:

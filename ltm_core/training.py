@@ -45,12 +45,13 @@ def windowed_backward(model: TitanModel, input_ids: torch.Tensor, labels: torch.
     """
     span = window_span(model.config, input_ids.shape[1])
     n_tokens = (labels != -100).sum().clamp(min=1)
+    scale = loss_scale / n_tokens  # once, not per pass
     state, total, aux = None, torch.zeros((), device=input_ids.device), None
     for start in range(0, input_ids.shape[1], span):
         out = model(input_ids[:, start:start + span], memory=state)
         loss_sum = F.cross_entropy(out.logits.flatten(0, 1).float(), labels[:, start:start + span].flatten(),
                                    ignore_index=-100, reduction="sum")
-        backward(loss_sum * (loss_scale / n_tokens))
+        backward(loss_sum * scale)
         state = out.memory.detach()
         total += loss_sum.detach()
         if out.aux_loss is not None:

@@ -359,6 +359,31 @@ def test_rms_norm_gives_pytorchs_values_and_gradients(shape, backend, strided, m
     assert calls == (["rms_norm_forward", "rms_norm_backward"] if backend == "auto" else [])
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("shape", [(2, 7, 24), (1, 16), (3, 4, 5, 8)], ids=str)
+def test_swiglu_gives_pytorchs_values_and_gradient(shape, strided):
+    """`ops.swiglu(gate_up)` (every FFN's): silu(gate) * up and the gradient of the packed projection; in float32 on
+    CPU one autograd node writing both halves' gradients in place (`ops._SwiGLU`), with `model.kernels=torch`
+    PyTorch's three; also from a strided projection and gradient."""
+    from ltm_core import ops
+
+    g = torch.Generator().manual_seed(0)
+    made = (lambda *s: torch.randn(*s[::-1], generator=g).permute(*range(len(s) - 1, -1, -1))) if strided else (
+        lambda *s: torch.randn(*s, generator=g))
+    gate_up, dy = 3 * made(*shape[:-1], 2 * shape[-1]), made(*shape)
+
+    def run(backend):
+        x = gate_up.clone().requires_grad_() if not strided else gate_up.detach().requires_grad_()
+        y = ops.swiglu(x, backend)
+        return y, torch.autograd.grad(y, x, dy)[0]
+
+    (got, dgot), (want, dwant) = run("auto"), run("torch")
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(want, F.silu(gate) * up)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dgot, dwant, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_project_chunks_gives_those_columns_of_the_projection(bias):
     """`project_chunks(linear, x, first, chunks)`: the columns of linear(x) from chunk `first` on (q|k|v -> k|v),
