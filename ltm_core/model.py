@@ -60,7 +60,6 @@ def write_counts(segment: int, bptt: int) -> bool:
     return segment % bptt < bptt - 1
 
 
-@constant_tensors
 @functools.lru_cache(maxsize=64)
 def window_token_starts(windows: tuple[int, ...], segment: int) -> np.ndarray:
     """[sum(windows) S] int64: the first token of each token's BPTT window, for windows of `windows` segments of S =
@@ -71,6 +70,7 @@ def window_token_starts(windows: tuple[int, ...], segment: int) -> np.ndarray:
     return starts
 
 
+@constant_tensors
 def counted_writes(first: int, n: int, bptt: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[n] for n writes in a row from segment number `first`: 1 where `write_counts`, else 0."""
     return torch.tensor([float(write_counts(first + i, bptt)) for i in range(n)], device=device, dtype=dtype)
@@ -364,8 +364,9 @@ class Block(nn.Module):
         """The memory's read before the attention, if it has one: x [B, T, C] (or its tokens flat, [B T, C], with
         `segments` the shape the memory reads them in), its norm -> (x + the read, the attention's input norm(x +
         read)); else (x, normed) unchanged."""
-        read = self.memory.read_before(normed if segments is None else normed.view(segments), state) if (
-            self.memory is not None) else None
+        if self.memory is None:
+            return x, normed
+        read = self.memory.read_before(normed if segments is None else normed.view(segments), state)
         if read is None:
             return x, normed
         x = x + read.reshape(x.shape)

@@ -99,6 +99,19 @@ def test_the_aux_loss_joins_the_gradient_times_the_models_aux_weight(tiny_cfg):
     torch.testing.assert_close(quarter, 0.25 * full, rtol=1e-5, atol=1e-8)
 
 
+def test_a_passs_layout_constants_are_made_once():
+    """The per-pass constants are built once per layout and shared: the writes whose aux losses count
+    (`counted_writes`, a tensor) and the first token of each token's BPTT window (`window_token_starts`, read-only)."""
+    from ltm_core.model import counted_writes, window_token_starts
+
+    cpu = torch.device("cpu")
+    assert counted_writes(1, 5, 3, cpu, torch.float32) is counted_writes(1, 5, 3, cpu, torch.float32)
+    assert counted_writes(1, 5, 3, cpu, torch.float32).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+    starts = window_token_starts((1, 2), 3)
+    assert starts is window_token_starts((1, 2), 3) and not starts.flags.writeable
+    assert starts.tolist() == [0, 0, 0, 3, 3, 3, 3, 3, 3]
+
+
 def test_window_span_runs_windows_per_pass_and_the_rest_last(tiny_cfg):
     """Tokens per backward: `windows_per_pass` windows, fewer when the sequence has fewer, the whole sequence
     without a memory (the baselines carry nothing)."""
