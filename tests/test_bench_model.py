@@ -183,8 +183,9 @@ def test_bench_kernels_reports_progress_per_case():
 
 def test_cpu_rows_take_their_timed_steps_in_turn(tmp_path, monkeypatch):
     """On CPU each row runs in its own process, and the rows of a context are timed in rounds (one step of each row
-    per round, right after an untimed step of the same row), not one row after the other; a row whose process fails
-    reports its error and the others go on."""
+    per round, right after an untimed step of the same row), not one row after the other, after a short untimed run
+    of each row (so no timed process compiles the CPU passes itself); a row whose process fails reports its error and
+    the others go on."""
     import ltm_core.bench as bench
 
     log = tmp_path / "log"
@@ -194,17 +195,21 @@ args = json.loads(sys.stdin.readline())
 say = lambda what: open({str(log)!r}, "a").write(args["variant"] + " " + what + "\\n")
 if args["variant"] == "full_causal":
     sys.exit("no memory left")
-say("warmup %d" % args["warmup"]); print("ready", flush=True)
+say("warmup %d context %d" % (args["warmup"], args["context"])); print("ready", flush=True)
 for line in sys.stdin:
     say(line.strip())
     print("ok" if line.strip() in ("step", "untimed") else json.dumps({{"model": args["variant"], "context": args["context"]}}),
           flush=True)
 """)
-    sets = [{"variant": v, "context": 64} for v in ("memory", "segment_local", "full_causal")]
+    cfg = {"segment_length": 4, "bptt_segments": 2}
+    sets = [{"variant": v, "context": 64, "cfg": cfg} for v in ("memory", "segment_local", "full_causal")]
     rows = bench.rows_interleaved(sets, warmup=1, repeats=2)
     assert log.read_text().splitlines() == [
-        "memory warmup 1", "segment_local warmup 1", *["memory untimed", "memory step", "segment_local untimed",
-                                                       "segment_local step"] * 2, "memory result", "segment_local result"]
+        # first each row's code compiles its CPU passes in a short run of its own (two BPTT windows), untimed
+        "memory warmup 1 context 16", "segment_local warmup 1 context 16",
+        "memory warmup 1 context 64", "segment_local warmup 1 context 64",
+        *["memory untimed", "memory step", "segment_local untimed", "segment_local step"] * 2,
+        "memory result", "segment_local result"]
     assert rows[:2] == [{"model": "memory", "context": 64}, {"model": "segment_local", "context": 64}]
     assert rows[2]["model"] == "full_causal" and "no memory left" in rows[2]["error"]
 
