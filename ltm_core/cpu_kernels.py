@@ -29,8 +29,9 @@ tokens memory's writes and scan**: the writes' choice loop and the scan's bookke
 inside the scan's forward pass (`scan_forward` / `_backward`, for `ltm_core.memory.tokens`' `_CompiledScan`): one
 call per layer and pass makes the choices, every pool row's importance, each segment's read prefix from the rows it
 holds (the score bias and the straight-through weight: a row held over from an earlier BPTT window passes its
-gradient to w and b only), the state after the scan, the rows the read projects at each window's start and the
-writes' penalty; in backward the gradients of the state, the entries, w and b. Inside a training step a small call
+gradient to w and b only), the state after the scan, the rows the read projects at the windows' starts (each token
+once, however many windows' starts hold it) and the writes' penalty; in backward the gradients of the state, the
+entries, w and b. Inside a training step a small call
 costs several times what it costs alone, and the memory model's extra calls weigh as much as its extra arithmetic
 (docs/benchmarks.md): hence few, large passes.
 
@@ -40,7 +41,9 @@ over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy e
     y[t]  = (x[t]) + sum_k w[:, k] * xin[t + k]        xin = [the K - 1 inputs before x; x], read in place
     dxin[j] = (dy[j]) + sum_k w[:, k] * dy[j - k]      dw[:, k] = sum_t dy[t] * xin[t + k]
 
-(the bracketed terms: with the residual, y = x + the convolution, as the model's blocks use it.)
+(the bracketed terms: with the residual, y = x + the convolution, as the model's blocks use it.) A layer-major pass
+convolves all its BPTT windows in one call (`ltm_core.layers.windowed_conv`): its backward leaves out the terms of
+dxin[j] from outputs of a later window than token j's (those outputs read j detached: truncated BPTT).
 
 The PyTorch ops are the reference, and the path for half precision, GPUs, torch.compile, `model.kernels=torch` and
 forked processes, where OpenMP threads hang (`ltm_core.ops.use_cpu_kernels`); tests compare the two. Every
