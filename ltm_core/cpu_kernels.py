@@ -369,7 +369,7 @@ def _conv_backward(dy, x, before, w, residual, starts, dx, dbefore, dw):
             out[c] = dy[b, j - K1, c] if residual and j >= K1 else 0.0
         for k in range(K):
             t = j - k
-            if 0 <= t < T and not (cut and j - K1 < starts[t] and (j >= K1 or starts[t] > 0)):
+            if 0 <= t < T and not (cut and max(j - K1, 0) < starts[t]):  # (the inputs before x: window 0's)
                 for c in range(C):
                     out[c] += w[c, k] * dy[b, t, c]
     for p in prange(n):  # block p of the B T output rows
