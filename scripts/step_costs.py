@@ -3,8 +3,12 @@ steps timed in turn, each split into its backward and the forward's parts (perf_
 functions; inclusive times: a part's time includes the parts it calls, e.g. `attention` inside `attend`),
 and one more step of each counted in the operators it dispatches (ATen kernels, views apart) in its forward, backward
 and optimizer step: where a step's time goes to per-operator cost rather than arithmetic, the count says so.
+Last, each row's step timed at one thread and at N (`--scaling-threads`, default the process's count; steps taken
+in turn), split as Amdahl's law does: serial = (N t_N - t_1) / (N - 1), the time that N threads do not shorten
+(Python, dispatch, autograd bookkeeping, single-threaded ops and the threads' imbalance), and parallel = t_1 - serial.
 
-    python scripts/step_costs.py --model tiny --context 8192 [--steps 6] [--set "model.kernels=torch"] [--json out.json]
+    python scripts/step_costs.py --model tiny --context 8192 [--steps 6] [--set "model.kernels=torch"]
+        [--scaling-threads 2] [--json out.json]
 
 The parts' sum is not the step: the forward also runs the embedding, the output head and the loss, and the step the
 optimizer. Every row runs in this one process, so the two models share its allocator and threads (as a training run
@@ -84,6 +88,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per row (after 2 warm-up steps)")
     parser.add_argument("--set", dest="overrides", default="", help="config overrides, space-separated")
+    parser.add_argument("--scaling-threads", type=int, default=torch.get_num_threads(),
+                        help="N of the thread-scaling split (1: no split)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     cfg = model_config(compose([f"model={args.model}", *args.overrides.split()]))
@@ -122,9 +128,41 @@ def main() -> None:
     for phase in PHASES:
         (a, av), (b, bv) = ((r["operators"][phase]["operators"], r["operators"][phase]["views"]) for r in (mem, local))
         print(f"{phase:>34} {a:>9,} {b:>9,} {a - b:>+10,}   ({av:,} / {bv:,})")
+    if args.scaling_threads > 1:
+        result["threads"] = thread_scaling(rows, args.scaling_threads, n)
+        print(f"{'thread scaling, ms per step':>34} {'1 thread':>9} {f'{args.scaling_threads} threads':>10} "
+              f"{'serial':>8} {'parallel':>9}")
+        for variant, t in result["threads"]["rows"].items():
+            print(f"{variant:>34} {t['step_1_ms']:9.1f} {t['step_n_ms']:10.1f} {t['serial_ms']:8.1f} "
+                  f"{t['parallel_ms']:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def thread_scaling(rows: dict[str, bench.TrainStepRow], threads: int, steps: int) -> dict:
+    """Each row's step at 1 thread and at `threads`, `steps` rounds, the rows and counts in turn (each timed step after
+    an untimed one of its own) -> {"n": threads, "rows": {variant: median step_1_ms, step_n_ms, and their Amdahl split
+    serial_ms + parallel_ms = step_1_ms}}. The process's thread count is put back."""
+    before = torch.get_num_threads()
+    times = {(v, t): [] for v in rows for t in (1, threads)}
+    try:
+        for _ in range(steps):
+            for t in (1, threads):
+                torch.set_num_threads(t)
+                for variant, row in rows.items():
+                    row.step()
+                    start = time.perf_counter()
+                    row.step()
+                    times[variant, t].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    out = {}
+    for variant in rows:
+        t1, tn = (1e3 * statistics.median(times[variant, t]) for t in (1, threads))
+        serial = (threads * tn - t1) / (threads - 1)
+        out[variant] = {"step_1_ms": t1, "step_n_ms": tn, "serial_ms": serial, "parallel_ms": t1 - serial}
+    return {"n": threads, "rows": out}
 
 
 PHASES = ("forward", "backward", "optimizer")  # forward: the model's and the loss's, every window's

@@ -296,15 +296,23 @@ def test_the_step_costs_script_splits_both_steps(tmp_path):
     """scripts/step_costs.py: the memory and segment-local steps timed in turn, each split into its backward and the
     forward's parts; the memory's own parts (scan, prefix, kept keys and values) appear only in the memory row, and
     every part's time stays inside its step and the functions that call it. Each row's operator counts cover its
-    three phases, and the memory's forward and backward dispatch more operators than the segment-local ones."""
+    three phases, and the memory's forward and backward dispatch more operators than the segment-local ones. The
+    thread-scaling split is Amdahl's: serial + parallel = the 1-thread step, and the N-thread step = serial +
+    parallel / N."""
     out = tmp_path / "costs.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "step_costs.py"
     run = subprocess.run([sys.executable, str(script), "--model", "tiny", "--context", "512", "--steps", "2",
-                          "--set", "model.memory.slots=16", "--json", str(out)],
+                          "--set", "model.memory.slots=16", "--scaling-threads", "2", "--json", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert result["meta"]["command"].startswith("python scripts/step_costs.py --model tiny")
+    assert result["threads"]["n"] == 2 and set(result["threads"]["rows"]) == {"memory", "segment_local"}
+    for t in result["threads"]["rows"].values():
+        assert t["step_1_ms"] > 0 and t["step_n_ms"] > 0
+        assert t["serial_ms"] + t["parallel_ms"] == pytest.approx(t["step_1_ms"])
+        assert t["serial_ms"] + t["parallel_ms"] / 2 == pytest.approx(t["step_n_ms"])
+    assert "thread scaling" in run.stdout
     memory, local = result["rows"]
     assert (memory["model"], local["model"]) == ("memory", "segment_local")
     for row in (memory, local):
