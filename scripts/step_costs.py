@@ -141,9 +141,9 @@ def main() -> None:
 
 
 def thread_scaling(rows: dict[str, bench.TrainStepRow], threads: int, steps: int) -> dict:
-    """Each row's step at 1 thread and at `threads`, `steps` rounds, the rows and counts in turn (each timed step after
-    an untimed one of its own) -> {"n": threads, "rows": {variant: median step_1_ms, step_n_ms, and their Amdahl split
-    serial_ms + parallel_ms = step_1_ms}}. The process's thread count is put back."""
+    """Each row's step at 1 thread and at `threads`, `steps` rounds, the thread counts and the rows in turn (each timed
+    step after an untimed one of its own) -> {"n": threads, "rows": {variant: the median step_1_ms, step_n_ms, and their
+    Amdahl split serial_ms + parallel_ms = step_1_ms}}. The process's thread count is put back."""
     before = torch.get_num_threads()
     times = {(v, t): [] for v in rows for t in (1, threads)}
     try:
