@@ -31,9 +31,8 @@ call per layer and pass makes the choices, every pool row's importance, each seg
 holds (the score bias and the straight-through weight: a row held over from an earlier BPTT window passes its
 gradient to w and b only), the state after the scan, the rows the read projects at the windows' starts (each token
 once, however many windows' starts hold it) and the writes' penalty; in backward the gradients of the state, the
-entries, w and b. Inside a training step a small call
-costs several times what it costs alone, and the memory model's extra calls weigh as much as its extra arithmetic
-(docs/benchmarks.md): hence few, large passes.
+entries, w and b. Inside a training step a small call costs several times what it costs alone, and the memory
+model's extra calls weigh as much as its extra arithmetic (docs/benchmarks.md): hence few, large passes.
 
 **The short causal depthwise convolution** (`causal_conv_forward` / `_backward`, for `ltm_core.layers.causal_conv`):
 over the [B, T, C] rows as they are (conv1d wants [B, C, T]: a transposed copy each way), vectorised over channels:
@@ -620,11 +619,10 @@ def _scan_forward(state, entries, w, bias, noise, tau, vacant, first, window, st
     choices (held [B, W + 1, M] the pool rows held before each segment and after the last, keeps [B, W, M], own
     [B, W + 1, M], rows [B, W, M]: `_choose`'s and `_window_rows`' serial loops; row_tokens [B, M + U, C] the
     tokens those rows name below M + U: the state, then the U tokens held at a later window's start, each once),
-    and writes sig [B, P] =
-    sigmoid(z), z = pool . w + bias (for backward); each segment's read prefix, prefix_bias [B W, M] =
-    `empty_score` on empty slots (+ log sigmoid(z) with `read_importance`) and through [B W, M] = sigmoid(z); after
-    [B, M, C] the rows held after the last segment; aux [W] = `penalty` * the mean sigmoid(z) of each segment's B S
-    tokens (0 without one)."""
+    and writes sig [B, P] = sigmoid(z), z = pool . w + bias (for backward); each segment's read prefix, prefix_bias
+    [B W, M] = `empty_score` on empty slots (+ log sigmoid(z) with `read_importance`) and through [B W, M] =
+    sigmoid(z); after [B, M, C] the rows held after the last segment; aux [W] = `penalty` * the mean sigmoid(z) of
+    each segment's B S tokens (0 without one)."""
     B, M, C = state.shape
     P = M + entries.shape[1]
     S, G = segment, starts.shape[0]
