@@ -346,7 +346,7 @@ def test_rotated_qkv_gives_the_rotated_heads_and_their_gradient(shape, backend, 
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-@pytest.mark.parametrize("shape", [(2, 37, 24), (1, 1, 8), (3, 4, 5, 16)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 24), (1, 1, 8), (3, 4, 5, 16), (2, 5, 1024)], ids=str)  # 1024: float32 sums
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_rms_norm_gives_pytorchs_values_and_gradients(shape, backend, strided, monkeypatch):
     """`ops.rms_norm` (every RMSNorm of the model): `F.rms_norm`'s output and the gradients of x and the weight; in
