@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -333,3 +334,64 @@ def test_the_step_costs_script_splits_both_steps(tmp_path):
     for phase in ("forward", "backward"):
         assert counts["memory"][phase]["operators"] > counts["segment_local"][phase]["operators"]
     assert "operators per step" in run.stdout
+
+
+def _serial_time_module():
+    """scripts/serial_time.py imported as a module (its parser and pairing are functions of perf's text)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "serial_time.py"
+    spec = importlib.util.spec_from_file_location("serial_time", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serial_time_counts_the_main_threads_samples_while_the_others_are_idle():
+    """scripts/serial_time.py's reading of `perf script`: a main-thread sample is serial when every other thread's
+    nearest sample (within the window) is in libgomp, or when a thread has none that near (off the CPU); it is counted
+    under the kind of function it fell in. Lines of another form are skipped."""
+    st = _serial_time_module()
+    text = "\n".join([
+        "  100  10.000000:  7f01 mkl_blas_avx512_sgemm_kernel_0 (/lib/libtorch_cpu.so)",
+        "  101  10.000100:  7f02 [unknown] (/lib/libgomp.so.1)",  # idle: the GEMM's end on the main thread is serial
+        "  100  10.000500:  7f03 _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)",
+        "  101  10.000550:  7f04 mkl_blas_avx512_sgemm_kernel_0 (/lib/libtorch_cpu.so)",  # working: not serial
+        "  100  10.001200:  7f05 [unknown] (/tmp/perf-100.map)",  # no sample of 101 within 0.5 ms: off the CPU
+        "  101  10.002000:  7f06 [unknown] (/lib/libgomp.so.1)",
+        "  100  10.002000:  7f07 at::native::AVX2::VectorizedLoop2d<add_kernel> (/lib/libtorch_cpu.so)",
+        "  100  10.002400:  7f08 THPVariable_Wrap (/lib/libtorch_python.so)",
+        "this line is not a sample",
+    ])
+    samples = st.parse_samples(text)
+    assert len(samples) == 8 and samples[0] == (100, 10.0, "mkl_blas_avx512_sgemm_kernel_0", "libtorch_cpu.so")
+    split = st.serial_split(samples, main=100, window=0.0005)
+    assert split["samples"] == 5 and split["serial"] == 4
+    assert split["kinds"] == {"gemm": 1, "python": 0, "compiled_passes": 1, "elementwise": 1, "openmp": 0, "rest": 1}
+    assert st.serial_split([s for s in samples if s[0] == 100], main=100, window=0.0005)["serial"] == 5  # alone
+
+
+def test_serial_time_without_perf_says_so_in_one_line(tmp_path):
+    """Without `perf` on PATH the script stops with one line naming what it needs, exit code 2."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "serial_time.py"
+    run = subprocess.run([sys.executable, str(script), "--context", "512"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PATH": str(tmp_path)})
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "perf" in run.stderr
+
+
+@pytest.mark.skipif(shutil.which("perf") is None, reason="needs Linux perf")
+def test_serial_time_records_both_rows(tmp_path):
+    """With perf: both rows sampled, each main-thread sample counted once, the serial ones split by kind, the
+    command recorded."""
+    out = tmp_path / "serial.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "serial_time.py"
+    run = subprocess.run([sys.executable, str(script), "--context", "512", "--seconds", "1", "--set",
+                          "model.memory.slots=16", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert [r["model"] for r in result["rows"]] == ["memory", "segment_local"]
+    for row in result["rows"]:
+        assert row["steps"] > 0 and row["samples"] > 0 and 0 <= row["serial"] <= row["samples"]
+        assert sum(row["kinds"].values()) == row["serial"]
+    assert result["meta"]["command"].startswith("python scripts/serial_time.py --context 512")
+    assert "serial (other threads idle)" in run.stdout
