@@ -7,10 +7,10 @@ of them are idle (in the OpenMP runtime, libgomp, spinning for work, or with no 
 thread's sample is serial time: Python, dispatch, autograd, single-threaded loops, and the end of a parallel op that one thread finishes
 late. Per row: the step under perf, the serial share of the main thread's samples, and that share by the kind of
 function it was in (GEMM kernels, the Python interpreter, the compiled CPU passes, PyTorch's elementwise loops, the
-OpenMP runtime itself, the rest):
+OpenMP runtime itself, the rest), and the functions the serial samples fell in most:
 
     python scripts/serial_time.py --model tiny --context 8192 [--seconds 8] [--set "model.windows_per_pass=4"]
-        [--json out.json]
+        [--top 12] [--json out.json]
 
 `scripts/step_costs.py` gives the same gap as Amdahl's law does (steps at one and at N threads); this script says
 where the main thread is during it. Needs Linux `perf`, allowed to record a process of the same user
@@ -34,6 +34,7 @@ from pathlib import Path
 VARIANTS = ("memory", "segment_local")
 KINDS = ("gemm", "python", "compiled_passes", "elementwise", "openmp", "rest")
 FREQUENCY = 1999  # samples per second and thread (odd: not in step with a timer)
+TOP = 30  # the serial samples' most frequent functions kept per row
 _SAMPLE = re.compile(r"\s*(\d+)\s+([\d.]+):\s+[0-9a-f]+\s+(.*) \((.*)\)\s*$")  # tid time: ip function (library)
 
 
@@ -65,7 +66,8 @@ def kind(symbol: str, library: str) -> str:
 
 def serial_split(samples: list[tuple[int, float, str, str]], main: int, window: float) -> dict:
     """The main thread's (tid `main`) samples, each paired with every other thread's nearest -> {"samples": the main
-    thread's, "serial": those during which every other thread was idle, "kinds": {kind: such samples}}. A thread is
+    thread's, "serial": those during which every other thread was idle, "kinds": {kind: such samples}, "functions": the TOP functions
+    they fell in most, {function (library): samples}}. A thread is
     idle at t when its nearest sample within `window` s fell in the OpenMP runtime, or when it has none there (perf
     samples running threads only: it was off the CPU, asleep)."""
     others: dict[int, list[tuple[float, bool]]] = {}
@@ -81,14 +83,16 @@ def serial_split(samples: list[tuple[int, float, str, str]], main: int, window: 
         near = min((j for j in (i - 1, i) if 0 <= j < len(series)), key=lambda j: abs(series[j][0] - t))
         return abs(series[near][0] - t) > window or series[near][1]
 
-    total, serial, kinds = 0, 0, Counter()
+    total, serial, kinds, functions = 0, 0, Counter(), Counter()
     for tid, t, symbol, library in samples:
         if tid == main:
             total += 1
             if all(idle(other, t) for other in others):
                 serial += 1
                 kinds[kind(symbol, library)] += 1
-    return {"samples": total, "serial": serial, "kinds": {k: kinds.get(k, 0) for k in KINDS}}
+                functions[f"{symbol[:80]} ({library})"] += 1
+    return {"samples": total, "serial": serial, "kinds": {k: kinds.get(k, 0) for k in KINDS},
+            "functions": dict(functions.most_common(TOP))}
 
 
 def _child(model: str, context: int, variant: str, overrides: str) -> None:
@@ -141,6 +145,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--seconds", type=float, default=8.0, help="sampling time per row")
     parser.add_argument("--set", dest="overrides", default="", help="config overrides, space-separated")
+    parser.add_argument("--top", type=int, default=12, help="functions listed per row (the JSON keeps %d)" % TOP)
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,6 +167,10 @@ def main() -> None:
     print(f"{'serial (other threads idle)':>30} " + " ".join(f"{r['serial'] / max(r['samples'], 1):14.1%}" for r in rows))
     for k in KINDS:
         print(f"{'  ' + k:>30} " + " ".join(f"{r['kinds'][k] / max(r['samples'], 1):14.1%}" for r in rows))
+    for r in rows:
+        print(f"{r['model']}: the serial samples' most frequent functions (share of the main thread's samples)")
+        for function, n in list(r["functions"].items())[:args.top]:
+            print(f"  {n / max(r['samples'], 1):6.2%}  {function}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
