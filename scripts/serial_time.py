@@ -4,10 +4,10 @@ Each row (the memory model's training step, then the segment-local model's) runs
 steps; `perf record` samples that process for a few seconds (every thread, the function each sample falls in), and
 each main-thread sample is paired with every other thread's nearest sample (within one sampling interval). Where all
 of them are idle (in the OpenMP runtime, libgomp, spinning for work, or with no sample there: off the CPU), the main
-thread's sample is serial time: Python, dispatch, autograd, single-threaded loops, and the end of a parallel op that one thread finishes
-late. Per row: the step under perf, the serial share of the main thread's samples, and that share by the kind of
-function it was in (GEMM kernels, the Python interpreter, the compiled CPU passes, PyTorch's elementwise loops, the
-OpenMP runtime itself, the rest), and the functions the serial samples fell in most:
+thread's sample is serial time: Python, dispatch, autograd, single-threaded loops, and the end of a parallel op that
+one thread finishes late. Per row: the step under perf, the serial share of the main thread's samples, that share by
+the kind of function it was in (GEMM kernels, the Python interpreter, the compiled CPU passes, PyTorch's elementwise
+loops, the OpenMP runtime itself, the rest), and the functions the serial samples fell in most:
 
     python scripts/serial_time.py --model tiny --context 8192 [--seconds 8] [--set "model.windows_per_pass=4"]
         [--top 12] [--json out.json]
@@ -66,10 +66,10 @@ def kind(symbol: str, library: str) -> str:
 
 def serial_split(samples: list[tuple[int, float, str, str]], main: int, window: float) -> dict:
     """The main thread's (tid `main`) samples, each paired with every other thread's nearest -> {"samples": the main
-    thread's, "serial": those during which every other thread was idle, "kinds": {kind: such samples}, "functions": the TOP functions
-    they fell in most, {function (library): samples}}. A thread is
-    idle at t when its nearest sample within `window` s fell in the OpenMP runtime, or when it has none there (perf
-    samples running threads only: it was off the CPU, asleep)."""
+    thread's, "serial": those during which every other thread was idle, "kinds": {kind: such samples}, "functions":
+    the TOP functions they fell in most, {function (library): samples}}. A thread is idle at t when its nearest
+    sample within `window` s fell in the OpenMP runtime, or when it has none there (perf samples running threads
+    only: it was off the CPU, asleep)."""
     others: dict[int, list[tuple[float, bool]]] = {}
     for tid, t, symbol, library in samples:
         if tid != main:
@@ -126,8 +126,10 @@ def record(model: str, context: int, variant: str, overrides: str, seconds: floa
             done = subprocess.run([perf, "record", "-F", str(FREQUENCY), "-o", data, "-p", str(child.pid), "--",
                                    "sleep", str(seconds)], capture_output=True, text=True)
             if done.returncode != 0 or not Path(data).exists():
-                raise SystemExit(f"error: perf record failed ({done.stderr.strip().splitlines()[-1:]}); "
-                                 "see /proc/sys/kernel/perf_event_paranoid")
+                why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"error: perf record failed ({why}); see /proc/sys/kernel/perf_event_paranoid",
+                      file=sys.stderr)
+                raise SystemExit(2)
             text = subprocess.run([perf, "script", "-i", data, "-F", "tid,time,ip,sym,dso"], capture_output=True,
                                   text=True).stdout
     finally:
@@ -164,7 +166,8 @@ def main() -> None:
               "rows": rows, "meta": script_meta("scripts/serial_time.py")}
     print(f"{'share of main-thread samples':>30} " + " ".join(f"{r['model']:>14}" for r in rows))
     print(f"{'step under perf (ms)':>30} " + " ".join(f"{r['step_ms'] or 0:14.1f}" for r in rows))
-    print(f"{'serial (other threads idle)':>30} " + " ".join(f"{r['serial'] / max(r['samples'], 1):14.1%}" for r in rows))
+    print(f"{'serial (other threads idle)':>30} "
+          + " ".join(f"{r['serial'] / max(r['samples'], 1):14.1%}" for r in rows))
     for k in KINDS:
         print(f"{'  ' + k:>30} " + " ".join(f"{r['kinds'][k] / max(r['samples'], 1):14.1%}" for r in rows))
     for r in rows:
