@@ -154,16 +154,34 @@ def model_section(name: str, data: dict) -> str:
         extra = f"{r['peak_rss_bytes'] / 2**20:,.1f} | " if rss else ""
         lines.append(f"| {r['model']} | {r['context']:,} | {r['tokens_per_s']:,.0f} | "
                      f"{r['peak_mem_bytes'] / 2**20:,.1f} | {extra}{100 * r['mfu']:.2f} % | {r['params']:,} |")
-    lines += ["", "Memory model (cross read) relative to the full-causal baseline, same run:", "",
-              "| context | tokens/s ratio | peak memory ratio |", "|---:|---:|---:|"]
-    for r in ratios(data):
-        lines.append(f"| {r['context']:,} | {r['speedup']:.2f}× | {r['memory_ratio']:.3f}× |")
+    lines += relative_table(data)
     if data.get("generation"):
         lines += ["", "| generation | tokens generated | ms/token | state (KiB) |", "|---|---:|---:|---:|"]
         for g in data["generation"]:
             lines.append(f"| {g['model']} | {g['generated']:,} | {g['ms_per_token']:.2f} | "
                          f"{g['state_bytes'] / 2**10:,.1f} |")
     return "\n".join(lines)
+
+
+def relative_table(data: dict) -> list[str]:
+    """The memory model against its baselines of the same run, per context: tokens/s and peak memory against full
+    causal's, the step against the segment-local step ("—" where that baseline was not run); no table without
+    either baseline."""
+    rows = {(r["model"], r["context"]): r for r in data["rows"] if "tokens_per_s" in r}
+    lines = []
+    for (variant, context), row in sorted(rows.items(), key=lambda kv: kv[0][1]):
+        full, local = rows.get(("full_causal", context)), rows.get(("segment_local", context))
+        if variant != "memory" or (full is None and local is None):
+            continue
+        speed = f"{row['tokens_per_s'] / full['tokens_per_s']:.2f}×" if full else "—"
+        peak = f"{row['peak_mem_bytes'] / max(full['peak_mem_bytes'], 1):.3f}×" if full else "—"
+        step = f"{row['step_s'] / local['step_s']:.2f}×" if local else "—"
+        lines.append(f"| {context:,} | {speed} | {peak} | {step} |")
+    if not lines:
+        return []
+    return ["", "The memory model relative to its baselines, same run:", "",
+            "| context | tokens/s vs full causal | peak memory vs full causal | step vs segment-local |",
+            "|---:|---:|---:|---:|", *lines]
 
 
 CPU_TARGETS = {"tiny": (3.0, 10.0), "small": (2.5, 6.0)}  # memory vs full-causal tokens/s at 8K and at 32K

@@ -68,6 +68,20 @@ def test_cpu_rows_show_resident_set_growth_beside_the_tensor_peak():
     assert "RSS growth" not in render.model_section("gpu", result(2.5, 0.1))
 
 
+def test_model_sections_compare_the_memory_model_with_the_baselines_run():
+    """Each model section's relative table: tokens/s and peak against full causal's, the step against the
+    segment-local step, a dash for a baseline not run, and no table where neither ran."""
+    render = load_render()
+    both = render.model_section("cpu", result(3.5, 0.1, local_8k=1.2))
+    assert "| 8,192 | 3.50× | 0.100× | 1.20× |" in both
+    no_full = result(3.5, 0.1, local_8k=1.2)
+    no_full["rows"] = [r for r in no_full["rows"] if r["model"] != "full_causal"]
+    assert "| 8,192 | — | — | 1.20× |" in render.model_section("cpu", no_full)
+    alone = result(3.5, 0.1)
+    alone["rows"] = [r for r in alone["rows"] if r["model"] == "memory"]
+    assert "relative to its baselines" not in render.model_section("cpu", alone)
+
+
 def kernel_rows(causal_ratio: float, prefix_ratio: float, flex_ratio: float, bandwidth: float) -> dict:
     """A GPU kernel bench result: SDPA / FlexAttention times are the Triton times times the given ratios."""
     rows = []
