@@ -88,7 +88,7 @@ def gpu_target_status(kernels: dict | None, models: dict[str, dict]) -> dict[str
         if not base:
             continue
         batch = data["batch_size"]
-        at32 += [(batch, r) for r in ratios(data) if r["context"] == 32768]
+        at32 += [(batch, r) for r in ratios(data) if r["context"] == 32768 and r["speedup"] is not None]
         mfu += [(batch, r) for r in data["rows"] if r["context"] == 4096 and "mfu" in r
                 and r["model"] in ("memory", "full_causal")]
     if at32:
@@ -164,19 +164,13 @@ def model_section(name: str, data: dict) -> str:
 
 
 def relative_table(data: dict) -> list[str]:
-    """The memory model against its baselines of the same run, per context: tokens/s and peak memory against full
-    causal's, the step against the segment-local step ("—" where that baseline was not run); no table without
-    either baseline."""
-    rows = {(r["model"], r["context"]): r for r in data["rows"] if "tokens_per_s" in r}
-    lines = []
-    for (variant, context), row in sorted(rows.items(), key=lambda kv: kv[0][1]):
-        full, local = rows.get(("full_causal", context)), rows.get(("segment_local", context))
-        if variant != "memory" or (full is None and local is None):
-            continue
-        speed = f"{row['tokens_per_s'] / full['tokens_per_s']:.2f}×" if full else "—"
-        peak = f"{row['peak_mem_bytes'] / max(full['peak_mem_bytes'], 1):.3f}×" if full else "—"
-        step = f"{row['step_s'] / local['step_s']:.2f}×" if local else "—"
-        lines.append(f"| {context:,} | {speed} | {peak} | {step} |")
+    """The memory model against its baselines of the same run (`ratios`), per context; a dash where a baseline was
+    not run, no table where neither was."""
+    def cell(value, digits):
+        return "—" if value is None else f"{value:.{digits}f}×"
+
+    lines = [f"| {r['context']:,} | {cell(r['speedup'], 2)} | {cell(r['memory_ratio'], 3)} | "
+             f"{cell(r['step_vs_segment_local'], 2)} |" for r in ratios(data)]
     if not lines:
         return []
     return ["", "The memory model relative to its baselines, same run:", "",

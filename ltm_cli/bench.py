@@ -152,9 +152,8 @@ def bench_model_cmd(
     for col in ("context", "tokens/s vs full causal", "peak memory vs full causal", "step vs segment-local"):
         summary.add_column(col, justify="right")
     for r in ratios(result):
-        local = r["step_vs_segment_local"]
-        summary.add_row(f"{r['context']:,}", f"{r['speedup']:.2f}x", f"{r['memory_ratio']:.3f}x",
-                        "" if local is None else f"{local:.2f}x")
+        summary.add_row(f"{r['context']:,}", *(_ratio(r[key], digits) for key, digits in
+                                              (("speedup", 2), ("memory_ratio", 3), ("step_vs_segment_local", 2))))
     console.print(summary)
     if result["generation"]:
         gen_table = Table(title="generation (greedy, batch 1)")
@@ -167,6 +166,11 @@ def bench_model_cmd(
     _write_json(json_path, result)
     if plot is not None:
         _plot_model(plot, result)
+
+
+def _ratio(value: Optional[float], digits: int) -> str:
+    """A ratio of the summary table; a dash where its baseline was not run."""
+    return "—" if value is None else f"{value:.{digits}f}x"
 
 
 @bench_app.command("kernels")

@@ -395,15 +395,16 @@ def result_header(cfg: TitanConfig, device: Optional[str], dtype: str, batch_siz
 
 
 def ratios(result: dict[str, Any], baseline: str = "full_causal") -> list[dict[str, Any]]:
-    """memory / baseline ratios per context: tokens/s (`speedup`), peak memory, and the memory model's step time
-    against the segment-local step (`step_vs_segment_local`, when that row was measured)."""
+    """memory / baseline ratios per context where the memory model and a baseline ran: tokens/s (`speedup`) and peak
+    memory (`memory_ratio`) against `baseline`'s, and the memory model's step time against the segment-local step
+    (`step_vs_segment_local`); a ratio whose baseline was not run is None."""
     by_key = {(r["model"], r["context"]): r for r in result["rows"] if "tokens_per_s" in r}
     out = []
     for (variant, context), row in sorted(by_key.items(), key=lambda kv: kv[0][1]):
-        base = by_key.get((baseline, context))
-        if variant == "memory" and base:
-            local = by_key.get(("segment_local", context))
-            out.append({"context": context, "speedup": row["tokens_per_s"] / base["tokens_per_s"],
-                        "memory_ratio": row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
+        base, local = by_key.get((baseline, context)), by_key.get(("segment_local", context))
+        if variant == "memory" and (base or local):
+            out.append({"context": context,
+                        "speedup": None if base is None else row["tokens_per_s"] / base["tokens_per_s"],
+                        "memory_ratio": None if base is None else row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
                         "step_vs_segment_local": None if local is None else row["step_s"] / local["step_s"]})
     return out

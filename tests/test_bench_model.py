@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -44,6 +45,9 @@ def test_ratios_pair_memory_with_full_causal():
         {"model": "full_causal", "context": 8, "tokens_per_s": 10.0, "peak_mem_bytes": 40, "step_s": 1.8},
         {"model": "segment_local", "context": 8, "tokens_per_s": 50.0, "peak_mem_bytes": 5, "step_s": 0.5}]}
     assert ratios(result) == [{"context": 8, "speedup": 3.0, "memory_ratio": 0.25, "step_vs_segment_local": 1.5}]
+    no_full = {"rows": [r for r in result["rows"] if r["model"] != "full_causal"]}  # a ratio without its baseline
+    assert ratios(no_full) == [{"context": 8, "speedup": None, "memory_ratio": None, "step_vs_segment_local": 1.5}]
+    assert ratios({"rows": result["rows"][:1]}) == []  # no baseline: no row
 
 
 def test_the_recurrence_share_is_the_time_inside_the_memorys_writes():
@@ -144,6 +148,24 @@ def test_bench_model_cli_runs_only_the_chosen_variants(tmp_path):
     bad = CliRunner().invoke(app, ["bench", "model", "--variant", "flash", "--json", str(tmp_path / "bad.json")])
     assert bad.exit_code == 2 and "--variant" in bad.output and "flash" in bad.output, bad.output
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_bench_model_cli_summary_without_full_causal_shows_the_step_ratio(tmp_path):
+    """The summary table for the memory model and the segment-local baseline alone: the step ratio, a dash for the
+    full-causal ratios (not run), not an empty table."""
+    from typer.testing import CliRunner
+
+    from ltm_cli.app import app
+
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["bench", "model", "--model", "tiny", "--context", "64", "--variant", "memory",
+                                      "--variant", "segment_local", "--repeats", "1", "--device", "cpu", "--json",
+                                      str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output[-3000:]
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    step = rows["memory"]["step_s"] / rows["segment_local"]["step_s"]
+    summary = result.output[result.output.index("memory model / baselines"):]
+    assert re.search(rf"64 .* — .* — .* {step:.2f}x", summary), summary
 
 
 @pytest.mark.parametrize("args, warmup", [([], 1), (["model.compile=true"], 3), (["--warmup", "0"], 0),
