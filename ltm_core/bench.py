@@ -402,9 +402,10 @@ def ratios(result: dict[str, Any], baseline: str = "full_causal") -> list[dict[s
     out = []
     for (variant, context), row in sorted(by_key.items(), key=lambda kv: kv[0][1]):
         base, local = by_key.get((baseline, context)), by_key.get(("segment_local", context))
-        if variant == "memory" and (base or local):
-            out.append({"context": context,
-                        "speedup": None if base is None else row["tokens_per_s"] / base["tokens_per_s"],
-                        "memory_ratio": None if base is None else row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
-                        "step_vs_segment_local": None if local is None else row["step_s"] / local["step_s"]})
+        if variant != "memory" or (base is None and local is None):
+            continue
+        out.append({"context": context,
+                    "speedup": None if base is None else row["tokens_per_s"] / base["tokens_per_s"],
+                    "memory_ratio": None if base is None else row["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
+                    "step_vs_segment_local": None if local is None else row["step_s"] / local["step_s"]})
     return out
