@@ -91,6 +91,11 @@ class TitanLightning(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, memory=None):
         return self.model(input_ids, memory=memory)
 
+    def on_train_start(self) -> None:
+        # a model handed over in eval mode (`Trainer(model=...)` after an InferenceEngine put it there) trains as a
+        # fresh one does: its memory's training noise and auxiliary losses on (Lightning keeps modules' modes)
+        self.model.train()
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
         scheduler = build_scheduler(optimizer, self.optim_cfg, self.max_steps)

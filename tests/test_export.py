@@ -121,13 +121,30 @@ def test_hf_folder_imports_ltm_core_and_loads_with_auto_classes(hf_folder, train
     assert model.model.lm_head.weight is model.model.embed_tokens.weight  # tied again after loading
     with torch.no_grad():  # ltm reads the folder too (its config.json carries the run config)
         torch.testing.assert_close(load_model(hf_folder)(ids).logits, reference(ids).logits, rtol=0, atol=0)
-    text = "naïve — ✓ bytes"
+    text = "naïve — ✓ bytes <eos><bos><pad>"  # the special tokens' names in text are bytes, as ByteTokenizer reads them
     for tokenizer in (AutoTokenizer.from_pretrained(hf_folder),
                       AutoTokenizer.from_pretrained(hf_folder, trust_remote_code=True)):
         assert len(tokenizer) == 259
         assert tokenizer(text).input_ids == ByteTokenizer().encode(text, bos=True)
         assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
         assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (257, 258)
+
+
+def test_hf_model_saved_again_keeps_the_export_layout(hf_folder, tmp_path):
+    """A model loaded from the folder and saved with save_pretrained writes the export's layout again (auto_map to
+    the folder's configuration_ltm / modeling_ltm, no copy of ltm's module) and loads back to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_folder, trust_remote_code=True)
+    model.save_pretrained(tmp_path / "again")
+    files = sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert "modeling_ltm.py" in files and "configuration_ltm.py" in files and "hf.py" not in files, files
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())["auto_map"]
+    assert saved == json.loads((hf_folder / "config.json").read_text())["auto_map"]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_hf_generate_gives_the_tokens_of_ltm_generate(hf_folder, trained_tiny):
@@ -332,3 +349,19 @@ def test_hf_export_after_loading_an_exported_folder_keeps_the_folders_auto_map(h
     auto_map = json.loads((again / "config.json").read_text())["auto_map"]
     assert auto_map == {"AutoConfig": "configuration_ltm.LtmConfig",
                         "AutoModelForCausalLM": "modeling_ltm.LtmForCausalLM"}, auto_map
+
+
+def test_onnx_export_of_the_delta_memory_matches_pytorch(tmp_path):
+    """The delta memory's write (a triangular solve, which ONNX lacks) exports as forward substitution: onnxruntime
+    reads two segments and five tokens, a batch of 2, within 1e-4 of PyTorch's logits."""
+    from support import kind_config, tiny_model
+    from ltm_core.export.onnx import OnnxModel, export_graphs
+
+    model = tiny_model(kind_config("delta"), perturb=True).eval()
+    export_graphs(model, tmp_path)
+    onnx_model = OnnxModel(tmp_path)
+    ids = torch.randint(0, 256, (2, 2 * model.config.segment_length + 5), generator=torch.Generator().manual_seed(1))
+    logits, state = onnx_model(ids.numpy(), onnx_model.initial_state(2))
+    with torch.no_grad():
+        assert abs(logits - model(ids).logits.numpy()).max() <= 1e-4
+    assert state.segments == 2 and state.offset == 5

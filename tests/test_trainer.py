@@ -120,3 +120,27 @@ class _Wrap(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.rows[i]
+
+
+def test_trainer_trains_a_model_left_in_eval_mode(tmp_path):
+    """A model an InferenceEngine put in eval mode trains as a fresh one: in training mode, so the tokens memory's
+    importance penalty (a training-only auxiliary loss) is applied and logged, and the weights equal a fresh run's."""
+    from ltm_core import InferenceEngine
+
+    penalty = TINY + ["model.memory.importance_penalty=0.1", "model.memory.select_noise=0"]
+
+    def model():
+        torch.manual_seed(42)
+        return TitanModel(model_config(compose(penalty)))
+
+    modes = []
+    evaluated = model()
+    InferenceEngine(evaluated)  # sets the model to eval mode
+    assert not evaluated.training
+    evaluated.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    data = TokenRows(4)
+    last = Trainer(evaluated, _args(tmp_path / "eval", max_steps=2), data).train()
+    fresh = Trainer(model(), _args(tmp_path / "fresh", max_steps=2), data).train()
+    assert modes and all(modes)
+    assert "train/aux_loss" in (tmp_path / "eval" / "metrics.csv").read_text().splitlines()[0]
+    _same_weights(fresh, last)

@@ -144,6 +144,17 @@ class LtmForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own cache (LtmCache), as transformers' recurrent models do
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save in the layout `ltm export --format hf` writes, also for a model loaded from such a
+        folder: config.json's auto_map names the folder's configuration_ltm / modeling_ltm, which import ltm_core
+        (without this, the auto-class registration that loading left would copy this module into the folder)."""
+        self.config.auto_map = AUTO_MAP
+        with _unregistered(LtmConfig, LtmForCausalLM):
+            super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            (Path(save_directory) / "modeling_ltm.py").write_text(MODELING)
+            (Path(save_directory) / "configuration_ltm.py").write_text(CONFIGURATION)
+
     def _init_weights(self, module: torch.nn.Module) -> None:
         if isinstance(module, TitanModel) and module.embed_tokens.weight.device.type != "meta":
             module.init_weights()
@@ -214,7 +225,8 @@ def byte_chars() -> list[str]:
 
 def byte_tokenizer():
     """ltm's ByteTokenizer as a transformers fast tokenizer: byte b -> id b (a BPE with no merges over the byte
-    alphabet), <bos> 256 prepended like `ltm generate` does, <eos> 257, <pad> 258."""
+    alphabet), <bos> 256 prepended like `ltm generate` does, <eos> 257, <pad> 258. Text is bytes only, as in
+    ByteTokenizer: "<eos>" written in a prompt is its five bytes, not the special token (`split_special_tokens`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -228,7 +240,7 @@ def byte_tokenizer():
     tok.add_special_tokens(["<bos>", "<eos>", "<pad>"])
     assert tok.get_vocab_size() == VOCAB_SIZE
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   model_max_length=10**9)
+                                   model_max_length=10**9, split_special_tokens=True)
 
 
 def readme(checkpoint: str | Path) -> str:
@@ -271,16 +283,13 @@ def export_hf(checkpoint: str | Path, ckpt: dict[str, Any], out: Path, overwrite
 
     model = load_model(checkpoint, ckpt=ckpt)
     config = LtmConfig(ltm_config=current_run_config(ckpt, checkpoint))
-    config.auto_map = AUTO_MAP
     with torch.device("meta"):
         hf = LtmForCausalLM(config)
     hf.model = model  # the loaded weights themselves
     hf.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, do_sample=True,
                                             temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=200)
-    with output_folder(out, overwrite) as staging, _unregistered(LtmConfig, LtmForCausalLM):
+    with output_folder(out, overwrite) as staging:
         hf.save_pretrained(staging, max_shard_size=max_shard_bytes or DEFAULT_SHARD_BYTES)
         byte_tokenizer().save_pretrained(staging)
-        (staging / "modeling_ltm.py").write_text(MODELING)
-        (staging / "configuration_ltm.py").write_text(CONFIGURATION)
         (staging / "README.md").write_text(readme(checkpoint))
     return out

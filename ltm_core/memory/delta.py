@@ -24,6 +24,16 @@ from ltm_core.layers import RMSNorm
 from ltm_core.memory.base import Memory, Write
 
 
+def unit_lower_solve(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(I + a)^-1 r by forward substitution, a [B, S, S] strictly lower triangular, r [B, S, M] -> u [B, S, M]:
+    u_t = r_t - a[t, :t] u[:t], one row at a time (S small ops, where `torch.linalg.solve_triangular` is one call:
+    the exported graphs' form of the delta write, which ONNX has no operator for)."""
+    u = r[:, :1]
+    for t in range(1, r.shape[1]):
+        u = torch.cat([u, r[:, t:t + 1] - a[:, t:t + 1, :t] @ u], dim=1)  # [B, t + 1, M]
+    return u
+
+
 class DeltaRead(nn.Module):
     """y = O (mem normalize(Q h))."""
 
@@ -80,8 +90,12 @@ class DeltaMemory(Memory):
         b = torch.sigmoid(self.importance(entries).to(dt))  # [B, S, 1]
         w = state.to(dt)  # [B, M, D]
         a = torch.tril(b * (k @ k.transpose(1, 2)), diagonal=-1)  # [B, S, S]: b_t k_t . k_i for i < t
-        eye = torch.eye(S, dtype=a.dtype, device=a.device)
-        u = torch.linalg.solve_triangular(eye + a, b * (v - k @ w.transpose(1, 2)), upper=False)  # [B, S, M]
+        r = b * (v - k @ w.transpose(1, 2))  # [B, S, M]
+        if torch.compiler.is_exporting():  # ONNX has no triangular solve (`ltm export --format onnx`)
+            u = unit_lower_solve(a, r)
+        else:
+            eye = torch.eye(S, dtype=a.dtype, device=a.device)
+            u = torch.linalg.solve_triangular(eye + a, r, upper=False)  # [B, S, M]
         return Write((w + u.transpose(1, 2) @ k).to(state.dtype))  # [B, M, D]
 
     def read(self, h: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

@@ -60,3 +60,26 @@ def test_it_writes_the_state_after_attention_whatever_the_memory_holds():
             for s in (1, 2)]
     torch.testing.assert_close(outs[0][3], outs[1][3], rtol=0, atol=0)  # the entries
     assert (outs[0][0] - outs[1][0]).abs().amax() > 1e-4  # the block's output does read the memory
+
+
+def test_the_exported_write_solves_by_forward_substitution(monkeypatch):
+    """Under export (ONNX has no triangular solve) the write takes `unit_lower_solve`: (I + a)^-1 r as the solver
+    gives it, also where the powers of a grow (a all ones below the diagonal: (I + a)^-1 is bidiagonal), and the
+    same state as the solve."""
+    from ltm_core.memory.delta import unit_lower_solve
+
+    g = torch.Generator().manual_seed(0)
+    B, S, M = 2, 64, 5
+    r = torch.randn(B, S, M, generator=g, dtype=torch.float64)
+    eye = torch.eye(S, dtype=torch.float64)
+    for a in (torch.randn(B, S, S, generator=g, dtype=torch.float64).tril(-1) * 0.3,
+              torch.ones(B, S, S, dtype=torch.float64).tril(-1)):
+        expect = torch.linalg.solve_triangular(eye + a, r, upper=False)
+        torch.testing.assert_close(unit_lower_solve(a, r), expect, rtol=1e-10, atol=1e-10)
+    memory = tiny_model(kind_config("delta"), perturb=True).blocks[0].memory
+    c, mem = torch.randn(B, 16, 16, generator=g), torch.randn(B, 8, 16, generator=g)  # [B, S, D], [B, M, D]
+    with torch.no_grad():
+        solved = memory.write(mem, c).state
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        substituted = memory.write(mem, c).state
+    torch.testing.assert_close(substituted, solved, rtol=0, atol=1e-5)
