@@ -7,7 +7,6 @@ traceback instead.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from ltm_cli.bench import bench_app
 from ltm_cli.deploy import export_cmd, quantize_cmd
-from ltm_cli.errors import device_option, output_file, report, settings, user_errors
+from ltm_cli.errors import check_overrides, device_option, output_file, report, settings, user_errors, write_json
 from ltm_cli.help import groups_epilog
 from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
@@ -61,7 +60,7 @@ def train(ctx: typer.Context,
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ltm_core.train import default_output_dir, is_rank_zero, train as train_run
+    from ltm_core.train import check_output_dir, default_output_dir, is_rank_zero, train as train_run
 
     given = dict(o.split("=", 1) for o in overrides if "=" in o)
     if multirun:
@@ -69,6 +68,10 @@ def train(ctx: typer.Context,
         overrides.append(f"hydra.sweep.dir={sweep_dir}")
     elif "output_dir" not in _keys(overrides):
         overrides.append(f"output_dir={default_output_dir()}")
+    if is_rank_zero():  # before Hydra makes the folder: a file in its place, or a place that cannot hold one
+        folder = sweep_dir if multirun else given.get("output_dir") or "."
+        if "${" not in folder:  # (an interpolation is resolved by Hydra)
+            check_output_dir(folder)
 
     @hydra.main(version_base="1.3", config_path="pkg://ltm_conf", config_name="train")
     def task(cfg) -> None:
@@ -122,7 +125,7 @@ def generate(
                                        "the prompt only; any larger number streams in constant memory."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample from the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold, in (0, 1]."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed for reproducible output."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
@@ -178,6 +181,7 @@ def evaluate_cmd(
     from ltm_core.tasks import is_task
 
     overrides = list(ctx.args)
+    check_overrides(overrides, ("data", "model", "task"), "eval")
     dev = device_option(device)
     if len(checkpoints) > 1 and not by_position:
         raise ConfigError("--checkpoint", "several checkpoints are compared with --by-position; give one otherwise")
@@ -186,6 +190,9 @@ def evaluate_cmd(
     ckpts = [read_checkpoint(path) for path in checkpoints]
     stored = [checkpoint_config(ckpt) for ckpt in ckpts]
     task = any(k.split(".")[0] == "task" for k in _keys(overrides))
+    text = dict(o.lstrip("+~").split("=", 1) for o in overrides).get("data")  # data=NAME: that text, even for a
+    if text is not None and is_task(text):  # checkpoint trained on a task
+        raise ConfigError("data", f"{text} is a task: evaluate it with task={text}")
     if by_position:
         if task:
             raise ConfigError("--by-position", "measures the loss on text (data=kjv|pystdlib|textfile), not on a task")
@@ -194,7 +201,7 @@ def evaluate_cmd(
         return
     checkpoint, stored = checkpoints[0], stored[0]
     model = _load(checkpoint, dev, quantize, overrides, ckpts[0])
-    if task or is_task(stored["data"]["name"]):
+    if task or (is_task(stored["data"]["name"]) and text is None):
         _evaluate_task(checkpoint, model, stored, overrides, json_path, plot_path)
         return
     if plot_path is not None:
@@ -212,7 +219,7 @@ def evaluate_cmd(
                   f"{results['loss']:.4f}", f"{results['perplexity']:.3f}", f"{results['bpb']:.4f}")
     console.print(table)
     if json_path is not None:
-        json_path.write_text(json.dumps({"checkpoint": str(checkpoint), "data": data.name, **results}, indent=2))
+        write_json(json_path, {"checkpoint": str(checkpoint), "data": data.name, **results})
 
 
 SAME_WINDOWS = ("name", "path", "seq_len", "val_books", "val_fraction", "val_samples")  # fix the windows read
@@ -247,7 +254,7 @@ def _evaluate_by_position(checkpoints: list[Path], models: list, stored: list[di
                "runs": runs}
     console.print(_position_table(results))
     if json_path is not None:
-        json_path.write_text(json.dumps(results, indent=2))
+        write_json(json_path, results)
     if plot_path is not None:
         from ltm_core.plotting import plot_loss_by_position
 
@@ -290,7 +297,7 @@ def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], 
                **results}
     console.print(results_table(results, title=f"ltm eval task={task_cfg.name} {checkpoint}"))
     if json_path is not None:
-        json_path.write_text(json.dumps(results, indent=2))
+        write_json(json_path, results)
     if plot_path is not None:
         plot_results(results, plot_path)
 
@@ -299,7 +306,8 @@ def _evaluate_task(checkpoint: Path, model, stored: dict, overrides: list[str], 
 @config_app.command("show", context_settings=OVERRIDES, options_metavar="[OPTIONS] [OVERRIDES]...", epilog=GROUPS)
 @user_errors
 def config_show(ctx: typer.Context):
-    """Print the config that `ltm train \\[overrides]` would use, checked as `ltm train` checks it.
+    """Print the config that `ltm train \\[overrides]` would use, its values checked as `ltm train` checks them (the
+    data files, the devices and the machine are checked when a run starts).
 
     Example: `ltm config show model=small data=textfile data.path=notes.txt trainer.max_steps=100`.
     """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ltm_cli.bench_parallel import bench_parallel_cmd
-from ltm_cli.errors import device_option, output_file, user_errors
+from ltm_cli.errors import device_option, output_file, user_errors, write_json
 from ltm_cli.progress import progress_bar
 from ltm_core.errors import ConfigError
 
@@ -63,7 +62,7 @@ def run_meta() -> dict[str, str]:
 def _write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
     if path is not None:
         payload = {**payload, "meta": run_meta()}
-        path.write_text(json.dumps(payload, indent=2))
+        write_json(path, payload)
         console.print(f"wrote {path}")
 
 
@@ -87,6 +86,7 @@ def _plot_model(path: Path, result: dict[str, Any]) -> None:
         ax.legend()
     fig.suptitle(f"ltm bench model — {result['device']}")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     console.print(f"wrote {path}")
 

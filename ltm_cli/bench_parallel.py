@@ -6,14 +6,13 @@ Register with: `bench_app.command("parallel")(bench_parallel_cmd)`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from ltm_cli.errors import output_file, user_errors
+from ltm_cli.errors import output_file, user_errors, write_json
 from ltm_cli.progress import progress_bar
 
 console = Console()
@@ -41,5 +40,5 @@ def bench_parallel_cmd(
         rows = bench_parallel(presets, overrides or [], steps=steps, use_defaults=defaults, progress=progress)
     console.print(rows_table(rows))
     if json_path is not None:
-        json_path.write_text(json.dumps({"steps": steps, "overrides": overrides or [], "rows": rows}, indent=2))
+        write_json(json_path, {"steps": steps, "overrides": overrides or [], "rows": rows})
         console.print(f"wrote {json_path}")

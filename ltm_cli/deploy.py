@@ -3,7 +3,6 @@ ltm_core.export.export_checkpoint."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ltm_cli.errors import device_option, output_file, user_errors
+from ltm_cli.errors import check_overrides, device_option, output_file, user_errors, write_json
 
 console = Console()
 
@@ -47,11 +46,9 @@ def quantize_cmd(
     check_method(method)  # options first: they fail in a moment, before the heavy imports
     dev = device_option(device)
     output_file(json_path, "--json")
-    check_output_folder(out, overwrite)
+    check_output_folder(out, overwrite, checkpoint)
     overrides = list(ctx.args)
-    unknown = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] != "data"]
-    if unknown:
-        raise ConfigError(unknown[0].split("=", 1)[0], "ltm quantize takes data overrides only (data=..., data.key=...)")
+    check_overrides(overrides, ("data",), "quantize")
     from ltm_core.checkpoint import checkpoint_config, read_checkpoint
     from ltm_core.evaluate import eval_data
     from ltm_core.quantize import quantize_checkpoint
@@ -83,7 +80,7 @@ def quantize_cmd(
     if json_path is not None:
         from ltm_cli.bench import run_meta
 
-        json_path.write_text(json.dumps({**result, "meta": run_meta()}, indent=2))
+        write_json(json_path, {**result, "meta": run_meta()})
         console.print(f"wrote {json_path}")
 
 
@@ -102,7 +99,7 @@ def export_cmd(
     from ltm_core.export import check_format, check_output_folder, export_checkpoint
 
     check_format(fmt)
-    check_output_folder(out, overwrite)
+    check_output_folder(out, overwrite, checkpoint)
     written = export_checkpoint(checkpoint, fmt, out, overwrite, parse_size(shard_size))
     files = sorted(p.name for p in written.iterdir())
     console.print(f"wrote {written}: {', '.join(files)}", soft_wrap=True)

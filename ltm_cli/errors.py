@@ -49,20 +49,41 @@ def device_option(name: Optional[str]) -> str:
     return name
 
 
+def check_overrides(overrides: list[str], groups: tuple[str, ...], command: str) -> None:
+    """The extra arguments of a command that takes Hydra-style overrides of some config groups only: each is a
+    `key=value` whose key is in `groups` (a misspelt option, a stray word or another group's key is one line, not
+    silently ignored); their values are checked where they are read."""
+    for arg in overrides:
+        if arg.startswith("-"):
+            raise ConfigError(arg, f"no such option (`ltm {command} --help` lists them)")
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" not in arg:
+            raise ConfigError(arg, "is not an override: overrides are key=value")
+        if key.split(".")[0] not in groups:
+            raise ConfigError(key, f"ltm {command} takes {', '.join(g + '.*' for g in groups)} overrides only")
+
+
 def output_file(path: Optional[Path], option: str) -> Optional[Path]:
-    """A `--json` / `--plot` destination, checked before the work that fills it: its folder is created; a folder
-    given as the file, or a folder that cannot be made, is a one-line error (`--plot`: also matplotlib and the
-    file format)."""
+    """A `--json` / `--plot` destination, checked before the work that fills it: a folder given as the file, or a
+    folder that cannot be written or made, is a one-line error (`--plot`: also matplotlib and the file format).
+    Nothing is made yet: the writer makes the folder (`write_json`; the plots' savefig)."""
+    from ltm_core.run_guard import writable_folder
+
     if path is None:
         return None
     if path.is_dir():
         raise ConfigError(option, f"{path} is a folder: give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(option, f"cannot create the folder {path.parent} ({exc.strerror or exc})") from None
+    writable_folder(path.parent, option)
     if option == "--plot":
         from ltm_core.plotting import check_plot_path
 
         check_plot_path(path)
     return path
+
+
+def write_json(path: Path, payload) -> None:
+    """A `--json` file (checked by `output_file`), its folder made now."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))

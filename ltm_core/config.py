@@ -300,6 +300,18 @@ class OptimConfig:
     schedule_steps: Optional[int] = None  # cosine length; None -> trainer.max_steps
     grad_clip: float = 1.0  # 0 disables clipping
 
+    def __post_init__(self) -> None:
+        checks = {"lr": self.lr > 0, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "weight_decay": self.weight_decay >= 0,
+                  "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "warmup_steps": self.warmup_steps >= 0,
+                  "schedule_steps": self.schedule_steps is None or self.schedule_steps > 0,
+                  "grad_clip": self.grad_clip >= 0}
+        wanted = {"lr": "positive", "min_lr_ratio": "in [0, 1]", "weight_decay": "0 or more", "beta1": "in [0, 1)",
+                  "beta2": "in [0, 1)", "warmup_steps": "0 or more", "schedule_steps": "positive or null",
+                  "grad_clip": "0 (off) or more"}
+        for key, ok in checks.items():
+            if not ok:  # (also nan)
+                raise ConfigError(f"optim.{key}", f"must be {wanted[key]}, got {getattr(self, key)}")
+
 
 @dataclass
 class PrecisionConfig:

@@ -162,8 +162,6 @@ def validate(cfg: DictConfig) -> None:
                                                             "leave it null and set trainer.val_check_interval")
     if cfg.trainer.tensorboard and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise ConfigError("trainer.tensorboard", "needs TensorBoard: pip install 'ltm[tensorboard]'")
-    if cfg.optim.lr <= 0:
-        raise ConfigError("optim.lr", f"must be positive, got {cfg.optim.lr}")
     if cfg.resume not in (None, "auto") and not str(cfg.resume).endswith(".ckpt"):
         raise ConfigError("resume", f"must be auto or a path to a .ckpt file, got {cfg.resume!r}")
     # --- parallel layout (ltm_core.parallel): dp × tp × pp vs world size, heads vs tp, layers vs stages

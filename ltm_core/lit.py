@@ -42,7 +42,7 @@ from ltm_core.configuration import to_dict
 from ltm_core.console import LIGHTNING_LOGGERS, generate_command, quiet_lightning
 from ltm_core.data import Corpus, load_corpus, unigram_bpb
 from ltm_core.datamodule import TextDataModule
-from ltm_core.errors import CheckpointError, ConfigError, Interrupted
+from ltm_core.errors import CheckpointError, Interrupted
 from ltm_core.model import TitanModel
 from ltm_core.resources import cpu_budget
 from ltm_core.run_guard import (Interrupts, TrainingStream, add_missing_metrics_row, atomic_save, check_rng_state,
@@ -444,8 +444,6 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
     module = TitanLightning(to_dict(cfg), model=model)
     ckpt_path = resume_path(cfg, out)
     interrupts = run_guard.Interrupts()
-    if cfg.precision.lightning == "16-mixed" and not torch.cuda.is_available():
-        raise ConfigError("precision", "fp16-mixed needs a CUDA GPU; use precision=bf16-mixed on CPU")
 
     model = module.model
     rank_zero = is_rank_zero()

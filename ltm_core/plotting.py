@@ -51,5 +51,6 @@ def plot_loss_by_position(results: dict, path: str | Path) -> None:
     ax.legend(fontsize=8, title="run: mean bits/byte", title_fontsize=8)
     ax.grid(True, which="major", axis="y", alpha=0.3)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

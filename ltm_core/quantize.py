@@ -237,7 +237,7 @@ def quantize_checkpoint(checkpoint, method: str, out, data, *, lm_head: bool = F
     from ltm_core.export.safetensors import write_folder
 
     check_method(method)
-    check_output_folder(Path(out), overwrite)
+    check_output_folder(Path(out), overwrite, checkpoint)  # never the input's folder: it would be deleted
     ckpt = read_checkpoint(checkpoint)
     if ckpt.get("quantization"):
         raise CheckpointError(f"checkpoint error: {checkpoint} is already quantized "
@@ -255,7 +255,7 @@ def quantize_checkpoint(checkpoint, method: str, out, data, *, lm_head: bool = F
         write_folder(Path(tmp), model.state_dict(), run_config)
         rows[0]["disk_bytes"] = folder_bytes(Path(tmp))
     record = quantization_record(method, names, quantized)
-    with output_folder(Path(out), overwrite) as staging:
+    with output_folder(Path(out), overwrite, checkpoint) as staging:
         write_folder(staging, quantized.state_dict(), run_config, record)
         rows[1]["disk_bytes"] = folder_bytes(staging)
     base = rows[0]

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from ltm_core.errors import CheckpointError, LtmError
+from ltm_core.errors import CheckpointError, ConfigError, LtmError
 
 # ------------------------------------------------------------------------------------------------ atomic files
 SAVE_HOOK_ENV = "LTM_SAVE_HOOK_PAUSE"
@@ -101,6 +101,25 @@ def atomic_save(obj: Any, path: Path) -> None:
             f.write(data[len(data) // 2:])
         else:
             torch.save(obj, f)
+
+
+def writable_folder(folder: Path, key: str) -> None:
+    """`folder` exists and can be written into, or can be made (checked by making it, then removing what was made:
+    nothing is left before the work that fills it). One ConfigError line naming `key` otherwise."""
+    folder = Path(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise ConfigError(key, f"{folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(key, f"cannot write into {folder}")
+        return
+    made = [folder, *[p for p in folder.parents if not p.exists()]]  # deepest first
+    try:
+        folder.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot create {folder} ({exc.strerror or exc})") from None
+    for path in made:
+        path.rmdir()
 
 
 def remove_stale_temporaries(folder: Path) -> None:

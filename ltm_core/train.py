@@ -21,7 +21,7 @@ import uuid
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -60,8 +60,10 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
 
 
-def prepare_output_dir(cfg: DictConfig) -> Path:
-    """Check the output folder against resume/overwrite and write config.yaml; returns the folder."""
+def prepare_output_dir(cfg: DictConfig) -> "OutputClaim":
+    """Check the output folder against resume/overwrite and write config.yaml; returns what it changed there
+    (`OutputClaim`: undone if the run does not start). overwrite=true sets the old run aside rather than deleting
+    it: it is deleted once the run has started, and put back if it does not."""
     out = Path(cfg.output_dir)
     saved = out / "config.yaml"
     holds_run = saved.exists() or (out / "checkpoints").exists()
@@ -75,15 +77,99 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
             k = changed[0]
             raise CheckpointError(f"checkpoint error: {out} was trained with model.{k}={getattr(old, k)}, "
                                   f"not {getattr(new, k)}; resume with the same model config")
-    if holds_run and cfg.overwrite and cfg.resume != "auto":
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for name in ("metrics.csv", "hparams.yaml"):
-            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(OutputClaim.ASIDE + "*"):  # a run set aside by an overwrite that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    claim = OutputClaim(out)
+    if holds_run and cfg.overwrite and cfg.resume != "auto":
+        claim.set_aside(["checkpoints", "metrics.csv", "hparams.yaml", "tensorboard"])
     run_guard.remove_stale_temporaries(out / "checkpoints")  # left by a killed save; the caller holds the lock
     with run_guard.atomic_file(saved) as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True).encode())
-    return out
+    return claim
+
+
+class OutputClaim:
+    """What a run's start changed in its output folder, kept until the run has started (`finish`): the entries
+    that were there, config.yaml as it was, and what overwrite=true set aside. A run that stops before writing a
+    checkpoint (bad input found late: an unreadable or mismatched resume checkpoint, a device it cannot use) leaves
+    the folder as it found it."""
+
+    ASIDE = ".replaced-"  # + a random name: the old run that overwrite=true replaces, until the new one starts
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.before = {p.name for p in out.iterdir()}
+        self.config = (out / "config.yaml").read_bytes() if (out / "config.yaml").is_file() else None
+        self.checkpoints = self._checkpoints()
+        self.aside: Optional[Path] = None
+
+    def _checkpoints(self) -> dict[str, int]:
+        folder = self.out / "checkpoints"
+        return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.ckpt")} if folder.is_dir() else {}
+
+    def set_aside(self, names: list[str]) -> None:
+        self.aside = self.out / f"{self.ASIDE}{uuid.uuid4().hex[:8]}"
+        self.aside.mkdir()
+        for name in names:
+            if (self.out / name).exists():
+                (self.out / name).rename(self.aside / name)
+                self.before.discard(name)
+
+    def progressed(self) -> bool:
+        """Whether the run wrote a checkpoint (a new one, or one rewritten)."""
+        now = self._checkpoints()
+        return any(self.checkpoints.get(name) != mtime for name, mtime in now.items())
+
+    def finish(self, started: bool) -> None:
+        """started: delete what was set aside; else undo: remove what the run created, restore config.yaml and what
+        was set aside."""
+        if not started:
+            for path in self.out.iterdir():
+                if path.name not in self.before and path != self.aside and path.name != ".lock":
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if self.config is None:
+                (self.out / "config.yaml").unlink(missing_ok=True)
+            else:
+                (self.out / "config.yaml").write_bytes(self.config)
+            if self.aside is not None:
+                for path in self.aside.iterdir():
+                    path.rename(self.out / path.name)
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+
+
+def check_output_dir(path: str | Path) -> None:
+    """An output folder a run can use: an existing folder it can write into, or one it can create. One line naming
+    the problem otherwise."""
+    run_guard.writable_folder(Path(path), "output_dir")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """What the configured devices need, before anything is written: a CUDA GPU for trainer.accelerator=gpu,
+    precision=fp16-mixed and model.kernels=triton."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator", f"{accelerator} needs a CUDA GPU and none is visible; use "
+                                                 "trainer.accelerator=auto or cpu")
+    if _on_cpu(cfg):
+        if cfg.precision.lightning == "16-mixed":
+            raise ConfigError("precision", "fp16-mixed needs a CUDA GPU; use precision=bf16-mixed on CPU")
+        if cfg.model.get("kernels") == "triton":
+            raise ConfigError("model.kernels", "triton needs a CUDA GPU; use model.kernels=auto (the Triton kernels "
+                                               "where a GPU runs them) or torch")
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """An explicit resume=PATH exists, and is not inside the output folder that overwrite=true would clear."""
+    if cfg.resume in (None, "auto"):
+        return
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint error: resume={cfg.resume} does not exist")
+    if cfg.overwrite and Path(cfg.output_dir).resolve() in path.resolve().parents:
+        raise ConfigError("resume", f"{cfg.resume} is inside output_dir {cfg.output_dir}, which overwrite=true "
+                                    "clears; continue that run with resume=auto, or choose another output_dir")
 
 
 def _saved_model_config(saved: Path):
@@ -115,7 +201,8 @@ def resume_path(cfg: DictConfig, out: Path) -> Optional[str]:
 
 
 def train(cfg: DictConfig) -> Path:
-    """Train as configured; returns the path of the last checkpoint. Raises LtmError on bad input."""
+    """Train as configured; returns the path of the last checkpoint. Raises LtmError on bad input, and then leaves
+    the output folder as it was (`run_in_output_dir`)."""
     validate(cfg)
     cfg = cfg.copy()
     if not cfg.output_dir:
@@ -129,15 +216,44 @@ def train(cfg: DictConfig) -> Path:
     local = world > 1 and not launched_externally()
     if local and cfg.parallel.num_nodes > 1:
         raise ConfigError("parallel.num_nodes", "multi-node runs start under torchrun or SLURM (see docs/distributed.md)")
-    # one run per folder; other ranks of an external launch wait for rank 0 in the process-group setup
-    with run_guard.RunLock(cfg.output_dir) if is_rank_zero() else nullcontext():
-        if is_rank_zero():
-            prepare_output_dir(cfg)
+
+    def start() -> Path:
         if local:
             with worker_threads(cfg.trainer.get("threads"), world):  # the workers share the cores
                 _launch_local(cfg, world)
             return Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
         return fit(cfg, corpus)
+
+    return run_in_output_dir(cfg, start)
+
+
+def run_in_output_dir(cfg: DictConfig, start: Callable[[], Path]) -> Path:
+    """Run `start()` (the training; returns the last checkpoint) in cfg.output_dir: the devices, the resume
+    checkpoint and the folder checked first, the folder locked (`RunLock`) and prepared (`prepare_output_dir`), and
+    left as it was found if the run stops before it writes a checkpoint (an error found late: `OutputClaim`). Only
+    rank 0 touches the folder; the other ranks of an external launch wait for it in the process-group setup."""
+    check_devices(cfg)
+    check_resume(cfg)
+    rank_zero = is_rank_zero()
+    if rank_zero:
+        check_output_dir(cfg.output_dir)
+    out = Path(cfg.output_dir)
+    existed = out.exists()
+    try:
+        with run_guard.RunLock(out) if rank_zero else nullcontext():
+            claim = prepare_output_dir(cfg) if rank_zero else None
+            try:
+                last = start()
+            except BaseException as exc:
+                if claim is not None:
+                    claim.finish(started=isinstance(exc, RunStopped) or claim.progressed())
+                raise
+            if claim is not None:
+                claim.finish(started=True)
+            return last
+    finally:
+        if rank_zero and not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # made for a run that did not start
 
 
 def parameter_count(cfg: DictConfig) -> int:

@@ -116,7 +116,7 @@ class Trainer:
     def train(self, resume_from_checkpoint: Union[bool, str, Path, None] = None) -> Path:
         """Run training; returns checkpoints/last.ckpt. `resume_from_checkpoint`: True continues the run in
         output_dir (resume=auto), a path continues from that .ckpt, None starts anew."""
-        from ltm_core.train import fit, prepare_output_dir
+        from ltm_core.train import fit, run_in_output_dir
 
         cfg = self.config.copy()
         if resume_from_checkpoint is True:
@@ -127,13 +127,11 @@ class Trainer:
             raise ConfigError("resume_from_checkpoint", f"must be True or a .ckpt path, got {cfg.resume!r}")
         if _is_path(self.train_dataset):
             corpus = load_corpus(DataConfig(**to_dict(cfg.data)))  # bad data fails before anything is written
-            prepare_output_dir(cfg)
-            return fit(cfg, corpus, model=self.model)
+            return run_in_output_dir(cfg, lambda: fit(cfg, corpus, model=self.model))
         datamodule = DatasetDataModule(self.train_dataset, self.eval_dataset, int(cfg.data.batch_size),
                                        self.args.per_device_eval_batch_size or int(cfg.data.batch_size),
                                        int(cfg.data.seed), int(cfg.data.num_workers))
-        prepare_output_dir(cfg)
-        return fit(cfg, datamodule=datamodule, model=self.model)
+        return run_in_output_dir(cfg, lambda: fit(cfg, datamodule=datamodule, model=self.model))
 
 
 def _is_path(data: Any) -> bool:

@@ -63,7 +63,11 @@ def test_generate_streams_text(trained):
 
 
 def test_eval_reports_loss_and_bpb(trained, tmp_path):
-    out = tmp_path / "eval.json"
+    one_error_line(invoke("eval", "--checkpoint", str(tmp_path / "missing.ckpt"), "--json", str(tmp_path / "new" /
+                                                                                                "eval.json")),
+                   "does not exist")
+    assert not (tmp_path / "new").exists()  # the --json folder is made by the writer, after the checks
+    out = tmp_path / "new" / "eval.json"
     result = run_ltm("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "--json", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bits/byte" in result.stdout
@@ -74,6 +78,17 @@ def test_eval_reports_loss_and_bpb(trained, tmp_path):
     result = invoke("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "data=textfile",
                     f"data.path={text}", "data.seq_len=64")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--by-postion"], "--by-postion: no such option"), (["--jsn", "out.json"], "--jsn: no such option"),
+    (["bogus=1"], "bogus: ltm eval takes data.*, model.*, task.* overrides only"),
+    (["+bogus=1"], "bogus: ltm eval takes"), (["trainer.max_steps=abc"], "trainer.max_steps: ltm eval takes"),
+    (["foo"], "foo: is not an override")])
+def test_eval_refuses_what_it_would_ignore(trained, args, needle):
+    """A misspelt option or an override eval does not read is one line and exit 2, not a silent default run."""
+    result = invoke("eval", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), *args)
+    one_error_line(result, needle)
 
 
 def test_eval_by_position_compares_checkpoints_on_one_table_json_and_plot(trained, tmp_path):

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from ltm_cli.app import app
-from ltm_cli.errors import device_option, output_file
+from ltm_cli.errors import device_option, output_file, write_json
 from ltm_core.checkpoint import read_checkpoint
 from ltm_core.errors import CheckpointError, ConfigError, LtmError
 
@@ -33,15 +33,21 @@ def test_device_option():
             device_option("cuda:1")
 
 
-def test_output_file_makes_its_folder_and_refuses_a_folder(tmp_path):
+def test_output_file_checks_its_folder_and_the_writer_makes_it(tmp_path):
+    """`output_file` checks, before the work, that the file's folder can be made, and leaves nothing behind (a
+    command that then fails on its input has written nothing); `write_json` makes it when the results exist."""
     nested = tmp_path / "a" / "b" / "r.json"
-    assert output_file(nested, "--json") == nested and nested.parent.is_dir() and not nested.exists()
+    assert output_file(nested, "--json") == nested and not (tmp_path / "a").exists()
+    write_json(nested, {"x": 1})
+    assert json.loads(nested.read_text()) == {"x": 1}
     with pytest.raises(ConfigError, match="--json: .* is a folder: give a file name"):
         output_file(tmp_path, "--json")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="--json: cannot create the folder"):
+    with pytest.raises(ConfigError, match="--json: .*file is a file, not a folder"):
         output_file(blocker / "r.json", "--json")
+    with pytest.raises(ConfigError, match="--json: cannot create"):
+        output_file(blocker / "x" / "r.json", "--json")
     assert output_file(None, "--json") is None
 
 

@@ -49,6 +49,11 @@ from ltm_core.errors import ConfigError
     (["data.batch_size=0"], "data.batch_size", "positive"),
     (["trainer.max_steps=0"], "trainer.max_steps", "positive"),
     (["optim.lr=-1"], "optim.lr", "positive"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps", "0 or more"),
+    (["optim.min_lr_ratio=2"], "optim.min_lr_ratio", "in [0, 1]"),
+    (["optim.beta2=1"], "optim.beta2", "in [0, 1)"),
+    (["optim.schedule_steps=0"], "optim.schedule_steps", "positive or null"),
+    (["optim.grad_clip=nan"], "optim.grad_clip", "0 (off) or more"),
     (["resume=latest"], "resume", "auto or a path"),
     (["model.hidden_size=="], "model.hidden_size", "key=value"),
 ])

@@ -15,7 +15,7 @@ from ltm_core import TitanConfig, TitanModel
 from ltm_core.config import DataConfig
 from ltm_core.data import Corpus, EvenWindows, RandomWindows
 from ltm_core.evaluate import evaluate, loss_by_position, position_bins
-from support import kind_config, tiny_model
+from support import tiny_model
 
 
 def test_bins_split_the_first_segments_finer_and_never_cross_a_segment():

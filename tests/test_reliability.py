@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shlex
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 

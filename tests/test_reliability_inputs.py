@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +19,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from support import PAGE_COLUMNS, TINY, run_ltm
+from support import PAGE_COLUMNS, TINY
 from ltm_cli.app import app
 from ltm_core.checkpoint import read_checkpoint
 from ltm_core.configuration import compose
-from ltm_core.errors import CheckpointError, ConfigError, DataError, LtmError, RunStopped
+from ltm_core.errors import CheckpointError, ConfigError, DataError
 from ltm_core.run_guard import RunInUse, RunLock
 from ltm_core.train import train
 
@@ -200,6 +199,57 @@ def test_damaged_checkpoints_give_one_line(trained, tmp_path, kind, message):
     resumed = one_line(cli("train", *TINY, f"data.path={_data_path(run)}", "data=textfile",
                            f"output_dir={tmp_path / 'resumed'}", f"resume={path}", "trainer.max_steps=3"), 2, message)
     assert "Traceback" not in resumed and args
+    assert not (tmp_path / "resumed").exists()  # found after the folder was prepared: undone
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["damaged resume", "resume inside", "fp16 on cpu", "gpu", "triton on cpu"])
+def test_a_run_that_cannot_start_leaves_the_folder_as_it_was(trained, tmp_path, case):
+    """Bad input found at any point before the first checkpoint (a damaged resume checkpoint is read only inside the
+    trainer, after the folder is prepared) gives one line, exit 2, and changes nothing: overwrite=true deletes the
+    old run only once the new one has started; a fresh folder is not left behind (a config.yaml there would make
+    the corrected command refuse the folder)."""
+    if case in ("fp16 on cpu", "gpu", "triton on cpu") and torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    run = trained.parent.parent
+    held = tmp_path / "held"
+    shutil.copytree(run, held)
+    before = _files(held)
+    damaged = _hostile(trained, tmp_path)["truncated"]
+    bad, needle = {"damaged resume": (f"resume={damaged}", "not a readable checkpoint"),
+                   "resume inside": (f"resume={held / 'checkpoints' / 'last.ckpt'}", "overwrite=true clears"),
+                   "fp16 on cpu": ("precision=fp16-mixed", "fp16-mixed needs a CUDA GPU"),
+                   "gpu": ("trainer.accelerator=gpu", "needs a CUDA GPU"),
+                   "triton on cpu": ("model.kernels=triton", "triton needs a CUDA GPU")}[case]
+    args = [*TINY, "data=textfile", f"data.path={_data_path(run)}", "trainer.max_steps=3", bad]
+    one_line(cli("train", *args, f"output_dir={held}", "overwrite=true"), 2, needle)
+    assert _files(held) == before and not list(held.glob(".replaced-*"))
+    if case != "resume inside":  # (into another folder that resume is fine)
+        one_line(cli("train", *args, f"output_dir={tmp_path / 'fresh'}"), 2, needle)
+        assert not (tmp_path / "fresh").exists()
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_starts(trained, tmp_path):
+    run = trained.parent.parent
+    held = tmp_path / "held"
+    shutil.copytree(run, held)
+    old = (held / "checkpoints" / "last.ckpt").read_bytes()
+    result = cli("train", *TINY, "data=textfile", f"data.path={_data_path(run)}", "trainer.max_steps=3",
+                 f"output_dir={held}", "overwrite=true", "trainer.progress=false")
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(held / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert (held / "checkpoints" / "last.ckpt").read_bytes() != old and not list(held.glob(".replaced-*"))
+
+
+@pytest.mark.parametrize("where, needle", [("a file", "is a file, not a folder"), ("under a file", "cannot create")])
+def test_output_dir_that_cannot_be_a_folder_gives_one_line(tmp_path, text_file, where, needle):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" if where == "a file" else tmp_path / "afile" / "run"
+    one_line(cli("train", *TINY, "data=textfile", f"data.path={text_file}", f"output_dir={out}"), 2, needle)
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def _data_path(run: Path) -> str:

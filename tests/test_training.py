@@ -183,7 +183,7 @@ def _fake_stdlib(root: Path) -> None:
 def test_pystdlib_is_the_modules_split_by_a_hash_of_their_path(tmp_path, monkeypatch):
     import sysconfig
 
-    from ltm_core.data import is_validation_document, pystdlib_corpus, pystdlib_files
+    from ltm_core.data import is_validation_document, pystdlib_files
     from ltm_core.tokenizer import BOS
 
     root = tmp_path / "lib"

@@ -265,7 +265,6 @@ class TokensMemory(Memory):
         B, W, S, _ = entries.shape
         M = last.shape[1]
         detach = self.config.importance_detach and self.penalizes()
-        weight, bias = self.importance.weight, self.importance.bias
         z = self.importance(pool).squeeze(-1)  # [B, P]: with gradients to w, b and the row
         # and to w, b only: the rows a read holds over from an earlier BPTT window, the penalty's tokens under
         # importance_detach

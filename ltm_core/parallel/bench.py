@@ -5,9 +5,10 @@ exactly as `ltm train` builds it, one warm-up step runs, then `steps` training s
 `ltm_core.parallel.comm.CommCounter` (the CommDebugMode mechanism, with sizes and point-to-point messages).
 Beside the measurement, `analytic_volume` derives the same quantity from the model and layout:
 
-    DDP        all-reduce of every gradient after each window's backward:          dp · W · P · b
-    FSDP2      one unit per model part: all-gather of the parameters once per window (kept through its
-               backward), one reduce-scatter of the gradients per step (per window with pipeline parallelism)
+    DDP        all-reduce of every gradient after each backward:                   dp · N · P · b
+    FSDP2      one unit per model part: all-gather of the parameters once per backward (kept through it),
+               one reduce-scatter of the gradients per step (per window with pipeline parallelism); a
+               parameter that no dimension splits evenly over dp is padded (`_fsdp_numel`)
     TP         per layer and segment: all-reduce of the row-parallel outputs (attention, memory read,
                SwiGLU) in forward and of the column-parallel inputs' gradients in backward (B·T·C each),
                plus the memory write projections: all-gather of their outputs (B·M·D, B·T·D) and all-reduce of
@@ -16,8 +17,11 @@ Beside the measurement, `analytic_volume` derives the same quantity from the mod
                gradients back: 2 (stages - 1) · B · S · C · b per pipeline, plus the tied embedding's
                gradient all-reduce between the first and last stage
 
-(W windows per batch, P parameters, b bytes per element, B batch per data-parallel rank, S sequence length,
-T segment length, C hidden size, M memory slots, D memory width.) Volumes are payload bytes summed over all
+(W BPTT windows per batch; N backward calls per batch, as training makes them: one per pass of
+`ltm_core.training.window_span` tokens, i.e. `model.windows_per_pass` windows with a memory and the whole
+sequence without one, but one per window with pipeline parallelism, whose schedule steps window by window;
+P parameters, b bytes per element, B batch per data-parallel rank, S sequence length, T segment length,
+C hidden size, M memory slots, D memory width.) Volumes are payload bytes summed over all
 ranks (see comm.py for the convention); scalar bookkeeping (loss, gradient norm) is reported apart.
 """
 
@@ -35,6 +39,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 DEFAULT_PRESETS = ("ddp", "fsdp", "tp2", "pp2", "tp2_pp2")
+SCALAR_BYTES = 64  # messages below this are counted as scalar bookkeeping (CommCounter's min_bytes), not volume
 BENCH_OVERRIDES = (  # a small model that every preset (up to pp=4, tp=4) can split
     "model.hidden_size=64", "model.num_attention_heads=4", "model.num_hidden_layers=4", "model.memory.slots=16",
     "model.segment_length=32", "model.bptt_segments=2", "model.kernels=torch",
@@ -47,6 +52,16 @@ def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _fsdp_numel(shape: Sequence[int], dp: int) -> int:
+    """Elements a parameter of `shape` adds to FSDP2's all-gather output (and reduce-scatter input) over dp ranks:
+    the placement rule of `ltm_core.parallel.build.apply_fsdp` shards the first dimension that dp divides, else
+    dimension 0, which FSDP2 pads to a multiple of dp (a [1] bias gathers 2 elements over 2 ranks)."""
+    numel = math.prod(shape)
+    if not shape or any(size % dp == 0 for size in shape):
+        return numel
+    return -(-shape[0] // dp) * dp * (numel // shape[0])
+
+
 def analytic_volume(cfg, layout) -> dict[str, float]:
     """Payload bytes per training step summed over all ranks, by parallel dimension (see module docstring)."""
     from ltm_core.config import DataConfig
@@ -55,6 +70,7 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
     from ltm_core.parallel.build import PRECISIONS
     from ltm_core.parallel.layout import uses_native
     from ltm_core.parallel.pipeline import split_layers
+    from ltm_core.training import window_span
 
     mc = model_config(cfg)
     data = DataConfig(**to_dict(cfg.data))
@@ -65,16 +81,19 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
     B, S, C, T = data.batch_size, data.seq_len, mc.hidden_size, mc.segment_length
     M, D, L = mc.memory.slots, mc.memory.width(mc), mc.num_hidden_layers
     span = T * mc.bptt_segments
-    W = math.ceil(S / span)
+    W = math.ceil(S / span)  # BPTT windows: the memory is detached between them
+    # backward calls per step: one per pass (`windowed_backward`), one per window through a pipeline schedule
+    N = W if pp > 1 else math.ceil(S / window_span(mc, S))
     precision = str(cfg.precision.lightning)
     pbytes = PRECISIONS[precision].itemsize
     abytes = pbytes  # activations travel in the compute dtype
     gbytes = 2 if precision == "bf16-true" else 4  # gradients: fp32 unless the weights themselves are bf16
     out = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
     P = _numel(model)
-    if not uses_native(cfg):  # Lightning DDP: one all-reduce of all gradients per window backward
+    if not uses_native(cfg):  # Lightning DDP: one all-reduce of all gradients per backward
         used_map = len(list(model.parameters())) * 4 if mc.use_memory else 0  # find_unused_parameters bitmap
-        out["dp"] = dp * W * (P * gbytes + used_map) if dp > 1 else 0.0
+        used_map = used_map if used_map >= SCALAR_BYTES else 0  # a smaller one is reported with the scalars
+        out["dp"] = dp * N * (P * gbytes + used_map) if dp > 1 else 0.0
         return out
 
     kind = mc.memory_kind  # None (no memory), tokens, slots, delta or neural
@@ -111,20 +130,22 @@ def analytic_volume(cfg, layout) -> dict[str, float]:
     if fsdp and dp > 1:
         total = 0.0
         for layers in split_layers(L, layout.num_stages):
-            local = 0.0  # parameters of the stage held by one tp rank
+            local = 0.0  # parameters of the stage held by one tp rank (FSDP-padded where not TP-sharded)
             for i in layers:
                 blk = model.blocks[i]
-                sharded = _numel(blk.attn) + _numel(blk.ffn)
+                parts = [blk.attn, blk.ffn]
                 if kind == "slots":  # the tokens and delta memories stay replicated under TP
-                    sharded += sum(_numel(getattr(blk.memory, n)) for n in ("reader", "query", "key", "value",
-                                                                             "update"))
-                local += sharded / tp + (_numel(blk) - sharded)
+                    parts += [getattr(blk.memory, n) for n in ("reader", "query", "key", "value", "update")]
+                tp_sharded = {id(p) for m in parts for p in m.parameters()} if tp > 1 else set()
+                local += sum(p.numel() / tp if id(p) in tp_sharded else _fsdp_numel(p.shape, dp)
+                             for p in blk.parameters())
             if layers.start == 0:
-                local += model.embed_tokens.weight.numel()
+                local += _fsdp_numel(model.embed_tokens.weight.shape, dp)
             if layers.stop == L:
-                local += _numel(model.norm) + (0 if mc.tie_word_embeddings else model.lm_head.weight.numel())
-            gathers = W * local * pbytes  # once per window (kept through the window's backward)
-            scatters = (W if pp > 1 else 1) * local * gbytes  # once per step (per window with PP)
+                local += sum(_fsdp_numel(p.shape, dp) for p in model.norm.parameters())
+                local += 0 if mc.tie_word_embeddings else _fsdp_numel(model.lm_head.weight.shape, dp)
+            gathers = N * local * pbytes  # once per backward (kept through it)
+            scatters = (N if pp > 1 else 1) * local * gbytes  # once per step (per window with PP)
             total += gathers + scatters
         out["dp"] = total * tp * dp  # every (dp, tp) coordinate holds each stage once
     # ---- pipeline
@@ -211,7 +232,7 @@ def _worker(rank: int, world: int, cfg_dict: dict, port: int, out_dir: str, step
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with CommCounter() as comm:
+        with CommCounter(min_bytes=SCALAR_BYTES) as comm:
             step(ids, labels)
         if env.device.type == "cuda":
             torch.cuda.synchronize()

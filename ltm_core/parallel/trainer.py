@@ -1,9 +1,9 @@
 """`fit_parallel(cfg, corpus)`: the torchtitan-style training loop for FSDP2 / tensor / pipeline parallel runs.
 
 One process per rank (started by `ltm train`, torchrun, SLURM or mpirun). Semantics are those of the Lightning
-path (`ltm_core.training`): a batch is read window by window (`segment_length × bptt_segments` tokens), backward
-runs per window with the memory detached between windows (`windowed_backward`; with pipeline parallelism the
-same windows go through `schedule.step`), gradients of `accumulate_grad_batches` batches are summed, clipped to
+path (`ltm_core.training`): a batch is read in passes of `windows_per_pass` BPTT windows (`segment_length ×
+bptt_segments` tokens each), one backward per pass with the memory detached between windows (`windowed_backward`;
+with pipeline parallelism each window goes through `schedule.step`), gradients of `accumulate_grad_batches` batches are summed, clipped to
 `optim.grad_clip` by their global norm, and AdamW (`build_optimizer`) with the warm-up + cosine schedule
 (`build_scheduler`) steps. Data: `RandomWindows` with rank = the data-parallel rank, so the global batch of a
 dp-way run is the batch of a single-process run with dp × data.batch_size samples.

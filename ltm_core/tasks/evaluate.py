@@ -117,7 +117,6 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
 
     cfg.validate()
     task = get_task(cfg.name)
-    device = next(model.parameters()).device
     seg = cfg.layout(model.config.segment_length)  # what the samples are laid out for
     lengths = list(cfg.lengths) if cfg.lengths else default_lengths(train_length)
     cells = task.cells(cfg, lengths, seg)

@@ -131,5 +131,6 @@ def plot_results(results: dict, path: str | Path) -> None:
         ax.legend()
     ax.set_title(f"{task} ({memory}, trained at {results['train_length']} tokens)")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

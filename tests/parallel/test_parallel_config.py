@@ -91,21 +91,33 @@ def test_split_layers_and_stage_placement():
     assert stage_ids(1, 2, 2) == [1, 3]  # interleaved: loop-style placement
 
 
-@pytest.mark.parametrize("kind", ["slots", "tokens", "delta", "neural"])
-def test_bench_parallel_measures_the_analytic_volume(tmp_path, kind):
-    """`ltm bench parallel` library function: the collectives counted in a tp2 training step add up to the
-    analytic formula (TP all-reduces and all-gathers, exactly); only the slots memory has write projections to
-    shard (the neural memory, mac: its retrieved tokens' gradient through the attention's projection)."""
+@pytest.mark.parametrize("preset, kind", [("tp2", "slots"), ("tp2", "tokens"), ("tp2", "delta"), ("tp2", "neural"),
+                                         ("ddp", "tokens"), ("fsdp", "tokens"), ("fsdp", None)])
+def test_bench_parallel_measures_the_analytic_volume(tmp_path, preset, kind):
+    """`ltm bench parallel` library function: the collectives counted in a training step add up to the analytic
+    formula, exactly. tp2: TP all-reduces and all-gathers; only the slots memory has write projections to shard (the
+    neural memory, mac: its retrieved tokens' gradient through the attention's projection). ddp / fsdp: one gradient
+    all-reduce, or one parameter all-gather, per backward, and training makes one backward per pass of
+    `windows_per_pass` BPTT windows (here 4 windows in passes of 3 and 1), or one for the whole sequence without a
+    memory (kind None)."""
     from ltm_core.parallel.bench import bench_parallel, rows_table
 
     calls = []
-    rows = bench_parallel(["tp2"], ["model.num_hidden_layers=1", "model.hidden_size=32", "data.seq_len=64",
-                                    f"model/memory={kind}", "model.memory.select_noise=0" if kind == "tokens" else
-                                    "model.memory.slots=16"], progress=lambda *a: calls.append(a))
-    assert calls == [(0, 1, "tp2 (2 processes)"), (1, 1, "")]  # `ltm bench parallel` draws its bar from these
+    overrides = ["model.num_hidden_layers=1", "model.hidden_size=32", "data.seq_len=64"]
+    if kind is None:
+        overrides.append("model.use_memory=false")
+    else:
+        overrides += [f"model/memory={kind}", "model.memory.select_noise=0" if kind == "tokens" else
+                      "model.memory.slots=16"]
+    if preset != "tp2":  # several windows per pass, and a last pass with fewer
+        overrides += ["model.segment_length=8", "model.bptt_segments=2", "model.windows_per_pass=3"]
+    rows = bench_parallel([preset], overrides, progress=lambda *a: calls.append(a))
+    assert calls == [(0, 1, f"{preset} (2 processes)"), (1, 1, "")]  # `ltm bench parallel` draws its bar from these
     (row,) = rows
     assert row["world"] == 2 and row["measured_bytes"] > 0
     assert abs(row["ratio"] - 1.0) < 1e-6, row
-    gathers = {"all_gather"} if kind == "slots" else set()  # the write attention's gathered outputs
-    assert set(row["measured_by_kind"]) >= {"all_reduce"} | gathers
+    expected = {"ddp": {"all_reduce"}, "fsdp": {"all_gather", "reduce_scatter"}}.get(preset, {"all_reduce"})
+    if kind == "slots":
+        expected.add("all_gather")  # the write attention's gathered outputs
+    assert set(row["measured_by_kind"]) >= expected
     assert rows_table(rows).row_count == 1

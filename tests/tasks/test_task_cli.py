@@ -73,6 +73,19 @@ def test_eval_task_errors_are_one_line(passkey_ckpt):
     assert result.returncode == 2 and "task.filler" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_eval_of_a_task_checkpoint_on_text_with_data(passkey_ckpt, tmp_path):
+    """`data=NAME` evaluates a checkpoint trained on a task on that text (the loss table, not the task grid), as the
+    error for a task checkpoint's own data tells; `data=<a task>` is pointed at task=."""
+    text = tmp_path / "text.txt"
+    text.write_text("the lord said unto him, go in peace. " * 200)
+    result = invoke("eval", "--checkpoint", str(passkey_ckpt), "data=textfile", f"data.path={text}",
+                    "data.val_samples=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bits/byte" in result.stdout and "exact match" not in result.stdout
+    result = invoke("eval", "--checkpoint", str(passkey_ckpt), "data=mqar")
+    assert result.returncode == 2 and "evaluate it with task=mqar" in result.stderr
+
+
 def run_script(script: Path, *args: str) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` in this process: its `main` under `__main__`, its exit status, stdout and stderr (the
     scripts set the thread count: restored after)."""
