@@ -427,7 +427,7 @@ def causal_conv_forward(x: torch.Tensor, before: torch.Tensor, weight: torch.Ten
     concatenated copy; NumPy reshapes the tokens, no PyTorch view)."""
     B, C = x.shape[0], x.shape[-1]
     y = x.new_empty(x.shape)
-    _launch(_conv_forward_kernel, _array(x).reshape(B, -1, C), _array(before), _array(weight), residual,
+    _launch(_conv_forward_kernel, _array(x).reshape(B, -1, C), _array(before), _weight(weight), residual,
             y.numpy().reshape(B, -1, C))
     return y
 
@@ -439,7 +439,7 @@ def causal_conv_backward(dy: torch.Tensor, x: torch.Tensor, before: torch.Tensor
     B, C = x.shape[0], x.shape[-1]
     dx, dbefore, dw = torch.empty_like(x), torch.empty_like(before), weight.new_empty(weight.shape)
     _launch(_conv_backward_kernel, _array(dy).reshape(B, -1, C), _array(x).reshape(B, -1, C), _array(before),
-            _array(weight), residual, starts, dx.numpy().reshape(B, -1, C), dbefore.numpy(), dw.numpy())
+            _weight(weight), residual, starts, dx.numpy().reshape(B, -1, C), dbefore.numpy(), dw.numpy())
     return dx, dbefore, dw
 
 
@@ -502,7 +502,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     (each is an operator, and one more autograd node, between the model's large ops)."""
     C = x.shape[-1]
     y, rstd = x.new_empty(x.shape), x.new_empty(x.numel() // C)
-    _launch(_rms_forward_kernel, _array(x).reshape(-1, C), _array(weight), float(eps), y.numpy().reshape(-1, C),
+    _launch(_rms_forward_kernel, _array(x).reshape(-1, C), _weight(weight), float(eps), y.numpy().reshape(-1, C),
             rstd.numpy())
     return y, rstd
 
@@ -512,7 +512,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     """The gradient of `rms_norm_forward`'s output [..., C] -> those of its x (shaped as x) and weight [C]."""
     C = x.shape[-1]
     dx, dw = torch.empty_like(x), weight.new_empty(weight.shape)
-    _launch(_rms_backward_kernel, _array(dy).reshape(-1, C), _array(x).reshape(-1, C), _array(weight), _array(rstd),
+    _launch(_rms_backward_kernel, _array(dy).reshape(-1, C), _array(x).reshape(-1, C), _weight(weight), _array(rstd),
             dx.numpy().reshape(-1, C), dw.numpy())
     return dx, dw
 
@@ -792,7 +792,7 @@ def scan_forward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tenso
     sig = state.new_empty(B, M + entries.shape[1])
     prefix_bias, through = (state.new_empty(B * W, M) for _ in range(2))
     after, aux = state.new_empty(B, M, C), state.new_empty(W)
-    choices = _launch(_scan_forward_kernel, _array(state), _array(entries), _array(weight), _array(bias), *noise,
+    choices = _launch(_scan_forward_kernel, _array(state), _array(entries), _weight(weight), _weight(bias), *noise,
                       float(vacant), *layout, segment, float(penalty), read_importance, np.float32(empty_score),
                       sig.numpy(), prefix_bias.numpy(), through.numpy(), after.numpy(), aux.numpy())
     held, keeps, own, rows, row_tokens = (torch.from_numpy(a) for a in choices)
@@ -810,7 +810,7 @@ def scan_backward(state: torch.Tensor, entries: torch.Tensor, weight: torch.Tens
     dafter, drow_tokens = (_NO_ROWS if t is None else _array(t) for t in (dafter, drow_tokens))
     dstate, dentries = torch.empty_like(state), torch.empty_like(entries)
     dw, db = weight.new_empty(C), weight.new_empty(1)
-    _launch(_scan_backward_kernel, _array(state), _array(entries), _array(weight), _array(sig), _array(held),
+    _launch(_scan_backward_kernel, _array(state), _array(entries), _weight(weight), _array(sig), _array(held),
             _array(own), _array(dprefix_bias), _array(dthrough), dafter, _array(daux), drow_tokens,
             segment, float(penalty), detach, read_importance, dstate.numpy(), dentries.numpy(), dw.numpy(),
             db.numpy())
@@ -831,3 +831,10 @@ def _array(t: torch.Tensor) -> np.ndarray:
     if not t.is_contiguous():
         t = t.contiguous()
     return t.numpy(force=t.requires_grad)  # (forced: the values, detached, without a dispatched detach of our own)
+
+
+def _weight(t: torch.Tensor) -> np.ndarray:
+    """A parameter's values (or a view of one's) as a NumPy array of their own: a NumPy view of a tensor marks its
+    storage as not resizable for good, and FSDP2 frees the unsharded parameters by resizing their storage to 0. The
+    weights the passes read are small (C or C x K floats): the copy costs less than a call."""
+    return t.detach().clone().numpy()

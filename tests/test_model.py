@@ -503,3 +503,18 @@ def test_parameter_count_and_flops_formula(tiny_cfg):
     assert slots.num_parameters() == n
     expected = 6 * n + 12 * Lyr * C * S + Lyr * (12 * C * M + 12 * M * D + 6 * (2 * C * D) * (M / S - 1))
     assert slots.flops_per_token(seq_len=4 * S) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "delta", "neural"])
+def test_the_cpu_passes_leave_every_parameter_resizable(kind, monkeypatch):
+    """A NumPy view of a tensor marks its storage as not resizable for good; FSDP2 frees the unsharded parameters
+    by resizing their storage to 0 (`parallel=fsdp` on CPU failed in backward). The compiled CPU passes read the
+    weights through copies: after a training step every parameter's storage still resizes."""
+    calls = spy_cpu_kernels(monkeypatch, "rms_norm_forward", "causal_conv_forward", "rms_norm_backward")
+    model = tiny_model(kind_config(kind, kernels="auto"), perturb=True).train()
+    tokens = _ids(2 * model.config.segment_length * model.config.bptt_segments + 1)
+    windowed_backward(model, tokens[:, :-1], tokens[:, 1:])
+    assert {"rms_norm_forward", "causal_conv_forward", "rms_norm_backward"} <= set(calls)  # the passes ran
+    for name, p in model.named_parameters():
+        storage = p.untyped_storage()
+        storage.resize_(storage.nbytes())  # raises for a storage marked not resizable
