@@ -257,11 +257,14 @@ def run_in_output_dir(cfg: DictConfig, start: Callable[[], Path]) -> Path:
 
 
 def parameter_count(cfg: DictConfig) -> int:
-    """Parameters of the run's model, counted on the meta device (no memory, no initialisation)."""
+    """Parameters of the run's model, counted on the meta device (no memory, no initialisation; tied as
+    initialisation would tie them)."""
     from ltm_core.model import TitanModel
 
     with torch.device("meta"):
-        return TitanModel(model_config(cfg)).num_parameters()
+        model = TitanModel(model_config(cfg))
+        model.tie_weights()
+        return model.num_parameters()
 
 
 def _on_cpu(cfg: DictConfig) -> bool:
@@ -284,7 +287,8 @@ def _launch_local(cfg: DictConfig, nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its notes on shutting workers down
+    # its notes on shutting workers down, and its line on a failed worker (which has printed its own)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ltm-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
                           monitor_interval=0.5)
@@ -340,6 +344,9 @@ if __name__ == "__main__":  # a worker process started by _launch_local: python 
     try:
         fit(OmegaConf.load(sys.argv[1]))
     except LtmError as err:
-        if not isinstance(err, RunStopped) or is_rank_zero():  # every rank stops together: one line, from rank 0
+        # every rank stops together, and the ranks `ltm train` starts on this machine check the same input: one line,
+        # from rank 0 (under torchrun or SLURM a rank's own input, e.g. its node's data, may differ: each says)
+        together = isinstance(err, RunStopped) or run_guard.RESUME_COMMAND_ENV in os.environ
+        if is_rank_zero() or not together:
             print(err, file=sys.stderr if not isinstance(err, Interrupted) else sys.stdout, flush=True)
         sys.exit(err.exit_code)

@@ -518,3 +518,14 @@ def test_the_cpu_passes_leave_every_parameter_resizable(kind, monkeypatch):
     for name, p in model.named_parameters():
         storage = p.untyped_storage()
         storage.resize_(storage.nbytes())  # raises for a storage marked not resizable
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_runs_parameter_count_counts_a_tied_embedding_once(tied):
+    """`ltm train`'s count (the machine check, the native-parallel runs' banner), made on the meta device, is the
+    built model's: a tied embedding and output head are one matrix."""
+    from ltm_core.configuration import compose, model_config
+    from ltm_core.train import parameter_count
+
+    cfg = compose([f"model.tie_word_embeddings={str(tied).lower()}"])
+    assert parameter_count(cfg) == TitanModel(model_config(cfg)).num_parameters()

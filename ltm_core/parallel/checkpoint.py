@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -141,10 +142,24 @@ def save(out: Path, step: int, parts, optimizers, train_state: dict[str, Any], d
     return path
 
 
-def load(path: Path, parts, optimizers, device: torch.device) -> dict[str, Any]:
-    """Collective: load the shards of `path` into the parts and optimizers and this rank's random state (when the
-    checkpoint has one for this rank: a resume on more ranks starts theirs from the seeded state); returns the train
-    state."""
+def _saved_tp(path: Path) -> Optional[int]:
+    """The tensor-parallel degree a distributed checkpoint was saved with (its train_state.json), if it says."""
+    try:
+        return int(json.loads((path / "train_state.json").read_text())["layout"]["tp"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load(path: Path, parts, optimizers, device: torch.device, tp: int) -> dict[str, Any]:
+    """Collective: load the shards of `path` into the parts and optimizers (of a layout with `tp` tensor-parallel
+    ranks) and this rank's random state (when the checkpoint has one for this rank: a resume on more ranks starts
+    theirs from the seeded state); returns the train state."""
+    saved = _saved_tp(path)
+    if saved is not None and (saved > 1) != (tp > 1):  # fused projections are stored in another shape there
+        raise CheckpointError(f"checkpoint error: {path} was saved with tp={saved} and resumes on layouts with tp "
+                              f"{'> 1' if saved > 1 else '= 1'} only, not tp={tp}: continue it with such a preset, or "
+                              f"train from its weights in a new folder (output_dir=NEW "
+                              f"resume={path.parent.parent / 'last.ckpt'})")
     state, models, optims = _state(parts, optimizers)
     try:
         dcp.load(state, storage_reader=_Reader(str(path)))
@@ -153,7 +168,8 @@ def load(path: Path, parts, optimizers, device: torch.device) -> dict[str, Any]:
             raise ValueError("train_state.json is not an object")
     except CheckpointError:
         raise
-    except Exception as exc:  # a layout the checkpoint cannot be resharded to, or a damaged checkpoint
+    except (Exception, CheckpointException) as exc:  # a layout the checkpoint cannot be resharded to, or a damaged
+        # checkpoint (torch's CheckpointException, which gathers every rank's error, is not an Exception)
         detail = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"checkpoint error: cannot resume from {path} ({detail})") from None
     for part, opt, m, o in zip(parts, optimizers, models, optims):

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ltm_core.config import TASK_NAMES
 from ltm_core.errors import ConfigError
 
 STRATEGIES = ("auto", "ddp", "native")
@@ -139,8 +140,13 @@ def validate_parallel(cfg: Any, model: Any, data: Any) -> None:
     elif dp > 0 and (dp * tp * pp) % nodes:
         raise ConfigError("parallel.num_nodes", f"dp × tp × pp = {dp * tp * pp} processes do not split evenly over "
                           f"{nodes} nodes")
+    if (strategy == "native" or tp > 1 or pp > 1) and data.name in TASK_NAMES:
+        raise ConfigError("data.name", f"data={data.name} (a generated task) is not supported with strategy=native "
+                                       "presets yet; train it with parallel=single or parallel=ddp")
     if tp > 1:
-        checks = [("model.num_attention_heads", model.num_attention_heads), ("model.ffn_dim", model.ffn_dim)]
+        ffn = "model.intermediate_size" if model.intermediate_size is not None else "the FFN width (8/3 × "\
+            "model.hidden_size rounded up to 64; model.intermediate_size sets it)"
+        checks = [("model.num_attention_heads", model.num_attention_heads), (ffn, model.ffn_dim)]
         if model.memory_kind == "slots":  # its read's heads and the write projections are split
             checks += [("model.memory.heads", model.memory.heads or model.num_attention_heads),
                        ("model.memory.dim", model.memory.dim)]

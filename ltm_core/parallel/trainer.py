@@ -43,8 +43,8 @@ from ltm_core.parallel.layout import resolve_layout
 from ltm_core.training import LN2, Diverged, build_optimizer, build_scheduler, window_span, windowed_backward
 
 console = Console()
-METRIC_COLUMNS = ["epoch", "step", "train/loss", "train/lr", "train/tokens_per_s", "train/bad_steps", "val/loss",
-                  "val/bpb"]
+METRIC_COLUMNS = ["epoch", "step", "train/loss", "train/lr", "train/tokens_per_s", "train/bad_steps", "train/aux_loss",
+                  "val/loss", "val/bpb"]
 
 
 # ------------------------------------------------------------------------------------------------ one batch
@@ -76,8 +76,11 @@ def pipeline_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Ten
 
 
 def train_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: float,
-                sync: bool) -> torch.Tensor:
-    """Forward + backward of one batch; returns its mean token loss over the data-parallel group."""
+                sync: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward + backward of one batch; returns its mean token loss over the data-parallel group, and the memory
+    writes' summed auxiliary loss (over the group too; None without one, and with pipeline stages, where each
+    stage applies its own)."""
+    aux = None
     for part in pm.parts:  # the writes' auxiliary losses, scaled as the token loss (per pipeline microbatch)
         part.aux_weight = loss_scale / (pm.layout.microbatches if pm.layout.pp > 1 else 1)
     if pm.layout.pp > 1:
@@ -95,12 +98,12 @@ def train_batch(pm: ParallelModel, input_ids: torch.Tensor, labels: torch.Tensor
                 model.set_requires_gradient_sync(sync and done[0] == windows)
             loss.backward()
 
-        loss, _ = windowed_backward(model, input_ids, labels, backward, loss_scale)
+        loss, aux = windowed_backward(model, input_ids, labels, backward, loss_scale)
     if pm.layout.dp > 1:
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, group=pm.group("dp"))
-        loss = loss / pm.layout.dp
-    return loss.detach()
+        pair = torch.stack([loss.detach(), torch.zeros_like(loss) if aux is None else aux.detach().to(loss.dtype)])
+        dist.all_reduce(pair, group=pm.group("dp"))
+        loss, aux = pair[0] / pm.layout.dp, None if aux is None else pair[1] / pm.layout.dp
+    return loss.detach(), None if aux is None else aux.detach()
 
 
 @torch.no_grad()
@@ -251,7 +254,7 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
     dist.broadcast_object_list(source, src=0)
     resumed_from = Path(source[1]) if source[1] else None
     if source[0] == "dcp":  # exact: weights, optimizer, schedule, data position, random streams
-        state = pckpt.load(resumed_from, pm.parts, optimizers, env.device)
+        state = pckpt.load(resumed_from, pm.parts, optimizers, env.device, layout.tp)
         step, samples_seen, best = int(state["step"]), int(state["samples_seen"]), float(state.get("best", math.inf))
         bad_steps = int(state.get("bad_steps", 0))
         for s, sd in zip(schedulers, state["schedulers"]):
@@ -267,7 +270,9 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
                     s.step()
 
     if rank0:
-        n_params = sum(p.numel() for p in _single_model_params(model_cfg))
+        from ltm_core.train import parameter_count
+
+        n_params = parameter_count(cfg)
         console.print(f"[bold]ltm train[/] -> {out}")
         console.print(f"parallel: {layout.describe()} on {env.world} {env.device.type} process(es) "
                       f"({env.backend}), precision {precision}")
@@ -307,11 +312,15 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
         last_save, saved_step = time.monotonic(), step
 
     while step < max_steps:
-        loss = torch.zeros((), device=env.device)
+        loss, aux = torch.zeros((), device=env.device), None
         for micro in range(accumulate):
             ids, labels = next(batches)
             ids, labels = ids.to(env.device), labels.to(env.device)
-            loss += train_batch(pm, ids, labels, scaler.scale / accumulate, sync=micro == accumulate - 1)
+            batch_loss, batch_aux = train_batch(pm, ids, labels, scaler.scale / accumulate,
+                                                sync=micro == accumulate - 1)
+            loss += batch_loss
+            if batch_aux is not None:
+                aux = batch_aux if aux is None else aux + batch_aux
             samples_seen += ids.shape[0]
         sync_tied_embeddings(pm)
         norm = grad_norm(pm) if optim_cfg.grad_clip > 0 or scaler.enabled or check_grads else None
@@ -351,6 +360,8 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
                 values = {"train__loss": float(loss / accumulate), "train__lr": schedulers[0].get_last_lr()[0],
                           "train__tokens_per_s": tokens * (step % log_every or log_every) / max(now - tick, 1e-9),
                           "train__bad_steps": bad_steps}
+                if aux is not None:  # the memory's auxiliary loss (e.g. the tokens memory's importance penalty)
+                    values["train__aux_loss"] = float(aux / accumulate)
                 tick = now
                 metrics.log(step, **values)
                 if rank0 and cfg.trainer.progress:
@@ -379,10 +390,4 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
         console.print(generate_command(last, corpus.val), soft_wrap=True, highlight=False)
     return last
 
-
-def _single_model_params(model_cfg):
-    from ltm_core.model import TitanModel
-
-    with torch.device("meta"):
-        return list(TitanModel(model_cfg).parameters())
 

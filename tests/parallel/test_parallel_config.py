@@ -64,6 +64,9 @@ def test_dp_rest_and_layout_decides_processes():
     (["parallel=single", "parallel.strategy=deepspeed"], "parallel.strategy", "must be one of auto, ddp, native"),
     (["parallel=pp2", "data.seq_len=192", "model.segment_length=64", "model.bptt_segments=2"], "data.seq_len",
      "multiple of model.segment_length × model.bptt_segments = 128"),
+    (["parallel=tp2", "model.intermediate_size=341"], "parallel.tp",
+     "model.intermediate_size=341 is not divisible by parallel.tp=2"),
+    (["parallel=tp2", "data=passkey"], "data.name", "data=passkey (a generated task) is not supported"),
 ])
 def test_config_errors_are_one_line(overrides, key, fragment):
     with pytest.raises(ConfigError) as err:
@@ -121,3 +124,23 @@ def test_bench_parallel_measures_the_analytic_volume(tmp_path, preset, kind):
         expected.add("all_gather")  # the write attention's gathered outputs
     assert set(row["measured_by_kind"]) >= expected
     assert rows_table(rows).row_count == 1
+
+
+@pytest.mark.parametrize("saved, tp", [(2, 1), (1, 2)])
+def test_a_distributed_checkpoint_of_the_other_tp_kind_is_one_line(tmp_path, saved, tp):
+    """tp > 1 stores the fused projections in another shape: a resume across tp = 1 and tp > 1 is refused in one
+    line naming the way on (torch's own error was a traceback per rank), before any collective."""
+    import json
+
+    import torch
+
+    from ltm_core.errors import CheckpointError
+    from ltm_core.parallel import checkpoint as pckpt
+
+    step = tmp_path / "checkpoints" / "dcp" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / "train_state.json").write_text(json.dumps({"step": 2, "layout": {"dp": 1, "tp": saved, "pp": 1}}))
+    kind = "> 1" if saved > 1 else "= 1"
+    with pytest.raises(CheckpointError, match=rf"saved with tp={saved} and resumes on layouts with tp {kind} only, "
+                                              rf"not tp={tp}.*resume=.*last\.ckpt"):
+        pckpt.load(step, [], [], torch.device("cpu"), tp)

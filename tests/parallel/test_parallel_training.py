@@ -6,6 +6,7 @@ starts from the same seeded weights, reads the same samples and must follow it s
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -123,3 +124,16 @@ def test_tp_ranks_draw_the_same_select_noise():
                short_conv=3, short_conv_carry=True, kernels="torch",
                memory=dict(kind="tokens", slots=8, select_noise=0.5, read_importance=True))
     mp.start_processes(tp_memory_banks_agree, args=(2, free_port(), cfg, 3), nprocs=2, start_method="spawn")
+
+
+def test_native_runs_log_the_memory_aux_loss(runs):
+    """The tokens memory's importance penalty (`train/aux_loss`) in a native run's metrics.csv, as the Lightning run
+    logs it, step for step (with pipeline stages each stage applies its own: not logged)."""
+    def aux(out: Path) -> list[float]:
+        rows = list(csv.DictReader(open(out / "metrics.csv", newline="")))
+        return [float(r["train/aux_loss"]) for r in rows if r.get("train/aux_loss")]
+
+    single, native = aux(runs["single"]), aux(runs["tp2"])
+    assert native and len(native) == len(single)
+    for a, b in zip(single, native):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6), (single, native)
