@@ -18,10 +18,12 @@ from rich.table import Table
 
 from ltm_cli.bench import bench_app
 from ltm_cli.deploy import export_cmd, quantize_cmd
-from ltm_cli.errors import check_overrides, device_option, output_file, report, settings, user_errors, write_json
+from ltm_cli.errors import (check_overrides, device_option, output_file, report, settings, usage_errors_in_one_line,
+                            user_errors, write_json)
 from ltm_cli.help import groups_epilog
 from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
+usage_errors_in_one_line()
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Long-Term-Memory Transformers: train, generate, evaluate.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the composed Hydra config.")

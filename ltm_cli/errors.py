@@ -22,6 +22,26 @@ def report(err: Exception) -> None:
     err_console.print(f"{prefix}{escape(str(err))}", highlight=False, soft_wrap=True)
 
 
+def usage_errors_in_one_line() -> None:
+    """click's usage errors (an unknown command or option, an option value outside its range, an extra argument)
+    print one line, `error: ...`, exit code 2, as every other bad input does; typer draws a usage line, a hint and a
+    box (`typer.rich_utils.rich_format_error`, which typer looks up when it reports one). A bare `ltm` still shows
+    the help."""
+    from typer import rich_utils
+
+    boxed = rich_utils.rich_format_error
+    if getattr(boxed, "one_line", False):
+        return
+
+    def one_line(exc) -> None:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return boxed(exc)
+        err_console.print(f"[red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+
+    one_line.one_line = True
+    rich_utils.rich_format_error = one_line
+
+
 def user_errors(fn):
     @wraps(fn)
     def wrapper(*args, **kwargs):

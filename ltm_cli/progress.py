@@ -36,9 +36,16 @@ def progress_bar(title: str, unit: str = "", out: Optional[Console] = None) -> I
         TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=3)),
         console=out or console, transient=True, expand=True)
     task = bar.add_task("", total=None)
+    started = []
 
     def progress(done: int, total: int, label: str = "") -> None:
+        if not started:  # drawn from the first report: an error found before any work leaves no bar (or blank line)
+            bar.start()
+            started.append(True)
         bar.update(task, completed=done, total=total, description=label, refresh=True)  # each call is news
 
-    with bar:
+    try:
         yield progress
+    finally:
+        if started:
+            bar.stop()

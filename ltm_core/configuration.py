@@ -64,7 +64,11 @@ def config_error(exc: BaseException) -> ConfigError:
         exc = exc.__cause__
         text = str(exc)
     key = _first(r"full_key: (\S+)", text) or _first(r"override '([^'=]+)", text) or "overrides"
-    message = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    where = None
+    if message.endswith(":") and len(lines) > 1:  # "In 'experiment/x': ... raised while composing config:", then why
+        where, message = _first(r"In '([^']+)'", message), lines[1]
     if re.match(r"Key '[^']+' not in", message):
         moved = key.startswith("model.") and key.split(".")[1] in LEGACY_KEYS
         hint = ("the memory's keys are under model.memory.* since ltm 0.2 (model/memory=tokens|slots|delta|neural)"
@@ -72,6 +76,8 @@ def config_error(exc: BaseException) -> ConfigError:
         message = f"unknown key ({message}); {hint}"
     elif message.startswith("Error parsing override"):
         message = message + " (expected key=value)"
+    if where:
+        message += f" (set by {where})"
     return ConfigError(key, message)
 
 

@@ -32,11 +32,14 @@ _DROP = _DropNoise()
 
 
 def quiet_lightning() -> None:
-    """Silence Lightning's adverts, banners and the resume warning (idempotent)."""
+    """Silence Lightning's adverts, banners and its resume warnings: a folder that holds checkpoints, and a resume
+    from another run's folder (`resume=OTHER/last.ckpt`: the new run keeps its own best; checked by
+    `test_a_stage_two_run_prints_no_lightning_warning`) (idempotent)."""
     for name in LIGHTNING_LOGGERS:
         if _DROP not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_DROP)
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r".*The dirpath has changed from")
 
 
 def generate_command(checkpoint: Path, val_ids: Iterable[int]) -> str:

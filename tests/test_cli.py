@@ -42,6 +42,15 @@ def test_train_writes_run_folder(trained):
     assert len([r for r in rows if r.split(",")[header.split(",").index("train/loss")]]) == 6
 
 
+def test_a_stage_two_run_prints_no_lightning_warning(trained, tmp_path):
+    """`resume=` another run's checkpoint into a new folder (the recipes' stage 2) with Python's warnings shown: no
+    Lightning note about its checkpoint folder having changed."""
+    result = run_ltm("train", *TINY, "trainer.max_steps=8", f"resume={trained / 'checkpoints' / 'last.ckpt'}",
+                     f"output_dir={tmp_path / 'stage2'}", "trainer.progress=false", warnings=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dirpath has changed" not in result.stderr and "Warning" not in result.stderr, result.stderr
+
+
 def test_generate_streams_text(trained):
     result = run_ltm("generate", "--checkpoint", str(trained / "checkpoints" / "last.ckpt"), "--prompt", "In the",
                      "--max-new-tokens", "300", "--seed", "0", "--top-k", "20", "--top-p", "0.9")

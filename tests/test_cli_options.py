@@ -75,6 +75,9 @@ def test_output_file_checks_the_plot_format(tmp_path):
     (["bench", "kernels", "--dtype", "int8"], "--dtype"),
     (["bench", "parallel", "--steps", "0"], "--steps"),
     (["bench", "parallel", "--preset", "tp2", "--preset", "tp3"], "parallel: no option 'tp3'"),
+    (["generate", "--checkpoint", "{tmp}/missing.ckpt", "--top-k", "0"], "Invalid value for '--top-k'"),
+    (["generate", "--checkpoint", "{tmp}/missing.ckpt", "model.a=1"], "unexpected extra argument"),
+    (["nosuch"], "No such command 'nosuch'"),
 ] + ([(["eval", "--checkpoint", "{tmp}/missing.ckpt", "--plot", "{tmp}/p.txt"], "--plot"),
       (["bench", "model", "--plot", "{tmp}/p.txt"], "--plot")] if HAS_MATPLOTLIB else []))
 def test_commands_check_their_options_before_any_work(tmp_path, argv, needle):

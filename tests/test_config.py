@@ -50,6 +50,8 @@ from ltm_core.errors import ConfigError
     (["trainer.max_steps=0"], "trainer.max_steps", "positive"),
     (["optim.lr=-1"], "optim.lr", "positive"),
     (["optim.warmup_steps=-1"], "optim.warmup_steps", "0 or more"),
+    (["experiment=babi_facts", "model/memory=tokens"], "model.memory.dim",
+     "Key 'dim' not in 'TokensMemoryConfig'); see `ltm config show` for the known keys (set by experiment/babi_facts)"),
     (["optim.min_lr_ratio=2"], "optim.min_lr_ratio", "in [0, 1]"),
     (["optim.beta2=1"], "optim.beta2", "in [0, 1)"),
     (["optim.schedule_steps=0"], "optim.schedule_steps", "positive or null"),
