@@ -35,6 +35,7 @@ class Cell:
     placement: Optional[str] = None  # passkey: depth | first_segment | straddle
     pairs: Optional[int] = None  # mqar: key-value pairs
     skip: Optional[str] = None  # why this cell cannot be evaluated (too short for its pairs)
+    skip_key: str = "task.lengths"  # the setting to change when no cell of a length can be evaluated
 
     def rng(self, seed: int, index: int) -> np.random.Generator:
         """Sample `index` of this cell: a pure function of (seed, length, cell, index)."""

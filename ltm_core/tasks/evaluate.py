@@ -121,9 +121,11 @@ def evaluate_task(model: TitanModel, cfg: TaskConfig, train_length: int,
     lengths = list(cfg.lengths) if cfg.lengths else default_lengths(train_length)
     cells = task.cells(cfg, lengths, seg)
     for length in lengths:  # a length no cell can be scored at is a mistake, not an empty row of the table
-        reasons = [c.skip for c in cells if c.length == length]
-        if all(reasons):
-            raise ConfigError("task.lengths", f"no {cfg.name} sample fits in {length} tokens ({reasons[0]})")
+        skipped = [c for c in cells if c.length == length]
+        if all(c.skip for c in skipped):  # named by the setting to change (`Cell.skip_key`)
+            keys = {c.skip_key for c in skipped}
+            key = keys.pop() if len(keys) == 1 else "task.lengths"
+            raise ConfigError(key, f"no {cfg.name} sample fits in {length} tokens ({skipped[0].skip})")
     model.eval()
     rows = []
     total, done = cfg.samples * sum(not c.skip for c in cells), 0

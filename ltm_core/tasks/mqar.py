@@ -89,10 +89,11 @@ class MqarTask:
         for length in lengths:
             for pairs in cfg.pairs:
                 need = min_length(pairs, segment_length, cfg.gap_segments, cfg.key_length)
-                skip = None if length >= need else f"{pairs} pairs need {need} tokens"
-                if pairs > len(KEYS[cfg.key_length]):
+                skip, key = (None if length >= need else f"{pairs} pairs need {need} tokens"), "task.lengths"
+                if pairs > len(KEYS[cfg.key_length]):  # at any length
                     skip = f"{cfg.key_length}-character keys: at most {len(KEYS[cfg.key_length])} pairs"
-                cells.append(Cell(length, pairs, pairs=pairs, skip=skip))
+                    key = "task.pairs"
+                cells.append(Cell(length, pairs, pairs=pairs, skip=skip, skip_key=key))
         return cells
 
     def make(self, rng: np.random.Generator, cell: Cell, cfg: TaskConfig, segment_length: int) -> TaskSample:

@@ -86,6 +86,9 @@ def test_evaluate_task_rows_and_schema(tiny_cfg, name):
         assert one["sample_settings"]["key_length"] == 1 and results["sample_settings"]["key_length"] == 2
         rows = one["rows"]
         assert rows[0].get("skipped") is None and "at most 36 pairs" in rows[1]["skipped"]  # 36 one-character keys
+        with pytest.raises(ConfigError, match="task.pairs: no mqar sample fits in 512 tokens .*at most 36 pairs"):
+            evaluate_task(model, TaskConfig(name=name, samples=2, batch_size=2, lengths=[512], pairs=[40],
+                                            key_length=1), train_length=128)  # the pairs, not the length, to change
     # an untrained model is at chance: passkey digits ~ 1/10, no exact matches
     if name == "passkey":
         assert all(r["exact_match"] == 0.0 for r in rows)
