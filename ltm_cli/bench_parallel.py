@@ -31,12 +31,11 @@ def bench_parallel_cmd(
     """Bytes moved by collectives and pipeline sends in one training step, per preset (measured with a
     dispatch-mode counter, as CommDebugMode) beside the analytic formula. CPU: gloo, one process per rank."""
     from ltm_core.errors import ConfigError
-    from ltm_core.parallel.bench import bench_configs, bench_parallel, rows_table
+    from ltm_core.parallel.bench import bench_parallel, rows_table
 
     if steps < 1:
         raise ConfigError("--steps", f"must be positive, got {steps}")
     output_file(json_path, "--json")
-    bench_configs(presets, overrides or [], defaults)  # a bad preset or override: one line, before the bar
     with progress_bar("bench parallel", "presets") as progress:
         rows = bench_parallel(presets, overrides or [], steps=steps, use_defaults=defaults, progress=progress)
     console.print(rows_table(rows))

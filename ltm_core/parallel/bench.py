@@ -287,27 +287,20 @@ def _worker_main(rank: str, world: str, port: str, tmp: str, steps: str) -> None
     _worker(int(rank), int(world), cfg_dict, int(port), tmp, int(steps))
 
 
-def bench_configs(presets: Sequence[str], overrides: Iterable[str] = (), use_defaults: bool = True) -> list:
-    """(preset, its composed and checked run config) for each preset: the small bench model (`BENCH_OVERRIDES`)
-    unless `use_defaults` is off, then `overrides`. One ConfigError line for a bad preset or override."""
-    from ltm_core.configuration import compose
-
-    base = list(BENCH_OVERRIDES) if use_defaults else []
-    return [(preset, compose([f"parallel={preset}", *base, *overrides])) for preset in presets]
-
-
 def bench_parallel(presets: Sequence[str] = DEFAULT_PRESETS, overrides: Iterable[str] = (), steps: int = 1,
                    use_defaults: bool = True,
                    progress: Optional[Callable[[int, int, str], None]] = None) -> list[dict[str, Any]]:
     """One row per preset: measured and analytic communication volume (bytes per training step, all ranks).
     Every preset's config is composed (and checked) before the first is measured. progress(done, total, label):
     called before each preset with the presets done so far, and once at the end."""
+    from ltm_core.configuration import compose
     from ltm_core.errors import ConfigError
     from ltm_core.parallel.layout import planned_world_size, resolve_layout
 
     if steps <= 0:
         raise ConfigError("steps", f"must be positive, got {steps}")
-    configs = bench_configs(presets, overrides, use_defaults)
+    base = list(BENCH_OVERRIDES) if use_defaults else []
+    configs = [(preset, compose([f"parallel={preset}", *base, *overrides])) for preset in presets]
     report = progress or (lambda done, total, label: None)
     rows = []
     for preset, cfg in configs:
