@@ -446,5 +446,6 @@ class TrainRunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # long-context task: data=<task> / ltm eval task=<task>
     output_dir: Optional[str] = None  # None -> outputs/<timestamp>
     resume: Optional[str] = None  # auto: continue from OUTPUT_DIR/checkpoints/last.ckpt; or a checkpoint path
+    continues: Optional[str] = None  # stage 2: the experiment it continues, whose checkpoint resume= must give
     overwrite: bool = False  # allow reusing an output folder that holds another run
     seed: int = 42

@@ -527,18 +527,31 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
             console.print(f"validation: loss {metrics['val/loss']:.4f}, {metrics['val/bpb']:.3f} bits/byte "
                           f"(byte-unigram baseline {baseline:.3f} bits/byte)")
         console.print(f"checkpoint: {last}")
-        console.print(generate_command(last, _prompt_ids(corpus, datamodule)), soft_wrap=True, highlight=False)
+        # the prompt is data (a task's may hold brackets or colons): printed as is, no markup or emoji codes
+        console.print(generate_command(last, *_prompt_ids(corpus, datamodule)), soft_wrap=True, highlight=False,
+                      markup=False, emoji=False)
     return last
 
 
-def _prompt_ids(corpus: Optional[Corpus], datamodule) -> list[int]:
-    """The run's own data for the printed `generate` prompt: its validation split, else its first validation (or,
-    without validation, training) sample."""
+def _prompt_ids(corpus: Optional[Corpus], datamodule) -> tuple[list[int], Optional[int]]:
+    """The run's own data for the printed `generate` prompt, and the answer's length for task data (else None).
+
+    Text: its validation split, else its first validation (or, without validation, training) sample. Task data
+    (`TaskDataModule`): its first validation sample up to where the answer starts, found from the sample's labels
+    (`ltm_core.console.task_prompt`), and the answer's length: the printed line asks for just the answer."""
     if corpus is not None:
-        return corpus.val
+        return corpus.val, None
     from ltm_core.trainer import as_pair
 
+    if isinstance(datamodule, TaskDataModule):
+        from ltm_core.console import task_prompt
+        from ltm_core.tasks.common import VALIDATION_STREAM
+
+        # validation sample 0 (made here even with data.val_samples=0); its labels are the answer's alone
+        found = task_prompt(*datamodule._samples().sample(0, VALIDATION_STREAM))
+        if found is not None:
+            return found
     for samples in (datamodule.val_dataloader().dataset, getattr(datamodule, "train", [])):
         if len(samples):
-            return as_pair(samples[0])[0].tolist()
-    return []
+            return as_pair(samples[0])[0].tolist(), None
+    return [], None

@@ -172,6 +172,61 @@ def check_resume(cfg: DictConfig) -> None:
                                     "clears; continue that run with resume=auto, or choose another output_dir")
 
 
+def check_continues(cfg: DictConfig) -> None:
+    """Stage 2 of a two-stage recipe (`continues: NAME`, e.g. experiment=passkey_long continues experiment=passkey)
+    starts from a checkpoint: resume=PATH, or resume=auto in a folder that holds one (an interrupted stage 2). One
+    line, before anything is written, for a run that would train from scratch, and for a checkpoint trained on
+    another task or with another memory than this run's (a baseline's checkpoint for the memory model, or the
+    reverse), read from the run config every checkpoint carries. continues=null turns the check off."""
+    stage_one = cfg.get("continues")
+    if stage_one is None:
+        return
+    out = Path(cfg.output_dir)
+    who = f"{_recipe(cfg) or 'this run'} continues a run of experiment={stage_one}"
+    fix = (f"resume=RUN/checkpoints/last.ckpt (made by ltm train experiment={stage_one} output_dir=RUN), or "
+           "continues=null to train it from scratch")
+    if cfg.resume is None:
+        raise ConfigError("resume", f"{who}: add {fix}")
+    path = out / "checkpoints" / "last.ckpt" if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not path.is_file():
+        from ltm_core.parallel.checkpoint import latest_dcp
+
+        if (out / "checkpoints" / "dcp").is_dir() and latest_dcp(out) is not None:
+            return  # the native parallel loop resumes from its sharded checkpoint
+        again = " with overwrite=true" if (out / "config.yaml").exists() else ""  # a stage 2 killed before it saved
+        raise ConfigError("resume", f"{who}, and resume=auto finds no checkpoint in {out / 'checkpoints'}: give "
+                                    f"{fix.replace(')', ')' + again, 1)}")
+    from ltm_core.checkpoint import checkpoint_config, read_checkpoint, stored_model_config
+
+    ckpt = read_checkpoint(path)  # one line for a damaged checkpoint, before anything is written
+    trained = (str(checkpoint_config(ckpt)["data"].get("name")),
+               model_config({"model": stored_model_config(ckpt, path)}).memory_kind)
+    wanted = (str(cfg.data.name), model_config(cfg).memory_kind)
+    if trained != wanted:
+        given = f"{path} (resume=auto)" if cfg.resume == "auto" else f"resume={cfg.resume}"
+        raise CheckpointError(f"checkpoint error: {given} was trained {_describe(*trained)}, but {who} (trained "
+                              f"{_describe(*wanted)}): resume from a checkpoint made by ltm train "
+                              f"experiment={stage_one}, or add continues=null to resume from this one anyway")
+
+
+def _recipe(cfg: DictConfig) -> Optional[str]:
+    """`experiment=NAME` as this run was given it on the command line (`ltm train`), else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None  # no Hydra run (Python callers)
+    hydra_cfg = HydraConfig.get()
+    if Path(hydra_cfg.runtime.output_dir).resolve() != Path(cfg.output_dir).resolve():
+        return None  # left over from an earlier run in this process
+    name = hydra_cfg.runtime.choices.get("experiment")
+    return f"experiment={name}" if name else None
+
+
+def _describe(data: str, memory: Optional[str]) -> str:
+    """What a run trained on, e.g. `on passkey with the tokens memory`."""
+    return f"on {data} " + (f"with the {memory} memory" if memory else "without memory")
+
+
 def _saved_model_config(saved: Path):
     """The model config of OUTPUT_DIR/config.yaml, or one line naming what an edit broke."""
     try:
@@ -231,9 +286,12 @@ def run_in_output_dir(cfg: DictConfig, start: Callable[[], Path]) -> Path:
     """Run `start()` (the training; returns the last checkpoint) in cfg.output_dir: the devices, the resume
     checkpoint and the folder checked first, the folder locked (`RunLock`) and prepared (`prepare_output_dir`), and
     left as it was found if the run stops before it writes a checkpoint (an error found late: `OutputClaim`). Only
-    rank 0 touches the folder; the other ranks of an external launch wait for it in the process-group setup."""
+    rank 0 touches the folder; the other ranks of an external launch wait for it in the process-group setup. A stage-2
+    recipe (`continues`) is refused before anything is written when it has no checkpoint of its stage 1 to start from
+    (`check_continues`)."""
     check_devices(cfg)
     check_resume(cfg)
+    check_continues(cfg)  # a stage-2 recipe starts from its stage 1's checkpoint
     rank_zero = is_rank_zero()
     if rank_zero:
         check_output_dir(cfg.output_dir)

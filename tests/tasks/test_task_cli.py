@@ -28,18 +28,21 @@ def passkey_ckpt(tmp_path_factory):
     result = invoke("train", "data=passkey", *SHAPE, f"output_dir={out}")  # the subprocess: test_cli.py
     assert result.returncode == 0, result.stderr[-2000:]
     assert "answer loss" in result.stdout
-    # the printed `generate` command is prompted with the run's own first validation sample, not a fixed text
+    # the printed `generate` command is prompted with the run's first validation sample up to its answer, and asks
+    # for the answer's 5 digits, greedily (tests/test_task_prompts.py parses it back through bash)
     from omegaconf import OmegaConf
 
+    from ltm_core import lit
     from ltm_core.config import DataConfig
     from ltm_core.console import generate_command
     from ltm_core.tasks.datamodule import TaskDataModule, task_config
 
     cfg = OmegaConf.load(out / "config.yaml")
-    val = TaskDataModule(DataConfig(**OmegaConf.to_container(cfg.data)), task_config(cfg),
-                         int(cfg.model.segment_length)).val_dataloader().dataset[0][0].tolist()
-    expected = generate_command(out / "checkpoints" / "last.ckpt", val)
-    assert "--prompt" in expected and expected in result.stdout.replace("\n", ""), result.stdout
+    datamodule = TaskDataModule(DataConfig(**OmegaConf.to_container(cfg.data)), task_config(cfg),
+                                int(cfg.model.segment_length))
+    expected = generate_command(out / "checkpoints" / "last.ckpt", *lit._prompt_ids(None, datamodule))
+    assert "The pass key is ' --max-new-tokens 5 --temperature 0" in expected, expected
+    assert expected in result.stdout.replace("\n", ""), result.stdout
     return out / "checkpoints" / "last.ckpt"
 
 
