@@ -54,10 +54,11 @@ def train(ctx: typer.Context,
 
     With no arguments: a tiny memory model on the King James Bible (a few minutes on a CPU).
     """
-    from ltm_core.configuration import validate_overrides
+    from ltm_core.configuration import job_name, validate_overrides
 
     overrides = list(ctx.args)
-    validate_overrides(overrides, multirun)  # every job's config is checked before torch and Lightning load
+    # every job's config and input files are checked before torch and Lightning load, and before any job starts
+    swept = validate_overrides(overrides, multirun)
 
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -74,23 +75,62 @@ def train(ctx: typer.Context,
         folder = sweep_dir if multirun else given.get("output_dir") or "."
         if "${" not in folder:  # (an interpolation is resolved by Hydra)
             check_output_dir(folder)
+    # a single run's folder that exists already is the user's: never removed, even when empty
+    theirs = not multirun and Path([o for o in overrides if o.startswith("output_dir=")][-1].split("=", 1)[1]).exists()
+    jobs: list[int] = []  # a sweep's jobs that ran to their end
+    failed: list[tuple[int, str, int]] = []  # and those that failed: number, the first clause of the error, exit code
+
+    def job_failed(err: BaseException, code: int) -> None:
+        """A sweep job's failure: one line naming the job, and the sweep goes on (an interrupt stops it instead)."""
+        hydra_cfg = HydraConfig.get()
+        num = int(hydra_cfg.job.num)
+        if isinstance(err, LtmError):
+            text = str(err)
+        elif isinstance(err, SystemExit):  # a launched multi-process run: its worker printed the error
+            text = f"a training process stopped with exit code {code} (its line is above)"
+        else:  # no bad input but a bug, whose traceback a report needs
+            import traceback
+
+            traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+            text = f"{type(err).__name__}: {err}"
+        failed.append((num, text.split("; ")[0], code))
+        if not isinstance(err, RunStopped) or is_rank_zero():  # all ranks of a run stop together: one line
+            report(LtmError(f"{job_name(num, hydra_cfg.overrides.task, swept)}: {text}"))
 
     @hydra.main(version_base="1.3", config_path="pkg://ltm_conf", config_name="train")
     def task(cfg) -> None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir  # a sweep job's own folder
         try:
-            train_run(cfg)
-        except (LtmError, KeyboardInterrupt) as err:  # Hydra catches Exceptions but lets SystemExit through
+            job(cfg)
+        finally:  # however the job ended (bad input, a bug, a signal), an empty folder Hydra made for it goes
             out = Path(cfg.output_dir)
-            if out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # the folder Hydra made for a run that could not start
+            if not theirs and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+
+    def job(cfg) -> None:
+        try:
+            train_run(cfg)
+            if multirun:
+                jobs.append(int(HydraConfig.get().job.num))
+        except (LtmError, KeyboardInterrupt) as err:  # Hydra catches Exceptions but lets SystemExit through
             if settings["debug"]:
                 raise
             if isinstance(err, KeyboardInterrupt):  # before training started (from then on SIGINT saves and stops)
                 err = Interrupted("interrupted before training started; nothing to save", 2)
+            if multirun and not isinstance(err, Interrupted):  # Ctrl-C stops the sweep; a job's own error does not
+                return job_failed(err, err.exit_code)
             if not isinstance(err, RunStopped) or is_rank_zero():  # all ranks of a run stop together: one line
                 report(err)
             sys.exit(err.exit_code)
+        except SystemExit as exc:  # a launched multi-process run: its workers failed (and printed why), or a signal
+            code = exc.code if isinstance(exc.code, int) else 1
+            if not multirun or settings["debug"] or code == 0 or code >= 128:
+                raise
+            job_failed(exc, code)
+        except Exception as exc:  # a bug in one job of a sweep: its traceback, and the other jobs still run
+            if not multirun or settings["debug"]:
+                raise
+            job_failed(exc, 1)
 
     argv = sys.argv
     sys.argv = [argv[0]] + (["-m"] if multirun else []) + overrides
@@ -98,6 +138,20 @@ def train(ctx: typer.Context,
         task()
     finally:
         sys.argv = argv
+    if multirun:  # one line for the sweep: how many jobs, which failed and why
+        from rich.markup import escape
+
+        from ltm_cli.errors import err_console
+
+        total = len(jobs) + len(failed)
+        line = f"{total} job{'s' if total != 1 else ''}: {len(jobs)} done"
+        if failed:
+            why = "; ".join(f"job {num}: {first}" for num, first, _ in failed)
+            line = f"{line}, {len(failed)} failed ({why})"
+        if is_rank_zero():  # (the ranks of an external launch each run the sweep)
+            (err_console if failed else console).print(escape(line), highlight=False, soft_wrap=True)
+        if failed:  # 2: bad input or a run that stopped; 1: a bug
+            raise typer.Exit(1 if any(code == 1 for *_, code in failed) else 2)
 
 
 # ------------------------------------------------------------------------------------------------- generate
@@ -118,11 +172,20 @@ def _load(checkpoint: Path, device: str, quantize: Optional[str], overrides: lis
     return model
 
 
+SAMPLING_OPTIONS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"}
+PROMPT_HELP = ("Text to continue. `-p -` reads the prompt from stdin: its bytes exactly, a trailing newline "
+               "included (`printf %s ... |` or `echo -n` leaves it out).")
+
+
 @app.command()
 @user_errors
 def generate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train`."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A .ckpt written by `ltm train` (or a folder "
+                                    "written by `ltm export --format safetensors|hf` or `ltm quantize`)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help=PROMPT_HELP),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file: its "
+                                               "bytes exactly, a trailing newline included (`-`: stdin). For prompts "
+                                               "longer than a command line takes (about 128 KB)."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens (bytes) to generate: 0 prints "
                                        "the prompt only; any larger number streams in constant memory."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
@@ -132,19 +195,31 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ):
-    """Stream text from a checkpoint. Memory per token stays flat however long the output."""
+    """Stream text from a checkpoint: the prompt, then its continuation. Memory per token stays flat however long
+    the output.
+
+    The prompt: `--prompt TEXT`, `--prompt -` (stdin) or `--prompt-file PATH`; none: generate from the start of a
+    text. Piped stdin is read only with `-p -` (without, a note on stderr says it was not read)."""
     import torch
 
-    from ltm_core.inference import InferenceConfig, InferenceEngine
-    from ltm_core.tokenizer import ByteTokenizer
+    from ltm_core.inference import InferenceEngine
+    from ltm_core.tokenizer import BOS, ByteTokenizer
 
     if max_new_tokens < 0:
         raise ConfigError("--max-new-tokens", f"must be 0 or more, got {max_new_tokens}")
+    sampling = _sampling_config(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     dev = device_option(device)
-    model = _load(checkpoint, dev, quantize)
     tokenizer = ByteTokenizer()
-    engine = InferenceEngine(model, InferenceConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-    ids = tokenizer.encode(prompt, bos=True)  # any text: bytes that are not UTF-8 arrive as surrogates, kept as bytes
+    data = _prompt_bytes(prompt, prompt_file)  # None: the literal --prompt text (or none)
+    model = _load(checkpoint, dev, quantize)
+    if prompt is None and prompt_file is None and _stdin_holds_input():
+        _note("stdin was not read (generating from the start of a text): pass `-p -` to make it the prompt")
+    elif data == b"":
+        _note(f"the prompt from {'stdin' if '-' in (prompt, str(prompt_file)) else prompt_file} is empty: "
+              "generating from the start of a text")
+    engine = InferenceEngine(model, sampling)
+    # any text: bytes that are not UTF-8 (in --prompt: as surrogates) are kept as bytes
+    ids = tokenizer.encode(prompt or "", bos=True) if data is None else [BOS, *data]
     input_ids = torch.tensor([ids], device=dev)
     decode = tokenizer.stream_decoder()
     sys.stdout.reconfigure(errors="replace")  # what the terminal's encoding cannot show prints as "?", never a crash
@@ -153,6 +228,77 @@ def generate(
         sys.stdout.write(decode(int(token[0])))
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _sampling_config(**values):
+    """InferenceConfig(**values), its errors naming the option (`--top-p`), not the library's field (top_p)."""
+    from ltm_core.inference import InferenceConfig
+
+    try:
+        return InferenceConfig(**values)
+    except (ConfigError, ValueError) as err:  # ConfigError("top_p", ...), or a ValueError "top_p must be ..."
+        text = str(err)
+        key = getattr(err, "key", None) or text.split(" ", 1)[0]
+        if key not in SAMPLING_OPTIONS:
+            raise
+        message = text.split(f"{key}: ", 1)[-1] if isinstance(err, ConfigError) else text.split(" ", 1)[-1]
+        raise ConfigError(SAMPLING_OPTIONS[key], message) from None
+
+
+def _prompt_bytes(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional[bytes]:
+    """The prompt's bytes when it is read (`-p -` or --prompt-file: exactly, nothing stripped); None for a literal
+    --prompt or none. Both options at once is an error; so is a prompt file that cannot be read."""
+    if prompt is not None and prompt_file is not None:
+        raise ConfigError("--prompt-file", "give the prompt once: --prompt TEXT, --prompt - (stdin) or --prompt-file "
+                                           "PATH, not --prompt and --prompt-file together")
+    if prompt == "-" or prompt_file is not None and str(prompt_file) == "-":
+        return _read_stdin("--prompt" if prompt == "-" else "--prompt-file")
+    if prompt_file is None:
+        return None
+    if prompt_file.is_dir():
+        raise ConfigError("--prompt-file", f"{prompt_file} is a folder: give a file")
+    if not prompt_file.exists():
+        raise ConfigError("--prompt-file", f"{prompt_file} does not exist")
+    try:
+        return prompt_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError("--prompt-file", f"{prompt_file} cannot be read ({exc.strerror or exc})") from None
+
+
+def _read_stdin(option: str) -> bytes:
+    """All of stdin, as bytes (a terminal: until Ctrl-D, after a note saying so)."""
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    if stream is None:
+        raise ConfigError(option, "- reads the prompt from stdin, which is closed")
+    try:
+        if sys.stdin.isatty():
+            _note("reading the prompt from the terminal until end of input (Ctrl-D)")
+        data = stream.read()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(option, f"- could not read stdin ({getattr(exc, 'strerror', None) or exc})") from None
+    return data if isinstance(data, bytes) else data.encode("utf-8", errors="surrogateescape")
+
+
+def _stdin_holds_input() -> bool:
+    """Whether stdin is a pipe, or a non-empty file redirected in (`< notes.txt`): input a user meant to give. A
+    terminal, /dev/null or no stdin at all is not."""
+    import os
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # none, closed, or not a file (a test runner's buffer)
+        return False
+    return stat.S_ISFIFO(mode.st_mode) or stat.S_ISSOCK(mode.st_mode) or (stat.S_ISREG(mode.st_mode)
+                                                                          and mode.st_size > 0)
+
+
+def _note(text: str) -> None:
+    """One line on stderr that is no error: what the command did with an input the user may have meant."""
+    from ltm_cli.errors import err_console
+    from rich.markup import escape
+
+    err_console.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------------- eval

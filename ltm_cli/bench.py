@@ -27,6 +27,17 @@ def check_counts(**options: tuple[Any, int]) -> None:
                 raise ConfigError(name, f"must be {'positive' if least == 1 else f'at least {least}'}, got {value}")
 
 
+def check_training_lengths(contexts: list[int], segment_length: int, variants: list[str]) -> None:
+    """A training row's context is a whole number of segments, as `ltm train`'s data.seq_len must be: one line
+    naming --context and the multiple. The full-causal baseline's one segment spans its context, any length."""
+    if all(v == "full_causal" for v in variants):
+        return
+    for context in contexts:
+        if context % segment_length:
+            raise ConfigError("--context", f"{context} must be a multiple of model.segment_length={segment_length} "
+                                           "(whole segments, as ltm train's data.seq_len)")
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB"
 
@@ -123,6 +134,7 @@ def bench_model_cmd(
     if unknown:
         raise ConfigError("--variant", f"must be one of {', '.join(VARIANTS + KIND_VARIANTS)}, got {unknown[0]!r}")
     cfg = model_config(compose([f"model={model}", *(overrides or [])]))
+    check_training_lengths(contexts, cfg.segment_length, variants or VARIANTS)
     device = device_option(device)
     output_file(json_path, "--json")
     output_file(plot, "--plot")

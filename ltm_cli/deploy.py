@@ -54,11 +54,16 @@ def quantize_cmd(
     from ltm_core.quantize import quantize_checkpoint
     from ltm_core.tasks import is_task
 
+    text = dict(o.lstrip("+~").split("=", 1) for o in overrides).get("data")
+    if text is not None and is_task(text):  # (a checkpoint trained on a task, with no data=, stops in eval_data)
+        raise ConfigError("data", f"quantize measures bits/byte on text, and data={text} is a task: pass data=kjv, "
+                                  "data=pystdlib or data=textfile data.path=FILE; for the task after quantizing, run "
+                                  f"ltm eval -c {checkpoint} --quantize {method} task={text}")
     ckpt = read_checkpoint(checkpoint)
     data = eval_data(checkpoint_config(ckpt), overrides)
-    if is_task(data.name):
-        raise ConfigError("data", f"bits/byte is measured on text: {checkpoint} was trained on the task {data.name}; "
-                                  "add data=kjv or data=textfile data.path=FILE")
+    if is_task(data.name):  # data.name=TASK
+        raise ConfigError("data.name", f"quantize measures bits/byte on text, and {data.name} is a task: pass "
+                                       "data=kjv, data=pystdlib or data=textfile data.path=FILE")
     result = quantize_checkpoint(checkpoint, method, out, data, lm_head=lm_head, skip=skip, device=dev,
                                  gen_tokens=gen_tokens, overwrite=overwrite)
     console.print(f"quantized {len(result['quantized_layers'])} linear layers "

@@ -8,7 +8,9 @@ A checkpoint is Lightning's `.ckpt` (written by `ltm train`): the resolved run c
 
 from __future__ import annotations
 
+import codecs
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -31,25 +33,159 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if is_folder_checkpoint(path):
         return read_folder(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint error: {path} is a folder: give the .ckpt file (e.g. "
-                              f"{path / 'checkpoints' / 'last.ckpt'})")
+        raise CheckpointError(_folder_problem(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint error: {path} does not exist")
     try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused unrun
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a file it then fails to read (e.g. a pickle's protocol)
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any failure to unpickle means the file is not a usable checkpoint
         code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
         if code:
             raise CheckpointError(f"checkpoint error: {path} holds a pickled object that would run code "
                                   f"({code.group(1)}); refused without running it") from None
-        reason = _first_sentence(str(exc)) or type(exc).__name__
-        raise CheckpointError(f"checkpoint error: {path} is not a readable checkpoint ({reason})") from None
+        raise CheckpointError(_part_of_export(path) or _unreadable(path, exc)) from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if (not isinstance(hparams, dict) or not isinstance(ckpt.get("state_dict"), dict)
-            or not isinstance(hparams.get("config"), dict)):
-        raise CheckpointError(f"checkpoint error: {path} is not an ltm checkpoint (no state_dict/config)")
+            or not isinstance(hparams.get("config"), dict)):  # (torch.load also reads a bare safetensors file)
+        raise CheckpointError(_part_of_export(path) or (
+            f"checkpoint error: {path} is a safetensors file without the config.json that `ltm export` writes "
+            "beside it: give a folder written by `ltm export` / `ltm quantize`" if _is_safetensors(_head(path))
+            else f"checkpoint error: {path} is not an ltm checkpoint (no state_dict/config)"))
     _check_stored_config(hparams["config"], path)
     return ckpt
+
+
+ONNX_MANIFEST = "onnx.json"  # what `ltm export --format onnx` writes beside its graphs (ltm_core.export.onnx)
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive holding ARCHIVE/data.pkl and the tensors' data
+LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch's older format: a pickled magic number first
+
+
+def _onnx_export(what: str) -> str:
+    """The line for an ONNX export given where a checkpoint is expected: what it is and how it runs instead."""
+    return (f"checkpoint error: {what} an ONNX export (`ltm export --format onnx`), not a checkpoint: run it with "
+            "onnxruntime through ltm_core.export.onnx.OnnxModel (its README.md shows how), or give the .ckpt or "
+            "safetensors folder it was exported from")
+
+
+def _is_onnx_export(folder: Path) -> bool:
+    return (folder / ONNX_MANIFEST).is_file() or any(folder.glob("*.onnx"))
+
+
+def _newest_ckpt(folder: Path) -> Optional[Path]:
+    """folder/last.ckpt, else the most recently written .ckpt in folder; None without any."""
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+
+
+def _folder_problem(path: Path) -> str:
+    """The line for a folder that is not a checkpoint folder: an ONNX export; a folder of .ckpt files (the run's
+    checkpoints/: its last.ckpt, else its newest, named); a run folder (RUN/checkpoints/... named only where it
+    exists); a sweep folder of runs; safetensors weights without their config.json; else a folder without any."""
+    if _is_onnx_export(path):
+        return _onnx_export(f"{path} is")
+    held = _newest_ckpt(path)
+    if held is not None:
+        return f"checkpoint error: {path} is a folder: give the .ckpt file (e.g. {held})"
+    run_ckpt = _newest_ckpt(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    if run_ckpt is not None:
+        return f"checkpoint error: {path} is a run folder: give its .ckpt file (e.g. {run_ckpt})"
+    runs = sorted(path.glob("*/checkpoints/last.ckpt"), key=lambda p: (len(p.parts[-3]), p.parts[-3]))
+    if runs:
+        return (f"checkpoint error: {path} holds {len(runs)} run{'s' if len(runs) > 1 else ''}: give one's .ckpt "
+                f"file (e.g. {runs[0]})")
+    from ltm_core.export.safetensors import CONFIG, INDEX, WEIGHTS
+
+    if (path / WEIGHTS).is_file() or (path / INDEX).is_file():
+        return (f"checkpoint error: {path} holds safetensors weights but no {CONFIG}: not a complete folder written "
+                "by `ltm export` / `ltm quantize`")
+    where = " (its checkpoints/ folder is empty)" if (path / "checkpoints").is_dir() else ""
+    return (f"checkpoint error: {path} is a folder: give the .ckpt file written by `ltm train` "
+            f"(RUN/checkpoints/last.ckpt) or a folder written by `ltm export` / `ltm quantize`; this one holds no "
+            f"checkpoint{where}")
+
+
+def _part_of_export(path: Path) -> Optional[str]:
+    """The line for a file of an export folder given in place of the folder: a file of an ONNX export (how it runs
+    instead), or of a safetensors / hf checkpoint folder (give the folder); None otherwise."""
+    from ltm_core.export.safetensors import is_folder_checkpoint
+
+    folder = path.parent
+    if path.suffix == ".onnx" or path.suffix != ".ckpt" and (folder / ONNX_MANIFEST).is_file():  # (a .ckpt: its own)
+        return _onnx_export(f"{path} is a file of {folder},")
+    if is_folder_checkpoint(folder):
+        return f"checkpoint error: {path} is a file of the checkpoint folder {folder}: give the folder (-c {folder})"
+    return None
+
+
+def _head(path: Path) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64)
+    except OSError:
+        return None
+
+
+def _is_safetensors(head: Optional[bytes]) -> bool:
+    """A safetensors file's start: the JSON header's length (8 bytes, little-endian), then "{"."""
+    return bool(head) and len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 2 ** 28
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """The line for a file torch.load could not read, in words a user understands: an empty file, a damaged or
+    truncated torch file (torch's own detail kept), or a file of another kind (what it looks like)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as err:  # e.g. permission denied
+        return f"checkpoint error: {path} cannot be read ({err.strerror or err})"
+    return f"checkpoint error: {path} is not a readable checkpoint ({_unreadable_reason(path, head, exc)})"
+
+
+def _unreadable_reason(path: Path, head: bytes, exc: Exception) -> str:
+    if not head:
+        return "the file is empty"
+    if head.startswith(ZIP_MAGIC):  # torch's format, or another zip archive
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            names = None  # the zip directory itself is unreadable: truncated or damaged
+        if names is not None and not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "a zip archive, not a torch checkpoint file: it holds no data.pkl"
+        if names is None and isinstance(exc, OSError):  # (torch's reader then fails on a seek: "Invalid argument")
+            return "damaged or truncated torch file: its zip archive's central directory is missing"
+        return f"damaged or truncated torch file: {_torch_detail(exc)}"
+    if head.startswith(LEGACY_MAGIC):
+        return f"damaged or truncated torch file: {_torch_detail(exc)}"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:  # a pickle's protocol mark, without torch's magic number
+        return "a pickle, not a torch checkpoint file"
+    try:  # (not final: a character cut at the 64th byte still reads as text)
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        text = None
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "not a torch checkpoint file: it holds text"
+    return "not a torch checkpoint file"
+
+
+def _torch_detail(exc: Exception) -> str:
+    """torch.load's reason without its internals: the weights-only unpickler's own error line, the zip reader's
+    message without its source location; "the file ends early" for an end of file."""
+    if isinstance(exc, EOFError):
+        return "the file ends early"
+    text = str(exc)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if unpickler:
+        text = unpickler.group(1)
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text.strip())
+    text = re.sub(r"^PytorchStreamReader ", "", text)
+    return _first_sentence(text) or type(exc).__name__
 
 
 def _check_stored_config(config: dict[str, Any], path: Path) -> None:

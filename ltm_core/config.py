@@ -279,7 +279,7 @@ class TitanConfig:
 class DataConfig:
     name: str = "kjv"  # kjv | pystdlib | textfile | a task: passkey | mqar | babi_facts (generated, see cfg.task)
     path: Optional[str] = None  # textfile: a .txt/.jsonl file or a folder of them
-    seq_len: Optional[int] = None  # tokens per training sample (a multiple of model.segment_length); None -> 4 segments
+    seq_len: Optional[int] = None  # tokens per sample (train: whole segments; eval: any); None -> 4 segments
     batch_size: int = 8
     val_fraction: float = 0.05  # textfile: share of the tokens held out for validation; pystdlib: of the modules
     val_books: int = 2  # kjv: the last N books are the validation split

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any, Iterable
 
 from hydra import compose as hydra_compose
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ltm_core.config import MEMORY_CONFIGS, TASK_NAMES, DataConfig, OptimConfig, TitanConfig, TrainRunConfig
-from ltm_core.errors import ConfigError
+from ltm_core.errors import CheckpointError, ConfigError, DataError, LtmError
 from ltm_core.migration import LEGACY_KEYS
 
 
@@ -117,15 +118,50 @@ def fill_derived(cfg: DictConfig) -> None:
         cfg.data.seq_len = 4 * cfg.model.segment_length
 
 
-def validate_overrides(overrides: list[str], multirun: bool) -> int:
-    """Compose every job an `ltm train [-m] overrides` command would run; returns the number of jobs."""
+def validate_overrides(overrides: list[str], multirun: bool) -> list[str]:
+    """Compose and check every job an `ltm train [-m] overrides` command would run, before any of them starts: its
+    config, then the files it reads (`check_inputs`). A sweep's error names its job (`job 1 (data.path=b.txt): ...`),
+    by its number and the overrides that differ between jobs. Returns the keys the sweep varies, which name a job in
+    the lines of a running sweep as well ([] for a single run)."""
     try:
         combos = _sweep_combinations(overrides) if multirun else [overrides]
     except HydraException as exc:
         raise config_error(exc) from None
-    for combo in combos:
-        compose(combo)
-    return len(combos)
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in combos[0]]  # one per override, in every combination
+    swept = [k for i, k in enumerate(keys) if len({c[i] for c in combos}) > 1]
+    for num, combo in enumerate(combos):
+        try:
+            check_inputs(compose(combo))
+        except LtmError as err:
+            if swept:
+                err.args = (f"{job_name(num, combo, swept)}: {err}; no job was started",)
+            raise
+    return swept
+
+
+def job_name(num: int, overrides: Iterable[str], swept: Iterable[str]) -> str:
+    """`job 1 (optim.lr=0.001)`: a sweep job's number and its values of the swept keys."""
+    swept = set(swept)
+    values = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept)
+    return f"job {num} ({values})" if values else f"job {num}"
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """The files a run reads, checked before a run or sweep starts (a sweep does not stop at its job 3 for a
+    misspelt file name once jobs 0-2 have trained): data.path of data=textfile and resume=PATH exist, with the
+    messages of the checks where they are read (`ltm_core.data`, `ltm_core.train.check_resume`), which check again
+    and read them."""
+    if cfg.data.name == "textfile" and cfg.data.path:
+        path = Path(cfg.data.path).expanduser().resolve()
+        if path.is_dir():
+            if not any(p.suffix in (".txt", ".jsonl") and p.is_file() for p in path.rglob("*")):
+                raise DataError(f"data error: {path} holds no .txt or .jsonl files")
+        elif not path.exists():
+            raise DataError(f"data error: {path} does not exist")
+        elif path.suffix not in (".txt", ".jsonl"):
+            raise DataError(f"data error: {path} is not a .txt or .jsonl file")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
+        raise CheckpointError(f"checkpoint error: resume={cfg.resume} does not exist")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -43,26 +43,41 @@ def eval_data(stored: dict[str, Any], overrides: Iterable[str] = (), segment_len
     """The data `ltm eval` / `ltm quantize` measure on: the checkpoint's own (`stored`, its run config) with
     `data.key=value` overrides applied (e.g. data.seq_len=2048, data.val_samples=512); or another corpus,
     `data=NAME ...`, composed for the model's segment length (`segment_length`, default the stored one; data.seq_len
-    defaults to 4 of its segments)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    defaults to 4 of its segments).
 
-    from ltm_core.configuration import compose, config_error, to_dict
+    data.seq_len may be any positive length, a whole number of segments or not: the model reads a last partial
+    segment exactly as the first tokens of a whole one (causal attention inside the segment, the memory written by
+    the segments before; the write it would make at the segment's end comes after every token scored), so a window
+    of 100 tokens scores what the first 100 tokens of a longer window score. `ltm train`'s whole-segment rule is about
+    its training windows (the BPTT windows, the memory writes), not about reading."""
+    from ltm_core.configuration import compose, to_dict
     from ltm_core.tasks import is_task
 
     overrides = list(overrides)
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    if "data" in keys:
+    changes = [o for o, k in zip(overrides, keys) if k.startswith("data.")]
+    if "data" in keys:  # another corpus: composed (and checked) as `ltm train` would, but for its length
         segment = [f"model.segment_length={segment_length or stored['model']['segment_length']}"]
-        return DataConfig(**to_dict(compose([o for o in overrides if not o.startswith("model.")] + segment).data))
+        length = [o for o, k in zip(overrides, keys) if k == "data.seq_len"]
+        rest = [o for o, k in zip(overrides, keys) if k != "data.seq_len" and not k.startswith("model.")]
+        return _with_changes(DataConfig(**to_dict(compose(rest + segment).data)), length)
     if is_task(stored["data"]["name"]):
         raise ConfigError("data", f"the checkpoint was trained on task {stored['data']['name']}: choose text with "
                                   "data=kjv|pystdlib|textfile")
-    changes = [o for o, k in zip(overrides, keys) if k.startswith("data.")]
+    return _with_changes(DataConfig(**stored["data"]), changes)
+
+
+def _with_changes(data: DataConfig, changes: list[str]) -> DataConfig:
+    """`data` with `data.key=value` overrides applied, each checked (one line naming the key)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ltm_core.configuration import config_error
+
     if not changes:
-        return DataConfig(**stored["data"])
+        return data
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(DataConfig(**stored["data"])),
+        merged = OmegaConf.merge(OmegaConf.structured(data),
                                  OmegaConf.from_dotlist([o.lstrip("+~")[len("data."):] for o in changes]))
     except OmegaConfBaseException as exc:
         err = config_error(exc)

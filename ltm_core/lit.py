@@ -50,7 +50,7 @@ from ltm_core.run_guard import (Interrupts, TrainingStream, add_missing_metrics_
 from ltm_core.tasks.datamodule import TaskDataModule, task_config
 from ltm_core.parallel.layout import devices_per_node
 from ltm_core.train import is_rank_zero, resume_path
-from ltm_core.training import LN2, Diverged, build_optimizer, build_scheduler, windowed_backward
+from ltm_core.training import LN2, Diverged, build_optimizer, build_scheduler, rebase_lr, windowed_backward
 
 console = Console()
 # Lightning notes that do not apply: checkpoints are taken after the optimizer step on purpose (manual
@@ -95,6 +95,10 @@ class TitanLightning(L.LightningModule):
         # a model handed over in eval mode (`Trainer(model=...)` after an InferenceEngine put it there) trains as a
         # fresh one does: its memory's training noise and auxiliary losses on (Lightning keeps modules' modes)
         self.model.train()
+        replaced = rebase_lr(self.lr_schedulers(), self.optim_cfg.lr)  # a resume with another optim.lr takes it
+        if replaced is not None and self.trainer.is_global_zero:
+            console.print(f"optim.lr={self.optim_cfg.lr:g} from step {self.trainer.global_step} (the checkpoint's "
+                          f"schedule had {replaced:g})")
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
@@ -123,7 +127,11 @@ class TitanLightning(L.LightningModule):
             else:
                 self.bad_in_a_row = 0
                 if self.optim_cfg.grad_clip > 0:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.grad_clip,
+                    # fp16-mixed: the gradients still carry the loss scale here (the plugin unscales them inside
+                    # optimizer.step()), so the threshold is scaled alike: the unscaled norm is clipped at grad_clip
+                    scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+                    scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+                    self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.grad_clip * scale,
                                         gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -219,8 +227,25 @@ class GuardCallback(Callback):
         self.last, self.interrupts, self.accumulate = Path(last), interrupts, accumulate
         self.interval = 60.0 * every_minutes if every_minutes else None
         self._last_save = time.monotonic()
-        self.saved_step: Optional[int] = None  # global step of the newest save of this run
+        self.saved_step: Optional[int] = None  # global step of this run's newest last.ckpt (written; best.ckpt not)
         self.stopped_at: Optional[int] = None  # global step at which a signal stopped the run
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Record each save of last.ckpt, the file resume=auto continues from, once it is written: Lightning's
+        `on_save_checkpoint` hook runs before the file is written, and for best.ckpt too (a validation's save),
+        which resume=auto does not read and a diverging run's message must not name."""
+        save = trainer.save_checkpoint
+        if getattr(save, "guard", None) is self:
+            return
+
+        def save_checkpoint(filepath, *args, **kwargs):
+            save(filepath, *args, **kwargs)
+            if Path(filepath).resolve() == self.last.resolve():
+                self.saved_step = trainer.global_step
+                self._last_save = time.monotonic()  # checkpoint_every_minutes counts from the last last.ckpt
+
+        save_checkpoint.guard = self
+        trainer.save_checkpoint = save_checkpoint
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.interrupts.install()  # over Lightning's own SIGTERM handler, registered when fit started
@@ -241,8 +266,6 @@ class GuardCallback(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """metrics.csv must hold every step the checkpoint holds: the rows Lightning buffers are written now, and
         this step's row, which Lightning logs only after the batch-end hooks that save, travels in the checkpoint."""
-        self._last_save = time.monotonic()
-        self.saved_step = trainer.global_step
         for logger in trainer.loggers:
             logger.save()
         # the logging step: one per micro-batch (manual optimization), not yet advanced past this batch
@@ -402,14 +425,8 @@ def _fit_guarded(cfg: DictConfig, trainer: L.Trainer, module: TitanLightning, da
         if guard.stopped_at is None:
             raise
     except Diverged as err:
-        last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
-        if guard.saved_step is not None:
-            good = f"the last good checkpoint is {last} (step {guard.saved_step})"
-        elif ckpt_path:
-            good = f"the last good checkpoint is {ckpt_path}, which this run resumed from"
-        else:
-            good = "no checkpoint was written yet"
-        err.args = (f"{err}; {good}: lower optim.lr, then continue with: {run_guard.resume_command(cfg)}",)
+        last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"  # best.ckpt does not count: resume=auto reads last
+        err.args = (f"{err}; {run_guard.diverged_advice(cfg, last, guard.saved_step, ckpt_path)}",)
         raise
     except run_guard.SaveFailed as err:
         err.args = (f"{err}; the run stopped: free space, then continue with: {run_guard.resume_command(cfg)}",)
@@ -476,9 +493,19 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
         ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=save_every, save_top_k=1,
                         enable_version_counter=False),
     ]
+
+    class BestCheckpoint(ModelCheckpoint):
+        """best.ckpt: the lowest val/loss so far, never a non-finite one (Lightning keeps the first value it sees,
+        nan included, and ranks nan as inf only once it has another to compare with)."""
+
+        def check_monitor_top_k(self, trainer, current=None) -> bool:
+            # every rank logs the same val/loss (sync_dist), so all decide alike before any collective
+            return current is not None and bool(torch.isfinite(current)) and super().check_monitor_top_k(trainer,
+                                                                                                          current)
+
     if validates:
-        callbacks.insert(1, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
-                                            save_top_k=1, enable_version_counter=False))
+        callbacks.insert(1, BestCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",
+                                           save_top_k=1, enable_version_counter=False))
     if cfg.trainer.progress:
         callbacks.append(StepProgressBar(console))
     loggers = [ResumableCSVLogger(save_dir=str(out), name="", version="")]

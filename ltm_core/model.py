@@ -45,6 +45,7 @@ import ltm_core.attention as reads
 from ltm_core import ops
 from ltm_core.attention import attention, blocked_scores, explicit_read, explicit_read_backward
 from ltm_core.config import TitanConfig
+from ltm_core.errors import DataError
 from ltm_core.layers import (RMSNorm, apply_rotary, causal_conv, constant_tensors, flat_rows, project_chunks,
                              rotary_backward, rotary_positions, rotated_qkv, windowed_conv)
 from ltm_core.memory import LayerState, MemoryState, Prefix, Scan, build_memory
@@ -620,6 +621,29 @@ class SegmentRecurrence(nn.Module):
                 self._advance(state, layers, int(complete), 0 if complete else offset + x.shape[1], noise))
 
 
+class InputIdsError(DataError, ValueError):
+    """Token ids a model cannot read: not a 2-D integer tensor, or ids outside the vocabulary (a DataError: one line;
+    also a ValueError, which `InferenceEngine` raised for a bad prompt shape before)."""
+
+
+def check_input_ids(input_ids, vocab_size: int, name: str = "input_ids", ids_range: bool = True) -> None:
+    """`TitanModel.forward`'s and `InferenceEngine`'s entry check: a 2-D [batch, tokens] int64 / int32 tensor and,
+    with `ids_range`, every id in [0, vocab_size) (one min/max pass: on a GPU tensor it waits for the device)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputIdsError(f"data error: {name} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputIdsError(f"data error: {name} must hold integer token ids (torch.long), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        hint = "; for one sequence pass ids.unsqueeze(0)" if input_ids.dim() == 1 else ""
+        raise InputIdsError(f"data error: {name} must be 2-D [batch, tokens], got shape {tuple(input_ids.shape)}"
+                            f"{hint}")
+    if ids_range and input_ids.numel():
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            raise InputIdsError(f"data error: {name} holds token ids outside the vocabulary [0, {vocab_size}): "
+                                f"min {low}, max {high}")
+
+
 class TitanModel(SegmentRecurrence):
     def __init__(self, cfg: TitanConfig):
         super().__init__()
@@ -669,7 +693,13 @@ class TitanModel(SegmentRecurrence):
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, memory: Optional[MemoryState] = None,
                 labels: Optional[torch.Tensor] = None) -> TitanOutput:
-        """input_ids: [B, L] -> logits [B, L, vocab]; continues from `memory` (the previous call's state)."""
+        """input_ids: [B, L] -> logits [B, L, vocab]; continues from `memory` (the previous call's state). Ids that
+        are not a 2-D integer tensor, or (on CPU) outside the vocabulary, are a one-line `InputIdsError`."""
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            # not while torch.compile / ONNX export / tracing run this code. The id range only on CPU: about 5 us a
+            # call there (0.01 % of a model=tiny training step at 8K); on a GPU it would wait for the device, and a
+            # GPU's ids come from checked data or `InferenceEngine`, which checks them
+            check_input_ids(input_ids, self.config.vocab_size, ids_range=input_ids.device.type == "cpu")
         state = memory if memory is not None else self.initial_state(input_ids.shape[0])
         x = self.embed_tokens(input_ids)  # [B, L, C]
         h, state, aux = self.run_blocks(x, state)

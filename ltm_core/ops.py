@@ -43,10 +43,12 @@ os.register_at_fork(after_in_child=_set_forked)
 
 def use_cpu_kernels(t: torch.Tensor, backend: str) -> bool:
     """Whether `ltm_core.cpu_kernels`' compiled passes replace PyTorch's ops for tensors like t: float32 on CPU,
-    outside torch.compile, unless `model.kernels=torch`; not in a process forked from another (a data loader's
-    worker, where OpenMP threads hang: PyTorch's own ops run there, one thread each)."""
+    outside torch.compile and outside CPU autocast (`precision=bf16-mixed`: t may be float32 while the operands
+    autocast makes beside it, a projection's output, are bfloat16, which the kernels do not take), unless
+    `model.kernels=torch`; not in a process forked from another (a data loader's worker, where OpenMP threads hang:
+    PyTorch's own ops run there, one thread each)."""
     return (t.device.type == "cpu" and t.dtype == torch.float32 and backend != "torch"
-            and not torch.compiler.is_compiling() and not _forked)
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu") and not _forked)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:

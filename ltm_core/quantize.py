@@ -14,6 +14,15 @@ ranking decides what the memory keeps), norms, the learned initial memory and co
 
 A quantized model saves as a safetensors folder (`ltm_core.export.safetensors`) whose config.json records the method
 and the layers; `ltm_core.checkpoint.load_model` rebuilds those layers from their stored state.
+
+Save a 4-bit model before its first inference call. On a CPU with AVX512-BF16, bitsandbytes (0.49-0.50) rewrites a
+Linear4bit's weights in place at its first call for its faster kernel (`weight.quant_state.packing_format_for_cpu`:
+nibbles regrouped by 32 rows, absmax as a [blocks per row, rows] bfloat16 matrix, double quantization undone), and
+its state_dict() undoes that only in part: the weights, but not a plain nf4/fp4 absmax (left transposed in bfloat16,
+which the next call then reads as if it were [rows, blocks per row]: scales on the wrong blocks) and a -dq absmax
+quantized again from its bfloat16 copy. So state_dict() after a call saves scrambled scales and also changes the model
+in memory. `quantize_checkpoint` writes its folder before any call and measures the model it loads back from it;
+`load_quantized_layers` refuses a layer stored in that layout (folders written by an earlier `ltm quantize`).
 """
 
 from __future__ import annotations
@@ -176,6 +185,8 @@ def load_quantized_layers(model: nn.Module, record: dict[str, Any], state: dict[
         if "weight" not in mine or (shape["bias"] and "bias" not in mine):
             raise CheckpointError(f"checkpoint error: the quantized layer {name} has no stored weight")
         stats = {k: v for k, v in mine.items() if k not in ("weight", "bias", "weight_format")}
+        if method != "bnb.int8":
+            _check_stored_layout(name, shape, mine["weight"], stats)
         layer = _build(shape["in_features"], shape["out_features"], mine.get("bias"), method, mine["weight"], stats,
                        torch.device(device))
         try:
@@ -185,11 +196,51 @@ def load_quantized_layers(model: nn.Module, record: dict[str, Any], state: dict[
     return rest
 
 
+def _check_stored_layout(name: str, shape: dict[str, Any], weight: torch.Tensor,
+                         stats: dict[str, torch.Tensor]) -> None:
+    """A stored 4-bit layer is in bitsandbytes' portable layout: the packed weights one column of rows x inputs / 2
+    bytes, one absmax per block in a flat vector. Earlier `ltm quantize` runs saved the absmax after bitsandbytes'
+    CPU repacking (module docstring): a [blocks per row, rows] bfloat16 matrix whose order the loader cannot tell
+    (transposed once or scrambled again); such a folder is refused."""
+    absmax = stats.get("weight.absmax")
+    weights = shape["out_features"] * shape["in_features"]
+    layout_ok = (absmax is not None and absmax.dim() == 1 and weight.dim() == 2 and weight.shape[1] == 1
+                 and weight.numel() * weight.element_size() == (weights + 1) // 2)
+    if layout_ok and "weight.nested_absmax" not in stats:  # a plain absmax: one float32 per block
+        layout_ok = absmax.dtype == torch.float32 and absmax.numel() == -(-weights // BLOCKSIZE)
+    if not layout_ok:
+        found = "none" if absmax is None else f"{str(absmax.dtype).replace('torch.', '')} {list(absmax.shape)}"
+        raise CheckpointError(f"checkpoint error: the 4-bit layer {name} was saved in bitsandbytes' CPU inference "
+                              f"layout (absmax {found}, by an ltm quantize that ran the model before saving it): its "
+                              "scales are scrambled; re-run ltm quantize on the unquantized checkpoint")
+
+
+def repacked_layers(model: nn.Module) -> list[str]:
+    """Names of the 4-bit layers bitsandbytes has rewritten for its CPU kernel (their first call on an AVX512-BF16
+    CPU): their state_dict() would save scrambled scales and change them in memory (module docstring)."""
+    return [name for name, m in model.named_modules()
+            if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state to save (or measure), taken before any inference call: a 4-bit layer that has run is
+    refused rather than saved wrong (module docstring)."""
+    repacked = repacked_layers(model)
+    if repacked:
+        raise LtmError(f"quantize error: {', '.join(repacked[:3])} already ran on the CPU, and bitsandbytes cannot "
+                       "save it back as it was; save a quantized model before its first inference call")
+    return model.state_dict()
+
+
 def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of everything the model holds (weights, quantization states), each shared tensor once."""
+    """Bytes of everything the model holds (weights, quantization states), each shared tensor once, as state_dict()
+    gives them: of a copy where a 4-bit layer has run (module docstring: its state_dict() would change it)."""
+    import copy
+
     from ltm_core.export.safetensors import unique_tensors
 
-    return sum(t.numel() * t.element_size() for t in unique_tensors(model.state_dict()).values())
+    state = (copy.deepcopy(model) if repacked_layers(model) else model).state_dict()
+    return sum(t.numel() * t.element_size() for t in unique_tensors(state).values())
 
 
 def generation_speeds(models: list[nn.Module], tokens: int, device: torch.device | str, repeats: int = 3) -> list[float]:
@@ -246,18 +297,23 @@ def quantize_checkpoint(checkpoint, method: str, out, data, *, lm_head: bool = F
     model = load_model(checkpoint, device=device, ckpt=ckpt)
     quantized = load_model(checkpoint, device=device, ckpt=ckpt)
     names = quantize_model(quantized, method, lm_head, skip)  # a bad choice fails before any measurement
+    record = quantization_record(method, names, quantized)
     corpus = load_corpus(data)
-    speeds = generation_speeds([model, quantized], gen_tokens, device)
-    rows = [{"model": label, "memory_bytes": tensor_bytes(m), "bpb": evaluate(m, data, corpus)["bpb"],
-             "tokens_per_s": speed} for label, m, speed in (("unquantized", model, speeds[0]),
-                                                            (method, quantized, speeds[1]))]
+    rows = [{"model": "unquantized", "memory_bytes": tensor_bytes(model)}, {"model": method}]
     with tempfile.TemporaryDirectory() as tmp:  # the unquantized weights as the same format, for their size
         write_folder(Path(tmp), model.state_dict(), run_config)
         rows[0]["disk_bytes"] = folder_bytes(Path(tmp))
-    record = quantization_record(method, names, quantized)
     with output_folder(Path(out), overwrite, checkpoint) as staging:
-        write_folder(staging, quantized.state_dict(), run_config, record)
+        # written before any inference call (module docstring), and the model measured is the one the folder
+        # loads back as (`ltm eval/generate --checkpoint OUT`), bit for bit
+        write_folder(staging, quantized_state_dict(quantized), run_config, record)
+        del quantized
         rows[1]["disk_bytes"] = folder_bytes(staging)
+        written = load_model(staging, device=device)
+        rows[1]["memory_bytes"] = tensor_bytes(written)  # before its first call, as stored
+        speeds = generation_speeds([model, written], gen_tokens, device)
+        for row, m, speed in zip(rows, (model, written), speeds):
+            row.update(bpb=evaluate(m, data, corpus)["bpb"], tokens_per_s=speed)
     base = rows[0]
     rows[1].update(bpb_delta=rows[1]["bpb"] - base["bpb"], bpb_delta_pct=100 * (rows[1]["bpb"] / base["bpb"] - 1),
                    disk_ratio=rows[1]["disk_bytes"] / base["disk_bytes"],

@@ -394,16 +394,43 @@ def _cli_overrides(cfg) -> Optional[list[str]]:
         return None
 
 
-def resume_command(cfg) -> str:
+def diverged_advice(cfg, last: Path, saved_step: Optional[int], resumed_from: Optional[str | Path]) -> str:
+    """What follows a divergence's line: the checkpoint that holds the run's good work and the command that goes on
+    from it, never with the learning rate that diverged (`optim.lr=LOWER`, a placeholder the user fills in; as
+    given, a config error names it). `saved_step`: the step of this run's newest last.ckpt, None if it wrote none;
+    `resumed_from`: the checkpoint the run started from, if any."""
+    lower = ("optim.lr=LOWER",)
+    if saved_step is not None:
+        return (f"the last good checkpoint is {last} (step {saved_step}): lower optim.lr, then continue with: "
+                f"{resume_command(cfg, lower)}")
+    if resumed_from:  # it saved nothing new: the checkpoint it started from is still the one to continue from
+        mine = Path(last).parent.resolve()
+        source = Path(resumed_from).resolve()
+        again = "auto" if source == mine or mine in source.parents else str(resumed_from)
+        return (f"the last good checkpoint is {resumed_from}, which this run resumed from: lower optim.lr, then "
+                f"continue with: {resume_command(cfg, lower, again)}")
+    return ("it saved no checkpoint to continue from: start again with a lower optim.lr: "
+            f"{resume_command(cfg, lower, None)}")
+
+
+def resume_command(cfg, changes: tuple[str, ...] = (), resume: Optional[str] = "auto") -> str:
     """The `ltm train` command that continues this run: its overrides (as given to the CLI, else rebuilt from the
-    config), output_dir and resume=auto."""
-    if os.environ.get(RESUME_COMMAND_ENV):
-        return os.environ[RESUME_COMMAND_ENV]
-    overrides = _cli_overrides(cfg)
-    if overrides is None:
-        overrides = derived_overrides(cfg)
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _RUN_KEYS]
-    return " ".join(["ltm", "train", *map(shlex.quote, keep), shlex.quote(f"output_dir={cfg.output_dir}"),
-                     "resume=auto"])
+    config), output_dir and resume=auto. `changes` replace the overrides of their keys (`optim.lr=LOWER`: a
+    placeholder for the user to fill in); `resume`: another checkpoint to continue from (with overwrite=true: the
+    folder holds this run), or None: no checkpoint, start the run again (overwrite=true)."""
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    if os.environ.get(RESUME_COMMAND_ENV):  # a worker of a launched run: the command the launcher worked out
+        overrides = shlex.split(os.environ[RESUME_COMMAND_ENV])[2:]
+    else:
+        overrides = _cli_overrides(cfg)
+        if overrides is None:
+            overrides = derived_overrides(cfg)
+    changed = {key(c) for c in changes}
+    keep = [o for o in overrides if key(o) not in _RUN_KEYS and key(o) not in changed]
+    run = ["resume=auto"] if resume == "auto" else ["overwrite=true"] if resume is None else [
+        f"resume={resume}", "overwrite=true"]
+    return " ".join(["ltm", "train", *map(shlex.quote, [*keep, *changes, f"output_dir={cfg.output_dir}", *run])])
 
 

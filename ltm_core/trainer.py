@@ -73,10 +73,11 @@ class Trainer:
         self.model, self.args = model, args
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.config = self._run_config()  # bad arguments fail here, before anything is written
+        self.checks: dict[str, ItemCheck] = {}  # each dataset's item check (item 0's length: every item's)
         if not _is_path(train_dataset):
             for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
                 if data is not None:
-                    _check_dataset(name, data, model.config.vocab_size)
+                    self.checks[name] = _check_dataset(name, data, model.config.vocab_size)
 
     def _run_config(self):
         args, model_cfg = self.args, self.model.config
@@ -130,7 +131,8 @@ class Trainer:
             return run_in_output_dir(cfg, lambda: fit(cfg, corpus, model=self.model))
         datamodule = DatasetDataModule(self.train_dataset, self.eval_dataset, int(cfg.data.batch_size),
                                        self.args.per_device_eval_batch_size or int(cfg.data.batch_size),
-                                       int(cfg.data.seed), int(cfg.data.num_workers))
+                                       int(cfg.data.seed), int(cfg.data.num_workers),
+                                       self.checks.get("train_dataset"), self.checks.get("eval_dataset"))
         return run_in_output_dir(cfg, lambda: fit(cfg, datamodule=datamodule, model=self.model))
 
 
@@ -138,32 +140,99 @@ def _is_path(data: Any) -> bool:
     return isinstance(data, (str, Path))
 
 
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2
+
+
 def as_pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """A dataset item -> (input_ids [L], labels [L]): a 1-D tensor of L + 1 ids is split into inputs and next-token
-    labels; an (input_ids, labels) pair is kept."""
-    if isinstance(item, (tuple, list)) and len(item) == 2:
+    labels; an (input_ids, labels) pair is kept. Unchecked (`ItemCheck` checks, and refuses what this would cast)."""
+    if _is_pair(item):
         return torch.as_tensor(item[0], dtype=torch.long), torch.as_tensor(item[1], dtype=torch.long)
     ids = torch.as_tensor(item, dtype=torch.long)
     return ids[:-1], ids[1:]
 
 
-def _check_dataset(name: str, data: Any, vocab_size: int) -> None:
-    """One-line errors for a dataset whose items the training loop could not use (checked on its first item)."""
+class DatasetItemError(DataError):
+    """A dataset item the training loop cannot use: one line naming the item and what is wrong. Raised in a
+    DataLoader worker, it arrives re-raised with the worker's traceback as its message (torch's ExceptionWrapper):
+    the message is then cut back to the original line."""
+
+    def __init__(self, message: str):
+        if "\nOriginal Traceback" in message:
+            line = message.rstrip().splitlines()[-1]
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            message = line[len(prefix):] if line.startswith(prefix) else line
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class ItemCheck:
+    """The check of a Dataset's items, run on each item as it is drawn (training and validation), so that a bad
+    item anywhere is one line (`DatasetItemError`) naming it, not a collation or an embedding error, and never
+    trained on: integer token ids (floating-point values are refused, not cut to ids), one 1-D tensor of L + 1 ids
+    or an (input_ids, labels) pair of 1-D tensors of L, ids in [0, vocab_size), labels there or -100, and the length
+    of item 0 (a batch stacks its items). A few cheap passes over the item (dtype, shape, min/max)."""
+
+    name: str  # train_dataset | eval_dataset
+    vocab_size: int
+    length: Optional[int] = None  # L, the input ids of item 0; None: not checked
+
+    def __call__(self, index: int, item: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dataset item number `index` -> (input_ids [L], labels [L]) int64, or a DatasetItemError."""
+        where = f"{self.name}[{index}]"
+        if _is_pair(item):
+            inputs, labels = self._tensor(where, item[0], "input_ids"), self._tensor(where, item[1], "labels")
+            if inputs.dim() != 1 or inputs.numel() == 0 or inputs.shape != labels.shape:
+                raise DatasetItemError(f"data error: {where} must be an (input_ids, labels) pair of equal 1-D shapes "
+                                       f"(or one 1-D tensor of L + 1 ids), got input_ids {tuple(inputs.shape)}, "
+                                       f"labels {tuple(labels.shape)}")
+        else:
+            ids = self._tensor(where, item, "")
+            if ids.dim() != 1 or ids.numel() < 2:
+                raise DatasetItemError(f"data error: {where} must be a 1-D tensor of at least 2 token ids (or an "
+                                       f"(input_ids, labels) pair of 1-D tensors), got shape {tuple(ids.shape)}")
+            inputs, labels = ids[:-1], ids[1:]
+        if self.length is not None and inputs.numel() != self.length:
+            size = f"{inputs.numel()} input ids" if _is_pair(item) else f"{inputs.numel() + 1} ids"
+            first = f"{self.length} input ids" if _is_pair(item) else f"{self.length + 1}"
+            raise DatasetItemError(f"data error: {where} has {size}, {self.name}[0] has {first}: every item must "
+                                   f"have the same length")
+        low, high = (int(v) for v in torch.aminmax(inputs))
+        if low < 0 or high >= self.vocab_size:
+            raise DatasetItemError(f"data error: {where} holds token ids outside [0, {self.vocab_size}): min {low}, "
+                                   f"max {high}")
+        if _is_pair(item):
+            valid = labels[labels != -100]
+            if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.vocab_size):
+                raise DatasetItemError(f"data error: {where} holds labels outside [0, {self.vocab_size}) that are "
+                                       f"not -100 (no loss): min {int(valid.min())}, max {int(valid.max())}")
+        return inputs.long(), labels.long()
+
+    @staticmethod
+    def _tensor(where: str, value: Any, part: str) -> torch.Tensor:
+        """value as a tensor of its own dtype; integer token ids only."""
+        what = f"{where}'s {part}" if part else where
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DatasetItemError(f"data error: {what} is not a tensor of token ids ({exc})") from None
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise DatasetItemError(f"data error: {what} holds {str(tensor.dtype).replace('torch.', '')} values, not "
+                                   f"integer token ids: convert them with .long() if they are ids")
+        return tensor
+
+
+def _check_dataset(name: str, data: Any, vocab_size: int) -> ItemCheck:
+    """One-line errors for a dataset the training loop could not use, before anything is written: not a map-style
+    Dataset, empty, or item 0 bad. Returns the check every item then passes as it is drawn (item 0's length)."""
     if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
         raise DataError(f"data error: {name} must be a path or a map-style torch.utils.data.Dataset, got "
                         f"{type(data).__name__}")
     if len(data) == 0:
         raise DataError(f"data error: {name} is empty")
-    try:
-        inputs, labels = as_pair(data[0])
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise DataError(f"data error: {name}[0] is not a tensor of token ids ({exc})") from None
-    if inputs.dim() != 1 or inputs.numel() == 0 or inputs.shape != labels.shape:
-        raise DataError(f"data error: {name}[0] must be a 1-D tensor of at least 2 token ids or an (input_ids, "
-                        f"labels) pair of equal 1-D shapes, got inputs {tuple(inputs.shape)}, labels "
-                        f"{tuple(labels.shape)}")
-    if int(inputs.min()) < 0 or int(inputs.max()) >= vocab_size:
-        raise DataError(f"data error: {name}[0] holds token ids outside [0, {vocab_size})")
+    inputs, _ = ItemCheck(name, vocab_size)(0, data[0])
+    return ItemCheck(name, vocab_size, inputs.numel())
 
 
 class DatasetStream(IterableDataset):
@@ -173,9 +242,10 @@ class DatasetStream(IterableDataset):
     `RandomWindows` does."""
 
     def __init__(self, dataset: Dataset, seed: int, start: int = 0, rank: int = 0, world: int = 1,
-                 batch_size: int = 1):
+                 batch_size: int = 1, check: Optional[ItemCheck] = None):
         self.dataset, self.seed = dataset, seed
         self.start, self.rank, self.world, self.batch_size = start, rank, world, batch_size
+        self.check = check  # run on each item drawn; None: items are cast unchecked (`as_pair`)
 
     def __iter__(self):
         size = len(self.dataset)
@@ -188,18 +258,21 @@ class DatasetStream(IterableDataset):
                 if i // size != epoch:
                     epoch = i // size
                     order = np.random.default_rng([self.seed, epoch]).permutation(size)
-                yield as_pair(self.dataset[int(order[i % size])])
+                index = int(order[i % size])
+                item = self.dataset[index]
+                yield as_pair(item) if self.check is None else self.check(index, item)
 
 
 class _Pairs(Dataset):
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, check: Optional[ItemCheck] = None):
+        self.dataset, self.check = dataset, check
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        return as_pair(self.dataset[i])
+        item = self.dataset[i]
+        return as_pair(item) if self.check is None else self.check(i, item)
 
 
 class DatasetDataModule(L.LightningDataModule):
@@ -207,9 +280,11 @@ class DatasetDataModule(L.LightningDataModule):
     over the whole eval dataset in order."""
 
     def __init__(self, train: Dataset, validation: Optional[Dataset], batch_size: int, eval_batch_size: int,
-                 seed: int, num_workers: int = 0):
+                 seed: int, num_workers: int = 0, train_check: Optional[ItemCheck] = None,
+                 eval_check: Optional[ItemCheck] = None):
         super().__init__()
         self.train, self.eval = train, validation
+        self.train_check, self.eval_check = train_check, eval_check  # each item checked as it is drawn
         self.batch_size, self.eval_batch_size, self.seed, self.num_workers = batch_size, eval_batch_size, seed, num_workers
         self.has_validation = validation is not None
 
@@ -222,9 +297,10 @@ class DatasetDataModule(L.LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         start = int(getattr(module, "samples_seen", 0))
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        stream = DatasetStream(self.train, self.seed, start * world, rank, world, self.batch_size)
+        stream = DatasetStream(self.train, self.seed, start * world, rank, world, self.batch_size, self.train_check)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_Pairs(self.eval if self.eval is not None else []), batch_size=self.eval_batch_size,
+        return DataLoader(_Pairs(self.eval if self.eval is not None else [], self.eval_check),
+                          batch_size=self.eval_batch_size,
                           num_workers=self.num_workers)

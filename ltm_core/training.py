@@ -64,12 +64,20 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     fused into one kernel per parameter (PyTorch's default on CPU runs a dozen ops per parameter: `model=small`'s
     optimizer step took 0.22x the time on the 2-core CPU, `scripts/bench_optimizer.py`), except where a parameter is
     a DTensor (sharded by FSDP or tensor parallelism), which keeps PyTorch's default: its fused kernel refused tp2's
-    DTensors beside plain tensors."""
+    DTensors beside plain tensors.
+
+    The fused AdamW declares that its step unscales fp16 gradients itself (`_step_supports_amp_scaling`: GradScaler
+    hands it the scale), and Lightning's mixed-precision plugin (bf16-mixed and 16-mixed alike, on CPU and GPU)
+    refuses to clip the gradients of such an optimizer. The gradients have to be unscaled before clipping anyway, so
+    the flag is cleared: GradScaler unscales them before the step (`unscale_`, as for any optimizer), and the fused
+    kernel takes them unscaled. Nothing else reads the flag: without a GradScaler (fp32, bf16) the step is unchanged."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(type(p.data) is torch.Tensor for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    optimizer._step_supports_amp_scaling = False
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
@@ -82,6 +90,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rebase_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> Optional[float]:
+    """After a resume: the schedule goes on at the step it reached, from the configured base rate `lr` (a
+    scheduler's state restores the base rate it was trained with, so `optim.lr=LOWER resume=auto` after a
+    divergence would otherwise keep the rate that diverged). Returns the base rate it replaced, None if unchanged."""
+    before = scheduler.base_lrs[0]
+    if all(b == lr for b in scheduler.base_lrs):
+        return None
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return before
 
 
 class Diverged(RunStopped):

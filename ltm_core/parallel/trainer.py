@@ -40,7 +40,8 @@ from ltm_core.parallel.build import ParallelModel, build_parallel_model
 from ltm_core.parallel.env import DistEnv, end_group, init_distributed
 from ltm_core.parallel.grads import LossScaler, clip_grads_, grad_norm, sync_tied_embeddings
 from ltm_core.parallel.layout import resolve_layout
-from ltm_core.training import LN2, Diverged, build_optimizer, build_scheduler, window_span, windowed_backward
+from ltm_core.training import (LN2, Diverged, build_optimizer, build_scheduler, rebase_lr, window_span,
+                               windowed_backward)
 
 console = Console()
 METRIC_COLUMNS = ["epoch", "step", "train/loss", "train/lr", "train/tokens_per_s", "train/bad_steps", "train/aux_loss",
@@ -257,8 +258,12 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
         state = pckpt.load(resumed_from, pm.parts, optimizers, env.device, layout.tp)
         step, samples_seen, best = int(state["step"]), int(state["samples_seen"]), float(state.get("best", math.inf))
         bad_steps = int(state.get("bad_steps", 0))
+        replaced = None
         for s, sd in zip(schedulers, state["schedulers"]):
             s.load_state_dict(sd)
+            replaced = rebase_lr(s, optim_cfg.lr)  # a resume with another optim.lr takes it
+        if replaced is not None and rank0:
+            console.print(f"optim.lr={optim_cfg.lr:g} from step {step} (the checkpoint's schedule had {replaced:g})")
         scaler.load_state_dict(state.get("scaler", {}))
     elif source[0] == "weights":  # a single-device checkpoint: its weights, a fresh optimizer
         state = _warm_start(pm, resumed_from)
@@ -294,7 +299,7 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
     every = 60.0 * cfg.trainer.checkpoint_every_minutes if cfg.trainer.checkpoint_every_minutes else None
     max_bad, bad_in_a_row, last_save = int(cfg.trainer.max_bad_steps), 0, time.monotonic()
     check_grads = not scaler.enabled  # fp16: the loss scaler skips steps with inf gradients itself
-    saved_step = step if resumed_from else None
+    saved_step: Optional[int] = None  # the step of this run's newest last.ckpt
 
     def save(validated: bool, improved: bool = False) -> None:
         nonlocal last_save, saved_step
@@ -337,9 +342,8 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
             metrics.log(step + 1, train__bad_steps=bad_steps)
             if bad_in_a_row >= max_bad:
                 err = Diverged(step + 1, bad_in_a_row)
-                good = (f"the last good checkpoint is {ckpt_dir / 'last.ckpt'} (step {saved_step})"
-                        if saved_step is not None else "no checkpoint was written yet")
-                err.args = (f"{err}; {good}: lower optim.lr, then continue with: {run_guard.resume_command(cfg)}",)
+                advice = run_guard.diverged_advice(cfg, ckpt_dir / "last.ckpt", saved_step, resumed_from)
+                err.args = (f"{err}; {advice}",)
                 raise err
         else:
             bad_in_a_row = 0
