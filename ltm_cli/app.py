@@ -227,7 +227,7 @@ def generate(
     for token in engine.stream(input_ids, max_new_tokens):
         sys.stdout.write(decode(int(token[0])))
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(decode(None) + "\n")  # an unfinished last character still prints (as U+FFFD)
 
 
 def _sampling_config(**values):
@@ -236,13 +236,10 @@ def _sampling_config(**values):
 
     try:
         return InferenceConfig(**values)
-    except (ConfigError, ValueError) as err:  # ConfigError("top_p", ...), or a ValueError "top_p must be ..."
-        text = str(err)
-        key = getattr(err, "key", None) or text.split(" ", 1)[0]
-        if key not in SAMPLING_OPTIONS:
+    except ConfigError as err:  # InferenceConfigError("top_p", ...)
+        if err.key not in SAMPLING_OPTIONS:
             raise
-        message = text.split(f"{key}: ", 1)[-1] if isinstance(err, ConfigError) else text.split(" ", 1)[-1]
-        raise ConfigError(SAMPLING_OPTIONS[key], message) from None
+        raise ConfigError(SAMPLING_OPTIONS[err.key], str(err).split(f"{err.key}: ", 1)[-1]) from None
 
 
 def _prompt_bytes(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional[bytes]:

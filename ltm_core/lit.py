@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -414,6 +414,15 @@ class _AppendingWriter(ExperimentWriter):
                 self.metrics_keys = next(csv.reader(f), [])
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """best.ckpt: the lowest val/loss so far, never a non-finite one (Lightning keeps the first value it sees, nan
+    included, and ranks nan as inf only once it has another to compare with)."""
+
+    def check_monitor_top_k(self, trainer, current=None) -> bool:
+        # every rank logs the same val/loss (sync_dist), so all decide alike before any collective
+        return current is not None and bool(torch.isfinite(current)) and super().check_monitor_top_k(trainer, current)
+
+
 def _fit_guarded(cfg: DictConfig, trainer: L.Trainer, module: TitanLightning, datamodule, ckpt_path: Optional[str],
                  guard: GuardCallback) -> None:
     """trainer.fit, with the one line of a run that stopped early: which checkpoint holds its work, how to go on."""
@@ -481,8 +490,6 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
         elif cfg.resume == "auto":
             console.print(f"resume=auto: no checkpoint in {ckpt_dir}; starting at step 0")
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     interval = int(cfg.trainer.val_check_interval)
     save_every = int(cfg.trainer.save_every_n_steps or interval)
@@ -493,15 +500,6 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
         ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_train_steps=save_every, save_top_k=1,
                         enable_version_counter=False),
     ]
-
-    class BestCheckpoint(ModelCheckpoint):
-        """best.ckpt: the lowest val/loss so far, never a non-finite one (Lightning keeps the first value it sees,
-        nan included, and ranks nan as inf only once it has another to compare with)."""
-
-        def check_monitor_top_k(self, trainer, current=None) -> bool:
-            # every rank logs the same val/loss (sync_dist), so all decide alike before any collective
-            return current is not None and bool(torch.isfinite(current)) and super().check_monitor_top_k(trainer,
-                                                                                                          current)
 
     if validates:
         callbacks.insert(1, BestCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min",

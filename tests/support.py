@@ -144,3 +144,22 @@ def one_error_line(result, *needles: str) -> None:
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def inject_nan(monkeypatch, bad_calls: set[int] | None, after: int | None = None) -> None:
+    """The training step's loss and gradients become NaN on the given calls (1-based), or on every call after `after`."""
+    import ltm_core.lit as lit
+
+    real, calls = lit.windowed_backward, [0]
+
+    def windowed_backward(model, *args, **kwargs):
+        calls[0] += 1
+        loss, aux = real(model, *args, **kwargs)
+        if (bad_calls and calls[0] in bad_calls) or (after is not None and calls[0] > after):
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+            return loss * float("nan"), aux
+        return loss, aux
+
+    monkeypatch.setattr(lit, "windowed_backward", windowed_backward)

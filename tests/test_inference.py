@@ -70,6 +70,9 @@ def test_byte_tokenizer_roundtrip_and_streaming_utf8():
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and tok.decode(ids) == text
     decode = tok.stream_decoder()
     assert "".join(decode(i) for i in ids) == text
+    decode = tok.stream_decoder()  # the output stops inside a character: its bytes still show, as U+FFFD
+    cut = list("a✓".encode())[:-1]
+    assert "".join(decode(i) for i in cut) == "a" and decode(None) == "\ufffd" and decode(None) == ""
 
 
 class _Calls(torch.nn.Module):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from support import PAGE_COLUMNS, TINY
+from support import PAGE_COLUMNS, TINY, inject_nan
 from ltm_cli.app import app
 from ltm_core.checkpoint import read_checkpoint
 from ltm_core.configuration import compose
@@ -65,27 +65,8 @@ def trained(tmp_path_factory, text_file) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ 2. divergence
-def _inject_nan(monkeypatch, bad_calls: set[int] | None, after: int | None = None) -> None:
-    """The training step's loss and gradients become NaN on the given calls (1-based), or on every call after `after`."""
-    import ltm_core.lit as lit
-
-    real, calls = lit.windowed_backward, [0]
-
-    def windowed_backward(model, *args, **kwargs):
-        calls[0] += 1
-        loss, aux = real(model, *args, **kwargs)
-        if (bad_calls and calls[0] in bad_calls) or (after is not None and calls[0] > after):
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-            return loss * float("nan"), aux
-        return loss, aux
-
-    monkeypatch.setattr(lit, "windowed_backward", windowed_backward)
-
-
 def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, text_file):
-    _inject_nan(monkeypatch, {3, 4})
+    inject_nan(monkeypatch, {3, 4})
     last = train(_cfg(tmp_path / "run", text_file, "trainer.max_steps=8"))
     ckpt = read_checkpoint(last)
     assert ckpt["global_step"] == 8 and ckpt["bad_steps"] == 2  # the two bad batches were dropped, 8 steps applied
@@ -97,7 +78,7 @@ def test_nonfinite_steps_are_skipped_and_counted(monkeypatch, tmp_path, text_fil
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, text_file):
-    _inject_nan(monkeypatch, None, after=5)  # steps 1-5 train; every later attempt is NaN
+    inject_nan(monkeypatch, None, after=5)  # steps 1-5 train; every later attempt is NaN
     out = tmp_path / "run"
     args = TINY + ["data=textfile", f"data.path={text_file}", f"output_dir={out}", "trainer.max_steps=20",
                    "trainer.checkpoint_every_minutes=0"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from support import TINY, invoke
+from support import TINY, inject_nan, invoke
 from ltm_core.errors import DataError, Interrupted
 
 SHORT = ["trainer.max_steps=3", "trainer.val_check_interval=3", "data.val_samples=2"]
@@ -123,21 +123,7 @@ def test_a_sweep_of_jobs_that_all_end_says_so(monkeypatch, tmp_path):
 def test_divergence_after_a_best_checkpoint_but_before_last_names_no_missing_file(monkeypatch, tmp_path, text_file):
     """best.ckpt (saved at a validation) is no checkpoint resume=auto continues from: the line must not name a
     last.ckpt that was never written (it did, as `the last good checkpoint is .../last.ckpt (step 2)`)."""
-    from ltm_core import lit
-
-    real, calls = lit.windowed_backward, [0]
-
-    def windowed_backward(model, *args, **kwargs):  # steps 1-3 train; every later attempt is nan
-        calls[0] += 1
-        loss, aux = real(model, *args, **kwargs)
-        if calls[0] > 3:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("nan"))
-            return loss * float("nan"), aux
-        return loss, aux
-
-    monkeypatch.setattr(lit, "windowed_backward", windowed_backward)
+    inject_nan(monkeypatch, None, after=3)  # steps 1-3 train; every later attempt is NaN
     out = tmp_path / "run"
     result = invoke("train", *TINY, "data=textfile", f"data.path={text_file}", "trainer.max_steps=20",
                     "trainer.val_check_interval=2", "trainer.save_every_n_steps=50",
