@@ -65,18 +65,18 @@ def train(ctx: typer.Context,
 
     from ltm_core.train import check_output_dir, default_output_dir, is_rank_zero, train as train_run
 
-    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
     if multirun:
-        sweep_dir = given.get("output_dir") or default_output_dir().replace("outputs/", "multirun/", 1)
-        overrides.append(f"hydra.sweep.dir={sweep_dir}")
-    elif "output_dir" not in _keys(overrides):
-        overrides.append(f"output_dir={default_output_dir()}")
-    if is_rank_zero():  # before Hydra makes the folder: a file in its place, or a place that cannot hold one
-        folder = sweep_dir if multirun else given.get("output_dir") or "."
-        if "${" not in folder:  # (an interpolation is resolved by Hydra)
-            check_output_dir(folder)
-    # a single run's folder that exists already is the user's: never removed, even when empty
-    theirs = not multirun and Path([o for o in overrides if o.startswith("output_dir=")][-1].split("=", 1)[1]).exists()
+        folder = given.get("output_dir") or default_output_dir().replace("outputs/", "multirun/", 1)
+        overrides.append(f"hydra.sweep.dir={folder}")
+    else:
+        folder = given.get("output_dir") or default_output_dir()
+        if "output_dir" not in given:
+            overrides.append(f"output_dir={folder}")
+    # before Hydra makes the folder: a file in its place, or a place that cannot hold one (Hydra resolves ${...})
+    if is_rank_zero() and "${" not in folder:
+        check_output_dir(folder)
+    theirs = not multirun and Path(folder).exists()  # the user's folder: never removed, even when a run leaves it empty
     jobs: list[int] = []  # a sweep's jobs that ran to their end
     failed: list[tuple[int, str, int]] = []  # and those that failed: number, the first clause of the error, exit code
 

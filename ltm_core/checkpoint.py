@@ -33,7 +33,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if is_folder_checkpoint(path):
         return read_folder(path)
     if path.is_dir():
-        raise CheckpointError(_folder_problem(path))
+        raise CheckpointError(folder_problem(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint error: {path} does not exist")
     try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused unrun
@@ -81,7 +81,7 @@ def _newest_ckpt(folder: Path) -> Optional[Path]:
     return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
 
 
-def _folder_problem(path: Path) -> str:
+def folder_problem(path: Path) -> str:
     """The line for a folder that is not a checkpoint folder: an ONNX export; a folder of .ckpt files (the run's
     checkpoints/: its last.ckpt, else its newest, named); a run folder (RUN/checkpoints/... named only where it
     exists); a sweep folder of runs; safetensors weights without their config.json; else a folder without any."""
@@ -163,7 +163,7 @@ def _unreadable_reason(path: Path, head: bytes, exc: Exception) -> str:
         return f"damaged or truncated torch file: {_torch_detail(exc)}"
     if head.startswith(LEGACY_MAGIC):
         return f"damaged or truncated torch file: {_torch_detail(exc)}"
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:  # a pickle's protocol mark, without torch's magic number
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle's protocol mark, without torch's magic number
         return "a pickle, not a torch checkpoint file"
     try:  # (not final: a character cut at the 64th byte still reads as text)
         text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)

@@ -44,9 +44,21 @@ def _encode_documents(texts: Iterator[str]) -> np.ndarray:
     parts = []
     for text in texts:
         parts.append(np.array([BOS], dtype=np.uint16))
-        parts.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16))
+        parts.append(np.frombuffer(_utf8(text), dtype=np.uint8).astype(np.uint16))
         parts.append(np.array([EOS], dtype=np.uint16))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def _utf8(text: str) -> bytes:
+    """The UTF-8 bytes of a document. A lone surrogate (a .jsonl "text" may hold one as a \\ud800 escape) cannot be
+    encoded: as in `ByteTokenizer.encode`, one that stands for an undecodable byte becomes it, any other "?"."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", errors="replace")
 
 
 def _file_digest(path: Path) -> str:
@@ -128,7 +140,8 @@ def kjv_corpus(cfg: DataConfig) -> Corpus:
                   f"{cfg.val_books} books validation ({', '.join(names[split:])})")
 
 
-def _text_files(path: Path) -> list[Path]:
+def text_files(path: Path) -> list[Path]:
+    """The .txt/.jsonl files of data.path (a file, or a folder searched recursively); one DataError line if none."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
         if not files:
@@ -141,12 +154,35 @@ def _text_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _read_documents(files: list[Path]) -> Iterator[str]:
+# A file is "not UTF-8 text" when more than this share of its bytes are not valid UTF-8 or are NUL (a note says so)
+NOT_TEXT_SHARE = 0.01
+
+
+def _decode(raw: bytes) -> tuple[str, int]:
+    """(text, bytes that are not valid UTF-8) of a file's bytes: the text as `read_text(encoding="utf-8",
+    errors="replace")` gives it (invalid bytes read as U+FFFD, universal newlines). The bytes are counted exactly
+    (each one an escape under surrogateescape), and only when the text holds a U+FFFD at all, so valid text costs
+    nothing more and its own U+FFFD characters (valid UTF-8) are never counted."""
+    text = raw.decode("utf-8", errors="replace")
+    invalid = 0
+    if "\ufffd" in text:
+        invalid = len(raw) - len(raw.decode("utf-8", errors="surrogateescape").encode("utf-8", errors="ignore"))
+    return text.replace("\r\n", "\n").replace("\r", "\n"), invalid
+
+
+def _read_documents(files: list[Path], bytes_seen: Optional[dict[str, list[int]]] = None) -> Iterator[str]:
+    """The documents of .txt (one each) and .jsonl files (one per line's "text"); `bytes_seen` gets, per file, its
+    [size, bytes that are not valid UTF-8, NUL bytes]."""
     for file in files:
+        raw = file.read_bytes()
+        content, invalid = _decode(raw)
+        if bytes_seen is not None:
+            bytes_seen[str(file)] = [len(raw), invalid, raw.count(0)]
+        del raw
         if file.suffix == ".txt":
-            yield file.read_text(encoding="utf-8", errors="replace")
+            yield content
             continue
-        for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for lineno, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -166,9 +202,10 @@ def textfile_corpus(cfg: DataConfig) -> Corpus:
     if not cfg.path:
         raise ConfigError("data.path", "is required with data=textfile (a .txt/.jsonl file or a folder)")
     path = Path(cfg.path).expanduser().resolve()
-    files = _text_files(path)
+    files = text_files(path)
     key = "textfile|" + "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-    tokens = _cached(key, cache_dir(cfg), lambda: _encode_documents(_read_documents(files)))
+    bytes_seen: dict[str, list[int]] = {}  # filled only when the tokens are built, not when the cache is read
+    tokens = _cached(key, cache_dir(cfg), lambda: _encode_documents(_read_documents(files, bytes_seen)))
     n_text = int((tokens < 256).sum())
     if n_text == 0:
         raise DataError(f"data error: {path} is empty (no text to train on)")
@@ -178,7 +215,83 @@ def textfile_corpus(cfg: DataConfig) -> Corpus:
     if len(tokens) - n_val < cfg.seq_len + 1:
         raise DataError(f"data error: {path} has {len(tokens)} tokens, too few for data.seq_len={cfg.seq_len} "
                         "with a validation split")
+    if key not in _NOTED:  # once per process: a run loads its corpus more than once
+        _NOTED.add(key)
+        note = _not_text_note(path, files, _bytes_seen(key, cache_dir(cfg), files, bytes_seen))
+        if note and _speaks_for_the_run():
+            print(note, file=sys.stderr, flush=True)
     return Corpus(tokens[:-n_val], tokens[-n_val:], f"{len(files)} text file(s) from {path}")
+
+
+_NOTED: set[str] = set()  # the textfile corpora (cache keys) this process has given its note on
+
+
+def _bytes_seen(key: str, directory: Path, files: list[Path], seen: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per file [size, bytes not valid UTF-8, NUL bytes]: kept beside the token cache (a small JSON under the same
+    key), so a run that reads the cache still says what the first one said; measured from the files if it is
+    missing (a cache built before it was kept) or unreadable. Writing it is best effort."""
+    record = directory / f"bytes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if not seen:
+        try:
+            loaded = json.loads(record.read_text())
+            if isinstance(loaded, dict) and set(loaded) == {str(f) for f in files} and all(
+                    isinstance(v, list) and len(v) == 3 and all(isinstance(n, int) for n in v)
+                    for v in loaded.values()):
+                return loaded
+        except (OSError, ValueError):
+            pass
+        for file in files:
+            raw = file.read_bytes()
+            seen[str(file)] = [len(raw), _decode(raw)[1], raw.count(0)]
+    try:
+        tmp = record.with_suffix(f".tmp{os.getpid()}.json")
+        tmp.write_text(json.dumps(seen))
+        os.replace(tmp, record)
+    except OSError:
+        pass
+    return seen
+
+
+def _percent(part: int, whole: int) -> str:
+    share = 100 * part / max(whole, 1)
+    return f"{share:.0f} %" if share >= 9.95 else f"{share:.1f} %"
+
+
+def _not_text_note(path: Path, files: list[Path], seen: dict[str, list[int]]) -> Optional[str]:
+    """The note on a textfile corpus with files that are not UTF-8 text (more than NOT_TEXT_SHARE of a file's bytes
+    not valid UTF-8 or NUL: Latin-1, binary, UTF-16...), one line for the whole corpus; None when there are none.
+    Training goes on either way: the model reads bytes, and the bytes that are not UTF-8 are read as U+FFFD."""
+    flagged = []
+    for file in files:
+        size, invalid, nul = seen.get(str(file), (0, 0, 0))
+        if size and invalid + nul > NOT_TEXT_SHARE * size:
+            flagged.append((file, size, invalid, nul))
+    if not flagged:
+        return None
+    file, size, invalid, nul = max(flagged, key=lambda f: (f[2] + f[3]) / f[1])
+    what = "not valid UTF-8" if not nul else "NUL" if not invalid else "NUL or not valid UTF-8"
+    guess = "binary, or UTF-16?" if 100 * nul > size else "Latin-1 or another 8-bit encoding?"
+    share = f"{_percent(invalid + nul, size)} of its bytes are {what} ({guess})"
+    tail = ("bytes that are not UTF-8 are read as U+FFFD, and training goes on"
+            if any(f[2] for f in flagged) else "training goes on")
+    if len(files) == 1:
+        return f"note: {file}: {share}; {tail}"
+    name = file.relative_to(path) if file.is_relative_to(path) else file
+    return (f"note: {len(flagged)} of the {len(files)} files in {path} are not UTF-8 text, e.g. {name}: {share}; "
+            f"{tail}")
+
+
+def _speaks_for_the_run() -> bool:
+    """Whether this process prints the run's notes on its data: not a worker that `ltm train` started on this
+    machine (the process that started it loaded the data and said it), and only rank 0 under torchrun / SLURM /
+    mpirun (`run_guard.launched_externally`, `is_rank_zero`)."""
+    from ltm_core import run_guard
+
+    if not run_guard.launched_externally():
+        return True
+    if run_guard.RESUME_COMMAND_ENV in os.environ:  # set by the local launcher for its workers
+        return False
+    return run_guard.is_rank_zero()
 
 
 PYSTDLIB_SKIPPED = ("site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "pydoc_data",

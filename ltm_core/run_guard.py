@@ -32,6 +32,16 @@ import torch
 
 from ltm_core.errors import CheckpointError, ConfigError, LtmError
 
+
+def launched_externally() -> bool:
+    """True under torchrun / torch elastic / SLURM / mpirun, which start the processes themselves."""
+    return any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
+
+
 # ------------------------------------------------------------------------------------------------ atomic files
 SAVE_HOOK_ENV = "LTM_SAVE_HOOK_PAUSE"
 RESUME_COMMAND_ENV = "LTM_RESUME_COMMAND"  # set by the local launcher for its workers
@@ -406,7 +416,7 @@ def diverged_advice(cfg, last: Path, saved_step: Optional[int], resumed_from: Op
     if resumed_from:  # it saved nothing new: the checkpoint it started from is still the one to continue from
         mine = Path(last).parent.resolve()
         source = Path(resumed_from).resolve()
-        again = "auto" if source == mine or mine in source.parents else str(resumed_from)
+        again = "auto" if mine in source.parents else str(resumed_from)  # (a dcp folder: checkpoints/dcp/...)
         return (f"the last good checkpoint is {resumed_from}, which this run resumed from: lower optim.lr, then "
                 f"continue with: {resume_command(cfg, lower, again)}")
     return ("it saved no checkpoint to continue from: start again with a lower optim.lr: "

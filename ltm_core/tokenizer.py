@@ -40,7 +40,9 @@ class ByteTokenizer:
 
 def prompt_from(ids: Iterable[int], max_bytes: int = 40) -> str:
     """The first words of a token sequence (e.g. a run's validation split), as a prompt for `ltm generate`: from its
-    first document start (BOS), else its first line or word start; one line, at most `max_bytes`, cut at a space."""
+    first document start (BOS), else its first line or word start; one line, at most `max_bytes`, cut at a space.
+    Only bytes the sequence holds: it ends before the first byte that is not valid UTF-8 (data in Latin-1, binary)
+    or is NUL (no command-line argument can hold one), so `ltm generate` receives exactly those bytes."""
     head = [int(i) for _, i in zip(range(4096), ids)]
     if BOS in head:
         head = head[head.index(BOS) + 1:]
@@ -51,10 +53,15 @@ def prompt_from(ids: Iterable[int], max_bytes: int = 40) -> str:
                 break
     line = bytearray()
     for i in head:
-        if i >= 256 or i == 0x0A:  # EOS, PAD or the end of the line
+        if i >= 256 or i in (0x0A, 0x00):  # EOS, PAD, the end of the line or a NUL
             break
         line.append(i)
-    text = bytes(line[:max_bytes]).decode("utf-8", errors="ignore")
-    if len(line) > max_bytes and " " in text.strip():
-        text = text.strip().rsplit(" ", 1)[0]
+    try:
+        text = bytes(line).decode("utf-8")
+    except UnicodeDecodeError as exc:  # the valid text before the first byte that is not UTF-8
+        text, line = bytes(line[:exc.start]).decode("utf-8"), line[:exc.start]
+    if len(line) > max_bytes:  # at most max_bytes, never half a character
+        text = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+        if " " in text.strip():
+            text = text.strip().rsplit(" ", 1)[0]
     return text.strip()

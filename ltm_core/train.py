@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ltm_core import run_guard
+from ltm_core.run_guard import is_rank_zero, launched_externally  # noqa: F401 (used by the CLI and lit)
 from ltm_core.config import DataConfig
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, load_corpus
@@ -44,20 +45,11 @@ def default_output_dir() -> str:
     return f"outputs/{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"
 
 
-def launched_externally() -> bool:
-    """True under torchrun / torch elastic / SLURM / mpirun, which start the processes themselves."""
-    return any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-
-
 def world_size(cfg: DictConfig) -> int:
     # --- parallel (ltm_core.parallel): devices × num_nodes, or dp × tp × pp when parallel.devices is null
     from ltm_core.parallel.layout import planned_world_size
 
     return planned_world_size(cfg)
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
 
 
 def prepare_output_dir(cfg: DictConfig) -> "OutputClaim":
@@ -165,6 +157,10 @@ def check_resume(cfg: DictConfig) -> None:
     if cfg.resume in (None, "auto"):
         return
     path = Path(cfg.resume)
+    if path.is_dir():  # a run folder, its checkpoints/ folder: which file to give
+        from ltm_core.checkpoint import folder_problem
+
+        raise CheckpointError(folder_problem(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint error: resume={cfg.resume} does not exist")
     if cfg.overwrite and Path(cfg.output_dir).resolve() in path.resolve().parents:

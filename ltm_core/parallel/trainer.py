@@ -261,7 +261,7 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
         replaced = None
         for s, sd in zip(schedulers, state["schedulers"]):
             s.load_state_dict(sd)
-            replaced = rebase_lr(s, optim_cfg.lr)  # a resume with another optim.lr takes it
+            replaced = rebase_lr(s, optim_cfg.lr) or replaced  # a resume with another optim.lr takes it
         if replaced is not None and rank0:
             console.print(f"optim.lr={optim_cfg.lr:g} from step {step} (the checkpoint's schedule had {replaced:g})")
         scaler.load_state_dict(state.get("scaler", {}))
