@@ -460,6 +460,9 @@ def config_show(ctx: typer.Context):
 
     from ltm_core.configuration import compose
 
+    if any(a in ("-m", "--multirun") for a in ctx.args):
+        raise ConfigError("-m", "ltm config show shows one config: sweeps are for `ltm train -m` (show each "
+                                "combination with its own `ltm config show`)")
     cfg = compose(list(ctx.args))
     console.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", background_color="default"))
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ltm_cli.bench_parallel import bench_parallel_cmd
-from ltm_cli.errors import device_option, output_file, user_errors, write_json
+from ltm_cli.errors import check_overrides, device_option, output_file, user_errors, write_json
 from ltm_cli.progress import progress_bar
 from ltm_core.errors import ConfigError
 
@@ -127,6 +127,8 @@ def bench_model_cmd(
                     "--repeats": (repeats, 1), "--warmup": (warmup, 0)})
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError("--dtype", f"must be float32 or bfloat16, got {dtype!r}")
+    # model.* (and model/memory=KIND) only: another key would be composed and then ignored by the benchmark
+    check_overrides([o for o in overrides or [] if not o.lstrip("+~").startswith("model/")], ("model",), "bench model")
     from ltm_core.bench import KIND_VARIANTS, VARIANTS, bench_model, default_warmup, ratios, result_header
     from ltm_core.configuration import compose, model_config
 
@@ -212,13 +214,14 @@ def bench_kernels_cmd(
         _write_json(json_path, {"device": device_name, "dtype": str(dt), "peaks": peaks, "rows": rows,
                                 "interrupted": True})
         raise typer.Exit(130)
-    table = Table(title=f"ltm bench kernels — {dev}, {dt}; measured peak {peaks}")
+    peak = ", ".join(f"{k} {v:.3g}" for k, v in peaks.items())
+    table = Table(title=f"ltm bench kernels — {dev}, {dt}; measured peak {peak}")
     for col in ("kernel", "case", "impl", "fwd ms", "bwd ms", "fwd TFLOP/s | GB/s", "% peak", "note"):
         table.add_column(col, justify="right")
     for r in rows:
         rate = r.get("tflops_fwd") if r.get("tflops_fwd") is not None else r.get("gbps_fwd")
         fmt = (lambda v: "" if v is None else f"{v:.3f}")
         table.add_row(r["kernel"], r["case"], r["impl"], fmt(r.get("fwd_ms")), fmt(r.get("bwd_ms")), fmt(rate),
-                      "" if r.get("pct_peak") is None else f"{r['pct_peak']:.1f}", (r.get("error") or "")[:40])
+                      "" if r.get("pct_peak") is None else f"{r['pct_peak']:.1f}", r.get("error") or "")
     console.print(table)
     _write_json(json_path, {"device": device_name, "dtype": str(dt), "peaks": peaks, "rows": rows})

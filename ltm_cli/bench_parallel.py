@@ -40,5 +40,7 @@ def bench_parallel_cmd(
         rows = bench_parallel(presets, overrides or [], steps=steps, use_defaults=defaults, progress=progress)
     console.print(rows_table(rows))
     if json_path is not None:
-        write_json(json_path, {"steps": steps, "overrides": overrides or [], "rows": rows})
+        from ltm_cli.bench import run_meta  # (ltm_cli.bench registers this command: imported here, not above)
+
+        write_json(json_path, {"steps": steps, "overrides": overrides or [], "rows": rows, "meta": run_meta()})
         console.print(f"wrote {json_path}")

@@ -6,6 +6,7 @@ wrong type, unknown group option, invalid value) becomes a `ConfigError` naming 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 from importlib import resources
@@ -99,6 +100,7 @@ def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
 def compose(overrides: Iterable[str] = (), config_name: str = "train") -> DictConfig:
     """Compose `conf/<config_name>.yaml` with overrides and validate it. Raises ConfigError."""
     overrides = list(overrides)
+    check_memory_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -107,9 +109,64 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train") -> DictCo
         raise config_error(exc) from None
     finally:
         GlobalHydra.instance().clear()
+    check_additions(cfg, overrides)
+    check_memory_kind(cfg, overrides)
     fill_derived(cfg)
     validate(cfg)
     return cfg
+
+
+def _split(override: str) -> tuple[str, str, str | None]:
+    """`++a.b=v` -> ("++", "a.b", "v"); the value is None without `=`."""
+    body = override.lstrip("+~")
+    key, _, value = body.partition("=")
+    return override[:len(override) - len(body)], key.strip(), value.strip() if "=" in body else None
+
+
+def check_memory_overrides(overrides: list[str]) -> None:
+    """`model.memory=null` (the model would train with the default tokens memory while config.yaml says null)."""
+    for override in overrides:
+        prefix, key, value = _split(override)
+        if key == "model.memory" and "~" not in prefix and value is not None and value.lower() in ("null", "~"):
+            raise ConfigError("model.memory", "cannot be null: for no memory use model.use_memory=false, for "
+                                              f"another kind model/memory={'|'.join(MEMORY_CONFIGS)}")
+
+
+def check_memory_kind(cfg: DictConfig, overrides: list[str]) -> None:
+    """`model.memory.kind=X` changes the name, not the memory's keys: the kind is the option of group model/memory."""
+    given = [v for o in overrides for p, k, v in [_split(o)] if k == "model.memory.kind" and "~" not in p]
+    memory = cfg.model.get("memory") if isinstance(cfg.get("model"), DictConfig) else None
+    if not given or not isinstance(memory, DictConfig):
+        return
+    kind = memory.get("kind")
+    if kind not in MEMORY_CONFIGS or OmegaConf.get_type(memory) is not MEMORY_CONFIGS[kind]:
+        if given[-1] in MEMORY_CONFIGS:
+            raise ConfigError("model.memory.kind", f"change the memory kind with model/memory={given[-1]} "
+                                                   "(model.memory.kind renames the kind and keeps the other keys)")
+        raise ConfigError("model.memory.kind", f"choose the memory with model/memory=KIND "
+                                               f"({'|'.join(MEMORY_CONFIGS)}), got {given[-1]!r}")
+
+
+def check_additions(cfg: DictConfig, overrides: list[str]) -> None:
+    """`+key=value` / `++key=value` add a key where the schema has none; Hydra accepts any, so a misspelt key would
+    be added silently. A key must be one the schema knows (Hydra's own hydra.* keys and config groups aside)."""
+    for override in overrides:
+        prefix, key, _ = _split(override)
+        if "+" not in prefix or not key or "/" in key or key.split(".")[0] == "hydra" or "@" in key:
+            continue
+        if (Path(config_dir()) / key.replace(".", "/")).is_dir():  # +group=option
+            continue
+        node: Any = cfg
+        for part in key.split("."):
+            kind = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+            if kind is None or not dataclasses.is_dataclass(kind):
+                break  # a free-form dict (or a value): Hydra checks the rest
+            if part not in {f.name for f in dataclasses.fields(kind)}:
+                moved = key.startswith("model.") and key.split(".")[1] in LEGACY_KEYS
+                hint = ("the memory's keys are under model.memory.* since ltm 0.2 (model/memory=tokens|slots|delta|"
+                        "neural)" if moved else "see `ltm config show` for the known keys")
+                raise ConfigError(key, f"unknown key (Key '{part}' not in '{kind.__name__}'); {hint}")
+            node = node.get(part)
 
 
 def fill_derived(cfg: DictConfig) -> None:

@@ -3,7 +3,8 @@
 `quiet_lightning()` drops Lightning's tips (litlogger, litmodels), its accelerator banners (`GPU available`, `TPU
 available`, `LOCAL_RANK ... CUDA_VISIBLE_DEVICES`), its two restore lines (ltm prints `resuming from ...`) and the
 `Checkpoint directory ... exists and is not empty` warning of a resumed run (ltm refuses to reuse a folder unless
-resume=auto or overwrite=true: that folder is expected). Everything else Lightning says still prints.
+resume=auto or overwrite=true: that folder is expected), the callbacks warning of a resume with other trainer
+settings, and parallel=ddp's `Initializing distributed` / `distributed_backend=` banners. Everything else Lightning says still prints.
 
 `generate_command` is the `ltm generate` line printed after a run: for text, prompted with the first words of the
 run's validation data; for a task (`data=passkey|mqar|babi_facts`), with its first validation sample up to where
@@ -28,7 +29,9 @@ IGNORE_INDEX = -100  # labels that are not scored (ltm_core.tasks.common.TaskSam
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                      "lightning.pytorch.accelerators.cuda", "lightning.pytorch", "lightning.fabric")
 NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "IPU available:", "LOCAL_RANK:",
-         "Restoring states from the checkpoint", "Restored all states from the checkpoint")  # ltm says "resuming from"
+         "Restoring states from the checkpoint", "Restored all states from the checkpoint",  # ltm says "resuming from"
+         "Initializing distributed:", "-" * 100 + "\ndistributed_backend=")  # parallel=ddp: each rank's, rank 0's
+DISTRIBUTED_LOGGER = "lightning.fabric.utilities.distributed"  # the `Initializing distributed: GLOBAL_RANK` line
 
 
 class _DropNoise(logging.Filter):
@@ -43,11 +46,13 @@ def quiet_lightning() -> None:
     """Silence Lightning's adverts, banners and its resume warnings: a folder that holds checkpoints, and a resume
     from another run's folder (`resume=OTHER/last.ckpt`: the new run keeps its own best; checked by
     `test_a_stage_two_run_prints_no_lightning_warning`) (idempotent)."""
-    for name in LIGHTNING_LOGGERS:
+    for name in (*LIGHTNING_LOGGERS, DISTRIBUTED_LOGGER):
         if _DROP not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_DROP)
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r".*The dirpath has changed from")
+    # a resume with other callback settings (trainer.val_check_interval): ltm builds its callbacks from the config
+    warnings.filterwarnings("ignore", message=r".*Be aware that when using `ckpt_path`, callbacks used to create")
 
 
 def generate_command(checkpoint: Path, val_ids: Iterable[int], answer_length: Optional[int] = None) -> str:

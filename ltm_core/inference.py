@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -106,7 +107,16 @@ class InferenceEngine:
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int) -> Iterator[torch.Tensor]:
         """Yield next tokens [B] one at a time. input_ids: [B, T] (T >= 1) integer ids of the model's vocabulary;
-        a bad prompt is a one-line `InputIdsError` (a DataError) here, before the first token is asked for."""
+        a bad prompt is a one-line `InputIdsError` (a DataError) here, before the first token is asked for;
+        max_new_tokens must be an integer >= 0 (0: nothing is generated)."""
+        try:
+            count = None if isinstance(max_new_tokens, bool) else operator.index(max_new_tokens)
+        except TypeError:
+            count = None
+        if count is None or count < 0:
+            raise InferenceConfigError("max_new_tokens", f"must be an integer >= 0 (0: the prompt only), got "
+                                                         f"{max_new_tokens!r}")
+        max_new_tokens = count
         config = getattr(self.model, "config", None)
         vocab_size = getattr(config, "vocab_size", None)
         check_input_ids(input_ids, vocab_size or 0, ids_range=vocab_size is not None)

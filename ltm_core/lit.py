@@ -166,6 +166,7 @@ class TitanLightning(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
         self.bad_steps = int(checkpoint.get("bad_steps", 0))
+        self.restored_step = int(checkpoint.get("global_step", 0))  # fit_lightning: a resume with nothing to train
         # a checkpoint from before random states were saved: the stream starts from the global state, as seeded
         self.random_stream.state = checkpoint.get("random_state")
 
@@ -181,6 +182,19 @@ def check_resumable(ckpt: dict[str, Any], module: TitanLightning, path: Path) ->
     groups = states[0].get("param_groups") if isinstance(states, list) and states and isinstance(states[0], dict) else None
     if (not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups)
             or sum(len(g.get("params", ())) for g in groups) != len(params)):
+        hparams = ckpt.get("hyper_parameters")
+        config = hparams.get("config") if isinstance(hparams, dict) else None
+        parallel = config.get("parallel") if isinstance(config, dict) else None
+        preset = parallel.get("name") if isinstance(parallel, dict) else None
+        dcp_dir = path.parent / "dcp"
+        if states is None and ("dcp_checkpoint" in ckpt or dcp_dir.is_dir()
+                               or (isinstance(parallel, dict) and parallel.get("strategy") == "native")):
+            # the consolidated weights of a native-parallel run: its optimizer state is sharded under dcp/
+            raise CheckpointError(f"checkpoint error: {path} is the consolidated checkpoint of a native-parallel run"
+                                  f"{f' (parallel={preset})' if isinstance(preset, str) else ''}, whose optimizer "
+                                  f"state is in {dcp_dir}/ and resumes on native-parallel presets only, not "
+                                  f"parallel=single: continue it with such a preset, or train from its weights in a "
+                                  f"new folder (output_dir=NEW resume={path})")
         raise CheckpointError(f"checkpoint error: {path} holds no optimizer state for this model")
     for index, state in (states[0].get("state") or {}).items():
         if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
@@ -512,9 +526,11 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
 
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
     strategy = cfg.parallel.strategy
-    if strategy == "ddp" and model.config.use_memory:
+    if strategy == "ddp" and model.config.use_memory and getattr(model.config.memory, "kind", "tokens") != "tokens":
         # each window has its own backward: windows after the first do not use the learned initial memory, and
-        # with bptt_segments=1 no window uses the memory-write weights (every write is detached)
+        # with bptt_segments=1 no window uses the memory-write weights (every write is detached). The tokens memory
+        # (measured per kind: every parameter has a gradient after each window's backward) needs no search, whose
+        # `find_unused_parameters=True ... did not find any unused parameters` warning each rank would print
         strategy = "ddp_find_unused_parameters_true"
     trainer = L.Trainer(
         max_steps=int(cfg.trainer.max_steps), max_epochs=-1, accelerator=cfg.trainer.accelerator,
@@ -531,6 +547,10 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
         run_guard.drop_metrics_from(out / "metrics.csv", 0)
     with interrupts:  # from here SIGINT/SIGTERM save at the end of the current step (GuardCallback)
         _fit_guarded(cfg, trainer, module, datamodule, ckpt_path, guard)
+    restored = getattr(module, "restored_step", None)
+    if rank_zero and restored is not None and trainer.global_step == restored >= int(cfg.trainer.max_steps):
+        console.print(f"note: the checkpoint is at step {restored} of trainer.max_steps={int(cfg.trainer.max_steps)}: "
+                      "nothing to train; raise trainer.max_steps to go on", soft_wrap=True)
     if guard.stopped_at is not None:
         signum = interrupts.signum or int(signal.SIGTERM)  # another rank received it
         raise Interrupted(run_guard.interrupted_message(signum, guard.stopped_at, last, run_guard.resume_command(cfg)),

@@ -7,13 +7,14 @@
 Each argument is one key of the run config (`ltm config show`), and `train()` runs `ltm_core.train.fit`: the windowed
 backward, checkpoints/last.ckpt (and best.ckpt with an eval set), metrics.csv, config.yaml and exact resume. A
 dataset is a path (a .txt/.jsonl file or a folder, as `data=textfile`: random windows of `seq_len` tokens, the
-last `val_fraction` held out for validation) or a `torch.utils.data.Dataset` whose items are 1-D tensors of L + 1
+last `val_fraction` held out for validation) or a map-style `torch.utils.data.Dataset` (or a plain list) whose items are 1-D tensors of L + 1
 token ids (inputs and next-token labels) or (input_ids, labels) pairs of L ids each (labels -100: no loss).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,10 +29,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from ltm_core.config import DataConfig
 from ltm_core.configuration import compose, config_error, to_dict, validate
 from ltm_core.data import load_corpus
-from ltm_core.errors import ConfigError, DataError
+from ltm_core.errors import ConfigError, DataError, LtmError
 from ltm_core.model import TitanModel
 
-DatasetLike = Union[Dataset, str, Path]
+DatasetLike = Union[Dataset, Sequence, str, Path]
 
 
 @dataclass
@@ -126,6 +127,15 @@ class Trainer:
             cfg.resume = str(resume_from_checkpoint)
         if cfg.resume not in (None, "auto") and not str(cfg.resume).endswith(".ckpt"):
             raise ConfigError("resume_from_checkpoint", f"must be True or a .ckpt path, got {cfg.resume!r}")
+        out = Path(cfg.output_dir)
+        if ((out / "config.yaml").exists() or (out / "checkpoints").exists()) and cfg.resume != "auto" \
+                and not cfg.overwrite:  # the CLI's message names its keys (resume=auto, overwrite=true)
+            raise LtmError(f"output error: {out} already holds a run; call train(resume_from_checkpoint=True) to "
+                           "continue it, pass TrainingArguments(overwrite_output_dir=True) to replace it, or choose "
+                           "another output_dir")
+        # a model handed over in eval mode (`TitanModel(cfg).eval()`, or after an InferenceEngine) trains in training
+        # mode (TitanLightning.on_train_start sets it too, but Lightning warns of eval-mode modules before that)
+        self.model.train()
         if _is_path(self.train_dataset):
             corpus = load_corpus(DataConfig(**to_dict(cfg.data)))  # bad data fails before anything is written
             return run_in_output_dir(cfg, lambda: fit(cfg, corpus, model=self.model))
@@ -226,9 +236,10 @@ class ItemCheck:
 def _check_dataset(name: str, data: Any, vocab_size: int) -> ItemCheck:
     """One-line errors for a dataset the training loop could not use, before anything is written: not a map-style
     Dataset, empty, or item 0 bad. Returns the check every item then passes as it is drawn (item 0's length)."""
-    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
-        raise DataError(f"data error: {name} must be a path or a map-style torch.utils.data.Dataset, got "
-                        f"{type(data).__name__}")
+    if isinstance(data, (IterableDataset, bytes, bytearray)) or not (hasattr(data, "__len__")
+                                                                      and hasattr(data, "__getitem__")):
+        raise DataError(f"data error: {name} must be a path, a map-style torch.utils.data.Dataset or a sequence "
+                        f"(a list of samples), got {type(data).__name__}")
     if len(data) == 0:
         raise DataError(f"data error: {name} is empty")
     inputs, _ = ItemCheck(name, vocab_size)(0, data[0])

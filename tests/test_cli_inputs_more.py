@@ -273,3 +273,16 @@ def test_bench_model_contexts_are_whole_segments_as_in_train():
     with pytest.raises(Exception, match="--context: 100 must be a multiple of model.segment_length=64"):
         check_training_lengths([128, 100], 64, ["memory", "full_causal"])
     check_training_lengths([100], 64, ["full_causal"])  # its one segment spans the context: any length
+
+
+def test_bench_parallel_json_records_how_it_was_measured(tmp_path):
+    """Every benchmark JSON carries the command, date, machine and commit that made it (`meta`), as the docs'
+    numbers must name their command."""
+    import json
+
+    out = tmp_path / "bp.json"
+    result = invoke("bench", "parallel", "-p", "single", "--steps", "1", "--json", str(out), "model.hidden_size=32",
+                    "model.num_hidden_layers=1")
+    assert result.returncode == 0, result.output[-2000:]
+    meta = json.loads(out.read_text())["meta"]
+    assert {"command", "date", "machine", "commit"} <= set(meta) and meta["date"]  # (in-process: argv is pytest's)

@@ -12,6 +12,9 @@ Layout under OUTPUT_DIR/checkpoints/:
 Keys are the single-device parameter names (stages keep the original block indices), so a checkpoint resumes on
 another dp or pp layout; resharding the tensor-parallel dimension works between tp > 1 layouts (fused
 projections are stored [chunks, out / chunks, in] there) and consolidation always writes the canonical shapes.
+A tied LM head is stored once (as `embed_tokens.weight`, with one optimizer state) by a layout without pipeline
+stages; the last stage of a pipelined layout then takes its copy of the head, and its optimizer state, from there
+(`_tied_aliases`).
 """
 
 from __future__ import annotations
@@ -150,6 +153,45 @@ def _saved_tp(path: Path) -> Optional[int]:
         return None
 
 
+_TIED = {"lm_head.weight": "embed_tokens.weight", "embed_tokens.weight": "lm_head.weight"}
+
+
+def _tied_aliases(state: dict[str, dict[str, Any]], saved: set[str]) -> tuple[dict[str, dict[str, Any]], dict]:
+    """The state to ask DCP for, and {(top, key): key read instead} for the keys read under another name.
+
+    A key this layout holds but the checkpoint lacks, that names a tied embedding / LM head weight or its optimizer
+    state (`model.lm_head.weight`, `optim.state.lm_head.weight.exp_avg`, `optim.param_groups.lm_head.weight.lr`, ...),
+    is read from its twin (`embed_tokens.weight` ...) when the checkpoint has that: a layout without pipeline stages
+    stores the tied weight once, and both copies of a pipelined layout step identically (`sync_tied_embeddings`).
+    Any other key is asked for under its own name (a missing one stays DCP's error)."""
+    request: dict[str, dict[str, Any]] = {}
+    aliases: dict[tuple[str, str], str] = {}
+    for top, entries in state.items():
+        request[top] = dict(entries)
+        for key in entries:
+            if f"{top}.{key}" in saved:
+                continue
+            for name, twin in _TIED.items():
+                source = re.sub(rf"(^|\.){re.escape(name)}(\.|$)", rf"\g<1>{twin}\g<2>", key, count=1)
+                if source != key and f"{top}.{source}" in saved:
+                    del request[top][key]
+                    # read into our own copy, unless this rank holds the twin too (then copied from it after)
+                    request[top].setdefault(source, entries[key])
+                    aliases[(top, key)] = source
+                    break
+    return request, aliases
+
+
+def _one_line(exc: BaseException) -> str:
+    """One readable line for an exception: for DCP's CheckpointException (every failed rank's traceback), the
+    first failed rank's error (`Missing key in checkpoint state_dict: ...`); else the last line of its text."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _) = sorted(exc.failures.items())[0]
+        return f"rank {rank}: {_one_line(inner)}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
 def load(path: Path, parts, optimizers, device: torch.device, tp: int) -> dict[str, Any]:
     """Collective: load the shards of `path` into the parts and optimizers (of a layout with `tp` tensor-parallel
     ranks) and this rank's random state (when the checkpoint has one for this rank: a resume on more ranks starts
@@ -162,7 +204,18 @@ def load(path: Path, parts, optimizers, device: torch.device, tp: int) -> dict[s
                               f"resume={path.parent.parent / 'last.ckpt'})")
     state, models, optims = _state(parts, optimizers)
     try:
-        dcp.load(state, storage_reader=_Reader(str(path)))
+        saved_keys = set(_Reader(str(path)).read_metadata().state_dict_metadata)
+        request, aliases = _tied_aliases(state, saved_keys)
+        dcp.load(request, storage_reader=_Reader(str(path)))
+        for top, entries in state.items():  # back under this layout's names (DCP loads a tensor in place and
+            for key, target in entries.items():  # replaces any other value)
+                loaded = request[top][aliases.get((top, key), key)]
+                if loaded is target:
+                    continue
+                if isinstance(target, torch.Tensor) and type(target) is type(loaded):
+                    target.copy_(loaded)
+                else:
+                    entries[key] = loaded
         train_state = json.loads((path / "train_state.json").read_text())
         if not isinstance(train_state, dict):
             raise ValueError("train_state.json is not an object")
@@ -170,8 +223,7 @@ def load(path: Path, parts, optimizers, device: torch.device, tp: int) -> dict[s
         raise
     except (Exception, CheckpointException) as exc:  # a layout the checkpoint cannot be resharded to, or a damaged
         # checkpoint (torch's CheckpointException, which gathers every rank's error, is not an Exception)
-        detail = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"checkpoint error: cannot resume from {path} ({detail})") from None
+        raise CheckpointError(f"checkpoint error: cannot resume from {path} ({_one_line(exc)})") from None
     for part, opt, m, o in zip(parts, optimizers, models, optims):
         set_model_state_dict(part, {k: state["model"][k] for k in m})
         set_optimizer_state_dict(part, opt, {k: state["optim"][k] for k in o}, options=OPTIM_OPTIONS)

@@ -257,6 +257,8 @@ def _fit(cfg: DictConfig, corpus: Optional[Corpus], env: DistEnv, interrupts: ru
     if source[0] == "dcp":  # exact: weights, optimizer, schedule, data position, random streams
         state = pckpt.load(resumed_from, pm.parts, optimizers, env.device, layout.tp)
         step, samples_seen, best = int(state["step"]), int(state["samples_seen"]), float(state.get("best", math.inf))
+        # samples_seen is per data-parallel rank: a resume with another dp goes on from the same global position
+        samples_seen = samples_seen * int(state.get("layout", {}).get("dp", layout.dp)) // layout.dp
         bad_steps = int(state.get("bad_steps", 0))
         replaced = None
         for s, sd in zip(schedulers, state["schedulers"]):
