@@ -52,17 +52,22 @@ def world_size(cfg: DictConfig) -> int:
     return planned_world_size(cfg)
 
 
+def holds_run(out: Path) -> bool:
+    """Whether a folder holds a run (its config.yaml or checkpoints/): a new run there needs resume or overwrite."""
+    return (out / "config.yaml").exists() or (out / "checkpoints").exists()
+
+
 def prepare_output_dir(cfg: DictConfig) -> "OutputClaim":
     """Check the output folder against resume/overwrite and write config.yaml; returns what it changed there
     (`OutputClaim`: undone if the run does not start). overwrite=true sets the old run aside rather than deleting
     it: it is deleted once the run has started, and put back if it does not."""
     out = Path(cfg.output_dir)
     saved = out / "config.yaml"
-    holds_run = saved.exists() or (out / "checkpoints").exists()
-    if holds_run and cfg.resume != "auto" and not cfg.overwrite:
+    occupied = holds_run(out)
+    if occupied and cfg.resume != "auto" and not cfg.overwrite:
         raise LtmError(f"output error: {out} already holds a run; pass resume=auto to continue it, overwrite=true "
                        "to replace it, or choose another output_dir")
-    if holds_run and cfg.resume == "auto" and saved.exists():
+    if occupied and cfg.resume == "auto" and saved.exists():
         old, new = _saved_model_config(saved), model_config(cfg)
         changed = [k for k, v in vars(new).items() if getattr(old, k) != v]
         if changed:
@@ -73,7 +78,7 @@ def prepare_output_dir(cfg: DictConfig) -> "OutputClaim":
     for stale in out.glob(OutputClaim.ASIDE + "*"):  # a run set aside by an overwrite that was killed
         shutil.rmtree(stale, ignore_errors=True)
     claim = OutputClaim(out)
-    if holds_run and cfg.overwrite and cfg.resume != "auto":
+    if occupied and cfg.overwrite and cfg.resume != "auto":
         claim.set_aside(["checkpoints", "metrics.csv", "hparams.yaml", "tensorboard"])
     run_guard.remove_stale_temporaries(out / "checkpoints")  # left by a killed save; the caller holds the lock
     with run_guard.atomic_file(saved) as f:

@@ -118,7 +118,7 @@ class Trainer:
     def train(self, resume_from_checkpoint: Union[bool, str, Path, None] = None) -> Path:
         """Run training; returns checkpoints/last.ckpt. `resume_from_checkpoint`: True continues the run in
         output_dir (resume=auto), a path continues from that .ckpt, None starts anew."""
-        from ltm_core.train import fit, run_in_output_dir
+        from ltm_core.train import fit, holds_run, run_in_output_dir
 
         cfg = self.config.copy()
         if resume_from_checkpoint is True:
@@ -128,8 +128,8 @@ class Trainer:
         if cfg.resume not in (None, "auto") and not str(cfg.resume).endswith(".ckpt"):
             raise ConfigError("resume_from_checkpoint", f"must be True or a .ckpt path, got {cfg.resume!r}")
         out = Path(cfg.output_dir)
-        if ((out / "config.yaml").exists() or (out / "checkpoints").exists()) and cfg.resume != "auto" \
-                and not cfg.overwrite:  # the CLI's message names its keys (resume=auto, overwrite=true)
+        # (the CLI's message names its own keys: resume=auto, overwrite=true)
+        if holds_run(out) and cfg.resume != "auto" and not cfg.overwrite:
             raise LtmError(f"output error: {out} already holds a run; call train(resume_from_checkpoint=True) to "
                            "continue it, pass TrainingArguments(overwrite_output_dir=True) to replace it, or choose "
                            "another output_dir")
