@@ -42,7 +42,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 def _keys(overrides: list[str]) -> set[str]:
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    from ltm_core.configuration import override_key
+
+    return {override_key(o) for o in overrides}
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -54,7 +56,7 @@ def train(ctx: typer.Context,
 
     With no arguments: a tiny memory model on the King James Bible (a few minutes on a CPU).
     """
-    from ltm_core.configuration import job_name, validate_overrides
+    from ltm_core.configuration import job_name, override_key, validate_overrides
 
     overrides = list(ctx.args)
     # every job's config and input files are checked before torch and Lightning load, and before any job starts
@@ -65,7 +67,7 @@ def train(ctx: typer.Context,
 
     from ltm_core.train import check_output_dir, default_output_dir, is_rank_zero, train as train_run
 
-    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    given = {override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
     if multirun:
         folder = given.get("output_dir") or default_output_dir().replace("outputs/", "multirun/", 1)
         overrides.append(f"hydra.sweep.dir={folder}")

@@ -76,7 +76,9 @@ def check_overrides(overrides: list[str], groups: tuple[str, ...], command: str)
     for arg in overrides:
         if arg.startswith("-"):
             raise ConfigError(arg, f"no such option (`ltm {command} --help` lists them)")
-        key = arg.split("=", 1)[0].lstrip("+~")
+        from ltm_core.configuration import override_key
+
+        key = override_key(arg)
         if "=" not in arg:
             raise ConfigError(arg, "is not an override: overrides are key=value")
         if key.split(".")[0] not in groups:

@@ -175,6 +175,11 @@ def fill_derived(cfg: DictConfig) -> None:
         cfg.data.seq_len = 4 * cfg.model.segment_length
 
 
+def override_key(override: str) -> str:
+    """The key a command-line override sets: `++trainer.max_steps=5` -> `trainer.max_steps`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def validate_overrides(overrides: list[str], multirun: bool) -> list[str]:
     """Compose and check every job an `ltm train [-m] overrides` command would run, before any of them starts: its
     config, then the files it reads (`check_inputs`). A sweep's error names its job (`job 1 (data.path=b.txt): ...`),
@@ -184,7 +189,7 @@ def validate_overrides(overrides: list[str], multirun: bool) -> list[str]:
         combos = _sweep_combinations(overrides) if multirun else [overrides]
     except HydraException as exc:
         raise config_error(exc) from None
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in combos[0]]  # one per override, in every combination
+    keys = [override_key(o) for o in combos[0]]  # one per override, in every combination
     swept = [k for i, k in enumerate(keys) if len({c[i] for c in combos}) > 1]
     for num, combo in enumerate(combos):
         try:
@@ -199,7 +204,7 @@ def validate_overrides(overrides: list[str], multirun: bool) -> list[str]:
 def job_name(num: int, overrides: Iterable[str], swept: Iterable[str]) -> str:
     """`job 1 (optim.lr=0.001)`: a sweep job's number and its values of the swept keys."""
     swept = set(swept)
-    values = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept)
+    values = " ".join(o for o in overrides if override_key(o) in swept)
     return f"job {num} ({values})" if values else f"job {num}"
 
 

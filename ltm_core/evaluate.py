@@ -50,11 +50,11 @@ def eval_data(stored: dict[str, Any], overrides: Iterable[str] = (), segment_len
     the segments before; the write it would make at the segment's end comes after every token scored), so a window
     of 100 tokens scores what the first 100 tokens of a longer window score. `ltm train`'s whole-segment rule is about
     its training windows (the BPTT windows, the memory writes), not about reading."""
-    from ltm_core.configuration import compose, to_dict
+    from ltm_core.configuration import compose, override_key, to_dict
     from ltm_core.tasks import is_task
 
     overrides = list(overrides)
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    keys = [override_key(o) for o in overrides]
     changes = [o for o, k in zip(overrides, keys) if k.startswith("data.")]
     if "data" in keys:  # another corpus: composed (and checked) as `ltm train` would, but for its length
         segment = [f"model.segment_length={segment_length or stored['model']['segment_length']}"]

@@ -406,8 +406,8 @@ def _cli_overrides(cfg) -> Optional[list[str]]:
 
 def diverged_advice(cfg, last: Path, saved_step: Optional[int], resumed_from: Optional[str | Path]) -> str:
     """What follows a divergence's line: the checkpoint that holds the run's good work and the command that goes on
-    from it, never with the learning rate that diverged (`optim.lr=LOWER`, a placeholder the user fills in; as
-    given, a config error names it). `saved_step`: the step of this run's newest last.ckpt, None if it wrote none;
+    from it, never with the learning rate that diverged: the command says `optim.lr=LOWER`, for the user to
+    replace with a lower rate (left as it is, the config check names the key). `saved_step`: the step of this run's newest last.ckpt, None if it wrote none;
     `resumed_from`: the checkpoint the run started from, if any."""
     lower = ("optim.lr=LOWER",)
     if saved_step is not None:
@@ -425,11 +425,10 @@ def diverged_advice(cfg, last: Path, saved_step: Optional[int], resumed_from: Op
 
 def resume_command(cfg, changes: tuple[str, ...] = (), resume: Optional[str] = "auto") -> str:
     """The `ltm train` command that continues this run: its overrides (as given to the CLI, else rebuilt from the
-    config), output_dir and resume=auto. `changes` replace the overrides of their keys (`optim.lr=LOWER`: a
-    placeholder for the user to fill in); `resume`: another checkpoint to continue from (with overwrite=true: the
+    config), output_dir and resume=auto. `changes` replace the overrides of their keys (e.g. `optim.lr=LOWER`,
+    which the user replaces with a value); `resume`: another checkpoint to continue from (with overwrite=true: the
     folder holds this run), or None: no checkpoint, start the run again (overwrite=true)."""
-    def key(override: str) -> str:
-        return override.split("=", 1)[0].lstrip("+~")
+    from ltm_core.configuration import override_key
 
     if os.environ.get(RESUME_COMMAND_ENV):  # a worker of a launched run: the command the launcher worked out
         overrides = shlex.split(os.environ[RESUME_COMMAND_ENV])[2:]
@@ -437,8 +436,8 @@ def resume_command(cfg, changes: tuple[str, ...] = (), resume: Optional[str] = "
         overrides = _cli_overrides(cfg)
         if overrides is None:
             overrides = derived_overrides(cfg)
-    changed = {key(c) for c in changes}
-    keep = [o for o in overrides if key(o) not in _RUN_KEYS and key(o) not in changed]
+    changed = {override_key(c) for c in changes}
+    keep = [o for o in overrides if override_key(o) not in _RUN_KEYS and override_key(o) not in changed]
     run = ["resume=auto"] if resume == "auto" else ["overwrite=true"] if resume is None else [
         f"resume={resume}", "overwrite=true"]
     return " ".join(["ltm", "train", *map(shlex.quote, [*keep, *changes, f"output_dir={cfg.output_dir}", *run])])

@@ -169,11 +169,11 @@ def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:
     task, its sample settings (digits, facts, ...) and evaluation grid (pairs, depth bins) are the starting point;
     `task.*` overrides come last.
     """
-    from ltm_core.configuration import compose, to_dict
+    from ltm_core.configuration import compose, override_key, to_dict
     from ltm_core.tasks import is_task
 
-    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "task"]
-    names = [o.split("=", 1)[1] for o in given if o.split("=", 1)[0].lstrip("+~") == "task"]
+    given = [o for o in overrides if override_key(o).split(".")[0] == "task"]
+    names = [o.split("=", 1)[1] for o in given if override_key(o) == "task"]
     trained_on = stored.get("data", {}).get("name")
     name = names[-1] if names else (trained_on if is_task(trained_on) else None)
     if name is None:
@@ -182,7 +182,7 @@ def eval_task_config(stored: dict, overrides: Sequence[str]) -> TaskConfig:
     stored_task = stored.get("task") or {}
     if stored_task.get("name") == name:
         args += [f"task.{k}={stored_task[k]}" for k in (*SAMPLE_KEYS, *GRID_KEYS) if stored_task.get(k) is not None]
-    args += [o for o in given if o.split("=", 1)[0].lstrip("+~") != "task"]
+    args += [o for o in given if override_key(o) != "task"]
     from ltm_core.migration import migrate_model_config
 
     backbone = migrate_model_config(dict(stored["model"]))  # the task is validated against the model's segments
