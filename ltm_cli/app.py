@@ -241,7 +241,7 @@ def _sampling_config(**values):
     except ConfigError as err:  # InferenceConfigError("top_p", ...)
         if err.key not in SAMPLING_OPTIONS:
             raise
-        raise ConfigError(SAMPLING_OPTIONS[err.key], str(err).split(f"{err.key}: ", 1)[-1]) from None
+        raise ConfigError(SAMPLING_OPTIONS[err.key], err.detail) from None
 
 
 def _prompt_bytes(prompt: Optional[str], prompt_file: Optional[Path]) -> Optional[bytes]:

@@ -151,7 +151,8 @@ def bench_model_cmd(
         _write_json(json_path, {**result_header(cfg, device, dtype, batch_size, warmup), "rows": rows,
                                 "generation": [], "interrupted": True})
         raise typer.Exit(130)
-    table = Table(title=f"ltm bench model — {result['device']}, {dtype}, batch {batch_size}, model={model}")
+    table = Table(title=f"ltm bench model — {result['device']}, {dtype}, batch {batch_size}, "
+                  f"{' '.join([f'model={model}', *(overrides or [])])}")
     for col in ("model", "context", "tokens/s", "step", "memory recurrence", "peak memory", "MFU", "params"):
         table.add_column(col, justify="right")
     for r in result["rows"]:

@@ -15,8 +15,10 @@ allocator's peak counter; on CPU from the profiler's allocation record of that s
 rows also report `peak_rss_bytes`, the growth of the process's resident set from before warm-up to its high-water
 mark, which includes the allocator's cached pages and, with `model.compile=true`, the compiler's workspace.
 
-MFU = flops_per_token(context) * tokens/s / peak FLOP/s, the peak measured by a large matmul in the same dtype right
-after the row's steps, in the same process (so a shared machine's load affects both alike).
+MFU = flops_per_token(context) * tokens/s / peak FLOP/s. Each row measures a matmul in the run's dtype right after
+its steps, in its own process (`peak_flops`); the run's peak (the result's `peak_flops`) is the highest of them, and
+every row's MFU divides by it, so that MFUs compare across rows (a small CPU matmul timed once per row varies by a
+factor of several on a shared machine).
 """
 
 from __future__ import annotations
@@ -366,17 +368,27 @@ def bench_model(cfg: TitanConfig, contexts: Iterable[int], variants: Iterable[st
                     measured.append({"model": a["variant"], "context": context,
                                      "error": f"{type(e).__name__}: {e}"[:300]})
                 torch.cuda.empty_cache()
-        for row in measured:
-            if "tokens_per_s" in row:
-                row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / row["peak_flops"]
-            rows.append(row)
+        rows.extend(measured)
+        set_mfu(rows)
     generation = []
     for n in gen_lengths:
         for v in ("memory", "full_causal"):
             report(len(rows) - first + len(generation), total, f"generate {n:,} tokens, {v}")
             generation.append(generation_row(cfg, v, n, device, dtype))
     report(total, total, "")
-    return {**result_header(cfg, device, dtype, batch_size, warmup), "rows": rows, "generation": generation}
+    return {**result_header(cfg, device, dtype, batch_size, warmup), "peak_flops": set_mfu(rows), "rows": rows,
+            "generation": generation}
+
+
+def set_mfu(rows: list[dict[str, Any]]) -> Optional[float]:
+    """Every timed row's `mfu` against the highest matmul FLOP/s any row measured (None: no row was timed)."""
+    timed = [r for r in rows if "tokens_per_s" in r]
+    if not timed:
+        return None
+    peak = max(r["peak_flops"] for r in timed)
+    for r in timed:
+        r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
+    return peak
 
 
 def default_warmup(cfg: TitanConfig) -> int:

@@ -254,7 +254,7 @@ def stored_model_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -
         return complete_stored_config(migrate_model_config(dict(checkpoint_config(ckpt)["model"])))
     except ConfigError as err:
         raise CheckpointError(f"checkpoint error: {path} was trained with {err.key}: "
-                              f"{str(err).split(': ', 2)[-1]}") from None
+                              f"{err.detail}") from None
 
 
 def apply_model_overrides(model_cfg: dict[str, Any], overrides: Iterable[str]) -> TitanConfig:
@@ -267,12 +267,34 @@ def apply_model_overrides(model_cfg: dict[str, Any], overrides: Iterable[str]) -
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as exc:
         err = config_error(exc)
-        raise ConfigError(f"model.{err.key}", str(err).split(": ", 2)[-1]) from None
+        raise ConfigError(f"model.{err.key}", err.detail) from None
     except yaml.YAMLError as exc:  # a value YAML cannot read (control characters)
         key = next((f"model.{o.split('=', 1)[0]}" for o in dotlist if not _yaml_readable(o.split("=", 1)[-1])),
                    "model")
         raise ConfigError(key, f"is not a readable value ({' '.join(str(exc).split())[:120]})") from None
     return TitanConfig.from_dict(OmegaConf.to_container(merged))
+
+
+def _weight_shapes(cfg: TitanConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in TitanModel(cfg).state_dict().items()}
+
+
+def check_same_weights(model_cfg: dict[str, Any], overrides: Iterable[str]) -> None:
+    """ConfigError naming the first `model.*` override that changes the weights the stored model has (names or
+    shapes: e.g. model.use_memory=false, model.hidden_size=64), instead of blaming the checkpoint for not fitting."""
+    overrides = [o for o in overrides if o.startswith("model.")]
+    if not overrides:
+        return
+    stored = _weight_shapes(TitanConfig.from_dict(model_cfg))
+    for override in overrides:
+        changed = _weight_shapes(apply_model_overrides(model_cfg, [override]))
+        if changed != stored:
+            gone = sorted(stored.keys() - changed.keys()) or sorted(changed.keys() - stored.keys()) or \
+                sorted(k for k in stored if stored[k] != changed[k])
+            raise ConfigError(override.split("=", 1)[0], f"={override.split('=', 1)[1]} changes the model's weights "
+                              f"({gone[0]}), so the checkpoint's cannot load into it; give only overrides that keep "
+                              "them (e.g. model.kernels, model.memory.select_dedup)")
 
 
 def _yaml_readable(value: str) -> bool:
@@ -288,7 +310,9 @@ def load_model(path: str | Path, overrides: Iterable[str] = (), device: str | to
     """Build the model a checkpoint was trained with (plus `model.*` overrides) and load its weights; a quantized
     checkpoint's layers are rebuilt quantized (`ltm_core.quantize`)."""
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
-    cfg = apply_model_overrides(stored_model_config(ckpt, path), overrides)
+    stored = stored_model_config(ckpt, path)
+    cfg = apply_model_overrides(stored, overrides)
+    check_same_weights(stored, overrides)
     with torch.device("meta"):
         model = TitanModel(cfg)
     model.to_empty(device=device)

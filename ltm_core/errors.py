@@ -15,7 +15,7 @@ class ConfigError(LtmError):
     """A config key has a wrong type, an unknown name or an invalid value."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.detail = key, message
         super().__init__(f"config error: {key}: {message}")
 
 

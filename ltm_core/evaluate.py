@@ -81,7 +81,7 @@ def _with_changes(data: DataConfig, changes: list[str]) -> DataConfig:
                                  OmegaConf.from_dotlist([o.lstrip("+~")[len("data."):] for o in changes]))
     except OmegaConfBaseException as exc:
         err = config_error(exc)
-        raise ConfigError(f"data.{err.key}", str(err).split(": ", 2)[-1]) from None
+        raise ConfigError(f"data.{err.key}", err.detail) from None
     data = DataConfig(**OmegaConf.to_container(merged))
     for key in ("seq_len", "val_samples", "batch_size"):
         if not isinstance(getattr(data, key), int) or getattr(data, key) <= 0:

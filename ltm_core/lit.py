@@ -81,6 +81,7 @@ class TitanLightning(L.LightningModule):
         self.samples_seen = 0  # per rank; restored on resume so the data continues where it stopped
         self.max_bad_steps = int(config["trainer"].get("max_bad_steps", 3))
         self.bad_steps = 0  # skipped steps of the whole run (restored on resume)
+        self.resume_from: Optional[Path] = None  # the checkpoint fit_lightning resumes from (announced on load)
         self.bad_in_a_row = 0
         self._bad_window = False  # a micro-batch of the current step had a non-finite loss
         # fp16-mixed: the GradScaler skips steps with inf gradients itself (and lowers its scale): only the loss counts
@@ -167,6 +168,8 @@ class TitanLightning(L.LightningModule):
         self.samples_seen = int(checkpoint.get("samples_seen", 0))
         self.bad_steps = int(checkpoint.get("bad_steps", 0))
         self.restored_step = int(checkpoint.get("global_step", 0))  # fit_lightning: a resume with nothing to train
+        if self.resume_from is not None and is_rank_zero():
+            console.print(f"resuming from {self.resume_from} at step {self.restored_step}")
         # a checkpoint from before random states were saved: the stream starts from the global state, as seeded
         self.random_stream.state = checkpoint.get("random_state")
 
@@ -411,7 +414,11 @@ class StepProgressBar(ProgressBar):
 
 # --------------------------------------------------------------------------------------------------- fit
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that a resumed run appends to OUTPUT_DIR/metrics.csv instead of deleting it."""
+    """Lightning's CSVLogger, except that a resumed run appends to OUTPUT_DIR/metrics.csv instead of deleting it, and
+    that it writes no hparams.yaml: OUTPUT_DIR/config.yaml is the run's config, written before training starts."""
+
+    def log_hyperparams(self, params=None) -> None:
+        pass
 
     @property
     def experiment(self) -> ExperimentWriter:
@@ -483,6 +490,7 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
     validates = getattr(datamodule, "has_validation", True)
     module = TitanLightning(to_dict(cfg), model=model)
     ckpt_path = resume_path(cfg, out)
+    module.resume_from = ckpt_path
     interrupts = run_guard.Interrupts()
 
     model = module.model
@@ -499,9 +507,7 @@ def fit_lightning(cfg: DictConfig, threads: int, corpus: Optional[Corpus] = None
                       f"bptt_segments={model.config.bptt_segments}")
         cpus = cpu_budget().describe(threads)
         console.print(f"threads: {threads} per process ({cpus}; trainer.threads sets it)", soft_wrap=True)
-        if ckpt_path:
-            console.print(f"resuming from {ckpt_path}")
-        elif cfg.resume == "auto":
+        if not ckpt_path and cfg.resume == "auto":  # a resume is announced with its step, once Lightning read it
             console.print(f"resume=auto: no checkpoint in {ckpt_dir}; starting at step 0")
 
     accumulate = int(cfg.trainer.accumulate_grad_batches)

@@ -239,7 +239,7 @@ def _saved_model_config(saved: Path):
     try:  # options added since the run started take the value it was trained with
         return model_config({"model": complete_stored_config(OmegaConf.to_container(before.model, resolve=True))})
     except ConfigError as exc:
-        raise ConfigError(f"{saved}: {exc.key}", str(exc).split(": ", 2)[-1]) from None
+        raise ConfigError(f"{saved}: {exc.key}", exc.detail) from None
     except Exception as exc:  # an unresolvable interpolation, a wrong type
         key = getattr(exc, "full_key", None) or "model"
         raise ConfigError(f"{saved}: {key}", " ".join(str(exc).split("\n")[0].split())[:160]) from None

@@ -425,3 +425,29 @@ def test_serial_time_records_both_rows(tmp_path):
         assert sum(row["kinds"].values()) == row["serial"] >= sum(row["functions"].values())
     assert result["meta"]["command"].startswith("python scripts/serial_time.py --context 512")
     assert "serial (other threads idle)" in run.stdout
+
+
+def test_bench_model_mfu_divides_every_row_by_the_runs_peak(tmp_path, monkeypatch):
+    """Each CPU row times its own small matmul, which varies several-fold on a shared machine: every row's MFU
+    divides by the highest peak of the run (kept as the result's peak_flops), so MFUs compare across rows. The
+    table's title names the model overrides the run used."""
+    from typer.testing import CliRunner
+
+    import ltm_core.bench as bench
+    from ltm_cli.app import app
+
+    def rows(sets, warmup, repeats):
+        return [{"model": s["variant"], "context": s["context"], "tokens_per_s": 100.0, "peak_mem_bytes": 1,
+                 "step_s": 1.0, "recurrence_share": 0.0, "params": 1, "flops_per_token": 1e6,
+                 "peak_flops": {64: 1e9, 128: 4e9}[s["context"]] / (1 + i)} for i, s in enumerate(sets)]
+
+    monkeypatch.setattr(bench, "rows_interleaved", rows)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["bench", "model", "--context", "64", "--context", "128", "--variant",
+                                      "segment_local", "--variant", "full_causal", "--device", "cpu", "--json",
+                                      str(out), "model.memory.slots=32"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output[-3000:]
+    data = json.loads(out.read_text())
+    assert data["peak_flops"] == 4e9
+    assert [r["mfu"] for r in data["rows"]] == [pytest.approx(1e8 / 4e9)] * 4
+    assert "model=tiny model.memory.slots=32" in result.output

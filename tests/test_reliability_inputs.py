@@ -563,7 +563,7 @@ def test_resume_auto_says_whether_it_found_a_checkpoint(tmp_path, text_file, cap
     train(_cfg(out, text_file, "trainer.max_steps=2", "resume=auto"))
     assert f"resume=auto: no checkpoint in {out / 'checkpoints'}; starting at step 0" in capsys.readouterr().out
     train(_cfg(out, text_file, "trainer.max_steps=3", "resume=auto"))
-    assert f"resuming from {out / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    assert f"resuming from {out / 'checkpoints' / 'last.ckpt'} at step 2" in capsys.readouterr().out
 
 
 def test_resume_command_rebuilds_the_config(tmp_path, text_file):

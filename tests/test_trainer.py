@@ -92,6 +92,7 @@ def test_trainer_without_eval_set_and_save_steps(tmp_path):
     out = tmp_path / "run"
     last = Trainer(_model(), _args(out, max_steps=5, save_steps=2), TokenRows(4)).train()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]  # no validation: no best
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv"]  # one config file
     assert read_checkpoint(last)["global_step"] == 5  # saved at steps 2 and 4, and at the end
     assert "val/loss" not in (out / "metrics.csv").read_text().splitlines()[0]
 
