@@ -6,6 +6,7 @@ hand-written reading of those numbers in benchmarks/findings.md (edit that file,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -192,11 +193,29 @@ def _model_overrides(data: dict) -> list[str]:
     return [w for w in str(data.get("meta", {}).get("command", "")).split() if w.startswith(("model.", "model/"))]
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _preset_then(data: dict) -> str:
+    """How the preset a run measured differs from today's preset of that name (keys both know), e.g.
+    "windows_per_pass=4": empty for a run of today's preset."""
+    from ltm_core.configuration import compose, model_config
+
+    now = _flat(dataclasses.asdict(model_config(compose([f"model={_preset(data)}"]))))
+    then = _flat(data["config"])
+    return ", ".join(f"{k}={then[k]}" for k in sorted(then.keys() & now.keys()) if then[k] != now[k])
+
+
 def cpu_targets(results: dict[str, dict]) -> str:
     """The window-parallel targets on CPU (2 threads, fp32, batch 1, the default tokens memory): the memory step
     <= 1.25x the segment-local step at 8K and 32K; >= 3x / 10x full causal's tokens/s at 8K / 32K for tiny (2.5x / 6x
     for small); peak memory <= 0.25x full causal's at 8K. One row per result file of the tokens memory with the preset
-    as shipped (a run with `model.*` overrides is an experiment: its own section below, no verdict)."""
+    as shipped (a run with `model.*` overrides is an experiment: its own section below, no verdict); a run of an
+    earlier version of the preset says how it differed."""
     lines = ["| run | step vs segment-local, 8K / 32K (target ≤ 1.25×) | tokens/s vs full causal, 8K / 32K (target) "
              "| 8K peak memory vs full causal (target ≤ 0.25×) |", "|---|---:|---:|---:|"]
     for name, data in results.items():
@@ -216,7 +235,9 @@ def cpu_targets(results: dict[str, dict]) -> str:
         local = " / ".join(verdict(r and r["step_vs_segment_local"], lambda v: v <= 1.25) for r in (r8, r32))
         speed = f"{verdict(r8['speedup'], lambda v: v >= lo8)} (≥ {lo8:g}×) / " + (
             f"{verdict(r32['speedup'], lambda v: v >= lo32)} (≥ {lo32:g}×)" if r32 else "—")
-        lines.append(f"| `{name}` | {local} | {speed} | {verdict(r8['memory_ratio'], lambda v: v <= 0.25)} |")
+        then = _preset_then(data)
+        label = f"`{name}`" + (f" (the preset then: {then})" if then else "")
+        lines.append(f"| {label} | {local} | {speed} | {verdict(r8['memory_ratio'], lambda v: v <= 0.25)} |")
     if len(lines) == 2:
         lines.append("| (no run of the tokens memory recorded yet) | | | |")
     return "\n".join(lines)

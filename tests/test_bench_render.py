@@ -56,6 +56,20 @@ def test_cpu_target_verdicts():
     assert "| memory | 8,192 | 3,500 |" in render.model_section("fast", result(3.5, 0.1))
 
 
+def test_runs_of_an_earlier_preset_say_how_it_differed():
+    """A preset changes over time (tiny's windows_per_pass was 4): the verdict row of a run recorded before says
+    which of its values differ from today's preset of that name; a run of today's preset says nothing more."""
+    render = load_render()
+    earlier = result(3.5, 0.1)
+    earlier["config"].update(windows_per_pass=4, segment_length=64)
+    today = result(3.5, 0.1)
+    today["config"].update(windows_per_pass=6, segment_length=64)
+    table = render.cpu_targets({"earlier": earlier, "today": today})
+    rows = {line.split("`")[1]: line for line in table.splitlines() if line.startswith("| `")}
+    assert rows["earlier"].startswith("| `earlier` (the preset then: windows_per_pass=4) |")
+    assert rows["today"].startswith("| `today` |")
+
+
 def test_cpu_rows_show_resident_set_growth_beside_the_tensor_peak():
     render = load_render()
     data = result(2.5, 0.1)
