@@ -18,8 +18,8 @@ from rich.table import Table
 
 from ltm_cli.bench import bench_app
 from ltm_cli.deploy import export_cmd, quantize_cmd
-from ltm_cli.errors import (check_overrides, device_option, output_file, report, settings, usage_errors_in_one_line,
-                            user_errors, write_json)
+from ltm_cli.errors import (check_overrides, device_option, file_name, output_file, report, settings,
+                            usage_errors_in_one_line, user_errors, write_json)
 from ltm_cli.help import groups_epilog
 from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
@@ -309,9 +309,11 @@ def evaluate_cmd(
                                            "repeat it with --by-position to compare runs on one table and plot."),
     by_position: bool = typer.Option(False, "--by-position", help="The validation loss per token-position bin "
                                      "inside the sample (the first segments finer, then one bin per segment)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Task evaluation or --by-position: also draw the "
-                                             "results to this image (needs the `plot` extra)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", parser=file_name,
+                                             help="Also write the results to this JSON file."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", parser=file_name, help="Task evaluation or "
+                                             "--by-position: also draw the results to this image (needs the `plot` "
+                                             "extra)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
 ):

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ltm_cli.bench_parallel import bench_parallel_cmd
-from ltm_cli.errors import check_overrides, device_option, output_file, user_errors, write_json
+from ltm_cli.errors import check_overrides, device_option, file_name, output_file, user_errors, write_json
 from ltm_cli.progress import progress_bar
 from ltm_core.errors import ConfigError
 
@@ -117,8 +117,9 @@ def bench_model_cmd(
                                          help="Untimed steps per row (default: 1, or 3 with model.compile=true)."),
     gen: List[int] = typer.Option([], "--gen", help="Generation lengths to measure (repeatable)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
+    json_path: Optional[Path] = typer.Option(None, "--json", parser=file_name, help="Write the results as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", parser=file_name,
+                                        help="Write a PNG: tokens/s and peak memory vs context."),
     overrides: List[str] = typer.Argument(None, help="model.* overrides, e.g. model.segment_length=256."),
 ):
     """Training-step tokens/s, peak memory and MFU: memory model vs segment-local vs full-causal; each row's share of
@@ -193,7 +194,7 @@ def _ratio(value: Optional[float], digits: int) -> str:
 def bench_kernels_cmd(
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | float16 | bfloat16 (CPU: float32)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    json_path: Optional[Path] = typer.Option(None, "--json", parser=file_name, help="Write the rows as JSON."),
 ):
     """Each kernel against its PyTorch reference; attention also against SDPA and FlexAttention."""
     if dtype not in ("float32", "float16", "bfloat16"):

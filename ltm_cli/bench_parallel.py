@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from ltm_cli.errors import output_file, user_errors, write_json
+from ltm_cli.errors import file_name, output_file, user_errors, write_json
 from ltm_cli.progress import progress_bar
 
 console = Console()
@@ -25,7 +25,7 @@ def bench_parallel_cmd(
     steps: int = typer.Option(1, "--steps", help="Measured training steps per preset (after 1 warm-up)."),
     defaults: bool = typer.Option(True, "--small/--as-configured",
                                   help="Use the small bench model (hidden 64, 4 layers, seq 128) or the config."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    json_path: Optional[Path] = typer.Option(None, "--json", parser=file_name, help="Write the rows as JSON."),
     overrides: List[str] = typer.Argument(None, help="Config overrides, e.g. model.hidden_size=128 data.seq_len=256."),
 ):
     """Bytes moved by collectives and pipeline sends in one training step, per preset (measured with a

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ltm_cli.errors import check_overrides, device_option, output_file, user_errors, write_json
+from ltm_cli.errors import check_overrides, device_option, file_name, output_file, user_errors, write_json
 
 console = Console()
 
@@ -31,7 +31,8 @@ def quantize_cmd(
     skip: List[str] = typer.Option([], "--skip", help="Keep the linear layers matching this pattern in full "
                                    "precision, e.g. 'blocks.*.memory.*' (repeatable)."),
     gen_tokens: int = typer.Option(128, "--gen-tokens", min=1, help="Tokens generated to measure tokens/s."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison to this JSON file."),
+    json_path: Optional[Path] = typer.Option(None, "--json", parser=file_name,
+                                             help="Also write the comparison to this JSON file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ):

@@ -3,6 +3,7 @@ Options every command shares (`--device`, `--json` / `--plot` files) are checked
 
 from __future__ import annotations
 
+import os
 from functools import wraps
 from pathlib import Path
 from typing import Optional
@@ -83,6 +84,14 @@ def check_overrides(overrides: list[str], groups: tuple[str, ...], command: str)
             raise ConfigError(arg, "is not an override: overrides are key=value")
         if key.split(".")[0] not in groups:
             raise ConfigError(key, f"ltm {command} takes {', '.join(g + '.*' for g in groups)} overrides only")
+
+
+def file_name(value: str) -> Path:
+    """The parser of `--json` / `--plot` values: a name that ends in a slash names a folder (the Path it would
+    become has lost the slash, and a file of that name would be written), a usage error in one line."""
+    if value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{value} names a folder: give a file name")
+    return Path(value)
 
 
 def output_file(path: Optional[Path], option: str) -> Optional[Path]:

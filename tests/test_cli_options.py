@@ -51,6 +51,25 @@ def test_output_file_checks_its_folder_and_the_writer_makes_it(tmp_path):
     assert output_file(None, "--json") is None
 
 
+@pytest.mark.parametrize("command", [["eval", "-c", "x.ckpt", "--json"], ["eval", "-c", "x.ckpt", "--plot"],
+                                     ["bench", "model", "--json"], ["bench", "model", "--plot"],
+                                     ["bench", "kernels", "--json"], ["bench", "parallel", "--json"],
+                                     ["quantize", "-c", "x.ckpt", "-m", "bnb.int8", "-o", "q", "--json"]])
+def test_a_file_option_ending_in_a_slash_is_refused(tmp_path, monkeypatch, command):
+    """`--json out/` named a folder that does not exist yet: the Path lost the slash and the command wrote a file
+    `out`. Every --json / --plot refuses it in one line, exit 2, before any work."""
+    from typer.testing import CliRunner
+
+    from ltm_cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*command, "out/"])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "out/ names a folder: give a file name" in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="the plot extra is not installed")
 def test_output_file_checks_the_plot_format(tmp_path):
     assert output_file(tmp_path / "p.png", "--plot") == tmp_path / "p.png"
