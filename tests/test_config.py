@@ -94,12 +94,12 @@ def test_presets_and_overrides_compose():
 
 def test_the_memory_kind_is_a_config_group_with_its_own_schema():
     """`model/memory=<kind>` swaps the memory's config (its own dataclass); the preset's slot count stays."""
-    slots = model_config(compose(["model=small", "model/memory=slots", "model.memory.dim=32"]))
-    assert slots.memory == SlotsMemoryConfig(slots=256, dim=32)
+    slots = model_config(compose(["model=base", "model/memory=slots", "model.memory.dim=32"]))
+    assert slots.memory == SlotsMemoryConfig(slots=512, dim=32)
     delta = model_config(compose(["model/memory=delta"]))
     assert delta.memory == DeltaMemoryConfig(slots=64)
-    neural = model_config(compose(["model=small", "model/memory=neural", "model.memory.placement=mag"]))
-    assert neural.memory == NeuralMemoryConfig(slots=256, placement="mag")
+    neural = model_config(compose(["model=large", "model/memory=neural", "model.memory.placement=mag"]))
+    assert neural.memory == NeuralMemoryConfig(slots=1024, placement="mag")
     assert model_config(compose([])).memory == TokensMemoryConfig(slots=64)
 
 
