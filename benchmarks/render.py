@@ -266,7 +266,8 @@ def render(results: Path, findings: str) -> str:
              "2026-12-03 counted it once, the same where M = segment, as in model=base; each row keeps the "
              "flops_per_token it used) against the FLOP/s of a "
              "matmul each row measures in its process (1024 x 1024 fp32 on CPU, 8192 x 8192 in the run's dtype on "
-             "GPU), the highest of the run's rows since 2026-12-06 (each row's own before): a causal kernel does about half the attention work counted, and on CPU long-context attention "
+             "GPU), the highest of the run's rows since 2026-12-06 (each row's own before): a causal kernel does "
+             "about half the attention work counted, and on CPU long-context attention "
              "runs faster than that small matmul, so full-causal rows at long context exceed 100 %. GPU kernel "
              "times are `triton.testing.do_bench` medians (L2 flushed between calls).", "",
              "## What the measurements show", "", findings.strip(), "",
