@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional, Union
 
-from ltm_core.errors import ConfigError
+from ltm_core.errors import ConfigError, DataError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 KERNELS = ("auto", "triton", "torch")
@@ -273,6 +274,20 @@ class TitanConfig:
         if unknown:
             raise ConfigError(f"model.{unknown[0]}", "is not a model config key")
         return cls(**values)
+
+
+def text_files(path: Path) -> list[Path]:
+    """The .txt/.jsonl files of data.path (a file, or a folder searched recursively); one DataError line if none."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if not files:
+            raise DataError(f"data error: {path} holds no .txt or .jsonl files")
+        return files
+    if not path.exists():
+        raise DataError(f"data error: {path} does not exist")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"data error: {path} is not a .txt or .jsonl file")
+    return [path]
 
 
 @dataclass

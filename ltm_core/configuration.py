@@ -22,8 +22,9 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from ltm_core.config import MEMORY_CONFIGS, TASK_NAMES, DataConfig, OptimConfig, TitanConfig, TrainRunConfig
-from ltm_core.errors import CheckpointError, ConfigError, DataError, LtmError
+from ltm_core.config import (MEMORY_CONFIGS, TASK_NAMES, DataConfig, OptimConfig, TitanConfig, TrainRunConfig,
+                             text_files)
+from ltm_core.errors import CheckpointError, ConfigError, LtmError
 from ltm_core.migration import LEGACY_KEYS
 
 
@@ -213,15 +214,8 @@ def check_inputs(cfg: DictConfig) -> None:
     misspelt file name once jobs 0-2 have trained): data.path of data=textfile and resume=PATH exist, with the
     messages of the checks where they are read (`ltm_core.data`, `ltm_core.train.check_resume`), which check again
     and read them."""
-    if cfg.data.name == "textfile" and cfg.data.path:  # (ltm_core.data.text_files' rule; that module loads torch)
-        path = Path(cfg.data.path).expanduser().resolve()
-        if path.is_dir():
-            if not any(p.suffix in (".txt", ".jsonl") and p.is_file() for p in path.rglob("*")):
-                raise DataError(f"data error: {path} holds no .txt or .jsonl files")
-        elif not path.exists():
-            raise DataError(f"data error: {path} does not exist")
-        elif path.suffix not in (".txt", ".jsonl"):
-            raise DataError(f"data error: {path} is not a .txt or .jsonl file")
+    if cfg.data.name == "textfile" and cfg.data.path:
+        text_files(Path(cfg.data.path).expanduser().resolve())
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():  # (a folder: check_resume says which file)
         raise CheckpointError(f"checkpoint error: resume={cfg.resume} does not exist")
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ltm_core.config import DataConfig
+from ltm_core.config import DataConfig, text_files
 from ltm_core.errors import ConfigError, DataError
 from ltm_core.tokenizer import BOS, EOS
 
@@ -138,20 +138,6 @@ def kjv_corpus(cfg: DataConfig) -> Corpus:
     n_train = int(sum(len("\n".join(books[n]).encode()) + 2 for n in names[:split]))
     return Corpus(tokens[:n_train], tokens[n_train:], f"KJV Bible: {split} books train, "
                   f"{cfg.val_books} books validation ({', '.join(names[split:])})")
-
-
-def text_files(path: Path) -> list[Path]:
-    """The .txt/.jsonl files of data.path (a file, or a folder searched recursively); one DataError line if none."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        if not files:
-            raise DataError(f"data error: {path} holds no .txt or .jsonl files")
-        return files
-    if not path.exists():
-        raise DataError(f"data error: {path} does not exist")
-    if path.suffix not in (".txt", ".jsonl"):
-        raise DataError(f"data error: {path} is not a .txt or .jsonl file")
-    return [path]
 
 
 # A file is "not UTF-8 text" when more than this share of its bytes are not valid UTF-8 or are NUL (a note says so)
