@@ -65,7 +65,8 @@ def train(ctx: typer.Context,
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ltm_core.train import check_output_dir, default_output_dir, is_rank_zero, train as train_run
+    from ltm_core.run_guard import is_rank_zero
+    from ltm_core.train import check_output_dir, default_output_dir, train as train_run
 
     given = {override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
     if multirun:

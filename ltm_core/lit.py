@@ -46,10 +46,10 @@ from ltm_core.errors import CheckpointError, Interrupted
 from ltm_core.model import TitanModel
 from ltm_core.resources import cpu_budget
 from ltm_core.run_guard import (Interrupts, TrainingStream, add_missing_metrics_row, atomic_save, check_rng_state,
-                                drop_metrics_from)
+                                drop_metrics_from, is_rank_zero)
 from ltm_core.tasks.datamodule import TaskDataModule, task_config
 from ltm_core.parallel.layout import devices_per_node
-from ltm_core.train import is_rank_zero, resume_path
+from ltm_core.train import resume_path
 from ltm_core.training import LN2, Diverged, build_optimizer, build_scheduler, rebase_lr, windowed_backward
 
 console = Console()

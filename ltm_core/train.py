@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ltm_core import run_guard
-from ltm_core.run_guard import is_rank_zero, launched_externally  # noqa: F401 (used by the CLI and lit)
+from ltm_core.run_guard import is_rank_zero, launched_externally
 from ltm_core.config import DataConfig
 from ltm_core.configuration import model_config, to_dict, validate
 from ltm_core.data import Corpus, load_corpus

@@ -46,7 +46,8 @@ def _train(cfg) -> None:
     """What the CLI's `train` does below the parsing, with its one-line error report."""
     from ltm_cli.errors import report
     from ltm_core.errors import LtmError, RunStopped
-    from ltm_core.train import is_rank_zero, train
+    from ltm_core.run_guard import is_rank_zero
+    from ltm_core.train import train
 
     try:
         train(cfg)
