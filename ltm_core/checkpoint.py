@@ -26,7 +26,11 @@ from ltm_core.migration import complete_stored_config, is_legacy, migrate_model_
 from ltm_core.model import TitanModel
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at `path` (a .ckpt or a safetensors folder) as a dict, or one CheckpointError line. `mmap`: a
+    .ckpt's tensors are mapped from the file, not read, so that a reader needing only the config reads only that,
+    and the ranks of a parallel run reading the same file share one copy in the page cache (torch's legacy,
+    non-zip format is read whole). Only for a reader that drops the dict before the file can be replaced."""
     path = Path(path)
     from ltm_core.export.safetensors import is_folder_checkpoint, read_folder
 
@@ -39,7 +43,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused unrun
         with warnings.catch_warnings():  # torch's notes on a file it then fails to read (e.g. a pickle's protocol)
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and (_head(path) or b"").startswith(ZIP_MAGIC))
     except Exception as exc:  # any failure to unpickle means the file is not a usable checkpoint
         code = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
         if code:

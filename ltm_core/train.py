@@ -199,7 +199,8 @@ def check_continues(cfg: DictConfig) -> None:
                                     f"{fix.replace(')', ')' + again, 1)}")
     from ltm_core.checkpoint import checkpoint_config, read_checkpoint, stored_model_config
 
-    ckpt = read_checkpoint(path)  # one line for a damaged checkpoint, before anything is written
+    ckpt = read_checkpoint(path, mmap=True)  # one line for a damaged checkpoint, before anything is written; its
+    # tensors mapped, not read (every rank of a parallel run checks)
     trained = (str(checkpoint_config(ckpt)["data"].get("name")),
                model_config({"model": stored_model_config(ckpt, path)}).memory_kind)
     wanted = (str(cfg.data.name), model_config(cfg).memory_kind)

@@ -139,3 +139,30 @@ def test_what_a_checkpoint_was_trained_on_comes_from_its_run_config(stage_one, t
     blind = _copy(stage_one, tmp_path / "blind", lambda c: c.pop("data"))
     with pytest.raises(CheckpointError, match="has no data config"):
         check(blind)  # damaged: one line before anything is written, not deep inside the resume
+
+
+def _mapped(path: Path) -> bool:
+    """Whether `path` is mapped into this process (Linux)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_the_check_maps_the_checkpoint_instead_of_reading_it(stage_one, tmp_path, monkeypatch):
+    """Every rank of a stage 2 checks the stage-1 checkpoint: its tensors are mapped from the file (only the config is
+    read), the same dict as read whole, and a file in torch's legacy (non-zip) format is read whole as before."""
+    copy = tmp_path / "mapped.ckpt"
+    copy.write_bytes(stage_one.read_bytes())
+    whole, mapped = read_checkpoint(copy), read_checkpoint(copy, mmap=True)
+    assert _mapped(copy) and mapped.keys() == whole.keys()
+    assert all(torch.equal(mapped["state_dict"][k], v) for k, v in whole["state_dict"].items())
+    del mapped
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(whole, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(legacy, mmap=True)["state_dict"]["model.embed_tokens.weight"],
+                       whole["state_dict"]["model.embed_tokens.weight"]) and not _mapped(legacy)
+
+    loads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("mmap")) or load(*a, **kw))
+    check_continues(compose(["experiment=passkey_long", f"resume={copy}", f"output_dir={tmp_path / 'out'}"]))
+    assert loads == [True]

@@ -185,7 +185,7 @@ def _warm_start(pm: ParallelModel, path: Path) -> dict[str, Any]:
 
     from ltm_core.checkpoint import read_checkpoint
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, mmap=True)  # every rank reads it: one copy in the page cache
     full = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     for part in pm.parts:
         try:

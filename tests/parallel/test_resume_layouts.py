@@ -109,3 +109,18 @@ def test_checkpoint_exception_is_one_line():
     line = _one_line(CheckpointException("failed", {1: wrapped}))
     assert line == "rank 1: Missing key in checkpoint state_dict: optim.state.lm_head.weight.step."
     assert _one_line(ValueError("first\n  last line ")) == "last line"
+
+
+def test_a_warm_start_maps_the_single_device_checkpoint(monkeypatch, tmp_path):
+    """Every rank of a native-parallel run warm-started from a .ckpt reads it: mapped (one copy in the page cache for
+    all ranks), not read whole per rank."""
+    from types import SimpleNamespace
+
+    import ltm_core.checkpoint as checkpoint
+    from ltm_core.parallel.trainer import _warm_start
+
+    asked = []
+    monkeypatch.setattr(checkpoint, "read_checkpoint", lambda path, mmap=False: asked.append(mmap) or
+                        {"state_dict": {}, "global_step": 7, "samples_seen": 28})
+    assert _warm_start(SimpleNamespace(parts=[]), tmp_path / "last.ckpt") == {"step": 7, "samples_seen": 28}
+    assert asked == [True]
