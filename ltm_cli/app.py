@@ -25,7 +25,7 @@ from ltm_core.errors import ConfigError, Interrupted, LtmError, RunStopped
 
 usage_errors_in_one_line()
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Long-Term-Memory Transformers: train, generate, evaluate.")
+                  help="Long-Term-Memory Transformers: train, generate, evaluate, quantize, benchmark, export.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the composed Hydra config.")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")

@@ -192,7 +192,7 @@ def test_config_show_and_help():
                    "slots: 512", "lightning: bf16-mixed"):
         assert needle in result.stdout
     help_text = run_ltm("--help").stdout
-    for command in ("train", "generate", "eval", "config"):
+    for command in ("train", "generate", "eval", "quantize", "bench", "export", "config"):
         assert command in help_text
     assert "--max-new-tokens" in run_ltm("generate", "--help").stdout
 
