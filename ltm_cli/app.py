@@ -54,7 +54,7 @@ def train(ctx: typer.Context,
           multirun: bool = typer.Option(False, "-m", "--multirun", help="Hydra sweep: one job per combination.")):
     """Train a model. Arguments are Hydra overrides: `ltm train model=small trainer.max_steps=100 output_dir=runs/a`.
 
-    With no arguments: a tiny memory model on the King James Bible (a few minutes on a CPU).
+    With no arguments: a tiny memory model on the King James Bible (about a minute on a CPU).
     """
     from ltm_core.configuration import job_name, override_key, validate_overrides
 
