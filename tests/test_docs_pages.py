@@ -1,5 +1,5 @@
-"""The Markdown pages the project ships (README.md, docs/, benchmarks/findings.md, which `benchmarks/render.py`
-copies into docs/benchmarks.md) as GitHub shows them:
+"""The Markdown pages the project ships (README.md and docs/; benchmarks/findings.md is checked as the part of
+docs/benchmarks.md that `benchmarks/render.py` copies it into) as GitHub shows them:
 
 - every table has as many cells in its delimiter row and in each body row as in its header. GitHub drops a table
   whose delimiter row does not match its header (the page then shows the raw pipes), and a body row's extra cells
@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FINDINGS = ROOT / "benchmarks" / "findings.md"
-PAGES = [ROOT / "README.md", FINDINGS, *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 DELIMITER = re.compile(r"^\|(\s*:?-+:?\s*\|)+$")
 
 
@@ -70,13 +69,12 @@ def anchors(text: str) -> set[str]:
 
 def link_errors(page: Path, text: str) -> list[str]:
     """One line per relative link of `text` (the page at `page`) whose file or anchor does not exist."""
-    here = ROOT / "docs" / "benchmarks.md" if page == FINDINGS else page  # findings.md is read inside that page
     errors = []
     for link in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", text, flags=re.S)):
         if re.match(r"^[a-z]+:", link):  # http(s):, mailto:
             continue
         target, _, anchor = link.partition("#")
-        path = (here.parent / target).resolve() if target else here
+        path = (page.parent / target).resolve() if target else page
         if not path.exists():
             errors.append(f"{link}: no such file")
         elif anchor and path.suffix == ".md" and anchor not in anchors(path.read_text(encoding="utf-8")):
