@@ -50,6 +50,21 @@ def script_meta(script: str) -> dict[str, str]:
     return {**run_meta(), "command": " ".join([f"python {script}", *map(shlex.quote, sys.argv[1:])])}
 
 
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what `platform` knows: timings differ between
+    processors of one architecture, and a result names the one it was measured on."""
+    import platform
+
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown processor"
+
+
 def run_meta() -> dict[str, str]:
     """What a reader needs to reproduce a measurement: command, machine, date and commit."""
     import os
@@ -66,7 +81,7 @@ def run_meta() -> dict[str, str]:
         except (OSError, subprocess.SubprocessError):
             commit = ""
     return {"command": "ltm " + " ".join(sys.argv[1:]), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "machine": f"{platform.machine()} ({cpu_name()}), {os.cpu_count()} cores, {platform.system()}",
             "commit": commit or "unknown"}
 
 

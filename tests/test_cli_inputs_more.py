@@ -286,3 +286,17 @@ def test_bench_parallel_json_records_how_it_was_measured(tmp_path):
     assert result.returncode == 0, result.output[-2000:]
     meta = json.loads(out.read_text())["meta"]
     assert {"command", "date", "machine", "commit"} <= set(meta) and meta["date"]  # (in-process: argv is pytest's)
+
+
+def test_run_meta_names_the_processor(tmp_path):
+    """A result's machine names its processor's model (timings differ between processors of one architecture):
+    from /proc/cpuinfo's `model name`, else a non-empty fallback when the file is missing or has none."""
+    from ltm_cli.bench import cpu_name, run_meta
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu\n")
+    assert cpu_name(info) == "AMD EPYC 9R14"
+    for missing in (tmp_path / "absent", tmp_path / "empty"):
+        (tmp_path / "empty").write_text("processor\t: 0\nmodel name\t: \n")
+        assert cpu_name(missing)
+    assert f"({cpu_name()})" in run_meta()["machine"]
