@@ -216,8 +216,8 @@ def cpu_targets(results: dict[str, dict]) -> str:
     for small); peak memory <= 0.25x full causal's at 8K. One row per result file of the tokens memory with the preset
     as shipped (a run with `model.*` overrides is an experiment: its own section below, no verdict); a run of an
     earlier version of the preset says how it differed."""
-    lines = ["| run | step vs segment-local, 8K / 32K (target ≤ 1.25×) | tokens/s vs full causal, 8K / 32K (target) "
-             "| 8K peak memory vs full causal (target ≤ 0.25×) |", "|---|---:|---:|---:|"]
+    lines = ["| run | processor | step vs segment-local, 8K / 32K (target ≤ 1.25×) | tokens/s vs full causal, 8K / "
+             "32K (target) | 8K peak memory vs full causal (target ≤ 0.25×) |", "|---|---|---:|---:|---:|"]
     for name, data in results.items():
         if not isinstance(data.get("config", {}).get("memory"), dict):
             continue  # runs of the earlier memory (before the kinds): their own tables below
@@ -237,10 +237,18 @@ def cpu_targets(results: dict[str, dict]) -> str:
             f"{verdict(r32['speedup'], lambda v: v >= lo32)} (≥ {lo32:g}×)" if r32 else "—")
         then = _preset_then(data)
         label = f"`{name}`" + (f" (the preset then: {then})" if then else "")
-        lines.append(f"| {label} | {local} | {speed} | {verdict(r8['memory_ratio'], lambda v: v <= 0.25)} |")
+        lines.append(f"| {label} | {processor(data)} | {local} | {speed} | "
+                     f"{verdict(r8['memory_ratio'], lambda v: v <= 0.25)} |")
     if len(lines) == 2:
-        lines.append("| (no run of the tokens memory recorded yet) | | | |")
+        lines.append("| (no run of the tokens memory recorded yet) | | | | |")
     return "\n".join(lines)
+
+
+def processor(data: dict) -> str:
+    """The processor a run names in its meta's machine ("x86_64 (AMD EPYC), 2 cores, Linux"), "—" for runs
+    recorded before the meta named it."""
+    machine = data.get("meta", {}).get("machine", "")
+    return machine[machine.index("(") + 1:machine.index(")")] if "(" in machine and ")" in machine else "—"
 
 
 def _is_gpu(data: dict) -> bool:
