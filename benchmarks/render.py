@@ -245,10 +245,12 @@ def cpu_targets(results: dict[str, dict]) -> str:
 
 
 def processor(data: dict) -> str:
-    """The processor a run names in its meta's machine ("x86_64 (AMD EPYC), 2 cores, Linux"), "—" for runs
-    recorded before the meta named it."""
+    """The processor a run names in its meta's machine ("x86_64 (AMD EPYC), 2 cores, Linux": between the first
+    parenthesis and the last, as a name may hold its own, "Intel(R) Xeon(R) ..."), "—" for runs recorded before the
+    meta named it."""
     machine = data.get("meta", {}).get("machine", "")
-    return machine[machine.index("(") + 1:machine.index(")")] if "(" in machine and ")" in machine else "—"
+    start, end = machine.find("("), machine.rfind(")")
+    return machine[start + 1:end] if 0 <= start < end else "—"
 
 
 def _is_gpu(data: dict) -> bool:

@@ -62,9 +62,12 @@ def test_cpu_target_rows_name_the_processor():
     render = load_render()
     named = result(3.5, 0.1)
     named["meta"]["machine"] = "x86_64 (AMD EPYC), 2 cores, Linux"
-    rows = {line.split("`")[1]: line for line in render.cpu_targets({"named": named, "older": result(3.5, 0.1)})
-            .splitlines() if line.startswith("| `")}
+    marked = result(3.5, 0.1)
+    marked["meta"]["machine"] = "x86_64 (Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz), 2 cores, Linux"
+    runs = {"named": named, "marked": marked, "older": result(3.5, 0.1)}
+    rows = {line.split("`")[1]: line for line in render.cpu_targets(runs).splitlines() if line.startswith("| `")}
     assert rows["named"].startswith("| `named` | AMD EPYC | 1.10× (met)")
+    assert rows["marked"].startswith("| `marked` | Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz | 1.10× (met)")
     assert rows["older"].startswith("| `older` | — | 1.10× (met)")
 
 
